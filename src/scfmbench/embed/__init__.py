@@ -1,0 +1,23 @@
+"""Foundation-model adapters and the shared embedding engine."""
+
+from scfmbench.embed._engine import (
+    EmbeddingCache,
+    collate,
+    embed,
+    embed_tokens,
+    length_sorted_batches,
+)
+from scfmbench.embed.base import MODELS, Embeddings, FoundationModel, PaddedBatch, TokenizedCells
+
+__all__ = [
+    "MODELS",
+    "EmbeddingCache",
+    "Embeddings",
+    "FoundationModel",
+    "PaddedBatch",
+    "TokenizedCells",
+    "collate",
+    "embed",
+    "embed_tokens",
+    "length_sorted_batches",
+]

@@ -1,0 +1,267 @@
+"""Shared embedding engine: length-sorted dynamic batching, inference, caching, progress.
+
+Every foundation model goes through ``embed_tokens`` / ``embed``; models only supply
+``tokenize`` and ``encode``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from tqdm.auto import tqdm
+
+from scfmbench._atomic import write_json, write_npy
+from scfmbench.embed.base import Embeddings, FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.errors import ConfigError
+from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash_strings
+
+logger = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def length_sorted_batches(
+    lengths: np.ndarray, *, batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Group cell indices into batches of similar length, longest first.
+
+    A batch holds at most ``batch_size`` cells and, if given, at most ``max_tokens``
+    padded tokens (``len(batch) * longest``). Sorting is stable, so equal lengths keep
+    input order and the batching is deterministic.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}.")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = batch_size
+        if max_tokens is not None:
+            size = max(1, min(batch_size, max_tokens // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def collate(
+    tokens: TokenizedCells,
+    indices: np.ndarray,
+    *,
+    pad_token_id: int,
+    pad_value: float = 0.0,
+    pad_to: int | None = None,
+) -> PaddedBatch:
+    """Pad the cells ``indices`` to their longest sequence (or to ``pad_to``)."""
+    lengths = tokens.lengths[indices]
+    width = int(pad_to if pad_to is not None else max(int(lengths.max()), 1))
+    ids = np.full((len(indices), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(indices), width), dtype=bool)
+    values = None
+    if tokens.values is not None:
+        values = np.full((len(indices), width), pad_value, dtype=np.float32)
+    for row, cell in enumerate(indices):
+        lo, hi = tokens.offsets[cell], tokens.offsets[cell + 1]
+        n = hi - lo
+        ids[row, :n] = tokens.input_ids[lo:hi]
+        mask[row, :n] = True
+        if values is not None:
+            values[row, :n] = tokens.values[lo:hi]
+    return PaddedBatch(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        values=None if values is None else torch.from_numpy(values),
+    )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def embed_tokens(
+    model: FoundationModel,
+    tokens: TokenizedCells,
+    *,
+    layer: int,
+    pooling: str,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    device: str | None = "cpu",
+    precision: str = "float32",
+    pad_to_max: bool = False,
+    out: np.ndarray | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embed every tokenized cell; rows come back in input order.
+
+    Args:
+        pad_to_max: pad every batch to the model's longest input, in input order (the naive
+            strategy, kept for benchmarks).
+        out: optional preallocated (n_cells, dim) array, e.g. an ``np.memmap`` to stream
+            results to disk.
+    """
+    torch_device = resolve_device(device)
+    network = model.network.to(torch_device).eval()
+    if pad_to_max:
+        order = np.arange(tokens.n_cells)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        pad_to = int(tokens.lengths.max()) if tokens.n_cells else 1
+        pad_to = max(pad_to, int(model.settings().get("max_length", pad_to)))
+    else:
+        batches = length_sorted_batches(
+            tokens.lengths, batch_size=batch_size, max_tokens=max_tokens
+        )
+        pad_to = None
+    autocast = nullcontext()
+    if precision in AUTOCAST_DTYPES and torch_device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    elif precision not in ("float32", *AUTOCAST_DTYPES):
+        raise ConfigError(f"unknown precision {precision!r}; choose float32, bfloat16 or float16.")
+    bar = tqdm(
+        total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
+    )
+    with autocast:
+        for indices in batches:
+            batch = collate(
+                tokens,
+                indices,
+                pad_token_id=model.pad_token_id,
+                pad_value=model.pad_value,
+                pad_to=pad_to,
+            ).to(torch_device)
+            pooled = model.encode(batch, layer=layer, pooling=pooling).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((tokens.n_cells, pooled.shape[1]), dtype=np.float32)
+            out[indices] = pooled
+            bar.update(len(indices))
+    bar.close()
+    del network
+    if out is None:
+        out = np.zeros((0, 0), dtype=np.float32)
+    return out
+
+
+class EmbeddingCache:
+    """Embeddings on disk under a content key; entries carry a checksum and are verified."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.npy", self.root / f"{key}.json"
+
+    def get(self, key: str, obs_names: pd.Index) -> np.ndarray | None:
+        array_path, meta_path = self._paths(key)
+        if not (array_path.exists() and meta_path.exists()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sha256") != hash_file(array_path):
+                raise ValueError("checksum mismatch")
+            if meta.get("obs_hash") != hash_strings(obs_names):
+                raise ValueError("cells differ")
+            return np.load(array_path, allow_pickle=False)
+        except (ValueError, OSError, json.JSONDecodeError) as exc:
+            logger.warning("embedding cache entry %s is unusable (%s); recomputing", key[:12], exc)
+            return None
+
+    def put(self, key: str, matrix: np.ndarray, obs_names: pd.Index, info: dict) -> None:
+        array_path, meta_path = self._paths(key)
+        write_npy(array_path, matrix)
+        meta = {"sha256": hash_file(array_path), "obs_hash": hash_strings(obs_names), **info}
+        write_json(meta_path, meta)
+
+
+def cache_key(model: FoundationModel, adata: AnnData, tokens_settings: dict, **options) -> str:
+    """Key = model (checkpoint hash) + data hash + tokenizer settings + layer/pooling/…"""
+    data_hash = hash_bytes(
+        hash_array(adata.X).encode(),
+        hash_strings(adata.obs_names).encode(),
+        hash_strings(adata.var_names).encode(),
+    )
+    return hash_json(
+        {"model": model.settings(), "data": data_hash, "tokenizer": tokens_settings, **options}
+    )
+
+
+def embed(
+    adata: AnnData,
+    model: FoundationModel,
+    *,
+    layer: int | None = None,
+    pooling: str | None = None,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    device: str | None = "cpu",
+    precision: str = "float32",
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    key_added: str | None = None,
+    progress: bool = True,
+) -> Embeddings:
+    """Tokenize and embed ``adata`` (raw counts in ``X``) with ``model``.
+
+    Returns:
+        Embeddings for the kept cells. Also writes ``adata.obsm[key_added or model.obsm_key]``
+        of shape (n_obs, dim); cells the tokenizer dropped get NaN rows.
+    """
+    layer = model.default_layer if layer is None else layer
+    pooling = pooling or model.default_pooling
+    if not 0 <= layer <= model.n_layers and not -model.n_layers - 1 <= layer < 0:
+        raise ConfigError(
+            f"layer {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
+            f"choose 0..{model.n_layers} or a negative index."
+        )
+    if pooling not in model.poolings:
+        raise ConfigError(
+            f"pooling {pooling!r} is not available for {model.name}; choose from {model.poolings}."
+        )
+    tokens = model.tokenize(adata, seed=seed)
+    key = cache_key(model, adata, tokens.settings, layer=layer, pooling=pooling, seed=seed)
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    matrix = cache.get(key, tokens.obs_names) if cache else None
+    from_cache = matrix is not None
+    if matrix is None:
+        matrix = embed_tokens(
+            model,
+            tokens,
+            layer=layer,
+            pooling=pooling,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            device=device,
+            precision=precision,
+            progress=progress,
+        )
+        if cache:
+            cache.put(
+                key,
+                matrix,
+                tokens.obs_names,
+                {"model": model.model_id, "layer": layer, "pooling": pooling},
+            )
+    else:
+        logger.info("%s: embeddings loaded from cache (%s)", model.model_id, key[:12])
+    full = np.full((adata.n_obs, matrix.shape[1]), np.nan, dtype=np.float32)
+    full[adata.obs_names.get_indexer(tokens.obs_names)] = matrix
+    adata.obsm[key_added or model.obsm_key] = full
+    return Embeddings(
+        matrix=matrix,
+        obs_names=tokens.obs_names,
+        model_id=model.model_id,
+        layer=layer,
+        pooling=pooling,
+        checkpoint_sha256=model.checkpoint_sha256,
+        dropped=tokens.dropped,
+        from_cache=from_cache,
+    )

@@ -1,0 +1,158 @@
+"""Shared types for foundation-model adapters: tokenized cells, padded batches, embeddings."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from scfmbench.genes import GeneMatch
+from scfmbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class TokenizedCells:
+    """Ragged token sequences, one per kept cell, stored flat with offsets.
+
+    Cell ``i`` has tokens ``input_ids[offsets[i]:offsets[i + 1]]`` (and the same slice of
+    ``values`` for models that take a value per token, like scGPT).
+    """
+
+    input_ids: np.ndarray  # (total_tokens,) int64
+    offsets: np.ndarray  # (n_cells + 1,) int64
+    obs_names: pd.Index  # the kept cells, in input order
+    settings: dict[str, Any]  # everything that changes the tokens; part of the cache key
+    values: np.ndarray | None = None  # (total_tokens,) float32, or None
+    dropped: pd.Index = field(default_factory=lambda: pd.Index([]))  # cells with no tokens
+    gene_match: GeneMatch | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids (and values) of cell ``i``."""
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[lo:hi], None if self.values is None else self.values[lo:hi]
+
+    @classmethod
+    def from_lists(
+        cls,
+        ids: list[np.ndarray],
+        *,
+        obs_names: pd.Index,
+        settings: dict[str, Any],
+        values: list[np.ndarray] | None = None,
+        dropped: pd.Index | None = None,
+        gene_match: GeneMatch | None = None,
+    ) -> TokenizedCells:
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in ids])
+        flat_ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+        flat_values = None
+        if values is not None:
+            flat_values = (
+                np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32)
+            )
+        return cls(
+            input_ids=flat_ids,
+            offsets=offsets,
+            obs_names=obs_names,
+            settings=settings,
+            values=flat_values,
+            dropped=dropped if dropped is not None else pd.Index([]),
+            gene_match=gene_match,
+        )
+
+
+@dataclass
+class PaddedBatch:
+    """A batch padded to its own longest sequence (dynamic padding)."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) bool, True for real tokens
+    values: torch.Tensor | None = None  # (B, L) float
+
+    def to(self, device: torch.device | str) -> PaddedBatch:
+        return PaddedBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            values=None if self.values is None else self.values.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Cell embeddings of one model, layer and pooling."""
+
+    matrix: np.ndarray  # (n_cells, dim) float32
+    obs_names: pd.Index
+    model_id: str
+    layer: int
+    pooling: str
+    checkpoint_sha256: str
+    dropped: pd.Index = field(default_factory=lambda: pd.Index([]))
+    from_cache: bool = False
+
+
+class FoundationModel(ABC):
+    """One foundation model: tokenizer + network. Subclasses live in ``embed/_<name>.py``.
+
+    Subclasses set ``name`` (e.g. ``"geneformer"``), register a loader in ``MODELS`` and
+    implement ``tokenize`` and ``encode``; batching, caching and progress are shared.
+    """
+
+    name: ClassVar[str]
+    pad_token_id: int = 0
+    pad_value: float = 0.0
+    default_pooling: ClassVar[str] = "mean"
+    poolings: ClassVar[tuple[str, ...]] = ("mean",)
+
+    model_dir: Path
+    checkpoint_sha256: str
+    random_init: bool = False
+    network: torch.nn.Module
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}-random" if self.random_init else self.name
+
+    @property
+    def obsm_key(self) -> str:
+        return f"X_{self.model_id.replace('-', '_')}"
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Number of encoder layers (layer indices run from 0 = embeddings to n_layers)."""
+
+    @property
+    @abstractmethod
+    def default_layer(self) -> int:
+        """The layer the reference extractor uses."""
+
+    @abstractmethod
+    def tokenize(self, adata: AnnData, *, seed: int = 0) -> TokenizedCells:
+        """Turn raw counts (``adata.X``) into token sequences; raise on bad input."""
+
+    @abstractmethod
+    def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
+        """Return pooled cell embeddings of shape (B, hidden) for one padded batch."""
+
+    def settings(self) -> dict[str, Any]:
+        """Model-side settings that belong in the cache key (override to add more)."""
+        return {"model": self.model_id, "checkpoint": self.checkpoint_sha256}
+
+
+MODELS: Registry = Registry("model")
+"""Model loaders: ``MODELS.get("geneformer")(path, random_init=False, **options)``."""
