@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import anndata
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from anndata import AnnData
 
-from scfmbench.errors import CountsRequiredError, DataError
+from scfmbench.errors import CountsRequiredError, DataError, SchemaError
+from scfmbench.genes import detect_identifier_type
+from scfmbench.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +91,270 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
         "(X, layers['counts'] or .raw)"
         + (" or set --allow-normalized to proceed anyway." if kind != "scaled" else ".")
     )
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+BUILTIN_DATASETS = {"pbmc68k_reduced": "bulk_labels"}
+"""Built-in dataset names and their default label column."""
+
+
+def load_dataset(source: str | Path | AnnData) -> AnnData:
+    """Read an ``.h5ad`` path or a built-in dataset name (``pbmc68k_reduced``)."""
+    if isinstance(source, AnnData):
+        return source
+    name = str(source)
+    if name in BUILTIN_DATASETS:
+        import scanpy as sc
+
+        return sc.datasets.pbmc68k_reduced()
+    path = Path(name)
+    if not path.exists():
+        raise DataError(
+            f"data file {name!r} does not exist; pass an .h5ad path or a built-in name "
+            f"({', '.join(BUILTIN_DATASETS)})."
+        )
+    if path.is_dir():
+        raise DataError(f"{name!r} is a directory, not an .h5ad file; pass the file itself.")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise DataError(
+            f"{name!r} is not an .h5ad file (no HDF5 signature); write it with "
+            "anndata's `adata.write_h5ad(path)` or scanpy's `sc.write`."
+        )
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for damaged files
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"cannot read {name!r} as .h5ad ({type(exc).__name__}: {reason}); the file is "
+            "truncated or corrupt — re-export it with `adata.write_h5ad`."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+MISSING_LABELS = {"", "nan", "none", "na", "n/a", "null"}
+
+
+@dataclass
+class DataDiagnostics:
+    """Everything the validate stage found; copied into metrics.json and the report."""
+
+    n_cells_input: int
+    n_genes_input: int
+    n_cells: int = 0
+    n_genes: int = 0
+    label_key: str = ""
+    count_source: str | None = None
+    matrix_source: str = "X"
+    matrix_kind: str = "counts"
+    identifier_type: str = "symbol"
+    classes: dict[str, int] = field(default_factory=dict)
+    dropped_cells_no_counts: int = 0
+    dropped_cells_missing_label: int = 0
+    dropped_classes: dict[str, int] = field(default_factory=dict)
+    renamed_duplicate_genes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ValidatedData:
+    """Validated data: ``adata.X`` is a CSR float32 matrix of ``diagnostics.matrix_kind``."""
+
+    adata: AnnData
+    labels: pd.Series
+    diagnostics: DataDiagnostics
+
+    @property
+    def has_counts(self) -> bool:
+        return self.diagnostics.matrix_kind == "counts"
+
+
+def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]]:
+    """(name, matrix, var) for every place counts may live, in order of preference."""
+    out = []
+    if "counts" in adata.layers:
+        out.append(("layers['counts']", adata.layers["counts"], adata.var))
+    out.append(("X", adata.X, adata.var))
+    if adata.raw is not None:
+        out.append(("raw.X", adata.raw.X, adata.raw.var))
+    return out
+
+
+def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
+    """Pick the matrix to use: raw counts first, else the first non-negative matrix.
+
+    Returns (source name, matrix, var frame, kind). Raises DataError for NaN/inf or when
+    only scaled (negative) values exist.
+    """
+    candidates = _candidate_matrices(adata)
+    kinds = []
+    for name, matrix, var in candidates:
+        if matrix is None:
+            continue
+        check_finite(matrix, where=f"adata.{name}")
+        kind = classify_matrix(matrix)
+        kinds.append((name, matrix, var, kind))
+        if kind == "counts":
+            return name, matrix, var, kind
+    for name, matrix, var, kind in kinds:
+        if kind != "scaled":
+            return name, matrix, var, kind
+    found = ", ".join(f"{n}: {k}" for n, _, _, k in kinds)
+    raise DataError(
+        f"no usable expression matrix: every candidate has negative values ({found}); "
+        "provide raw counts in X, layers['counts'] or .raw."
+    )
+
+
+def expression_view(adata: AnnData) -> AnnData:
+    """All cells with the preferred expression matrix (raw counts when present) as CSR X."""
+    source, matrix, var, kind = find_expression(adata)
+    view = AnnData(X=sp.csr_matrix(matrix, dtype=np.float32), obs=adata.obs.copy(), var=var.copy())
+    view.uns["scfmbench"] = {"matrix_source": source, "matrix_kind": kind}
+    return view
+
+
+def suggest_label_columns(obs: pd.DataFrame) -> list[str]:
+    """obs columns that look like cell-type labels (categorical/string, 2..n/2 values)."""
+    out = []
+    for column in obs.columns:
+        series = obs[column]
+        if isinstance(series.dtype, pd.CategoricalDtype) or series.dtype == object:
+            n_unique = series.nunique(dropna=True)
+            if 2 <= n_unique <= max(2, len(series) // 2):
+                out.append(str(column))
+    return out
+
+
+def validate(
+    adata: AnnData,
+    *,
+    label_key: str | None = None,
+    min_cells_per_class: int = 10,
+) -> ValidatedData:
+    """Check data and labels; drop empty cells, unlabelled cells and rare classes with warnings.
+
+    Args:
+        adata: the input data (not modified).
+        label_key: obs column with cell types; default ``cell_type`` when present.
+        min_cells_per_class: classes with fewer cells are dropped (with a warning).
+
+    Returns:
+        ValidatedData whose ``adata.X`` holds the chosen matrix (raw counts when available)
+        as CSR float32 and whose ``adata.uns["scfmbench"]["diagnostics"]`` records what was found.
+    """
+    diag = DataDiagnostics(n_cells_input=adata.n_obs, n_genes_input=adata.n_vars)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(
+            f"the data has {adata.n_obs} cells and {adata.n_vars} genes; it needs at least one "
+            "of each — check that the right file was given."
+        )
+    label_key = _resolve_label_key(adata.obs, label_key)
+    diag.label_key = label_key
+    source, matrix, var, kind = find_expression(adata)
+    diag.matrix_source, diag.matrix_kind = source, kind
+    diag.count_source = source if kind == "counts" else None
+    if kind != "counts":
+        _warn(
+            diag,
+            f"no raw integer counts found; using {kind} values from adata.{source} "
+            "(count-based models will refuse them)",
+        )
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    var = var.copy()
+    data = AnnData(X=matrix, obs=adata.obs.copy(), var=var)
+    if not data.var_names.is_unique:
+        n_dup = int(data.var_names.duplicated().sum())
+        data.var_names_make_unique()
+        diag.renamed_duplicate_genes = n_dup
+        _warn(diag, f"{n_dup} duplicated gene names were made unique (suffix -1, -2, …)")
+    diag.identifier_type = detect_identifier_type(data.var_names)
+
+    totals = np.asarray(data.X.sum(axis=1)).ravel()
+    empty = totals <= 0
+    if empty.any():
+        diag.dropped_cells_no_counts = int(empty.sum())
+        _warn(diag, f"dropped {int(empty.sum())} cells with no counts")
+        data = data[~empty].copy()
+
+    labels = data.obs[label_key]
+    missing = labels.isna() | labels.astype(str).str.strip().str.lower().isin(MISSING_LABELS)
+    if missing.any():
+        diag.dropped_cells_missing_label = int(missing.sum())
+        _warn(diag, f"dropped {int(missing.sum())} cells with a missing {label_key!r} label")
+        data = data[~missing.to_numpy()].copy()
+
+    sizes = data.obs[label_key].astype(str).value_counts()
+    rare = sizes[sizes < min_cells_per_class]
+    if len(rare):
+        diag.dropped_classes = {str(k): int(v) for k, v in rare.items()}
+        listed = ", ".join(f"{k} ({v})" for k, v in rare.items())
+        _warn(
+            diag,
+            f"dropped {len(rare)} classes with fewer than {min_cells_per_class} cells: {listed}",
+        )
+        data = data[~data.obs[label_key].astype(str).isin(rare.index).to_numpy()].copy()
+
+    if data.n_obs == 0:
+        raise DataError(
+            "no cells left after dropping empty cells, unlabelled cells and rare classes; "
+            "lower min_cells_per_class or check the label column."
+        )
+    classes = data.obs[label_key].astype(str).value_counts()
+    if len(classes) < 2:
+        raise SchemaError(
+            f"label column {label_key!r} has {len(classes)} class after filtering "
+            f"({dict(classes)}); classification needs at least 2 — pick another --label-key "
+            "or lower min_cells_per_class."
+        )
+    labels = pd.Series(
+        pd.Categorical(data.obs[label_key].astype(str), categories=sorted(classes.index)),
+        index=data.obs_names,
+        name=label_key,
+    )
+    data.obs[label_key] = labels.to_numpy()
+    diag.classes = {str(k): int(v) for k, v in classes.items()}
+    diag.n_cells, diag.n_genes = data.n_obs, data.n_vars
+    data.uns["scfmbench"] = {"diagnostics": diag.to_dict()}
+    logger.info(
+        "validated %d cells × %d genes, %d classes; %s from adata.%s; %s identifiers",
+        diag.n_cells,
+        diag.n_genes,
+        len(classes),
+        kind,
+        source,
+        diag.identifier_type,
+    )
+    return ValidatedData(adata=data, labels=labels, diagnostics=diag)
+
+
+def _resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:
+    if label_key is None:
+        if "cell_type" in obs.columns:
+            return "cell_type"
+        raise SchemaError(
+            f"no label column given and adata.obs has no 'cell_type'; columns that look like "
+            f"labels: {suggest_label_columns(obs)[:8]}. Pass --label-key."
+        )
+    if label_key not in obs.columns:
+        raise SchemaError(
+            f"adata.obs has no column {label_key!r}; columns that look like labels: "
+            f"{suggest_label_columns(obs)[:8]}. Pass --label-key with one of those."
+            + did_you_mean(label_key, [str(c) for c in obs.columns])
+        )
+    return label_key
+
+
+def _warn(diag: DataDiagnostics, message: str) -> None:
+    diag.warnings.append(message)
+    warnings.warn(message, stacklevel=3)

@@ -1,0 +1,3 @@
+from scfmbench.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""Stage bookkeeping: a stage's output is reused when it was made from the same inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from scfmbench._atomic import write_json
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a method or stage name (``pca+logreg`` → ``pca+logreg``)."""
+    return SAFE_NAME.sub("_", name.replace("+", "__"))
+
+
+class StageStore:
+    """JSON records under ``<run>/stages/``: ``{"key": inputs hash, "payload": …}``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir) / "stages"
+        self.timings: dict[str, float] = {}
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{safe_name(name)}.json"
+
+    def load(self, name: str, key: str) -> Any | None:
+        """The stored payload of stage ``name`` if it was made from inputs ``key``."""
+        path = self._path(name)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None
+        return record.get("payload") if record.get("key") == key else None
+
+    def save(self, name: str, key: str, payload: Any) -> None:
+        write_json(self._path(name), {"key": key, "payload": payload})
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,187 @@
+"""Command-line interface (typer): a thin layer over the Python API.
+
+Every ScfmbenchError is printed as one line (``error: …``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+
+from scfmbench.errors import ScfmbenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="How much does a single-cell foundation model add on your data?\n\n"
+    "Examples:\n\n"
+    "  scfmbench run                                   # built-in pbmc68k_reduced demo\n\n"
+    "  scfmbench run --data pbmc3k.h5ad --label-key cell_type --n-splits 5\n\n"
+    "  scfmbench run --data pbmc3k.h5ad --model geneformer=./Geneformer-V1-10M\n\n"
+    "  scfmbench validate pbmc3k.h5ad\n\n"
+    "  scfmbench embed pbmc3k.h5ad --model geneformer=./gf --out pbmc3k_gf.h5ad",
+)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="scfmbench: %(message)s",
+        stream=sys.stderr,
+    )
+    warnings.showwarning = _log_warning
+    for noisy in ("numba", "matplotlib", "h5py", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("scfmbench").warning("warning: %s", message)
+
+
+@app.command()
+def run(
+    data: str = typer.Option(None, help="An .h5ad file or a built-in name (pbmc68k_reduced)."),
+    label_key: str = typer.Option(None, help="obs column with the cell types."),
+    config: Path = typer.Option(None, help="YAML run configuration; flags override it."),
+    out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
+    name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
+    seed: int = typer.Option(None, help="Seed of the first split (default 42)."),
+    n_splits: int = typer.Option(None, help="Repeated stratified splits (default 1)."),
+    model: list[str] = typer.Option(None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR."),
+    reference: str = typer.Option(None, help="Method the gains are computed against."),
+    allow_normalized: bool = typer.Option(
+        None, "--allow-normalized", help="Let count-based models use normalized data."
+    ),
+    gene_column: str = typer.Option(None, help="var column with gene identifiers."),
+    device: str = typer.Option(None, help="cpu, cuda or auto."),
+    batch_size: int = typer.Option(None, help="Cells per embedding batch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Benchmark baselines (and foundation models) on one labelled dataset."""
+    from scfmbench.config import RunConfig
+    from scfmbench.pipeline import run as run_pipeline
+    from scfmbench.report import markdown_table, results_table
+
+    _setup_logging(quiet)
+    overrides = {
+        "data": data,
+        "label_key": label_key,
+        "out": out,
+        "name": name,
+        "seed": seed,
+        "n_splits": n_splits,
+        "models": model or None,
+        "reference": reference,
+        "allow_normalized": allow_normalized,
+        "gene_column": gene_column,
+        "device": device,
+        "batch_size": batch_size,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    base = RunConfig.from_yaml(config) if config is not None else None
+    result = run_pipeline(config=base, progress=not quiet, **overrides)
+    typer.echo(markdown_table(results_table(result.metrics)))
+    typer.echo(f"\nrun directory: {result.run_dir}")
+
+
+@app.command()
+def validate(
+    data: str = typer.Argument(..., help="An .h5ad file or a built-in name."),
+    label_key: str = typer.Option(None, help="obs column with the cell types."),
+    min_cells_per_class: int = typer.Option(10, help="Smaller classes are dropped."),
+    as_json: bool = typer.Option(False, "--json", help="Print the diagnostics as JSON."),
+) -> None:
+    """Check a dataset: counts, identifiers, classes and problems found (writes nothing)."""
+    from scfmbench.validate import BUILTIN_DATASETS, load_dataset
+    from scfmbench.validate import validate as validate_data
+
+    _setup_logging(quiet=True)
+    if label_key is None:
+        label_key = BUILTIN_DATASETS.get(data)
+    diag = validate_data(
+        load_dataset(data), label_key=label_key, min_cells_per_class=min_cells_per_class
+    ).diagnostics
+    if as_json:
+        typer.echo(json.dumps(diag.to_dict(), indent=2))
+        return
+    raw = "raw integer counts" if diag.matrix_kind == "counts" else f"{diag.matrix_kind} (not raw)"
+    lines = [
+        f"cells: {diag.n_cells} (of {diag.n_cells_input})",
+        f"genes: {diag.n_genes}",
+        f"expression: adata.{diag.matrix_source} holds {raw}",
+        f"gene identifiers: {diag.identifier_type}",
+        f"label column: {diag.label_key} ({len(diag.classes)} classes)",
+        *[f"  {name}: {size}" for name, size in diag.classes.items()],
+        "problems: " + ("none" if not diag.warnings else ""),
+        *[f"  - {w}" for w in diag.warnings],
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def embed(
+    data: str = typer.Argument(..., help="An .h5ad file or a built-in name."),
+    model: str = typer.Option(..., help="NAME=DIR, e.g. geneformer=./gf or scgpt=./scGPT_human."),
+    out: Path = typer.Option(..., help="Output .h5ad (copy of DATA + obsm) or .npy."),
+    layer: int = typer.Option(None, help="Layer (default: the model's reference layer)."),
+    pooling: str = typer.Option(None, help="mean or cls (default: the model's)."),
+    batch_size: int = typer.Option(32, help="Cells per batch."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    precision: str = typer.Option("float32", help="float32, bfloat16 or float16 (GPU)."),
+    cache_dir: Path = typer.Option(None, help="Embedding cache folder."),
+    allow_normalized: bool = typer.Option(False, "--allow-normalized"),
+    gene_column: str = typer.Option(None, help="var column with gene identifiers."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write frozen embeddings of DATA to obsm['X_<model>'] (h5ad) or an .npy file."""
+    from scfmbench.pipeline import embed_dataset
+
+    _setup_logging(quiet)
+    key, n_cells = embed_dataset(
+        data,
+        model=model,
+        out=out,
+        layer=layer,
+        pooling=pooling,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        allow_normalized=allow_normalized,
+        gene_column=gene_column,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote obsm[{key!r}] for {n_cells} cells to {out}")
+
+
+def main() -> None:
+    """Entry point: run the typer app, turning ScfmbenchError into one line + exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except ScfmbenchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except (typer.Exit, SystemExit) as exc:
+        raise SystemExit(getattr(exc, "exit_code", getattr(exc, "code", 0))) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(2) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

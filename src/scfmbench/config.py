@@ -1,0 +1,108 @@
+"""The run configuration: one typed object, loaded from YAML; CLI flags only override it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scfmbench.errors import ConfigError
+from scfmbench.registry import did_you_mean
+
+DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a run's results (the resolved copy is saved as config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: str = Field("pbmc68k_reduced", description="An .h5ad path or a built-in dataset name.")
+    label_key: str | None = Field(
+        None, description="obs column with cell types (default: cell_type, or the built-in's)."
+    )
+    name: str | None = Field(None, description="Run name; the run directory is OUT/NAME.")
+    out: Path = Field(Path("runs"), description="Folder that holds run directories.")
+    seed: int = Field(42, description="Seed of the first split and of every model.")
+    n_splits: int = Field(1, ge=1, description="Repeated stratified splits (seeds seed..seed+K-1).")
+    fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="Train/val/test fractions per class."
+    )
+    min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
+    n_hvg: int = Field(2000, ge=1, description="Highly variable genes for the baselines.")
+    n_pcs: int = Field(50, ge=1, description="Principal components for the PCA baselines.")
+    baselines: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BASELINES),
+        description="Baselines as representation+probe (hvg, pca, none; logreg, xgboost, knn) "
+        "or 'majority'.",
+    )
+    probes: list[str] = Field(
+        default_factory=lambda: ["logreg", "xgboost", "knn"],
+        description="Probes trained on every foundation-model embedding.",
+    )
+    models: list[str] = Field(
+        default_factory=list, description="Foundation models as NAME=DIR, e.g. geneformer=./gf."
+    )
+    random_controls: bool = Field(
+        True, description="Add the random-init control of every foundation model."
+    )
+    reference: str | None = Field(
+        None,
+        description="Method the gains (Δabs, Δrel) are computed against (default: the "
+        "first baseline).",
+    )
+    allow_normalized: bool = Field(
+        False, description="Let count-based models run on normalized data (with a warning)."
+    )
+    gene_column: str | None = Field(None, description="var column with gene identifiers.")
+    batch_size: int = Field(32, ge=1, description="Cells per embedding batch.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
+    figures: bool = Field(True, description="Write confusion-matrix and UMAP figures.")
+
+    @field_validator("baselines")
+    @classmethod
+    def _check_baselines(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "majority" and "+" not in item:
+                raise ValueError(f"baseline {item!r} must look like 'pca+logreg' or 'majority'")
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> RunConfig:
+        """Load a YAML file; ``overrides`` (e.g. CLI flags that were given) win."""
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc}).") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
+        return cls.build({**loaded, **overrides})
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> RunConfig:
+        """Validate ``values``; unknown keys and bad values become one-line ConfigErrors."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line for the first pydantic error, with a did-you-mean for unknown keys."""
+    error = exc.errors()[0]
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return (
+            f"unknown config key {key!r}."
+            + did_you_mean(key, list(RunConfig.model_fields))
+            + (f" Valid keys: {', '.join(RunConfig.model_fields)}.")
+        )
+    return f"invalid value for {key!r}: {error['msg']} (got {error.get('input')!r})."

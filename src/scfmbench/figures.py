@@ -1,0 +1,80 @@
+"""Figures: confusion matrices and UMAPs (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scfmbench._atomic import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def plot_confusion(
+    matrix: np.ndarray, labels: list[str], path: Path, *, title: str, normalize: bool = True
+) -> None:
+    """Confusion matrix (rows = true class); row-normalized colours, counts in the cells."""
+    matrix = np.asarray(matrix, dtype=float)
+    shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
+    size = 2.5 + 0.45 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if matrix[i, j]:
+                colour = "white" if shown[i, j] > 0.5 else "black"
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "")
+    _save(fig, path)
+
+
+def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title: str) -> None:
+    """2-D scatter (e.g. UMAP) coloured by a categorical annotation."""
+    groups = np.asarray(groups, dtype=str)
+    names = sorted(set(groups))
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for k, name in enumerate(names):
+        mask = groups == name
+        ax.scatter(
+            coords[mask, 0],
+            coords[mask, 1],
+            s=4,
+            color=cmap(k % cmap.N),
+            label=name,
+            linewidths=0,
+            rasterized=True,
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP1")
+    ax.set_ylabel("UMAP2")
+    ax.set_title(title, fontsize=10)
+    ax.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    _save(fig, path)
+
+
+def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    """UMAP of a feature matrix through scanpy's neighbors + umap (seeded)."""
+    import anndata
+    import scanpy as sc
+
+    holder = anndata.AnnData(np.zeros((features.shape[0], 1), dtype=np.float32))
+    holder.obsm["X_rep"] = np.asarray(features, dtype=np.float32)
+    sc.pp.neighbors(holder, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
+    sc.tl.umap(holder, random_state=seed)
+    return np.asarray(holder.obsm["X_umap"])

@@ -1,0 +1,96 @@
+"""Classification metrics per method and split, and gains over a reference method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    """Scores of one method on one test set.
+
+    ``confusion[i, j]`` counts cells of true class ``classes[i]`` predicted as ``classes[j]``.
+    """
+
+    accuracy: float
+    macro_f1: float
+    weighted_f1: float
+    per_class: dict[str, dict[str, float]]
+    confusion: np.ndarray
+    classes: tuple[str, ...]
+    n_test: int
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "weighted_f1": self.weighted_f1,
+            "n_test": self.n_test,
+            "per_class": self.per_class,
+            "confusion": {"labels": list(self.classes), "matrix": self.confusion.tolist()},
+        }
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, *, classes: list[str] | tuple[str, ...]
+) -> ClassificationMetrics:
+    """Accuracy, macro/weighted F1, per-class precision/recall/F1/support, confusion matrix.
+
+    Args:
+        y_true: true labels (strings) of shape (n_test,).
+        y_pred: predicted labels (strings) of shape (n_test,).
+        classes: every class, fixing the order of rows/columns; classes absent from the
+            test set still get a row (support 0) and are left out of the macro average.
+    """
+    y_true = np.asarray(y_true, dtype=str)
+    y_pred = np.asarray(y_pred, dtype=str)
+    present = [c for c in classes if c in set(y_true)]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(classes), zero_division=0
+    )
+    per_class = {
+        c: {
+            "precision": float(p),
+            "recall": float(r),
+            "f1": float(f),
+            "support": int(s),
+        }
+        for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+    }
+    return ClassificationMetrics(
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        weighted_f1=float(
+            f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)
+        ),
+        per_class=per_class,
+        confusion=confusion_matrix(y_true, y_pred, labels=list(classes)),
+        classes=tuple(classes),
+        n_test=int(len(y_true)),
+    )
+
+
+def delta(value: float, reference: float) -> dict[str, float | None]:
+    """Gain over a reference: ``abs = value - reference``, ``rel = abs / reference``."""
+    gain = value - reference
+    return {"abs": gain, "rel": gain / reference if reference else None}
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sample sd (0 for one value) and the per-split values."""
+    arr = np.asarray(values, dtype=float)
+    return {
+        "mean": float(arr.mean()),
+        "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "values": [float(v) for v in arr],
+    }

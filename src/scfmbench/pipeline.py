@@ -1,0 +1,518 @@
+"""The benchmark pipeline: load/validate → splits → embed → probe → evaluate → report.
+
+``run`` is the Python API behind ``scfmbench run``; each stage reuses its saved output
+when its inputs are unchanged, so a rerun is near instant.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from tqdm.auto import tqdm
+
+from scfmbench import __version__
+from scfmbench._atomic import write_json, write_npy, write_text, write_with
+from scfmbench._stages import StageStore
+from scfmbench.config import RunConfig
+from scfmbench.errors import ConfigError, ScfmbenchError
+from scfmbench.features import REPRESENTATIONS, SplitFeatures, embedding_features
+from scfmbench.hashing import hash_array, hash_json
+from scfmbench.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
+from scfmbench.probes import PROBES, fit_probe
+from scfmbench.splits import Split, SplitSet, labels_hash, load_or_make_splits
+from scfmbench.validate import BUILTIN_DATASETS, DataDiagnostics, ValidatedData, load_dataset
+from scfmbench.validate import validate as validate_data
+
+logger = logging.getLogger(__name__)
+
+METRICS_SCHEMA_VERSION = "1.0"
+UNASSIGNED = "<unassigned>"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A representation paired with a probe, e.g. ``pca+xgboost`` or ``geneformer+logreg``."""
+
+    name: str
+    representation: str
+    probe: str
+    kind: str  # "baseline", "frozen" or "control"
+    model: str | None = None
+
+
+@dataclass
+class RunResult:
+    """What ``run`` returns: the run directory, the metrics document and a summary table."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    diagnostics: DataDiagnostics
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per method: kind, mean accuracy / macro F1 / weighted F1 and gains."""
+        rows = []
+        for name, entry in self.metrics["methods"].items():
+            row = {"method": name, "kind": entry["kind"]}
+            for metric in HEADLINE_METRICS:
+                row[metric] = entry["summary"][metric]["mean"]
+                row[f"{metric}_sd"] = entry["summary"][metric]["sd"]
+            for metric in ("accuracy", "macro_f1"):
+                gain = entry["delta_vs_reference"][metric]
+                row[f"delta_abs_{metric}"] = gain["abs"]
+                row[f"delta_rel_{metric}"] = gain["rel"]
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("method")
+
+
+def parse_model_spec(spec: str) -> tuple[str, Path]:
+    """``"geneformer=./gf"`` → ("geneformer", Path("./gf"))."""
+    if "=" not in spec:
+        raise ConfigError(
+            f"model {spec!r} must be written NAME=DIR, e.g. geneformer=./Geneformer-V1-10M."
+        )
+    name, path = spec.split("=", 1)
+    return name.strip(), Path(path.strip())
+
+
+def baseline_methods(config: RunConfig) -> list[Method]:
+    methods = []
+    for item in config.baselines:
+        if item == "majority":
+            methods.append(Method("majority", "none", "majority", "baseline"))
+            continue
+        representation, probe = item.split("+", 1)
+        REPRESENTATIONS.get(representation)
+        PROBES.get(probe)
+        methods.append(Method(item, representation, probe, "baseline"))
+    return methods
+
+
+def load_models(config: RunConfig) -> list[Any]:
+    """Load every requested foundation model (and its random-init control)."""
+    from scfmbench.embed import MODELS
+
+    models = []
+    for spec in config.models:
+        name, path = parse_model_spec(spec)
+        random_only = name.endswith("-random")
+        base = name.removesuffix("-random")
+        loader = MODELS.get(base)
+        options = _loader_options(loader, config)
+        if not random_only:
+            models.append(loader(path, random_init=False, **options))
+        if random_only or config.random_controls:
+            models.append(loader(path, random_init=True, **options))
+    return models
+
+
+def _loader_options(loader, config: RunConfig) -> dict[str, Any]:
+    wanted = {
+        "allow_normalized": config.allow_normalized,
+        "gene_column": config.gene_column,
+        "seed": config.seed,
+    }
+    accepted = inspect.signature(loader).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
+    methods = []
+    for model in models:
+        kind = "control" if model.random_init else "frozen"
+        for probe in config.probes:
+            PROBES.get(probe)
+            methods.append(
+                Method(f"{model.model_id}+{probe}", model.model_id, probe, kind, model.model_id)
+            )
+    return methods
+
+
+def resolve_run(
+    data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
+) -> tuple[RunConfig, AnnData]:
+    values = config.model_dump() if config is not None else {}
+    if data is not None and not isinstance(data, AnnData):
+        values["data"] = str(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    resolved = RunConfig.build(values)
+    if (
+        resolved.label_key is None
+        and resolved.data in BUILTIN_DATASETS
+        and not isinstance(data, AnnData)
+    ):
+        resolved.label_key = BUILTIN_DATASETS[resolved.data]
+    if resolved.name is None:
+        resolved.name = "run" if isinstance(data, AnnData) else Path(resolved.data).stem
+    adata = data if isinstance(data, AnnData) else load_dataset(resolved.data)
+    return resolved, adata
+
+
+def run(
+    data: str | Path | AnnData | None = None,
+    *,
+    config: RunConfig | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> RunResult:
+    """Benchmark cell-type classification on ``data`` and write the run directory.
+
+    Args:
+        data: an ``.h5ad`` path, a built-in name (``"pbmc68k_reduced"``) or an AnnData.
+        config: a RunConfig; keyword ``overrides`` (e.g. ``label_key="cell_type"``,
+            ``n_splits=5``, ``models=["geneformer=./gf"]``) replace its fields.
+        progress: show progress bars.
+
+    Returns:
+        RunResult with ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
+        ``splits/``, ``metrics.json``, ``results.md`` and ``figures/``.
+    """
+    config, adata = resolve_run(data, config, overrides)
+    validated = validate_data(
+        adata, label_key=config.label_key, min_cells_per_class=config.min_cells_per_class
+    )
+    methods = baseline_methods(config)
+    models = load_models(config)
+    methods += model_methods(models, config)
+    reference = config.reference or methods[0].name
+    if reference not in {m.name for m in methods}:
+        raise ConfigError(
+            f"reference method {reference!r} is not in this run; choose from "
+            f"{[m.name for m in methods]}."
+        )
+    run_dir = Path(config.out) / config.name
+    check_writable(run_dir)
+    created = not run_dir.exists()
+    try:
+        return _execute(config, validated, methods, models, reference, run_dir, progress)
+    except (ScfmbenchError, KeyboardInterrupt):
+        if created and run_dir.exists():
+            shutil.rmtree(run_dir)
+        raise
+
+
+def _execute(
+    config: RunConfig,
+    validated: ValidatedData,
+    methods: list[Method],
+    models: list,
+    reference: str,
+    run_dir: Path,
+    progress: bool,
+) -> RunResult:
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", config.to_yaml())
+    stages = StageStore(run_dir)
+    adata, labels = validated.adata, validated.labels
+    data_hash = hash_json([hash_array(adata.X), labels_hash(labels)])
+
+    with stages.timed("splits"):
+        split_set, _ = load_or_make_splits(
+            run_dir / "splits",
+            labels,
+            n_splits=config.n_splits,
+            seed=config.seed,
+            fractions=config.fractions,
+        )
+
+    embeddings, model_info = {}, {}
+    with stages.timed("embed"):
+        from scfmbench.embed import embed
+
+        for model in models:
+            result = embed(
+                adata,
+                model,
+                batch_size=config.batch_size,
+                device=config.device,
+                cache_dir=run_dir / "cache" / "embeddings",
+                seed=config.seed,
+                progress=progress,
+            )
+            embeddings[model.model_id] = result
+            model_info[model.model_id] = {
+                "checkpoint_sha256": result.checkpoint_sha256,
+                "layer": result.layer,
+                "pooling": result.pooling,
+                "n_dropped_cells": int(len(result.dropped)),
+                "from_cache": result.from_cache,
+            }
+
+    predictions = _predict_all(
+        config,
+        adata,
+        labels,
+        split_set,
+        methods,
+        embeddings,
+        stages,
+        data_hash,
+        validated.diagnostics.matrix_kind,
+        progress,
+    )
+    metrics = build_metrics(
+        config, validated, split_set, methods, predictions, reference, model_info
+    )
+    if config.figures:
+        with stages.timed("figures"):
+            from scfmbench.report import write_figures
+
+            write_figures(
+                run_dir,
+                metrics,
+                adata,
+                labels,
+                validated.diagnostics.matrix_kind,
+                seed=config.seed,
+                n_hvg=config.n_hvg,
+                n_pcs=config.n_pcs,
+                stages=stages,
+                data_hash=data_hash,
+            )
+    stages.timings["total"] = time.perf_counter() - started
+    metrics["timings"] = {k: round(v, 3) for k, v in stages.timings.items()}
+    write_json(run_dir / "metrics.json", metrics)
+    from scfmbench.report import write_results_markdown
+
+    write_results_markdown(metrics, run_dir / "results.md")
+    logger.info("wrote %s", run_dir)
+    return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def _features(
+    method: Method, adata: AnnData, split: Split, embeddings: dict, config: RunConfig, kind: str
+) -> SplitFeatures:
+    if method.model is not None:
+        return embedding_features(adata.obsm[obsm_key(method.model)], adata.obs_names, split)
+    builder = REPRESENTATIONS.get(method.representation)
+    return builder(adata, split, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=split.seed)
+
+
+def obsm_key(model_id: str) -> str:
+    """Where a model's embeddings live: ``geneformer-random`` → ``obsm['X_geneformer_random']``."""
+    return f"X_{model_id.replace('-', '_')}"
+
+
+def _predict_all(
+    config,
+    adata,
+    labels,
+    split_set: SplitSet,
+    methods,
+    embeddings,
+    stages,
+    data_hash,
+    kind,
+    progress,
+) -> dict[tuple[str, int], dict]:
+    """Train each method's probe on each split (or reuse the saved predictions)."""
+    classes = list(labels.cat.categories)
+    code_of = {c: i for i, c in enumerate(classes)}
+    out = {}
+    jobs = [(m, s) for s in split_set.splits for m in methods]
+    bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
+    for method, split in bar:
+        bar.set_postfix_str(f"{method.name} seed {split.seed}")
+        emb = embeddings.get(method.model) if method.model else None
+        key = hash_json(
+            {
+                "data": data_hash,
+                "split": [list(split.train), list(split.val), list(split.test)],
+                "method": method.__dict__,
+                "n_hvg": config.n_hvg,
+                "n_pcs": config.n_pcs,
+                "embedding": hash_array(emb.matrix) if emb is not None else None,
+            }
+        )
+        stage = f"predict_{method.name}_seed{split.seed}"
+        payload = stages.load(stage, key)
+        if payload is None:
+            with stages.timed(f"probe:{method.name}"):
+                payload = _fit_and_predict(
+                    method, adata, labels, split, embeddings, config, kind, code_of, classes
+                )
+            stages.save(stage, key, payload)
+        out[(method.name, split.seed)] = payload
+    return out
+
+
+def _fit_and_predict(
+    method, adata, labels, split, embeddings, config, kind, code_of, classes
+) -> dict:
+    feats = _features(method, adata, split, embeddings, config, kind)
+    y_train = labels.loc[split.train].map(code_of).to_numpy(dtype=np.int64)
+    y_val = labels.loc[split.val].map(code_of).to_numpy(dtype=np.int64)
+    keep_train = ~np.isnan(feats.train).any(axis=1)
+    keep_val = ~np.isnan(feats.val).any(axis=1)
+    keep_test = ~np.isnan(feats.test).any(axis=1)
+    fitted = fit_probe(
+        method.probe,
+        feats.train[keep_train],
+        y_train[keep_train],
+        feats.val[keep_val],
+        y_val[keep_val],
+        seed=split.seed,
+    )
+    predicted = np.full(len(split.test), UNASSIGNED, dtype=object)
+    if keep_test.any():
+        predicted[keep_test] = [classes[i] for i in fitted.predict(feats.test[keep_test])]
+    return {
+        "cells": list(split.test),
+        "pred": [str(p) for p in predicted],
+        "params": fitted.params,
+        "val_macro_f1": fitted.val_macro_f1,
+        "n_unassigned": int((~keep_test).sum()),
+        "features": feats.info,
+    }
+
+
+def build_metrics(
+    config: RunConfig,
+    validated: ValidatedData,
+    split_set: SplitSet,
+    methods: list[Method],
+    predictions: dict,
+    reference: str,
+    model_info: dict,
+) -> dict[str, Any]:
+    """The metrics.json document (schema in README, ``schema_version`` 1.0)."""
+    labels = validated.labels
+    classes = list(labels.cat.categories)
+    doc: dict[str, Any] = {
+        "schema_version": METRICS_SCHEMA_VERSION,
+        "scfmbench_version": __version__,
+        "run": {
+            "name": config.name,
+            "data": config.data,
+            "label_key": validated.diagnostics.label_key,
+            "seeds": split_set.seeds,
+            "fractions": list(split_set.fractions),
+            "reference": reference,
+            "classes": classes,
+        },
+        "diagnostics": {**validated.diagnostics.to_dict(), "models": model_info},
+        "methods": {},
+    }
+    for method in methods:
+        per_split = {}
+        for split in split_set.splits:
+            payload = predictions[(method.name, split.seed)]
+            truth = labels.loc[payload["cells"]].astype(str).to_numpy()
+            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            per_split[str(split.seed)] = {
+                **scores.to_dict(),
+                "params": payload["params"],
+                "val_macro_f1": payload["val_macro_f1"],
+                "n_unassigned": payload["n_unassigned"],
+            }
+        summary = {m: summarize([per_split[s][m] for s in per_split]) for m in HEADLINE_METRICS}
+        doc["methods"][method.name] = {
+            "kind": method.kind,
+            "representation": method.representation,
+            "probe": method.probe,
+            "model": method.model,
+            "splits": per_split,
+            "summary": summary,
+        }
+    ref = doc["methods"][reference]["summary"]
+    for entry in doc["methods"].values():
+        entry["delta_vs_reference"] = {
+            m: delta(entry["summary"][m]["mean"], ref[m]["mean"]) for m in HEADLINE_METRICS
+        }
+    return doc
+
+
+def embed_dataset(
+    data: str | Path | AnnData,
+    *,
+    model: str,
+    out: Path | None = None,
+    layer: int | None = None,
+    pooling: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "float32",
+    cache_dir: Path | None = None,
+    allow_normalized: bool = False,
+    gene_column: str | None = None,
+    progress: bool = True,
+) -> tuple[str, int]:
+    """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
+
+    Returns:
+        (obsm key, number of embedded cells). With ``out`` ending in ``.npy`` the
+        (n_obs, dim) matrix is saved (NaN rows for cells without tokens); otherwise a copy
+        of the data with ``obsm['X_<model>']`` is written as ``.h5ad``.
+    """
+    from scfmbench.embed import MODELS, embed
+    from scfmbench.validate import expression_view
+
+    if out is not None:
+        check_writable(Path(out))
+    adata = load_dataset(data)
+    counts = expression_view(adata)
+    name, path = parse_model_spec(model)
+    base = name.removesuffix("-random")
+    loader = MODELS.get(base)
+    options = {"allow_normalized": allow_normalized, "gene_column": gene_column}
+    accepted = inspect.signature(loader).parameters
+    foundation = loader(
+        path,
+        random_init=name.endswith("-random"),
+        **{k: v for k, v in options.items() if k in accepted},
+    )
+    result = embed(
+        counts,
+        foundation,
+        layer=layer,
+        pooling=pooling,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    key = foundation.obsm_key
+    if out is not None:
+        out = Path(out)
+        if out.suffix == ".npy":
+            write_npy(out, counts.obsm[key])
+        else:
+            adata.obsm[key] = counts.obsm[key]
+            adata.uns[f"{key}_info"] = {
+                "model": foundation.model_id,
+                "layer": result.layer,
+                "pooling": result.pooling,
+                "checkpoint_sha256": result.checkpoint_sha256,
+                "dropped_cells": list(map(str, result.dropped)),
+            }
+            write_with(out, lambda tmp: adata.write_h5ad(tmp))
+    return key, len(result.obs_names)
+
+
+def check_writable(path: Path) -> None:
+    """Raise ConfigError when ``path``'s folder cannot be created or written."""
+    import os
+
+    folder = path.parent if path.suffix else path
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(
+            f"cannot write to {str(folder)!r} (permission denied); choose another "
+            "output location with --out."
+        )
+
+
+__all__ = ["Method", "RunResult", "build_metrics", "embed_dataset", "run"]

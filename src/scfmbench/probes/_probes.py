@@ -1,0 +1,127 @@
+"""Probe factories and validation-set tuning.
+
+Every probe is an sklearn classifier (``fit(X, y) -> self``, ``predict``) built by a
+registered factory ``make_<name>(*, seed, **params)``; a small grid is tuned on the
+validation set by macro F1 and the chosen model is the one fitted on train only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.base import ClassifierMixin
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from scfmbench.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A probe factory and the hyper-parameter grid tuned on the validation set."""
+
+    factory: Callable[..., ClassifierMixin]
+    grid: tuple[dict[str, Any], ...] = ({},)
+    uses_validation_for_early_stopping: bool = False
+
+
+PROBES: Registry = Registry("probe")
+
+
+def make_logreg(*, seed: int, C: float = 1.0) -> ClassifierMixin:
+    """Standardized features + L2 logistic regression (lbfgs, multinomial)."""
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    )
+
+
+def make_xgboost(*, seed: int, n_estimators: int = 300, max_depth: int = 6) -> ClassifierMixin:
+    """Gradient-boosted trees (hist), early-stopped on the validation set."""
+    from xgboost import XGBClassifier
+
+    return XGBClassifier(
+        n_estimators=n_estimators,
+        max_depth=max_depth,
+        learning_rate=0.1,
+        subsample=1.0,
+        tree_method="hist",
+        n_jobs=2,
+        random_state=seed,
+        early_stopping_rounds=20,
+        eval_metric="mlogloss",
+    )
+
+
+def make_knn(*, seed: int, n_neighbors: int = 15) -> ClassifierMixin:
+    """k-nearest neighbours on cosine distance."""
+    del seed  # deterministic
+    return KNeighborsClassifier(n_neighbors=n_neighbors, metric="cosine", algorithm="brute")
+
+
+def make_majority(*, seed: int) -> ClassifierMixin:
+    """Always predicts the most frequent training class: the floor every method must beat."""
+    return DummyClassifier(strategy="most_frequent", random_state=seed)
+
+
+PROBES.register("logreg")(ProbeSpec(make_logreg, grid=({"C": 0.01}, {"C": 0.1}, {"C": 1.0})))
+PROBES.register("xgboost")(ProbeSpec(make_xgboost, uses_validation_for_early_stopping=True))
+PROBES.register("knn")(
+    ProbeSpec(make_knn, grid=({"n_neighbors": 5}, {"n_neighbors": 15}, {"n_neighbors": 30}))
+)
+PROBES.register("majority")(ProbeSpec(make_majority))
+
+
+@dataclass
+class FittedProbe:
+    """The chosen estimator, its parameters and its validation macro F1."""
+
+    name: str
+    estimator: ClassifierMixin
+    params: dict[str, Any]
+    val_macro_f1: float
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.estimator.predict(X)).astype(np.int64)
+
+
+def fit_probe(
+    name: str,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    seed: int,
+) -> FittedProbe:
+    """Fit probe ``name`` on train, choosing grid parameters by validation macro F1.
+
+    ``y_*`` are integer class codes ``0..K-1``; every class must occur in ``y_train``.
+    """
+    spec: ProbeSpec = PROBES.get(name)
+    best: FittedProbe | None = None
+    for params in spec.grid:
+        params = dict(params)
+        if name == "knn":
+            params["n_neighbors"] = min(params["n_neighbors"], len(y_train))
+        estimator = spec.factory(seed=seed, **params)
+        if spec.uses_validation_for_early_stopping:
+            estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
+        else:
+            estimator.fit(X_train, y_train)
+        predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
+        score = float(f1_score(y_val, predicted, average="macro", zero_division=0))
+        if best is None or score > best.val_macro_f1:
+            best = FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)
+    assert best is not None  # the grid is never empty
+    logger.debug("probe %s: chose %s (val macro F1 %.3f)", name, best.params, best.val_macro_f1)
+    return best
