@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_SCHEMA_VERSION = "1.0"
 UNASSIGNED = "<unassigned>"
+IN_MEMORY = "<in-memory AnnData>"
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def resolve_run(
     data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
 ) -> tuple[RunConfig, AnnData]:
     values = config.model_dump() if config is not None else {}
-    if data is not None and not isinstance(data, AnnData):
+    if isinstance(data, AnnData):
+        values["data"] = IN_MEMORY
+    elif data is not None:
         values["data"] = str(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
     resolved = RunConfig.build(values)

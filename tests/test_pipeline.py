@@ -1,0 +1,144 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import scfmbench
+from scfmbench import ConfigError, RunConfig
+
+
+def strip_timings(path):
+    doc = json.loads(path.read_text())
+    doc.pop("timings")
+    return doc
+
+
+def test_run_writes_directory_and_is_deterministic(tmp_path, tiny_adata):
+    first = scfmbench.run(tiny_adata, out=tmp_path / "1", name="a", progress=False, figures=False)
+    second = scfmbench.run(tiny_adata, out=tmp_path / "2", name="a", progress=False, figures=False)
+    for name in ("config.yaml", "metrics.json", "results.md", "splits/splits.json"):
+        assert (first.run_dir / name).exists()
+    assert strip_timings(first.run_dir / "metrics.json") == strip_timings(
+        second.run_dir / "metrics.json"
+    )
+    table = first.table
+    assert list(table.index) == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+    # tiny data has strong markers: every real method beats the floor by far
+    assert table.loc["hvg+logreg", "accuracy"] == pytest.approx(1.0)
+    assert table.loc["majority", "accuracy"] == pytest.approx(2 / 6)
+
+
+def test_rerun_reuses_stages(tmp_path, tiny_adata):
+    first = scfmbench.run(tiny_adata, out=tmp_path, name="r", progress=False, figures=False)
+    stage = first.run_dir / "stages" / "predict_pca__xgboost_seed42.json"
+    stamp = stage.stat().st_mtime_ns
+    second = scfmbench.run(tiny_adata, out=tmp_path, name="r", progress=False, figures=False)
+    assert stage.stat().st_mtime_ns == stamp
+    assert not any(k.startswith("probe:") for k in second.metrics["timings"])
+    assert second.metrics["methods"] == first.metrics["methods"]
+
+
+def test_metrics_schema(tmp_path, tiny_adata):
+    result = scfmbench.run(
+        tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False
+    )
+    doc = json.loads((result.run_dir / "metrics.json").read_text())
+    assert doc["schema_version"] == "1.0"
+    assert doc["run"]["seeds"] == [42, 43]
+    entry = doc["methods"]["pca+logreg"]
+    assert set(entry["splits"]) == {"42", "43"}
+    split = entry["splits"]["42"]
+    assert split["n_test"] == 6
+    assert np.asarray(split["confusion"]["matrix"]).sum() == 6
+    assert set(split["per_class"]["type_0"]) == {"precision", "recall", "f1", "support"}
+    assert len(entry["summary"]["accuracy"]["values"]) == 2
+    assert doc["methods"]["hvg+logreg"]["delta_vs_reference"]["accuracy"]["abs"] == 0.0
+    assert doc["diagnostics"]["matrix_kind"] == "counts"
+
+
+def test_unknown_config_key_did_you_mean(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("n_split: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'n_split'. Did you mean 'n_splits'"):
+        RunConfig.from_yaml(path)
+
+
+def test_unknown_probe_did_you_mean(tiny_adata, tmp_path):
+    with pytest.raises(ConfigError, match="unknown probe 'logreq'.*Did you mean 'logreg'"):
+        scfmbench.run(tiny_adata, out=tmp_path, baselines=["pca+logreq"], progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pbmc3k_baselines(tmp_path, pbmc3k_path):
+    result = scfmbench.run(pbmc3k_path, out=tmp_path, name="pbmc3k", progress=False, figures=False)
+    table = result.table
+    # log-normalized HVGs + logistic regression is far above the study's frozen Geneformer
+    assert table.loc["hvg+logreg", "accuracy"] > 0.85
+    assert table.loc["pca+logreg", "macro_f1"] > 0.85
+    assert table.loc["majority", "accuracy"] == pytest.approx(70 / 263)
+    assert result.metrics["methods"]["hvg+logreg"]["splits"]["42"]["n_test"] == 263
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "scfmbench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_end_to_end(tmp_path):
+    done = run_cli("run", "--out", str(tmp_path), "--name", "demo", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "demo"
+    for name in (
+        "metrics.json",
+        "results.md",
+        "figures/umap_data.png",
+        "figures/confusion_pca__xgboost.png",
+        "splits/split_seed42.tsv",
+    ):
+        assert (run_dir / name).exists(), name
+    assert "| hvg+logreg | baseline |" in done.stdout
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    assert doc["diagnostics"]["matrix_source"] == "raw.X"
+    results = (run_dir / "results.md").read_text()
+    acc = doc["methods"]["pca+logreg"]["summary"]["accuracy"]["mean"]
+    assert f"| pca+logreg | baseline | {acc:.3f} |" in results
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--label-key", "celltype"], "adata.obs has no column 'celltype'"),
+        (["run", "--data", "missing.h5ad"], "does not exist"),
+        (["validate", "notes.txt"], "is not an .h5ad file"),
+        (["run", "--model", "genformer=x"], "unknown model 'genformer'"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("not data")
+    done = (
+        run_cli(
+            *args, "--out", str(tmp_path / "runs") if args[0] == "run" else "--json", cwd=tmp_path
+        )
+        if args[0] == "run"
+        else run_cli(*args, cwd=tmp_path)
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_validate_report(pbmc3k_path, tmp_path):
+    done = run_cli("validate", str(pbmc3k_path), cwd=tmp_path)
+    assert done.returncode == 0
+    assert "expression: adata.X holds raw integer counts" in done.stdout
+    assert "gene identifiers: symbol" in done.stdout
+    assert "  Platelet: 14" in done.stdout

@@ -1,0 +1,152 @@
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scfmbench import DataError, SchemaError, validate
+from scfmbench.genes import detect_identifier_type
+from scfmbench.validate import classify_matrix, load_dataset
+
+
+def quiet_validate(adata, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return validate(adata, **kwargs)
+
+
+def test_not_an_h5ad(tmp_path):
+    path = tmp_path / "table.h5ad"
+    path.write_text("gene,cell\nA,1\n")
+    with pytest.raises(DataError, match="is not an .h5ad file"):
+        load_dataset(path)
+
+
+def test_truncated_h5ad(tmp_path, tiny_adata):
+    path = tmp_path / "data.h5ad"
+    tiny_adata.write_h5ad(path)
+    payload = path.read_bytes()
+    path.write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_dataset(path)
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("no/such/file.h5ad")
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "infinite")])
+def test_nan_and_inf(tiny_adata, bad, word):
+    X = tiny_adata.X.toarray()
+    X[3, 2] = bad
+    tiny_adata.X = sp.csr_matrix(X)
+    with pytest.raises(DataError, match=rf"adata.X contains .*{word}"):
+        quiet_validate(tiny_adata)
+
+
+def test_negative_values_only(tiny_adata):
+    tiny_adata.X = sp.csr_matrix(tiny_adata.X.toarray() - 3.0)
+    with pytest.raises(DataError, match="negative values .*X: scaled.*provide raw counts"):
+        quiet_validate(tiny_adata)
+
+
+def test_no_cells_and_no_genes(tiny_adata):
+    with pytest.raises(DataError, match="0 cells"):
+        quiet_validate(tiny_adata[:0].copy())
+    with pytest.raises(DataError, match="0 genes"):
+        quiet_validate(tiny_adata[:, :0].copy())
+
+
+def test_label_column_missing_lists_candidates(tiny_adata):
+    tiny_adata.obs["donor"] = pd.Categorical(np.tile(["d1", "d2"], tiny_adata.n_obs // 2))
+    with pytest.raises(SchemaError, match=r"no column 'celltype'.*\['cell_type', 'donor'\]"):
+        quiet_validate(tiny_adata, label_key="celltype")
+
+
+def test_single_class(tiny_adata):
+    tiny_adata.obs["cell_type"] = "T"
+    with pytest.raises(SchemaError, match="has 1 class .*at least 2"):
+        quiet_validate(tiny_adata)
+
+
+def test_warnings_and_drops(tiny_adata):
+    X = tiny_adata.X.toarray()
+    X[0] = 0  # an empty cell
+    tiny_adata.X = sp.csr_matrix(X)
+    labels = tiny_adata.obs["cell_type"].astype(str).to_numpy()
+    labels[1] = "nan"
+    labels[2:5] = "rare"
+    tiny_adata.obs["cell_type"] = labels
+    names = tiny_adata.var_names.to_numpy().copy()
+    names[1] = names[0]
+    tiny_adata.var_names = names
+    with pytest.warns(UserWarning) as record:
+        result = validate(tiny_adata, min_cells_per_class=10)
+    messages = " | ".join(str(w.message) for w in record)
+    diag = result.diagnostics
+    assert diag.dropped_cells_no_counts == 1
+    assert diag.dropped_cells_missing_label == 1
+    assert diag.dropped_classes == {"rare": 3}
+    assert diag.renamed_duplicate_genes == 1
+    assert "rare (3)" in messages and "made unique" in messages
+    assert result.adata.n_obs == 60 - 5
+    assert result.adata.var_names.is_unique
+    assert sorted(diag.classes) == ["type_0", "type_1", "type_2"]
+
+
+def test_counts_found_in_layers_and_raw(tiny_adata):
+    counts = tiny_adata.X.copy()
+    lognorm = counts.copy()
+    lognorm.data = np.log1p(lognorm.data) + 0.01
+    with_layer = tiny_adata.copy()
+    with_layer.layers["counts"] = counts
+    with_layer.X = lognorm
+    assert quiet_validate(with_layer).diagnostics.count_source == "layers['counts']"
+
+    with_raw = tiny_adata.copy()
+    with_raw.raw = with_raw
+    with_raw.X = sp.csr_matrix(lognorm.toarray() - 1.0)  # scaled
+    diag = quiet_validate(with_raw).diagnostics
+    assert (diag.count_source, diag.matrix_kind) == ("raw.X", "counts")
+
+
+def test_classify_matrix():
+    counts = sp.csr_matrix(np.array([[0, 3, 1], [2, 0, 7]], dtype=np.float32))
+    assert classify_matrix(counts) == "counts"
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data)
+    assert classify_matrix(logged) == "lognorm"
+    assert classify_matrix(counts * 37.3) == "normalized"
+    assert classify_matrix(counts.toarray() - 1) == "scaled"
+
+
+def test_identifier_type():
+    assert detect_identifier_type(["ENSG00000141510", "ENSG00000012048.12"]) == "ensembl"
+    assert detect_identifier_type(["TP53", "BRCA1", "CD3E"]) == "symbol"
+    assert detect_identifier_type(["TP53", "ENSG00000012048"]) == "mixed"
+
+
+def test_builtin_default_has_no_counts():
+    result = quiet_validate(load_dataset("pbmc68k_reduced"), label_key="bulk_labels")
+    diag = result.diagnostics
+    assert (diag.matrix_source, diag.matrix_kind, diag.count_source) == ("raw.X", "lognorm", None)
+    assert diag.dropped_classes == {"CD4+/CD45RA+/CD25- Naive T": 8}
+    assert diag.n_cells == 692
+
+
+def test_pbmc3k_raw_counts(pbmc3k):
+    diag = quiet_validate(pbmc3k).diagnostics
+    assert (diag.n_cells, diag.n_genes) == (2638, 13714)
+    assert (diag.count_source, diag.identifier_type) == ("X", "symbol")
+    assert diag.classes["Naive CD4 T"] == 697 and diag.classes["Platelet"] == 14
+    assert diag.warnings == []
+
+
+def test_validated_data_is_csr_float32(tiny_adata):
+    tiny_adata.X = tiny_adata.X.toarray()
+    result = quiet_validate(tiny_adata)
+    assert sp.isspmatrix_csr(result.adata.X) and result.adata.X.dtype == np.float32
+    assert isinstance(result.adata, ad.AnnData)
