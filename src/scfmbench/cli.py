@@ -160,6 +160,43 @@ def embed(
     typer.echo(f"wrote obsm[{key!r}] for {n_cells} cells to {out}")
 
 
+@app.command()
+def transfer(
+    train: str = typer.Option(..., help="Training dataset (.h5ad or built-in name)."),
+    test: str = typer.Option(..., help="Test dataset (.h5ad or built-in name)."),
+    labels: str = typer.Option(
+        "pbmc3k_kang2018", help="Label map: YAML 'source label: shared label' or a built-in."
+    ),
+    label_key_train: str = typer.Option(None, help="obs label column of the training data."),
+    label_key_test: str = typer.Option(None, help="obs label column of the test data."),
+    one_way: bool = typer.Option(False, "--one-way", help="Only train → test."),
+    model: list[str] = typer.Option(None, help="NAME=DIR, repeatable."),
+    out: Path = typer.Option(Path("runs"), help="Folder for run directories."),
+    name: str = typer.Option(None, help="Run name (default transfer_<train>__<test>)."),
+    seed: int = typer.Option(42, help="Seed of the training split and probes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train every method on one dataset and score it on another (both directions)."""
+    from scfmbench.transfer import transfer as run_transfer
+    from scfmbench.transfer import transfer_markdown
+
+    _setup_logging(quiet)
+    doc = run_transfer(
+        train,
+        test,
+        label_map=labels,
+        label_key_train=label_key_train,
+        label_key_test=label_key_test,
+        both_directions=not one_way,
+        models=model or None,
+        out=out,
+        name=name,
+        seed=seed,
+        progress=not quiet,
+    )
+    typer.echo(transfer_markdown(doc))
+
+
 def main() -> None:
     """Entry point: run the typer app, turning ScfmbenchError into one line + exit code 2."""
     try:

@@ -112,6 +112,15 @@ def pca_features(
     )
 
 
+def pca_all_cells(
+    adata: AnnData, *, kind: str, n_hvg: int = 2000, n_pcs: int = 50, seed: int = 0
+) -> np.ndarray:
+    """HVG → z-score → PCA over all cells: the unsupervised baseline view for figures/scores."""
+    everyone = pd.Index(adata.obs_names)
+    split = type("AllCells", (), {"train": everyone, "val": everyone[:1], "test": everyone[:1]})
+    return pca_features(adata, split, kind=kind, n_hvg=n_hvg, n_pcs=n_pcs, seed=seed).train
+
+
 def no_features(adata: AnnData, split, **_) -> SplitFeatures:
     """A constant feature: what the majority-class floor sees."""
     return SplitFeatures(

@@ -282,6 +282,17 @@ def _execute(
                 stages=stages,
                 data_hash=data_hash,
             )
+    with stages.timed("embedding_scores"):
+        metrics["embeddings"] = embedding_scores(
+            config,
+            adata,
+            labels,
+            embeddings,
+            stages,
+            data_hash,
+            validated.diagnostics.matrix_kind,
+            run_dir,
+        )
     stages.timings["total"] = time.perf_counter() - started
     metrics["timings"] = {k: round(v, 3) for k, v in stages.timings.items()}
     write_json(run_dir / "metrics.json", metrics)
@@ -290,6 +301,64 @@ def _execute(
     write_results_markdown(metrics, run_dir / "results.md")
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def embedding_scores(
+    config: RunConfig,
+    adata: AnnData,
+    labels: pd.Series,
+    embeddings: dict,
+    stages: StageStore,
+    data_hash: str,
+    kind: str,
+    run_dir: Path,
+) -> dict:
+    """Silhouette, kNN consistency and UMAPs of the HVG-PCA view and of every embedding."""
+    from scfmbench.evaluate import detect_batch_key, embedding_quality, write_embedding_figures
+    from scfmbench.features import pca_all_cells
+
+    batch_key = detect_batch_key(adata.obs, config.batch_key)
+    batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+    views = {"pca": None, **{model_id: obsm_key(model_id) for model_id in embeddings}}
+    out = {}
+    for name, key in views.items():
+        stage_key = hash_json(
+            [
+                data_hash,
+                name,
+                config.seed,
+                config.figures,
+                batch_key,
+                hash_array(embeddings[name].matrix) if key else None,
+                config.n_hvg,
+                config.n_pcs,
+            ]
+        )
+        payload = stages.load(f"embedding_scores_{name}", stage_key)
+        if payload is None:
+            matrix = (
+                pca_all_cells(
+                    adata, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=config.seed
+                )
+                if key is None
+                else adata.obsm[key]
+            )
+            payload = embedding_quality(matrix, labels.to_numpy(), seed=config.seed)
+            if config.figures:
+                payload.update(
+                    write_embedding_figures(
+                        name,
+                        matrix,
+                        labels.to_numpy(),
+                        run_dir / "figures",
+                        seed=config.seed,
+                        batches=batches,
+                        batch_key=batch_key,
+                    )
+                )
+            stages.save(f"embedding_scores_{name}", stage_key, payload)
+        out[name] = payload
+    return out
 
 
 def _features(
@@ -432,7 +501,64 @@ def build_metrics(
         entry["delta_vs_reference"] = {
             m: delta(entry["summary"][m]["mean"], ref[m]["mean"]) for m in HEADLINE_METRICS
         }
+    add_statistics(doc, predictions, labels, split_set, seed=config.seed)
     return doc
+
+
+def _split_truth_and_predictions(predictions, labels, split_set, method):
+    for split in split_set.splits:
+        payload = predictions[(method, split.seed)]
+        truth = labels.loc[payload["cells"]].astype(str).to_numpy()
+        yield str(split.seed), truth, np.asarray(payload["pred"], dtype=str)
+
+
+def add_statistics(
+    doc: dict, predictions: dict, labels: pd.Series, split_set: SplitSet, *, seed: int
+) -> None:
+    """Bootstrap CIs for every method and paired tests against the best baseline (Holm)."""
+    from scfmbench.stats import holm, mean_bootstrap_ci, paired_comparison
+
+    classes = doc["run"]["classes"]
+    for name, entry in doc["methods"].items():
+        pairs = [
+            (t, p) for _, t, p in _split_truth_and_predictions(predictions, labels, split_set, name)
+        ]
+        for metric, ci in mean_bootstrap_ci(pairs, classes=classes, seed=seed).items():
+            entry["summary"][metric]["ci95"] = ci
+    baselines = [n for n, e in doc["methods"].items() if e["kind"] == "baseline"]
+    best = max(baselines, key=lambda n: doc["methods"][n]["summary"]["macro_f1"]["mean"])
+    doc["run"]["best_baseline"] = best
+    compared = [n for n in doc["methods"] if n != best]
+    results = {}
+    for name in compared:
+        splits = [
+            (seed_name, truth, pred, best_pred)
+            for (seed_name, truth, pred), (_, _, best_pred) in zip(
+                _split_truth_and_predictions(predictions, labels, split_set, name),
+                _split_truth_and_predictions(predictions, labels, split_set, best),
+                strict=True,
+            )
+        ]
+        results[name] = paired_comparison(splits, classes=classes, seed=seed)
+    boot_holm = holm([r.bootstrap_p for r in results.values()])
+    mcnemar_holm = holm([r.mcnemar_p for r in results.values()])
+    for (name, result), p_boot, p_mcn in zip(results.items(), boot_holm, mcnemar_holm, strict=True):
+        doc["methods"][name]["significance"] = {
+            "baseline": best,
+            "f1_diff": result.f1_diff,
+            "f1_diff_ci95": list(result.f1_diff_ci95),
+            "accuracy_diff": result.accuracy_diff,
+            "bootstrap_p": result.bootstrap_p,
+            "p_holm": p_boot,
+            "mcnemar_p": result.mcnemar_p,
+            "mcnemar_p_holm": p_mcn,
+            "mcnemar_p_per_split": result.mcnemar_p_per_split,
+            "discordant": {
+                "only_method_right": result.discordant[0],
+                "only_baseline_right": result.discordant[1],
+            },
+            "significant": bool(p_boot < 0.05),
+        }
 
 
 def embed_dataset(

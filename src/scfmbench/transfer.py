@@ -1,0 +1,318 @@
+"""Cross-dataset transfer: train every method on dataset A, score it on dataset B.
+
+Labels are harmonized through a mapping (source label → shared label, or null to drop),
+genes are intersected, baselines are fitted on A's training cells only, and model
+embeddings are computed on each dataset restricted to the shared genes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import yaml
+from anndata import AnnData
+
+from scfmbench import __version__
+from scfmbench._atomic import write_json, write_text
+from scfmbench.config import RunConfig
+from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.features import lognormalize
+from scfmbench.metrics import classification_metrics
+from scfmbench.splits import Split, stratified_split
+from scfmbench.validate import ValidatedData, load_dataset, validate
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
+    # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
+    "pbmc3k_kang2018": {
+        "Naive CD4 T": "CD4 T",
+        "Memory CD4 T": "CD4 T",
+        "CD8 T": "CD8 T",
+        "B": "B",
+        "CD14+ Mono": "CD14+ Mono",
+        "FCGR3A+ Mono": "FCGR3A+ Mono",
+        "NK": None,
+        "DC": None,
+        "Platelet": None,
+        "CD4 T cells": "CD4 T",
+        "CD8 T cells": "CD8 T",
+        "B cells": "B",
+        "CD14+ Monocytes": "CD14+ Mono",
+        "FCGR3A+ Monocytes": "FCGR3A+ Mono",
+    }
+}
+
+
+def load_label_map(spec: str | Path) -> dict[str, str | None]:
+    """A built-in map name or a YAML file of ``source label: shared label`` (null drops)."""
+    if str(spec) in BUILTIN_LABEL_MAPS:
+        return dict(BUILTIN_LABEL_MAPS[str(spec)])
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(
+            f"label map {str(spec)!r} is neither a file nor a built-in map "
+            f"({', '.join(BUILTIN_LABEL_MAPS)}); pass a YAML file of 'source label: shared label'."
+        )
+    mapping = yaml.safe_load(path.read_text())
+    if not isinstance(mapping, dict):
+        raise ConfigError(
+            f"label map {str(path)!r} must be a mapping 'source label: shared label'."
+        )
+    return {str(k): (None if v is None else str(v)) for k, v in mapping.items()}
+
+
+def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
+    """Map labels to shared labels; cells mapped to null are dropped (index shrinks).
+
+    Raises:
+        SchemaError: listing every label that the mapping does not mention.
+    """
+    values = labels.astype(str)
+    unmapped = sorted(set(values) - set(mapping))
+    if unmapped:
+        raise SchemaError(
+            f"labels of {dataset} not in the label map: {unmapped}; add them to the map "
+            "(map to null to drop those cells)."
+        )
+    shared = values.map(mapping)
+    return shared[shared.notna()].astype(str)
+
+
+@dataclass
+class TransferData:
+    """A train/test pair on shared genes and shared labels, ready for the probes."""
+
+    combined: AnnData  # lognorm X over shared genes; obs_names prefixed "train:"/"test:"
+    labels: pd.Series  # shared labels of all combined cells
+    split: Split  # train/val from the training dataset, test = every test-dataset cell
+    n_shared_genes: int
+    dropped_test_classes: dict[str, int]
+
+
+def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
+    data = v.adata[keep, genes].copy()
+    data.obs_names = prefix + data.obs_names.astype(str)
+    return data
+
+
+def prepare_transfer(
+    train: ValidatedData,
+    test: ValidatedData,
+    mapping: dict[str, str | None],
+    *,
+    names: tuple[str, str],
+    seed: int,
+    fractions: tuple[float, float, float],
+) -> tuple[TransferData, AnnData, AnnData]:
+    """Harmonize labels, intersect genes and build the combined matrix and split.
+
+    Returns the TransferData plus the count matrices of both datasets (shared genes,
+    prefixed cell names) for model embeddings.
+    """
+    train_labels = harmonize(train.labels, mapping, dataset=names[0])
+    test_labels = harmonize(test.labels, mapping, dataset=names[1])
+    train_classes = set(train_labels)
+    shared = train_classes & set(test_labels)
+    if not shared:
+        raise SchemaError(
+            f"{names[1]} shares no labels with {names[0]} after harmonization "
+            f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
+            "fix the label map."
+        )
+    extra = test_labels[~test_labels.isin(train_classes)]
+    dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
+    test_labels = test_labels[test_labels.isin(train_classes)]
+    genes = train.adata.var_names.intersection(test.adata.var_names, sort=False)
+    if len(genes) == 0:
+        raise SchemaError(
+            f"{names[0]} and {names[1]} share no gene names; use the same identifier type in "
+            "both var_names (e.g. symbols)."
+        )
+    a = _restrict(train, train_labels.index, genes, "train:")
+    b = _restrict(test, test_labels.index, genes, "test:")
+    lognorm = sp.vstack(
+        [
+            lognormalize(a.X, kind=train.diagnostics.matrix_kind),
+            lognormalize(b.X, kind=test.diagnostics.matrix_kind),
+        ]
+    ).tocsr()
+    combined = AnnData(
+        X=lognorm,
+        obs=pd.DataFrame(index=[*a.obs_names, *b.obs_names]),
+        var=pd.DataFrame(index=genes),
+    )
+    labels = pd.Series(
+        pd.Categorical(
+            [*train_labels.to_numpy(), *test_labels.to_numpy()], categories=sorted(train_classes)
+        ),
+        index=combined.obs_names,
+    )
+    inner = stratified_split(labels.iloc[: a.n_obs], seed=seed, fractions=fractions)
+    split = Split(seed=seed, train=inner.train, val=inner.val, test=pd.Index(b.obs_names))
+    data = TransferData(
+        combined=combined,
+        labels=labels,
+        split=split,
+        n_shared_genes=int(len(genes)),
+        dropped_test_classes=dropped,
+    )
+    return data, a, b
+
+
+def transfer(
+    train: str | Path | AnnData,
+    test: str | Path | AnnData,
+    *,
+    label_map: str | Path | dict[str, str | None] = "pbmc3k_kang2018",
+    label_key_train: str | None = None,
+    label_key_test: str | None = None,
+    both_directions: bool = True,
+    config: RunConfig | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train on one dataset, score on the other (and back); write ``transfer.json``/``.md``.
+
+    Returns:
+        The document written to ``<out>/<name>/metrics.json`` whose ``transfer.matrix``
+        is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
+    """
+    from scfmbench.pipeline import (
+        _fit_and_predict,
+        baseline_methods,
+        check_writable,
+        load_models,
+        model_methods,
+        obsm_key,
+    )
+
+    values = config.model_dump() if config is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = RunConfig.build(values)
+    mapping = label_map if isinstance(label_map, dict) else load_label_map(label_map)
+    datasets = []
+    for role, source, key in (("train", train, label_key_train), ("test", test, label_key_test)):
+        name = role if isinstance(source, AnnData) else Path(str(source)).stem
+        adata = load_dataset(source)
+        datasets.append(
+            (name, validate(adata, label_key=key, min_cells_per_class=cfg.min_cells_per_class))
+        )
+    methods = baseline_methods(cfg)
+    models = load_models(cfg)
+    methods += model_methods(models, cfg)
+    run_dir = Path(cfg.out) / (cfg.name or f"transfer_{datasets[0][0]}__{datasets[1][0]}")
+    check_writable(run_dir)
+    directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
+    matrix: dict[str, dict[str, dict]] = {}
+    details = {}
+    started = time.perf_counter()
+    for i, j in directions:
+        (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
+        prepared, counts_a, counts_b = prepare_transfer(
+            data_a, data_b, mapping, names=(name_a, name_b), seed=cfg.seed, fractions=cfg.fractions
+        )
+        _embed_models(models, prepared, counts_a, counts_b, cfg, progress, obsm_key)
+        classes = list(prepared.labels.cat.categories)
+        code_of = {c: k for k, c in enumerate(classes)}
+        results = {}
+        for method in methods:
+            payload = _fit_and_predict(
+                method,
+                prepared.combined,
+                prepared.labels,
+                prepared.split,
+                {},
+                cfg,
+                "lognorm",
+                code_of,
+                classes,
+            )
+            truth = prepared.labels.loc[payload["cells"]].astype(str).to_numpy()
+            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            results[method.name] = {**scores.to_dict(), "kind": method.kind}
+        matrix.setdefault(name_a, {})[name_b] = results
+        details[f"{name_a}->{name_b}"] = {
+            "n_shared_genes": prepared.n_shared_genes,
+            "n_train_cells": int(len(prepared.split.train)),
+            "n_test_cells": int(len(prepared.split.test)),
+            "classes": classes,
+            "dropped_test_classes": prepared.dropped_test_classes,
+        }
+    doc = {
+        "schema_version": "1.0",
+        "scfmbench_version": __version__,
+        "run": {
+            "name": run_dir.name,
+            "kind": "transfer",
+            "datasets": [d[0] for d in datasets],
+            "seed": cfg.seed,
+            "label_map": mapping,
+        },
+        "diagnostics": {name: v.diagnostics.to_dict() for name, v in datasets},
+        "transfer": {"matrix": matrix, "directions": details},
+        "timings": {"total": round(time.perf_counter() - started, 3)},
+    }
+    write_json(run_dir / "metrics.json", doc)
+    write_text(run_dir / "transfer.md", transfer_markdown(doc))
+    return doc
+
+
+def _embed_models(
+    models,
+    prepared: TransferData,
+    counts_a: AnnData,
+    counts_b: AnnData,
+    cfg: RunConfig,
+    progress: bool,
+    obsm_key,
+) -> None:
+    """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm."""
+    from scfmbench.embed import embed
+
+    for model in models:
+        parts = []
+        for counts in (counts_a, counts_b):
+            embed(
+                counts,
+                model,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                seed=cfg.seed,
+                progress=progress,
+            )
+            parts.append(counts.obsm[model.obsm_key])
+        prepared.combined.obsm[obsm_key(model.model_id)] = np.vstack(parts)
+
+
+def transfer_markdown(doc: dict) -> str:
+    lines = ["# scfmbench cross-dataset transfer", ""]
+    for train_name, row in doc["transfer"]["matrix"].items():
+        for test_name, results in row.items():
+            info = doc["transfer"]["directions"][f"{train_name}->{test_name}"]
+            lines += [
+                f"## train {train_name} → test {test_name}",
+                "",
+                f"{info['n_shared_genes']} shared genes; {info['n_train_cells']} training "
+                f"cells; {info['n_test_cells']} test cells; classes {info['classes']}; "
+                f"test classes not in train (dropped): {info['dropped_test_classes'] or 'none'}",
+                "",
+                "| method | kind | accuracy | macro F1 |",
+                "| --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {m} | {r['kind']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+                for m, r in results.items()
+            ]
+            lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["BUILTIN_LABEL_MAPS", "harmonize", "load_label_map", "prepare_transfer", "transfer"]

@@ -1,0 +1,82 @@
+import anndata as ad
+import pytest
+
+from scfmbench import SchemaError
+from scfmbench.transfer import harmonize, load_label_map, transfer
+
+
+def test_unmapped_labels_are_listed():
+    import pandas as pd
+
+    labels = pd.Series(["B", "NK", "Mystery", "Other"])
+    with pytest.raises(SchemaError, match=r"not in the label map: \['Mystery', 'Other'\]"):
+        harmonize(labels, {"B": "B", "NK": None}, dataset="mine")
+    shared = harmonize(labels.iloc[:2], {"B": "B", "NK": None}, dataset="mine")
+    assert list(shared) == ["B"]
+
+
+def test_label_map_yaml(tmp_path):
+    path = tmp_path / "map.yaml"
+    path.write_text("T cell: T\nB cell: B\nDoublet: null\n")
+    assert load_label_map(path) == {"T cell": "T", "B cell": "B", "Doublet": None}
+
+
+def test_no_shared_labels(tiny_adata):
+    other = tiny_adata.copy()
+    other.obs["cell_type"] = other.obs["cell_type"].astype(str).str.replace("type", "kind")
+    mapping = {f"type_{k}": f"t{k}" for k in range(3)} | {f"kind_{k}": f"k{k}" for k in range(3)}
+    with pytest.raises(SchemaError, match="shares no labels"):
+        transfer(tiny_adata, other, label_map=mapping, progress=False, figures=False)
+
+
+def test_pbmc3k_to_kang_subsets(pbmc3k_path, kang_path, tmp_path):
+    pbmc = ad.read_h5ad(pbmc3k_path)[::3].copy()
+    kang = ad.read_h5ad(kang_path)[::3].copy()
+    doc = transfer(
+        pbmc, kang, out=tmp_path, name="t", baselines=["hvg+logreg", "majority"], progress=False
+    )
+    forward = doc["transfer"]["matrix"]["train"]["test"]
+    assert set(doc["transfer"]["directions"]) == {"train->test", "test->train"}
+    info = doc["transfer"]["directions"]["train->test"]
+    assert info["classes"] == ["B", "CD14+ Mono", "CD4 T", "CD8 T", "FCGR3A+ Mono"]
+    assert 1000 < info["n_shared_genes"] < 1267
+    assert forward["hvg+logreg"]["accuracy"] > 0.75
+    assert forward["hvg+logreg"]["accuracy"] > forward["majority"]["accuracy"] + 0.4
+    assert (tmp_path / "t" / "transfer.md").exists()
+
+
+def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scfmbench",
+            "transfer",
+            "--train",
+            str(pbmc3k_path),
+            "--test",
+            str(kang_path),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "pk",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "pk" / "metrics.json").read_text())
+    pbmc, kang = pbmc3k_path.stem, kang_path.stem
+    assert set(doc["transfer"]["matrix"]) == {pbmc, kang}
+    forward = doc["transfer"]["matrix"][pbmc][kang]
+    backward = doc["transfer"]["matrix"][kang][pbmc]
+    assert forward["hvg+logreg"]["accuracy"] > 0.85
+    assert backward["hvg+logreg"]["accuracy"] > 0.85
+    assert forward["hvg+logreg"]["n_test"] == 1556
+    assert f"train {pbmc} → test {kang}" in done.stdout
