@@ -49,3 +49,32 @@ def test_paired_comparison_detects_a_real_gain():
     assert result.mcnemar_p < 1e-6
     same = paired_comparison([("42", truth, good, good)], classes=["A", "B", "C"])
     assert same.f1_diff == 0 and same.mcnemar_p == 1.0 and same.bootstrap_p == 1.0
+
+
+def test_knn_label_consistency_hand_made():
+    from scfmbench.evaluate import knn_label_consistency
+
+    # two tight groups far apart on different directions: every neighbour shares the label
+    points = np.array([[1, 0.01], [1, 0.02], [1, 0.03], [0.01, 1], [0.02, 1], [0.03, 1]])
+    labels = np.array(["a", "a", "a", "b", "b", "b"])
+    assert knn_label_consistency(points, labels, k=2) == 1.0
+    # k = 3 forces one neighbour from the other group for every cell
+    assert knn_label_consistency(points, labels, k=3) == pytest.approx(2 / 3)
+
+
+def test_run_reports_statistics(tmp_path, tiny_adata):
+    import scfmbench
+
+    result = scfmbench.run(
+        tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False
+    )
+    methods = result.metrics["methods"]
+    best = result.metrics["run"]["best_baseline"]
+    assert "significance" not in methods[best]
+    majority = methods["majority"]["significance"]
+    assert majority["baseline"] == best and majority["f1_diff"] < -0.5
+    assert majority["significant"] and majority["p_holm"] >= majority["bootstrap_p"]
+    lo, hi = methods["pca+logreg"]["summary"]["accuracy"]["ci95"]
+    assert lo <= methods["pca+logreg"]["summary"]["accuracy"]["mean"] <= hi
+    scores = result.metrics["embeddings"]["pca"]
+    assert scores["knn_consistency"] > 0.9 and -1 <= scores["silhouette"] <= 1

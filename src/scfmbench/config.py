@@ -60,6 +60,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="Cells per embedding batch.")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
     figures: bool = Field(True, description="Write confusion-matrix and UMAP figures.")
+    layerwise: bool = Field(
+        True, description="Probe every layer of each foundation model (logreg, first split)."
+    )
     batch_key: str | None = Field(
         None, description="obs column with donor/batch for UMAP colouring (default: detected)."
     )

@@ -78,3 +78,19 @@ def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) 
     sc.pp.neighbors(holder, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
     sc.tl.umap(holder, random_state=seed)
     return np.asarray(holder.obsm["X_umap"])
+
+
+def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
+    """Macro F1 (and accuracy) of a probe against layer index."""
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, [r["macro_f1"] for r in rows], marker="o", label="macro F1")
+    ax.plot(layers, [r["accuracy"] for r in rows], marker="s", linestyle="--", label="accuracy")
+    ax.set_xlabel("layer (0 = token embeddings)")
+    ax.set_ylabel("test score")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(layers)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -282,6 +282,11 @@ def _execute(
                 stages=stages,
                 data_hash=data_hash,
             )
+    if models and config.layerwise:
+        with stages.timed("layerwise"):
+            metrics["layers"] = layerwise_probing(
+                config, adata, labels, models, split_set.splits[0], run_dir, progress
+            )
     with stages.timed("embedding_scores"):
         metrics["embeddings"] = embedding_scores(
             config,
@@ -301,6 +306,63 @@ def _execute(
     write_results_markdown(metrics, run_dir / "results.md")
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def layerwise_probing(
+    config: RunConfig,
+    adata: AnnData,
+    labels: pd.Series,
+    models: list,
+    split: Split,
+    run_dir: Path,
+    progress: bool,
+) -> dict[str, list[dict]]:
+    """Macro F1 of a logistic-regression probe on every layer's embedding (first split).
+
+    Embeddings come from the run's embedding cache, so layers already embedded are free.
+    """
+    from scfmbench.embed import embed
+    from scfmbench.figures import plot_layer_curve
+
+    classes = list(labels.cat.categories)
+    code_of = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for model in models:
+        rows = []
+        for layer in range(model.n_layers + 1):
+            result = embed(
+                adata,
+                model,
+                layer=layer,
+                batch_size=config.batch_size,
+                device=config.device,
+                cache_dir=run_dir / "cache" / "embeddings",
+                seed=config.seed,
+                key_added="X_layer_probe",
+                progress=progress,
+            )
+            feats = embedding_features(adata.obsm["X_layer_probe"], adata.obs_names, split)
+            method = Method(f"{model.model_id}+logreg", model.model_id, "logreg", "frozen")
+            payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
+            truth = labels.loc[payload["cells"]].astype(str).to_numpy()
+            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            rows.append(
+                {
+                    "layer": layer,
+                    "macro_f1": scores.macro_f1,
+                    "accuracy": scores.accuracy,
+                    "pooling": result.pooling,
+                }
+            )
+        del adata.obsm["X_layer_probe"]
+        out[model.model_id] = rows
+        if config.figures:
+            plot_layer_curve(
+                rows,
+                run_dir / "figures" / f"layers_{model.model_id}.png",
+                title=f"{model.model_id}: logreg probe by layer (seed {split.seed})",
+            )
+    return out
 
 
 def embedding_scores(
@@ -422,6 +484,13 @@ def _fit_and_predict(
     method, adata, labels, split, embeddings, config, kind, code_of, classes
 ) -> dict:
     feats = _features(method, adata, split, embeddings, config, kind)
+    return _fit_and_predict_features(method, feats, labels, split, code_of, classes)
+
+
+def _fit_and_predict_features(
+    method, feats: SplitFeatures, labels, split, code_of, classes
+) -> dict:
+    """Fit the method's probe on train (tuned on val) and predict the test cells."""
     y_train = labels.loc[split.train].map(code_of).to_numpy(dtype=np.int64)
     y_val = labels.loc[split.val].map(code_of).to_numpy(dtype=np.int64)
     keep_train = ~np.isnan(feats.train).any(axis=1)
