@@ -149,6 +149,33 @@ class FoundationModel(ABC):
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
         """Return pooled cell embeddings of shape (B, hidden) for one padded batch."""
 
+    # ---- hooks used by the fine-tuning engine (override in each adapter) ----------------
+
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The encoder layers in order (frozen from the bottom by ``freeze_layers``)."""
+        raise NotImplementedError(f"{self.name} does not expose its encoder layers")
+
+    def embedding_modules(self) -> list[torch.nn.Module]:
+        """Token/value/position embedding modules (frozen with ``freeze_embeddings``)."""
+        raise NotImplementedError(f"{self.name} does not expose its embedding modules")
+
+    def lora_target_modules(self) -> list[str]:
+        """Names of linear sub-modules that LoRA adapters wrap (peft ``target_modules``)."""
+        raise NotImplementedError(f"{self.name} does not declare LoRA target modules")
+
+    def make_classifier_head(self, n_classes: int) -> torch.nn.Module:
+        """Classification head on the pooled embedding (default: one linear layer)."""
+        return torch.nn.Linear(self.hidden_size, n_classes)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the pooled cell embedding."""
+        raise NotImplementedError(f"{self.name} does not report its hidden size")
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write the (fine-tuned) network in the model's own on-disk format."""
+        raise NotImplementedError(f"{self.name} cannot save itself yet")
+
     def settings(self) -> dict[str, Any]:
         """Model-side settings that belong in the cache key (override to add more)."""
         return {"model": self.model_id, "checkpoint": self.checkpoint_sha256}
