@@ -75,6 +75,17 @@ class RunConfig(BaseModel):
                 raise ValueError(f"baseline {item!r} must look like 'pca+logreg' or 'majority'")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or value in (".", "..") or "/" in value or "\\" in value
+        ):
+            raise ValueError(
+                "a run name is one folder name (no '/', '\\' or '..'), so outputs stay inside --out"
+            )
+        return value
+
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> RunConfig:
         """Load a YAML file; ``overrides`` (e.g. CLI flags that were given) win."""

@@ -101,6 +101,7 @@ def embed_tokens(
     pad_to_max: bool = False,
     out: np.ndarray | None = None,
     progress: bool = True,
+    bar: tqdm | None = None,
 ) -> np.ndarray:
     """Embed every tokenized cell; rows come back in input order.
 
@@ -109,6 +110,7 @@ def embed_tokens(
             strategy, kept for benchmarks).
         out: optional preallocated (n_cells, dim) array, e.g. an ``np.memmap`` to stream
             results to disk.
+        bar: an outer progress bar to advance instead of opening a new one.
     """
     torch_device = resolve_device(device)
     network = model.network.to(torch_device).eval()
@@ -127,9 +129,11 @@ def embed_tokens(
         autocast = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
     elif precision not in ("float32", *AUTOCAST_DTYPES):
         raise ConfigError(f"unknown precision {precision!r}; choose float32, bfloat16 or float16.")
-    bar = tqdm(
-        total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
-    )
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(
+            total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
+        )
     with autocast:
         for indices in batches:
             batch = collate(
@@ -144,7 +148,8 @@ def embed_tokens(
                 out = np.zeros((tokens.n_cells, pooled.shape[1]), dtype=np.float32)
             out[indices] = pooled
             bar.update(len(indices))
-    bar.close()
+    if own_bar:
+        bar.close()
     del network
     if out is None:
         out = np.zeros((0, 0), dtype=np.float32)
@@ -175,11 +180,60 @@ class EmbeddingCache:
             logger.warning("embedding cache entry %s is unusable (%s); recomputing", key[:12], exc)
             return None
 
+    def drop_parts(self, key: str) -> None:
+        """Remove the chunk files of ``key`` once the whole entry is saved."""
+        for path in self.root.glob(f"{key}.part*"):
+            path.unlink(missing_ok=True)
+
     def put(self, key: str, matrix: np.ndarray, obs_names: pd.Index, info: dict) -> None:
         array_path, meta_path = self._paths(key)
         write_npy(array_path, matrix)
         meta = {"sha256": hash_file(array_path), "obs_hash": hash_strings(obs_names), **info}
         write_json(meta_path, meta)
+
+
+def slice_tokens(tokens: TokenizedCells, start: int, stop: int) -> TokenizedCells:
+    """Cells ``start:stop`` of a TokenizedCells, offsets rebased to 0."""
+    lo, hi = int(tokens.offsets[start]), int(tokens.offsets[stop])
+    return TokenizedCells(
+        input_ids=tokens.input_ids[lo:hi],
+        offsets=tokens.offsets[start : stop + 1] - lo,
+        obs_names=tokens.obs_names[start:stop],
+        settings=tokens.settings,
+        values=None if tokens.values is None else tokens.values[lo:hi],
+    )
+
+
+def _embed_in_chunks(
+    model,
+    tokens: TokenizedCells,
+    cache: EmbeddingCache | None,
+    key: str,
+    *,
+    chunk_size: int,
+    progress: bool,
+    **options,
+) -> np.ndarray:
+    """Embed chunk by chunk, reusing chunks a previous (interrupted) call already saved."""
+    if cache is None or tokens.n_cells <= chunk_size:
+        return embed_tokens(model, tokens, progress=progress, **options)
+    bar = tqdm(
+        total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
+    )
+    parts = []
+    for start in range(0, tokens.n_cells, chunk_size):
+        stop = min(start + chunk_size, tokens.n_cells)
+        chunk = slice_tokens(tokens, start, stop)
+        part_key = f"{key}.part{start:09d}-{stop:09d}"
+        matrix = cache.get(part_key, chunk.obs_names)
+        if matrix is None:
+            matrix = embed_tokens(model, chunk, bar=bar, **options)
+            cache.put(part_key, matrix, chunk.obs_names, {"part_of": key})
+        else:
+            bar.update(stop - start)
+        parts.append(matrix)
+    bar.close()
+    return np.concatenate(parts, axis=0)
 
 
 def cache_key(model: FoundationModel, adata: AnnData, tokens_settings: dict, **options) -> str:
@@ -208,8 +262,13 @@ def embed(
     seed: int = 0,
     key_added: str | None = None,
     progress: bool = True,
+    chunk_size: int = 2048,
 ) -> Embeddings:
     """Tokenize and embed ``adata`` (raw counts in ``X``) with ``model``.
+
+    With a ``cache_dir``, cells are embedded in chunks of ``chunk_size`` and every finished
+    chunk is saved (checksummed) at once, so an interrupted run resumes from the last
+    finished chunk.
 
     Returns:
         Embeddings for the kept cells. Also writes ``adata.obsm[key_added or model.obsm_key]``
@@ -232,9 +291,12 @@ def embed(
     matrix = cache.get(key, tokens.obs_names) if cache else None
     from_cache = matrix is not None
     if matrix is None:
-        matrix = embed_tokens(
+        matrix = _embed_in_chunks(
             model,
             tokens,
+            cache,
+            key,
+            chunk_size=chunk_size,
             layer=layer,
             pooling=pooling,
             batch_size=batch_size,
@@ -250,6 +312,7 @@ def embed(
                 tokens.obs_names,
                 {"model": model.model_id, "layer": layer, "pooling": pooling},
             )
+            cache.drop_parts(key)
     else:
         logger.info("%s: embeddings loaded from cache (%s)", model.model_id, key[:12])
     full = np.full((adata.n_obs, matrix.shape[1]), np.nan, dtype=np.float32)
