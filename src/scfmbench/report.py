@@ -90,7 +90,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
 # --------------------------------------------------------------------------- cells
 
 
-def _mean_sd(summary: dict[str, Any]) -> Cell:
+def mean_sd(summary: dict[str, Any]) -> Cell:
     """``mean ± sd`` over splits (plain mean for one split); sorted by the mean."""
     mean = summary.get("mean")
     if not is_number(mean):
@@ -150,10 +150,10 @@ def headline_table(metrics: dict[str, Any]) -> Table:
         summary, gains = entry["summary"], entry.get("delta_vs_reference", {})
         row = [method_cell(name, entry), text(entry.get("kind"))]
         for metric in HEADLINE:
-            row.append(_mean_sd(summary[metric]))
+            row.append(mean_sd(summary[metric]))
             if has_ci[metric]:
                 row.append(interval(summary[metric].get("ci95")))
-        row.append(_mean_sd(summary.get("weighted_f1", {})))
+        row.append(mean_sd(summary.get("weighted_f1", {})))
         for metric in HEADLINE:
             gain = gains.get(metric, {})
             row += [num(gain.get("abs")), pct(gain.get("rel"))]
@@ -659,7 +659,7 @@ def write_report(run_dir: Path) -> Path:
     write_text(run_dir / "report.md", render_markdown(_title(metrics), sections))
     html_path = run_dir / "report.html"
     write_text(html_path, render_html(_title(metrics), sections, subtitle=subtitle))
-    logger.info("wrote %s and report.md", html_path)
+    logger.debug("wrote %s and report.md", html_path)
     return html_path
 
 
