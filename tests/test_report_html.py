@@ -218,6 +218,21 @@ def test_plain_run_report_has_core_sections_only(run_dir):
     assert sections[:3] == SECTION_ORDER[:3]
 
 
+def test_confusion_tables_without_figures(run_dir, tmp_path):
+    target = tmp_path / "nofig"
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("figures"))
+    write_report(target)
+    sections = md_sections((target / "report.md").read_text())
+    assert "UMAPs" not in sections
+    tables = md_tables(sections["Confusion matrices"])
+    metrics = _metrics(target)
+    assert len(tables) == len(metrics["methods"])
+    for table, entry in zip(tables, metrics["methods"].values(), strict=True):
+        confusion = entry["splits"]["42"]["confusion"]
+        shown = [[int(row[c]) for c in confusion["labels"]] for row in table]
+        assert shown == confusion["matrix"]
+
+
 def test_markdown_report_matches_metrics(enriched_dir):
     metrics = _metrics(enriched_dir)
     text = (enriched_dir / "report.md").read_text()
@@ -264,6 +279,7 @@ def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_manifest_fields_and_hashes(run_dir, data_path, tmp_path):
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"not really weights")
     config = scfmbench.RunConfig(data=str(data_path), label_key="cell_type", n_splits=2)
@@ -290,6 +306,8 @@ def test_manifest_fields_and_hashes(run_dir, data_path, tmp_path):
     assert doc["config"]["sha256"] == hash_file(run_dir / "config.yaml")
     git = doc["scfmbench"]["git"]
     assert git is None or len(git["commit"]) == 40
+    write_report(run_dir)  # the report shows the manifest's environment
+    assert f"python {doc['python']}" in (run_dir / "report.md").read_text()
 
 
 def test_compare_table_matches_runs(run_dir, enriched_dir, tmp_path, monkeypatch, capsys):

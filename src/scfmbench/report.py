@@ -388,7 +388,31 @@ def data_section(metrics: dict[str, Any]) -> Section:
     return section
 
 
-def methods_section(metrics: dict[str, Any], config: dict[str, Any] | None) -> Section:
+def environment_bullets(manifest: dict[str, Any] | None) -> list[str]:
+    """Software and hardware lines from ``manifest.json`` (none when it is absent)."""
+    if not manifest:
+        return []
+    own = manifest.get("scfmbench") or {}
+    git = own.get("git") or {}
+    commit = git.get("commit")
+    where = f" (git {commit[:10]}{', modified' if git.get('dirty') else ''})" if commit else ""
+    packages = ", ".join(
+        f"{k} {v}" for k, v in (manifest.get("packages") or {}).items() if v and k != "scfmbench"
+    )
+    hw = manifest.get("hardware") or {}
+    return [
+        f"software: scfmbench {own.get('version')}{where}, python {manifest.get('python')}; "
+        + packages,
+        f"hardware: {hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gb')} GB RAM, "
+        f"GPU {hw.get('gpu') or 'none'}",
+    ]
+
+
+def methods_section(
+    metrics: dict[str, Any],
+    config: dict[str, Any] | None,
+    manifest: dict[str, Any] | None = None,
+) -> Section:
     """What each method is (kind, representation, probe, model, tuned params) and the config."""
     run = metrics["run"]
     first = str(run["seeds"][0]) if run.get("seeds") else None
@@ -427,6 +451,7 @@ def methods_section(metrics: dict[str, Any], config: dict[str, Any] | None) -> S
             f"scfmbench {metrics['scfmbench_version']}, "
             f"metrics schema {metrics.get('schema_version')}"
         )
+    bullets += environment_bullets(manifest)
     section = Section("methods", "Methods and configuration", bullets=bullets, tables=[table])
     if config:
         resolved = Table("config", ["option", "value"], caption="Resolved configuration")
@@ -457,19 +482,39 @@ def _single_table_section(key: str, title: str, table: Table | None) -> list[Sec
     return [Section(key, title, tables=[table])] if table is not None else []
 
 
+def confusion_table(name: str, entry: dict[str, Any], seed: str) -> Table | None:
+    """Confusion counts of one split as a table (used where the figure was not written)."""
+    confusion = entry.get("splits", {}).get(seed, {}).get("confusion")
+    if not confusion:
+        return None
+    labels = list(confusion["labels"])
+    table = Table(
+        f"confusion-{safe_name(name)}",
+        ["true \\ predicted", *labels],
+        caption=f"{method_label(name, entry)} — test split seed {seed}",
+    )
+    table.rows = [
+        [text(true), *[num(v, 0) for v in row]]
+        for true, row in zip(labels, confusion["matrix"], strict=True)
+    ]
+    return table
+
+
 def confusion_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
+    """The confusion-matrix figure of each method (first split), or its counts as a table."""
     seeds = metrics["run"].get("seeds") or ["?"]
-    figures: list[Figure] = []
+    section = Section("confusion", "Confusion matrices")
     for name, entry in metrics["methods"].items():
-        figures += figure_if_exists(
-            run_dir,
-            f"figures/confusion_{safe_name(name)}.png",
-            f"{method_label(name, entry)} — test split seed {seeds[0]}",
-        )
-    if not figures:
+        title = f"{method_label(name, entry)} — test split seed {seeds[0]}"
+        found = figure_if_exists(run_dir, f"figures/confusion_{safe_name(name)}.png", title)
+        table = None if found else confusion_table(name, entry, str(seeds[0]))
+        section.figures += found
+        section.tables += [table] if table is not None else []
+    if not (section.figures or section.tables):
         return []
-    note = "Rows: true class, columns: predicted; colours row-normalized, numbers are cells."
-    return [Section("confusion", "Confusion matrices", figures=figures, note=note)]
+    section.note = "Rows: true class, columns: predicted; numbers are cells"
+    section.note += "; figure colours are row-normalized." if section.figures else "."
+    return [section]
 
 
 def umap_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
@@ -610,10 +655,18 @@ def timings_section(metrics: dict[str, Any]) -> list[Section]:
 
 
 def build_sections(
-    metrics: dict[str, Any], *, run_dir: Path | None = None, config: dict[str, Any] | None = None
+    metrics: dict[str, Any],
+    *,
+    run_dir: Path | None = None,
+    config: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> list[Section]:
     """Report sections in order; optional ones only when their data (or figure) exists."""
-    sections = [data_section(metrics), methods_section(metrics, config), headline_section(metrics)]
+    sections = [
+        data_section(metrics),
+        methods_section(metrics, config, manifest),
+        headline_section(metrics),
+    ]
     sections += _single_table_section(
         "frozen-vs-finetuned", "Frozen vs fine-tuned", frozen_vs_finetuned_table(metrics)
     )
@@ -642,6 +695,17 @@ def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
     write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
 
 
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        logger.warning("ignoring unreadable %s (%s)", path, exc)
+        return None
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` (self-contained) and ``report.md`` from a run's metrics.json.
 
@@ -650,7 +714,9 @@ def write_report(run_dir: Path) -> Path:
     """
     run_dir = Path(run_dir)
     metrics, config = load_run(run_dir)
-    sections = build_sections(metrics, run_dir=run_dir, config=config)
+    sections = build_sections(
+        metrics, run_dir=run_dir, config=config, manifest=_read_manifest(run_dir)
+    )
     run = metrics["run"]
     subtitle = (
         f"data {run.get('data')} · label {run.get('label_key')} · seeds {run.get('seeds')} · "
