@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -396,6 +397,10 @@ def test_html_report_in_browser(browser, enriched_dir):
 
     metrics = _metrics(enriched_dir)
     html_path = enriched_dir / "report.html"
+    source = html_path.read_text()
+    links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", source)
+    assert links and all(u.startswith(("data:", "#")) for u in links), links
+    assert "@import" not in source and "url(" not in source
     browser.get_log("performance")  # drop earlier entries
     browser.get(html_path.as_uri())
 

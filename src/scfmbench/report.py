@@ -624,7 +624,8 @@ def timings_section(metrics: dict[str, Any]) -> list[Section]:
         return []
     diag = metrics.get("diagnostics", {})
     rows = []
-    for stage, value in timings.items():
+    ordered = sorted(timings.items(), key=lambda item: item[0] == "total")  # total last
+    for stage, value in ordered:
         info = value if isinstance(value, dict) else {"seconds": value}
         seconds = info.get("seconds")
         rate = info.get("cells_per_s", info.get("cells_per_second"))
