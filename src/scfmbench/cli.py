@@ -220,5 +220,37 @@ def main() -> None:
         raise
 
 
+# ----------------------------------------------------------------------------------------------
+# report / compare (issue 8): HTML + Markdown reports from finished run directories
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `scfmbench run`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Write RUN_DIR/report.html (self-contained) and refresh RUN_DIR/report.md."""
+    from scfmbench.report import write_report
+
+    _setup_logging(quiet)
+    html = write_report(run_dir)
+    typer.echo(f"wrote {html} and {html.with_name('report.md')}")
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories to compare."),
+    out: Path = typer.Option(None, help="Output folder (default: compare/ beside the first run)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """One table across runs (methods × runs: accuracy, macro F1) as Markdown and HTML."""
+    from scfmbench.compare import compare_runs
+
+    _setup_logging(quiet)
+    html = compare_runs(run_dirs, out=out)
+    typer.echo(f"wrote {html} and {html.with_name('compare.md')}")
+
+
 if __name__ == "__main__":
     main()

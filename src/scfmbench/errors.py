@@ -33,3 +33,7 @@ class SplitError(ScfmbenchError):
 
 class CountsRequiredError(DataError):
     """A count-based model was given normalized, log-transformed or scaled values."""
+
+
+class RunDirError(ScfmbenchError):
+    """A run directory is missing, or lacks (or has an unreadable) metrics.json."""

@@ -1,7 +1,13 @@
-"""Report stage: results.md table and figures (confusion matrices, UMAP of the data)."""
+"""Report stage: results.md, report.md/report.html (``write_report``) and the run's figures.
+
+The sections of a report are built once from ``metrics.json`` (and ``config.yaml``) and
+rendered both as Markdown and as one self-contained HTML page; each section appears only when
+its data exists.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,87 +18,716 @@ from anndata import AnnData
 
 from scfmbench._atomic import write_text
 from scfmbench._stages import StageStore, safe_name
+from scfmbench._tables import (
+    DASH,
+    Cell,
+    Figure,
+    Section,
+    Table,
+    figure_if_exists,
+    interval,
+    is_number,
+    markdown_table,
+    num,
+    pct,
+    render_html,
+    render_markdown,
+    text,
+)
+from scfmbench.errors import RunDirError
 from scfmbench.hashing import hash_json
+from scfmbench.metrics import delta
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "build_sections",
+    "load_run",
+    "markdown_table",
+    "results_table",
+    "write_figures",
+    "write_report",
+    "write_results_markdown",
+]
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+HEADLINE = ("accuracy", "macro_f1")
+METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "weighted F1"}
 
 
-def _mean_sd(summary: dict) -> str:
-    if len(summary["values"]) > 1:
-        return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
-    return f"{summary['mean']:.3f}"
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``metrics.json`` and (when present) ``config.yaml`` of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(
+            f"run directory {run_dir} does not exist; pass a folder that "
+            "`scfmbench run` wrote (runs/<name>)"
+        )
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no metrics.json; run `scfmbench run` first")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(
+            f"{path} is not valid JSON ({exc}); rerun `scfmbench run` to rewrite it"
+        ) from None
+    if not isinstance(metrics, dict) or "methods" not in metrics or "run" not in metrics:
+        raise RunDirError(
+            f"{path} has no 'run'/'methods' entries; rerun `scfmbench run` to rewrite it"
+        )
+    config = None
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        import yaml
+
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    return metrics, config
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def mean_sd(summary: dict[str, Any]) -> Cell:
+    """``mean ± sd`` over splits (plain mean for one split); sorted by the mean."""
+    mean = summary.get("mean")
+    if not is_number(mean):
+        return Cell(DASH, None, "num")
+    if len(summary.get("values", [])) > 1:
+        return Cell(f"{mean:.3f} ± {summary['sd']:.3f}", float(mean), "num")
+    return Cell(f"{mean:.3f}", float(mean), "num")
+
+
+def is_control(entry: dict[str, Any]) -> bool:
+    return entry.get("kind") == "control"
+
+
+def method_label(name: str, entry: dict[str, Any]) -> str:
+    """The method's name; controls carry a visible ``(control)`` in every table."""
+    return f"{name} (control)" if is_control(entry) else name
+
+
+def method_cell(name: str, entry: dict[str, Any]) -> Cell:
+    return Cell(method_label(name, entry), name, "control" if is_control(entry) else "")
+
+
+def p_cell(p: Any, *, significant: bool | None = None) -> Cell:
+    """A p-value (``<0.001`` below that); ``*`` and a highlight when significant."""
+    if not is_number(p):
+        return Cell(DASH, None, "num")
+    shown = "<0.001" if p < 0.001 else f"{p:.3f}"
+    if significant:
+        return Cell(f"{shown} *", float(p), "num sig")
+    return Cell(shown, float(p), "num")
+
+
+def _mean_of(values: list[Any]) -> float | None:
+    finite = [float(v) for v in values if is_number(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def headline_table(metrics: dict[str, Any]) -> Table:
+    """Test-set accuracy and macro F1 per method (mean ± sd, 95% CI), gains, significance."""
+    methods = metrics["methods"]
+    reference = metrics["run"]["reference"]
+    best = metrics["run"].get("best_baseline")
+    has_ci = {m: any("ci95" in e["summary"].get(m, {}) for e in methods.values()) for m in HEADLINE}
+    has_sig = any("significance" in e for e in methods.values())
+    if has_sig and best is None:
+        best = next(e["significance"]["baseline"] for e in methods.values() if "significance" in e)
+    columns = ["method", "kind", "accuracy"]
+    columns += ["accuracy 95% CI"] if has_ci["accuracy"] else []
+    columns += ["macro F1"] + (["macro F1 95% CI"] if has_ci["macro_f1"] else [])
+    columns += ["weighted F1", f"Δabs acc vs {reference}", "Δrel acc", "Δabs F1", "Δrel F1"]
+    columns += [f"p vs {best} (Holm)"] if has_sig else []
+    table = Table("headline", columns, caption=f"Test set; gains relative to {reference}")
+    for name, entry in methods.items():
+        summary, gains = entry["summary"], entry.get("delta_vs_reference", {})
+        row = [method_cell(name, entry), text(entry.get("kind"))]
+        for metric in HEADLINE:
+            row.append(mean_sd(summary[metric]))
+            if has_ci[metric]:
+                row.append(interval(summary[metric].get("ci95")))
+        row.append(mean_sd(summary.get("weighted_f1", {})))
+        for metric in HEADLINE:
+            gain = gains.get(metric, {})
+            row += [num(gain.get("abs")), pct(gain.get("rel"))]
+        if has_sig:
+            sig = entry.get("significance")
+            if sig is None:
+                row.append(Cell("best baseline" if name == best else DASH, None, "ref"))
+            else:
+                row.append(p_cell(sig.get("p_holm"), significant=sig.get("significant")))
+        table.rows.append(row)
+    return table
+
+
+def significance_table(metrics: dict[str, Any]) -> Table | None:
+    """Paired comparison of every method with the best baseline (bootstrap, McNemar, Holm)."""
+    methods = metrics["methods"]
+    compared = {n: e for n, e in methods.items() if "significance" in e}
+    if not compared:
+        return None
+    columns = [
+        "method",
+        "vs baseline",
+        "ΔF1",
+        "ΔF1 95% CI",
+        "Δacc",
+        "bootstrap p",
+        "McNemar p",
+        "p (Holm)",
+        "significant",
+    ]
+    table = Table(
+        "significance",
+        columns,
+        caption="Paired tests against the best baseline (p (Holm): bootstrap p, Holm-adjusted)",
+    )
+    for name, entry in compared.items():
+        sig = entry["significance"]
+        flag = sig.get("significant")
+        table.rows.append(
+            [
+                method_cell(name, entry),
+                text(sig.get("baseline")),
+                num(sig.get("f1_diff")),
+                interval(sig.get("f1_diff_ci95")),
+                num(sig.get("accuracy_diff")),
+                p_cell(sig.get("bootstrap_p")),
+                p_cell(sig.get("mcnemar_p")),
+                p_cell(sig.get("p_holm"), significant=flag),
+                Cell("yes" if flag else "no", int(bool(flag)), "sig" if flag else ""),
+            ]
+        )
+    return table
 
 
 def results_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """The headline table as strings, one row per method, in run order."""
-    reference = metrics["run"]["reference"]
-    rows = []
+    return headline_table(metrics).frame()
+
+
+def _model_of(name: str, entry: dict[str, Any]) -> str:
+    return entry.get("model") or name.split("+", 1)[0]
+
+
+def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
+    """Each fine-tuned model beside its frozen probes: Δ = fine-tuned − frozen."""
+    methods = metrics["methods"]
+    tuned = {
+        _model_of(n, e): (n, e)
+        for n, e in methods.items()
+        if e.get("kind") == "finetuned" or n.endswith("+finetune")
+    }
+    columns = [
+        "model",
+        "frozen method",
+        "frozen acc",
+        "frozen F1",
+        "fine-tuned acc",
+        "fine-tuned F1",
+        "Δabs acc",
+        "Δrel acc",
+        "Δabs F1",
+        "Δrel F1",
+    ]
+    table = Table("frozen-vs-finetuned", columns, caption="Test set, mean over splits")
+    for model, (_, tuned_entry) in tuned.items():
+        for name, entry in methods.items():
+            if entry.get("kind") != "frozen" or _model_of(name, entry) != model:
+                continue
+            row = [text(model), method_cell(name, entry)]
+            means = {}
+            for who, e in (("frozen", entry), ("tuned", tuned_entry)):
+                for metric in HEADLINE:
+                    means[who, metric] = e["summary"][metric]["mean"]
+                    row.append(num(means[who, metric]))
+            for metric in HEADLINE:
+                gain = delta(means["tuned", metric], means["frozen", metric])
+                row += [num(gain["abs"]), pct(gain["rel"])]
+            table.rows.append(row)
+    return table if table.rows else None
+
+
+def per_class_table(metrics: dict[str, Any]) -> Table | None:
+    """F1 per class and method (mean over splits), with the test cells per class."""
+    methods = metrics["methods"]
+    classes = list(metrics["run"].get("classes") or [])
+    if not classes:
+        return None
+    table = Table(
+        "per-class",
+        ["class", "test cells"] + [method_label(n, e) for n, e in methods.items()],
+        caption="F1 per class on the test set (mean over splits)",
+    )
+    for cls in classes:
+        support, f1s = [], []
+        for entry in methods.values():
+            per_class = [s.get("per_class", {}).get(cls, {}) for s in entry["splits"].values()]
+            support += [p.get("support") for p in per_class]
+            f1s.append(num(_mean_of([p.get("f1") for p in per_class])))
+        n_test = _mean_of(support)
+        table.rows.append([text(cls), num(n_test, 0 if n_test == round(n_test or 0) else 1), *f1s])
+    return table
+
+
+def _walk_overlap(node: Any, label: str, found: dict[str, dict]) -> None:
+    """Collect gene-overlap records (dicts with ``n_matched``) anywhere in the diagnostics."""
+    if isinstance(node, dict):
+        if "n_matched" in node:
+            found.setdefault(node.get("model") or label, node)
+            return
+        for key, value in node.items():
+            _walk_overlap(value, str(key) if label in ("", "models") else label, found)
+
+
+def models_table(diag: dict[str, Any]) -> Table | None:
+    """Per model: checkpoint, layer, pooling, dropped cells, cache, vocabulary overlap."""
+    models = diag.get("models") or {}
+    overlap: dict[str, dict] = {}
+    _walk_overlap({k: v for k, v in diag.items() if k != "classes"}, "", overlap)
+    names = list(dict.fromkeys([*models, *overlap]))
+    if not names:
+        return None
+    table = Table(
+        "models",
+        [
+            "model",
+            "checkpoint sha256",
+            "layer",
+            "pooling",
+            "cells without tokens",
+            "from cache",
+            "genes matched",
+            "fraction of genes",
+            "fraction of counts",
+        ],
+        caption="Foundation models: checkpoint and vocabulary overlap",
+    )
+    for name in names:
+        info, genes = models.get(name, {}), overlap.get(name, {})
+        sha = info.get("checkpoint_sha256")
+        table.rows.append(
+            [
+                text(name),
+                Cell(sha[:12] + "…", sha) if sha else text(None),
+                num(info.get("layer"), 0),
+                text(info.get("pooling")),
+                num(info.get("n_dropped_cells"), 0),
+                text(None if "from_cache" not in info else ("yes" if info["from_cache"] else "no")),
+                num(genes.get("n_matched"), 0),
+                num(genes.get("fraction_genes")),
+                num(genes.get("fraction_counts")),
+            ]
+        )
+    return table
+
+
+def _config_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return "null" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def data_section(metrics: dict[str, Any]) -> Section:
+    """Data summary and diagnostics: what was read, what was dropped, and why."""
+    run, diag = metrics["run"], metrics.get("diagnostics", {})
+    bullets = [f"data: {run.get('data')}, label column: {run.get('label_key')}"]
+    if "n_cells" in diag:
+        bullets.append(
+            f"cells × genes used: {diag['n_cells']} × {diag['n_genes']} "
+            f"(input {diag.get('n_cells_input')} × {diag.get('n_genes_input')})"
+        )
+    if "matrix_kind" in diag:
+        raw = "raw integer counts" if diag.get("count_source") else "not raw counts"
+        bullets.append(
+            f"count type: {diag['matrix_kind']} ({raw}) from adata.{diag.get('matrix_source')}"
+        )
+    if "identifier_type" in diag:
+        bullets.append(f"gene identifiers: {diag['identifier_type']}")
+    bullets.append(
+        f"classes: {len(run.get('classes') or diag.get('classes', {}))}; splits: seeds "
+        f"{run.get('seeds')} (train/val/test {'/'.join(map(str, run.get('fractions', [])))})"
+    )
+    dropped = [
+        f"{diag[key]} {what}"
+        for key, what in (
+            ("dropped_cells_no_counts", "cells without counts"),
+            ("dropped_cells_missing_label", "cells without a label"),
+        )
+        if diag.get(key)
+    ]
+    bullets.append("dropped cells: " + (", ".join(dropped) if dropped else "none"))
+    classes_dropped = diag.get("dropped_classes") or {}
+    bullets.append(
+        "dropped classes: "
+        + (", ".join(f"{k} ({v})" for k, v in classes_dropped.items()) or "none")
+    )
+    if diag.get("renamed_duplicate_genes"):
+        bullets.append(f"duplicated gene names made unique: {diag['renamed_duplicate_genes']}")
+    bullets += [f"warning: {w}" for w in diag.get("warnings", [])]
+    section = Section("data", "Data and diagnostics", bullets=bullets)
+    models = models_table(diag)
+    if models is not None:
+        section.tables.append(models)
+    if diag.get("classes"):
+        table = Table("classes", ["class", "cells"], caption="Cells per class after validation")
+        table.rows = [[text(k), num(v, 0)] for k, v in diag["classes"].items()]
+        section.tables.append(table)
+    return section
+
+
+def environment_bullets(manifest: dict[str, Any] | None) -> list[str]:
+    """Software and hardware lines from ``manifest.json`` (none when it is absent)."""
+    if not manifest:
+        return []
+    own = manifest.get("scfmbench") or {}
+    git = own.get("git") or {}
+    commit = git.get("commit")
+    where = f" (git {commit[:10]}{', modified' if git.get('dirty') else ''})" if commit else ""
+    packages = ", ".join(
+        f"{k} {v}" for k, v in (manifest.get("packages") or {}).items() if v and k != "scfmbench"
+    )
+    hw = manifest.get("hardware") or {}
+    return [
+        f"software: scfmbench {own.get('version')}{where}, python {manifest.get('python')}; "
+        + packages,
+        f"hardware: {hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gb')} GB RAM, "
+        f"GPU {hw.get('gpu') or 'none'}",
+    ]
+
+
+def methods_section(
+    metrics: dict[str, Any],
+    config: dict[str, Any] | None,
+    manifest: dict[str, Any] | None = None,
+) -> Section:
+    """What each method is (kind, representation, probe, model, tuned params) and the config."""
+    run = metrics["run"]
+    first = str(run["seeds"][0]) if run.get("seeds") else None
+    table = Table(
+        "methods",
+        [
+            "method",
+            "kind",
+            "representation",
+            "probe",
+            "model",
+            f"params (seed {first})",
+            "val macro F1",
+        ],
+        caption="Methods (probes tuned on the validation split)",
+    )
     for name, entry in metrics["methods"].items():
-        d_acc, d_f1 = (
-            entry["delta_vs_reference"]["accuracy"],
-            entry["delta_vs_reference"]["macro_f1"],
+        split = entry.get("splits", {}).get(first, {})
+        params = split.get("params")
+        table.rows.append(
+            [
+                method_cell(name, entry),
+                text(entry.get("kind")),
+                text(entry.get("representation")),
+                text(entry.get("probe")),
+                text(entry.get("model")),
+                text(_config_value(params) if params else None),
+                num(split.get("val_macro_f1")),
+            ]
         )
-        rows.append(
-            {
-                "method": name,
-                "kind": entry["kind"],
-                "accuracy": _mean_sd(entry["summary"]["accuracy"]),
-                "macro F1": _mean_sd(entry["summary"]["macro_f1"]),
-                "weighted F1": _mean_sd(entry["summary"]["weighted_f1"]),
-                f"Δabs acc vs {reference}": _fmt(d_acc["abs"]),
-                "Δrel acc": _fmt(d_acc["rel"]),
-                "Δabs F1": _fmt(d_f1["abs"]),
-                "Δrel F1": _fmt(d_f1["rel"]),
-            }
+    bullets = [f"reference for gains: {run.get('reference')}"]
+    if run.get("best_baseline"):
+        bullets.append(f"best baseline (significance tests): {run['best_baseline']}")
+    if metrics.get("scfmbench_version"):
+        bullets.append(
+            f"scfmbench {metrics['scfmbench_version']}, "
+            f"metrics schema {metrics.get('schema_version')}"
         )
-    return pd.DataFrame(rows)
+    bullets += environment_bullets(manifest)
+    section = Section("methods", "Methods and configuration", bullets=bullets, tables=[table])
+    if config:
+        resolved = Table("config", ["option", "value"], caption="Resolved configuration")
+        resolved.rows = [[text(k), text(_config_value(v))] for k, v in config.items()]
+        section.tables.append(resolved)
+    return section
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
+def headline_section(metrics: dict[str, Any]) -> Section:
+    section = Section("headline", "Cell-type classification (test set)", tables=[])
+    section.tables.append(headline_table(metrics))
+    sig = significance_table(metrics)
+    if sig is not None:
+        section.tables.append(sig)
+    note = (
+        f"Gains are relative to {metrics['run']['reference']}: Δabs = method − reference, "
+        "Δrel = Δabs / reference. Values are mean ± sd over splits."
+    )
+    if sig is not None:
+        note += " * = significant after Holm correction (p < 0.05)."
+    if any(is_control(e) for e in metrics["methods"].values()):
+        note += " Controls (random features) show the floor a representation must beat."
+    section.note = note
+    return section
+
+
+def _single_table_section(key: str, title: str, table: Table | None) -> list[Section]:
+    return [Section(key, title, tables=[table])] if table is not None else []
+
+
+def confusion_table(name: str, entry: dict[str, Any], seed: str) -> Table | None:
+    """Confusion counts of one split as a table (used where the figure was not written)."""
+    confusion = entry.get("splits", {}).get(seed, {}).get("confusion")
+    if not confusion:
+        return None
+    labels = list(confusion["labels"])
+    table = Table(
+        f"confusion-{safe_name(name)}",
+        ["true \\ predicted", *labels],
+        caption=f"{method_label(name, entry)} — test split seed {seed}",
+    )
+    table.rows = [
+        [text(true), *[num(v, 0) for v in row]]
+        for true, row in zip(labels, confusion["matrix"], strict=True)
+    ]
+    return table
+
+
+def confusion_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
+    """The confusion-matrix figure of each method (first split), or its counts as a table."""
+    seeds = metrics["run"].get("seeds") or ["?"]
+    section = Section("confusion", "Confusion matrices")
+    for name, entry in metrics["methods"].items():
+        title = f"{method_label(name, entry)} — test split seed {seeds[0]}"
+        found = figure_if_exists(run_dir, f"figures/confusion_{safe_name(name)}.png", title)
+        table = None if found else confusion_table(name, entry, str(seeds[0]))
+        section.figures += found
+        section.tables += [table] if table is not None else []
+    if not (section.figures or section.tables):
+        return []
+    section.note = "Rows: true class, columns: predicted; numbers are cells"
+    section.note += "; figure colours are row-normalized." if section.figures else "."
+    return [section]
+
+
+def umap_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
+    embeddings = metrics.get("embeddings") or {}
+    figures = figure_if_exists(run_dir, "figures/umap_data.png", "data: log-normalized HVG PCA")
+    table = None
+    if embeddings:
+        table = Table(
+            "embeddings",
+            ["model", "silhouette", "kNN label consistency"],
+            caption="Embedding quality (by cell type)",
+        )
+        for model, info in embeddings.items():
+            table.rows.append(
+                [text(model), num(info.get("silhouette")), num(info.get("knn_consistency"))]
+            )
+            figures += figure_if_exists(run_dir, info.get("umap_png"), f"{model} embedding")
+    if not figures and table is None:
+        return []
+    return [Section("umap", "UMAPs", tables=[table] if table else [], figures=figures)]
+
+
+def _figure_any(run_dir: Path, candidates: list[str | None], title: str) -> list[Figure]:
+    for rel in candidates:
+        found = figure_if_exists(run_dir, rel, title)
+        if found:
+            return found
+    return []
+
+
+def layers_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
+    layers = metrics.get("layers") or {}
+    if not layers:
+        return []
+    depth = sorted({int(p["layer"]) for points in layers.values() for p in points})
+    table = Table("layers", ["layer", *layers], caption="Macro F1 of a probe on each layer")
+    lookup = {m: {int(p["layer"]): p.get("macro_f1") for p in pts} for m, pts in layers.items()}
+    table.rows = [[num(layer, 0), *[num(lookup[m].get(layer)) for m in layers]] for layer in depth]
+    figures: list[Figure] = []
+    for model in layers:
+        figures += _figure_any(
+            run_dir,
+            [f"figures/layers_{model}.png", f"figures/layers_{safe_name(model)}.png"],
+            f"{model}: macro F1 by layer",
+        )
+    return [Section("layers", "Layer-wise probes", tables=[table], figures=figures)]
+
+
+def transfer_section(metrics: dict[str, Any]) -> list[Section]:
+    matrix = (metrics.get("transfer") or {}).get("matrix") or {}
+    if not matrix:
+        return []
+    tests = list(dict.fromkeys(t for row in matrix.values() for t in row))
+    rows: dict[tuple[str, str], dict[str, Cell]] = {}
+    for train, row in matrix.items():
+        for test, per_method in row.items():
+            for method, scores in per_method.items():
+                f1, acc = scores.get("macro_f1"), scores.get("accuracy")
+                shown = f"{num(f1).text} / {num(acc).text}"
+                rows.setdefault((train, method), {})[test] = Cell(
+                    shown, float(f1) if is_number(f1) else None, "num"
+                )
+    methods = metrics.get("methods", {})
+    table = Table(
+        "transfer",
+        ["trained on", "method", *[f"→ {t}" for t in tests]],
+        caption="Macro F1 / accuracy; rows: training data, columns: test data",
+    )
+    for (train, method), cells in rows.items():
+        label = method_cell(method, methods.get(method, {}))
+        table.rows.append([text(train), label, *[cells.get(t, text(None)) for t in tests]])
+    return [Section("transfer", "Transfer across datasets", tables=[table])]
+
+
+def finetune_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
+    finetune = metrics.get("finetune") or {}
+    section = Section("learning-curves", "Fine-tuning learning curves")
+    for model, info in finetune.items():
+        epochs = info.get("epochs") or []
+        if epochs:
+            table = Table(
+                f"curve-{safe_name(model)}",
+                ["epoch", "train loss", "val loss", "val macro F1"],
+                caption=model,
+            )
+            table.rows = [
+                [
+                    num(e.get("epoch"), 0),
+                    num(e.get("train_loss"), 4),
+                    num(e.get("val_loss"), 4),
+                    num(e.get("val_macro_f1")),
+                ]
+                for e in epochs
+            ]
+            section.tables.append(table)
+        section.figures += figure_if_exists(run_dir, info.get("curve_png"), f"{model} fine-tuning")
+    return [section] if section.tables or section.figures else []
+
+
+PEAK_KEYS = ("peak_memory_mb", "peak_rss_mb", "peak_gpu_memory_mb")
+
+
+def timings_section(metrics: dict[str, Any]) -> list[Section]:
+    """Seconds per stage, plus cells/s and peak memory when the stage recorded them."""
+    timings = metrics.get("timings") or {}
+    if not timings:
+        return []
+    diag = metrics.get("diagnostics", {})
+    rows = []
+    ordered = sorted(timings.items(), key=lambda item: item[0] == "total")  # total last
+    for stage, value in ordered:
+        info = value if isinstance(value, dict) else {"seconds": value}
+        seconds = info.get("seconds")
+        rate = info.get("cells_per_s", info.get("cells_per_second"))
+        if rate is None and is_number(seconds) and seconds > 0:
+            n_cells = info.get("n_cells")
+            model = stage.split(":", 1)[1] if ":" in stage else None
+            cached = diag.get("models", {}).get(model, {}).get("from_cache", True)
+            if n_cells is None and stage.startswith("embed:") and not cached:
+                n_cells = diag.get("n_cells")
+            rate = n_cells / seconds if is_number(n_cells) else None
+        peaks = {k: info.get(k) for k in PEAK_KEYS}
+        rows.append((stage, seconds, rate, peaks))
+    total = timings.get("total")
+    total = total.get("seconds") if isinstance(total, dict) else total
+    show_rate = any(r[2] is not None for r in rows)
+    shown_peaks = [k for k in PEAK_KEYS if any(r[3][k] is not None for r in rows)]
+    columns = ["stage", "seconds", "share of total"]
+    columns += ["cells/s"] if show_rate else []
+    columns += [k.replace("_mb", " (MB)").replace("_", " ") for k in shown_peaks]
+    table = Table("timings", columns, caption="Wall-clock time per stage")
+    for stage, seconds, rate, peaks in rows:
+        share = seconds / total if is_number(seconds) and is_number(total) and total else None
+        row = [text(stage), num(seconds, 2), num(share, 2)]
+        row += [num(rate, 1)] if show_rate else []
+        row += [num(peaks[k], 0) for k in shown_peaks]
+        table.rows.append(row)
+    return [Section("timings", "Time per stage", tables=[table])]
+
+
+def build_sections(
+    metrics: dict[str, Any],
+    *,
+    run_dir: Path | None = None,
+    config: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> list[Section]:
+    """Report sections in order; optional ones only when their data (or figure) exists."""
+    sections = [
+        data_section(metrics),
+        methods_section(metrics, config, manifest),
+        headline_section(metrics),
+    ]
+    sections += _single_table_section(
+        "frozen-vs-finetuned", "Frozen vs fine-tuned", frozen_vs_finetuned_table(metrics)
+    )
+    sections += _single_table_section("per-class", "Per-class F1", per_class_table(metrics))
+    if run_dir is not None:
+        sections += confusion_section(metrics, run_dir)
+        sections += umap_section(metrics, run_dir)
+        sections += layers_section(metrics, run_dir)
+    sections += transfer_section(metrics)
+    if run_dir is not None:
+        sections += finetune_section(metrics, run_dir)
+    sections += timings_section(metrics)
+    return sections
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _title(metrics: dict[str, Any]) -> str:
+    return f"scfmbench report — {metrics['run'].get('name', 'run')}"
 
 
 def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
     """``results.md``: data diagnostics first, then the headline table."""
-    diag = metrics["diagnostics"]
+    sections = [data_section(metrics), headline_section(metrics)]
+    write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        logger.warning("ignoring unreadable %s (%s)", path, exc)
+        return None
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.html`` (self-contained) and ``report.md`` from a run's metrics.json.
+
+    Returns the path of ``report.html``. Raises ``RunDirError`` when the folder has no
+    (readable) metrics.json.
+    """
+    run_dir = Path(run_dir)
+    metrics, config = load_run(run_dir)
+    sections = build_sections(
+        metrics, run_dir=run_dir, config=config, manifest=_read_manifest(run_dir)
+    )
     run = metrics["run"]
-    lines = [
-        f"# scfmbench results — {run['name']}",
-        "",
-        "## Data",
-        "",
-        f"- data: `{run['data']}`, label column `{run['label_key']}`",
-        f"- cells × genes: {diag['n_cells']} × {diag['n_genes']} "
-        f"(input {diag['n_cells_input']} × {diag['n_genes_input']})",
-        f"- expression used: {diag['matrix_kind']} from `adata.{diag['matrix_source']}`; "
-        f"gene identifiers: {diag['identifier_type']}",
-        f"- classes: {len(diag['classes'])}; splits: seeds {run['seeds']} "
-        f"(train/val/test {'/'.join(str(f) for f in run['fractions'])})",
-    ]
-    lines += [f"- warning: {w}" for w in diag["warnings"]]
-    for model, info in diag.get("models", {}).items():
-        lines.append(
-            f"- {model}: layer {info['layer']}, pooling {info['pooling']}, "
-            f"{info['n_dropped_cells']} cells without tokens"
-        )
-    lines += [
-        "",
-        "## Cell-type classification (test set)",
-        "",
-        markdown_table(results_table(metrics)),
-        "",
-        f"Gains are relative to `{run['reference']}`: Δabs = method − reference, "
-        "Δrel = Δabs / reference.",
-        "",
-    ]
-    write_text(path, "\n".join(lines))
+    subtitle = (
+        f"data {run.get('data')} · label {run.get('label_key')} · seeds {run.get('seeds')} · "
+        f"scfmbench {metrics.get('scfmbench_version', '?')}"
+    )
+    write_text(run_dir / "report.md", render_markdown(_title(metrics), sections))
+    html_path = run_dir / "report.html"
+    write_text(html_path, render_html(_title(metrics), sections, subtitle=subtitle))
+    logger.debug("wrote %s and report.md", html_path)
+    return html_path
 
 
 def write_figures(
