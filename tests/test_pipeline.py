@@ -98,7 +98,7 @@ def test_cli_end_to_end(tmp_path):
     for name in (
         "metrics.json",
         "results.md",
-        "figures/umap_data.png",
+        "figures/umap_pca.png",
         "figures/confusion_pca__xgboost.png",
         "splits/split_seed42.tsv",
     ):

@@ -9,6 +9,7 @@ Python API (the CLI is a thin layer over it)::
 
 __version__ = "0.1.0"
 
+from scfmbench.compare import compare_runs  # noqa: E402
 from scfmbench.config import RunConfig  # noqa: E402
 from scfmbench.errors import (  # noqa: E402
     CheckpointError,
@@ -16,13 +17,17 @@ from scfmbench.errors import (  # noqa: E402
     CountsRequiredError,
     DataError,
     GeneMatchError,
+    RunDirError,
     ScfmbenchError,
     SchemaError,
     SplitError,
 )
+from scfmbench.manifest import write_manifest  # noqa: E402
 from scfmbench.metrics import classification_metrics, delta  # noqa: E402
 from scfmbench.pipeline import RunResult, run  # noqa: E402
+from scfmbench.report import write_report  # noqa: E402
 from scfmbench.splits import load_or_make_splits, make_splits  # noqa: E402
+from scfmbench.transfer import transfer  # noqa: E402
 from scfmbench.validate import ValidatedData, load_dataset, validate  # noqa: E402
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "DataError",
     "GeneMatchError",
     "RunConfig",
+    "RunDirError",
     "RunResult",
     "SchemaError",
     "ScfmbenchError",
@@ -39,10 +45,14 @@ __all__ = [
     "ValidatedData",
     "__version__",
     "classification_metrics",
+    "compare_runs",
     "delta",
     "load_dataset",
     "load_or_make_splits",
     "make_splits",
     "run",
+    "transfer",
     "validate",
+    "write_manifest",
+    "write_report",
 ]

@@ -304,6 +304,12 @@ def _execute(
     from scfmbench.report import write_results_markdown
 
     write_results_markdown(metrics, run_dir / "results.md")
+    finish_run_directory(
+        run_dir,
+        config,
+        seeds=split_set.seeds,
+        checkpoints={model_id: info["checkpoint_sha256"] for model_id, info in model_info.items()},
+    )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
 
@@ -421,6 +427,20 @@ def embedding_scores(
             stages.save(f"embedding_scores_{name}", stage_key, payload)
         out[name] = payload
     return out
+
+
+def finish_run_directory(
+    run_dir: Path, config: RunConfig, *, seeds: list[int], checkpoints: dict[str, str]
+) -> None:
+    """Write the run manifest and the HTML/Markdown report (last, so they see everything)."""
+    from scfmbench.manifest import write_manifest
+    from scfmbench.report import write_report
+
+    data = None if config.data == IN_MEMORY else config.data
+    write_manifest(
+        run_dir, config=config, data_path_or_none=data, seeds=seeds, checkpoints=checkpoints
+    )
+    write_report(run_dir)
 
 
 def _features(

@@ -519,7 +519,7 @@ def confusion_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
 
 def umap_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     embeddings = metrics.get("embeddings") or {}
-    figures = figure_if_exists(run_dir, "figures/umap_data.png", "data: log-normalized HVG PCA")
+    figures: list[Figure] = []
     table = None
     if embeddings:
         table = Table(
@@ -531,7 +531,9 @@ def umap_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
             table.rows.append(
                 [text(model), num(info.get("silhouette")), num(info.get("knn_consistency"))]
             )
-            figures += figure_if_exists(run_dir, info.get("umap_png"), f"{model} embedding")
+            title = "HVG-PCA (baseline view)" if model == "pca" else f"{model} embedding"
+            figures += figure_if_exists(run_dir, info.get("umap_png"), title)
+            figures += figure_if_exists(run_dir, info.get("umap_batch_png"), f"{title} by batch")
     if not figures and table is None:
         return []
     return [Section("umap", "UMAPs", tables=[table] if table else [], figures=figures)]
@@ -743,8 +745,8 @@ def write_figures(
     stages: StageStore,
     data_hash: str,
 ) -> None:
-    """Confusion matrix per method (first split) and a UMAP of the data by label."""
-    from scfmbench.figures import plot_confusion, plot_embedding
+    """Confusion matrix per method (first split); UMAPs come from the embedding-scores stage."""
+    from scfmbench.figures import plot_confusion
 
     figures = Path(run_dir) / "figures"
     first_seed = str(metrics["run"]["seeds"][0])
@@ -761,33 +763,3 @@ def write_figures(
             title=f"{name} — test split seed {first_seed}",
         )
         stages.save(f"figure_{path.stem}", key, str(path.name))
-    path = figures / "umap_data.png"
-    key = hash_json([data_hash, seed, n_hvg, n_pcs])
-    if not (path.exists() and stages.load("figure_umap_data", key) is not None):
-        coords = data_umap(adata, kind=kind, seed=seed, n_hvg=n_hvg, n_pcs=n_pcs)
-        plot_embedding(
-            coords,
-            labels.to_numpy(),
-            path,
-            title=f"log-normalized HVG PCA UMAP — {metrics['run']['label_key']}",
-        )
-        stages.save("figure_umap_data", key, path.name)
-
-
-def data_umap(adata: AnnData, *, kind: str, seed: int, n_hvg: int, n_pcs: int) -> np.ndarray:
-    """UMAP of all cells from log-normalized HVGs → z-score → PCA (the baseline view)."""
-    from sklearn.decomposition import PCA
-
-    from scfmbench.features import highly_variable_genes, lognormalize
-
-    lognorm = lognormalize(adata.X, kind=kind)
-    genes = highly_variable_genes(lognorm, n_top=n_hvg)
-    dense = lognorm[:, genes].toarray()
-    std = dense.std(axis=0, ddof=1)
-    std[std == 0] = 1
-    scaled = np.clip((dense - dense.mean(axis=0)) / std, -10, 10)
-    n_components = min(n_pcs, *scaled.shape) - 1
-    pcs = PCA(n_components=n_components, svd_solver="full", random_state=seed).fit_transform(scaled)
-    from scfmbench.figures import umap_coordinates
-
-    return umap_coordinates(pcs, seed=seed)
