@@ -390,8 +390,11 @@ def load_checkpoint_state(
         logger.warning("scgpt: ignoring %d checkpoint tensors of the %s: %s",
                        len(keys), reason, _first(keys))
     expected = model.state_dict()
-    missing = [k for k in expected if k not in kept]
-    unexpected = [k for k in kept if k not in expected]
+    # name keys in the checkpoint's own layout in messages
+    shown = (lambda k: k.replace(TORCH_QKV, FLASH_QKV)) if attention_layout(state) == "flash" \
+        else (lambda k: k)
+    missing = [shown(k) for k in expected if k not in kept]
+    unexpected = [shown(k) for k in kept if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:

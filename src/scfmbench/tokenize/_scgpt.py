@@ -21,17 +21,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from scfmbench.embed.base import TokenizedCells
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.genes import gene_keys_from, match_genes
 from scfmbench.hashing import hash_json
 from scfmbench.validate import check_finite, classify_matrix
+
+if TYPE_CHECKING:
+    from scfmbench.embed.base import TokenizedCells
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,8 @@ def tokenize_scgpt(
         ``<cls>``, bins 1..n_bins-1 for genes) and the gene match; cells without any
         expressed vocabulary gene are listed in ``dropped``.
     """
+    from scfmbench.embed.base import TokenizedCells  # here: scfmbench.embed imports this module
+
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be ≥ 2 (<cls> + one gene), got {max_seq_len}.")
     if "<cls>" not in vocab:
