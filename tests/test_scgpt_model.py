@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 
@@ -225,6 +226,10 @@ def test_not_a_state_dict(make_scgpt_dir):
     folder = make_scgpt_dir()
     torch.save({"epoch": 3}, folder / "best_model.pt")
     with pytest.raises(CheckpointError, match="does not hold a state_dict"):
+        load_scgpt(folder)
+    torch.save({"args": argparse.Namespace(lr=1)}, folder / "best_model.pt")
+    objects = "Python objects besides tensors \\(e.g. argparse.Namespace\\).*re-save"
+    with pytest.raises(CheckpointError, match=objects):
         load_scgpt(folder)
 
 

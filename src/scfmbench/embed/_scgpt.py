@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,17 @@ EMBEDDING_KEY = "encoder.embedding.weight"
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
+@dataclass(frozen=True)
+class ScGPTOptions:
+    """Tokenizer and pooling options of :class:`ScGPTModel` (see :func:`load_scgpt`)."""
+
+    gene_column: str | None = None
+    max_seq_len: int | None = None  # None: args.json
+    n_bins: int | None = None  # None: args.json
+    normalize: bool = True
+    l2_normalize: bool = True
+
+
 class ScGPTModel(FoundationModel):
     """scGPT: ``<cls>`` + binned non-zero genes → cell embedding (``<cls>`` output, L2-normed).
 
@@ -51,23 +64,20 @@ class ScGPTModel(FoundationModel):
         model_dir: Path,
         checkpoint_sha256: str,
         random_init: bool = False,
-        gene_column: str | None = None,
-        max_seq_len: int | None = None,
-        n_bins: int | None = None,
-        normalize: bool = True,
-        l2_normalize: bool = True,
+        options: ScGPTOptions | None = None,
     ) -> None:
+        options = options or ScGPTOptions()
         self.network = network
         self.vocab = vocab
         self.args = args
         self.model_dir = model_dir
         self.checkpoint_sha256 = checkpoint_sha256
         self.random_init = random_init
-        self.gene_column = gene_column
-        self.max_seq_len = int(max_seq_len or args.get("max_seq_len", 1200))
-        self.n_bins = int(n_bins or args.get("n_bins", 51))
-        self.normalize = normalize
-        self.l2_normalize = l2_normalize
+        self.gene_column = options.gene_column
+        self.max_seq_len = int(options.max_seq_len or args.get("max_seq_len", 1200))
+        self.n_bins = int(options.n_bins or args.get("n_bins", 51))
+        self.normalize = options.normalize
+        self.l2_normalize = options.l2_normalize
         pad_token = args.get("pad_token", "<pad>")
         if pad_token not in vocab:
             raise CheckpointError(
@@ -151,6 +161,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt, truncated or foreign files
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors (e.g. {found.group(1)}), which "
+                "safe loading (weights_only=True) refuses; re-save it with "
+                "torch.save(model.state_dict(), 'best_model.pt')."
+            ) from None
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch state_dict ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); the file is "
@@ -252,9 +269,5 @@ def load_scgpt(
         model_dir=model_dir,
         checkpoint_sha256=sha,
         random_init=random_init,
-        gene_column=gene_column,
-        max_seq_len=max_seq_len,
-        n_bins=n_bins,
-        normalize=normalize,
-        l2_normalize=l2_normalize,
+        options=ScGPTOptions(gene_column, max_seq_len, n_bins, normalize, l2_normalize),
     )
