@@ -277,3 +277,14 @@ def test_bad_args(make_scgpt_dir):
     (folder / "args.json").write_text(json.dumps({**TINY_ARGS, "input_emb_style": "category"}))
     with pytest.raises(CheckpointError, match="input_emb_style='category'"):
         load_scgpt(folder)
+
+
+def test_options_reach_tokenizer_and_cache(make_scgpt_dir, tiny_adata, tmp_path):
+    model = load_scgpt(make_scgpt_dir(), max_seq_len=3, n_bins=11)
+    assert model.settings()["max_length"] == 3 and model.settings()["n_bins"] == 11
+    tokens = model.tokenize(tiny_adata)
+    assert tokens.lengths.max() == 3 and tokens.values.max() <= 10
+    first = embed(tiny_adata, model, cache_dir=tmp_path / "cache", progress=False)
+    second = embed(tiny_adata.copy(), model, cache_dir=tmp_path / "cache", progress=False)
+    assert not first.from_cache and second.from_cache
+    np.testing.assert_array_equal(first.matrix, second.matrix)

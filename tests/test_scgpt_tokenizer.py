@@ -280,3 +280,12 @@ def test_pbmc3k_overlap(scgpt_vocab):
     assert (match["n_genes"], match["n_matched"]) == (13714, 12300)
     assert match["fraction_counts"] == pytest.approx(0.9637, abs=2e-3)
     assert tokens.n_cells == 100 and tokens.lengths.max() <= 1200
+
+
+def test_missing_shared_fails_on_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="shared"):
+        require_shared(tmp_path / "shared")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_shared(tmp_path / "shared")
