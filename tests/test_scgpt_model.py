@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from _scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
-from _scgpt_fixtures import TINY_ARGS, make_tiny_adata
 from scfmbench.embed import MODELS, collate, embed, embed_tokens
 from scfmbench.embed._scgpt import ScGPTModel, load_scgpt
 from scfmbench.embed._scgpt_model import (
@@ -22,6 +20,8 @@ from scfmbench.embed._scgpt_model import (
     to_torch_layout,
 )
 from scfmbench.errors import CheckpointError, ConfigError
+from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
+from tests._scgpt_fixtures import TINY_ARGS, make_tiny_adata
 
 CORE_KEYS = {
     "encoder.embedding.weight", "encoder.enc_norm.weight", "encoder.enc_norm.bias",
@@ -288,3 +288,21 @@ def test_options_reach_tokenizer_and_cache(make_scgpt_dir, tiny_adata, tmp_path)
     second = embed(tiny_adata.copy(), model, cache_dir=tmp_path / "cache", progress=False)
     assert not first.from_cache and second.from_cache
     np.testing.assert_array_equal(first.matrix, second.matrix)
+
+
+def test_fine_tuning_hooks_and_save_round_trip(make_scgpt_dir, tiny_adata, tmp_path):
+    model = load_scgpt(make_scgpt_dir())
+    assert model.hidden_size == 16 and len(model.layer_modules()) == 2
+    assert model.embedding_modules() == [model.network.encoder, model.network.value_encoder]
+    names = dict(model.network.named_modules())
+    targets = model.lora_target_modules()
+    assert len(targets) == 6 and all(isinstance(names[t], torch.nn.Linear) for t in targets)
+    head = model.make_classifier_head(4)
+    assert head is model.network.cls_decoder and head(torch.zeros(3, 16)).shape == (3, 4)
+    model.save_pretrained(tmp_path / "saved")
+    saved = torch.load(tmp_path / "saved" / "best_model.pt", weights_only=True)
+    assert attention_layout(saved) == "flash" and "cls_decoder.out_layer.weight" in saved
+    again = load_scgpt(tmp_path / "saved")
+    assert again.network.config.n_cls == 4
+    torch.testing.assert_close(again.network.cls_decoder.out_layer.weight, head.out_layer.weight)
+    np.testing.assert_array_equal(_embed(model, tiny_adata.copy()), _embed(again, tiny_adata))

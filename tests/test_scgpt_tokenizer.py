@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from _scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
-from _scgpt_fixtures import PBMC3K, TINY_GENES, make_tiny_adata, require_shared
 from scfmbench.embed import collate
 from scfmbench.errors import CheckpointError, DataError, GeneMatchError
 from scfmbench.tokenize import bin_csr, bin_values, load_scgpt_vocab, tokenize_scgpt
+from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
+from tests._scgpt_fixtures import PBMC3K, TINY_GENES, make_tiny_adata, require_shared
 
 
 def reference_bins(values: np.ndarray, n_bins: int, uniforms: np.ndarray) -> np.ndarray:

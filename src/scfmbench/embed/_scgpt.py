@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 
+from scfmbench._atomic import write_json, write_with
 from scfmbench.embed._scgpt_model import (
     ScGPTConfig,
     TransformerModel,
     config_from_checkpoint,
     load_checkpoint_state,
+    to_flash_layout,
 )
 from scfmbench.embed.base import MODELS, FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError
@@ -133,6 +135,49 @@ class ScGPTModel(FoundationModel):
                 f"pooling {pooling!r} is not available for scgpt; choose from {self.poolings}."
             )
         return F.normalize(pooled, dim=-1) if self.l2_normalize else pooled
+
+    # ---- fine-tuning hooks --------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self.network.config.embsize
+
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The encoder layers, bottom first."""
+        return list(self.network.transformer_encoder.layers)
+
+    def embedding_modules(self) -> list[torch.nn.Module]:
+        """Gene encoder (embedding + LayerNorm) and continuous value encoder."""
+        return [self.network.encoder, self.network.value_encoder]
+
+    def lora_target_modules(self) -> list[str]:
+        """Attention output and feed-forward linears of every layer (names in ``network``).
+
+        The fused QKV projection is a plain parameter (``in_proj_weight``, the checkpoint
+        layout), so LoRA does not wrap it.
+        """
+        return [
+            f"transformer_encoder.layers.{i}.{name}"
+            for i in range(self.n_layers)
+            for name in ("self_attn.out_proj", "linear1", "linear2")
+        ]
+
+    def make_classifier_head(self, n_classes: int) -> torch.nn.Module:
+        """scGPT's ``ClsDecoder`` (``n_layers_cls`` from args.json), attached as
+        ``network.cls_decoder`` so that :meth:`save_pretrained` stores it with official names."""
+        return self.network.add_cls_decoder(n_classes)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write ``best_model.pt`` (flash-attention key layout, as released), ``args.json`` and
+        ``vocab.json``; :func:`load_scgpt` and the reference loader read the folder back."""
+        directory = Path(directory)
+        state = to_flash_layout({k: v.detach().cpu() for k, v in
+                                 self.network.state_dict().items()})
+        write_with(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+        write_json(directory / ARGS_FILE, {**self.args, "max_seq_len": self.max_seq_len,
+                                           "n_bins": self.n_bins})
+        write_json(directory / VOCAB_FILE, self.vocab)
+        logger.info("scgpt: saved %d tensors to %s", len(state), directory)
 
     def settings(self) -> dict[str, Any]:
         return {
