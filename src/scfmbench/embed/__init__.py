@@ -1,5 +1,6 @@
 """Foundation-model adapters and the shared embedding engine."""
 
+from scfmbench.embed import _scgpt  # noqa: F401  (registers the "scgpt" model)
 from scfmbench.embed._engine import (
     EmbeddingCache,
     collate,

@@ -1,0 +1,113 @@
+"""Fixtures for the scGPT tests: the real vocab from ../shared and tiny official-format checkpoints.
+
+Tests that need ``../shared`` skip locally when it is absent but fail when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
+from scfmbench.tokenize import load_scgpt_vocab
+
+__all__ = ["make_scgpt_dir", "scgpt_human_dir", "scgpt_tiny_state", "scgpt_vocab"]  # fixtures
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SCGPT_HUMAN = SHARED / "vocab" / "scgpt" / "scGPT_human"
+PBMC3K = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
+TINY_ARGS = {"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2}
+
+# gene symbols of the tiny data set: 10 in the scGPT_human vocabulary, 2 not
+TINY_GENES = ["CD3D", "CD3E", "MS4A1", "CD79A", "LYZ", "CD14", "NKG7", "GNLY", "PPBP", "FCGR3A",
+              "NOT_A_GENE_1", "NOT_A_GENE_2"]
+
+
+def require_shared(path: Path) -> Path:
+    """Return ``path``; skip when it is missing, or fail when ``CI=true``."""
+    if not path.exists():
+        message = f"{path} is missing; the scGPT tests need the ../shared folder next to the repo"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scgpt_human_dir() -> Path:
+    """The real scGPT_human folder (args.json + vocab.json, no weights)."""
+    require_shared(SCGPT_HUMAN / "vocab.json")
+    return require_shared(SCGPT_HUMAN)
+
+
+@pytest.fixture(scope="session")
+def scgpt_vocab(scgpt_human_dir: Path) -> dict[str, int]:
+    return load_scgpt_vocab(scgpt_human_dir / "vocab.json")
+
+
+@pytest.fixture(scope="session")
+def scgpt_tiny_state(scgpt_vocab: dict[str, int], scgpt_human_dir: Path) -> dict:
+    """A tiny network's state_dict in the torch layout, official key names (seeded)."""
+    args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
+    torch.manual_seed(0)
+    network = TransformerModel(ScGPTConfig.from_args(args, ntoken=len(scgpt_vocab)))
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+@pytest.fixture
+def make_scgpt_dir(
+    tmp_path: Path, scgpt_human_dir: Path, scgpt_tiny_state: dict
+) -> Callable[..., Path]:
+    """Write a tiny scGPT folder: real vocab.json, real args.json with tiny shapes, weights.
+
+    ``layout`` is ``"flash"`` (``Wqkv``, as the released checkpoint) or ``"torch"``;
+    ``edit(state)`` may change the state_dict before it is saved; ``weights=False`` skips it.
+    """
+
+    def make(
+        *,
+        layout: str = "flash",
+        edit: Callable[[dict], dict] | None = None,
+        weights: bool = True,
+        name: str = "scgpt_tiny",
+        **arg_overrides,
+    ) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(scgpt_human_dir / "vocab.json", folder / "vocab.json")
+        args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
+        (folder / "args.json").write_text(json.dumps({**args, **arg_overrides}))
+        if weights:
+            state = dict(scgpt_tiny_state)
+            if layout == "flash":
+                state = to_flash_layout(state)
+            if edit is not None:
+                state = edit(state)
+            torch.save(state, folder / "best_model.pt")
+        return folder
+
+    return make
+
+
+def make_tiny_adata(*, n_cells: int = 12, seed: int = 0, genes: list[str] | None = None) -> AnnData:
+    """Cells × TINY_GENES raw counts (sparse), ~50% zeros, one all-zero cell at the end."""
+    genes = genes or TINY_GENES
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(1.5, size=(n_cells, len(genes))).astype(np.float32)
+    counts[rng.random(counts.shape) < 0.3] = 0
+    counts[-1] = 0
+    return AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=genes),
+    )
