@@ -249,6 +249,7 @@ def _execute(
                 "pooling": result.pooling,
                 "n_dropped_cells": int(len(result.dropped)),
                 "from_cache": result.from_cache,
+                **(result.gene_match.to_dict() if result.gene_match is not None else {}),
             }
 
     predictions = _predict_all(
@@ -335,11 +336,13 @@ def layerwise_probing(
     out = {}
     for model in models:
         rows = []
+        tokens = model.tokenize(adata, seed=config.seed)
         for layer in range(model.n_layers + 1):
             result = embed(
                 adata,
                 model,
                 layer=layer,
+                tokens=tokens,
                 batch_size=config.batch_size,
                 device=config.device,
                 cache_dir=run_dir / "cache" / "embeddings",

@@ -263,12 +263,14 @@ def embed(
     key_added: str | None = None,
     progress: bool = True,
     chunk_size: int = 2048,
+    tokens: TokenizedCells | None = None,
 ) -> Embeddings:
     """Tokenize and embed ``adata`` (raw counts in ``X``) with ``model``.
 
     With a ``cache_dir``, cells are embedded in chunks of ``chunk_size`` and every finished
     chunk is saved (checksummed) at once, so an interrupted run resumes from the last
-    finished chunk.
+    finished chunk. Pass ``tokens`` (from ``model.tokenize(adata, seed=seed)``) to skip
+    tokenizing again, e.g. when embedding several layers.
 
     Returns:
         Embeddings for the kept cells. Also writes ``adata.obsm[key_added or model.obsm_key]``
@@ -285,7 +287,8 @@ def embed(
         raise ConfigError(
             f"pooling {pooling!r} is not available for {model.name}; choose from {model.poolings}."
         )
-    tokens = model.tokenize(adata, seed=seed)
+    if tokens is None:
+        tokens = model.tokenize(adata, seed=seed)
     key = cache_key(model, adata, tokens.settings, layer=layer, pooling=pooling, seed=seed)
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     matrix = cache.get(key, tokens.obs_names) if cache else None
@@ -327,4 +330,5 @@ def embed(
         checkpoint_sha256=model.checkpoint_sha256,
         dropped=tokens.dropped,
         from_cache=from_cache,
+        gene_match=tokens.gene_match,
     )

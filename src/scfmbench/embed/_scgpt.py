@@ -116,9 +116,7 @@ class ScGPTModel(FoundationModel):
             raise ConfigError("scgpt needs token values; tokenize with ScGPTModel.tokenize.")
         if layer < 0:
             layer += self.n_layers + 1
-        return self.network(
-            batch.input_ids, batch.values, batch.attention_mask, output_layer=layer
-        )
+        return self.network(batch.input_ids, batch.values, batch.attention_mask, output_layer=layer)
 
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
         """Cell embeddings (B, embsize): ``cls`` token or ``mean`` of the gene tokens."""
@@ -171,11 +169,12 @@ class ScGPTModel(FoundationModel):
         """Write ``best_model.pt`` (flash-attention key layout, as released), ``args.json`` and
         ``vocab.json``; :func:`load_scgpt` and the reference loader read the folder back."""
         directory = Path(directory)
-        state = to_flash_layout({k: v.detach().cpu() for k, v in
-                                 self.network.state_dict().items()})
+        state = to_flash_layout({k: v.detach().cpu() for k, v in self.network.state_dict().items()})
         write_with(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
-        write_json(directory / ARGS_FILE, {**self.args, "max_seq_len": self.max_seq_len,
-                                           "n_bins": self.n_bins})
+        write_json(
+            directory / ARGS_FILE,
+            {**self.args, "max_seq_len": self.max_seq_len, "n_bins": self.n_bins},
+        )
         write_json(directory / VOCAB_FILE, self.vocab)
         logger.info("scgpt: saved %d tensors to %s", len(state), directory)
 
@@ -221,15 +220,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise CheckpointError(
             f"{path} does not hold a state_dict of tensors (found {type(obj).__name__}); "
             "save the weights with torch.save(model.state_dict(), 'best_model.pt')."
         )
     if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -288,8 +289,13 @@ def load_scgpt(
     if random_init:
         config = ScGPTConfig.from_args(args, ntoken=len(vocab), pad_token_id=pad_id)
         network = _random_network(config, seed=init_seed)
-        sha = hash_json({"random_init": init_seed, "config": repr(config),
-                         "vocab": hash_file(model_dir / VOCAB_FILE)})
+        sha = hash_json(
+            {
+                "random_init": init_seed,
+                "config": repr(config),
+                "vocab": hash_file(model_dir / VOCAB_FILE),
+            }
+        )
         logger.info("scgpt: random-init control (seed %d), %d layers", init_seed, config.nlayers)
     else:
         weights = _require(model_dir, WEIGHTS_FILE)

@@ -146,7 +146,10 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(batch, length, 3, self.nhead, dim // self.nhead).permute(2, 0, 3, 1, 4)
         mask = None if attend is None else attend[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=mask,
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
@@ -202,8 +205,10 @@ class ExprDecoder(nn.Module):
     @staticmethod
     def _mlp(d_in: int, d_model: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Linear(d_in, d_model), nn.LeakyReLU(),
-            nn.Linear(d_model, d_model), nn.LeakyReLU(),
+            nn.Linear(d_in, d_model),
+            nn.LeakyReLU(),
+            nn.Linear(d_model, d_model),
+            nn.LeakyReLU(),
             nn.Linear(d_model, 1),
         )
 
@@ -387,12 +392,16 @@ def load_checkpoint_state(
         )
     kept, ignored = split_ignored(converted)
     for reason, keys in ignored.items():
-        logger.warning("scgpt: ignoring %d checkpoint tensors of the %s: %s",
-                       len(keys), reason, _first(keys))
+        logger.warning(
+            "scgpt: ignoring %d checkpoint tensors of the %s: %s", len(keys), reason, _first(keys)
+        )
     expected = model.state_dict()
     # name keys in the checkpoint's own layout in messages
-    shown = (lambda k: k.replace(TORCH_QKV, FLASH_QKV)) if attention_layout(state) == "flash" \
+    shown = (
+        (lambda k: k.replace(TORCH_QKV, FLASH_QKV))
+        if attention_layout(state) == "flash"
         else (lambda k: k)
+    )
     missing = [shown(k) for k in expected if k not in kept]
     unexpected = [shown(k) for k in kept if k not in expected]
     if missing or unexpected:
@@ -417,6 +426,10 @@ def load_checkpoint_state(
             "use the args.json that ships with the checkpoint."
         )
     model.load_state_dict(kept, strict=True)
-    logger.info("scgpt: loaded %d tensors from %s (%s attention layout)",
-                len(kept), source, attention_layout(state))
+    logger.info(
+        "scgpt: loaded %d tensors from %s (%s attention layout)",
+        len(kept),
+        source,
+        attention_layout(state),
+    )
     return ignored

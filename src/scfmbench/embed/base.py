@@ -103,6 +103,7 @@ class Embeddings:
     checkpoint_sha256: str
     dropped: pd.Index = field(default_factory=lambda: pd.Index([]))
     from_cache: bool = False
+    gene_match: GeneMatch | None = None
 
 
 class FoundationModel(ABC):

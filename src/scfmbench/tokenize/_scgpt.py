@@ -176,7 +176,9 @@ def bin_values(values: np.ndarray, *, n_bins: int = SCGPT_N_BINS, seed: int = 0)
     nonzero = np.flatnonzero(values)
     out = np.zeros(values.shape, dtype=np.int64)
     out[nonzero] = bin_csr(
-        np.array([0, len(nonzero)]), values[nonzero], n_bins=n_bins,
+        np.array([0, len(nonzero)]),
+        values[nonzero],
+        n_bins=n_bins,
         rng=np.random.default_rng(seed),
     )
     return out
@@ -241,8 +243,10 @@ def tokenize_scgpt(
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be ≥ 2 (<cls> + one gene), got {max_seq_len}.")
     if "<cls>" not in vocab:
-        raise CheckpointError("scGPT vocabulary has no '<cls>' token; load it with "
-                              "load_scgpt_vocab, which adds the special tokens.")
+        raise CheckpointError(
+            "scGPT vocabulary has no '<cls>' token; load it with "
+            "load_scgpt_vocab, which adds the special tokens."
+        )
     kind = _check_expression(adata.X, where="adata.X")
     keys = gene_keys_from(adata.var, gene_column)
     matrix = sp.csr_matrix(adata.X, dtype=np.float64)
@@ -283,11 +287,16 @@ def tokenize_scgpt(
     if len(dropped):
         logger.warning(
             "scgpt: %d cells have no expressed vocabulary gene and are dropped (e.g. %s)",
-            len(dropped), list(dropped[:3]),
+            len(dropped),
+            list(dropped[:3]),
         )
     if n_sampled:
-        logger.info("scgpt: %d cells longer than %d tokens were subsampled (seed %d)",
-                    n_sampled, max_seq_len, seed)
+        logger.info(
+            "scgpt: %d cells longer than %d tokens were subsampled (seed %d)",
+            n_sampled,
+            max_seq_len,
+            seed,
+        )
     settings = {
         "tokenizer": "scgpt",
         "n_bins": n_bins,
