@@ -29,8 +29,20 @@ PBMC3K = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 TINY_ARGS = {"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2}
 
 # gene symbols of the tiny data set: 10 in the scGPT_human vocabulary, 2 not
-TINY_GENES = ["CD3D", "CD3E", "MS4A1", "CD79A", "LYZ", "CD14", "NKG7", "GNLY", "PPBP", "FCGR3A",
-              "NOT_A_GENE_1", "NOT_A_GENE_2"]
+TINY_GENES = [
+    "CD3D",
+    "CD3E",
+    "MS4A1",
+    "CD79A",
+    "LYZ",
+    "CD14",
+    "NKG7",
+    "GNLY",
+    "PPBP",
+    "FCGR3A",
+    "NOT_A_GENE_1",
+    "NOT_A_GENE_2",
+]
 
 
 def require_shared(path: Path) -> Path:

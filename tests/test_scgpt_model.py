@@ -24,16 +24,28 @@ from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import TINY_ARGS, make_tiny_adata
 
 CORE_KEYS = {
-    "encoder.embedding.weight", "encoder.enc_norm.weight", "encoder.enc_norm.bias",
-    "value_encoder.linear1.weight", "value_encoder.linear1.bias", "value_encoder.linear2.weight",
-    "value_encoder.linear2.bias", "value_encoder.norm.weight", "value_encoder.norm.bias",
+    "encoder.embedding.weight",
+    "encoder.enc_norm.weight",
+    "encoder.enc_norm.bias",
+    "value_encoder.linear1.weight",
+    "value_encoder.linear1.bias",
+    "value_encoder.linear2.weight",
+    "value_encoder.linear2.bias",
+    "value_encoder.norm.weight",
+    "value_encoder.norm.bias",
     "transformer_encoder.layers.0.self_attn.Wqkv.weight",
     "transformer_encoder.layers.0.self_attn.Wqkv.bias",
     "transformer_encoder.layers.0.self_attn.out_proj.weight",
-    "transformer_encoder.layers.0.linear1.weight", "transformer_encoder.layers.0.linear2.bias",
-    "transformer_encoder.layers.1.norm1.weight", "transformer_encoder.layers.1.norm2.bias",
-    "decoder.fc.0.weight", "decoder.fc.2.weight", "decoder.fc.4.bias",
-    "mvc_decoder.gene2query.weight", "mvc_decoder.gene2query.bias", "mvc_decoder.W.weight",
+    "transformer_encoder.layers.0.linear1.weight",
+    "transformer_encoder.layers.0.linear2.bias",
+    "transformer_encoder.layers.1.norm1.weight",
+    "transformer_encoder.layers.1.norm2.bias",
+    "decoder.fc.0.weight",
+    "decoder.fc.2.weight",
+    "decoder.fc.4.bias",
+    "mvc_decoder.gene2query.weight",
+    "mvc_decoder.gene2query.bias",
+    "mvc_decoder.W.weight",
     "flag_encoder.weight",
 }
 
@@ -82,14 +94,20 @@ def test_layout_conversion_round_trip(scgpt_tiny_state):
 
 def test_encoder_matches_torch_transformer_encoder(scgpt_tiny_state, scgpt_vocab):
     """Our SDPA post-norm layers = torch.nn.TransformerEncoder (the reference's non-flash path)."""
-    network = TransformerModel(ScGPTConfig(ntoken=len(scgpt_vocab), **{
-        "embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2}, flag_encoder=True))
+    network = TransformerModel(
+        ScGPTConfig(
+            ntoken=len(scgpt_vocab),
+            **{"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2},
+            flag_encoder=True,
+        )
+    )
     network.load_state_dict(scgpt_tiny_state)
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, 0.2, batch_first=True)
     reference = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     prefix = "transformer_encoder."
     reference.load_state_dict(
-        {k[len(prefix):]: v for k, v in scgpt_tiny_state.items() if k.startswith(prefix)})
+        {k[len(prefix) :]: v for k, v in scgpt_tiny_state.items() if k.startswith(prefix)}
+    )
     network.eval(), reference.eval()
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(0))
     attend = torch.ones(3, 7, dtype=torch.bool)
@@ -119,13 +137,20 @@ def test_padding_does_not_change_embeddings(make_scgpt_dir, tiny_adata):
     tokens = model.tokenize(tiny_adata)
     one_by_one = embed_tokens(model, tokens, layer=2, pooling="cls", batch_size=1, progress=False)
     for pad_to_max in (False, True):
-        batched = embed_tokens(model, tokens, layer=2, pooling="mean", batch_size=8,
-                               pad_to_max=pad_to_max, progress=False)
-        singles = embed_tokens(model, tokens, layer=2, pooling="mean", batch_size=1,
-                               progress=False)
+        batched = embed_tokens(
+            model,
+            tokens,
+            layer=2,
+            pooling="mean",
+            batch_size=8,
+            pad_to_max=pad_to_max,
+            progress=False,
+        )
+        singles = embed_tokens(model, tokens, layer=2, pooling="mean", batch_size=1, progress=False)
         np.testing.assert_allclose(batched, singles, rtol=1e-4, atol=1e-5)
-    padded = embed_tokens(model, tokens, layer=2, pooling="cls", batch_size=16,
-                          pad_to_max=True, progress=False)
+    padded = embed_tokens(
+        model, tokens, layer=2, pooling="cls", batch_size=16, pad_to_max=True, progress=False
+    )
     np.testing.assert_allclose(padded, one_by_one, rtol=1e-4, atol=1e-5)
 
 
@@ -133,8 +158,9 @@ def test_layers_and_poolings(make_scgpt_dir, tiny_adata):
     folder = make_scgpt_dir()
     model = load_scgpt(folder, l2_normalize=False)
     tokens = model.tokenize(tiny_adata)
-    batch = collate(tokens, np.arange(4), pad_token_id=model.pad_token_id,
-                    pad_value=model.pad_value)
+    batch = collate(
+        tokens, np.arange(4), pad_token_id=model.pad_token_id, pad_value=model.pad_value
+    )
     net = model.network
     with torch.no_grad():
         inputs = net.encoder(batch.input_ids) + net.value_encoder(batch.values)
@@ -182,10 +208,12 @@ def test_classification_head(make_scgpt_dir):
 
 def test_ignored_keys_are_logged(make_scgpt_dir, caplog):
     def with_dsbn(state):
-        return {**state, "dsbn.bns.0.weight": torch.ones(16),
-                "dsbn.bns.0.running_mean": torch.zeros(16),
-                "transformer_encoder.layers.0.self_attn.cross_attn.in_proj_weight":
-                    torch.zeros(48, 16)}
+        return {
+            **state,
+            "dsbn.bns.0.weight": torch.ones(16),
+            "dsbn.bns.0.running_mean": torch.zeros(16),
+            "transformer_encoder.layers.0.self_attn.cross_attn.in_proj_weight": torch.zeros(48, 16),
+        }
 
     with caplog.at_level(logging.WARNING):
         load_scgpt(make_scgpt_dir(edit=with_dsbn))
@@ -215,8 +243,11 @@ def test_corrupt_weights(make_scgpt_dir, damage):
     folder = make_scgpt_dir()
     path = folder / "best_model.pt"
     data = path.read_bytes()
-    path.write_bytes({"garbage": b"not a checkpoint" * 10, "truncated": data[: len(data) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"not a checkpoint" * 10, "truncated": data[: len(data) // 2], "empty": b""}[
+            damage
+        ]
+    )
     with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
         load_scgpt(folder)
     assert "\n" not in str(info.value)
@@ -237,7 +268,8 @@ def test_mismatched_keys_are_listed(make_scgpt_dir):
     def rename(state):
         state = dict(state)
         state["transformer_encoder.layers.1.mlp.weight"] = state.pop(
-            "transformer_encoder.layers.1.linear1.weight")
+            "transformer_encoder.layers.1.linear1.weight"
+        )
         state["mystery_head.weight"] = torch.zeros(2)
         return state
 

@@ -34,7 +34,10 @@ def reference_bins(values: np.ndarray, n_bins: int, uniforms: np.ndarray) -> np.
 def test_real_vocab_keeps_ids_and_special_tokens(scgpt_vocab):
     assert len(scgpt_vocab) == 60697
     assert (scgpt_vocab["<pad>"], scgpt_vocab["<cls>"], scgpt_vocab["<eoc>"]) == (
-        60694, 60695, 60696)
+        60694,
+        60695,
+        60696,
+    )
 
 
 def test_vocab_appends_missing_special_tokens(tmp_path):
@@ -45,8 +48,11 @@ def test_vocab_appends_missing_special_tokens(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [("{not json", "not valid JSON"), ('["A", "B"]', "not a \\{gene symbol"),
-     ('{"A": 0, "B": 0}', "same id")],
+    [
+        ("{not json", "not valid JSON"),
+        ('["A", "B"]', "not a \\{gene symbol"),
+        ('{"A": 0, "B": 0}', "same id"),
+    ],
 )
 def test_vocab_bad_files(tmp_path, content, match):
     path = tmp_path / "vocab.json"
@@ -63,8 +69,9 @@ def test_binning_hand_computed_without_ties():
     # values 1..5 = [1, 2.33, 3.67, 5]; 1 and 5 sit on edges but only one edge each → no choice
     values = np.array([0, 3, 1, 0, 2, 5, 4], dtype=np.float32)
     for seed in range(5):
-        np.testing.assert_array_equal(bin_values(values, n_bins=5, seed=seed),
-                                      [0, 2, 1, 0, 1, 4, 3])
+        np.testing.assert_array_equal(
+            bin_values(values, n_bins=5, seed=seed), [0, 2, 1, 0, 1, 4, 3]
+        )
 
 
 def test_binning_ties_at_edges_use_seeded_uniforms():
@@ -90,20 +97,24 @@ def test_single_value_cell_draws_from_all_bins():
 
 def test_binning_matches_numpy_reference_on_counts():
     rng = np.random.default_rng(0)
-    cells = [rng.geometric(0.3, size=int(rng.integers(1, 400))).astype(np.float32)
-             for _ in range(200)]
+    cells = [
+        rng.geometric(0.3, size=int(rng.integers(1, 400))).astype(np.float32) for _ in range(200)
+    ]
     indptr = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
     got = bin_csr(indptr, np.concatenate(cells), n_bins=51, rng=np.random.default_rng(3))
     u = np.random.default_rng(3).random(indptr[-1])
-    expected = np.concatenate([reference_bins(c, 51, u[indptr[i]:indptr[i + 1]])
-                               for i, c in enumerate(cells)])
+    expected = np.concatenate(
+        [reference_bins(c, 51, u[indptr[i] : indptr[i + 1]]) for i, c in enumerate(cells)]
+    )
     np.testing.assert_array_equal(got, expected)
 
 
 nonneg_cells = arrays(
-    np.float64, st.integers(1, 60),
-    elements=st.one_of(st.just(0.0), st.integers(1, 30).map(float),
-                       st.floats(1e-3, 1e4, allow_nan=False)),
+    np.float64,
+    st.integers(1, 60),
+    elements=st.one_of(
+        st.just(0.0), st.integers(1, 30).map(float), st.floats(1e-3, 1e4, allow_nan=False)
+    ),
 )
 count_cells = arrays(np.int64, st.integers(1, 60), elements=st.integers(0, 30))
 
@@ -133,13 +144,17 @@ def test_binning_ignores_normalization(counts, seed):
 
 
 @settings(max_examples=50, deadline=None)
-@given(counts=arrays(np.int64, st.tuples(st.integers(1, 6), st.just(len(TINY_GENES))),
-                     elements=st.integers(0, 20)),
-       seed=st.integers(0, 1000))
+@given(
+    counts=arrays(
+        np.int64,
+        st.tuples(st.integers(1, 6), st.just(len(TINY_GENES))),
+        elements=st.integers(0, 20),
+    ),
+    seed=st.integers(0, 1000),
+)
 def test_tokens_are_the_nonzero_genes(counts, seed):
     vocab = {g: i + 10 for i, g in enumerate(TINY_GENES)} | {"<pad>": 0, "<cls>": 1, "<eoc>": 2}
-    adata = AnnData(X=sp.csr_matrix(counts.astype(np.float32)),
-                    var=pd.DataFrame(index=TINY_GENES))
+    adata = AnnData(X=sp.csr_matrix(counts.astype(np.float32)), var=pd.DataFrame(index=TINY_GENES))
     adata.obs_names = [f"c{i}" for i in range(adata.n_obs)]
     tokens = tokenize_scgpt(adata, vocab=vocab, seed=seed, max_seq_len=100)
     kept = np.flatnonzero(counts.sum(1) > 0)
@@ -155,9 +170,14 @@ def test_tokens_are_the_nonzero_genes(counts, seed):
 
 
 def test_tokenize_exact_tokens(scgpt_vocab):
-    x = np.array([[0, 3, 0, 1, 0, 0, 0, 0, 0, 0, 5, 0],
-                  [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                  [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0]], dtype=np.float32)
+    x = np.array(
+        [
+            [0, 3, 0, 1, 0, 0, 0, 0, 0, 0, 5, 0],
+            [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0],
+        ],
+        dtype=np.float32,
+    )
     adata = AnnData(X=sp.csr_matrix(x), var=pd.DataFrame(index=TINY_GENES))
     adata.obs_names = ["a", "b", "c"]
     tokens = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=0)
@@ -192,8 +212,9 @@ def test_tokenize_gene_column_and_normalize_invariance(scgpt_vocab):
 
 def test_padding_and_cls_position(scgpt_vocab):
     tokens = tokenize_scgpt(make_tiny_adata(), vocab=scgpt_vocab)
-    batch = collate(tokens, np.arange(tokens.n_cells), pad_token_id=scgpt_vocab["<pad>"],
-                    pad_value=-2.0)
+    batch = collate(
+        tokens, np.arange(tokens.n_cells), pad_token_id=scgpt_vocab["<pad>"], pad_value=-2.0
+    )
     lengths = tokens.lengths
     assert batch.input_ids.shape == (tokens.n_cells, lengths.max())
     assert (batch.input_ids[:, 0] == scgpt_vocab["<cls>"]).all()
@@ -256,8 +277,9 @@ def test_non_finite_input_is_refused(scgpt_vocab):
 def test_ensembl_ids_get_an_identifier_hint(scgpt_vocab):
     genes = [f"ENSG{i:011d}" for i in range(len(TINY_GENES))]
     adata = make_tiny_adata(genes=genes)
-    with pytest.raises(GeneMatchError, match="ensembl identifiers .* uses symbol identifiers"
-                                             ".*--gene-column"):
+    with pytest.raises(
+        GeneMatchError, match="ensembl identifiers .* uses symbol identifiers.*--gene-column"
+    ):
         tokenize_scgpt(adata, vocab=scgpt_vocab)
 
 

@@ -134,7 +134,10 @@ def embed(
     batch_size: int = typer.Option(32, help="Cells per batch."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     precision: str = typer.Option("float32", help="float32, bfloat16 or float16 (GPU)."),
-    cache_dir: Path = typer.Option(None, help="Embedding cache folder."),
+    cache_dir: Path = typer.Option(
+        None, help="Embedding cache folder (finished chunks survive an interruption)."
+    ),
+    chunk_size: int = typer.Option(2048, help="Cells per saved chunk when caching."),
     allow_normalized: bool = typer.Option(False, "--allow-normalized"),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -153,6 +156,7 @@ def embed(
         device=device,
         precision=precision,
         cache_dir=cache_dir,
+        chunk_size=chunk_size,
         allow_normalized=allow_normalized,
         gene_column=gene_column,
         progress=not quiet,

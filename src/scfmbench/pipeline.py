@@ -667,6 +667,7 @@ def embed_dataset(
     allow_normalized: bool = False,
     gene_column: str | None = None,
     progress: bool = True,
+    chunk_size: int = 2048,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
 
@@ -702,6 +703,7 @@ def embed_dataset(
         precision=precision,
         cache_dir=cache_dir,
         progress=progress,
+        chunk_size=chunk_size,
     )
     key = foundation.obsm_key
     if out is not None:

@@ -226,6 +226,8 @@ def _embed_in_chunks(
         chunk = slice_tokens(tokens, start, stop)
         part_key = f"{key}.part{start:09d}-{stop:09d}"
         matrix = cache.get(part_key, chunk.obs_names)
+        if matrix is not None:
+            logger.info("%s: reusing finished chunk of cells %d-%d", model.model_id, start, stop)
         if matrix is None:
             matrix = embed_tokens(model, chunk, bar=bar, **options)
             cache.put(part_key, matrix, chunk.obs_names, {"part_of": key})
