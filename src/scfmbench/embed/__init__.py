@@ -1,5 +1,6 @@
 """Foundation-model adapters and the shared embedding engine."""
 
+from scfmbench.embed import _scfoundation  # noqa: F401  (registers "scfoundation")
 from scfmbench.embed._engine import (
     EmbeddingCache,
     collate,
