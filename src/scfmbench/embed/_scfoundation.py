@@ -186,6 +186,24 @@ def align_to_index(matrix: sp.csr_matrix, positions: np.ndarray, *, n_genes: int
     return aligned
 
 
+def append_count_tokens(
+    genes: sp.csr_matrix, target: np.ndarray, source: np.ndarray, *, n_genes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat ``(input_ids, values, offsets)``: each row's stored genes in order, then T and S."""
+    lengths = np.diff(genes.indptr) + 2
+    offsets = np.zeros(genes.shape[0] + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    t_slots, s_slots = offsets[1:] - 2, offsets[1:] - 1
+    is_gene = np.ones(offsets[-1], dtype=bool)
+    is_gene[t_slots] = is_gene[s_slots] = False
+    ids = np.empty(offsets[-1], dtype=np.int64)
+    values = np.empty(offsets[-1], dtype=np.float32)
+    ids[is_gene], values[is_gene] = genes.indices, genes.data
+    ids[t_slots], values[t_slots] = n_genes, target
+    ids[s_slots], values[s_slots] = n_genes + 1, source
+    return ids, values, offsets
+
+
 def tokenize_scfoundation(
     adata: AnnData,
     *,
@@ -237,33 +255,19 @@ def tokenize_scfoundation(
         aligned.data = np.log1p(aligned.data)
         aligned = aligned.tocsr()
         aligned.sort_indices()
-    target, source = count_token_values(
-        np.where(totals > 0, totals, 1.0), tgthighres=options.tgthighres
-    )
-    ids: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    kept: list[int] = []
-    count_ids = np.array([n_genes, n_genes + 1], dtype=np.int64)
-    for i in range(aligned.shape[0]):
-        lo, hi = aligned.indptr[i], aligned.indptr[i + 1]
-        genes, gene_values = aligned.indices[lo:hi], aligned.data[lo:hi]
-        positive = gene_values > 0
-        if totals[i] <= 0 or not positive.any():
-            continue
-        kept.append(i)
-        ids.append(np.concatenate([genes[positive].astype(np.int64), count_ids]))
-        values.append(
-            np.concatenate([gene_values[positive], [target[i], source[i]]]).astype(np.float32)
-        )
-    kept_index = np.asarray(kept, dtype=np.int64)
-    dropped = adata.obs_names.delete(kept_index) if len(kept) < adata.n_obs else pd.Index([])
+    aligned.data[aligned.data <= 0] = 0  # only values > 0 are tokens, as in the script
+    aligned.eliminate_zeros()
+    kept_index = np.flatnonzero((totals > 0) & (np.diff(aligned.indptr) > 0))
+    target, source = count_token_values(totals[kept_index], tgthighres=options.tgthighres)
+    ids, values, offsets = append_count_tokens(aligned[kept_index], target, source, n_genes=n_genes)
+    dropped = adata.obs_names.delete(kept_index)
     if len(dropped):
         warnings.warn(
             f"scfoundation: dropped {len(dropped)} cells with no counts on the index genes "
             f"(e.g. {list(dropped[:3])})",
             stacklevel=2,
         )
-    low = int(np.sum((source[kept_index] <= 0) | (target[kept_index] <= 0))) if kept else 0
+    low = int(np.sum((source <= 0) | (target <= 0)))
     if low:
         logger.warning(
             "scfoundation: %d cells have a T or S value ≤ 0 (total ≤ 1); the reference script "
@@ -276,8 +280,9 @@ def tokenize_scfoundation(
         "pre_normalized": mode,
         "gene_index": hash_json(sorted(gene_index.items(), key=lambda kv: kv[1])),
     }
-    return TokenizedCells.from_lists(
-        ids,
+    return TokenizedCells(
+        input_ids=ids,
+        offsets=offsets,
         obs_names=adata.obs_names[kept_index],
         settings=settings,
         values=values,
