@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from conftest import require_shared
-from scfmbench.embed import MODELS, embed, embed_tokens
+from scfmbench.embed import MODELS, collate, embed, embed_tokens
 from scfmbench.embed._scfoundation import (
     GENE_INDEX_FILE,
     ScFoundationOptions,
@@ -225,6 +225,21 @@ def test_gene_name_column_is_used_like_the_reference():
     assert tokens.cell(0)[0].tolist() == [0, 1, 2, 3]
 
 
+def test_pbmc3k_alignment_with_the_real_index(pbmc3k):
+    index = read_gene_index(require_shared("vocab/scfoundation/OS_scRNA_gene_index.19264.tsv"))
+    adata = pbmc3k[:100].copy()
+    tokens = tokenize_scfoundation(adata, gene_index=index)
+    match = tokens.gene_match
+    assert match.n_total == 13714 and 0.5 < match.fraction < 1
+    assert 0.5 < match.fraction_counts <= 1 and match.identifier_type == "symbol"
+    ids, values = tokens.cell(0)
+    assert ids[-2:].tolist() == [19264, 19265] and np.all(np.diff(ids[:-2]) > 0)
+    in_index = [index.get(g, -1) >= 0 for g in adata.var_names]
+    total = adata.X[0].toarray().ravel()[in_index].sum()
+    assert values[-1] == pytest.approx(np.log10(total)) and values[-2] == 4.0
+    assert len(ids) - 2 == int((adata.X[0].toarray().ravel()[in_index] > 0).sum())
+
+
 # ---- pooling and the engine ------------------------------------------------------------
 
 
@@ -311,6 +326,25 @@ def test_fine_tuning_hooks_and_save_round_trip(tiny_model, small_adata, tmp_path
     assert set(reloaded.entry.decoder_state) == set(tiny_model.entry.decoder_state)
     a = embed(small_adata.copy(), tiny_model, progress=False).matrix
     np.testing.assert_array_equal(a, embed(small_adata.copy(), reloaded, progress=False).matrix)
+
+
+def test_lora_targets_train(tiny_dir, small_adata):
+    peft = pytest.importorskip("peft")
+    model = load_scfoundation(tiny_dir)
+    config = peft.LoraConfig(r=2, target_modules=model.lora_target_modules())
+    model.network = peft.get_peft_model(model.network, config)
+    model.network.train()
+    tokens = model.tokenize(small_adata)
+    batch = collate(
+        tokens, np.arange(4), pad_token_id=model.pad_token_id, pad_value=model.pad_value
+    )
+    model.encode(batch, layer=2, pooling="all").sum().backward()
+    trained = {
+        n.split(".lora_")[0].rsplit(".", 1)[-1]
+        for n, p in model.network.named_parameters()
+        if "lora_" in n and p.grad is not None
+    }
+    assert {"self_attn", "out_proj", "linear1", "linear2"} <= trained
 
 
 # ---- bad input -------------------------------------------------------------------------

@@ -394,7 +394,12 @@ class ScFoundationModel(FoundationModel):
         return [self.network.token_emb, self.network.pos_emb]
 
     def lora_target_modules(self) -> list[str]:
-        return ["out_proj", "linear1", "linear2"]
+        """Attention (peft wraps ``nn.MultiheadAttention``: in- and out-projection) and FFN.
+
+        ``out_proj`` alone would be ignored: ``nn.MultiheadAttention`` reads its weight
+        without calling it.
+        """
+        return ["self_attn", "linear1", "linear2"]
 
     @property
     def hidden_size(self) -> int:
