@@ -367,6 +367,11 @@ def test_missing_and_corrupt_files(tmp_path, tiny_dir):
         load_scfoundation(tmp_path / "nothing.ckpt", gene_index=index)
     assert "\n" not in str(info.value)
     (tmp_path / "models.ckpt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+        load_scfoundation(tmp_path, gene_index=index)
+    assert "\n" not in str(info.value)
+    whole = (tiny_dir / "models.ckpt").read_bytes()
+    (tmp_path / "models.ckpt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
         load_scfoundation(tmp_path, gene_index=index)
     assert "\n" not in str(info.value)

@@ -236,8 +236,24 @@ class CheckpointEntry:
 
 
 def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it.
+
+    ``models.ckpt`` holds several models; mapping it means only the entry used is read.
+    """
+    with open(path, "rb") as fh:
+        header = fh.read(4)
+    if header != b"PK\x03\x04" and header[:1] != b"\x80":
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (no zip or pickle header, starts with "
+            f"{header!r}); the file is corrupt or not models.ckpt — download it again."
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as exc:  # torch raises many types for corrupt, truncated or foreign files
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found:
