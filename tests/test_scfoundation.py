@@ -421,6 +421,8 @@ def test_scaled_and_normalized_input_refused(tiny_model):
 def test_bad_options(tiny_dir):
     with pytest.raises(ConfigError, match="tgthighres 'x4'"):
         load_scfoundation(tiny_dir, tgthighres="x4")
+    with pytest.raises(ConfigError, match="tgthighres 'f0'"):
+        load_scfoundation(tiny_dir, tgthighres="f0")
     with pytest.raises(ConfigError, match="pre_normalized 'yes'"):
         load_scfoundation(tiny_dir, pre_normalized="yes")
     with pytest.raises(ConfigError, match="version 'big'"):

@@ -87,9 +87,9 @@ class ScFoundationOptions:
 def parse_tgthighres(tgthighres: str) -> tuple[str, float]:
     """``"t4"`` → ("t", 4.0); raise ConfigError for anything else."""
     found = TGTHIGHRES_RE.match(str(tgthighres))
-    if not found:
+    if not found or (found.group(1) == "f" and float(found.group(2)) <= 0):
         raise ConfigError(
-            f"tgthighres {tgthighres!r} is not valid; write t<x> (T = x), f<x> "
+            f"tgthighres {tgthighres!r} is not valid; write t<x> (T = x), f<x> with x > 0 "
             "(T = log10(total·x)) or a<x> (T = log10(total) + x), e.g. 't4' or 'a5'."
         )
     return found.group(1), float(found.group(2))
