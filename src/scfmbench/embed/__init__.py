@@ -1,6 +1,9 @@
 """Foundation-model adapters and the shared embedding engine."""
 
-from scfmbench.embed import _scgpt  # noqa: F401  (registers the "scgpt" model)
+from scfmbench.embed import (
+    _scfoundation,  # noqa: F401  (registers "scfoundation")
+    _scgpt,  # noqa: F401  (registers the "scgpt" model)
+)
 from scfmbench.embed._engine import (
     EmbeddingCache,
     collate,
