@@ -12,7 +12,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conftest import require_shared
 from scfmbench.embed import MODELS, collate, embed, embed_tokens
 from scfmbench.embed._scfoundation import (
     GENE_INDEX_FILE,
@@ -33,6 +32,7 @@ from scfmbench.errors import (
     DataError,
     GeneMatchError,
 )
+from tests.conftest import require_shared
 
 HIDDEN = 8
 GENES = ["G0", "G1", "G2", "G3", "G4", "G5"]
