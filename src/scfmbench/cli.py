@@ -44,6 +44,21 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logging.getLogger("scfmbench").warning("warning: %s", message)
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """``["max_seq_len=3000", "normalize=false"]`` → typed dict (YAML scalars)."""
+    import yaml
+
+    from scfmbench.errors import ConfigError
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"option {pair!r} must be KEY=VALUE, e.g. max_seq_len=3000.")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 @app.command()
 def run(
     data: str = typer.Option(None, help="An .h5ad file or a built-in name (pbmc68k_reduced)."),
@@ -138,6 +153,9 @@ def embed(
         None, help="Embedding cache folder (finished chunks survive an interruption)."
     ),
     chunk_size: int = typer.Option(2048, help="Cells per saved chunk when caching."),
+    option: list[str] = typer.Option(
+        None, help="Model loader option KEY=VALUE, repeatable (e.g. tgthighres=a5)."
+    ),
     allow_normalized: bool = typer.Option(False, "--allow-normalized"),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -157,6 +175,7 @@ def embed(
         precision=precision,
         cache_dir=cache_dir,
         chunk_size=chunk_size,
+        model_options=parse_options(option or []),
         allow_normalized=allow_normalized,
         gene_column=gene_column,
         progress=not quiet,

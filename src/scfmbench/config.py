@@ -45,6 +45,11 @@ class RunConfig(BaseModel):
     models: list[str] = Field(
         default_factory=list, description="Foundation models as NAME=DIR, e.g. geneformer=./gf."
     )
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-model loader options, e.g. {scfoundation: {tgthighres: a5}} or "
+        "{scgpt: {max_seq_len: 3000}}.",
+    )
     random_controls: bool = Field(
         True, description="Add the random-init control of every foundation model."
     )

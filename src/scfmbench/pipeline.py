@@ -28,6 +28,7 @@ from scfmbench.features import REPRESENTATIONS, SplitFeatures, embedding_feature
 from scfmbench.hashing import hash_array, hash_json
 from scfmbench.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.probes import PROBES, fit_probe
+from scfmbench.registry import did_you_mean
 from scfmbench.splits import Split, SplitSet, labels_hash, load_or_make_splits
 from scfmbench.validate import BUILTIN_DATASETS, DataDiagnostics, ValidatedData, load_dataset
 from scfmbench.validate import validate as validate_data
@@ -108,7 +109,7 @@ def load_models(config: RunConfig) -> list[Any]:
         random_only = name.endswith("-random")
         base = name.removesuffix("-random")
         loader = MODELS.get(base)
-        options = _loader_options(loader, config)
+        options = _loader_options(loader, config, base)
         if not random_only:
             models.append(loader(path, random_init=False, **options))
         if random_only or config.random_controls:
@@ -116,14 +117,24 @@ def load_models(config: RunConfig) -> list[Any]:
     return models
 
 
-def _loader_options(loader, config: RunConfig) -> dict[str, Any]:
+def _loader_options(loader, config: RunConfig, name: str | None = None) -> dict[str, Any]:
+    """Run-wide options the loader accepts, plus ``model_options[name]`` (checked by name)."""
     wanted = {
         "allow_normalized": config.allow_normalized,
         "gene_column": config.gene_column,
         "seed": config.seed,
     }
     accepted = inspect.signature(loader).parameters
-    return {k: v for k, v in wanted.items() if k in accepted}
+    options = {k: v for k, v in wanted.items() if k in accepted}
+    extra = dict(config.model_options.get(name, {})) if name else {}
+    valid = [p for p in accepted if p not in ("path", "random_init")]
+    for key in extra:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown option {key!r} for model {name!r}; choose from {valid}."
+                + did_you_mean(key, valid)
+            )
+    return {**options, **extra}
 
 
 def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
@@ -668,6 +679,7 @@ def embed_dataset(
     gene_column: str | None = None,
     progress: bool = True,
     chunk_size: int = 2048,
+    model_options: dict[str, Any] | None = None,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
 
@@ -686,12 +698,15 @@ def embed_dataset(
     name, path = parse_model_spec(model)
     base = name.removesuffix("-random")
     loader = MODELS.get(base)
-    options = {"allow_normalized": allow_normalized, "gene_column": gene_column}
-    accepted = inspect.signature(loader).parameters
+    settings = RunConfig.build(
+        {
+            "allow_normalized": allow_normalized,
+            "gene_column": gene_column,
+            "model_options": {base: dict(model_options or {})},
+        }
+    )
     foundation = loader(
-        path,
-        random_init=name.endswith("-random"),
-        **{k: v for k, v in options.items() if k in accepted},
+        path, random_init=name.endswith("-random"), **_loader_options(loader, settings, base)
     )
     result = embed(
         counts,
