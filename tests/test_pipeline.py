@@ -142,3 +142,24 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
     assert "expression: adata.X holds raw integer counts" in done.stdout
     assert "gene identifiers: symbol" in done.stdout
     assert "  Platelet: 14" in done.stdout
+
+
+def test_model_options_are_checked_against_the_loader():
+    from scfmbench.pipeline import _loader_options
+
+    def loader(path, *, random_init=False, gene_column=None, max_seq_len=1200, seed=0):
+        return None
+
+    config = RunConfig.build(
+        {"gene_column": "gene_ids", "model_options": {"m": {"max_seq_len": 5}}}
+    )
+    assert _loader_options(loader, config, "m") == {
+        "gene_column": "gene_ids",
+        "seed": 42,
+        "max_seq_len": 5,
+    }
+    bad = RunConfig.build({"model_options": {"m": {"max_seq_lem": 5}}})
+    with pytest.raises(
+        ConfigError, match="unknown option 'max_seq_lem'.*Did you mean 'max_seq_len'"
+    ):
+        _loader_options(loader, bad, "m")
