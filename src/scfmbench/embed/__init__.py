@@ -1,5 +1,6 @@
 """Foundation-model adapters and the shared embedding engine."""
 
+from scfmbench.embed import _geneformer  # noqa: F401  (registers "geneformer")
 from scfmbench.embed._engine import (
     EmbeddingCache,
     collate,
