@@ -14,8 +14,10 @@ input order, followed by the summed groups in order of their first member.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,11 @@ class GeneMapping:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
+    @property
+    def n_single(self) -> int:
+        """Columns fed by one input gene; the summed groups are the columns after them."""
+        return self.n_tokens - self.n_collapsed_tokens
+
     def summary(self) -> str:
         text = (
             f"geneformer: {self.n_mapped}/{self.n_genes} genes map onto {self.n_tokens} tokens "
@@ -303,7 +310,7 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
     order += [m for m in counts if counts[m] > 1]
     column_of = {gene: j for j, gene in enumerate(order)}
     columns = np.fromiter(
-        (column_of[m] if m is not None else -1 for m in mapped), dtype=np.int64, count=len(keys)
+        (column_of[m] if m is not None else -1 for m in mapped), dtype=np.int32, count=len(keys)
     )
     return GeneMapping(
         identifier_type=detect_identifier_type(keys),
@@ -319,65 +326,123 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
     )
 
 
-def _sorted_within_rows(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """Indices ordering each CSR row by ``values`` descending, ties by position in the row.
+def _segment_positions(counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Targets for items grouped by row (``counts[r]`` of row ``r``) placed from ``starts[r]``."""
+    first = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum())) + np.repeat(starts - first, counts)
 
-    Equals a stable per-row ``argsort(-values)``. One uint64 sort of (row, float32 value,
-    position) keys does the bulk; runs whose float32 values are equal (near-ties) are then
-    re-sorted exactly on the float64 values.
+
+@dataclass
+class _Entries:
+    """Nonzero collapsed entries of a block: one value per (row, column), rows ascending."""
+
+    rows: np.ndarray  # (n,) int64 row of each entry
+    columns: np.ndarray  # (n,) int64 collapsed column, ascending within a row
+    values: np.ndarray  # (n,) float64 count / n_counts * target_sum / median
+
+    def lookup(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Values at (row, column) pairs that are known to be entries."""
+        width = int(self.columns.max(initial=0)) + 1
+        key = self.rows * width + self.columns
+        return self.values[np.searchsorted(key, rows * width + columns)]
+
+
+def _block_entries(
+    block: sp.csr_matrix, mapping: GeneMapping, *, target_sum: float
+) -> tuple[_Entries, np.ndarray, _Entries]:
+    """Entries of genes with a token of their own (CSR-ordered, with indptr) and summed groups.
+
+    Returns:
+        ``(singles, singles_indptr, groups)``; ``singles.rows`` is left empty (derivable from
+        the indptr) to save a pass over the data.
     """
-    lengths = np.diff(indptr)
-    n, n_rows = len(values), len(lengths)
-    pos_bits = max(int(lengths.max(initial=0)).bit_length(), 1)
-    row_bits = max(int(n_rows - 1).bit_length(), 1)
-    if row_bits + 31 + pos_bits > 64:
-        raise ValueError(f"{n_rows} rows × {lengths.max()} values do not fit a 64-bit sort key")
-    starts = indptr[:-1].astype(np.int64)
-    rows = np.repeat(np.arange(n_rows, dtype=np.uint64), lengths)
-    pos = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
-    # positive floats order like their bit patterns; subtract from the max for "descending"
-    descending = (np.int64(0x7FFFFFFF) - values.astype(np.float32).view(np.int32)).astype(np.uint64)
-    key = (rows << np.uint64(31 + pos_bits)) | (descending << np.uint64(pos_bits))
-    key |= pos.astype(np.uint64)
-    key.sort()
-    order = starts[(key >> np.uint64(31 + pos_bits)).astype(np.int64)]
-    order += (key & np.uint64((1 << pos_bits) - 1)).astype(np.int64)
-    head = key >> np.uint64(pos_bits)
-    tie = head[1:] == head[:-1]
-    if tie.any():
-        member = np.zeros(n, dtype=bool)
-        member[1:] |= tie
-        member[:-1] |= tie
-        run = np.cumsum(np.concatenate([[True], ~tie]))
-        idx = np.flatnonzero(member)
-        sub = order[idx]
-        order[idx] = sub[np.lexsort((sub, -values[sub], run[idx]))]
-    return order
+    if not block.has_sorted_indices:
+        block = block.sorted_indices()
+    if not block.data.all():  # explicit zeros are not expressed genes
+        block = block.copy()
+        block.eliminate_zeros()
+    n_counts = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # over all input genes
+    columns = mapping.columns[block.indices]
+    single = columns.view(np.uint32) < mapping.n_single  # -1 (unmapped) wraps to a huge value
+    before = np.zeros(len(single) + 1, dtype=np.int32)
+    np.cumsum(single, out=before[1:])
+    indptr = before[block.indptr].astype(np.int64)
+    s_columns = columns[single]
+    s_values = block.data[single].astype(np.float64)
+    s_values /= np.repeat(n_counts, np.diff(indptr))
+    s_values *= target_sum
+    s_values /= mapping.medians[s_columns]
+    # genes sharing a token: sum their raw counts per (row, column) before normalizing
+    grouped = np.flatnonzero(columns >= mapping.n_single)
+    g_rows = np.searchsorted(block.indptr, grouped, side="right") - 1
+    keys, where = np.unique(g_rows * mapping.n_tokens + columns[grouped], return_inverse=True)
+    sums = np.bincount(where, weights=block.data[grouped].astype(np.float64), minlength=len(keys))
+    g_rows, g_columns = np.divmod(keys, mapping.n_tokens)
+    g_values = sums / n_counts[g_rows] * target_sum / mapping.medians[g_columns]
+    singles = _Entries(np.zeros(0, np.int64), s_columns, s_values)
+    return singles, indptr, _Entries(g_rows, g_columns, g_values)
 
 
 def _rank_block(
     block: sp.csr_matrix, mapping: GeneMapping, *, max_genes: int, target_sum: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked gene tokens (flat) and their number per cell for one block of cells."""
+    """Ranked gene tokens (flat) and their number per cell for one block of cells.
+
+    One uint64 sort of (row, descending float32 value, collapsed column) keys ranks every
+    cell; runs whose float32 values are equal (near-ties) are re-sorted on the exact float64
+    values, so the result equals a stable per-cell ``argsort(-value)`` in collapsed order.
+    """
     n_rows = block.shape[0]
-    n_counts = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # over all input genes
-    columns = mapping.columns[block.indices]
-    keep = (columns >= 0) & (block.data != 0)
-    row_of = np.repeat(np.arange(n_rows), np.diff(block.indptr))
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row_of[keep], minlength=n_rows), out=indptr[1:])
-    collapsed = sp.csr_matrix(
-        (block.data[keep].astype(np.float64), columns[keep], indptr),
-        shape=(n_rows, mapping.n_tokens),
-    )
-    collapsed.sum_duplicates()  # sums genes sharing a token; sorts columns within each row
-    lengths = np.diff(collapsed.indptr)
-    rows = np.repeat(np.arange(n_rows), lengths)
-    values = collapsed.data / n_counts[rows] * target_sum / mapping.medians[collapsed.indices]
-    order = _sorted_within_rows(values, collapsed.indptr)
-    rank = np.arange(len(order)) - collapsed.indptr[rows]
-    tokens = mapping.tokens[collapsed.indices[order[rank < max_genes]]]
+    singles, indptr, groups = _block_entries(block, mapping, target_sum=target_sum)
+    n_single = np.diff(indptr)
+    lengths = n_single + np.bincount(groups.rows, minlength=n_rows)
+    col_bits = max(int(mapping.n_tokens - 1).bit_length(), 1)
+    row_shift = 31 + col_bits
+    if max(int(n_rows - 1).bit_length(), 1) + row_shift > 64:
+        raise ValueError(f"{n_rows} rows × {mapping.n_tokens} tokens do not fit a 64-bit key")
+    key = np.empty(len(singles.values) + len(groups.values), dtype=np.uint64)
+    n = len(singles.values)
+    row_high = np.arange(n_rows, dtype=np.uint64) << np.uint64(row_shift)
+    for part, entries, high in (
+        (key[:n], singles, np.repeat(row_high, n_single)),
+        (key[n:], groups, row_high[groups.rows]),
+    ):
+        # positive floats order like their bit patterns; subtract from the max for "descending"
+        bits = np.int32(0x7FFFFFFF) - entries.values.astype(np.float32).view(np.int32)
+        part[:] = bits.astype(np.uint64) << np.uint64(col_bits)
+        part |= entries.columns.astype(np.uint64)
+        part |= high
+    key.sort()
+    column_mask = np.uint64((1 << col_bits) - 1)
+    head = key >> np.uint64(col_bits)
+    tie = head[1:] == head[:-1]
+    if tie.any():
+        member = np.zeros(len(key), dtype=bool)
+        member[1:] |= tie
+        member[:-1] |= tie
+        idx = np.flatnonzero(member)
+        run = np.cumsum(np.concatenate([[True], ~tie])[idx])  # a run starts after a non-tie
+        rows = (key[idx] >> np.uint64(row_shift)).astype(np.int64)
+        columns = (key[idx] & column_mask).astype(np.int64)
+        exact = np.empty(len(idx))
+        in_group = columns >= mapping.n_single
+        exact[in_group] = groups.lookup(rows[in_group], columns[in_group])
+        exact[~in_group] = _singles_of_rows(singles, indptr, np.unique(rows[~in_group])).lookup(
+            rows[~in_group], columns[~in_group]
+        )
+        key[idx] = key[idx][np.lexsort((columns, -exact, run))]
+    tokens = mapping.tokens[(key & column_mask).astype(np.int64)]
+    if lengths.max(initial=0) > max_genes:
+        starts = np.cumsum(lengths) - lengths
+        tokens = tokens[np.arange(len(tokens)) - np.repeat(starts, lengths) < max_genes]
     return tokens, np.minimum(lengths, max_genes)
+
+
+def _singles_of_rows(singles: _Entries, indptr: np.ndarray, rows: np.ndarray) -> _Entries:
+    """The single-gene entries of a few rows, with their rows filled in."""
+    counts = indptr[rows + 1] - indptr[rows]
+    at = _segment_positions(counts, indptr[rows])
+    return _Entries(np.repeat(rows, counts), singles.columns[at], singles.values[at])
 
 
 def rank_value_tokens(
@@ -389,8 +454,12 @@ def rank_value_tokens(
     eos_id: int | None = None,
     target_sum: float = TARGET_SUM,
     chunk_cells: int = CHUNK_CELLS,
+    n_jobs: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vectorized rank-value encoding of every cell of a raw count matrix.
+
+    Cells are processed in blocks of at most ``chunk_cells`` (bounded memory), on ``n_jobs``
+    threads.
 
     Args:
         counts: (n_cells, n_genes) raw counts, genes in ``mapping`` order.
@@ -402,27 +471,46 @@ def rank_value_tokens(
         ``(input_ids, lengths)``: flat int64 tokens of the cells that have any, and the number
         of tokens per input cell (0 for a cell without any in-vocabulary gene).
     """
-    counts = sp.csr_matrix(counts)
-    blocks = [
-        _rank_block(
-            counts[lo : lo + chunk_cells], mapping, max_genes=max_genes, target_sum=target_sum
-        )
-        for lo in range(0, counts.shape[0], chunk_cells)
-    ]
+    if not isinstance(counts, sp.csr_matrix):
+        counts = sp.csr_matrix(counts)
+    n_cells = counts.shape[0]
+    size = max(1, min(chunk_cells, -(-n_cells // max(n_jobs, 1))))
+
+    def rank(lo: int) -> tuple[np.ndarray, np.ndarray]:
+        block = _row_block(counts, lo, min(lo + size, n_cells))
+        return _rank_block(block, mapping, max_genes=max_genes, target_sum=target_sum)
+
+    starts = range(0, n_cells, size)
+    if n_jobs > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:  # numpy releases the GIL
+            blocks = list(pool.map(rank, starts))
+    else:
+        blocks = [rank(lo) for lo in starts]
     genes = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, np.int64)
     n_genes = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int64)
     if cls_id is None:
         return genes.astype(np.int64), n_genes.astype(np.int64)
     lengths = np.where(n_genes > 0, n_genes + 2, 0).astype(np.int64)
-    starts = np.cumsum(lengths) - lengths
+    first = np.cumsum(lengths) - lengths
     ids = np.empty(int(lengths.sum()), dtype=np.int64)
-    gene_starts = np.cumsum(n_genes) - n_genes
-    gene_rows = np.repeat(np.arange(len(n_genes)), n_genes)
-    ids[starts[gene_rows] + 1 + np.arange(len(genes)) - gene_starts[gene_rows]] = genes
+    ids[_segment_positions(n_genes, first + 1)] = genes
     nonempty = lengths > 0
-    ids[starts[nonempty]] = cls_id
-    ids[starts[nonempty] + lengths[nonempty] - 1] = eos_id
+    ids[first[nonempty]] = cls_id
+    ids[first[nonempty] + lengths[nonempty] - 1] = eos_id
     return ids, lengths
+
+
+def _row_block(counts: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
+    """Rows ``lo:hi`` of a CSR matrix without copying its data."""
+    if (lo, hi) == (0, counts.shape[0]):
+        return counts
+    a, b = counts.indptr[lo], counts.indptr[hi]
+    block = sp.csr_matrix(
+        (counts.data[a:b], counts.indices[a:b], counts.indptr[lo : hi + 1] - a),
+        shape=(hi - lo, counts.shape[1]),
+    )
+    block.has_sorted_indices = counts.has_sorted_indices
+    return block
 
 
 def tokenize_cell_loop(
@@ -476,6 +564,7 @@ class GeneformerTokenizer:
         gene_column: var column with gene identifiers (e.g. ``"gene_ids"``); default var_names.
         allow_normalized: tokenize non-integer input with a warning instead of failing.
         target_sum: counts are scaled to this total before dividing by the gene medians.
+        n_jobs: threads for the vectorized ranking (default: the CPU count, at most 8).
     """
 
     def __init__(
@@ -487,8 +576,10 @@ class GeneformerTokenizer:
         gene_column: str | None = None,
         allow_normalized: bool = False,
         target_sum: float = TARGET_SUM,
+        n_jobs: int | None = None,
     ) -> None:
         self.dicts = dicts
+        self.n_jobs = n_jobs if n_jobs is not None else min(os.cpu_count() or 1, 8)
         self.version, self.model_input_size = resolve_version(
             dicts, version=version, max_position_embeddings=max_position_embeddings
         )
@@ -546,7 +637,7 @@ class GeneformerTokenizer:
                 mapping.n_symbols - mapping.n_symbols_mapped,
                 mapping.n_symbols,
             )
-        ids, lengths = rank_value_tokens(counts, mapping, **self.rank_options())
+        ids, lengths = rank_value_tokens(counts, mapping, **self.rank_options(), n_jobs=self.n_jobs)
         kept = lengths > 0
         if "filter_pass" in adata.obs:
             passing = adata.obs["filter_pass"].to_numpy() == 1
