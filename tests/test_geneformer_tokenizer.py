@@ -295,3 +295,59 @@ def test_rank_value_properties(toy_v2, rows, max_genes):
         assert values == sorted(values, reverse=True)
         assert all(summed[row, column_of[t]] > 0 for t in genes)  # zero genes never appear
         assert len(set(genes)) == len(genes)
+
+
+def test_normalization_uses_total_counts_over_all_input_genes(toy_v2):
+    from scfmbench.tokenize._geneformer import _block_entries
+
+    tokenizer = GeneformerTokenizer(toy_v2)
+    adata = toy_adata()
+    singles, indptr, groups = _block_entries(
+        sp.csr_matrix(adata.X), tokenizer.map_genes(adata.var), target_sum=10_000
+    )
+    # cell 0: 13 counts in total, 5 of them on an unmapped gene; C sums its alias (1 + 1)
+    assert indptr.tolist() == [0, 3, 5, 5, 5]
+    np.testing.assert_array_equal(
+        singles.values[:3], [2 / 13 * 10_000 / 1.0, 2 / 13 * 10_000 / 2.0, 2 / 13 * 10_000 / 1.0]
+    )
+    assert groups.rows.tolist() == [0, 1]
+    np.testing.assert_array_equal(groups.values, [2 / 13 * 10_000 / 0.5, 2 / 14 * 10_000 / 0.5])
+
+
+def test_input_layouts_give_the_same_tokens(toy_v2):
+    """Dense X, unsorted CSR indices and explicit zeros tokenize like canonical CSR."""
+    adata = toy_adata()
+    expected = GeneformerTokenizer(toy_v2).tokenize(adata)
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    csr = sp.csr_matrix(adata.X)
+    rows = list(zip(csr.indptr[:-1], csr.indptr[1:], strict=True))
+    unsorted = sp.csr_matrix(
+        (
+            np.concatenate([csr.data[a:b][::-1] for a, b in rows]),
+            np.concatenate([csr.indices[a:b][::-1] for a, b in rows]),
+            csr.indptr,
+        ),
+        shape=csr.shape,
+    )
+    assert not unsorted.has_sorted_indices
+    zeros = np.append(csr.indptr[:-1], csr.nnz + 1)  # an explicit 0 for gene E in the last cell
+    with_zeros = sp.csr_matrix(
+        (np.append(csr.data, 0.0), np.append(csr.indices, 6), zeros), shape=csr.shape
+    )
+    for X in (unsorted, with_zeros):
+        variant = adata.copy()
+        variant.X = X
+        assert np.array_equal(
+            GeneformerTokenizer(toy_v2).tokenize(variant).input_ids, expected.input_ids
+        )
+    assert np.array_equal(GeneformerTokenizer(toy_v2).tokenize(dense).input_ids, expected.input_ids)
+
+
+def test_filter_pass_cells_are_listed_as_dropped(toy_v2):
+    adata = toy_adata()
+    adata.obs["filter_pass"] = [0, 1, 1, 1]
+    tokens = GeneformerTokenizer(toy_v2).tokenize(adata)
+    assert list(tokens.obs_names) == ["c1"]
+    assert sorted(tokens.dropped) == ["c0", "c2", "c3"]
+    assert tokens.cell(0)[0].tolist()[1:-1] == [toy_v2.token_dict[g] for g in (A, B, C)]

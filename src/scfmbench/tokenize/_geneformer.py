@@ -19,6 +19,7 @@ import pickle
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,11 @@ class GeneformerDictionaries:
             sha256=hash_json({kind: hash_file(p) for kind, p in sorted(files.items())}),
         )
 
+    @cached_property
+    def mapping_targets(self) -> dict[str, str]:
+        """The ensembl mapping restricted to targets in the token dictionary (as the reference)."""
+        return {k: v for k, v in self.ensembl_mapping.items() if v in self.token_dict}
+
     @property
     def version(self) -> str:
         """``"V2"`` when the vocabulary has ``<cls>`` and ``<eos>``, else ``"V1"``."""
@@ -302,8 +308,7 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
     for key, ens in zip(keys, is_ensembl, strict=True):
         gene_id = strip_version(key.upper()) if ens else name_id.get(key)
         ensembl.append(None if gene_id is None else gene_id.upper())
-    vocab = dicts.token_dict
-    targets = {k: v for k, v in dicts.ensembl_mapping.items() if v in vocab}
+    vocab, targets = dicts.token_dict, dicts.mapping_targets
     mapped = [None if e is None else targets.get(e) for e in ensembl]
     counts = Counter(m for m in mapped if m is not None)
     order = [m for m in dict.fromkeys(mapped) if m is not None and counts[m] == 1]
