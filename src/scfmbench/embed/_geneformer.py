@@ -87,7 +87,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         SafetensorError,
     ) as exc:
         raise CheckpointError(
-            f"cannot read weights {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"cannot read weights {path} ({type(exc).__name__}: {_first_line(exc)}); "
             "the file is truncated or corrupt, re-download it."
         ) from exc
     if not isinstance(state, dict):
@@ -95,6 +95,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path} holds a {type(state).__name__}, not a state dict; re-download it."
         )
     return state
+
+
+def _first_line(exc: Exception, limit: int = 160) -> str:
+    lines = str(exc).splitlines()
+    return lines[0][:limit] if lines else "no message"
 
 
 def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
@@ -121,9 +126,9 @@ def load_backbone(config: BertConfig, weights: Path) -> BertModel:
     try:
         result = network.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        first = str(exc).split("\n\t")[1:3]
+        problems = [" ".join(p.split()) for p in str(exc).split("\n\t")[1:3]]
         raise CheckpointError(
-            f"weights in {weights} do not fit config.json ({'; '.join(first)}); use the "
+            f"weights in {weights} do not fit config.json ({'; '.join(problems)}); use the "
             "config.json that came with these weights."
         ) from exc
     missing = [k for k in result.missing_keys if k not in IGNORED_KEYS]
