@@ -55,7 +55,7 @@ INPUT_SIZES = {"V1": 2048, "V2": 4096}
 TARGET_SUM = 10_000
 TIE_RULE = "stable-by-collapsed-gene-order"
 TOKENIZER_REVISION = 1
-CHUNK_CELLS = 8192
+CHUNK_CELLS = 256  # small blocks keep the working set in cache
 DICTS_FLAG = "--geneformer-dicts"
 
 # Dictionary pickles hold only builtins and numpy scalars; anything else is refused.
