@@ -6,6 +6,10 @@ gene's count is divided by the cell's total count (over *all* input genes), mult
 order). Nonzero genes are ranked by this value, highest first, and the top genes are kept:
 V1 ``2048`` genes, V2 ``<cls>`` + ``4094`` genes + ``<eos>``.
 
+The reference reads the total from ``obs["n_counts"]`` (conventionally the cell's total
+counts); here it is always computed from ``X`` over all input genes, mapped or not. Within a
+cell it is a constant factor, so it cannot change the ranking beyond float64 rounding.
+
 Tie rule (the reference's unstable argsort leaves it machine-dependent): genes with exactly
 equal values keep the *collapsed gene order*, i.e. genes that map to a token of their own in
 input order, followed by the summed groups in order of their first member.
