@@ -80,7 +80,7 @@ CASES = {
     "unknown_model": (
         lambda p: write(make_tiny_adata(), p),
         ["--model", "genformer=x"],
-        "unknown model 'genformer'",
+        "Did you mean 'geneformer'",
     ),
     "escaping_name": (lambda p: write(make_tiny_adata(), p), ["--name", "../x"], "one folder name"),
 }

@@ -1,6 +1,7 @@
 """Foundation-model adapters and the shared embedding engine."""
 
 from scfmbench.embed import (
+    _geneformer,  # noqa: F401  (registers "geneformer")
     _scfoundation,  # noqa: F401  (registers "scfoundation")
     _scgpt,  # noqa: F401  (registers the "scgpt" model)
 )
