@@ -1,6 +1,7 @@
-"""Fine-tune the tiny model on the PBMC3k subset; run under ``accelerate launch`` for DDP.
+"""Fine-tune the tiny model on the PBMC3k subset; run under a DDP launcher.
 
-Usage: ``accelerate launch --num_processes 2 --cpu tests/_ddp_finetune.py DATA OUT_DIR CONFIG_JSON``.
+Usage: ``torchrun --nproc_per_node 2 tests/_ddp_finetune.py DATA OUT_DIR CONFIG_JSON`` (or
+``accelerate launch --multi_gpu --num_processes 2``, which also runs on CPU-only machines).
 The main process writes ``OUT_DIR/result.json`` (the engine's own result file).
 """
 
@@ -16,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _tiny_model import TinyModel, pbmc_subset  # noqa: E402
-
 from scfmbench.finetune import FinetuneConfig, finetune  # noqa: E402
 from scfmbench.splits import stratified_split  # noqa: E402
 from scfmbench.validate import validate  # noqa: E402

@@ -436,16 +436,77 @@ def finetune_in_run(
     *,
     config: FinetuneConfig,
     run_dir: Path,
+    resume: bool = True,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune inside a run directory (``run --finetune``): ``RUN/finetune/<model>/seed<S>``.
 
-    A rerun resumes from the last checkpoint, so a finished model is only re-scored.
+    Takes what ``pipeline.run`` holds. With ``resume`` a rerun continues from the last
+    checkpoint, so a finished model is only re-scored on test.
     """
     out_dir = Path(run_dir) / "finetune" / model.model_id / f"seed{split.seed}"
     return finetune(
-        validated, model, split, config=config, out_dir=out_dir, resume=True, progress=progress
+        validated, model, split, config=config, out_dir=out_dir, resume=resume, progress=progress
     )
+
+
+def finetune_dataset(
+    data: str | Path | AnnData,
+    *,
+    models: list[str],
+    config_file: Path | None = None,
+    run_overrides: dict[str, Any] | None = None,
+    finetune_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Path, list[FinetuneResult]]:
+    """The API behind ``scfmbench finetune``: validate, reuse/make the run's splits, fine-tune.
+
+    Args:
+        data: an ``.h5ad`` path, a built-in name or an AnnData.
+        models: ``NAME=DIR`` specs (``NAME-random=DIR`` for the random-init control).
+        config_file: run YAML; top-level keys are RunConfig fields (label_key, out, name,
+            seed, fractions, n_splits, …), the ``finetune:`` section holds FinetuneConfig.
+        run_overrides / finetune_overrides: values that win over the YAML.
+
+    Returns:
+        (run directory, one FinetuneResult per model and split); each result lives in
+        ``RUN/finetune/<model_id>/seed<S>/``.
+    """
+    from scfmbench.config import RunConfig
+    from scfmbench.pipeline import load_models, resolve_run
+    from scfmbench.splits import load_or_make_splits
+
+    loaded = read_yaml(config_file) if config_file is not None else {}
+    section = loaded.pop("finetune", {})
+    config = FinetuneConfig.build({**section, **(finetune_overrides or {})})
+    overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
+    run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
+    validated = validate(
+        adata, label_key=run_config.label_key, min_cells_per_class=run_config.min_cells_per_class
+    )
+    run_dir = Path(run_config.out) / run_config.name
+    split_set, _ = load_or_make_splits(
+        run_dir / "splits",
+        validated.labels,
+        n_splits=run_config.n_splits,
+        seed=run_config.seed,
+        fractions=run_config.fractions,
+    )
+    results = [
+        finetune_in_run(
+            validated,
+            model,
+            split,
+            config=config,
+            run_dir=run_dir,
+            resume=resume,
+            progress=progress,
+        )
+        for model in load_models(run_config)
+        for split in split_set.splits
+    ]
+    return run_dir, results
 
 
 def load_head(best_dir: Path, model: FoundationModel) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -891,6 +952,7 @@ __all__ = [
     "FinetuneResult",
     "epoch_batches",
     "finetune",
+    "finetune_dataset",
     "finetune_in_run",
     "load_head",
 ]
