@@ -169,9 +169,15 @@ def test_lora_trains_only_adapters_and_head(pbmc_small, tmp_path):
             ".bias", ".base_layer.bias"
         )
         assert torch.equal(after.get(name, after.get(lora_key)), tensor), name
-    # the saved best model has the adapters merged and loads as a plain model
+    # the saved best model has the adapters merged, loads as a plain model and embeds
+    # like the adapter model it came from
     reloaded = load_tiny(result.best_dir / "model")
     assert not any("lora" in n for n in reloaded.network.state_dict())
+    tokens = model.tokenize(validated.adata[split.test].copy())
+    layer = model.n_layers
+    merged = embed_tokens(reloaded, tokens, layer=layer, pooling="mean", progress=False)
+    adapted = embed_tokens(model, tokens, layer=layer, pooling="mean", progress=False)
+    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_frozen_layers_unchanged(pbmc_small, tmp_path):
@@ -228,11 +234,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_control_is_labelled(pbmc_small, tmp_path):
+def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
     validated, genes, split = pbmc_small
     control = TinyModel(genes, random_init=True, seed=1)
-    config = FinetuneConfig(**{**FAST, "epochs": 1, "class_weighted": True, "patience": 1})
+    options = {"class_weighted": True, "mixed_precision": "bf16", "gradient_checkpointing": True}
+    config = FinetuneConfig(**{**FAST, "epochs": 1, **options})
     result = finetune(validated, control, split, config=config, out_dir=tmp_path, progress=False)
+    assert control.network.is_gradient_checkpointing
+    assert np.isfinite(result.epochs[0]["train_loss"])
     assert result.kind == "control"
     assert result.model_id == "tiny-random"
     assert result.to_dict()["kind"] == "control"

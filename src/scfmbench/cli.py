@@ -231,6 +231,8 @@ def finetune(
 
     Multi-GPU: accelerate launch --multi_gpu --num_processes N -m scfmbench.cli finetune …
     """
+    import os
+
     import yaml
 
     from scfmbench.errors import ConfigError
@@ -260,6 +262,8 @@ def finetune(
         resume=resume,
         progress=not quiet,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: print once
+        return
     typer.echo(
         "| model | kind | split | best epoch | val macro F1 | test accuracy | test macro F1 |"
     )

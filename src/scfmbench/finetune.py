@@ -720,6 +720,7 @@ def _resolve_layer(model: FoundationModel, config: FinetuneConfig) -> tuple[int,
 
 def _accelerator(config: FinetuneConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     if config.device not in ("auto", "cpu"):
@@ -730,6 +731,9 @@ def _accelerator(config: FinetuneConfig):
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     if cpu and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
+    # Accelerate keeps one global state per process; forget the previous call's precision
+    # (the process group and device, if any, are kept) so calls may differ in it.
+    AcceleratorState._reset_state()
     return Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
@@ -920,6 +924,18 @@ def _load_checkpoint(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, An
     return state
 
 
+def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """Deep copy of ``module`` with every parameter and buffer on the CPU (no GPU copy)."""
+    memo: dict[int, Any] = {}
+    for parameter in module.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(
+            parameter.detach().cpu().clone(), requires_grad=parameter.requires_grad
+        )
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer.detach().cpu().clone()
+    return copy.deepcopy(module, memo)
+
+
 def _save_best(
     best_dir: Path,
     model: FoundationModel,
@@ -941,7 +957,7 @@ def _save_best(
     original = model.network
     try:
         if tuner is not None:
-            model.network = copy.deepcopy(tuner).merge_and_unload()
+            model.network = _cpu_copy(tuner).merge_and_unload()
         model.save_pretrained(staging / "model")
     finally:
         model.network = original
