@@ -32,12 +32,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from anndata import AnnData
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path, write_json
+from scfmbench.config import read_yaml
 from scfmbench.embed._engine import collate, length_sorted_batches
 from scfmbench.embed.base import FoundationModel, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError, SplitError
@@ -120,25 +120,22 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> FinetuneConfig:
         """Read the ``finetune:`` section of a run YAML; ``overrides`` win."""
-        return cls.build({**read_yaml(path).get("finetune", {}), **overrides})
+        return cls.build({**finetune_section(read_yaml(path), path), **overrides})
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change the result (compared on resume)."""
         return self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Load a YAML mapping; ConfigError for a missing file, bad YAML or a non-mapping."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc}).") from None
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("finetune", {}), dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
-    return loaded
+def finetune_section(loaded: dict[str, Any], path: Path | None = None) -> dict[str, Any]:
+    """Pop and return the ``finetune:`` mapping of a loaded run YAML (empty when absent)."""
+    section = loaded.pop("finetune", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"the finetune: section of {str(path)!r} must be a mapping of option: value, "
+            f"got {section!r}."
+        )
+    return section
 
 
 @dataclass
@@ -488,7 +485,7 @@ def finetune_dataset(
     from scfmbench.splits import load_or_make_splits
 
     loaded = read_yaml(config_file) if config_file is not None else {}
-    section = loaded.pop("finetune", {})
+    section = finetune_section(loaded, config_file)
     config = FinetuneConfig.build({**section, **(finetune_overrides or {})})
     overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
     run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
