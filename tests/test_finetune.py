@@ -247,6 +247,15 @@ def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
     assert result.to_dict()["kind"] == "control"
 
 
+def test_early_stopping(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    config = FinetuneConfig(**{**FAST, "learning_rate": 1e-9, "patience": 1})
+    result = finetune(validated, TinyModel(genes), split, config=config, out_dir=tmp_path)
+    # nothing is learned, so epoch 2 is no better than epoch 1 and training stops there
+    assert [e["epoch"] for e in result.epochs] == [1, 2]
+    assert result.stopped_early and result.best_epoch == 1
+
+
 def test_option_errors(pbmc_small, tmp_path):
     validated, genes, split = pbmc_small
     with pytest.raises(

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from scfmbench._atomic import atomic_path, write_json
 from scfmbench.config import read_yaml
 from scfmbench.embed._engine import collate, length_sorted_batches
-from scfmbench.embed.base import FoundationModel, TokenizedCells
+from scfmbench.embed.base import FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError, SplitError
 from scfmbench.hashing import hash_json, hash_strings
 from scfmbench.metrics import ClassificationMetrics, classification_metrics
@@ -77,7 +77,7 @@ class FinetuneConfig(BaseModel):
         1.0, gt=0, description="Clip the gradient norm to this (null: no clipping)."
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision on GPU: no, bf16 or fp16."
+        "no", description="Autocast precision: no, bf16 (GPU, or CPU) or fp16 (GPU only)."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (network must support it)."
@@ -230,8 +230,6 @@ class _Classifier(torch.nn.Module):
         attention_mask: torch.Tensor,
         values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from scfmbench.embed.base import PaddedBatch
-
         batch = PaddedBatch(input_ids=input_ids, attention_mask=attention_mask, values=values)
         pooled = self.fm.encode(batch, layer=self.layer, pooling=self.pooling)
         return self.head(pooled.to(next(self.head.parameters()).dtype))
