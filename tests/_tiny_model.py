@@ -99,12 +99,13 @@ class TinyModel(FoundationModel):
         )
 
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
+        last = layer in (self.n_layers, -1)  # all hidden states cost memory in training
         out = self.network(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask.long(),
-            output_hidden_states=True,
+            output_hidden_states=not last,
         )
-        hidden = out.hidden_states[layer]
+        hidden = out.last_hidden_state if last else out.hidden_states[layer]
         mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
