@@ -16,7 +16,14 @@ import torch
 from _tiny_model import TinyModel, load_tiny, pbmc_subset
 from scfmbench import CheckpointError, ConfigError
 from scfmbench.embed import embed_tokens
-from scfmbench.finetune import FinetuneConfig, epoch_batches, finetune, load_head
+from scfmbench.finetune import (
+    FinetuneConfig,
+    epoch_batches,
+    finetune,
+    finetune_in_run,
+    load_head,
+    metrics_section,
+)
 from scfmbench.splits import stratified_split
 from scfmbench.validate import validate
 
@@ -156,7 +163,11 @@ def test_lora_trains_only_adapters_and_head(pbmc_small, tmp_path):
     model = TinyModel(genes)
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     config = FinetuneConfig(**{**FAST, "epochs": 1, "lora": True, "lora_r": 4})
-    result = finetune(validated, model, split, config=config, out_dir=tmp_path, progress=False)
+    # the entry point for ``run --finetune``: what pipeline.run holds
+    result = finetune_in_run(
+        validated.adata, validated.labels, model, split, config=config, run_dir=tmp_path
+    )
+    assert result.out_dir == tmp_path / "finetune" / "tiny" / "seed42"
     hidden, n_classes, n_layers = 32, len(result.classes), 2
     lora = n_layers * 2 * (4 * hidden + hidden * 4)  # query + value: A (r×in) + B (out×r)
     head = hidden * n_classes + n_classes
@@ -244,7 +255,9 @@ def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
     assert np.isfinite(result.epochs[0]["train_loss"])
     assert result.kind == "control"
     assert result.model_id == "tiny-random"
-    assert result.to_dict()["kind"] == "control"
+    section = metrics_section([result])
+    assert section["tiny-random"]["kind"] == "control"
+    assert section["tiny-random"]["splits"]["42"]["epochs"] == result.epochs
 
 
 def test_early_stopping(pbmc_small, tmp_path):

@@ -252,6 +252,7 @@ def finetune(
     *,
     config: FinetuneConfig | None = None,
     out_dir: Path,
+    labels: pd.Series | None = None,
     label_key: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -260,8 +261,9 @@ def finetune(
     """Fine-tune ``model`` with a classification head on ``split`` and score it on test.
 
     Args:
-        data: validated data, or an AnnData with raw counts in ``X`` (validated here with
-            ``label_key``).
+        data: ValidatedData; or an AnnData with raw counts in ``X``, validated here with
+            ``label_key`` unless its cell-type ``labels`` (indexed by cell) are given, in
+            which case it is taken as already validated.
         model: any FoundationModel; a ``random_init`` model is trained the same way and
             labelled as the control.
         split: the run's saved split; train trains, val picks the best epoch, test scores.
@@ -283,10 +285,9 @@ def finetune(
     started = time.perf_counter()
     config = config or FinetuneConfig()
     out_dir = Path(out_dir)
-    validated = data if isinstance(data, ValidatedData) else validate(data, label_key=label_key)
-    labels = validated.labels
+    adata, labels = _data_and_labels(data, labels, label_key)
     classes = [str(c) for c in labels.cat.categories]
-    tokens = model.tokenize(_split_cells(validated.adata, split), seed=config.seed)
+    tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
     sets = {
         name: _cells(tokens, labels, getattr(split, name), classes, name)
         for name in ("train", "val", "test")
@@ -435,7 +436,8 @@ def finetune(
 
 
 def finetune_in_run(
-    validated: ValidatedData,
+    adata: AnnData,
+    labels: pd.Series,
     model: FoundationModel,
     split: Split,
     *,
@@ -446,13 +448,33 @@ def finetune_in_run(
 ) -> FinetuneResult:
     """Fine-tune inside a run directory (``run --finetune``): ``RUN/finetune/<model>/seed<S>``.
 
-    Takes what ``pipeline.run`` holds. With ``resume`` a rerun continues from the last
-    checkpoint, so a finished model is only re-scored on test.
+    Takes what ``pipeline.run`` holds: the validated AnnData (raw counts in ``X``), its
+    labels, one of the run's splits and a loaded model. With ``resume`` a rerun continues
+    from the last checkpoint, so a finished model is only re-scored on test.
     """
     out_dir = Path(run_dir) / "finetune" / model.model_id / f"seed{split.seed}"
     return finetune(
-        validated, model, split, config=config, out_dir=out_dir, resume=resume, progress=progress
+        adata,
+        model,
+        split,
+        labels=labels,
+        config=config,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
     )
+
+
+def metrics_section(results: list[FinetuneResult]) -> dict[str, dict[str, Any]]:
+    """``metrics.json["finetune"]``: per model id its kind, method name and per-split results."""
+    out: dict[str, dict[str, Any]] = {}
+    for result in results:
+        entry = out.setdefault(
+            result.model_id,
+            {"kind": result.kind, "method": result.method_name, "splits": {}},
+        )
+        entry["splits"][str(result.split_seed)] = result.to_dict()
+    return out
 
 
 def finetune_dataset(
@@ -500,7 +522,8 @@ def finetune_dataset(
     )
     results = [
         finetune_in_run(
-            validated,
+            validated.adata,
+            validated.labels,
             model,
             split,
             config=config,
@@ -690,6 +713,19 @@ def _cells(
         names=kept,
         missing=names[where < 0],
     )
+
+
+def _data_and_labels(
+    data: AnnData | ValidatedData, labels: pd.Series | None, label_key: str | None
+) -> tuple[AnnData, pd.Series]:
+    if isinstance(data, ValidatedData):
+        return data.adata, data.labels
+    if labels is None:
+        validated = validate(data, label_key=label_key)
+        return validated.adata, validated.labels
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = labels.astype(str).astype("category")
+    return data, labels
 
 
 def _split_cells(adata: AnnData, split: Split) -> AnnData:
@@ -984,4 +1020,5 @@ __all__ = [
     "finetune_dataset",
     "finetune_in_run",
     "load_head",
+    "metrics_section",
 ]
