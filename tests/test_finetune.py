@@ -172,9 +172,11 @@ def test_lora_trains_only_adapters_and_head(pbmc_small, tmp_path):
     lora = n_layers * 2 * (4 * hidden + hidden * 4)  # query + value: A (r×in) + B (out×r)
     head = hidden * n_classes + n_classes
     assert result.n_trainable_params == lora + head == 1024 + 33 * n_classes
-    trainable = {n for n, p in model.network.named_parameters() if p.requires_grad}
+    tuned = result.model
+    trainable = {n for n, p in tuned.network.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    after = model.network.state_dict()
+    assert not any("lora" in n for n in model.network.state_dict())  # caller's model untouched
+    after = tuned.network.state_dict()
     for name, tensor in before.items():
         lora_key = name.replace(".weight", ".base_layer.weight").replace(
             ".bias", ".base_layer.bias"
@@ -187,7 +189,7 @@ def test_lora_trains_only_adapters_and_head(pbmc_small, tmp_path):
     tokens = model.tokenize(validated.adata[split.test].copy())
     layer = model.n_layers
     merged = embed_tokens(reloaded, tokens, layer=layer, pooling="mean", progress=False)
-    adapted = embed_tokens(model, tokens, layer=layer, pooling="mean", progress=False)
+    adapted = embed_tokens(tuned, tokens, layer=layer, pooling="mean", progress=False)
     np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
 
 
@@ -196,13 +198,16 @@ def test_frozen_layers_unchanged(pbmc_small, tmp_path):
     model = TinyModel(genes)
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     config = FinetuneConfig(**{**FAST, "epochs": 1, "freeze_embeddings": True, "freeze_layers": 1})
-    finetune(validated, model, split, config=config, out_dir=tmp_path, progress=False)
-    after = model.network.state_dict()
+    result = finetune(validated, model, split, config=config, out_dir=tmp_path, progress=False)
+    after = result.model.network.state_dict()
     frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0."))]
     trained_ = [k for k in before if k.startswith("encoder.layer.1.")]
     assert frozen and trained_
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert not any(torch.equal(before[k], after[k]) for k in trained_ if k.endswith("weight"))
+    # the caller's model is not modified, and the tuned copy is a different checkpoint
+    assert all(torch.equal(v, model.network.state_dict()[k]) for k, v in before.items())
+    assert result.model.checkpoint_sha256 != model.checkpoint_sha256
 
 
 def test_two_process_ddp_matches_one_process(trained, pbmc3k_path, tmp_path):
@@ -251,7 +256,7 @@ def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
     options = {"class_weighted": True, "mixed_precision": "bf16", "gradient_checkpointing": True}
     config = FinetuneConfig(**{**FAST, "epochs": 1, **options})
     result = finetune(validated, control, split, config=config, out_dir=tmp_path, progress=False)
-    assert control.network.is_gradient_checkpointing
+    assert result.model.network.is_gradient_checkpointing
     assert np.isfinite(result.epochs[0]["train_loss"])
     assert result.kind == "control"
     assert result.model_id == "tiny-random"

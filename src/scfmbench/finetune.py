@@ -163,6 +163,9 @@ class FinetuneResult:
     train_s: float = 0.0  # seconds spent in training steps by this call (not evaluation)
     train_steps: int = 0  # micro-steps (global batches) run by this call
     figures: dict[str, str] = field(default_factory=dict)
+    # the fine-tuned copy (best epoch; embeds through ``embed``) and its head, in memory
+    model: FoundationModel | None = field(default=None, repr=False)
+    head: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def method_name(self) -> str:
@@ -265,7 +268,8 @@ def finetune(
             ``label_key`` unless its cell-type ``labels`` (indexed by cell) are given, in
             which case it is taken as already validated.
         model: any FoundationModel; a ``random_init`` model is trained the same way and
-            labelled as the control.
+            labelled as the control. It is not modified: training runs on a copy, returned
+            as ``result.model`` with the best epoch's weights and a new checkpoint hash.
         split: the run's saved split; train trains, val picks the best epoch, test scores.
         config: options (defaults: 3 epochs, lr 5e-5, seed 42).
         out_dir: folder for ``checkpoint/last.pt``, ``best/``, ``learning_curve.png`` and
@@ -285,6 +289,8 @@ def finetune(
     started = time.perf_counter()
     config = config or FinetuneConfig()
     out_dir = Path(out_dir)
+    original = model
+    model = _cpu_copy(original, original.network)  # the caller's model stays untouched
     adata, labels = _data_and_labels(data, labels, label_key)
     classes = [str(c) for c in labels.cat.categories]
     tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
@@ -392,6 +398,8 @@ def finetune(
     best = torch.load(out_dir / BEST_DIR / "state.pt", map_location="cpu", weights_only=True)
     module.network.load_state_dict(best["network"])
     module.head.load_state_dict(best["head"])
+    # a new checkpoint: embedding caches must not mix it up with the pretrained one
+    model.checkpoint_sha256 = hash_json([original.checkpoint_sha256, fingerprint, loop.best_epoch])
     test = sets["test"]
     _, test_codes = trainer.evaluate(test)
     cells = [*test.names, *test.missing]
@@ -418,6 +426,8 @@ def finetune(
         n_processes=accelerator.num_processes,
         train_s=train_s,
         train_steps=train_steps,
+        model=model,
+        head=module.head,
     )
     if accelerator.is_main_process:
         from scfmbench.figures import plot_learning_curve
@@ -955,8 +965,11 @@ def _load_checkpoint(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, An
     return state
 
 
-def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """Deep copy of ``module`` with every parameter and buffer on the CPU (no GPU copy)."""
+def _cpu_copy(obj: Any, module: torch.nn.Module) -> Any:
+    """Deep copy of ``obj`` in which ``module``'s parameters and buffers are CPU clones.
+
+    Pre-filling deepcopy's memo means no tensor is ever duplicated on the GPU.
+    """
     memo: dict[int, Any] = {}
     for parameter in module.parameters():
         memo[id(parameter)] = torch.nn.Parameter(
@@ -964,7 +977,7 @@ def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
         )
     for buffer in module.buffers():
         memo[id(buffer)] = buffer.detach().cpu().clone()
-    return copy.deepcopy(module, memo)
+    return copy.deepcopy(obj, memo)
 
 
 def _save_best(
@@ -988,7 +1001,7 @@ def _save_best(
     original = model.network
     try:
         if tuner is not None:
-            model.network = _cpu_copy(tuner).merge_and_unload()
+            model.network = _cpu_copy(tuner, tuner).merge_and_unload()
         model.save_pretrained(staging / "model")
     finally:
         model.network = original
