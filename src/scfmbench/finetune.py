@@ -340,7 +340,7 @@ def finetune(
         loop = _LoopState.from_dict(state["loop"])
         logger.info("%s: resuming after epoch %d", model.model_id, loop.epoch)
     resumed_from = loop.epoch
-    train_s, train_steps = 0.0, 0
+    train_s, train_steps, last_trained = 0.0, 0, None
 
     trainable, total = _count_parameters(module)
     logger.info(
@@ -366,6 +366,7 @@ def finetune(
         train_loss = trainer.train_epoch(sets["train"], epoch=epoch, bar=bar)
         train_s += time.perf_counter() - tick
         train_steps += train_batches_per_epoch
+        last_trained = epoch
         val_loss, val_pred = trainer.evaluate(sets["val"])
         scores = classification_metrics(
             np.asarray(classes)[sets["val"].codes], np.asarray(classes)[val_pred], classes=classes
@@ -395,9 +396,11 @@ def finetune(
             on_epoch_end(record)
     bar.close()
 
-    best = torch.load(out_dir / BEST_DIR / "state.pt", map_location="cpu", weights_only=True)
-    module.network.load_state_dict(best["network"])
-    module.head.load_state_dict(best["head"])
+    if loop.best_epoch != last_trained:  # else the weights in memory are the best already
+        best = torch.load(out_dir / BEST_DIR / "state.pt", map_location="cpu", weights_only=True)
+        module.network.load_state_dict(best["network"])
+        module.head.load_state_dict(best["head"])
+        del best
     # a new checkpoint: embedding caches must not mix it up with the pretrained one
     model.checkpoint_sha256 = hash_json([original.checkpoint_sha256, fingerprint, loop.best_epoch])
     test = sets["test"]
