@@ -310,6 +310,7 @@ def test_epoch_batches_depend_on_seed_and_epoch_only():
     first = epoch_batches(lengths, batch_size=16, seed=42, epoch=1)
     assert sorted(np.concatenate(first).tolist()) == list(range(103))
     assert all(len(b) <= 16 for b in first)
+    assert lengths[first[0]].max() == lengths.max()  # longest batch first
     again = epoch_batches(lengths, batch_size=16, seed=42, epoch=1)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     other = epoch_batches(lengths, batch_size=16, seed=42, epoch=2)

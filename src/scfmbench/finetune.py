@@ -696,12 +696,15 @@ def epoch_batches(
 ) -> list[np.ndarray]:
     """Training batches of one epoch: cells shuffled, grouped by similar length, batches shuffled.
 
-    Depends only on ``seed`` and ``epoch`` (so a resumed run sees the same data order).
+    The batch with the longest cells comes first (out-of-memory shows at once, and the
+    allocator's high-water mark is set by the first step). Depends only on ``seed`` and
+    ``epoch``, so a resumed run sees the same data order.
     """
     rng = np.random.default_rng([seed, epoch])
     shuffled = rng.permutation(len(lengths))
     batches = length_sorted_batches(lengths[shuffled], batch_size=batch_size)
-    return [shuffled[batches[i]] for i in rng.permutation(len(batches))]
+    order = [0, *(1 + rng.permutation(len(batches) - 1))] if batches else []
+    return [shuffled[batches[i]] for i in order]
 
 
 # ---- setup helpers --------------------------------------------------------------------------
