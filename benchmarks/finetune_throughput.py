@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--steps", type=int, default=20, help="Training steps per run.")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="Runs per side, alternating; the best counts."
+        "--repeats", type=int, default=2, help="Runs per side, alternating; the best counts."
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
