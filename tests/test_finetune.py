@@ -324,7 +324,7 @@ def test_config_yaml_section(tmp_path):
     assert (config.epochs, config.lora, config.learning_rate) == (2, True, 1e-4)
 
 
-def test_cli_finetune(pbmc3k_path, tmp_path):
+def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
     """``scfmbench finetune DATA --model tiny=DIR`` trains and writes into the run directory."""
     from typer.testing import CliRunner
 
@@ -335,8 +335,7 @@ def test_cli_finetune(pbmc3k_path, tmp_path):
     data = tmp_path / "small.h5ad"
     adata.write_h5ad(data)
     TinyModel(genes).save_pretrained(tmp_path / "tiny")
-    if "tiny" not in MODELS:
-        MODELS.register("tiny")(load_tiny)
+    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)  # removed again after the test
     config = tmp_path / "run.yaml"
     config.write_text("min_cells_per_class: 5\nfinetune:\n  device: cpu\n  learning_rate: 0.01\n")
     args = ["finetune", str(data), "--model", f"tiny={tmp_path / 'tiny'}", "--config", str(config)]
