@@ -220,6 +220,85 @@ def transfer(
     typer.echo(transfer_markdown(doc))
 
 
+# ---- fine-tuning (issue 6) ----------------------------------------------------------------
+
+
+@app.command()
+def finetune(
+    data: str = typer.Argument(..., help="An .h5ad file with raw counts, or a built-in name."),
+    model: list[str] = typer.Option(
+        ..., help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR (NAME-random=DIR: control)."
+    ),
+    config: Path = typer.Option(
+        None, help="Run YAML: top-level run keys plus a finetune: section; flags override it."
+    ),
+    label_key: str = typer.Option(None, help="obs column with the cell types."),
+    out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
+    name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
+    seed: int = typer.Option(None, help="Seed of the split and of training (default 42)."),
+    epochs: int = typer.Option(None, help="Training epochs (default 3)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 5e-5)."),
+    batch_size: int = typer.Option(None, help="Global batch size in cells (default 16)."),
+    lora: bool = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters + head."),
+    freeze_layers: int = typer.Option(None, help="Freeze the first N encoder layers."),
+    option: list[str] = typer.Option(
+        None,
+        "--set",
+        help="KEY=VALUE for any finetune option, repeatable: --set patience=2 "
+        "--set mixed_precision=bf16 --set gradient_accumulation_steps=4.",
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Fine-tune foundation models on the run's train split; report val curve and test scores.
+
+    Multi-GPU: accelerate launch --multi_gpu --num_processes N -m scfmbench.cli finetune …
+    """
+    import os
+
+    import yaml
+
+    from scfmbench.errors import ConfigError
+    from scfmbench.finetune import finetune_dataset
+
+    _setup_logging(quiet)
+    chosen = {
+        "seed": seed,
+        "epochs": epochs,
+        "learning_rate": lr,
+        "batch_size": batch_size,
+        "lora": lora,
+        "freeze_layers": freeze_layers,
+    }
+    for item in option or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set patience=2.")
+        key, value = item.split("=", 1)
+        chosen[key.strip()] = yaml.safe_load(value)
+    run_overrides = {"label_key": label_key, "out": out, "name": name, "seed": seed}
+    run_dir, results = finetune_dataset(
+        data,
+        models=model,
+        config_file=config,
+        run_overrides={k: v for k, v in run_overrides.items() if v is not None},
+        finetune_overrides={k: v for k, v in chosen.items() if v is not None},
+        resume=resume,
+        progress=not quiet,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: print once
+        return
+    typer.echo(
+        "| model | kind | split | best epoch | val macro F1 | test accuracy | test macro F1 |"
+    )
+    typer.echo("|---|---|---|---|---|---|---|")
+    for r in results:
+        typer.echo(
+            f"| {r.model_id} | {r.kind} | {r.split_seed} | {r.best_epoch} | "
+            f"{r.best_val_macro_f1:.4f} | {r.test.accuracy:.4f} | {r.test.macro_f1:.4f} |"
+        )
+    typer.echo(f"\nrun directory: {run_dir}")
+
+
 def main() -> None:
     """Entry point: run the typer app, turning ScfmbenchError into one line + exit code 2."""
     try:

@@ -94,16 +94,7 @@ class RunConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> RunConfig:
         """Load a YAML file; ``overrides`` (e.g. CLI flags that were given) win."""
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc}).") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
-        return cls.build({**loaded, **overrides})
+        return cls.build({**read_yaml(path), **overrides})
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> RunConfig:
@@ -115,6 +106,20 @@ class RunConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Load a YAML mapping; ConfigError for a missing file, bad YAML or a non-mapping."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc}).") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    return loaded
 
 
 def describe_validation_error(exc: ValidationError) -> str:

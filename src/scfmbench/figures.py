@@ -94,3 +94,26 @@ def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
     ax.legend()
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def plot_learning_curve(
+    epochs: list[dict], path: Path, *, title: str, best_epoch: int | None = None
+) -> None:
+    """Train/val loss (left) and val macro F1 / accuracy (right) per fine-tuning epoch."""
+    x = [e["epoch"] for e in epochs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot(x, [e["train_loss"] for e in epochs], marker="o", label="train")
+    left.plot(x, [e["val_loss"] for e in epochs], marker="s", linestyle="--", label="validation")
+    left.set_ylabel("loss")
+    right.plot(x, [e["val_macro_f1"] for e in epochs], marker="o", label="val macro F1")
+    right.plot(x, [e["val_accuracy"] for e in epochs], marker="s", linestyle="--", label="val acc.")
+    right.set_ylim(0, 1.02)
+    for ax in (left, right):
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -1,0 +1,350 @@
+"""Fine-tuning engine on a tiny 2-layer BERT and a 300-cell PBMC3k subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny_model import TinyModel, load_tiny, pbmc_subset
+from scfmbench import CheckpointError, ConfigError
+from scfmbench.embed import embed_tokens
+from scfmbench.finetune import (
+    FinetuneConfig,
+    epoch_batches,
+    finetune,
+    finetune_in_run,
+    load_head,
+    metrics_section,
+)
+from scfmbench.splits import stratified_split
+from scfmbench.validate import validate
+
+TESTS = Path(__file__).resolve().parent
+# A learning rate high enough for a tiny model to learn in a few epochs.
+FAST = {"epochs": 4, "learning_rate": 1e-2, "batch_size": 16, "device": "cpu"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread: on a shared, loaded CPU two threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Interrupted(Exception):
+    """Raised from on_epoch_end to simulate a crash after a checkpoint."""
+
+
+@pytest.fixture(scope="session")
+def pbmc_small(pbmc3k_path):
+    """(validated 300-cell subset, gene vocabulary, split)."""
+    adata, genes = pbmc_subset(pbmc3k_path)
+    validated = validate(adata, label_key="cell_type")
+    return validated, genes, stratified_split(validated.labels, seed=42)
+
+
+@pytest.fixture(scope="session")
+def trained(pbmc_small, tmp_path_factory):
+    """One uninterrupted run, shared by several tests."""
+    validated, genes, split = pbmc_small
+    out = tmp_path_factory.mktemp("ft") / "full"
+    result = finetune(
+        validated,
+        TinyModel(genes),
+        split,
+        config=FinetuneConfig(**FAST),
+        out_dir=out,
+        progress=False,
+    )
+    return result
+
+
+def test_training_lowers_loss_and_beats_chance(trained, pbmc_small):
+    validated, _, _ = pbmc_small
+    losses = [e["train_loss"] for e in trained.epochs]
+    assert len(trained.epochs) == 4
+    assert set(trained.epochs[0]) == {
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_macro_f1",
+        "val_accuracy",
+    }
+    assert losses[-1] < 0.6 * losses[0]
+    assert trained.epochs[-1]["val_loss"] < trained.epochs[0]["val_loss"]
+    n_classes = len(validated.labels.cat.categories)
+    majority = validated.labels.value_counts(normalize=True).max()
+    assert trained.best_val_macro_f1 > 3 / n_classes  # chance macro F1 is about 1/7
+    assert trained.test.accuracy > majority + 0.2
+    assert trained.kind == "finetuned"
+    assert (trained.out_dir / "learning_curve.png").stat().st_size > 0
+    saved = json.loads((trained.out_dir / "result.json").read_text())
+    assert saved["best_epoch"] == trained.best_epoch
+    assert saved["test"]["macro_f1"] == pytest.approx(trained.test.macro_f1)
+    assert trained.prediction_payload()["cells"] == trained.test_cells
+
+
+def test_best_model_reloads_through_embedding_path(trained, pbmc_small):
+    validated, _, split = pbmc_small
+    reloaded = load_tiny(trained.best_dir / "model")
+    head, info = load_head(trained.best_dir, reloaded)
+    assert info["classes"] == trained.classes
+    assert info["epoch"] == trained.best_epoch
+    test = validated.adata[split.test].copy()
+    tokens = reloaded.tokenize(test)
+    pooled = embed_tokens(
+        reloaded, tokens, layer=info["layer"], pooling=info["pooling"], progress=False
+    )
+    with torch.no_grad():
+        codes = head(torch.from_numpy(pooled)).argmax(1).numpy()
+    predicted = dict(zip(trained.test_cells, trained.test_pred, strict=True))
+    assert [trained.classes[c] for c in codes] == [predicted[c] for c in tokens.obs_names]
+
+
+def test_resume_after_interruption_equals_uninterrupted(trained, pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+
+    def crash_after_first(record):
+        if record["epoch"] == 1:
+            raise Interrupted
+
+    config = FinetuneConfig(**FAST)
+    with pytest.raises(Interrupted):
+        finetune(
+            validated,
+            TinyModel(genes),
+            split,
+            config=config,
+            out_dir=tmp_path,
+            progress=False,
+            on_epoch_end=crash_after_first,
+        )
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0\.01 → 0\.02"):
+        finetune(
+            validated,
+            TinyModel(genes),
+            split,
+            config=FinetuneConfig(**{**FAST, "learning_rate": 2e-2}),
+            out_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+    resumed = finetune(
+        validated,
+        TinyModel(genes),
+        split,
+        config=config,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.epochs == trained.epochs  # exact float equality on CPU
+    assert resumed.test_pred == trained.test_pred
+    assert resumed.test.to_dict() == trained.test.to_dict()
+    final = torch.load(tmp_path / "checkpoint/last.pt", weights_only=True)
+    reference = torch.load(trained.out_dir / "checkpoint/last.pt", weights_only=True)
+    for name, tensor in reference["network"].items():
+        assert torch.equal(final["network"][name], tensor), name
+
+
+def test_lora_trains_only_adapters_and_head(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    model = TinyModel(genes)
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    config = FinetuneConfig(**{**FAST, "epochs": 1, "lora": True, "lora_r": 4})
+    # the entry point for ``run --finetune``: what pipeline.run holds
+    result = finetune_in_run(
+        validated.adata, validated.labels, model, split, config=config, run_dir=tmp_path
+    )
+    assert result.out_dir == tmp_path / "finetune" / "tiny" / "seed42"
+    hidden, n_classes, n_layers = 32, len(result.classes), 2
+    lora = n_layers * 2 * (4 * hidden + hidden * 4)  # query + value: A (r×in) + B (out×r)
+    head = hidden * n_classes + n_classes
+    assert result.n_trainable_params == lora + head == 1024 + 33 * n_classes
+    tuned = result.model
+    trainable = {n for n, p in tuned.network.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lora" in n for n in model.network.state_dict())  # caller's model untouched
+    after = tuned.network.state_dict()
+    for name, tensor in before.items():
+        lora_key = name.replace(".weight", ".base_layer.weight").replace(
+            ".bias", ".base_layer.bias"
+        )
+        assert torch.equal(after.get(name, after.get(lora_key)), tensor), name
+    # the saved best model has the adapters merged, loads as a plain model and embeds
+    # like the adapter model it came from
+    reloaded = load_tiny(result.best_dir / "model")
+    assert not any("lora" in n for n in reloaded.network.state_dict())
+    tokens = model.tokenize(validated.adata[split.test].copy())
+    layer = model.n_layers
+    merged = embed_tokens(reloaded, tokens, layer=layer, pooling="mean", progress=False)
+    adapted = embed_tokens(tuned, tokens, layer=layer, pooling="mean", progress=False)
+    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_layers_unchanged(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    model = TinyModel(genes)
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    config = FinetuneConfig(**{**FAST, "epochs": 1, "freeze_embeddings": True, "freeze_layers": 1})
+    result = finetune(validated, model, split, config=config, out_dir=tmp_path, progress=False)
+    after = result.model.network.state_dict()
+    frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0."))]
+    trained_ = [k for k in before if k.startswith("encoder.layer.1.")]
+    assert frozen and trained_
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not any(torch.equal(before[k], after[k]) for k in trained_ if k.endswith("weight"))
+    # the caller's model is not modified, and the tuned copy is a different checkpoint
+    assert all(torch.equal(v, model.network.state_dict()[k]) for k, v in before.items())
+    assert result.model.checkpoint_sha256 != model.checkpoint_sha256
+
+
+def test_two_process_ddp_matches_one_process(trained, pbmc3k_path, tmp_path):
+    """2 CPU processes (gloo, launched with torchrun) give the single-process result.
+
+    Each process takes every second cell of the same global batch and divides its summed
+    loss by the global batch size (times 2, undoing DDP's averaging), so the gradient is
+    the single-process gradient; only float summation order differs.
+    """
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(TESTS / "_ddp_finetune.py"),
+        str(pbmc3k_path),
+        str(out),
+        json.dumps(FAST),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((out / "result.json").read_text())
+    assert ddp["n_processes"] == 2
+    assert len(ddp["epochs"]) == len(trained.epochs)
+    for got, want in zip(ddp["epochs"], trained.epochs, strict=True):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert ddp["test"]["macro_f1"] == pytest.approx(trained.test.macro_f1, abs=1e-5)
+    assert ddp["best_epoch"] == trained.best_epoch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    control = TinyModel(genes, random_init=True, seed=1)
+    options = {"class_weighted": True, "mixed_precision": "bf16", "gradient_checkpointing": True}
+    config = FinetuneConfig(**{**FAST, "epochs": 1, **options})
+    result = finetune(validated, control, split, config=config, out_dir=tmp_path, progress=False)
+    assert result.model.network.is_gradient_checkpointing
+    assert np.isfinite(result.epochs[0]["train_loss"])
+    assert result.kind == "control"
+    assert result.model_id == "tiny-random"
+    section = metrics_section([result])
+    assert section["tiny-random"]["kind"] == "control"
+    assert section["tiny-random"]["splits"]["42"]["epochs"] == result.epochs
+
+
+def test_early_stopping(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    config = FinetuneConfig(**{**FAST, "learning_rate": 1e-9, "patience": 1})
+    result = finetune(validated, TinyModel(genes), split, config=config, out_dir=tmp_path)
+    # nothing is learned, so epoch 2 is no better than epoch 1 and training stops there
+    assert [e["epoch"] for e in result.epochs] == [1, 2]
+    assert result.stopped_early and result.best_epoch == 1
+
+
+def test_option_errors(pbmc_small, tmp_path):
+    validated, genes, split = pbmc_small
+    with pytest.raises(
+        ConfigError, match="unknown finetune option 'learning_rat'.*'learning_rate'"
+    ):
+        FinetuneConfig.build({"learning_rat": 1e-3})
+    with pytest.raises(ConfigError, match="invalid finetune option 'epochs'"):
+        FinetuneConfig.build({"epochs": 0})
+
+    class NoLora(TinyModel):
+        def lora_target_modules(self) -> list[str]:
+            raise NotImplementedError
+
+    with pytest.raises(ConfigError, match="lora needs NoLora.lora_target_modules"):
+        finetune(
+            validated,
+            NoLora(genes),
+            split,
+            config=FinetuneConfig(lora=True, device="cpu"),
+            out_dir=tmp_path,
+        )
+    with pytest.raises(ConfigError, match="freeze_layers=5 but tiny has 2 layers"):
+        finetune(
+            validated,
+            TinyModel(genes),
+            split,
+            config=FinetuneConfig(freeze_layers=5, device="cpu"),
+            out_dir=tmp_path,
+        )
+
+
+def test_epoch_batches_depend_on_seed_and_epoch_only():
+    lengths = np.random.default_rng(0).integers(1, 50, size=103)
+    first = epoch_batches(lengths, batch_size=16, seed=42, epoch=1)
+    assert sorted(np.concatenate(first).tolist()) == list(range(103))
+    assert all(len(b) <= 16 for b in first)
+    assert lengths[first[0]].max() == lengths.max()  # longest batch first
+    again = epoch_batches(lengths, batch_size=16, seed=42, epoch=1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    other = epoch_batches(lengths, batch_size=16, seed=42, epoch=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_config_yaml_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\nfinetune:\n  epochs: 2\n  lora: true\n")
+    config = FinetuneConfig.from_yaml(path, learning_rate=1e-4)
+    assert (config.epochs, config.lora, config.learning_rate) == (2, True, 1e-4)
+
+
+def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
+    """``scfmbench finetune DATA --model tiny=DIR`` trains and writes into the run directory."""
+    from typer.testing import CliRunner
+
+    from scfmbench.cli import app
+    from scfmbench.embed import MODELS
+
+    adata, genes = pbmc_subset(pbmc3k_path, n_cells=120)
+    data = tmp_path / "small.h5ad"
+    adata.write_h5ad(data)
+    TinyModel(genes).save_pretrained(tmp_path / "tiny")
+    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)  # removed again after the test
+    config = tmp_path / "run.yaml"
+    config.write_text("min_cells_per_class: 5\nfinetune:\n  device: cpu\n  learning_rate: 0.01\n")
+    args = ["finetune", str(data), "--model", f"tiny={tmp_path / 'tiny'}", "--config", str(config)]
+    args += ["--out", str(tmp_path / "runs"), "--epochs", "1", "--set", "patience=1", "-q"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "| tiny | finetuned | 42 | 1 |" in done.output
+    result_dir = tmp_path / "runs" / "small" / "finetune" / "tiny" / "seed42"
+    assert json.loads((result_dir / "result.json").read_text())["config"]["patience"] == 1
+    bad = CliRunner().invoke(app, [*args[:6], "--set", "learning_rat=1"])
+    assert isinstance(bad.exception, ConfigError)
+    assert "Did you mean 'learning_rate'" in str(bad.exception)
