@@ -42,10 +42,11 @@ import scipy.sparse as sp
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from _tiny_model import TinyModel  # noqa: E402
+from tests._tiny_model import TinyModel  # noqa: E402
+
 from scfmbench.embed.base import TokenizedCells  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"

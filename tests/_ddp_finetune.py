@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _tiny_model import TinyModel, pbmc_subset  # noqa: E402
 from scfmbench.finetune import FinetuneConfig, finetune  # noqa: E402
 from scfmbench.splits import stratified_split  # noqa: E402
 from scfmbench.validate import validate  # noqa: E402
+from tests._tiny_model import TinyModel, pbmc_subset  # noqa: E402
 
 
 def main(data: str, out_dir: str, config_json: str) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny_model import TinyModel, load_tiny, pbmc_subset
 from scfmbench import CheckpointError, ConfigError
 from scfmbench.embed import embed_tokens
 from scfmbench.finetune import (
@@ -26,6 +25,7 @@ from scfmbench.finetune import (
 )
 from scfmbench.splits import stratified_split
 from scfmbench.validate import validate
+from tests._tiny_model import TinyModel, load_tiny, pbmc_subset
 
 TESTS = Path(__file__).resolve().parent
 # A learning rate high enough for a tiny model to learn in a few epochs.
