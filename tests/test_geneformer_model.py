@@ -216,3 +216,47 @@ def test_missing_config_and_directory(tmp_path):
         load_geneformer(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no config.json in"):
         load_geneformer(tmp_path)
+
+
+def test_finetuning_hooks_and_save_pretrained_round_trip(v2_dir, pbmc, tmp_path):
+    model = load_geneformer(v2_dir[0])
+    assert model.hidden_size == model.network.config.hidden_size
+    assert len(model.layer_modules()) == model.n_layers
+    assert model.embedding_modules() == [model.network.embeddings]
+    assert model.lora_target_modules() == ["query", "key", "value"]
+    cells = pbmc[:40].copy()
+    before = embed(cells, model, progress=False).matrix
+    model.save_pretrained(tmp_path / "saved")
+    names = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert "config.json" in names and "model.safetensors" in names
+    assert "token_dictionary_gc95M.pkl" in names
+    after = embed(cells, load_geneformer(tmp_path / "saved"), progress=False).matrix
+    np.testing.assert_array_equal(before, after)
+
+
+def test_run_with_finetuning_side_by_side(v2_dir, pbmc3k_path, tmp_path):
+    import scfmbench
+
+    cells = ad.read_h5ad(pbmc3k_path)[::8].copy()
+    result = scfmbench.run(
+        cells,
+        out=tmp_path,
+        name="ft",
+        models=[f"geneformer={v2_dir[0]}"],
+        baselines=["majority"],
+        probes=["logreg"],
+        layerwise=False,
+        figures=False,
+        progress=False,
+        finetune={"epochs": 2, "learning_rate": 1e-3, "batch_size": 16},
+    )
+    methods = result.metrics["methods"]
+    assert methods["geneformer+finetuned"]["kind"] == "finetuned"
+    assert methods["geneformer-random+finetuned"]["kind"] == "control"
+    curve = result.metrics["finetune"]["geneformer"]["epochs"]
+    assert [e["epoch"] for e in curve] == [1, 2]
+    assert curve[1]["train_loss"] < curve[0]["train_loss"]
+    best = result.run_dir / "finetune" / "geneformer" / "seed42" / "best" / "model"
+    assert (best / "model.safetensors").exists()
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Frozen vs fine-tuned" in report

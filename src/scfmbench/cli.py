@@ -76,6 +76,9 @@ def run(
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     device: str = typer.Option(None, help="cpu, cuda or auto."),
     batch_size: int = typer.Option(None, help="Cells per embedding batch."),
+    finetune: bool = typer.Option(
+        False, "--finetune", help="Also fine-tune every model (frozen and fine-tuned side by side)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
@@ -100,6 +103,8 @@ def run(
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = RunConfig.from_yaml(config) if config is not None else None
+    if finetune and (base is None or base.finetune is None):
+        overrides["finetune"] = {}
     result = run_pipeline(config=base, progress=not quiet, **overrides)
     typer.echo(markdown_table(results_table(result.metrics)))
     typer.echo(f"\nrun directory: {result.run_dir}")

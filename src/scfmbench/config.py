@@ -50,6 +50,11 @@ class RunConfig(BaseModel):
         description="Per-model loader options, e.g. {scfoundation: {tgthighres: a5}} or "
         "{scgpt: {max_seq_len: 3000}}.",
     )
+    finetune: dict[str, Any] | None = Field(
+        None,
+        description="Fine-tune every model end to end (null = off; {} = the study's defaults: "
+        "3 epochs, lr 5e-5, seed 42; keys as in `scfmbench finetune --help`).",
+    )
     random_controls: bool = Field(
         True, description="Add the random-init control of every foundation model."
     )

@@ -275,9 +275,17 @@ def _execute(
         validated.diagnostics.matrix_kind,
         progress,
     )
+    finetuned = []
+    if models and config.finetune is not None:
+        with stages.timed("finetune"):
+            finetuned = finetune_models(
+                config, adata, labels, models, split_set, run_dir, predictions, methods, progress
+            )
     metrics = build_metrics(
         config, validated, split_set, methods, predictions, reference, model_info
     )
+    if finetuned:
+        metrics["finetune"] = finetune_metrics(finetuned, run_dir)
     if config.figures:
         with stages.timed("figures"):
             from scfmbench.report import write_figures
@@ -324,6 +332,58 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def finetune_models(
+    config: RunConfig,
+    adata: AnnData,
+    labels: pd.Series,
+    models: list,
+    split_set: SplitSet,
+    run_dir: Path,
+    predictions: dict,
+    methods: list[Method],
+    progress: bool,
+) -> list:
+    """Fine-tune every model (and control) on every split; add their test predictions.
+
+    A finished fine-tuning is reused from its checkpoint on rerun (only re-scored on test).
+    """
+    from scfmbench.finetune import FinetuneConfig, finetune_in_run
+
+    settings = FinetuneConfig.build({"seed": config.seed, **config.finetune})
+    results = []
+    for model in models:
+        for split in split_set.splits:
+            result = finetune_in_run(
+                adata, labels, model, split, config=settings, run_dir=run_dir, progress=progress
+            )
+            predictions[(result.method_name, split.seed)] = result.prediction_payload()
+            results.append(result)
+        methods.append(
+            Method(
+                results[-1].method_name,
+                model.model_id,
+                "finetune",
+                results[-1].kind,
+                model.model_id,
+            )
+        )
+    return results
+
+
+def finetune_metrics(results: list, run_dir: Path) -> dict[str, dict]:
+    """``metrics.json["finetune"]``: per model its curve (first split) and every split."""
+    from scfmbench.finetune import metrics_section
+
+    section = metrics_section(results)
+    for result in results:
+        entry = section[result.model_id]
+        if "epochs" not in entry:  # the first split's curve is the one shown
+            entry["epochs"] = result.epochs
+            curve = result.figures.get("learning_curve")
+            entry["curve_png"] = str(Path(curve).relative_to(run_dir)) if curve else None
+    return section
 
 
 def layerwise_probing(

@@ -223,7 +223,7 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
     tuned = {
         _model_of(n, e): (n, e)
         for n, e in methods.items()
-        if e.get("kind") == "finetuned" or n.endswith("+finetune")
+        if e.get("kind") == "finetuned" or n.endswith(("+finetune", "+finetuned"))
     }
     columns = [
         "model",
@@ -240,7 +240,11 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
     table = Table("frozen-vs-finetuned", columns, caption="Test set, mean over splits")
     for model, (_, tuned_entry) in tuned.items():
         for name, entry in methods.items():
-            if entry.get("kind") != "frozen" or _model_of(name, entry) != model:
+            if (
+                entry.get("kind") not in ("frozen", "control")
+                or name in dict(tuned.values())
+                or _model_of(name, entry) != model
+            ):
                 continue
             row = [text(model), method_cell(name, entry)]
             means = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,31 @@ class GeneformerModel(FoundationModel):
     @property
     def default_layer(self) -> int:
         return self.n_layers - 1
+
+    # ---- fine-tuning hooks -----------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.network.config.hidden_size)
+
+    def layer_modules(self) -> list[torch.nn.Module]:
+        return list(self.network.encoder.layer)
+
+    def embedding_modules(self) -> list[torch.nn.Module]:
+        return [self.network.embeddings]
+
+    def lora_target_modules(self) -> list[str]:
+        return ["query", "key", "value"]
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write a Hugging Face folder (``config.json`` + ``model.safetensors``) plus the
+        tokenizer's dictionaries, so ``load_geneformer(directory)`` reads it back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.network.save_pretrained(directory, safe_serialization=True)
+        for source in self.tokenizer.dicts.files.values():
+            shutil.copyfile(source, directory / Path(source).name)
+        logger.info("geneformer: saved to %s", directory)
 
     def settings(self) -> dict[str, Any]:
         return {
