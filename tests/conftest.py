@@ -80,3 +80,22 @@ def pbmc3k(pbmc3k_sess) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def kang_path() -> Path:
     return require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
+
+
+def run_cli_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``scfmbench ARGS`` through ``cli.main`` in this process; (exit code, out, err)."""
+    import sys
+
+    from scfmbench.cli import main
+
+    argv = sys.argv
+    sys.argv = ["scfmbench", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

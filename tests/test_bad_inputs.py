@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tests.conftest import make_tiny_adata
+from tests.conftest import make_tiny_adata, run_cli_in_process
 
 
 def write(adata, path: Path) -> str:
@@ -157,3 +157,144 @@ def test_unwritable_output_dir_message(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(scfmbench.ConfigError, match="cannot write to .*choose another"):
         check_writable(tmp_path / "runs" / "x")
+
+
+# ---- model inputs: the same one-line contract through `scfmbench embed` and `run` -------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, shared_dir):
+    from tests._geneformer_factory import write_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    geneformer, _ = write_checkpoint(root / "gf", shared_dir, version="V2")
+    scgpt = root / "scgpt"
+    scgpt.mkdir()
+    import json
+    import shutil
+
+    import torch
+
+    from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
+    from scfmbench.tokenize import load_scgpt_vocab
+
+    human = shared_dir / "vocab" / "scgpt" / "scGPT_human"
+    shutil.copy(human / "vocab.json", scgpt / "vocab.json")
+    args = {
+        **json.loads((human / "args.json").read_text()),
+        "embsize": 16,
+        "nheads": 2,
+        "d_hid": 16,
+        "nlayers": 1,
+    }
+    (scgpt / "args.json").write_text(json.dumps(args))
+    network = TransformerModel(
+        ScGPTConfig.from_args(args, ntoken=len(load_scgpt_vocab(scgpt / "vocab.json")))
+    )
+    torch.save(to_flash_layout(network.state_dict()), scgpt / "best_model.pt")
+    return {"geneformer": geneformer, "scgpt": scgpt}
+
+
+def pbmc_cells(pbmc3k_path, n=60):
+    import anndata as ad
+
+    return ad.read_h5ad(pbmc3k_path)[:n].copy()
+
+
+def lognormalized(adata):
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.X.data = np.log1p(adata.X.data * 3.7)
+    return adata
+
+
+def ensembl_names(adata):
+    adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
+    return adata
+
+
+def mouse_like(adata):
+    adata.var_names = [f"{name[:1]}{name[1:].lower()}_m" for name in adata.var_names]
+    return adata
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+MODEL_CASES = {
+    "lognorm_to_geneformer": ("geneformer", lognormalized, None, [], "needs raw integer counts"),
+    "ensembl_to_scgpt": ("scgpt", ensembl_names, None, [], "look like ensembl identifiers"),
+    "mouse_like_genes_to_geneformer": ("geneformer", mouse_like, None, [], "vocabulary"),
+    "truncated_geneformer_weights": (
+        "geneformer",
+        None,
+        lambda d: truncate(d / "model.safetensors"),
+        [],
+        "model.safetensors",
+    ),
+    "truncated_scgpt_weights": (
+        "scgpt",
+        None,
+        lambda d: truncate(d / "best_model.pt"),
+        [],
+        "best_model.pt",
+    ),
+    "missing_scgpt_args": ("scgpt", None, lambda d: (d / "args.json").unlink(), [], "args.json"),
+    "missing_geneformer_dictionary": (
+        "geneformer",
+        None,
+        lambda d: next(d.glob("token_dictionary*")).unlink(),
+        [],
+        "--geneformer-dicts",
+    ),
+    "scgpt_vocab_size_mismatch": (
+        "scgpt",
+        None,
+        lambda d: (d / "vocab.json").write_text(
+            __import__("json").dumps({"<pad>": 0, "<cls>": 1, "CD3D": 2})
+        ),
+        [],
+        "vocab",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["embed", "run"])
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_bad_model_input_cli(case, command, model_dirs, pbmc3k_path, tmp_path, capsys):
+    model, change_data, change_model, extra, message = MODEL_CASES[case]
+    adata = pbmc_cells(pbmc3k_path)
+    if change_data is not None:
+        adata = change_data(adata)
+    data = write(adata, tmp_path / "data.h5ad")
+    folder = copy_model(model_dirs[model], tmp_path / "model")
+    if change_model is not None:
+        change_model(folder)
+    out = tmp_path / "out"
+    if command == "embed":
+        args = ["embed", data, "--model", f"{model}={folder}", "--out", str(out / "e.npy")]
+    else:
+        args = [
+            "run",
+            "--data",
+            data,
+            "--model",
+            f"{model}={folder}",
+            "--out",
+            str(out),
+            "--name",
+            "r",
+        ]
+    code, _, stderr = run_cli_in_process([*args, *extra, "-q"], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and message.lower() in errors[0].lower(), stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() or not any(out.rglob("*.*")), list(out.rglob("*"))

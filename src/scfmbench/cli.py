@@ -76,6 +76,9 @@ def run(
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     device: str = typer.Option(None, help="cpu, cuda or auto."),
     batch_size: int = typer.Option(None, help="Cells per embedding batch."),
+    geneformer_dicts: Path = typer.Option(
+        None, help="Folder with the Geneformer token/median/name/mapping dictionaries."
+    ),
     finetune: bool = typer.Option(
         False, "--finetune", help="Also fine-tune every model (frozen and fine-tuned side by side)."
     ),
@@ -105,6 +108,10 @@ def run(
     base = RunConfig.from_yaml(config) if config is not None else None
     if finetune and (base is None or base.finetune is None):
         overrides["finetune"] = {}
+    if geneformer_dicts is not None:
+        options = dict(base.model_options) if base is not None else {}
+        options["geneformer"] = {**options.get("geneformer", {}), "dicts": str(geneformer_dicts)}
+        overrides["model_options"] = options
     result = run_pipeline(config=base, progress=not quiet, **overrides)
     typer.echo(markdown_table(results_table(result.metrics)))
     typer.echo(f"\nrun directory: {result.run_dir}")
@@ -161,6 +168,9 @@ def embed(
     option: list[str] = typer.Option(
         None, help="Model loader option KEY=VALUE, repeatable (e.g. tgthighres=a5)."
     ),
+    geneformer_dicts: Path = typer.Option(
+        None, help="Folder with the Geneformer dictionaries (default: the model folder)."
+    ),
     allow_normalized: bool = typer.Option(False, "--allow-normalized"),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -180,7 +190,10 @@ def embed(
         precision=precision,
         cache_dir=cache_dir,
         chunk_size=chunk_size,
-        model_options=parse_options(option or []),
+        model_options={
+            **parse_options(option or []),
+            **({"dicts": str(geneformer_dicts)} if geneformer_dicts is not None else {}),
+        },
         allow_normalized=allow_normalized,
         gene_column=gene_column,
         progress=not quiet,
