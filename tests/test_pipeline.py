@@ -72,7 +72,9 @@ def test_unknown_probe_did_you_mean(tiny_adata, tmp_path):
 
 
 def test_pbmc3k_baselines(tmp_path, pbmc3k_path):
-    result = scfmbench.run(pbmc3k_path, out=tmp_path, name="pbmc3k", progress=False, figures=False)
+    result = scfmbench.run(
+        pbmc3k_path, out=tmp_path, name="pbmc3k", n_splits=1, progress=False, figures=False
+    )
     table = result.table
     # log-normalized HVGs + logistic regression is far above the study's frozen Geneformer
     assert table.loc["hvg+logreg", "accuracy"] > 0.85
@@ -107,8 +109,9 @@ def test_cli_end_to_end(tmp_path):
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert doc["diagnostics"]["matrix_source"] == "raw.X"
     results = (run_dir / "results.md").read_text()
-    acc = doc["methods"]["pca+logreg"]["summary"]["accuracy"]["mean"]
-    assert f"| pca+logreg | baseline | {acc:.3f} |" in results
+    summary = doc["methods"]["pca+logreg"]["summary"]["accuracy"]
+    assert doc["run"]["seeds"] == [42, 43, 44, 45, 46]  # five splits by default
+    assert f"| pca+logreg | baseline | {summary['mean']:.3f} ± {summary['sd']:.3f} |" in results
 
 
 @pytest.mark.parametrize(

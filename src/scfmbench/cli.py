@@ -67,7 +67,7 @@ def run(
     out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
     seed: int = typer.Option(None, help="Seed of the first split (default 42)."),
-    n_splits: int = typer.Option(None, help="Repeated stratified splits (default 1)."),
+    n_splits: int = typer.Option(None, help="Repeated stratified splits (default 5)."),
     model: list[str] = typer.Option(None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR."),
     reference: str = typer.Option(None, help="Method the gains are computed against."),
     allow_normalized: bool = typer.Option(

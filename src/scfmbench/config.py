@@ -26,7 +26,7 @@ class RunConfig(BaseModel):
     name: str | None = Field(None, description="Run name; the run directory is OUT/NAME.")
     out: Path = Field(Path("runs"), description="Folder that holds run directories.")
     seed: int = Field(42, description="Seed of the first split and of every model.")
-    n_splits: int = Field(1, ge=1, description="Repeated stratified splits (seeds seed..seed+K-1).")
+    n_splits: int = Field(5, ge=1, description="Repeated stratified splits (seeds seed..seed+K-1).")
     fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test fractions per class."
     )
