@@ -31,7 +31,7 @@ SECTION_ORDER = [
     "Methods and configuration",
     "Cell-type classification (test set)",
     "Frozen vs fine-tuned",
-    "Per-class F1",
+    "Per-class F1 and recall",
     "Confusion matrices",
     "UMAPs",
     "Layer-wise probes",
@@ -476,3 +476,16 @@ def test_compare_html_in_browser(browser, run_dir, enriched_dir, tmp_path):
     assert [r[0][1] for r in rows] == list(expected)
     for row, entry in zip(rows, expected.values(), strict=True):
         assert float(row[3][1]) == pytest.approx(entry["summary"]["accuracy"]["mean"], abs=1e-12)
+
+
+def test_per_class_recall_marks_rare_classes(run_dir):
+    from scfmbench.report import per_class_table
+
+    metrics = _metrics(run_dir)
+    metrics["diagnostics"]["classes"] = {"type_0": 100, "type_1": 100, "type_2": 4}
+    table = per_class_table(metrics, metric="recall")
+    rows = {row[0].value: row for row in table.rows}
+    assert rows["type_2"][0].text == "type_2 ⚑ rare" and rows["type_0"][0].text == "type_0"
+    first = next(iter(metrics["methods"].values()))
+    recalls = [s["per_class"]["type_1"]["recall"] for s in first["splits"].values()]
+    assert rows["type_1"][2].value == pytest.approx(sum(recalls) / len(recalls))

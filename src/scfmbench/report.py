@@ -259,25 +259,42 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
     return table if table.rows else None
 
 
-def per_class_table(metrics: dict[str, Any]) -> Table | None:
-    """F1 per class and method (mean over splits), with the test cells per class."""
+RARE_CLASS_FRACTION = 0.05
+
+
+def rare_classes(metrics: dict[str, Any]) -> set[str]:
+    """Classes with fewer than 5% of the validated cells (highlighted in per-class tables)."""
+    sizes = (metrics.get("diagnostics") or {}).get("classes") or {}
+    total = sum(sizes.values())
+    return {c for c, n in sizes.items() if total and n < RARE_CLASS_FRACTION * total}
+
+
+def per_class_table(metrics: dict[str, Any], *, metric: str = "f1") -> Table | None:
+    """``metric`` (f1 or recall) per class and method (mean over splits), with test cells.
+
+    Rare classes (< 5% of cells) are marked, since a model that misses them can still score
+    a high accuracy.
+    """
     methods = metrics["methods"]
     classes = list(metrics["run"].get("classes") or [])
     if not classes:
         return None
+    rare = rare_classes(metrics)
     table = Table(
-        "per-class",
+        f"per-class-{metric}",
         ["class", "test cells"] + [method_label(n, e) for n, e in methods.items()],
-        caption="F1 per class on the test set (mean over splits)",
+        caption=f"{'F1' if metric == 'f1' else 'Recall'} per class on the test set (mean over "
+        "splits); rare classes (< 5% of cells) are marked ⚑",
     )
     for cls in classes:
-        support, f1s = [], []
+        support, values = [], []
         for entry in methods.values():
             per_class = [s.get("per_class", {}).get(cls, {}) for s in entry["splits"].values()]
             support += [p.get("support") for p in per_class]
-            f1s.append(num(_mean_of([p.get("f1") for p in per_class])))
+            values.append(num(_mean_of([p.get(metric) for p in per_class])))
         n_test = _mean_of(support)
-        table.rows.append([text(cls), num(n_test, 0 if n_test == round(n_test or 0) else 1), *f1s])
+        label = Cell(f"{cls} ⚑ rare", cls, "sig") if cls in rare else text(cls)
+        table.rows.append([label, num(n_test, 0 if n_test == round(n_test or 0) else 1), *values])
     return table
 
 
@@ -677,7 +694,13 @@ def build_sections(
     sections += _single_table_section(
         "frozen-vs-finetuned", "Frozen vs fine-tuned", frozen_vs_finetuned_table(metrics)
     )
-    sections += _single_table_section("per-class", "Per-class F1", per_class_table(metrics))
+    per_class = [
+        t
+        for t in (per_class_table(metrics), per_class_table(metrics, metric="recall"))
+        if t is not None
+    ]
+    if per_class:
+        sections.append(Section("per-class", "Per-class F1 and recall", tables=per_class))
     if run_dir is not None:
         sections += confusion_section(metrics, run_dir)
         sections += umap_section(metrics, run_dir)
