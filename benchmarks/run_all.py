@@ -79,7 +79,7 @@ def run_throughput(name: str, *, n_cells: int, timeout: int) -> dict:
         command.append("--quick")
     if '"--n-cells"' in text:
         command += ["--n-cells", str(n_cells)]
-    print(f"$ {' '.join(command[1:])}", flush=True)
+    print(f"$ python {' '.join([script.relative_to(REPO).as_posix(), *command[2:]])}", flush=True)
     started = time.perf_counter()
     try:
         done = subprocess.run(
@@ -166,14 +166,17 @@ def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespa
         "--chunk-size", str(args.chunk_size), "--option", f"max_seq_len={args.max_seq_len}",
         "--quiet",
     ]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"embed failed (exit {code}): {process.stderr.read()[-2000:]}")
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                   stderr=log, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            log.seek(0)
+            raise SystemExit(f"embed failed (exit {code}): {log.read()[-2000:]}")
     n_cells = int(np.load(out, mmap_mode="r").shape[0])
     return {
         "n_cells": n_cells,
@@ -183,6 +186,7 @@ def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespa
         "cells_per_cpu_s": round(n_cells / (usage.ru_utime + usage.ru_stime), 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "file_mb": round(data.stat().st_size / 2**20, 1),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -243,14 +247,17 @@ def scaling_markdown(scaling: dict) -> list[str]:
         f"Machine: {scaling['machine']}. Model: {scaling['model']}, max_seq_len "
         f"{scaling['max_seq_len']}; `scfmbench embed --backed --chunk-size "
         f"{scaling['chunk_size']} --batch-size {scaling['batch_size']}`, one fresh process per "
-        f"size ({scaling['date']}).",
+        f"size ({scaling['date']}). load: the machine's 1-minute load average before → after "
+        "(other jobs share the CPU; cells/CPU-s is less sensitive to them).",
         "",
-        "| cells | file MiB | wall s | CPU s | cells/s | cells/CPU-s | peak RSS MB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| cells | file MiB | wall s | CPU s | cells/s | cells/CPU-s | peak RSS MB | load |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        load = "→".join(map(str, r["load_avg_1min"]))
         lines.append(f"| {r['n_cells']} | {r['file_mb']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {r['peak_rss_mb']} |")
+                     f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {r['peak_rss_mb']} | "
+                     f"{load} |")
     if len(rows) > 1:
         rss = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         speeds = [r["cells_per_s"] for r in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,21 @@ def test_streaming_chunk_checks(tmp_path, make_scgpt_dir):
     assert not (tmp_path / "o.npy").exists()
 
 
+def test_streaming_chunk_without_tokens_gets_nan_rows(tmp_path, make_scgpt_dir):
+    counts = np.zeros((150, 9), dtype=np.float32)
+    counts[:, 8] = 3  # every cell expresses the gene missing from the vocabulary …
+    counts[100:, :8] = _counts(50)  # … and only cells 100-149 vocabulary genes
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in
+                                                                       range(150)]))
+    adata.var_names = ["CD3D", "CD3E", "MS4A1", "CD79A", "LYZ", "CD14", "NKG7", "GNLY", "NOPE"]
+    adata.write_h5ad(tmp_path / "late.h5ad")
+    key, n = _embed(tmp_path / "late.h5ad", make_scgpt_dir(), tmp_path / "o.npy", backed=True,
+                    chunk_size=50)
+    rows = np.load(tmp_path / "o.npy")
+    assert n == 50 and rows.shape == (150, 16)
+    assert np.isnan(rows[:100]).all() and np.isfinite(rows[100:]).all()
+
+
 def test_backed_default_and_conflicts(tmp_path, monkeypatch, tiny_adata):
     data = tmp_path / "x.h5ad"
     data.write_bytes(b"\x89HDF\r\n\x1a\n")
@@ -156,16 +172,22 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, subset, make_scgp
     single = tmp_path / "single.npy"
     _embed(subset, model_dir, single, backed=True, chunk_size=50)
     out = tmp_path / "dist.h5ad"
-    done = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "scfmbench", "embed", str(subset),
          "--model", f"scgpt={model_dir}", "--out", str(out), "--chunk-size", "50",
          "--batch-size", "16", "--device", "cpu"],
-        capture_output=True, text=True, timeout=180, env={**ENV, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**ENV, "OMP_NUM_THREADS": "1"}, start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("wrote obsm['X_scgpt'] for 240 cells") == 1  # rank 0 only
-    assert "in 5 chunks of 50 over 2 process(es)" in done.stderr
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers
+        raise
+    assert process.returncode == 0, stderr
+    assert stdout.count("wrote obsm['X_scgpt'] for 240 cells") == 1  # rank 0 only
+    assert "in 5 chunks of 50 over 2 process(es)" in stderr
     np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgpt"], np.load(single), atol=1e-6)
 
 

@@ -26,10 +26,10 @@ from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# batch_size="auto" starts with AUTO_BATCH_SIZE cells and at most AUTO_MAX_TOKENS padded
+# tokens per batch (or max_tokens when given), and halves on out-of-memory
 AUTO_BATCH_SIZE = 256
-"""``batch_size="auto"`` starts with this many cells per batch …"""
 AUTO_MAX_TOKENS = 65_536
-"""… and at most this many padded tokens per batch (unless ``max_tokens`` is given)."""
 
 BatchSize = int | Literal["auto"]
 

@@ -41,7 +41,13 @@ from scfmbench.embed._engine import (
 from scfmbench.embed.base import FoundationModel
 from scfmbench.errors import ConfigError, DataError, ScfmbenchError
 from scfmbench.genes import GeneMatch
-from scfmbench.validate import check_finite, classify_matrix, find_expression
+from scfmbench.validate import (
+    check_finite,
+    check_h5ad_file,
+    classify_matrix,
+    find_expression,
+    unreadable_h5ad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,18 +159,21 @@ class H5adCells:
     """
 
     def __init__(self, path: Path, *, chunk_size: int) -> None:
-        self.path = Path(path)
-        self.file = h5py.File(self.path, "r")
-        self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
+        self.path = check_h5ad_file(path)
+        try:
+            self.file = h5py.File(self.path, "r")
+            self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
+            self.vars = {
+                var: anndata.io.read_elem(self.file[var])
+                for _, var in H5_LOCATIONS.values()
+                if var in self.file
+            }
+        except Exception as exc:  # h5py/anndata raise many types for damaged files
+            raise unreadable_h5ad(path, exc) from None
         self.n_obs = len(self.obs)
         if self.n_obs == 0:
             self.file.close()
             raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        self.vars = {
-            var: anndata.io.read_elem(self.file[var])
-            for _, var in H5_LOCATIONS.values()
-            if var in self.file
-        }
         stop = min(chunk_size, self.n_obs)
         first = AnnData(
             X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"]
@@ -259,7 +268,7 @@ class _H5adRows:
             obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         if key in obsm:
             del obsm[key]
-        self.key = key
+        self.key, self.dim = key, dim
         self.rows = obsm.create_dataset(
             key, shape=(n_obs, dim), dtype=np.float32, chunks=(min(max(n_obs, 1), 4096), dim)
         )
@@ -340,8 +349,9 @@ def _embed_chunk(
     seed: int,
     bar: tqdm | None,
     **options: Any,
-) -> tuple[np.ndarray, pd.Index, GeneMatch | None]:
-    """Rows ``start:stop`` (NaN for cells without tokens), the dropped cells, the gene match.
+) -> tuple[np.ndarray | None, pd.Index, GeneMatch | None]:
+    """Rows ``start:stop`` (NaN for cells without tokens; None when no cell has tokens),
+    the dropped cells and the gene match.
 
     The tokenizer seed of a chunk is ``seed + start``, so the first chunk is tokenized exactly
     as the in-memory ``embed`` would tokenize it, and results do not depend on the rank.
@@ -349,7 +359,18 @@ def _embed_chunk(
     chunk = cells.chunk(start, stop)
     with nullcontext() if start == 0 else _quiet_info():
         tokens = model.tokenize(chunk, seed=seed + start)
-    key = cache_key(model, chunk, tokens.settings, seed=seed + start, **_key_options(options))
+    if tokens.n_cells == 0:
+        if bar is not None:
+            bar.update(stop - start)
+        return None, tokens.dropped, tokens.gene_match
+    key = cache_key(
+        model,
+        chunk,
+        tokens.settings,
+        seed=seed + start,
+        layer=options["layer"],
+        pooling=options["pooling"],
+    )
     matrix = cache.get(key, tokens.obs_names) if cache is not None else None
     if matrix is not None:
         logger.info("%s: reusing finished chunk of cells %d-%d", model.model_id, start, stop)
@@ -362,11 +383,6 @@ def _embed_chunk(
     rows = np.full((stop - start, matrix.shape[1]), np.nan, dtype=np.float32)
     rows[chunk.obs_names.get_indexer(tokens.obs_names)] = matrix
     return rows, tokens.dropped, tokens.gene_match
-
-
-def _key_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The embedding options that change results (layer, pooling), as in ``embed``."""
-    return {"layer": options["layer"], "pooling": options["pooling"]}
 
 
 def embed_h5ad(
@@ -473,11 +489,10 @@ def _stream(
     bar = tqdm(total=cells.n_obs, desc=f"embed {model.model_id}", unit="cell", disable=not progress)
     chunk_bar = bar if ctx.world_size == 1 else None  # else rank 0 counts the gathered chunks
     dropped: list[pd.Index] = []
-    gene_match = None
-    writer: _NpyRows | _H5adRows | None = None
-    dim = 0
+    gene_match, dim = None, 0
     result: StreamedEmbeddings | None = None
     with atomic_path(out) if ctx.is_main else nullcontext() as tmp:
+        output = _Output(tmp, cells, out=out, key=key) if tmp is not None else None
         try:
             for first in range(0, len(starts), ctx.world_size):
                 payload, error = None, None
@@ -488,21 +503,26 @@ def _stream(
                         rows, lost, match = _embed_chunk(
                             cells, model, start, stop, cache, seed=seed, bar=chunk_bar, **options
                         )
-                        payload = (start, rows, lost, match)
+                        payload = (start, stop, rows, lost, match)
                     except ScfmbenchError as exc:
                         error = exc
                 for part in _exchange(payload, error, ctx):
                     if part is None:
                         continue
-                    start, rows, lost, match = part
-                    gene_match, dim = gene_match or match, rows.shape[1]
+                    start, stop, rows, lost, match = part
+                    gene_match = gene_match or match
+                    dim = dim if rows is None else rows.shape[1]
                     dropped.append(lost)
-                    if tmp is not None:
-                        writer = writer or _open_writer(tmp, cells, out=out, dim=dim, key=key)
-                        writer.write(start, rows)
+                    if output is not None:
+                        output.write(start, stop, rows)
                     if chunk_bar is None:
-                        bar.update(len(rows))
+                        bar.update(stop - start)
             bar.close()
+            if output is not None and output.writer is None:
+                raise DataError(
+                    f"no cell of {cells.path.name} has an expressed gene in the "
+                    f"{model.model_id} vocabulary; check the genes (var_names or --gene-column)."
+                )
             result = StreamedEmbeddings(
                 out=out,
                 key=key,
@@ -519,19 +539,43 @@ def _stream(
                 world_size=ctx.world_size,
             )
         finally:
-            if writer is not None:
-                writer.close(None if result is None else result.info())
+            if output is not None:
+                output.close(None if result is None else result.info())
     if ctx.is_main:
         logger.info("wrote %s (%d × %d)", out, cells.n_obs, dim)
     return result
 
 
-def _open_writer(
-    tmp: Path, cells: H5adCells, *, out: Path, dim: int, key: str
-) -> _NpyRows | _H5adRows:
-    if out.suffix == ".npy":
-        return _NpyRows(tmp, n_obs=cells.n_obs, dim=dim)
-    return _H5adRows(tmp, source=cells.path, n_obs=cells.n_obs, dim=dim, key=key)
+class _Output:
+    """Rank 0's output file, opened at the first chunk with embeddings (its width sets dim);
+    chunks where no cell has tokens become NaN rows."""
+
+    def __init__(self, tmp: Path, cells: H5adCells, *, out: Path, key: str) -> None:
+        self.tmp, self.cells, self.out, self.key = tmp, cells, out, key
+        self.writer: _NpyRows | _H5adRows | None = None
+        self.pending: list[tuple[int, int]] = []  # token-less chunks before the writer exists
+
+    def write(self, start: int, stop: int, rows: np.ndarray | None) -> None:
+        if rows is None and self.writer is None:
+            self.pending.append((start, stop))
+            return
+        if self.writer is None:
+            n_obs, dim = self.cells.n_obs, rows.shape[1]
+            if self.out.suffix == ".npy":
+                self.writer = _NpyRows(self.tmp, n_obs=n_obs, dim=dim)
+            else:
+                self.writer = _H5adRows(
+                    self.tmp, source=self.cells.path, n_obs=n_obs, dim=dim, key=self.key
+                )
+            for lo, hi in self.pending:
+                self.writer.write(lo, np.full((hi - lo, dim), np.nan, dtype=np.float32))
+        if rows is None:
+            rows = np.full((stop - start, self.writer.dim), np.nan, dtype=np.float32)
+        self.writer.write(start, rows)
+
+    def close(self, info: dict[str, Any] | None) -> None:
+        if self.writer is not None:
+            self.writer.close(info)
 
 
 def should_stream(data: Any, *, backed: bool | None) -> bool:
