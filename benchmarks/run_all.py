@@ -68,9 +68,11 @@ def subprocess_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def run_throughput(name: str, *, n_cells: int, timeout: int) -> dict:
-    """Run ``benchmarks/<name>_throughput.py`` and return its ratios (or why it is missing)."""
+def run_throughput(name: str, *, n_cells: int, timeout: int, run: bool = True) -> dict:
+    """Run ``benchmarks/<name>_throughput.py`` (or, with ``run=False``, only read its stored
+    JSON) and return its ratios, or why there are none."""
     script = REPO / "benchmarks" / f"{name}_throughput.py"
+    stored = RESULTS / f"{name}_throughput.json"
     if not script.exists():
         return {"name": name, "note": f"skipped: {script.name} is not in this checkout"}
     text = script.read_text()
@@ -79,26 +81,30 @@ def run_throughput(name: str, *, n_cells: int, timeout: int) -> dict:
         command.append("--quick")
     if '"--n-cells"' in text:
         command += ["--n-cells", str(n_cells)]
-    print(f"$ python {' '.join([script.relative_to(REPO).as_posix(), *command[2:]])}", flush=True)
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(
-            command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"name": name, "note": f"failed: no result within {timeout} s"}
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-        return {"name": name, "note": f"failed (exit {done.returncode}): {last}"}
-    result = json.loads((RESULTS / f"{name}_throughput.json").read_text())
-    targets = result.get("targets", {})
-    ratios = {k: v for k, v in result.items() if RATIO_KEY.search(k) and _is_number(v)}
-    rates = {k: v for k, v in result.items() if RATE_KEY.search(k) and _is_number(v)}
     flags = " ".join(command[2:])
-    return {"name": name, "flags": flags, "seconds": round(seconds, 1), "ratios": ratios,
-            "rates": rates, "targets": targets, "device": result.get("device", "")}
+    if run:
+        print(f"$ python {script.relative_to(REPO).as_posix()} {flags}", flush=True)
+        try:
+            done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"name": name, "note": f"failed: no result within {timeout} s"}
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+            return {"name": name, "note": f"failed (exit {done.returncode}): {last}"}
+    elif not stored.exists():
+        return {"name": name, "note": f"not run (--skip-throughput) and no {stored.name}"}
+    else:
+        flags = f"not rerun: stored {stored.name}"
+    result = json.loads(stored.read_text())
+    return {
+        "name": name,
+        "flags": flags,
+        "ratios": {k: v for k, v in result.items() if RATIO_KEY.search(k) and _is_number(v)},
+        "rates": {k: v for k, v in result.items() if RATE_KEY.search(k) and _is_number(v)},
+        "targets": result.get("targets", {}),
+        "device": result.get("device", ""),
+    }
 
 
 def _is_number(value) -> bool:
@@ -169,8 +175,10 @@ def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespa
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                   stderr=log, text=True)
+        threads = str(args.threads)
+        env = {**subprocess_env(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                                   text=True)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - started
         code = os.waitstatus_to_exitcode(status)
@@ -216,6 +224,7 @@ def run_scaling(args: argparse.Namespace) -> dict:
         "max_seq_len": args.max_seq_len,
         "chunk_size": args.chunk_size,
         "batch_size": args.batch_size,
+        "torch_threads": args.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sizes": rows,
     }
@@ -246,18 +255,21 @@ def scaling_markdown(scaling: dict) -> list[str]:
     lines = [
         f"Machine: {scaling['machine']}. Model: {scaling['model']}, max_seq_len "
         f"{scaling['max_seq_len']}; `scfmbench embed --backed --chunk-size "
-        f"{scaling['chunk_size']} --batch-size {scaling['batch_size']}`, one fresh process per "
+        f"{scaling['chunk_size']} --batch-size {scaling['batch_size']}`, "
+        f"{scaling.get('torch_threads', 'default')} torch thread(s), one fresh process per "
         f"size ({scaling['date']}). load: the machine's 1-minute load average before → after "
         "(other jobs share the CPU; cells/CPU-s is less sensitive to them).",
         "",
-        "| cells | file MiB | wall s | CPU s | cells/s | cells/CPU-s | peak RSS MB | load |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| cells | file MiB | wall s | CPU s | cells/s | cells/CPU-s | marginal cells/CPU-s "
+        "| peak RSS MB | load |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
+    marginal = _marginal_rates(rows)
+    for r, extra in zip(rows, ["", *map(str, marginal)], strict=True):
         load = "→".join(map(str, r["load_avg_1min"]))
         lines.append(f"| {r['n_cells']} | {r['file_mb']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {r['peak_rss_mb']} | "
-                     f"{load} |")
+                     f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {extra} | "
+                     f"{r['peak_rss_mb']} | {load} |")
     if len(rows) > 1:
         rss = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         speeds = [r["cells_per_s"] for r in rows]
@@ -267,9 +279,20 @@ def scaling_markdown(scaling: dict) -> list[str]:
             f"- peak RSS {rows[-1]['n_cells']} / {rows[0]['n_cells']} cells: {rss:.2f}× "
             f"(target ≤ 1.5×: {'met' if rss <= 1.5 else 'NOT met'})",
             f"- cells/s max / min: {max(speeds) / min(speeds):.2f}× wall, "
-            f"{max(cpu_speeds) / min(cpu_speeds):.2f}× CPU time (linear time: roughly 1×)",
+            f"{max(cpu_speeds) / min(cpu_speeds):.2f}× CPU time; these include the start-up "
+            "(imports, model) that small sizes pay relatively more",
+            f"- marginal cells/CPU-s (Δcells / ΔCPU s between consecutive sizes, start-up "
+            f"cancels): max / min {max(marginal) / min(marginal):.2f}× (linear time: ≈ 1×)",
         ]
     return lines
+
+
+def _marginal_rates(rows: list[dict]) -> list[float]:
+    """Δcells / ΔCPU seconds between consecutive sizes (the fixed start-up cost cancels)."""
+    return [
+        round((b["n_cells"] - a["n_cells"]) / max(b["cpu_s"] - a["cpu_s"], 1e-9), 1)
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
 
 
 def main() -> None:
@@ -284,6 +307,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--max-seq-len", type=int, default=128,
                         help="scGPT input length (real: 1200; shorter keeps the run short)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the embed process (1: steadier on a shared CPU)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for the temporary synthetic files (default: system tmp)")
@@ -293,17 +318,19 @@ def main() -> None:
     args.sizes = sorted(args.sizes)
 
     lines = ["# Benchmark results", "", f"Written by `benchmarks/run_all.py` on {machine()}.", ""]
-    if not args.skip_throughput:
-        rows = [run_throughput(name, n_cells=args.throughput_cells,
-                               timeout=args.throughput_timeout) for name in THROUGHPUT]
-        lines += ["## Throughput (ratios against a baseline in the same process)", "",
-                  *throughput_markdown(rows), ""]
+    rows = [run_throughput(name, n_cells=args.throughput_cells, timeout=args.throughput_timeout,
+                           run=not args.skip_throughput) for name in THROUGHPUT]
+    lines += ["## Throughput (ratios against a baseline in the same process)", "",
+              *throughput_markdown(rows), ""]
+    scaling_json = RESULTS / "scaling.json"
     if not args.skip_scaling:
-        scaling = run_scaling(args)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "scaling.json").write_text(json.dumps(scaling, indent=2) + "\n")
-        lines += ["## Scaling of streaming `embed` (synthetic PBMC3k resamples)", "",
-                  *scaling_markdown(scaling), ""]
+        scaling_json.write_text(json.dumps(run_scaling(args), indent=2) + "\n")
+    if scaling_json.exists():
+        title = "## Scaling of streaming `embed` (synthetic PBMC3k resamples)"
+        if args.skip_scaling:
+            title += " — stored `results/scaling.json`, not rerun"
+        lines += [title, "", *scaling_markdown(json.loads(scaling_json.read_text())), ""]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out}")

@@ -154,12 +154,17 @@ def test_backed_default_and_conflicts(tmp_path, monkeypatch, tiny_adata):
     monkeypatch.setattr(stream, "BACKED_THRESHOLD_BYTES", 4)
     assert stream.should_stream(data, backed=None)
     assert not stream.should_stream(data, backed=False)
-    with pytest.raises(ConfigError, match="needs an .h5ad file"):
+    assert not stream.should_stream(tiny_adata, backed=None)
+    with pytest.raises(ConfigError, match="got an in-memory AnnData; write it"):
         stream.should_stream(tiny_adata, backed=True)
+    with pytest.raises(DataError, match="does not exist"):
+        stream.should_stream(tmp_path / "missing.h5ad", backed=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert stream.should_stream(data, backed=None)
     with pytest.raises(ConfigError, match="drop --no-backed"):
         stream.should_stream(data, backed=False)
+    with pytest.raises(ConfigError, match="got 'pbmc68k_reduced'"):
+        stream.should_stream("pbmc68k_reduced", backed=None)
 
 
 # --------------------------------------------------------------------------------------

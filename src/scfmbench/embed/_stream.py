@@ -42,6 +42,7 @@ from scfmbench.embed.base import FoundationModel
 from scfmbench.errors import ConfigError, DataError, ScfmbenchError
 from scfmbench.genes import GeneMatch
 from scfmbench.validate import (
+    BUILTIN_DATASETS,
     check_finite,
     check_h5ad_file,
     classify_matrix,
@@ -171,20 +172,25 @@ class H5adCells:
         except Exception as exc:  # h5py/anndata raise many types for damaged files
             raise unreadable_h5ad(path, exc) from None
         self.n_obs = len(self.obs)
-        if self.n_obs == 0:
+        try:
+            self.source, self.kind = self._pick_matrix(min(chunk_size, self.n_obs))
+        except ScfmbenchError:
             self.file.close()
+            raise
+        self.location, var_location = H5_LOCATIONS[self.source]
+        self.var = self.vars[var_location]
+
+    def _pick_matrix(self, stop: int) -> tuple[str, str]:
+        """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
+        if self.n_obs == 0:
             raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        stop = min(chunk_size, self.n_obs)
-        first = AnnData(
-            X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"]
-        )
+        first = AnnData(X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"])
         if "layers/counts" in self.file:
             first.layers["counts"] = self._read("layers/counts", 0, stop)
         if "raw/X" in self.file:
             first.raw = AnnData(X=self._read("raw/X", 0, stop), var=self.vars["raw/var"])
-        self.source, _, _, self.kind = find_expression(first)
-        self.location, var_location = H5_LOCATIONS[self.source]
-        self.var = self.vars[var_location]
+        source, _, _, kind = find_expression(first)
+        return source, kind
 
     def close(self) -> None:
         self.file.close()
@@ -579,19 +585,27 @@ class _Output:
 
 
 def should_stream(data: Any, *, backed: bool | None) -> bool:
-    """Whether ``embed_dataset`` streams: ``backed`` when given, else under torchrun or for
-    ``.h5ad`` files larger than ``BACKED_THRESHOLD_BYTES``."""
-    is_file = isinstance(data, str | Path) and Path(data).is_file()
+    """Whether ``embed_dataset`` streams ``data``: ``backed`` when given, else under torchrun
+    or for ``.h5ad`` files larger than ``BACKED_THRESHOLD_BYTES``.
+
+    Raises:
+        ConfigError: streaming asked (or torchrun) for an in-memory AnnData or a built-in
+            dataset, or ``backed=False`` under torchrun.
+        DataError: the file is missing, a directory or not HDF5.
+    """
+    distributed_run = env_world_size() > 1
+    if isinstance(data, AnnData) or str(data) in BUILTIN_DATASETS:
+        if backed or distributed_run:
+            raise ConfigError(
+                "streaming and distributed embedding read an .h5ad file chunk by chunk, got "
+                f"{'an in-memory AnnData' if isinstance(data, AnnData) else repr(str(data))}; "
+                "write it with adata.write_h5ad and pass the path, or drop --backed/torchrun."
+            )
+        return False
+    path = check_h5ad_file(data)
     if backed is None:
-        return is_file and (
-            env_world_size() > 1 or Path(data).stat().st_size > BACKED_THRESHOLD_BYTES
-        )
-    if backed and not is_file:
-        raise ConfigError(
-            f"backed (streaming) embedding needs an .h5ad file, got {str(data)[:80]!r}; "
-            "pass a file path or drop --backed."
-        )
-    if not backed and env_world_size() > 1:
+        return distributed_run or path.stat().st_size > BACKED_THRESHOLD_BYTES
+    if not backed and distributed_run:
         raise ConfigError(
             "distributed embedding (WORLD_SIZE > 1) streams the file chunk by chunk; "
             "drop --no-backed."
