@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -75,6 +76,35 @@ def test_streaming_matches_in_memory_and_writes_h5ad(tmp_path, subset, make_scgp
                cache_dir=cache)
     assert caplog.text.count("reusing finished chunk") == 3
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), written.obsm["X_scgpt"])
+
+
+def test_streaming_sigkill_resumes(tmp_path, pbmc3k_sess, make_scgpt_dir):
+    model_dir = make_scgpt_dir()
+    data = tmp_path / "subset400.h5ad"
+    pbmc3k_sess[:400].copy().write_h5ad(data)
+    reference = tmp_path / "reference.npy"
+    short = {"max_seq_len": 256}  # keeps the test fast
+    _embed(data, model_dir, reference, backed=True, chunk_size=100, model_options=short)
+    cache, out = tmp_path / "cache", tmp_path / "resumed.npy"
+    command = [sys.executable, "-m", "scfmbench", "embed", str(data), "--model",
+               f"scgpt={model_dir}", "--out", str(out), "--backed", "--chunk-size", "100",
+               "--batch-size", "16", "--device", "cpu", "--cache-dir", str(cache),
+               "--option", "max_seq_len=256"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*.npy")):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = list(cache.glob("*.npy"))
+    assert 1 <= len(finished) < 4, finished
+    assert not out.exists()  # rows went to a temporary file only
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("reusing finished chunk") >= len(finished)
+    assert not list(tmp_path.glob(".resumed.npy*"))  # the killed run's temporary file is gone
+    np.testing.assert_array_equal(np.load(out), np.load(reference))
 
 
 def _write_csr(path: Path, matrix: np.ndarray, *, fmt: str = "csr") -> None:

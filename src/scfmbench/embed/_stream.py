@@ -497,6 +497,8 @@ def _stream(
     dropped: list[pd.Index] = []
     gene_match, dim = None, 0
     result: StreamedEmbeddings | None = None
+    if ctx.is_main:
+        _remove_leftovers(out)
     with atomic_path(out) if ctx.is_main else nullcontext() as tmp:
         output = _Output(tmp, cells, out=out, key=key) if tmp is not None else None
         try:
@@ -550,6 +552,13 @@ def _stream(
     if ctx.is_main:
         logger.info("wrote %s (%d × %d)", out, cells.n_obs, dim)
     return result
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporary outputs (``.<name>.*.tmp``) that a killed run left beside ``out``."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        logger.info("removing %s, left by an interrupted run", stale.name)
+        stale.unlink(missing_ok=True)
 
 
 class _Output:
