@@ -359,8 +359,8 @@ def _embed_chunk(
     """Rows ``start:stop`` (NaN for cells without tokens; None when no cell has tokens),
     the dropped cells and the gene match.
 
-    The tokenizer seed of a chunk is ``seed + start``, so the first chunk is tokenized exactly
-    as the in-memory ``embed`` would tokenize it, and results do not depend on the rank.
+    The tokenizer seed of a chunk is ``seed + start``: results depend on the chunk grid, not
+    on the rank, and equal the in-memory ``embed`` when one chunk holds every cell.
     """
     chunk = cells.chunk(start, stop)
     with nullcontext() if start == 0 else _quiet_info():
@@ -384,6 +384,8 @@ def _embed_chunk(
             bar.update(stop - start)
     else:
         matrix = embed_tokens(model, tokens, bar=bar, progress=False, **options)
+        if bar is not None:
+            bar.update(len(tokens.dropped))  # embed_tokens counted the embedded cells
         if cache is not None:
             cache.put(key, matrix, tokens.obs_names, {"chunk": [start, stop]})
     rows = np.full((stop - start, matrix.shape[1]), np.nan, dtype=np.float32)
