@@ -158,13 +158,23 @@ def embed(
     out: Path = typer.Option(..., help="Output .h5ad (copy of DATA + obsm) or .npy."),
     layer: int = typer.Option(None, help="Layer (default: the model's reference layer)."),
     pooling: str = typer.Option(None, help="mean or cls (default: the model's)."),
-    batch_size: int = typer.Option(32, help="Cells per batch."),
+    batch_size: str = typer.Option(
+        "32", help="Cells per batch, or auto (start at 256, halve on out-of-memory)."
+    ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     precision: str = typer.Option("float32", help="float32, bfloat16 or float16 (GPU)."),
     cache_dir: Path = typer.Option(
         None, help="Embedding cache folder (finished chunks survive an interruption)."
     ),
-    chunk_size: int = typer.Option(2048, help="Cells per saved chunk when caching."),
+    chunk_size: int = typer.Option(
+        2048, help="Cells per saved chunk when caching; cells read at a time when streaming."
+    ),
+    backed: bool = typer.Option(
+        None,
+        "--backed/--no-backed",
+        help="Stream DATA from disk chunk by chunk (default: for files over 1 GiB and under "
+        "torchrun).",
+    ),
     option: list[str] = typer.Option(
         None, help="Model loader option KEY=VALUE, repeatable (e.g. tgthighres=a5)."
     ),
@@ -175,10 +185,16 @@ def embed(
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Write frozen embeddings of DATA to obsm['X_<model>'] (h5ad) or an .npy file."""
+    """Write frozen embeddings of DATA to obsm['X_<model>'] (h5ad) or an .npy file.
+
+    Under torchrun (torchrun --nproc_per_node N -m scfmbench embed ...) every process embeds
+    a share of the cells and rank 0 writes OUT (see docs/scale.md).
+    """
+    from scfmbench.embed._stream import env_rank
     from scfmbench.pipeline import embed_dataset
 
-    _setup_logging(quiet)
+    main_rank = env_rank() == 0
+    _setup_logging(quiet or not main_rank)
     key, n_cells = embed_dataset(
         data,
         model=model,
@@ -196,9 +212,11 @@ def embed(
         },
         allow_normalized=allow_normalized,
         gene_column=gene_column,
-        progress=not quiet,
+        progress=not quiet and main_rank,
+        backed=backed,
     )
-    typer.echo(f"wrote obsm[{key!r}] for {n_cells} cells to {out}")
+    if main_rank:
+        typer.echo(f"wrote obsm[{key!r}] for {n_cells} cells to {out}")
 
 
 @app.command()

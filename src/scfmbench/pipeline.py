@@ -731,7 +731,7 @@ def embed_dataset(
     out: Path | None = None,
     layer: int | None = None,
     pooling: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     device: str = "auto",
     precision: str = "float32",
     cache_dir: Path | None = None,
@@ -740,46 +740,54 @@ def embed_dataset(
     progress: bool = True,
     chunk_size: int = 2048,
     model_options: dict[str, Any] | None = None,
+    backed: bool | None = None,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
+
+    Args:
+        batch_size: cells per batch, or ``"auto"`` (start large, halve on out-of-memory).
+        backed: stream the ``.h5ad`` file chunk by chunk (``chunk_size`` cells) instead of
+            loading it (see :func:`scfmbench.embed.embed_h5ad`); default: stream files above
+            1 GiB and under torchrun (``WORLD_SIZE > 1``, cells sharded by rank, rank 0 writes).
 
     Returns:
         (obsm key, number of embedded cells). With ``out`` ending in ``.npy`` the
         (n_obs, dim) matrix is saved (NaN rows for cells without tokens); otherwise a copy
         of the data with ``obsm['X_<model>']`` is written as ``.h5ad``.
     """
-    from scfmbench.embed import MODELS, embed
+    from scfmbench.embed import embed, embed_h5ad, parse_batch_size
+    from scfmbench.embed._stream import should_stream
     from scfmbench.validate import expression_view
 
+    batch_size = parse_batch_size(batch_size)
     if out is not None:
         check_writable(Path(out))
-    adata = load_dataset(data)
-    counts = expression_view(adata)
-    name, path = parse_model_spec(model)
-    base = name.removesuffix("-random")
-    loader = MODELS.get(base)
-    settings = RunConfig.build(
-        {
-            "allow_normalized": allow_normalized,
-            "gene_column": gene_column,
-            "model_options": {base: dict(model_options or {})},
-        }
+    stream = should_stream(data, backed=backed)
+    if stream and out is None:
+        raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
+    if not stream:
+        adata = load_dataset(data)
+        counts = expression_view(adata)
+    foundation = _load_embedding_model(
+        model,
+        allow_normalized=allow_normalized,
+        gene_column=gene_column,
+        model_options=model_options,
     )
-    foundation = loader(
-        path, random_init=name.endswith("-random"), **_loader_options(loader, settings, base)
-    )
-    result = embed(
-        counts,
-        foundation,
-        layer=layer,
-        pooling=pooling,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir,
-        progress=progress,
-        chunk_size=chunk_size,
-    )
+    options = {
+        "layer": layer,
+        "pooling": pooling,
+        "batch_size": batch_size,
+        "device": device,
+        "precision": precision,
+        "cache_dir": cache_dir,
+        "progress": progress,
+        "chunk_size": chunk_size,
+    }
+    if stream:
+        streamed = embed_h5ad(data, foundation, out=out, **options)
+        return streamed.key, streamed.n_embedded
+    result = embed(counts, foundation, **options)
     key = foundation.obsm_key
     if out is not None:
         out = Path(out)
@@ -796,6 +804,31 @@ def embed_dataset(
             }
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)
+
+
+def _load_embedding_model(
+    spec: str,
+    *,
+    allow_normalized: bool,
+    gene_column: str | None,
+    model_options: dict[str, Any] | None,
+) -> Any:
+    """Load the model ``NAME=DIR`` (``NAME-random`` for the random-init control)."""
+    from scfmbench.embed import MODELS
+
+    name, path = parse_model_spec(spec)
+    base = name.removesuffix("-random")
+    loader = MODELS.get(base)
+    settings = RunConfig.build(
+        {
+            "allow_normalized": allow_normalized,
+            "gene_column": gene_column,
+            "model_options": {base: dict(model_options or {})},
+        }
+    )
+    return loader(
+        path, random_init=name.endswith("-random"), **_loader_options(loader, settings, base)
+    )
 
 
 def check_writable(path: Path) -> None:

@@ -110,6 +110,16 @@ def load_dataset(source: str | Path | AnnData) -> AnnData:
         import scanpy as sc
 
         return sc.datasets.pbmc68k_reduced()
+    path = check_h5ad_file(name)
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for damaged files
+        raise unreadable_h5ad(name, exc) from None
+
+
+def check_h5ad_file(name: str | Path) -> Path:
+    """The path ``name``; DataError when it is missing, a directory or not HDF5."""
+    name = str(name)
     path = Path(name)
     if not path.exists():
         raise DataError(
@@ -125,14 +135,16 @@ def load_dataset(source: str | Path | AnnData) -> AnnData:
             f"{name!r} is not an .h5ad file (no HDF5 signature); write it with "
             "anndata's `adata.write_h5ad(path)` or scanpy's `sc.write`."
         )
-    try:
-        return anndata.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for damaged files
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"cannot read {name!r} as .h5ad ({type(exc).__name__}: {reason}); the file is "
-            "truncated or corrupt — re-export it with `adata.write_h5ad`."
-        ) from None
+    return path
+
+
+def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
+    """The DataError for an ``.h5ad`` file that h5py/anndata cannot read."""
+    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return DataError(
+        f"cannot read {str(name)!r} as .h5ad ({type(exc).__name__}: {reason}); the file is "
+        "truncated or corrupt — re-export it with `adata.write_h5ad`."
+    )
 
 
 # --------------------------------------------------------------------------------------

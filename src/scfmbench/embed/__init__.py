@@ -11,7 +11,9 @@ from scfmbench.embed._engine import (
     embed,
     embed_tokens,
     length_sorted_batches,
+    parse_batch_size,
 )
+from scfmbench.embed._stream import StreamedEmbeddings, embed_h5ad
 from scfmbench.embed.base import MODELS, Embeddings, FoundationModel, PaddedBatch, TokenizedCells
 
 __all__ = [
@@ -20,9 +22,12 @@ __all__ = [
     "Embeddings",
     "FoundationModel",
     "PaddedBatch",
+    "StreamedEmbeddings",
     "TokenizedCells",
     "collate",
     "embed",
+    "embed_h5ad",
     "embed_tokens",
     "length_sorted_batches",
+    "parse_batch_size",
 ]

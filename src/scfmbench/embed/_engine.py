@@ -10,6 +10,7 @@ import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,39 @@ from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# batch_size="auto" starts with AUTO_BATCH_SIZE cells and at most AUTO_MAX_TOKENS padded
+# tokens per batch (or max_tokens when given), and halves on out-of-memory
+AUTO_BATCH_SIZE = 256
+AUTO_MAX_TOKENS = 65_536
+
+BatchSize = int | Literal["auto"]
+
+
+def parse_batch_size(value: int | str) -> BatchSize:
+    """``"auto"``, a positive int, or its string form (``"64"``) → ``"auto"`` or the int."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(value, bool) or size < 1 or str(size) != str(value).strip():
+        raise ConfigError(
+            f"batch size must be a positive integer or 'auto', got {value!r}; "
+            "e.g. --batch-size 32 or --batch-size auto."
+        )
+    return size
+
+
+def _batch_at(
+    order: np.ndarray, lengths: np.ndarray, start: int, *, batch_size: int, max_tokens: int | None
+) -> np.ndarray:
+    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded."""
+    longest = max(int(lengths[order[start]]), 1)
+    size = batch_size
+    if max_tokens is not None:
+        size = max(1, min(batch_size, max_tokens // longest))
+    return order[start : start + size]
 
 
 def length_sorted_batches(
@@ -42,12 +76,9 @@ def length_sorted_batches(
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = batch_size
-        if max_tokens is not None:
-            size = max(1, min(batch_size, max_tokens // longest))
-        batches.append(order[start : start + size])
-        start += size
+        batch = _batch_at(order, lengths, start, batch_size=batch_size, max_tokens=max_tokens)
+        batches.append(batch)
+        start += len(batch)
     return batches
 
 
@@ -87,6 +118,13 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and for RuntimeErrors saying "out of memory"."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
 @torch.inference_mode()
 def embed_tokens(
     model: FoundationModel,
@@ -94,7 +132,7 @@ def embed_tokens(
     *,
     layer: int,
     pooling: str,
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     max_tokens: int | None = None,
     device: str | None = "cpu",
     precision: str = "float32",
@@ -106,23 +144,30 @@ def embed_tokens(
     """Embed every tokenized cell; rows come back in input order.
 
     Args:
+        batch_size: cells per batch, or ``"auto"``: start at ``AUTO_BATCH_SIZE`` cells (at
+            most ``max_tokens`` or ``AUTO_MAX_TOKENS`` padded tokens) and, when a batch runs
+            out of memory, halve the batch size and retry it; only a single cell that does
+            not fit raises.
         pad_to_max: pad every batch to the model's longest input, in input order (the naive
             strategy, kept for benchmarks).
         out: optional preallocated (n_cells, dim) array, e.g. an ``np.memmap`` to stream
             results to disk.
         bar: an outer progress bar to advance instead of opening a new one.
     """
+    batch_size = parse_batch_size(batch_size)
+    auto = batch_size == "auto"
+    if auto:
+        batch_size = AUTO_BATCH_SIZE
+        max_tokens = AUTO_MAX_TOKENS if max_tokens is None else max_tokens
     torch_device = resolve_device(device)
     network = model.network.to(torch_device).eval()
+    lengths = tokens.lengths
     if pad_to_max:
         order = np.arange(tokens.n_cells)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        pad_to = int(tokens.lengths.max()) if tokens.n_cells else 1
+        pad_to = int(lengths.max()) if tokens.n_cells else 1
         pad_to = max(pad_to, int(model.settings().get("max_length", pad_to)))
     else:
-        batches = length_sorted_batches(
-            tokens.lengths, batch_size=batch_size, max_tokens=max_tokens
-        )
+        order = np.argsort(-lengths, kind="stable")
         pad_to = None
     autocast = nullcontext()
     if precision in AUTOCAST_DTYPES and torch_device.type == "cuda":
@@ -134,26 +179,73 @@ def embed_tokens(
         bar = tqdm(
             total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
         )
+    start = 0
     with autocast:
-        for indices in batches:
-            batch = collate(
-                tokens,
-                indices,
-                pad_token_id=model.pad_token_id,
-                pad_value=model.pad_value,
-                pad_to=pad_to,
-            ).to(torch_device)
-            pooled = model.encode(batch, layer=layer, pooling=pooling).float().cpu().numpy()
+        while start < len(order):
+            if pad_to_max:
+                indices = order[start : start + batch_size]
+            else:
+                indices = _batch_at(
+                    order, lengths, start, batch_size=batch_size, max_tokens=max_tokens
+                )
+            try:
+                pooled = _encode(model, tokens, indices, layer, pooling, pad_to, torch_device)
+            except RuntimeError as exc:
+                if not (auto and is_out_of_memory(exc)):
+                    raise
+                batch_size = _halve_batch(model, tokens, indices, torch_device)
+                continue
             if out is None:
                 out = np.zeros((tokens.n_cells, pooled.shape[1]), dtype=np.float32)
             out[indices] = pooled
             bar.update(len(indices))
+            start += len(indices)
     if own_bar:
         bar.close()
     del network
     if out is None:
         out = np.zeros((0, 0), dtype=np.float32)
     return out
+
+
+def _encode(
+    model: FoundationModel,
+    tokens: TokenizedCells,
+    indices: np.ndarray,
+    layer: int,
+    pooling: str,
+    pad_to: int | None,
+    device: torch.device,
+) -> np.ndarray:
+    """Pooled float32 embeddings of the cells ``indices`` (one padded batch)."""
+    batch = collate(
+        tokens, indices, pad_token_id=model.pad_token_id, pad_value=model.pad_value, pad_to=pad_to
+    ).to(device)
+    return model.encode(batch, layer=layer, pooling=pooling).float().cpu().numpy()
+
+
+def _halve_batch(
+    model: FoundationModel, tokens: TokenizedCells, indices: np.ndarray, device: torch.device
+) -> int:
+    """After an out-of-memory batch: free the cache and return the next (halved) batch size."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(indices) == 1:
+        n_tokens = int(tokens.lengths[indices[0]])
+        raise ConfigError(
+            f"{model.model_id}: one cell ({tokens.obs_names[indices[0]]!r}, {n_tokens} tokens) "
+            f"alone runs out of memory on {device}; use a device with more memory, "
+            "--precision bfloat16, or a shorter max_seq_len (--option max_seq_len=…)."
+        )
+    size = len(indices) // 2
+    logger.warning(
+        "%s: out of memory with %d cells per batch on %s; retrying with %d",
+        model.model_id,
+        len(indices),
+        device,
+        size,
+    )
+    return size
 
 
 class EmbeddingCache:
@@ -250,13 +342,31 @@ def cache_key(model: FoundationModel, adata: AnnData, tokens_settings: dict, **o
     )
 
 
+def resolve_layer_pooling(
+    model: FoundationModel, *, layer: int | None, pooling: str | None
+) -> tuple[int, str]:
+    """The model's defaults for ``None``; ConfigError for a layer or pooling it lacks."""
+    layer = model.default_layer if layer is None else layer
+    pooling = pooling or model.default_pooling
+    if not 0 <= layer <= model.n_layers and not -model.n_layers - 1 <= layer < 0:
+        raise ConfigError(
+            f"layer {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
+            f"choose 0..{model.n_layers} or a negative index."
+        )
+    if pooling not in model.poolings:
+        raise ConfigError(
+            f"pooling {pooling!r} is not available for {model.name}; choose from {model.poolings}."
+        )
+    return layer, pooling
+
+
 def embed(
     adata: AnnData,
     model: FoundationModel,
     *,
     layer: int | None = None,
     pooling: str | None = None,
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     max_tokens: int | None = None,
     device: str | None = "cpu",
     precision: str = "float32",
@@ -278,17 +388,7 @@ def embed(
         Embeddings for the kept cells. Also writes ``adata.obsm[key_added or model.obsm_key]``
         of shape (n_obs, dim); cells the tokenizer dropped get NaN rows.
     """
-    layer = model.default_layer if layer is None else layer
-    pooling = pooling or model.default_pooling
-    if not 0 <= layer <= model.n_layers and not -model.n_layers - 1 <= layer < 0:
-        raise ConfigError(
-            f"layer {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
-            f"choose 0..{model.n_layers} or a negative index."
-        )
-    if pooling not in model.poolings:
-        raise ConfigError(
-            f"pooling {pooling!r} is not available for {model.name}; choose from {model.poolings}."
-        )
+    layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
     if tokens is None:
         tokens = model.tokenize(adata, seed=seed)
     key = cache_key(model, adata, tokens.settings, layer=layer, pooling=pooling, seed=seed)
