@@ -73,3 +73,66 @@ def test_sigkill_during_embedding_resumes(tmp_path, pbmc3k_path, make_scgpt_dir)
     np.testing.assert_array_equal(np.load(out), np.load(reference))
     assert all(not p.exists() or p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert not list(cache.glob("*.part*"))  # parts folded into one checksummed entry
+
+
+def test_sigkill_during_finetuning_resumes(tmp_path, pbmc3k_path, shared_dir):
+    """Kill fine-tuning after its first epoch checkpoint; --resume ends like a clean run."""
+    import json
+
+    from tests._geneformer_factory import write_checkpoint
+
+    model_dir, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    data = tmp_path / "cells.h5ad"
+    ad.read_h5ad(pbmc3k_path)[::10].copy().write_h5ad(data)
+
+    config = tmp_path / "one_split.yaml"
+    config.write_text("n_splits: 1\n")
+
+    def command(out, *extra):
+        return [
+            sys.executable,
+            "-m",
+            "scfmbench",
+            "finetune",
+            str(data),
+            "--model",
+            f"geneformer={model_dir}",
+            "--out",
+            str(out),
+            "--name",
+            "ft",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--config",
+            str(config),
+            "-q",
+            *extra,
+        ]
+
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr
+    result_dir = tmp_path / "clean" / "ft" / "finetune" / "geneformer" / "seed42"
+    expected = json.loads((result_dir / "result.json").read_text())
+
+    out = tmp_path / "killed"
+    checkpoint = out / "ft" / "finetune" / "geneformer" / "seed42" / "checkpoint" / "last.pt"
+    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists()
+    resumed_dir = out / "ft" / "finetune" / "geneformer" / "seed42"
+    assert not (resumed_dir / "result.json").exists()  # killed before the end
+
+    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((resumed_dir / "result.json").read_text())
+    assert got["resumed_from_epoch"] >= 1
+    assert got["epochs"] == expected["epochs"]
+    assert got["test"] == expected["test"]

@@ -72,8 +72,9 @@ def test_streaming_matches_in_memory_and_writes_h5ad(tmp_path, subset, make_scgp
     assert len(list(cache.glob("*.npy"))) == 3  # one entry per chunk
 
     with caplog.at_level(logging.INFO, logger="scfmbench"):
-        _embed(subset, model_dir, tmp_path / "again.npy", backed=True, chunk_size=100,
-               cache_dir=cache)
+        _embed(
+            subset, model_dir, tmp_path / "again.npy", backed=True, chunk_size=100, cache_dir=cache
+        )
     assert caplog.text.count("reusing finished chunk") == 3
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), written.obsm["X_scgpt"])
 
@@ -86,12 +87,31 @@ def test_streaming_sigkill_resumes(tmp_path, pbmc3k_sess, make_scgpt_dir):
     short = {"max_seq_len": 256}  # keeps the test fast
     _embed(data, model_dir, reference, backed=True, chunk_size=100, model_options=short)
     cache, out = tmp_path / "cache", tmp_path / "resumed.npy"
-    command = [sys.executable, "-m", "scfmbench", "embed", str(data), "--model",
-               f"scgpt={model_dir}", "--out", str(out), "--backed", "--chunk-size", "100",
-               "--batch-size", "16", "--device", "cpu", "--cache-dir", str(cache),
-               "--option", "max_seq_len=256"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "scfmbench",
+        "embed",
+        str(data),
+        "--model",
+        f"scgpt={model_dir}",
+        "--out",
+        str(out),
+        "--backed",
+        "--chunk-size",
+        "100",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache),
+        "--option",
+        "max_seq_len=256",
+    ]
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(cache.glob("*.npy")):
         time.sleep(0.01)
@@ -130,9 +150,27 @@ def test_streaming_refuses_bad_chunks_on_the_cli(tmp_path, make_scgpt_dir):
     _write_csr(data, counts)
     out = tmp_path / "out.h5ad"
     done = subprocess.run(
-        [sys.executable, "-m", "scfmbench", "embed", str(data), "--model", f"scgpt={model_dir}",
-         "--out", str(out), "--backed", "--chunk-size", "100", "--device", "cpu", "-q"],
-        capture_output=True, text=True, timeout=300, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "scfmbench",
+            "embed",
+            str(data),
+            "--model",
+            f"scgpt={model_dir}",
+            "--out",
+            str(out),
+            "--backed",
+            "--chunk-size",
+            "100",
+            "--device",
+            "cpu",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert done.returncode == 2, done.stderr
     error = done.stderr.strip().splitlines()
@@ -166,12 +204,14 @@ def test_streaming_chunk_without_tokens_gets_nan_rows(tmp_path, make_scgpt_dir):
     counts = np.zeros((150, 9), dtype=np.float32)
     counts[:, 8] = 3  # every cell expresses the gene missing from the vocabulary …
     counts[100:, :8] = _counts(50)  # … and only cells 100-149 vocabulary genes
-    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in
-                                                                       range(150)]))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(150)])
+    )
     adata.var_names = ["CD3D", "CD3E", "MS4A1", "CD79A", "LYZ", "CD14", "NKG7", "GNLY", "NOPE"]
     adata.write_h5ad(tmp_path / "late.h5ad")
-    key, n = _embed(tmp_path / "late.h5ad", make_scgpt_dir(), tmp_path / "o.npy", backed=True,
-                    chunk_size=50)
+    key, n = _embed(
+        tmp_path / "late.h5ad", make_scgpt_dir(), tmp_path / "o.npy", backed=True, chunk_size=50
+    )
     rows = np.load(tmp_path / "o.npy")
     assert n == 50 and rows.shape == (150, 16)
     assert np.isnan(rows[:100]).all() and np.isfinite(rows[100:]).all()
@@ -208,12 +248,33 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, subset, make_scgp
     _embed(subset, model_dir, single, backed=True, chunk_size=50)
     out = tmp_path / "dist.h5ad"
     process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "scfmbench", "embed", str(subset),
-         "--model", f"scgpt={model_dir}", "--out", str(out), "--chunk-size", "50",
-         "--batch-size", "16", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**ENV, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "scfmbench",
+            "embed",
+            str(subset),
+            "--model",
+            f"scgpt={model_dir}",
+            "--out",
+            str(out),
+            "--chunk-size",
+            "50",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=180)
@@ -273,8 +334,9 @@ def test_batch_size_auto_halves_on_out_of_memory(ragged_tokens, caplog):
     assert "out of memory with 256 cells per batch" in caplog.text
     # a plain RuntimeError saying "out of memory" (e.g. from MPS or the CPU allocator) too
     model = OomModel(limit=20, error=RuntimeError)
-    np.testing.assert_array_equal(embed_tokens(model, ragged_tokens, batch_size="auto", **options),
-                                  fixed)
+    np.testing.assert_array_equal(
+        embed_tokens(model, ragged_tokens, batch_size="auto", **options), fixed
+    )
 
 
 def test_batch_size_auto_limits(ragged_tokens):
