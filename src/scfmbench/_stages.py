@@ -26,6 +26,7 @@ class StageStore:
     def __init__(self, run_dir: Path) -> None:
         self.root = Path(run_dir) / "stages"
         self.timings: dict[str, float] = {}
+        self.details: dict[str, dict[str, float]] = {}
 
     def _path(self, name: str) -> Path:
         return self.root / f"{safe_name(name)}.json"
@@ -51,3 +52,27 @@ class StageStore:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.details.setdefault(name, {})["peak_rss_mb"] = peak_rss_mb()
+
+    def note(self, name: str, **info: float) -> None:
+        """Attach numbers (e.g. ``n_cells``) to a timed stage for the report."""
+        self.details.setdefault(name, {}).update(info)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage: seconds, peak RSS so far (MB) and any noted numbers, e.g. cells/s."""
+        out = {}
+        for name, seconds in self.timings.items():
+            entry = {"seconds": round(seconds, 3), **self.details.get(name, {})}
+            if "n_cells" in entry and seconds > 0:
+                entry["cells_per_s"] = round(entry["n_cells"] / seconds, 2)
+            out[name] = entry
+        return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)

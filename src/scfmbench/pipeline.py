@@ -240,10 +240,10 @@ def _execute(
         )
 
     embeddings, model_info = {}, {}
-    with stages.timed("embed"):
-        from scfmbench.embed import embed
+    from scfmbench.embed import embed
 
-        for model in models:
+    for model in models:
+        with stages.timed(f"embed:{model.model_id}"):
             result = embed(
                 adata,
                 model,
@@ -253,15 +253,17 @@ def _execute(
                 seed=config.seed,
                 progress=progress,
             )
-            embeddings[model.model_id] = result
-            model_info[model.model_id] = {
-                "checkpoint_sha256": result.checkpoint_sha256,
-                "layer": result.layer,
-                "pooling": result.pooling,
-                "n_dropped_cells": int(len(result.dropped)),
-                "from_cache": result.from_cache,
-                **(result.gene_match.to_dict() if result.gene_match is not None else {}),
-            }
+        if not result.from_cache:
+            stages.note(f"embed:{model.model_id}", n_cells=len(result.obs_names))
+        embeddings[model.model_id] = result
+        model_info[model.model_id] = {
+            "checkpoint_sha256": result.checkpoint_sha256,
+            "layer": result.layer,
+            "pooling": result.pooling,
+            "n_dropped_cells": int(len(result.dropped)),
+            "from_cache": result.from_cache,
+            **(result.gene_match.to_dict() if result.gene_match is not None else {}),
+        }
 
     predictions = _predict_all(
         config,
@@ -319,7 +321,7 @@ def _execute(
             run_dir,
         )
     stages.timings["total"] = time.perf_counter() - started
-    metrics["timings"] = {k: round(v, 3) for k, v in stages.timings.items()}
+    metrics["timings"] = stages.summary()
     write_json(run_dir / "metrics.json", metrics)
     from scfmbench.report import write_results_markdown
 
