@@ -6,7 +6,6 @@ Tests that need ``../shared`` skip locally when it is absent but fail when ``CI=
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from anndata import AnnData
 
 from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
 from scfmbench.tokenize import load_scgpt_vocab
+from tests.conftest import require_shared  # noqa: F401  (used by the scGPT tests too)
 
 __all__ = ["make_scgpt_dir", "scgpt_human_dir", "scgpt_tiny_state", "scgpt_vocab"]  # fixtures
 
@@ -43,16 +43,6 @@ TINY_GENES = [
     "NOT_A_GENE_1",
     "NOT_A_GENE_2",
 ]
-
-
-def require_shared(path: Path) -> Path:
-    """Return ``path``; skip when it is missing, or fail when ``CI=true``."""
-    if not path.exists():
-        message = f"{path} is missing; the scGPT tests need the ../shared folder next to the repo"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="session")

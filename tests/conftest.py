@@ -15,8 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
-def require_shared(relative: str) -> Path:
-    """Path to a file in ../shared; skip when absent locally, fail when CI=true."""
+def require_shared(relative: str | Path) -> Path:
+    """Path to a file in ../shared (or an absolute path there); skip when absent locally,
+    fail when CI=true."""
     path = SHARED_DIR / relative
     if not path.exists():
         message = f"{relative} not found beside the checkout (expected {path})"
