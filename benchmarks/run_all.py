@@ -85,8 +85,14 @@ def run_throughput(name: str, *, n_cells: int, timeout: int, run: bool = True) -
     if run:
         print(f"$ python {script.relative_to(REPO).as_posix()} {flags}", flush=True)
         try:
-            done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
-                                  text=True, timeout=timeout)
+            done = subprocess.run(
+                command,
+                cwd=REPO,
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             return {"name": name, "note": f"failed: no result within {timeout} s"}
         if done.returncode != 0:
@@ -134,7 +140,12 @@ def vocab_source(data: Path) -> tuple[sp.csr_matrix, pd.DataFrame]:
 
 
 def write_synthetic(
-    path: Path, source: sp.csr_matrix, var: pd.DataFrame, *, n_cells: int, seed: int,
+    path: Path,
+    source: sp.csr_matrix,
+    var: pd.DataFrame,
+    *,
+    n_cells: int,
+    seed: int,
     chunk: int = 10_000,
 ) -> None:
     """An uncompressed CSR ``.h5ad`` of ``n_cells`` cells drawn with replacement from
@@ -151,8 +162,13 @@ def write_synthetic(
         for empty in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             ad.io.write_elem(f, empty, {})
         group = f.create_group("X")
-        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                            "shape": (n_cells, source.shape[1])})
+        group.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": (n_cells, source.shape[1]),
+            }
+        )
         group.create_dataset("indptr", data=indptr)
         data = group.create_dataset("data", shape=(indptr[-1],), dtype=np.float32)
         indices = group.create_dataset("indices", shape=(indptr[-1],), dtype=np.int32)
@@ -166,10 +182,24 @@ def write_synthetic(
 def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     """Run the streaming embed in a fresh process: wall, CPU, peak RSS of that process."""
     command = [
-        sys.executable, "-m", "scfmbench", "embed", str(data),
-        "--model", f"scgpt-random={model_dir}", "--out", str(out), "--backed",
-        "--device", "cpu", "--batch-size", str(args.batch_size),
-        "--chunk-size", str(args.chunk_size), "--option", f"max_seq_len={args.max_seq_len}",
+        sys.executable,
+        "-m",
+        "scfmbench",
+        "embed",
+        str(data),
+        "--model",
+        f"scgpt-random={model_dir}",
+        "--out",
+        str(out),
+        "--backed",
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(args.batch_size),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--option",
+        f"max_seq_len={args.max_seq_len}",
         "--quiet",
     ]
     load_before = os.getloadavg()[0]
@@ -177,8 +207,9 @@ def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespa
         started = time.perf_counter()
         threads = str(args.threads)
         env = {**subprocess_env(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                                   text=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True
+        )
         _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - started
         code = os.waitstatus_to_exitcode(status)
@@ -203,18 +234,27 @@ def run_scaling(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         model_dir = tiny_scgpt_dir(tmp / "scgpt_tiny")
         source, var = vocab_source(args.data)
-        print(f"source: {source.shape[0]} PBMC3k cells × {source.shape[1]} vocabulary genes, "
-              f"{source.nnz / source.shape[0]:.0f} non-zero genes per cell", flush=True)
+        print(
+            f"source: {source.shape[0]} PBMC3k cells × {source.shape[1]} vocabulary genes, "
+            f"{source.nnz / source.shape[0]:.0f} non-zero genes per cell",
+            flush=True,
+        )
         rows = []
         for n_cells in args.sizes:
             data = tmp / f"synthetic_{n_cells}.h5ad"
             started = time.perf_counter()
             write_synthetic(data, source, var, n_cells=n_cells, seed=args.seed)
-            print(f"wrote {data.name} ({data.stat().st_size / 2**20:.0f} MiB) in "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"wrote {data.name} ({data.stat().st_size / 2**20:.0f} MiB) in "
+                f"{time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
             row = measure_embed(data, model_dir, tmp / f"emb_{n_cells}.npy", args)
-            print(f"{n_cells} cells: {row['wall_s']} s, {row['cells_per_s']} cells/s, "
-                  f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+            print(
+                f"{n_cells} cells: {row['wall_s']} s, {row['cells_per_s']} cells/s, "
+                f"peak RSS {row['peak_rss_mb']} MB",
+                flush=True,
+            )
             rows.append(row)
             data.unlink()
             (tmp / f"emb_{n_cells}.npy").unlink()
@@ -236,8 +276,10 @@ def run_scaling(args: argparse.Namespace) -> dict:
 
 
 def throughput_markdown(rows: list[dict]) -> list[str]:
-    lines = ["| script | flags | ratio | value | target | rate | device |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| script | flags | ratio | value | target | rate | device |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         if "note" in row:
             lines.append(f"| {row['name']} | | {row['note']} | | | | |")
@@ -245,8 +287,10 @@ def throughput_markdown(rows: list[dict]) -> list[str]:
         rate = ", ".join(f"{k} {v:.3g}" for k, v in row["rates"].items())
         for key, value in row["ratios"].items():
             target = row["targets"].get(key, "")
-            lines.append(f"| {row['name']} | {row['flags']} | {key} | {value:.3g} | {target} | "
-                         f"{rate} | {row['device']} |")
+            lines.append(
+                f"| {row['name']} | {row['flags']} | {key} | {value:.3g} | {target} | "
+                f"{rate} | {row['device']} |"
+            )
     return lines
 
 
@@ -267,9 +311,11 @@ def scaling_markdown(scaling: dict) -> list[str]:
     marginal = _marginal_rates(rows)
     for r, extra in zip(rows, ["", *map(str, marginal)], strict=True):
         load = "→".join(map(str, r["load_avg_1min"]))
-        lines.append(f"| {r['n_cells']} | {r['file_mb']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {extra} | "
-                     f"{r['peak_rss_mb']} | {load} |")
+        lines.append(
+            f"| {r['n_cells']} | {r['file_mb']} | {r['wall_s']} | {r['cpu_s']} | "
+            f"{r['cells_per_s']} | {r['cells_per_cpu_s']} | {extra} | "
+            f"{r['peak_rss_mb']} | {load} |"
+        )
     if len(rows) > 1:
         rss = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         speeds = [r["cells_per_s"] for r in rows]
@@ -298,30 +344,57 @@ def _marginal_rates(rows: list[dict]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
-    parser.add_argument("--throughput-cells", type=int, default=64,
-                        help="--n-cells for throughput scripts that take it")
+    parser.add_argument(
+        "--throughput-cells",
+        type=int,
+        default=64,
+        help="--n-cells for throughput scripts that take it",
+    )
     parser.add_argument("--throughput-timeout", type=int, default=1800)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--batch-size", default="auto")
-    parser.add_argument("--max-seq-len", type=int, default=128,
-                        help="scGPT input length (real: 1200; shorter keeps the run short)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the embed process (1: steadier on a shared CPU)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=128,
+        help="scGPT input length (real: 1200; shorter keeps the run short)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the embed process (1: steadier on a shared CPU)",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="folder for the temporary synthetic files (default: system tmp)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the temporary synthetic files (default: system tmp)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.md")
     args = parser.parse_args()
     args.sizes = sorted(args.sizes)
 
     lines = ["# Benchmark results", "", f"Written by `benchmarks/run_all.py` on {machine()}.", ""]
-    rows = [run_throughput(name, n_cells=args.throughput_cells, timeout=args.throughput_timeout,
-                           run=not args.skip_throughput) for name in THROUGHPUT]
-    lines += ["## Throughput (ratios against a baseline in the same process)", "",
-              *throughput_markdown(rows), ""]
+    rows = [
+        run_throughput(
+            name,
+            n_cells=args.throughput_cells,
+            timeout=args.throughput_timeout,
+            run=not args.skip_throughput,
+        )
+        for name in THROUGHPUT
+    ]
+    lines += [
+        "## Throughput (ratios against a baseline in the same process)",
+        "",
+        *throughput_markdown(rows),
+        "",
+    ]
     scaling_json = RESULTS / "scaling.json"
     if not args.skip_scaling:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import torch
+from _common import padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
 
-from scfmbench.embed import collate, embed_tokens, length_sorted_batches
+from scfmbench.embed import collate
 from scfmbench.embed._scfoundation import ScFoundationModel, read_gene_index
 from scfmbench.embed._scfoundation_model import (
     RELEASED_CONFIG,
@@ -43,23 +43,6 @@ SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 DEFAULT_INDEX = SHARED / "vocab" / "scfoundation" / "OS_scRNA_gene_index.19264.tsv"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "scfoundation_throughput.json"
-
-
-def _timed(model, tokens, **options) -> tuple[np.ndarray, float, float]:
-    """Embeddings, wall seconds and process CPU seconds (less sensitive to a shared CPU)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = embed_tokens(
-        model, tokens, layer=model.default_layer, pooling="all", progress=False, **options
-    )
-    return out, time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _padded_tokens(lengths: np.ndarray, *, batch_size: int, width: int | None) -> int:
-    """Tokens the network processes: each batch padded to its longest cell (or ``width``)."""
-    if width is not None:
-        return int(width * len(lengths))
-    batches = length_sorted_batches(lengths, batch_size=batch_size)
-    return int(sum(len(b) * lengths[b].max() for b in batches))
 
 
 def main() -> None:
@@ -106,7 +89,9 @@ def main() -> None:
     runs: dict[bool, list[tuple[np.ndarray, float, float]]] = {False: [], True: []}
     for _ in range(args.repeats):  # interleaved; the fastest run of each counts
         for pad_to_max in (False, True):
-            runs[pad_to_max].append(_timed(model, tokens, pad_to_max=pad_to_max, **options))
+            runs[pad_to_max].append(
+                timed_embedding(model, tokens, pooling="all", pad_to_max=pad_to_max, **options)
+            )
     dynamic, t_dynamic, cpu_dynamic = min(runs[False], key=lambda run: run[1])
     naive, t_naive, cpu_naive = min(runs[True], key=lambda run: run[1])
     max_diff = float(np.abs(dynamic - naive).max())
@@ -128,10 +113,8 @@ def main() -> None:
         "repeats": args.repeats,
         "tokens_per_cell_mean": round(float(lengths.mean()), 1),
         "tokens_per_cell_max": width,
-        "padded_tokens_dynamic": _padded_tokens(lengths, batch_size=args.batch_size, width=None),
-        "padded_tokens_pad_to_max": _padded_tokens(
-            lengths, batch_size=args.batch_size, width=width
-        ),
+        "padded_tokens_dynamic": padded_tokens(lengths, batch_size=args.batch_size, width=None),
+        "padded_tokens_pad_to_max": padded_tokens(lengths, batch_size=args.batch_size, width=width),
         "seconds_dynamic": round(t_dynamic, 2),
         "seconds_pad_to_max": round(t_naive, 2),
         "cpu_seconds_dynamic": round(cpu_dynamic, 2),

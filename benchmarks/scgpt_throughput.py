@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import torch
+from _common import padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
 
-from scfmbench.embed import embed_tokens, length_sorted_batches
+from scfmbench.embed import embed_tokens
 from scfmbench.embed._scgpt import load_scgpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,29 +30,17 @@ DEFAULT_MODEL = SHARED / "vocab" / "scgpt" / "scGPT_human"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "scgpt_throughput.json"
 
 
-def _timed(model, tokens, **options) -> tuple[np.ndarray, float, float]:
-    """Embeddings, wall seconds and process CPU seconds (less sensitive to a shared CPU)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = embed_tokens(model, tokens, layer=model.default_layer, pooling="cls", progress=False,
-                       **options)
-    return out, time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _padded_tokens(lengths: np.ndarray, *, batch_size: int, width: int | None) -> int:
-    """Tokens the network processes: each batch padded to its longest cell (or ``width``)."""
-    if width is not None:
-        return int(width * len(lengths))
-    return int(sum(len(b) * lengths[b].max()
-                   for b in length_sorted_batches(lengths, batch_size=batch_size)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=64, help="cells to embed (seeded subset)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL,
-                        help="folder with the scGPT args.json and vocab.json")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="folder with the scGPT args.json and vocab.json",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -67,17 +55,29 @@ def main() -> None:
     config = model.network.config
     tokens = model.tokenize(adata, seed=args.seed)
     lengths = tokens.lengths
-    print(f"PBMC3k: {n_cells} of 2638 cells (seed {args.seed}); scGPT shape {config.nlayers} "
-          f"layers, embsize {config.embsize}, {config.nheads} heads, d_hid {config.d_hid} "
-          f"(random weights); tokens per cell mean {lengths.mean():.0f}, max {lengths.max()}, "
-          f"pad-to-max width {max(int(lengths.max()), model.max_seq_len)}")
+    print(
+        f"PBMC3k: {n_cells} of 2638 cells (seed {args.seed}); scGPT shape {config.nlayers} "
+        f"layers, embsize {config.embsize}, {config.nheads} heads, d_hid {config.d_hid} "
+        f"(random weights); tokens per cell mean {lengths.mean():.0f}, max {lengths.max()}, "
+        f"pad-to-max width {max(int(lengths.max()), model.max_seq_len)}"
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
 
     options = {"batch_size": args.batch_size, "device": args.device}
-    embed_tokens(model, tokens, layer=1, pooling="cls", progress=False, batch_size=2,
-                 device=args.device, out=np.zeros((tokens.n_cells, config.embsize), np.float32))
-    dynamic, t_dynamic, cpu_dynamic = _timed(model, tokens, **options)
-    naive, t_naive, cpu_naive = _timed(model, tokens, pad_to_max=True, **options)
+    embed_tokens(
+        model,
+        tokens,
+        layer=1,
+        pooling="cls",
+        progress=False,
+        batch_size=2,
+        device=args.device,
+        out=np.zeros((tokens.n_cells, config.embsize), np.float32),
+    )
+    dynamic, t_dynamic, cpu_dynamic = timed_embedding(model, tokens, pooling="cls", **options)
+    naive, t_naive, cpu_naive = timed_embedding(
+        model, tokens, pooling="cls", pad_to_max=True, **options
+    )
     max_diff = float(np.abs(dynamic - naive).max())
     width = max(int(lengths.max()), model.max_seq_len)
 
@@ -98,22 +98,28 @@ def main() -> None:
         "cpu_seconds_dynamic": round(cpu_dynamic, 3),
         "cpu_seconds_pad_to_max": round(cpu_naive, 3),
         "embed_speedup_vs_pad_to_max_cpu_time": round(cpu_naive / cpu_dynamic, 3),
-        "tokens_processed_dynamic": _padded_tokens(lengths, batch_size=args.batch_size,
-                                                   width=None),
-        "tokens_processed_pad_to_max": _padded_tokens(lengths, batch_size=args.batch_size,
-                                                      width=width),
+        "tokens_processed_dynamic": padded_tokens(lengths, batch_size=args.batch_size, width=None),
+        "tokens_processed_pad_to_max": padded_tokens(
+            lengths, batch_size=args.batch_size, width=width
+        ),
         "max_abs_diff_embeddings": max_diff,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"dynamic (length-sorted) batching: {result['cells_per_s_dynamic']:.2f} cells/s "
-          f"({t_dynamic:.1f} s)")
-    print(f"naive pad-to-max:                 {result['cells_per_s_pad_to_max']:.2f} cells/s "
-          f"({t_naive:.1f} s)")
-    print(f"speedup: {result['embed_speedup_vs_pad_to_max']:.2f}x wall, "
-          f"{result['embed_speedup_vs_pad_to_max_cpu_time']:.2f}x CPU time; tokens processed "
-          f"{result['tokens_processed_dynamic']} vs {result['tokens_processed_pad_to_max']}; "
-          f"same embeddings up to {max_diff:.1e}")
+    print(
+        f"dynamic (length-sorted) batching: {result['cells_per_s_dynamic']:.2f} cells/s "
+        f"({t_dynamic:.1f} s)"
+    )
+    print(
+        f"naive pad-to-max:                 {result['cells_per_s_pad_to_max']:.2f} cells/s "
+        f"({t_naive:.1f} s)"
+    )
+    print(
+        f"speedup: {result['embed_speedup_vs_pad_to_max']:.2f}x wall, "
+        f"{result['embed_speedup_vs_pad_to_max_cpu_time']:.2f}x CPU time; tokens processed "
+        f"{result['tokens_processed_dynamic']} vs {result['tokens_processed_pad_to_max']}; "
+        f"same embeddings up to {max_diff:.1e}"
+    )
     print(f"wrote {args.out}")
 
 

@@ -97,6 +97,7 @@ def test_bad_input_cli(case, tmp_path):
         for a in extra
     ]
     out = tmp_path / "runs"
+    name = [] if "--name" in extra else ["--name", "r"]
     done = subprocess.run(
         [
             sys.executable,
@@ -108,21 +109,7 @@ def test_bad_input_cli(case, tmp_path):
             "--out",
             str(out),
             "-q",
-            "--name",
-            "r",
-            *extra,
-        ]
-        if "--name" not in extra
-        else [
-            sys.executable,
-            "-m",
-            "scfmbench",
-            "run",
-            "--data",
-            data,
-            "--out",
-            str(out),
-            "-q",
+            *name,
             *extra,
         ],
         capture_output=True,
