@@ -43,6 +43,10 @@ def test_pbmc3k_to_kang_subsets(pbmc3k_path, kang_path, tmp_path):
     assert forward["hvg+logreg"]["accuracy"] > 0.75
     assert forward["hvg+logreg"]["accuracy"] > forward["majority"]["accuracy"] + 0.4
     assert (tmp_path / "t" / "transfer.md").exists()
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "## Transfer across datasets" in report
+    assert f"{info['n_shared_genes']} shared genes" in report
+    assert (tmp_path / "t" / "report.html").exists()
 
 
 def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):

@@ -361,8 +361,29 @@ def _config_value(value: Any) -> str:
 # --------------------------------------------------------------------------- sections
 
 
+def transfer_data_section(metrics: dict[str, Any]) -> Section:
+    """Both datasets of a transfer run and what each direction shared and dropped."""
+    bullets = []
+    for name, diag in (metrics.get("diagnostics") or {}).items():
+        bullets.append(
+            f"{name}: {diag.get('n_cells')} cells × {diag.get('n_genes')} genes, "
+            f"{diag.get('matrix_kind')} from adata.{diag.get('matrix_source')}, "
+            f"{diag.get('identifier_type')} identifiers, label column {diag.get('label_key')}"
+        )
+        bullets += [f"warning ({name}): {w}" for w in diag.get("warnings", [])]
+    for direction, info in metrics["transfer"].get("directions", {}).items():
+        bullets.append(
+            f"{direction}: {info['n_shared_genes']} shared genes, {info['n_train_cells']} "
+            f"training and {info['n_test_cells']} test cells; test classes not in training "
+            f"(dropped): {info['dropped_test_classes'] or 'none'}"
+        )
+    return Section("data", "Data and diagnostics", bullets=bullets)
+
+
 def data_section(metrics: dict[str, Any]) -> Section:
     """Data summary and diagnostics: what was read, what was dropped, and why."""
+    if metrics["run"].get("kind") == "transfer":
+        return transfer_data_section(metrics)
     run, diag = metrics["run"], metrics.get("diagnostics", {})
     bullets = [f"data: {run.get('data')}, label column: {run.get('label_key')}"]
     if "n_cells" in diag:
@@ -686,11 +707,9 @@ def build_sections(
     manifest: dict[str, Any] | None = None,
 ) -> list[Section]:
     """Report sections in order; optional ones only when their data (or figure) exists."""
-    sections = [
-        data_section(metrics),
-        methods_section(metrics, config, manifest),
-        headline_section(metrics),
-    ]
+    sections = [data_section(metrics)]
+    if metrics["methods"]:  # a transfer run has only its transfer matrix
+        sections += [methods_section(metrics, config, manifest), headline_section(metrics)]
     sections += _single_table_section(
         "frozen-vs-finetuned", "Frozen vs fine-tuned", frozen_vs_finetuned_table(metrics)
     )

@@ -257,11 +257,15 @@ def transfer(
             "label_map": mapping,
         },
         "diagnostics": {name: v.diagnostics.to_dict() for name, v in datasets},
+        "methods": {},  # per-dataset runs hold the within-dataset methods
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
     write_json(run_dir / "metrics.json", doc)
     write_text(run_dir / "transfer.md", transfer_markdown(doc))
+    from scfmbench.report import write_report
+
+    write_report(run_dir)
     return doc
 
 
