@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from scfmbench.embed import embed_tokens, length_sorted_batches
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PBMC3K = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def timed_embedding(model, tokens, *, pooling: str, **options) -> tuple[np.ndarray, float, float]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from _common import padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
+from _common import PBMC3K, RESULTS, SHARED, padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import collate
 from scfmbench.embed._scfoundation import ScFoundationModel, read_gene_index
@@ -38,11 +38,9 @@ from scfmbench.embed._scfoundation_model import (
     random_encoder,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_DATA = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
+DEFAULT_DATA = PBMC3K
 DEFAULT_INDEX = SHARED / "vocab" / "scfoundation" / "OS_scRNA_gene_index.19264.tsv"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "scfoundation_throughput.json"
+DEFAULT_OUT = RESULTS / "scfoundation_throughput.json"
 
 
 def main() -> None:

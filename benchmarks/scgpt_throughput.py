@@ -18,16 +18,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from _common import padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
+from _common import PBMC3K, RESULTS, SHARED, padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import embed_tokens
 from scfmbench.embed._scgpt import load_scgpt
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_DATA = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
+DEFAULT_DATA = PBMC3K
 DEFAULT_MODEL = SHARED / "vocab" / "scgpt" / "scGPT_human"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "scgpt_throughput.json"
+DEFAULT_OUT = RESULTS / "scgpt_throughput.json"
 
 
 def main() -> None:

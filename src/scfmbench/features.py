@@ -116,8 +116,10 @@ def pca_all_cells(
     adata: AnnData, *, kind: str, n_hvg: int = 2000, n_pcs: int = 50, seed: int = 0
 ) -> np.ndarray:
     """HVG → z-score → PCA over all cells: the unsupervised baseline view for figures/scores."""
+    from scfmbench.splits import Split
+
     everyone = pd.Index(adata.obs_names)
-    split = type("AllCells", (), {"train": everyone, "val": everyone[:1], "test": everyone[:1]})
+    split = Split(seed=seed, train=everyone, val=everyone[:1], test=everyone[:1])
     return pca_features(adata, split, kind=kind, n_hvg=n_hvg, n_pcs=n_pcs, seed=seed).train
 
 
@@ -133,6 +135,11 @@ REPRESENTATIONS: Registry = Registry("representation")
 REPRESENTATIONS.register("hvg")(hvg_features)
 REPRESENTATIONS.register("pca")(pca_features)
 REPRESENTATIONS.register("none")(no_features)
+
+
+def obsm_key_for(model_id: str) -> str:
+    """Where a model's embeddings live: ``geneformer-random`` → ``obsm['X_geneformer_random']``."""
+    return f"X_{model_id.replace('-', '_')}"
 
 
 def embedding_features(matrix: np.ndarray, obs_names: pd.Index, split) -> SplitFeatures:

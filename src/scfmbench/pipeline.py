@@ -24,7 +24,7 @@ from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._stages import StageStore
 from scfmbench.config import RunConfig
 from scfmbench.errors import ConfigError, ScfmbenchError
-from scfmbench.features import REPRESENTATIONS, SplitFeatures, embedding_features
+from scfmbench.features import REPRESENTATIONS, SplitFeatures, embedding_features, obsm_key_for
 from scfmbench.hashing import hash_array, hash_json
 from scfmbench.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.probes import PROBES, fit_probe
@@ -426,8 +426,7 @@ def layerwise_probing(
             feats = embedding_features(adata.obsm["X_layer_probe"], adata.obs_names, split)
             method = Method(f"{model.model_id}+logreg", model.model_id, "logreg", "frozen")
             payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
-            truth = labels.loc[payload["cells"]].astype(str).to_numpy()
-            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            scores = score_payload(payload, labels, classes)
             rows.append(
                 {
                     "layer": layer,
@@ -463,7 +462,7 @@ def embedding_scores(
 
     batch_key = detect_batch_key(adata.obs, config.batch_key)
     batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-    views = {"pca": None, **{model_id: obsm_key(model_id) for model_id in embeddings}}
+    views = {"pca": None, **{model_id: obsm_key_for(model_id) for model_id in embeddings}}
     out = {}
     for name, key in views.items():
         stage_key = hash_json(
@@ -520,17 +519,12 @@ def finish_run_directory(
 
 
 def _features(
-    method: Method, adata: AnnData, split: Split, embeddings: dict, config: RunConfig, kind: str
+    method: Method, adata: AnnData, split: Split, config: RunConfig, kind: str
 ) -> SplitFeatures:
     if method.model is not None:
-        return embedding_features(adata.obsm[obsm_key(method.model)], adata.obs_names, split)
+        return embedding_features(adata.obsm[obsm_key_for(method.model)], adata.obs_names, split)
     builder = REPRESENTATIONS.get(method.representation)
     return builder(adata, split, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=split.seed)
-
-
-def obsm_key(model_id: str) -> str:
-    """Where a model's embeddings live: ``geneformer-random`` → ``obsm['X_geneformer_random']``."""
-    return f"X_{model_id.replace('-', '_')}"
 
 
 def _predict_all(
@@ -549,11 +543,11 @@ def _predict_all(
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
     out = {}
+    embedding_hashes = {model_id: hash_array(e.matrix) for model_id, e in embeddings.items()}
     jobs = [(m, s) for s in split_set.splits for m in methods]
     bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
     for method, split in bar:
         bar.set_postfix_str(f"{method.name} seed {split.seed}")
-        emb = embeddings.get(method.model) if method.model else None
         key = hash_json(
             {
                 "data": data_hash,
@@ -561,7 +555,7 @@ def _predict_all(
                 "method": method.__dict__,
                 "n_hvg": config.n_hvg,
                 "n_pcs": config.n_pcs,
-                "embedding": hash_array(emb.matrix) if emb is not None else None,
+                "embedding": embedding_hashes.get(method.model) if method.model else None,
             }
         )
         stage = f"predict_{method.name}_seed{split.seed}"
@@ -569,17 +563,15 @@ def _predict_all(
         if payload is None:
             with stages.timed(f"probe:{method.name}"):
                 payload = _fit_and_predict(
-                    method, adata, labels, split, embeddings, config, kind, code_of, classes
+                    method, adata, labels, split, config, kind, code_of, classes
                 )
             stages.save(stage, key, payload)
         out[(method.name, split.seed)] = payload
     return out
 
 
-def _fit_and_predict(
-    method, adata, labels, split, embeddings, config, kind, code_of, classes
-) -> dict:
-    feats = _features(method, adata, split, embeddings, config, kind)
+def _fit_and_predict(method, adata, labels, split, config, kind, code_of, classes) -> dict:
+    feats = _features(method, adata, split, config, kind)
     return _fit_and_predict_features(method, feats, labels, split, code_of, classes)
 
 
@@ -644,8 +636,7 @@ def build_metrics(
         per_split = {}
         for split in split_set.splits:
             payload = predictions[(method.name, split.seed)]
-            truth = labels.loc[payload["cells"]].astype(str).to_numpy()
-            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            scores = score_payload(payload, labels, classes)
             per_split[str(split.seed)] = {
                 **scores.to_dict(),
                 "params": payload["params"],
@@ -670,11 +661,21 @@ def build_metrics(
     return doc
 
 
+def payload_truth(payload: dict, labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) of the test cells of one saved prediction payload."""
+    truth = labels.loc[payload["cells"]].astype(str).to_numpy()
+    return truth, np.asarray(payload["pred"], dtype=str)
+
+
+def score_payload(payload: dict, labels: pd.Series, classes: list[str]):
+    """ClassificationMetrics of one saved prediction payload."""
+    truth, predicted = payload_truth(payload, labels)
+    return classification_metrics(truth, predicted, classes=classes)
+
+
 def _split_truth_and_predictions(predictions, labels, split_set, method):
     for split in split_set.splits:
-        payload = predictions[(method, split.seed)]
-        truth = labels.loc[payload["cells"]].astype(str).to_numpy()
-        yield str(split.seed), truth, np.asarray(payload["pred"], dtype=str)
+        yield str(split.seed), *payload_truth(predictions[(method, split.seed)], labels)
 
 
 def add_statistics(

@@ -24,7 +24,6 @@ from scfmbench._atomic import write_json, write_text
 from scfmbench.config import RunConfig
 from scfmbench.errors import ConfigError, SchemaError
 from scfmbench.features import lognormalize
-from scfmbench.metrics import classification_metrics
 from scfmbench.splits import Split, stratified_split
 from scfmbench.validate import ValidatedData, load_dataset, validate
 
@@ -191,7 +190,7 @@ def transfer(
         check_writable,
         load_models,
         model_methods,
-        obsm_key,
+        score_payload,
     )
 
     values = config.model_dump() if config is not None else {}
@@ -219,7 +218,7 @@ def transfer(
         prepared, counts_a, counts_b = prepare_transfer(
             data_a, data_b, mapping, names=(name_a, name_b), seed=cfg.seed, fractions=cfg.fractions
         )
-        _embed_models(models, prepared, counts_a, counts_b, cfg, progress, obsm_key)
+        _embed_models(models, prepared, counts_a, counts_b, cfg, progress)
         classes = list(prepared.labels.cat.categories)
         code_of = {c: k for k, c in enumerate(classes)}
         results = {}
@@ -229,14 +228,12 @@ def transfer(
                 prepared.combined,
                 prepared.labels,
                 prepared.split,
-                {},
                 cfg,
                 "lognorm",
                 code_of,
                 classes,
             )
-            truth = prepared.labels.loc[payload["cells"]].astype(str).to_numpy()
-            scores = classification_metrics(truth, np.asarray(payload["pred"]), classes=classes)
+            scores = score_payload(payload, prepared.labels, classes)
             results[method.name] = {**scores.to_dict(), "kind": method.kind}
         matrix.setdefault(name_a, {})[name_b] = results
         details[f"{name_a}->{name_b}"] = {
@@ -276,7 +273,6 @@ def _embed_models(
     counts_b: AnnData,
     cfg: RunConfig,
     progress: bool,
-    obsm_key,
 ) -> None:
     """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm."""
     from scfmbench.embed import embed
@@ -293,7 +289,7 @@ def _embed_models(
                 progress=progress,
             )
             parts.append(counts.obsm[model.obsm_key])
-        prepared.combined.obsm[obsm_key(model.model_id)] = np.vstack(parts)
+        prepared.combined.obsm[model.obsm_key] = np.vstack(parts)
 
 
 def transfer_markdown(doc: dict) -> str:

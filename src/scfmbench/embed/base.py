@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from scfmbench.features import obsm_key_for
 from scfmbench.genes import GeneMatch
 from scfmbench.registry import Registry
 
@@ -130,7 +131,7 @@ class FoundationModel(ABC):
 
     @property
     def obsm_key(self) -> str:
-        return f"X_{self.model_id.replace('-', '_')}"
+        return obsm_key_for(self.model_id)
 
     @property
     @abstractmethod
