@@ -9,8 +9,12 @@
    a tiny randomly initialised scGPT (real vocabulary, embsize 16, 2 layers) and records wall
    time, CPU time, cells/s and peak RSS (``os.wait4`` on that process). Targets: cells/s
    roughly constant, peak RSS at the largest size ≤ 1.5× that at the smallest.
+3. Run scaling: the whole ``scfmbench run`` (validation, PCA baseline, tiny scGPT embedding,
+   logistic-regression probes, scores) on the same files, streamed (``--backed``) and in
+   memory (``--no-backed``), each in a fresh process: wall time and peak RSS.
 
-Writes ``benchmarks/results/scaling.json`` and ``benchmarks/results.md``.
+Writes ``benchmarks/results/scaling.json``, ``benchmarks/results/run_scaling.json`` and
+``benchmarks/results.md``.
 
     python benchmarks/run_all.py                                  # 10k, 50k, 200k cells
     python benchmarks/run_all.py --sizes 2000 5000 --skip-throughput   # a quick run
@@ -131,12 +135,14 @@ def tiny_scgpt_dir(folder: Path) -> Path:
     return folder
 
 
-def vocab_source(data: Path) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """PBMC3k counts restricted to the genes in the scGPT vocabulary (CSR float32), and var."""
+def vocab_source(data: Path) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
+    """PBMC3k counts restricted to the genes in the scGPT vocabulary (CSR float32), var and
+    the cell-type labels."""
     adata = ad.read_h5ad(data)
     vocab = json.loads((SCGPT_HUMAN / "vocab.json").read_text())
     keep = adata.var_names.isin(list(vocab))
-    return sp.csr_matrix(adata.X[:, keep], dtype=np.float32), adata.var.loc[keep].copy()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    return sp.csr_matrix(adata.X[:, keep], dtype=np.float32), adata.var.loc[keep].copy(), labels
 
 
 def write_synthetic(
@@ -146,15 +152,19 @@ def write_synthetic(
     *,
     n_cells: int,
     seed: int,
+    labels: np.ndarray | None = None,
     chunk: int = 10_000,
 ) -> None:
     """An uncompressed CSR ``.h5ad`` of ``n_cells`` cells drawn with replacement from
-    ``source``, written chunk by chunk with h5py (anndata's on-disk encoding)."""
+    ``source`` (with ``obs['cell_type']`` from ``labels``), written chunk by chunk with h5py
+    (anndata's on-disk encoding)."""
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, source.shape[0], size=n_cells)
     lengths = np.diff(source.indptr)[rows]
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
+    if labels is not None:
+        obs["cell_type"] = pd.Categorical(labels[rows])
     with h5py.File(path, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         ad.io.write_elem(f, "obs", obs)
@@ -177,6 +187,29 @@ def write_synthetic(
             lo, hi = indptr[start], indptr[min(start + chunk, n_cells)]
             data[lo:hi] = part.data
             indices[lo:hi] = part.indices
+
+
+def measure_process(command: list[str], threads: int) -> dict:
+    """Run ``command`` in a fresh process: wall, CPU seconds and peak RSS of that process."""
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        env = {**subprocess_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True
+        )
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            log.seek(0)
+            raise SystemExit(f"{command[3]} failed (exit {code}): {log.read()[-2000:]}")
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -202,30 +235,58 @@ def measure_embed(data: Path, model_dir: Path, out: Path, args: argparse.Namespa
         f"max_seq_len={args.max_seq_len}",
         "--quiet",
     ]
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        threads = str(args.threads)
-        env = {**subprocess_env(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True
-        )
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
-        wall = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            log.seek(0)
-            raise SystemExit(f"embed failed (exit {code}): {log.read()[-2000:]}")
+    measured = measure_process(command, args.threads)
     n_cells = int(np.load(out, mmap_mode="r").shape[0])
     return {
         "n_cells": n_cells,
-        "wall_s": round(wall, 2),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "cells_per_s": round(n_cells / wall, 1),
-        "cells_per_cpu_s": round(n_cells / (usage.ru_utime + usage.ru_stime), 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        **measured,
+        "cells_per_s": round(n_cells / measured["wall_s"], 1),
+        "cells_per_cpu_s": round(n_cells / measured["cpu_s"], 1),
         "file_mb": round(data.stat().st_size / 2**20, 1),
-        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+RUN_SETTINGS = {
+    "baselines": ["pca+logreg", "majority"],
+    "probes": ["logreg"],
+    "n_splits": 1,
+    "random_controls": False,
+    "layerwise": False,
+    "figures": False,
+}
+
+
+def measure_run(
+    data: Path, model_dir: Path, workdir: Path, args: argparse.Namespace, *, backed: bool
+) -> dict:
+    """``scfmbench run`` (streamed or in memory) in a fresh process: wall, CPU, peak RSS."""
+    config = workdir / "run.yaml"
+    settings = {
+        **RUN_SETTINGS,
+        "models": [f"scgpt-random={model_dir}"],
+        "model_options": {"scgpt": {"max_seq_len": args.max_seq_len}},
+        "chunk_size": args.chunk_size,
+        "device": "cpu",
+    }
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    mode = "backed" if backed else "memory"
+    command = [
+        *(sys.executable, "-m", "scfmbench", "run", "--data", str(data)),
+        *("--config", str(config), "--label-key", "cell_type"),
+        *("--out", str(workdir / "runs"), "--name", f"{data.stem}_{mode}", "--quiet"),
+        "--backed" if backed else "--no-backed",
+    ]
+    measured = measure_process(command, args.threads)
+    metrics = json.loads((workdir / "runs" / f"{data.stem}_{mode}" / "metrics.json").read_text())
+    scores = {
+        name: round(entry["summary"]["macro_f1"]["mean"], 4)
+        for name, entry in metrics["methods"].items()
+    }
+    return {
+        "n_cells": metrics["diagnostics"]["n_cells"],
+        "mode": mode,
+        **measured,
+        "macro_f1": scores,
     }
 
 
@@ -233,17 +294,17 @@ def run_scaling(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="scfmbench_scaling_", dir=args.workdir) as tmp:
         tmp = Path(tmp)
         model_dir = tiny_scgpt_dir(tmp / "scgpt_tiny")
-        source, var = vocab_source(args.data)
+        source, var, labels = vocab_source(args.data)
         print(
             f"source: {source.shape[0]} PBMC3k cells × {source.shape[1]} vocabulary genes, "
             f"{source.nnz / source.shape[0]:.0f} non-zero genes per cell",
             flush=True,
         )
-        rows = []
+        rows, run_rows = [], []
         for n_cells in args.sizes:
             data = tmp / f"synthetic_{n_cells}.h5ad"
             started = time.perf_counter()
-            write_synthetic(data, source, var, n_cells=n_cells, seed=args.seed)
+            write_synthetic(data, source, var, n_cells=n_cells, seed=args.seed, labels=labels)
             print(
                 f"wrote {data.name} ({data.stat().st_size / 2**20:.0f} MiB) in "
                 f"{time.perf_counter() - started:.0f} s",
@@ -256,18 +317,29 @@ def run_scaling(args: argparse.Namespace) -> dict:
                 flush=True,
             )
             rows.append(row)
+            for backed in (True, False) if args.run_scaling else ():
+                run_rows.append(measure_run(data, model_dir, tmp, args, backed=backed))
+                print(
+                    f"run {run_rows[-1]['mode']} {n_cells} cells: {run_rows[-1]['wall_s']} s, "
+                    f"peak RSS {run_rows[-1]['peak_rss_mb']} MB",
+                    flush=True,
+                )
             data.unlink()
             (tmp / f"emb_{n_cells}.npy").unlink()
-    return {
+    common = {
         "machine": machine(),
         "model": "scgpt-random, scGPT_human vocab, embsize 16, 2 layers, 2 heads",
         "max_seq_len": args.max_seq_len,
         "chunk_size": args.chunk_size,
-        "batch_size": args.batch_size,
         "torch_threads": args.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sizes": rows,
     }
+    if run_rows:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "run_scaling.json").write_text(
+            json.dumps({**common, "settings": RUN_SETTINGS, "runs": run_rows}, indent=2) + "\n"
+        )
+    return {**common, "batch_size": args.batch_size, "sizes": rows}
 
 
 # --------------------------------------------------------------------------------------
@@ -333,6 +405,39 @@ def scaling_markdown(scaling: dict) -> list[str]:
     return lines
 
 
+def run_scaling_markdown(doc: dict) -> list[str]:
+    settings = ", ".join(f"{k} {v}" for k, v in doc["settings"].items())
+    lines = [
+        f"Machine: {doc['machine']}. `scfmbench run` with {settings}; model {doc['model']}, "
+        f"max_seq_len {doc['max_seq_len']}, chunk size {doc['chunk_size']}; one fresh process "
+        f"per row ({doc['date']}).",
+        "",
+        "| cells | mode | wall s | CPU s | peak RSS MB | macro F1 |",
+        "| ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in doc["runs"]:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in r["macro_f1"].items())
+        lines.append(
+            f"| {r['n_cells']} | {r['mode']} | {r['wall_s']} | {r['cpu_s']} | "
+            f"{r['peak_rss_mb']} | {scores} |"
+        )
+    backed = [r for r in doc["runs"] if r["mode"] == "backed"]
+    memory = [r for r in doc["runs"] if r["mode"] == "memory"]
+    if len(backed) > 1:
+        growth = backed[-1]["peak_rss_mb"] / backed[0]["peak_rss_mb"]
+        lines += [
+            "",
+            f"- streamed run, peak RSS {backed[-1]['n_cells']} / {backed[0]['n_cells']} cells: "
+            f"{growth:.2f}×",
+        ]
+    if backed and memory:
+        lines.append(
+            f"- at {memory[-1]['n_cells']} cells the in-memory run peaks at "
+            f"{memory[-1]['peak_rss_mb'] / backed[-1]['peak_rss_mb']:.2f}× the streamed run's RSS"
+        )
+    return lines
+
+
 def _marginal_rates(rows: list[dict]) -> list[float]:
     """Δcells / ΔCPU seconds between consecutive sizes (the fixed start-up cost cancels)."""
     return [
@@ -353,6 +458,12 @@ def main() -> None:
     parser.add_argument("--throughput-timeout", type=int, default=1800)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--no-run-scaling",
+        dest="run_scaling",
+        action="store_false",
+        help="only the embed scaling, not the whole run streamed vs in memory",
+    )
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument(
@@ -404,6 +515,12 @@ def main() -> None:
         if args.skip_scaling:
             title += " — stored `results/scaling.json`, not rerun"
         lines += [title, "", *scaling_markdown(json.loads(scaling_json.read_text())), ""]
+    run_json = RESULTS / "run_scaling.json"
+    if run_json.exists():
+        title = "## Scaling of `run`, streamed (`--backed`) vs in memory"
+        if args.skip_scaling or not args.run_scaling:
+            title += " — stored `results/run_scaling.json`, not rerun"
+        lines += [title, "", *run_scaling_markdown(json.loads(run_json.read_text())), ""]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out}")

@@ -67,8 +67,8 @@ def test_streaming_matches_in_memory_and_writes_h5ad(tmp_path, subset, make_scgp
     pd.testing.assert_frame_equal(written.obs, source.obs)
     assert (written.X != source.X).nnz == 0
     np.testing.assert_array_equal(written.obsm["X_umap"], source.obsm["X_umap"])
-    # other chunk boundaries tokenize with other random draws: close to, not equal to, memory
-    np.testing.assert_allclose(written.obsm["X_scgpt"], memory, atol=0.05)
+    # random draws are per cell, so other chunk boundaries give the same rows (up to padding)
+    np.testing.assert_allclose(written.obsm["X_scgpt"], memory, rtol=1e-5, atol=1e-5)
     assert len(list(cache.glob("*.npy"))) == 3  # one entry per chunk
 
     with caplog.at_level(logging.INFO, logger="scfmbench"):

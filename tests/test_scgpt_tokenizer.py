@@ -101,8 +101,8 @@ def test_binning_matches_numpy_reference_on_counts():
         rng.geometric(0.3, size=int(rng.integers(1, 400))).astype(np.float32) for _ in range(200)
     ]
     indptr = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
-    got = bin_csr(indptr, np.concatenate(cells), n_bins=51, rng=np.random.default_rng(3))
     u = np.random.default_rng(3).random(indptr[-1])
+    got = bin_csr(indptr, np.concatenate(cells), n_bins=51, uniforms=u)
     expected = np.concatenate(
         [reference_bins(c, 51, u[indptr[i] : indptr[i + 1]]) for i, c in enumerate(cells)]
     )
@@ -243,6 +243,27 @@ def test_long_cells_are_sampled_with_cls_first_and_seeded(scgpt_vocab):
         positions = [int(np.flatnonzero(full_ids == g)[0]) for g in ids[1:]]
         assert positions == sorted(positions) and len(set(positions)) == len(positions)
         np.testing.assert_array_equal(values[1:], full_values[positions])
+
+
+def test_a_cells_tokens_do_not_depend_on_the_other_cells(scgpt_vocab):
+    adata = make_tiny_adata(n_cells=30, seed=4)
+    adata.X = adata.X.multiply(np.arange(1, adata.n_vars + 1) % 3 + 1).tocsr()  # many ties
+    whole = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=9, max_seq_len=6)
+    pieces = [
+        tokenize_scgpt(adata[rows].copy(), vocab=scgpt_vocab, seed=9, max_seq_len=6)
+        for rows in (slice(0, 7), slice(7, 30), [29, 3, 11])
+    ]
+    position = {name: i for i, name in enumerate(whole.obs_names)}
+    for piece in pieces:
+        for j, name in enumerate(piece.obs_names):
+            ids, values = piece.cell(j)
+            expected_ids, expected_values = whole.cell(position[name])
+            np.testing.assert_array_equal(ids, expected_ids)
+            np.testing.assert_array_equal(values, expected_values)
+    renamed = adata.copy()
+    renamed.obs_names = [f"other{i}" for i in range(adata.n_obs)]
+    moved = tokenize_scgpt(renamed, vocab=scgpt_vocab, seed=9, max_seq_len=6)
+    assert not np.array_equal(moved.values, whole.values)  # the name is part of the seed
 
 
 def test_tokenize_is_deterministic(scgpt_vocab):

@@ -82,6 +82,15 @@ def run(
     finetune: bool = typer.Option(
         False, "--finetune", help="Also fine-tune every model (frozen and fine-tuned side by side)."
     ),
+    backed: bool = typer.Option(
+        None,
+        "--backed/--no-backed",
+        help="Keep DATA on disk and stream it in chunks; only embeddings and baseline features "
+        "are held in memory (default: for .h5ad files over 1 GiB).",
+    ),
+    chunk_size: int = typer.Option(
+        None, help="Cells read at a time when streaming (default 2048)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
@@ -103,6 +112,8 @@ def run(
         "gene_column": gene_column,
         "device": device,
         "batch_size": batch_size,
+        "backed": backed,
+        "chunk_size": chunk_size,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = RunConfig.from_yaml(config) if config is not None else None

@@ -76,6 +76,13 @@ class RunConfig(BaseModel):
     batch_key: str | None = Field(
         None, description="obs column with donor/batch for UMAP colouring (default: detected)."
     )
+    backed: bool | None = Field(
+        None,
+        description="Keep the .h5ad on disk and stream it in chunks (null: for files over 1 GiB).",
+    )
+    chunk_size: int = Field(
+        2048, ge=1, description="Cells read, tokenized and embedded at a time when streaming."
+    )
 
     @field_validator("baselines")
     @classmethod

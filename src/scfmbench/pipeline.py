@@ -22,9 +22,16 @@ from tqdm.auto import tqdm
 from scfmbench import __version__
 from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._stages import StageStore
+from scfmbench.backed import BackedData, validate_backed
 from scfmbench.config import RunConfig
 from scfmbench.errors import ConfigError, ScfmbenchError
-from scfmbench.features import REPRESENTATIONS, SplitFeatures, embedding_features, obsm_key_for
+from scfmbench.features import (
+    REPRESENTATIONS,
+    CellRows,
+    InMemoryCells,
+    SplitFeatures,
+    embedding_features,
+)
 from scfmbench.hashing import hash_array, hash_json
 from scfmbench.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.probes import PROBES, fit_probe
@@ -38,6 +45,11 @@ logger = logging.getLogger(__name__)
 METRICS_SCHEMA_VERSION = "1.0"
 UNASSIGNED = "<unassigned>"
 IN_MEMORY = "<in-memory AnnData>"
+MAX_SCORED_CELLS = 20_000
+"""Silhouette, kNN consistency and UMAPs use at most this many cells (a seeded sample)."""
+
+RunData = ValidatedData | BackedData
+"""The validated cells of a run: in memory, or an ``.h5ad`` file streamed from disk."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,15 @@ def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
 def resolve_run(
     data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
 ) -> tuple[RunConfig, AnnData]:
+    """The run configuration and the loaded dataset."""
+    resolved = resolve_config(data, config, overrides)
+    return resolved, data if isinstance(data, AnnData) else load_dataset(resolved.data)
+
+
+def resolve_config(
+    data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
+) -> RunConfig:
+    """``config`` with ``data`` and ``overrides`` applied, label key and name filled in."""
     values = config.model_dump() if config is not None else {}
     if isinstance(data, AnnData):
         values["data"] = IN_MEMORY
@@ -167,8 +188,38 @@ def resolve_run(
         resolved.label_key = BUILTIN_DATASETS[resolved.data]
     if resolved.name is None:
         resolved.name = "run" if isinstance(data, AnnData) else Path(resolved.data).stem
-    adata = data if isinstance(data, AnnData) else load_dataset(resolved.data)
-    return resolved, adata
+    return resolved
+
+
+def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress: bool) -> RunData:
+    """Validate the run's data: in memory, or streamed from disk when ``config.backed`` (or,
+    when unset, for ``.h5ad`` files over 1 GiB)."""
+    from scfmbench.embed._stream import env_world_size, should_stream
+
+    if env_world_size() > 1:
+        raise ConfigError(
+            "`scfmbench run` runs in one process; under torchrun, shard the embedding with "
+            "`scfmbench embed` (see docs/scale.md) and run the benchmark without torchrun."
+        )
+    source = data if isinstance(data, AnnData) else config.data
+    if should_stream(source, backed=config.backed):
+        if config.finetune is not None:
+            raise ConfigError(
+                "fine-tuning holds every cell's tokens in memory and is not available on a "
+                "streamed (backed) run; drop --finetune, or run with --no-backed."
+            )
+        return validate_backed(
+            config.data,
+            label_key=config.label_key,
+            min_cells_per_class=config.min_cells_per_class,
+            chunk_size=config.chunk_size,
+            progress=progress,
+        )
+    return validate_data(
+        load_dataset(source),
+        label_key=config.label_key,
+        min_cells_per_class=config.min_cells_per_class,
+    )
 
 
 def run(
@@ -190,10 +241,16 @@ def run(
         RunResult with ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
         ``splits/``, ``metrics.json``, ``results.md`` and ``figures/``.
     """
-    config, adata = resolve_run(data, config, overrides)
-    validated = validate_data(
-        adata, label_key=config.label_key, min_cells_per_class=config.min_cells_per_class
-    )
+    config = resolve_config(data, config, overrides)
+    validated = open_run_data(data, config, progress)
+    try:
+        return _run_validated(config, validated, progress)
+    finally:
+        if isinstance(validated, BackedData):
+            validated.close()
+
+
+def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
     methods = baseline_methods(config)
     models = load_models(config)
     methods += model_methods(models, config)
@@ -216,7 +273,7 @@ def run(
 
 def _execute(
     config: RunConfig,
-    validated: ValidatedData,
+    validated: RunData,
     methods: list[Method],
     models: list,
     reference: str,
@@ -227,8 +284,10 @@ def _execute(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", config.to_yaml())
     stages = StageStore(run_dir)
-    adata, labels = validated.adata, validated.labels
-    data_hash = hash_json([hash_array(adata.X), labels_hash(labels)])
+    labels = validated.labels
+    cells = run_cells(validated)
+    data_hash = data_fingerprint(validated)
+    kind = validated.diagnostics.matrix_kind
 
     with stages.timed("splits"):
         split_set, _ = load_or_make_splits(
@@ -239,49 +298,34 @@ def _execute(
             fractions=config.fractions,
         )
 
-    embeddings, model_info = {}, {}
-    from scfmbench.embed import embed
-
+    embeddings: dict[str, ModelEmbedding] = {}
     for model in models:
         with stages.timed(f"embed:{model.model_id}"):
-            result = embed(
-                adata,
-                model,
-                batch_size=config.batch_size,
-                device=config.device,
-                cache_dir=run_dir / "cache" / "embeddings",
-                seed=config.seed,
-                progress=progress,
+            embedding = embed_cells(
+                validated, model, config=config, run_dir=run_dir, stages=stages, progress=progress
             )
-        if not result.from_cache:
-            stages.note(f"embed:{model.model_id}", n_cells=len(result.obs_names))
-        embeddings[model.model_id] = result
-        model_info[model.model_id] = {
-            "checkpoint_sha256": result.checkpoint_sha256,
-            "layer": result.layer,
-            "pooling": result.pooling,
-            "n_dropped_cells": int(len(result.dropped)),
-            "from_cache": result.from_cache,
-            **(result.gene_match.to_dict() if result.gene_match is not None else {}),
-        }
+        if not embedding.info["from_cache"]:
+            stages.note(f"embed:{model.model_id}", n_cells=len(labels))
+        embeddings[model.model_id] = embedding
+    matrices = {model_id: e.matrix for model_id, e in embeddings.items()}
+    model_info = {model_id: e.info for model_id, e in embeddings.items()}
 
     predictions = _predict_all(
-        config,
-        adata,
-        labels,
-        split_set,
-        methods,
-        embeddings,
-        stages,
-        data_hash,
-        validated.diagnostics.matrix_kind,
-        progress,
+        config, cells, matrices, labels, split_set, methods, stages, data_hash, kind, progress
     )
     finetuned = []
     if models and config.finetune is not None:
         with stages.timed("finetune"):
             finetuned = finetune_models(
-                config, adata, labels, models, split_set, run_dir, predictions, methods, progress
+                config,
+                validated.adata,
+                labels,
+                models,
+                split_set,
+                run_dir,
+                predictions,
+                methods,
+                progress,
             )
     metrics = build_metrics(
         config, validated, split_set, methods, predictions, reference, model_info
@@ -292,33 +336,15 @@ def _execute(
         with stages.timed("figures"):
             from scfmbench.report import write_figures
 
-            write_figures(
-                run_dir,
-                metrics,
-                adata,
-                labels,
-                validated.diagnostics.matrix_kind,
-                seed=config.seed,
-                n_hvg=config.n_hvg,
-                n_pcs=config.n_pcs,
-                stages=stages,
-                data_hash=data_hash,
-            )
+            write_figures(run_dir, metrics, stages=stages)
     if models and config.layerwise:
         with stages.timed("layerwise"):
             metrics["layers"] = layerwise_probing(
-                config, adata, labels, models, split_set.splits[0], run_dir, progress
+                config, validated, models, split_set.splits[0], run_dir, stages, progress
             )
     with stages.timed("embedding_scores"):
         metrics["embeddings"] = embedding_scores(
-            config,
-            adata,
-            labels,
-            embeddings,
-            stages,
-            data_hash,
-            validated.diagnostics.matrix_kind,
-            run_dir,
+            config, validated, matrices, stages, data_hash, run_dir
         )
     stages.timings["total"] = time.perf_counter() - started
     metrics["timings"] = stages.summary()
@@ -334,6 +360,118 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def run_cells(data: RunData) -> CellRows:
+    """The expression rows of the run's cells (read chunk by chunk when streamed)."""
+    return data.cells if isinstance(data, BackedData) else InMemoryCells.from_adata(data.adata)
+
+
+def data_fingerprint(data: RunData) -> str:
+    """A hash of the run's expression values and labels (keys the cached stages)."""
+    if isinstance(data, BackedData):
+        return data.content_hash
+    return hash_json([hash_array(data.adata.X), labels_hash(data.labels)])
+
+
+@dataclass
+class ModelEmbedding:
+    """One model's embedding of the run's cells, rows in the order of ``labels`` (NaN rows
+    for cells without a vocabulary gene), and its ``metrics.json`` diagnostics entry."""
+
+    matrix: np.ndarray
+    info: dict[str, Any]
+
+
+def embed_cells(
+    data: RunData,
+    model,
+    *,
+    config: RunConfig,
+    run_dir: Path,
+    stages: StageStore,
+    progress: bool,
+    layer: int | None = None,
+    tokens=None,
+) -> ModelEmbedding:
+    """Embed the run's cells with ``model`` (cached under ``<run>/cache/embeddings``).
+
+    In memory: :func:`scfmbench.embed.embed` (pass ``tokens`` to skip tokenizing again).
+    Streamed: :func:`scfmbench.embed.embed_h5ad` writes every cell of the file to
+    ``<run>/embeddings/<model>_L<layer>_<pooling>.npy``, and only the run's rows are loaded.
+    """
+    from scfmbench.embed import embed
+
+    cache_dir = run_dir / "cache" / "embeddings"
+    options = {
+        "layer": layer,
+        "batch_size": config.batch_size,
+        "device": config.device,
+        "cache_dir": cache_dir,
+        "seed": config.seed,
+        "progress": progress,
+    }
+    if isinstance(data, BackedData):
+        return _embed_backed(data, model, config, stages, options)
+    key = "X_scfmbench_embedding"
+    result = embed(data.adata, model, tokens=tokens, key_added=key, **options)
+    info = {
+        "checkpoint_sha256": result.checkpoint_sha256,
+        "layer": result.layer,
+        "pooling": result.pooling,
+        "n_dropped_cells": int(len(result.dropped)),
+        "from_cache": result.from_cache,
+        **(result.gene_match.to_dict() if result.gene_match is not None else {}),
+    }
+    return ModelEmbedding(matrix=data.adata.obsm.pop(key), info=info)
+
+
+def _embed_backed(
+    data: BackedData, model, config: RunConfig, stages: StageStore, options: dict[str, Any]
+) -> ModelEmbedding:
+    from scfmbench.embed import embed_h5ad
+    from scfmbench.embed._engine import resolve_layer_pooling
+
+    layer, pooling = resolve_layer_pooling(model, layer=options["layer"], pooling=None)
+    out = (
+        options["cache_dir"].parents[1] / "embeddings" / f"{model.model_id}_L{layer}_{pooling}.npy"
+    )
+    key = hash_json(
+        [
+            data.content_hash,
+            model.model_id,
+            model.checkpoint_sha256,
+            layer,
+            pooling,
+            config.seed,
+            config.chunk_size,
+            config.model_options,
+            config.allow_normalized,
+            config.gene_column,
+        ]
+    )
+    stage = f"embed_{out.stem}"
+    info = stages.load(stage, key)
+    if info is None or not out.exists():
+        streamed = embed_h5ad(
+            data.path, model, out=out, chunk_size=config.chunk_size, **{**options, "layer": layer}
+        )
+        info = {
+            "checkpoint_sha256": streamed.checkpoint_sha256,
+            "layer": streamed.layer,
+            "pooling": streamed.pooling,
+            "chunk_size": streamed.chunk_size,
+            **(streamed.gene_match.to_dict() if streamed.gene_match is not None else {}),
+        }
+        stages.save(stage, key, info)
+        from_cache = False
+    else:
+        from_cache = True
+    matrix = np.asarray(np.load(out, mmap_mode="r")[data.file_rows])
+    n_dropped = int(np.isnan(matrix).any(axis=1).sum())
+    return ModelEmbedding(
+        matrix=matrix, info={**info, "n_dropped_cells": n_dropped, "from_cache": from_cache}
+    )
 
 
 def finetune_models(
@@ -390,40 +528,40 @@ def finetune_metrics(results: list, run_dir: Path) -> dict[str, dict]:
 
 def layerwise_probing(
     config: RunConfig,
-    adata: AnnData,
-    labels: pd.Series,
+    data: RunData,
     models: list,
     split: Split,
     run_dir: Path,
+    stages: StageStore,
     progress: bool,
 ) -> dict[str, list[dict]]:
     """Macro F1 of a logistic-regression probe on every layer's embedding (first split).
 
     Embeddings come from the run's embedding cache, so layers already embedded are free.
     """
-    from scfmbench.embed import embed
     from scfmbench.figures import plot_layer_curve
 
+    labels = data.labels
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
     out = {}
     for model in models:
         rows = []
-        tokens = model.tokenize(adata, seed=config.seed)
+        tokens = (
+            None if isinstance(data, BackedData) else model.tokenize(data.adata, seed=config.seed)
+        )
         for layer in range(model.n_layers + 1):
-            result = embed(
-                adata,
+            embedding = embed_cells(
+                data,
                 model,
+                config=config,
+                run_dir=run_dir,
+                stages=stages,
+                progress=progress,
                 layer=layer,
                 tokens=tokens,
-                batch_size=config.batch_size,
-                device=config.device,
-                cache_dir=run_dir / "cache" / "embeddings",
-                seed=config.seed,
-                key_added="X_layer_probe",
-                progress=progress,
             )
-            feats = embedding_features(adata.obsm["X_layer_probe"], adata.obs_names, split)
+            feats = embedding_features(embedding.matrix, labels.index, split)
             method = Method(f"{model.model_id}+logreg", model.model_id, "logreg", "frozen")
             payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
             scores = score_payload(payload, labels, classes)
@@ -432,10 +570,9 @@ def layerwise_probing(
                     "layer": layer,
                     "macro_f1": scores.macro_f1,
                     "accuracy": scores.accuracy,
-                    "pooling": result.pooling,
+                    "pooling": embedding.info["pooling"],
                 }
             )
-        del adata.obsm["X_layer_probe"]
         out[model.model_id] = rows
         if config.figures:
             plot_layer_curve(
@@ -446,25 +583,33 @@ def layerwise_probing(
     return out
 
 
+def scored_cells(labels: pd.Series, *, seed: int) -> np.ndarray:
+    """Rows used for silhouette, kNN consistency and UMAPs: all cells, or a seeded sample of
+    ``MAX_SCORED_CELLS`` (kNN and UMAP grow faster than linearly in the number of cells)."""
+    if len(labels) <= MAX_SCORED_CELLS:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(len(labels), MAX_SCORED_CELLS, replace=False))
+
+
 def embedding_scores(
     config: RunConfig,
-    adata: AnnData,
-    labels: pd.Series,
-    embeddings: dict,
+    data: RunData,
+    matrices: dict[str, np.ndarray],
     stages: StageStore,
     data_hash: str,
-    kind: str,
     run_dir: Path,
 ) -> dict:
     """Silhouette, kNN consistency and UMAPs of the HVG-PCA view and of every embedding."""
     from scfmbench.evaluate import detect_batch_key, embedding_quality, write_embedding_figures
     from scfmbench.features import pca_all_cells
 
-    batch_key = detect_batch_key(adata.obs, config.batch_key)
-    batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-    views = {"pca": None, **{model_id: obsm_key_for(model_id) for model_id in embeddings}}
+    labels = data.labels
+    rows = scored_cells(labels, seed=config.seed)
+    batch_key = detect_batch_key(data.obs, config.batch_key)
+    batches = data.obs[batch_key].astype(str).to_numpy()[rows] if batch_key else None
     out = {}
-    for name, key in views.items():
+    for name in ["pca", *matrices]:
         stage_key = hash_json(
             [
                 data_hash,
@@ -472,27 +617,31 @@ def embedding_scores(
                 config.seed,
                 config.figures,
                 batch_key,
-                hash_array(embeddings[name].matrix) if key else None,
+                hash_array(matrices[name]) if name in matrices else None,
                 config.n_hvg,
                 config.n_pcs,
             ]
         )
         payload = stages.load(f"embedding_scores_{name}", stage_key)
         if payload is None:
-            matrix = (
-                pca_all_cells(
-                    adata, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=config.seed
+            if name in matrices:
+                matrix = matrices[name][rows]
+            else:
+                matrix = pca_all_cells(
+                    run_cells(data),
+                    kind=data.diagnostics.matrix_kind,
+                    n_hvg=config.n_hvg,
+                    n_pcs=config.n_pcs,
+                    seed=config.seed,
+                    names=labels.index[rows],
                 )
-                if key is None
-                else adata.obsm[key]
-            )
-            payload = embedding_quality(matrix, labels.to_numpy(), seed=config.seed)
+            payload = embedding_quality(matrix, labels.to_numpy()[rows], seed=config.seed)
             if config.figures:
                 payload.update(
                     write_embedding_figures(
                         name,
                         matrix,
-                        labels.to_numpy(),
+                        labels.to_numpy()[rows],
                         run_dir / "figures",
                         seed=config.seed,
                         batches=batches,
@@ -519,31 +668,36 @@ def finish_run_directory(
 
 
 def _features(
-    method: Method, adata: AnnData, split: Split, config: RunConfig, kind: str
+    method: Method,
+    cells: CellRows,
+    matrices: dict[str, np.ndarray],
+    split: Split,
+    config: RunConfig,
+    kind: str,
 ) -> SplitFeatures:
     if method.model is not None:
-        return embedding_features(adata.obsm[obsm_key_for(method.model)], adata.obs_names, split)
+        return embedding_features(matrices[method.model], cells.obs_names, split)
     builder = REPRESENTATIONS.get(method.representation)
-    return builder(adata, split, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=split.seed)
+    return builder(cells, split, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=split.seed)
 
 
 def _predict_all(
-    config,
-    adata,
-    labels,
+    config: RunConfig,
+    cells: CellRows,
+    matrices: dict[str, np.ndarray],
+    labels: pd.Series,
     split_set: SplitSet,
-    methods,
-    embeddings,
-    stages,
-    data_hash,
-    kind,
-    progress,
+    methods: list[Method],
+    stages: StageStore,
+    data_hash: str,
+    kind: str,
+    progress: bool,
 ) -> dict[tuple[str, int], dict]:
     """Train each method's probe on each split (or reuse the saved predictions)."""
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
     out = {}
-    embedding_hashes = {model_id: hash_array(e.matrix) for model_id, e in embeddings.items()}
+    embedding_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
     jobs = [(m, s) for s in split_set.splits for m in methods]
     bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
     for method, split in bar:
@@ -562,16 +716,27 @@ def _predict_all(
         payload = stages.load(stage, key)
         if payload is None:
             with stages.timed(f"probe:{method.name}"):
-                payload = _fit_and_predict(
-                    method, adata, labels, split, config, kind, code_of, classes
+                payload = fit_and_predict(
+                    method, cells, matrices, labels, split, config, kind, code_of, classes
                 )
             stages.save(stage, key, payload)
         out[(method.name, split.seed)] = payload
     return out
 
 
-def _fit_and_predict(method, adata, labels, split, config, kind, code_of, classes) -> dict:
-    feats = _features(method, adata, split, config, kind)
+def fit_and_predict(
+    method: Method,
+    cells: CellRows,
+    matrices: dict[str, np.ndarray],
+    labels: pd.Series,
+    split: Split,
+    config: RunConfig,
+    kind: str,
+    code_of: dict[str, int],
+    classes: list[str],
+) -> dict:
+    """Build the method's features for ``split`` and fit / predict its probe (a payload)."""
+    feats = _features(method, cells, matrices, split, config, kind)
     return _fit_and_predict_features(method, feats, labels, split, code_of, classes)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 
 from scfmbench._atomic import write_text
 from scfmbench._stages import StageStore, safe_name
@@ -778,19 +777,7 @@ def write_report(run_dir: Path) -> Path:
     return html_path
 
 
-def write_figures(
-    run_dir: Path,
-    metrics: dict[str, Any],
-    adata: AnnData,
-    labels: pd.Series,
-    kind: str,
-    *,
-    seed: int,
-    n_hvg: int,
-    n_pcs: int,
-    stages: StageStore,
-    data_hash: str,
-) -> None:
+def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore) -> None:
     """Confusion matrix per method (first split); UMAPs come from the embedding-scores stage."""
     from scfmbench.figures import plot_confusion
 

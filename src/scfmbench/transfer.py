@@ -23,7 +23,7 @@ from scfmbench import __version__
 from scfmbench._atomic import write_json, write_text
 from scfmbench.config import RunConfig
 from scfmbench.errors import ConfigError, SchemaError
-from scfmbench.features import lognormalize
+from scfmbench.features import InMemoryCells, lognormalize
 from scfmbench.splits import Split, stratified_split
 from scfmbench.validate import ValidatedData, load_dataset, validate
 
@@ -185,9 +185,9 @@ def transfer(
         is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
     """
     from scfmbench.pipeline import (
-        _fit_and_predict,
         baseline_methods,
         check_writable,
+        fit_and_predict,
         load_models,
         model_methods,
         score_payload,
@@ -221,11 +221,14 @@ def transfer(
         _embed_models(models, prepared, counts_a, counts_b, cfg, progress)
         classes = list(prepared.labels.cat.categories)
         code_of = {c: k for k, c in enumerate(classes)}
+        cells = InMemoryCells.from_adata(prepared.combined)
+        matrices = {m.model_id: prepared.combined.obsm[m.obsm_key] for m in models}
         results = {}
         for method in methods:
-            payload = _fit_and_predict(
+            payload = fit_and_predict(
                 method,
-                prepared.combined,
+                cells,
+                matrices,
                 prepared.labels,
                 prepared.split,
                 cfg,

@@ -33,6 +33,17 @@ def _nonzero_values(matrix) -> np.ndarray:
     return values[values != 0]
 
 
+def to_csr(matrix, dtype=None) -> sp.csr_matrix:
+    """``matrix`` as CSR (``dtype`` if given) with one index dtype: files written by other
+    tools may pair int64 ``indptr`` with int32 ``indices``, which scipy's routines refuse."""
+    csr = sp.csr_matrix(matrix, dtype=dtype)
+    if csr.indptr.dtype != csr.indices.dtype:
+        csr = sp.csr_matrix(
+            (csr.data, csr.indices.astype(np.int64), csr.indptr.astype(np.int64)), shape=csr.shape
+        )
+    return csr
+
+
 def check_finite(matrix, *, where: str) -> None:
     """Raise DataError when ``matrix`` holds NaN or infinite values."""
     values = _nonzero_values(matrix)
@@ -187,6 +198,10 @@ class ValidatedData:
     diagnostics: DataDiagnostics
 
     @property
+    def obs(self) -> pd.DataFrame:
+        return self.adata.obs
+
+    @property
     def has_counts(self) -> bool:
         return self.diagnostics.matrix_kind == "counts"
 
@@ -231,7 +246,7 @@ def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
 def expression_view(adata: AnnData) -> AnnData:
     """All cells with the preferred expression matrix (raw counts when present) as CSR X."""
     source, matrix, var, kind = find_expression(adata)
-    view = AnnData(X=sp.csr_matrix(matrix, dtype=np.float32), obs=adata.obs.copy(), var=var.copy())
+    view = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
     view.uns["scfmbench"] = {"matrix_source": source, "matrix_kind": kind}
     return view
 
@@ -271,9 +286,42 @@ def validate(
             f"the data has {adata.n_obs} cells and {adata.n_vars} genes; it needs at least one "
             "of each — check that the right file was given."
         )
-    label_key = _resolve_label_key(adata.obs, label_key)
+    label_key = resolve_label_key(adata.obs, label_key)
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
+    data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
+    data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
+
+    empty = np.asarray(data.X.sum(axis=1)).ravel() <= 0
+    keep, labels = filter_cells(
+        data.obs,
+        label_key=label_key,
+        empty=empty,
+        min_cells_per_class=min_cells_per_class,
+        diag=diag,
+    )
+    if not keep.all():
+        data = data[keep].copy()
+    data.obs[label_key] = labels.to_numpy()
+    diag.n_genes = data.n_vars
+    data.uns["scfmbench"] = {"diagnostics": diag.to_dict()}
+    logger.info(
+        "validated %d cells × %d genes, %d classes; %s from adata.%s; %s identifiers",
+        diag.n_cells,
+        diag.n_genes,
+        len(diag.classes),
+        kind,
+        source,
+        diag.identifier_type,
+    )
+    return ValidatedData(adata=data, labels=labels, diagnostics=diag)
+
+
+def record_matrix(
+    diag: DataDiagnostics, *, source: str, kind: str, var_names: pd.Index
+) -> pd.Index:
+    """Record the chosen matrix and gene identifiers in ``diag`` (warning when it holds no
+    raw counts); returns ``var_names`` made unique (suffix -1, -2, …, with a warning)."""
     diag.matrix_source, diag.matrix_kind = source, kind
     diag.count_source = source if kind == "counts" else None
     if kind != "counts":
@@ -282,31 +330,44 @@ def validate(
             f"no raw integer counts found; using {kind} values from adata.{source} "
             "(count-based models will refuse them)",
         )
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    var = var.copy()
-    data = AnnData(X=matrix, obs=adata.obs.copy(), var=var)
-    if not data.var_names.is_unique:
-        n_dup = int(data.var_names.duplicated().sum())
-        data.var_names_make_unique()
+    if not var_names.is_unique:
+        n_dup = int(var_names.duplicated().sum())
+        var_names = pd.Index(anndata.utils.make_index_unique(pd.Index(var_names)))
         diag.renamed_duplicate_genes = n_dup
         _warn(diag, f"{n_dup} duplicated gene names were made unique (suffix -1, -2, …)")
-    diag.identifier_type = detect_identifier_type(data.var_names)
+    diag.identifier_type = detect_identifier_type(var_names)
+    return var_names
 
-    totals = np.asarray(data.X.sum(axis=1)).ravel()
-    empty = totals <= 0
-    if empty.any():
-        diag.dropped_cells_no_counts = int(empty.sum())
-        _warn(diag, f"dropped {int(empty.sum())} cells with no counts")
-        data = data[~empty].copy()
 
-    labels = data.obs[label_key]
-    missing = labels.isna() | labels.astype(str).str.strip().str.lower().isin(MISSING_LABELS)
+def filter_cells(
+    obs: pd.DataFrame,
+    *,
+    label_key: str,
+    empty: np.ndarray,
+    min_cells_per_class: int,
+    diag: DataDiagnostics,
+) -> tuple[np.ndarray, pd.Series]:
+    """Which cells to keep (not ``empty``, labelled, in a class with enough cells) and their
+    labels (categorical, sorted classes); records the drops in ``diag`` with warnings.
+
+    Raises:
+        DataError: no cell is left.
+        SchemaError: fewer than 2 classes are left.
+    """
+    keep = ~np.asarray(empty, dtype=bool)
+    if not keep.all():
+        diag.dropped_cells_no_counts = int((~keep).sum())
+        _warn(diag, f"dropped {int((~keep).sum())} cells with no counts")
+    labels = obs[label_key]
+    missing = (
+        labels.isna() | labels.astype(str).str.strip().str.lower().isin(MISSING_LABELS)
+    ).to_numpy() & keep
     if missing.any():
         diag.dropped_cells_missing_label = int(missing.sum())
         _warn(diag, f"dropped {int(missing.sum())} cells with a missing {label_key!r} label")
-        data = data[~missing.to_numpy()].copy()
-
-    sizes = data.obs[label_key].astype(str).value_counts()
+        keep &= ~missing
+    text = labels.astype(str).to_numpy()
+    sizes = pd.Series(text[keep]).value_counts()
     rare = sizes[sizes < min_cells_per_class]
     if len(rare):
         diag.dropped_classes = {str(k): int(v) for k, v in rare.items()}
@@ -315,42 +376,30 @@ def validate(
             diag,
             f"dropped {len(rare)} classes with fewer than {min_cells_per_class} cells: {listed}",
         )
-        data = data[~data.obs[label_key].astype(str).isin(rare.index).to_numpy()].copy()
-
-    if data.n_obs == 0:
+        keep &= ~np.isin(text, rare.index.to_numpy())
+    if not keep.any():
         raise DataError(
             "no cells left after dropping empty cells, unlabelled cells and rare classes; "
             "lower min_cells_per_class or check the label column."
         )
-    classes = data.obs[label_key].astype(str).value_counts()
+    classes = pd.Series(text[keep]).value_counts()
     if len(classes) < 2:
         raise SchemaError(
             f"label column {label_key!r} has {len(classes)} class after filtering "
             f"({dict(classes)}); classification needs at least 2 — pick another --label-key "
             "or lower min_cells_per_class."
         )
-    labels = pd.Series(
-        pd.Categorical(data.obs[label_key].astype(str), categories=sorted(classes.index)),
-        index=data.obs_names,
+    kept_labels = pd.Series(
+        pd.Categorical(text[keep], categories=sorted(classes.index)),
+        index=obs.index[keep],
         name=label_key,
     )
-    data.obs[label_key] = labels.to_numpy()
     diag.classes = {str(k): int(v) for k, v in classes.items()}
-    diag.n_cells, diag.n_genes = data.n_obs, data.n_vars
-    data.uns["scfmbench"] = {"diagnostics": diag.to_dict()}
-    logger.info(
-        "validated %d cells × %d genes, %d classes; %s from adata.%s; %s identifiers",
-        diag.n_cells,
-        diag.n_genes,
-        len(classes),
-        kind,
-        source,
-        diag.identifier_type,
-    )
-    return ValidatedData(adata=data, labels=labels, diagnostics=diag)
+    diag.n_cells = int(keep.sum())
+    return keep, kept_labels
 
 
-def _resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:
+def resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:
     if label_key is None:
         if "cell_type" in obs.columns:
             return "cell_type"

@@ -50,7 +50,7 @@ from scfmbench.embed.base import MODELS, FoundationModel, PaddedBatch, Tokenized
 from scfmbench.errors import CheckpointError, ConfigError, CountsRequiredError, DataError
 from scfmbench.genes import gene_keys_from, match_genes
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.validate import check_finite, classify_matrix
+from scfmbench.validate import check_finite, classify_matrix, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def tokenize_scfoundation(
     """
     options = options or ScFoundationOptions()
     n_genes = len(gene_index)
-    matrix = sp.csr_matrix(adata.X, dtype=np.float64)
+    matrix = to_csr(adata.X, np.float64)
     check_finite(matrix, where="adata.X")
     mode = _resolve_mode(classify_matrix(matrix), options, where="adata.X")
     keys = _gene_keys(adata, options.gene_column)

@@ -23,13 +23,13 @@ import anndata
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench import errors
 from scfmbench._atomic import atomic_path
+from scfmbench.backed import H5adCells
 from scfmbench.embed._engine import (
     BatchSize,
     EmbeddingCache,
@@ -43,32 +43,13 @@ from scfmbench.errors import ConfigError, DataError, ScfmbenchError
 from scfmbench.genes import GeneMatch
 from scfmbench.validate import (
     BUILTIN_DATASETS,
-    check_finite,
     check_h5ad_file,
-    classify_matrix,
-    find_expression,
-    unreadable_h5ad,
 )
 
 logger = logging.getLogger(__name__)
 
 BACKED_THRESHOLD_BYTES = 1 << 30
 """``backed=None`` streams files larger than this (1 GiB)."""
-
-KIND_NAMES = {
-    "counts": "raw integer counts",
-    "normalized": "normalized (non-integer) values",
-    "lognorm": "log-normalized values",
-    "scaled": "scaled (negative) values",
-}
-
-# where find_expression's candidates live inside an .h5ad file: (matrix, var)
-H5_LOCATIONS = {
-    "layers['counts']": ("layers/counts", "var"),
-    "X": ("X", "var"),
-    "raw.X": ("raw/X", "raw/var"),
-}
-
 
 # --------------------------------------------------------------------------------------
 # Distributed context
@@ -144,94 +125,6 @@ def _exchange(payload: Any, error: ScfmbenchError | None, ctx: DistContext) -> l
     gathered: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(payload, gathered, dst=0)
     return gathered if gathered is not None else [payload]
-
-
-# --------------------------------------------------------------------------------------
-# Reading cells from the file
-# --------------------------------------------------------------------------------------
-
-
-class H5adCells:
-    """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
-
-    Picks the matrix as :func:`scfmbench.validate.find_expression` does (raw counts in
-    ``layers['counts']``, ``X`` or ``raw.X`` first), judged on the first chunk; ``obs`` and
-    ``var`` are read whole, the matrix only chunk by chunk.
-    """
-
-    def __init__(self, path: Path, *, chunk_size: int) -> None:
-        self.path = check_h5ad_file(path)
-        try:
-            self.file = h5py.File(self.path, "r")
-            self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
-            self.vars = {
-                var: anndata.io.read_elem(self.file[var])
-                for _, var in H5_LOCATIONS.values()
-                if var in self.file
-            }
-        except Exception as exc:  # h5py/anndata raise many types for damaged files
-            raise unreadable_h5ad(path, exc) from None
-        self.n_obs = len(self.obs)
-        try:
-            self.source, self.kind = self._pick_matrix(min(chunk_size, self.n_obs))
-        except ScfmbenchError:
-            self.file.close()
-            raise
-        self.location, var_location = H5_LOCATIONS[self.source]
-        self.var = self.vars[var_location]
-
-    def _pick_matrix(self, stop: int) -> tuple[str, str]:
-        """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
-        if self.n_obs == 0:
-            raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        first = AnnData(X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"])
-        if "layers/counts" in self.file:
-            first.layers["counts"] = self._read("layers/counts", 0, stop)
-        if "raw/X" in self.file:
-            first.raw = AnnData(X=self._read("raw/X", 0, stop), var=self.vars["raw/var"])
-        source, _, _, kind = find_expression(first)
-        return source, kind
-
-    def close(self) -> None:
-        self.file.close()
-
-    def _read(self, location: str, start: int, stop: int) -> sp.csr_matrix:
-        elem = self.file[location]
-        if isinstance(elem, h5py.Dataset):
-            return sp.csr_matrix(elem[start:stop], dtype=np.float32)
-        encoding = elem.attrs.get("encoding-type", "")
-        if encoding != "csr_matrix":
-            raise DataError(
-                f"{self.path} stores {location} as {encoding or 'an unknown encoding'}; streaming "
-                "reads cells in chunks and needs CSR or dense rows: rewrite the file with "
-                "`adata.X = adata.X.tocsr()` (likewise layers/raw), or pass --no-backed."
-            )
-        return sp.csr_matrix(anndata.io.sparse_dataset(elem)[start:stop], dtype=np.float32)
-
-    def chunk(self, start: int, stop: int) -> AnnData:
-        """Cells ``start:stop`` as an in-memory AnnData (CSR float32 X), checked.
-
-        Raises:
-            DataError: NaN/inf values, or values of another kind than the first chunk's
-                (e.g. negative, or normalized after raw counts).
-        """
-        matrix = self._read(self.location, start, stop)
-        where = f"adata.{self.source} of cells {start}-{stop - 1} in {self.path.name}"
-        check_finite(matrix, where=where)
-        kind = classify_matrix(matrix)
-        # an all-integer chunk is fine in normalized data (e.g. only zeros and ones)
-        if kind != self.kind and not (kind == "counts" and self.kind != "scaled"):
-            found = KIND_NAMES[kind]
-            if kind == "scaled":
-                found += f" (min {matrix.data.min():.3g})"
-            raise DataError(
-                f"{where} hold {found} but the first cells hold {KIND_NAMES[self.kind]}; every "
-                "cell must come from the same matrix — fix or drop these cells and write the "
-                "file again."
-            )
-        view = AnnData(X=matrix, obs=self.obs.iloc[start:stop], var=self.var)
-        view.uns["scfmbench"] = {"matrix_source": self.source, "matrix_kind": self.kind}
-        return view
 
 
 # --------------------------------------------------------------------------------------
@@ -333,12 +226,13 @@ class StreamedEmbeddings:
 
 
 @contextmanager
-def _quiet_info() -> Iterator[None]:
-    """Hide the per-chunk INFO lines (gene match summary) after the first chunk."""
+def _quiet_repeats() -> Iterator[None]:
+    """Hide the tokenizer's per-chunk log lines after the first chunk: the gene match and its
+    warnings repeat the first chunk's, and cells without tokens are summed up at the end."""
     quiet = logging.getLogger("scfmbench")
     level = quiet.level
-    if quiet.getEffectiveLevel() < logging.WARNING:
-        quiet.setLevel(logging.WARNING)
+    if quiet.getEffectiveLevel() < logging.ERROR:
+        quiet.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -359,12 +253,12 @@ def _embed_chunk(
     """Rows ``start:stop`` (NaN for cells without tokens; None when no cell has tokens),
     the dropped cells and the gene match.
 
-    The tokenizer seed of a chunk is ``seed + start``: results depend on the chunk grid, not
-    on the rank, and equal the in-memory ``embed`` when one chunk holds every cell.
+    Tokenizers that draw random numbers (scGPT) seed them per cell (``seed`` and the cell's
+    name), so rows do not depend on the chunk grid, the rank or the other cells.
     """
     chunk = cells.chunk(start, stop)
-    with nullcontext() if start == 0 else _quiet_info():
-        tokens = model.tokenize(chunk, seed=seed + start)
+    with nullcontext() if start == 0 else _quiet_repeats():
+        tokens = model.tokenize(chunk, seed=seed)
     if tokens.n_cells == 0:
         if bar is not None:
             bar.update(stop - start)
@@ -373,7 +267,7 @@ def _embed_chunk(
         model,
         chunk,
         tokens.settings,
-        seed=seed + start,
+        seed=seed,
         layer=options["layer"],
         pooling=options["pooling"],
     )
@@ -414,9 +308,9 @@ def embed_h5ad(
 
     Memory stays flat in the number of cells: one chunk of ``chunk_size`` cells (per rank)
     is in memory at a time. Under torchrun (``WORLD_SIZE > 1``) every rank embeds its share of
-    the chunks and rank 0 writes ``out``. Results equal a single-process run with the same
-    ``chunk_size`` and ``seed``; they equal the in-memory ``embed`` when the file fits in one
-    chunk (the tokenizer draws its random tie-breaks per chunk).
+    the chunks and rank 0 writes ``out``. Results equal the in-memory ``embed`` with the same
+    ``seed`` for any ``chunk_size`` and number of processes (up to float rounding from
+    different batch padding).
 
     Args:
         path: an ``.h5ad`` file with raw counts (CSR or dense) in ``layers['counts']``, ``X`` or
@@ -552,6 +446,14 @@ def _stream(
             if output is not None:
                 output.close(None if result is None else result.info())
     if ctx.is_main:
+        if len(result.dropped):
+            logger.warning(
+                "%s: %d of %d cells have no expressed vocabulary gene (NaN rows), e.g. %s",
+                model.model_id,
+                len(result.dropped),
+                cells.n_obs,
+                list(result.dropped[:3]),
+            )
         logger.info("wrote %s (%d × %d)", out, cells.n_obs, dim)
     return result
 

@@ -43,7 +43,7 @@ from scfmbench.genes import (
     strip_version,
 )
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.validate import check_finite, require_counts
+from scfmbench.validate import check_finite, require_counts, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +481,7 @@ def rank_value_tokens(
         of tokens per input cell (0 for a cell without any in-vocabulary gene).
     """
     if not isinstance(counts, sp.csr_matrix):
-        counts = sp.csr_matrix(counts)
+        counts = to_csr(counts)
     n_cells = counts.shape[0]
     size = max(1, min(chunk_cells, -(-n_cells // max(n_jobs, 1))))
 
@@ -556,7 +556,7 @@ def tokenize_cell_loop(
 
 def tokenize_loop(counts: sp.csr_matrix, mapping: GeneMapping, **options: Any) -> list[np.ndarray]:
     """``tokenize_cell_loop`` over every cell of a CSR count matrix (empty arrays included)."""
-    counts = sp.csr_matrix(counts)
+    counts = to_csr(counts)
     return [
         tokenize_cell_loop(counts.indices[lo:hi], counts.data[lo:hi], mapping, **options)
         for lo, hi in zip(counts.indptr[:-1], counts.indptr[1:], strict=True)
@@ -635,7 +635,7 @@ class GeneformerTokenizer:
         """
         check_finite(adata.X, where="adata.X")
         require_counts(adata.X, model="geneformer", allow_normalized=self.allow_normalized)
-        counts = sp.csr_matrix(adata.X)
+        counts = to_csr(adata.X)
         mapping = self.map_genes(adata.var)
         match = self.gene_match(adata, mapping, counts)
         logger.info(mapping.summary())

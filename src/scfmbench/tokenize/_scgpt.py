@@ -18,6 +18,7 @@ edge rounds onto a neighbouring value (large or irregular values).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -31,7 +32,7 @@ from anndata import AnnData
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.genes import gene_keys_from, match_genes
 from scfmbench.hashing import hash_json
-from scfmbench.validate import check_finite, classify_matrix
+from scfmbench.validate import check_finite, classify_matrix, to_csr
 
 if TYPE_CHECKING:
     from scfmbench.embed.base import TokenizedCells
@@ -114,7 +115,7 @@ def _edge_keys(
 
 
 def bin_csr(
-    indptr: np.ndarray, values: np.ndarray, *, n_bins: int, rng: np.random.Generator
+    indptr: np.ndarray, values: np.ndarray, *, n_bins: int, uniforms: np.ndarray
 ) -> np.ndarray:
     """Bin the non-zero ``values`` of each CSR row into 1..n_bins-1 (scGPT's rule).
 
@@ -122,7 +123,7 @@ def bin_csr(
         indptr: CSR row pointer of shape (n_cells + 1,).
         values: the stored values of shape (nnz,), all > 0, in CSR order.
         n_bins: number of bins including the zero bin (51 for scGPT_human).
-        rng: generator for the tie-breaking uniforms; one draw per value in CSR order.
+        uniforms: the tie-breaking draws in [0, 1), one per value in CSR order.
 
     Returns:
         int64 bins of shape (nnz,).
@@ -134,7 +135,6 @@ def bin_csr(
     nnz = values.shape[0]
     n_per_cell = np.diff(indptr)
     cell = np.repeat(np.arange(len(n_per_cell), dtype=np.int64), n_per_cell)
-    uniforms = rng.random(nnz)
     if nnz == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.lexsort((values, cell))  # by cell, then value
@@ -179,9 +179,16 @@ def bin_values(values: np.ndarray, *, n_bins: int = SCGPT_N_BINS, seed: int = 0)
         np.array([0, len(nonzero)]),
         values[nonzero],
         n_bins=n_bins,
-        rng=np.random.default_rng(seed),
+        uniforms=np.random.default_rng(seed).random(len(nonzero)),
     )
     return out
+
+
+def cell_generator(seed: int, name: str) -> np.random.Generator:
+    """The random generator of one cell: seeded by ``seed`` and the cell's name, so a cell's
+    draws do not depend on which other cells (or chunks, or processes) it is tokenized with."""
+    key = int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, key])
 
 
 def _normalize_log1p(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -230,7 +237,8 @@ def tokenize_scgpt(
         pad_value: value of the ``<cls>`` token.
         normalize: apply normalize_total (1e4) + log1p first, as the annotation recipe does;
             the bins are the same either way.
-        seed: seeds the tie-breaking and the subset sampling.
+        seed: seeds the tie-breaking and the subset sampling, together with each cell's name
+            (:func:`cell_generator`): a cell gets the same tokens in any batch of cells.
         min_overlap: minimum fraction of genes found in the vocabulary.
 
     Returns:
@@ -249,7 +257,7 @@ def tokenize_scgpt(
         )
     kind = _check_expression(adata.X, where="adata.X")
     keys = gene_keys_from(adata.var, gene_column)
-    matrix = sp.csr_matrix(adata.X, dtype=np.float64)
+    matrix = to_csr(adata.X, np.float64)
     matrix.eliminate_zeros()
     gene_vocab = {k: v for k, v in vocab.items() if k not in SCGPT_SPECIAL_TOKENS}
     match = match_genes(
@@ -266,21 +274,26 @@ def tokenize_scgpt(
     if normalize:
         logger.debug("scgpt: normalize_total(1e4) + log1p on %s data before binning", kind)
         matrix = _normalize_log1p(matrix)
-    rng = np.random.default_rng(seed)
-    bins = bin_csr(matrix.indptr, matrix.data, n_bins=n_bins, rng=rng)
-    gene_ids = match.positions[kept][matrix.indices]
-    cls_id = vocab["<cls>"]
     lengths = np.diff(matrix.indptr)
     has_genes = lengths > 0
-    ids: list[np.ndarray] = []
-    values: list[np.ndarray] = []
+    uniforms = np.empty(matrix.nnz)
+    takes: list[np.ndarray] = []
     n_sampled = 0
     for row in np.flatnonzero(has_genes):
         lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
+        rng = cell_generator(seed, adata.obs_names[row])
+        uniforms[lo:hi] = rng.random(hi - lo)
         take = np.arange(lo, hi)
         if hi - lo + 1 > max_seq_len:
             take = np.sort(rng.choice(take, size=max_seq_len - 1, replace=False))
             n_sampled += 1
+        takes.append(take)
+    bins = bin_csr(matrix.indptr, matrix.data, n_bins=n_bins, uniforms=uniforms)
+    gene_ids = match.positions[kept][matrix.indices]
+    cls_id = vocab["<cls>"]
+    ids: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for take in takes:
         ids.append(np.concatenate([[cls_id], gene_ids[take]]))
         values.append(np.concatenate([[pad_value], bins[take].astype(np.float32)]))
     dropped = adata.obs_names[~has_genes]
@@ -304,6 +317,7 @@ def tokenize_scgpt(
         "pad_value": pad_value,
         "gene_column": gene_column,
         "seed": seed,
+        "random_draws": "per cell",
         "vocab": hash_json(sorted(vocab.items())),
     }
     return TokenizedCells.from_lists(

@@ -1,0 +1,283 @@
+"""Out-of-core data: read and validate an ``.h5ad`` file chunk by chunk without loading it.
+
+``H5adCells`` reads row chunks of the expression matrix straight from the file (h5py);
+``validate_backed`` runs the checks of :func:`scfmbench.validate.validate` over those chunks
+and returns a :class:`BackedData` whose ``cells`` serve the feature builders one chunk at a
+time, so ``scfmbench run --backed`` never holds the expression matrix in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from tqdm.auto import tqdm
+
+from scfmbench.errors import DataError, ScfmbenchError
+from scfmbench.validate import (
+    DataDiagnostics,
+    check_finite,
+    check_h5ad_file,
+    classify_matrix,
+    filter_cells,
+    find_expression,
+    record_matrix,
+    resolve_label_key,
+    to_csr,
+    unreadable_h5ad,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND_NAMES = {
+    "counts": "raw integer counts",
+    "normalized": "normalized (non-integer) values",
+    "lognorm": "log-normalized values",
+    "scaled": "scaled (negative) values",
+}
+
+# where find_expression's candidates live inside an .h5ad file: (matrix, var)
+H5_LOCATIONS = {
+    "layers['counts']": ("layers/counts", "var"),
+    "X": ("X", "var"),
+    "raw.X": ("raw/X", "raw/var"),
+}
+
+
+class H5adCells:
+    """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
+
+    Picks the matrix as :func:`scfmbench.validate.find_expression` does (raw counts in
+    ``layers['counts']``, ``X`` or ``raw.X`` first), judged on the first chunk; ``obs`` and
+    ``var`` are read whole, the matrix only chunk by chunk.
+    """
+
+    def __init__(self, path: Path, *, chunk_size: int) -> None:
+        self.path = check_h5ad_file(path)
+        try:
+            self.file = h5py.File(self.path, "r")
+            self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
+            self.vars = {
+                var: anndata.io.read_elem(self.file[var])
+                for _, var in H5_LOCATIONS.values()
+                if var in self.file
+            }
+        except Exception as exc:  # h5py/anndata raise many types for damaged files
+            raise unreadable_h5ad(path, exc) from None
+        self.n_obs = len(self.obs)
+        try:
+            self.source, self.kind = self._pick_matrix(min(chunk_size, self.n_obs))
+        except ScfmbenchError:
+            self.file.close()
+            raise
+        self.location, var_location = H5_LOCATIONS[self.source]
+        self.var = self.vars[var_location]
+
+    def _pick_matrix(self, stop: int) -> tuple[str, str]:
+        """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
+        if self.n_obs == 0:
+            raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
+        first = AnnData(X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"])
+        if "layers/counts" in self.file:
+            first.layers["counts"] = self._read("layers/counts", 0, stop)
+        if "raw/X" in self.file:
+            first.raw = AnnData(X=self._read("raw/X", 0, stop), var=self.vars["raw/var"])
+        source, _, _, kind = find_expression(first)
+        return source, kind
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _read(self, location: str, start: int, stop: int) -> sp.csr_matrix:
+        elem = self.file[location]
+        if isinstance(elem, h5py.Dataset):
+            return to_csr(elem[start:stop], np.float32)
+        encoding = elem.attrs.get("encoding-type", "")
+        if encoding != "csr_matrix":
+            raise DataError(
+                f"{self.path} stores {location} as {encoding or 'an unknown encoding'}; streaming "
+                "reads cells in chunks and needs CSR or dense rows: rewrite the file with "
+                "`adata.X = adata.X.tocsr()` (likewise layers/raw), or pass --no-backed."
+            )
+        return to_csr(anndata.io.sparse_dataset(elem)[start:stop], np.float32)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells ``start:stop`` of the chosen matrix (CSR float32), unchecked."""
+        return self._read(self.location, start, stop)
+
+    def chunk(self, start: int, stop: int) -> AnnData:
+        """Cells ``start:stop`` as an in-memory AnnData (CSR float32 X), checked.
+
+        Raises:
+            DataError: NaN/inf values, or values of another kind than the first chunk's
+                (e.g. negative, or normalized after raw counts).
+        """
+        matrix = self.rows(start, stop)
+        where = f"adata.{self.source} of cells {start}-{stop - 1} in {self.path.name}"
+        check_finite(matrix, where=where)
+        kind = classify_matrix(matrix)
+        # an all-integer chunk is fine in normalized data (e.g. only zeros and ones)
+        if kind != self.kind and not (kind == "counts" and self.kind != "scaled"):
+            found = KIND_NAMES[kind]
+            if kind == "scaled":
+                found += f" (min {matrix.data.min():.3g})"
+            raise DataError(
+                f"{where} hold {found} but the first cells hold {KIND_NAMES[self.kind]}; every "
+                "cell must come from the same matrix — fix or drop these cells and write the "
+                "file again."
+            )
+        view = AnnData(X=matrix, obs=self.obs.iloc[start:stop], var=self.var)
+        view.uns["scfmbench"] = {"matrix_source": self.source, "matrix_kind": self.kind}
+        return view
+
+
+# --------------------------------------------------------------------------------------
+# Validated cells on disk
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackedCells:
+    """The validated cells of an ``.h5ad`` file as ``CellRows``: row ``i`` is file row
+    ``file_rows[i]``; rows are read ``chunk_size`` file rows at a time."""
+
+    reader: H5adCells
+    file_rows: np.ndarray
+    obs_names: pd.Index
+    chunk_size: int
+    progress: bool = False
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.reader.var)
+
+    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        wanted = self.file_rows[np.asarray(rows, dtype=np.int64)]
+        order = np.argsort(wanted, kind="stable")
+        ordered = wanted[order]
+        chunk_of = ordered // self.chunk_size
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        groups = np.split(np.arange(len(ordered)), bounds)
+        for group in tqdm(
+            groups, desc="read cells", unit="chunk", leave=False, disable=not self.progress
+        ):
+            if len(group) == 0:
+                continue
+            start = int(chunk_of[group[0]]) * self.chunk_size
+            stop = min(start + self.chunk_size, self.reader.n_obs)
+            yield order[group], self.reader.rows(start, stop)[ordered[group] - start]
+
+
+@dataclass
+class BackedData:
+    """A validated ``.h5ad`` file that stays on disk (the streaming ``ValidatedData``)."""
+
+    path: Path
+    cells: BackedCells
+    labels: pd.Series
+    obs: pd.DataFrame
+    diagnostics: DataDiagnostics
+    content_hash: str
+
+    @property
+    def file_rows(self) -> np.ndarray:
+        return self.cells.file_rows
+
+    def close(self) -> None:
+        self.cells.reader.close()
+
+
+def validate_backed(
+    path: str | Path,
+    *,
+    label_key: str | None = None,
+    min_cells_per_class: int = 10,
+    chunk_size: int = 2048,
+    progress: bool = True,
+) -> BackedData:
+    """:func:`scfmbench.validate.validate` for a file that stays on disk.
+
+    One pass over the file in chunks of ``chunk_size`` cells checks every value (NaN/inf,
+    the same kind of values as the first chunk), finds cells without counts and hashes the
+    matrix; labels and genes come from ``obs``/``var``, which are read whole.
+
+    Returns:
+        BackedData; close it (``.close()``) when done.
+    """
+    reader = H5adCells(Path(path), chunk_size=chunk_size)
+    try:
+        return _validate(reader, label_key, min_cells_per_class, chunk_size, progress)
+    except (ScfmbenchError, KeyboardInterrupt):
+        reader.close()
+        raise
+
+
+def _validate(
+    reader: H5adCells, label_key, min_cells_per_class: int, chunk_size: int, progress: bool
+) -> BackedData:
+    obs = reader.obs
+    diag = DataDiagnostics(n_cells_input=reader.n_obs, n_genes_input=len(reader.var))
+    if len(reader.var) == 0:
+        raise DataError(
+            f"the data has {reader.n_obs} cells and 0 genes; it needs at least one of each — "
+            "check that the right file was given."
+        )
+    label_key = resolve_label_key(obs, label_key)
+    diag.label_key = label_key
+    var_names = record_matrix(
+        diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
+    )
+    diag.n_genes = len(var_names)
+    if not obs.index.is_unique:
+        raise DataError(
+            f"{reader.path.name} has {int(obs.index.duplicated().sum())} duplicated cell names "
+            "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
+        )
+    totals = np.zeros(reader.n_obs)
+    digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
+    starts = range(0, reader.n_obs, chunk_size)
+    bar = tqdm(starts, desc="validate", unit="chunk", disable=not progress)
+    for start in bar:
+        stop = min(start + chunk_size, reader.n_obs)
+        matrix = reader.chunk(start, stop).X
+        totals[start:stop] = np.asarray(matrix.sum(axis=1)).ravel()
+        for part in (matrix.data, matrix.indices, matrix.indptr):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    keep, labels = filter_cells(
+        obs,
+        label_key=label_key,
+        empty=totals <= 0,
+        min_cells_per_class=min_cells_per_class,
+        diag=diag,
+    )
+    digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
+    logger.info(
+        "validated %d cells × %d genes on disk, %d classes; %s from adata.%s; %s identifiers",
+        diag.n_cells,
+        diag.n_genes,
+        len(diag.classes),
+        reader.kind,
+        reader.source,
+        diag.identifier_type,
+    )
+    file_rows = np.flatnonzero(keep)
+    cells = BackedCells(
+        reader, file_rows, pd.Index(obs.index[keep]), chunk_size=chunk_size, progress=progress
+    )
+    return BackedData(
+        path=reader.path,
+        cells=cells,
+        labels=labels,
+        obs=obs.iloc[file_rows],
+        diagnostics=diag,
+        content_hash=digest.hexdigest(),
+    )
