@@ -317,7 +317,10 @@ def run_scaling(args: argparse.Namespace) -> dict:
                 flush=True,
             )
             rows.append(row)
-            for backed in (True, False) if args.run_scaling else ():
+            modes = []
+            if args.run_scaling:
+                modes = [True] + ([False] if n_cells <= args.memory_run_max else [])
+            for backed in modes:
                 run_rows.append(measure_run(data, model_dir, tmp, args, backed=backed))
                 print(
                     f"run {run_rows[-1]['mode']} {n_cells} cells: {run_rows[-1]['wall_s']} s, "
@@ -430,11 +433,13 @@ def run_scaling_markdown(doc: dict) -> list[str]:
             f"- streamed run, peak RSS {backed[-1]['n_cells']} / {backed[0]['n_cells']} cells: "
             f"{growth:.2f}×",
         ]
-    if backed and memory:
-        lines.append(
-            f"- at {memory[-1]['n_cells']} cells the in-memory run peaks at "
-            f"{memory[-1]['peak_rss_mb'] / backed[-1]['peak_rss_mb']:.2f}× the streamed run's RSS"
-        )
+    streamed_rss = {r["n_cells"]: r["peak_rss_mb"] for r in backed}
+    for r in memory:
+        if r["n_cells"] in streamed_rss:
+            lines.append(
+                f"- at {r['n_cells']} cells the in-memory run peaks at "
+                f"{r['peak_rss_mb'] / streamed_rss[r['n_cells']]:.2f}× the streamed run's RSS"
+            )
     return lines
 
 
@@ -458,6 +463,13 @@ def main() -> None:
     parser.add_argument("--throughput-timeout", type=int, default=1800)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--memory-run-max",
+        type=int,
+        default=50_000,
+        help="largest size also run in memory (--no-backed) for contrast; it needs several GB "
+        "per 10k cells more than the streamed run",
+    )
     parser.add_argument(
         "--no-run-scaling",
         dest="run_scaling",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn
 from anndata import AnnData
 from tqdm.auto import tqdm
 
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 METRICS_SCHEMA_VERSION = "1.0"
 UNASSIGNED = "<unassigned>"
 IN_MEMORY = "<in-memory AnnData>"
+SKLEARN_WORKING_MEMORY_MB = 256
 MAX_SCORED_CELLS = 20_000
 """Silhouette, kNN consistency and UMAPs use at most this many cells (a seeded sample)."""
 
@@ -264,7 +266,9 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
     check_writable(run_dir)
     created = not run_dir.exists()
     try:
-        return _execute(config, validated, methods, models, reference, run_dir, progress)
+        # distance-based steps (kNN probe, kNN consistency) work in blocks of this many MB
+        with sklearn.config_context(working_memory=SKLEARN_WORKING_MEMORY_MB):
+            return _execute(config, validated, methods, models, reference, run_dir, progress)
     except (ScfmbenchError, KeyboardInterrupt):
         if created and run_dir.exists():
             shutil.rmtree(run_dir)
