@@ -287,6 +287,54 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, subset, make_scgp
     np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgpt"], np.load(single), atol=1e-6)
 
 
+def test_torchrun_cli_finetune_equals_single_process(tmp_path, pbmc3k_sess, shared_dir):
+    """The README's `torchrun … -m scfmbench finetune` command: 2 CPU processes (gloo) train
+    like one (no dropout, so the runs are comparable step by step)."""
+    import json
+
+    from tests._geneformer_factory import write_checkpoint
+
+    model_dir, _ = write_checkpoint(
+        tmp_path / "gf",
+        shared_dir,
+        version="V2",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    data = tmp_path / "cells.h5ad"
+    pbmc3k_sess[::8].copy().write_h5ad(data)
+    (tmp_path / "one_split.yaml").write_text("n_splits: 1\n")
+
+    def finetune(launcher: list[str], out: str) -> tuple[dict, str]:
+        command = [
+            *launcher,
+            *("-m", "scfmbench", "finetune", str(data), "--model", f"geneformer={model_dir}"),
+            *("--config", str(tmp_path / "one_split.yaml"), "--out", str(tmp_path / out)),
+            *("--name", "ft", "--epochs", "2", "--lr", "1e-3", "--batch-size", "8", "-q"),
+        ]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**ENV, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 0, done.stderr
+        result = tmp_path / out / "ft" / "finetune" / "geneformer" / "seed42" / "result.json"
+        return json.loads(result.read_text()), done.stdout
+
+    single, _ = finetune([sys.executable], "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    dist, stdout = finetune([*torchrun, "--nproc_per_node", "2"], "two")
+    assert (single["n_processes"], dist["n_processes"]) == (1, 2)
+    assert stdout.count("run directory:") == 1  # rank 0 reports
+    assert len(dist["epochs"]) == len(single["epochs"]) == 2
+    for got, want in zip(dist["epochs"], single["epochs"], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-5)
+    assert dist["test"]["confusion"] == single["test"]["confusion"]
+
+
 # --------------------------------------------------------------------------------------
 # --batch-size auto
 # --------------------------------------------------------------------------------------

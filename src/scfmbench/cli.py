@@ -299,7 +299,7 @@ def finetune(
 ) -> None:
     """Fine-tune foundation models on the run's train split; report val curve and test scores.
 
-    Multi-GPU: accelerate launch --multi_gpu --num_processes N -m scfmbench.cli finetune …
+    Multi-GPU: torchrun --nproc_per_node N -m scfmbench finetune …
     """
     import os
 

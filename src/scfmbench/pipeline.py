@@ -200,8 +200,8 @@ def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress
 
     if env_world_size() > 1:
         raise ConfigError(
-            "`scfmbench run` runs in one process; under torchrun, shard the embedding with "
-            "`scfmbench embed` (see docs/scale.md) and run the benchmark without torchrun."
+            "`scfmbench run` runs in one process; start it without torchrun (for large files "
+            "use --backed and --device cuda), or shard `scfmbench embed` / `finetune` instead."
         )
     source = data if isinstance(data, AnnData) else config.data
     if should_stream(source, backed=config.backed):
