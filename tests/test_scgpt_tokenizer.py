@@ -266,6 +266,17 @@ def test_a_cells_tokens_do_not_depend_on_the_other_cells(scgpt_vocab):
     assert not np.array_equal(moved.values, whole.values)  # the name is part of the seed
 
 
+def test_binning_in_blocks_of_cells_changes_nothing(scgpt_vocab, monkeypatch):
+    from scfmbench.tokenize import _scgpt
+
+    adata = make_tiny_adata(n_cells=30, seed=5)
+    whole = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=2)
+    monkeypatch.setattr(_scgpt, "BIN_BLOCK_CELLS", 4)
+    blocks = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=2)
+    np.testing.assert_array_equal(blocks.input_ids, whole.input_ids)
+    np.testing.assert_array_equal(blocks.values, whole.values)
+
+
 def test_tokenize_is_deterministic(scgpt_vocab):
     adata = make_tiny_adata(n_cells=25, seed=3)
     a = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=5)

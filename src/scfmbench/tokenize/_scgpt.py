@@ -114,6 +114,10 @@ def _edge_keys(
     return 2 * sorted_ranks[at] + between
 
 
+BIN_BLOCK_CELLS = 4096
+"""Cells binned at a time (a cell's bins do not depend on the others)."""
+
+
 def bin_csr(
     indptr: np.ndarray, values: np.ndarray, *, n_bins: int, uniforms: np.ndarray
 ) -> np.ndarray:
@@ -288,7 +292,13 @@ def tokenize_scgpt(
             take = np.sort(rng.choice(take, size=max_seq_len - 1, replace=False))
             n_sampled += 1
         takes.append(take)
-    bins = bin_csr(matrix.indptr, matrix.data, n_bins=n_bins, uniforms=uniforms)
+    bins = np.empty(matrix.nnz, dtype=np.int64)
+    for lo in range(0, matrix.shape[0], BIN_BLOCK_CELLS):  # bounds bin_csr's temporaries
+        hi = min(lo + BIN_BLOCK_CELLS, matrix.shape[0])
+        a, b = matrix.indptr[lo], matrix.indptr[hi]
+        bins[a:b] = bin_csr(
+            matrix.indptr[lo : hi + 1] - a, matrix.data[a:b], n_bins=n_bins, uniforms=uniforms[a:b]
+        )
     gene_ids = match.positions[kept][matrix.indices]
     cls_id = vocab["<cls>"]
     ids: list[np.ndarray] = []
