@@ -113,11 +113,12 @@ def test_streaming_sigkill_resumes(tmp_path, pbmc3k_sess, make_scgpt_dir):
         command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not list(cache.glob("*.npy")):
+    # a chunk is finished once its checksummed .json is written (the .npy comes first)
+    while time.time() < deadline and not list(cache.glob("*.json")):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    finished = list(cache.glob("*.npy"))
+    finished = [p for p in cache.glob("*.npy") if p.with_suffix(".json").exists()]
     assert 1 <= len(finished) < 4, finished
     assert not out.exists()  # rows went to a temporary file only
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)

@@ -236,12 +236,15 @@ def run(
     Args:
         data: an ``.h5ad`` path, a built-in name (``"pbmc68k_reduced"``) or an AnnData.
         config: a RunConfig; keyword ``overrides`` (e.g. ``label_key="cell_type"``,
-            ``n_splits=5``, ``models=["geneformer=./gf"]``) replace its fields.
+            ``n_splits=5``, ``models=["geneformer=./gf"]``) replace its fields;
+            ``backed=True`` (default for ``.h5ad`` files over 1 GiB) keeps the file on disk
+            and streams it ``chunk_size`` cells at a time, with the same results.
         progress: show progress bars.
 
     Returns:
         RunResult with ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
-        ``splits/``, ``metrics.json``, ``results.md`` and ``figures/``.
+        ``splits/``, ``metrics.json``, ``results.md`` and ``figures/`` (and, when streamed,
+        the embeddings of every cell in ``embeddings/``).
     """
     config = resolve_config(data, config, overrides)
     validated = open_run_data(data, config, progress)
