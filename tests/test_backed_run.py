@@ -193,3 +193,16 @@ def test_run_refuses_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli_in_process(["run", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "runs in one process" in err
+
+
+def test_cli_validate_backed_equals_in_memory(messy_pbmc, capsys):
+    import json
+
+    path, _ = messy_pbmc
+    reports = []
+    for flag in ("--no-backed", "--backed"):
+        code, out, err = run_cli_in_process(["validate", str(path), "--json", flag], capsys)
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1]
+    assert reports[1]["dropped_cells_no_counts"] == 3 and reports[1]["n_cells"] == 890

@@ -134,17 +134,26 @@ def validate(
     label_key: str = typer.Option(None, help="obs column with the cell types."),
     min_cells_per_class: int = typer.Option(10, help="Smaller classes are dropped."),
     as_json: bool = typer.Option(False, "--json", help="Print the diagnostics as JSON."),
+    backed: bool = typer.Option(
+        None,
+        "--backed/--no-backed",
+        help="Check the file chunk by chunk without loading it (default: files over 1 GiB).",
+    ),
 ) -> None:
     """Check a dataset: counts, identifiers, classes and problems found (writes nothing)."""
-    from scfmbench.validate import BUILTIN_DATASETS, load_dataset
-    from scfmbench.validate import validate as validate_data
+    from scfmbench.backed import BackedData
+    from scfmbench.pipeline import open_run_data, resolve_config
 
     _setup_logging(quiet=True)
-    if label_key is None:
-        label_key = BUILTIN_DATASETS.get(data)
-    diag = validate_data(
-        load_dataset(data), label_key=label_key, min_cells_per_class=min_cells_per_class
-    ).diagnostics
+    settings = {
+        "label_key": label_key,
+        "min_cells_per_class": min_cells_per_class,
+        "backed": backed,
+    }
+    checked = open_run_data(data, resolve_config(data, None, settings), progress=False)
+    if isinstance(checked, BackedData):
+        checked.close()
+    diag = checked.diagnostics
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return
