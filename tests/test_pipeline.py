@@ -166,3 +166,18 @@ def test_model_options_are_checked_against_the_loader():
         ConfigError, match="unknown option 'max_seq_lem'.*Did you mean 'max_seq_len'"
     ):
         _loader_options(loader, bad, "m")
+
+
+def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_adata, monkeypatch):
+    from scfmbench.features import REPRESENTATIONS, pca_features
+
+    calls = []
+
+    def counted(cells, split, **options):
+        calls.append(split.seed)
+        return pca_features(cells, split, **options)
+
+    monkeypatch.setitem(REPRESENTATIONS._entries, "pca", counted)
+    result = scfmbench.run(tiny_adata, out=tmp_path, n_splits=2, figures=False, progress=False)
+    assert {"pca+logreg", "pca+xgboost"} <= set(result.metrics["methods"])
+    assert calls == [42, 43]  # pca+logreg and pca+xgboost share one PCA per split

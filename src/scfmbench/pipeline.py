@@ -10,6 +10,7 @@ import inspect
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,9 +317,20 @@ def _execute(
         embeddings[model.model_id] = embedding
     matrices = {model_id: e.matrix for model_id, e in embeddings.items()}
     model_info = {model_id: e.info for model_id, e in embeddings.items()}
+    matrix_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
 
     predictions = _predict_all(
-        config, cells, matrices, labels, split_set, methods, stages, data_hash, kind, progress
+        config,
+        cells,
+        matrices,
+        matrix_hashes,
+        labels,
+        split_set,
+        methods,
+        stages,
+        data_hash,
+        kind,
+        progress,
     )
     finetuned = []
     if models and config.finetune is not None:
@@ -351,7 +363,7 @@ def _execute(
             )
     with stages.timed("embedding_scores"):
         metrics["embeddings"] = embedding_scores(
-            config, validated, matrices, stages, data_hash, run_dir
+            config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
         )
     stages.timings["total"] = time.perf_counter() - started
     metrics["timings"] = stages.summary()
@@ -419,30 +431,40 @@ def embed_cells(
         "progress": progress,
     }
     if isinstance(data, BackedData):
-        return _embed_backed(data, model, config, stages, options)
+        return _embed_backed(data, model, config, run_dir, stages, options)
     key = "X_scfmbench_embedding"
     result = embed(data.adata, model, tokens=tokens, key_added=key, **options)
     info = {
-        "checkpoint_sha256": result.checkpoint_sha256,
-        "layer": result.layer,
-        "pooling": result.pooling,
+        **_embedding_info(result),
         "n_dropped_cells": int(len(result.dropped)),
         "from_cache": result.from_cache,
-        **(result.gene_match.to_dict() if result.gene_match is not None else {}),
     }
     return ModelEmbedding(matrix=data.adata.obsm.pop(key), info=info)
 
 
+def _embedding_info(result) -> dict[str, Any]:
+    """The ``metrics.json`` entry of an ``Embeddings`` or ``StreamedEmbeddings`` result."""
+    return {
+        "checkpoint_sha256": result.checkpoint_sha256,
+        "layer": result.layer,
+        "pooling": result.pooling,
+        **(result.gene_match.to_dict() if result.gene_match is not None else {}),
+    }
+
+
 def _embed_backed(
-    data: BackedData, model, config: RunConfig, stages: StageStore, options: dict[str, Any]
+    data: BackedData,
+    model,
+    config: RunConfig,
+    run_dir: Path,
+    stages: StageStore,
+    options: dict[str, Any],
 ) -> ModelEmbedding:
     from scfmbench.embed import embed_h5ad
     from scfmbench.embed._engine import resolve_layer_pooling
 
     layer, pooling = resolve_layer_pooling(model, layer=options["layer"], pooling=None)
-    out = (
-        options["cache_dir"].parents[1] / "embeddings" / f"{model.model_id}_L{layer}_{pooling}.npy"
-    )
+    out = run_dir / "embeddings" / f"{model.model_id}_L{layer}_{pooling}.npy"
     key = hash_json(
         [
             data.content_hash,
@@ -463,13 +485,7 @@ def _embed_backed(
         streamed = embed_h5ad(
             data.path, model, out=out, chunk_size=config.chunk_size, **{**options, "layer": layer}
         )
-        info = {
-            "checkpoint_sha256": streamed.checkpoint_sha256,
-            "layer": streamed.layer,
-            "pooling": streamed.pooling,
-            "chunk_size": streamed.chunk_size,
-            **(streamed.gene_match.to_dict() if streamed.gene_match is not None else {}),
-        }
+        info = {**_embedding_info(streamed), "chunk_size": streamed.chunk_size}
         stages.save(stage, key, info)
         from_cache = False
     else:
@@ -602,7 +618,9 @@ def scored_cells(labels: pd.Series, *, seed: int) -> np.ndarray:
 def embedding_scores(
     config: RunConfig,
     data: RunData,
+    cells: CellRows,
     matrices: dict[str, np.ndarray],
+    matrix_hashes: dict[str, str],
     stages: StageStore,
     data_hash: str,
     run_dir: Path,
@@ -624,7 +642,7 @@ def embedding_scores(
                 config.seed,
                 config.figures,
                 batch_key,
-                hash_array(matrices[name]) if name in matrices else None,
+                matrix_hashes.get(name),
                 config.n_hvg,
                 config.n_pcs,
             ]
@@ -635,7 +653,7 @@ def embedding_scores(
                 matrix = matrices[name][rows]
             else:
                 matrix = pca_all_cells(
-                    run_cells(data),
+                    cells,
                     kind=data.diagnostics.matrix_kind,
                     n_hvg=config.n_hvg,
                     n_pcs=config.n_pcs,
@@ -692,6 +710,7 @@ def _predict_all(
     config: RunConfig,
     cells: CellRows,
     matrices: dict[str, np.ndarray],
+    matrix_hashes: dict[str, str],
     labels: pd.Series,
     split_set: SplitSet,
     methods: list[Method],
@@ -700,12 +719,17 @@ def _predict_all(
     kind: str,
     progress: bool,
 ) -> dict[tuple[str, int], dict]:
-    """Train each method's probe on each split (or reuse the saved predictions)."""
+    """Train each method's probe on each split (or reuse the saved predictions).
+
+    A baseline representation is built once per split and kept only until the last method
+    of that split that uses it (pca+logreg and pca+xgboost share one PCA).
+    """
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
     out = {}
-    embedding_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
     jobs = [(m, s) for s in split_set.splits for m in methods]
+    uses_left = Counter((m.representation, s.seed) for m, s in jobs if m.model is None)
+    built: dict[tuple[str, int], SplitFeatures] = {}
     bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
     for method, split in bar:
         bar.set_postfix_str(f"{method.name} seed {split.seed}")
@@ -716,18 +740,26 @@ def _predict_all(
                 "method": method.__dict__,
                 "n_hvg": config.n_hvg,
                 "n_pcs": config.n_pcs,
-                "embedding": embedding_hashes.get(method.model) if method.model else None,
+                "embedding": matrix_hashes.get(method.model) if method.model else None,
             }
         )
         stage = f"predict_{method.name}_seed{split.seed}"
         payload = stages.load(stage, key)
+        shared = (method.representation, split.seed) if method.model is None else None
         if payload is None:
             with stages.timed(f"probe:{method.name}"):
-                payload = fit_and_predict(
-                    method, cells, matrices, labels, split, config, kind, code_of, classes
-                )
+                feats = built.get(shared)
+                if feats is None:
+                    feats = _features(method, cells, matrices, split, config, kind)
+                payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
             stages.save(stage, key, payload)
+            if shared is not None:
+                built[shared] = feats
         out[(method.name, split.seed)] = payload
+        if shared is not None:
+            uses_left[shared] -= 1
+            if uses_left[shared] == 0:
+                built.pop(shared, None)
     return out
 
 
