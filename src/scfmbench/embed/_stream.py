@@ -498,8 +498,8 @@ class _Output:
 
 
 def should_stream(data: Any, *, backed: bool | None) -> bool:
-    """Whether ``embed_dataset`` streams ``data``: ``backed`` when given, else under torchrun
-    or for ``.h5ad`` files larger than ``BACKED_THRESHOLD_BYTES``.
+    """Whether ``embed_dataset`` and ``run`` stream ``data``: ``backed`` when given, else
+    under torchrun or for ``.h5ad`` files larger than ``BACKED_THRESHOLD_BYTES``.
 
     Raises:
         ConfigError: streaming asked (or torchrun) for an in-memory AnnData or a built-in
@@ -510,7 +510,7 @@ def should_stream(data: Any, *, backed: bool | None) -> bool:
     if isinstance(data, AnnData) or str(data) in BUILTIN_DATASETS:
         if backed or distributed_run:
             raise ConfigError(
-                "streaming and distributed embedding read an .h5ad file chunk by chunk, got "
+                "streaming (--backed) and torchrun read an .h5ad file chunk by chunk, got "
                 f"{'an in-memory AnnData' if isinstance(data, AnnData) else repr(str(data))}; "
                 "write it with adata.write_h5ad and pass the path, or drop --backed/torchrun."
             )
