@@ -45,14 +45,17 @@ def test_metrics_schema(tmp_path, tiny_adata):
         tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False
     )
     doc = json.loads((result.run_dir / "metrics.json").read_text())
-    assert doc["schema_version"] == "1.0"
-    assert doc["run"]["seeds"] == [42, 43]
+    assert doc["schema_version"] == "2.0"
+    assert doc["run"]["seeds"] == [42, 43]  # two folds of stratified cross-validation
+    assert doc["run"]["design"]["name"] == "cv" and doc["run"]["design"]["n_folds"] == 2
     entry = doc["methods"]["pca+logreg"]
     assert set(entry["splits"]) == {"42", "43"}
     split = entry["splits"]["42"]
-    assert split["n_test"] == 6
-    assert np.asarray(split["confusion"]["matrix"]).sum() == 6
+    assert split["n_test"] == 30  # disjoint test folds: every one of the 60 cells once
+    assert entry["splits"]["43"]["n_test"] == 30
+    assert np.asarray(split["confusion"]["matrix"]).sum() == 30
     assert set(split["per_class"]["type_0"]) == {"precision", "recall", "f1", "support"}
+    assert {"balanced_accuracy", "macro_f1_excl_small"} <= set(entry["summary"])
     assert len(entry["summary"]["accuracy"]["values"]) == 2
     assert doc["methods"]["hvg+logreg"]["delta_vs_reference"]["accuracy"]["abs"] == 0.0
     assert doc["diagnostics"]["matrix_kind"] == "counts"
@@ -73,7 +76,13 @@ def test_unknown_probe_did_you_mean(tiny_adata, tmp_path):
 
 def test_pbmc3k_baselines(tmp_path, pbmc3k_path):
     result = scfmbench.run(
-        pbmc3k_path, out=tmp_path, name="pbmc3k", n_splits=1, progress=False, figures=False
+        pbmc3k_path,
+        out=tmp_path,
+        name="pbmc3k",
+        design="study",  # the study's single random 80/10/10 split
+        n_splits=1,
+        progress=False,
+        figures=False,
     )
     table = result.table
     # log-normalized HVGs + logistic regression is far above the study's frozen Geneformer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,9 +26,20 @@ class RunConfig(BaseModel):
     name: str | None = Field(None, description="Run name; the run directory is OUT/NAME.")
     out: Path = Field(Path("runs"), description="Folder that holds run directories.")
     seed: int = Field(42, description="Seed of the first split and of every model.")
-    n_splits: int = Field(5, ge=1, description="Repeated stratified splits (seeds seed..seed+K-1).")
+    design: Literal["cv", "study"] = Field(
+        "cv",
+        description="cv: stratified K-fold cross-validation (disjoint test folds, validation "
+        "carved from the training folds); study: the study's repeated random splits.",
+    )
+    n_splits: int = Field(
+        5, ge=1, description="Folds K (cv) or repeated random splits (study, seeds seed..+K-1)."
+    )
+    n_repeats: int = Field(
+        1, ge=1, description="Repeats of K-fold cross-validation (design cv; > 1 = repeated CV)."
+    )
     fractions: tuple[float, float, float] = Field(
-        (0.8, 0.1, 0.1), description="Train/val/test fractions per class."
+        (0.8, 0.1, 0.1),
+        description="Train/val/test fractions per class (cv: only the validation share is used).",
     )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
     n_hvg: int = Field(2000, ge=1, description="Highly variable genes for the baselines.")

@@ -440,7 +440,7 @@ def finetune(
             loop.history,
             curve,
             best_epoch=loop.best_epoch,
-            title=f"{model.model_id} fine-tuning (split seed {split.seed})",
+            title=f"{model.model_id} fine-tuning ({split.title})",
         )
         result.figures["learning_curve"] = str(curve)
         write_json(out_dir / "result.json", result.to_dict())
@@ -532,6 +532,8 @@ def finetune_dataset(
         n_splits=run_config.n_splits,
         seed=run_config.seed,
         fractions=run_config.fractions,
+        design=run_config.design,
+        n_repeats=run_config.n_repeats,
     )
     results = [
         finetune_in_run(
@@ -579,14 +581,19 @@ class _LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_f1: float = -1.0
+    best_loss: float = float("inf")
     bad_epochs: int = 0
     stopped: bool = False
 
     def update(self, record: dict[str, float], *, patience: int | None) -> None:
+        """Record an epoch; the best epoch has the highest validation macro F1, ties broken by
+        the lower validation loss (the test cells are never looked at)."""
         self.epoch = int(record["epoch"])
         self.history.append(record)
-        if record["val_macro_f1"] > self.best_f1:
-            self.best_f1, self.best_epoch, self.bad_epochs = record["val_macro_f1"], self.epoch, 0
+        f1, loss = record["val_macro_f1"], record["val_loss"]
+        if f1 > self.best_f1 or (f1 == self.best_f1 and loss < self.best_loss):
+            self.best_f1, self.best_loss, self.best_epoch = f1, loss, self.epoch
+            self.bad_epochs = 0
         else:
             self.bad_epochs += 1
         self.stopped = patience is not None and self.bad_epochs >= patience

@@ -12,7 +12,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ClassificationMetrics:
     accuracy: float
     macro_f1: float
     weighted_f1: float
+    balanced_accuracy: float
     per_class: dict[str, dict[str, float]]
     confusion: np.ndarray
     classes: tuple[str, ...]
@@ -35,6 +36,7 @@ class ClassificationMetrics:
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
             "weighted_f1": self.weighted_f1,
+            "balanced_accuracy": self.balanced_accuracy,
             "n_test": self.n_test,
             "per_class": self.per_class,
             "confusion": {"labels": list(self.classes), "matrix": self.confusion.tolist()},
@@ -44,19 +46,22 @@ class ClassificationMetrics:
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, *, classes: list[str] | tuple[str, ...]
 ) -> ClassificationMetrics:
-    """Accuracy, macro/weighted F1, per-class precision/recall/F1/support, confusion matrix.
+    """Accuracy, macro/weighted F1, balanced accuracy, per-class scores, confusion matrix.
 
     Args:
         y_true: true labels (strings) of shape (n_test,).
-        y_pred: predicted labels (strings) of shape (n_test,).
-        classes: every class, fixing the order of rows/columns; classes absent from the
-            test set still get a row (support 0) and are left out of the macro average.
+        y_pred: predicted labels (strings) of shape (n_test,); labels outside ``classes``
+            (e.g. ``<unassigned>``) count as wrong.
+        classes: every training class, fixing the order of rows/columns. Macro F1 averages
+            all of them (``f1_score(labels=classes, zero_division=0)``): a class never
+            predicted scores 0, also when it has no test cells. Balanced accuracy is the mean
+            recall over the classes present in ``y_true``.
     """
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
-    present = [c for c in classes if c in set(y_true)]
+    labels = list(classes)
     precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(classes), zero_division=0
+        y_true, y_pred, labels=labels, zero_division=0
     )
     per_class = {
         c: {
@@ -67,14 +72,16 @@ def classification_metrics(
         }
         for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
+    present = recall[support > 0]
     return ClassificationMetrics(
         accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         weighted_f1=float(
-            f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)
+            f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),
+        balanced_accuracy=float(present.mean()) if len(present) else 0.0,
         per_class=per_class,
-        confusion=confusion_matrix(y_true, y_pred, labels=list(classes)),
+        confusion=confusion_matrix(y_true, y_pred, labels=labels),
         classes=tuple(classes),
         n_test=int(len(y_true)),
     )

@@ -35,7 +35,7 @@ from scfmbench.features import (
     embedding_features,
 )
 from scfmbench.hashing import hash_array, hash_json
-from scfmbench.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
+from scfmbench.metrics import HEADLINE_METRICS, classification_metrics
 from scfmbench.probes import PROBES, fit_probe
 from scfmbench.registry import did_you_mean
 from scfmbench.splits import Split, SplitSet, labels_hash, load_or_make_splits
@@ -44,7 +44,7 @@ from scfmbench.validate import validate as validate_data
 
 logger = logging.getLogger(__name__)
 
-METRICS_SCHEMA_VERSION = "1.0"
+METRICS_SCHEMA_VERSION = "2.0"
 UNASSIGNED = "<unassigned>"
 IN_MEMORY = "<in-memory AnnData>"
 SKLEARN_WORKING_MEMORY_MB = 256
@@ -304,6 +304,8 @@ def _execute(
             n_splits=config.n_splits,
             seed=config.seed,
             fractions=config.fractions,
+            design=config.design,
+            n_repeats=config.n_repeats,
         )
 
     embeddings: dict[str, ModelEmbedding] = {}
@@ -346,9 +348,12 @@ def _execute(
                 methods,
                 progress,
             )
-    metrics = build_metrics(
+    metrics, table = build_metrics(
         config, validated, split_set, methods, predictions, reference, model_info
     )
+    from scfmbench.run_stats import PREDICTIONS_FILE, write_predictions
+
+    write_predictions(table, run_dir / PREDICTIONS_FILE)
     if finetuned:
         metrics["finetune"] = finetune_metrics(finetuned, run_dir)
     if config.figures:
@@ -601,7 +606,7 @@ def layerwise_probing(
             plot_layer_curve(
                 rows,
                 run_dir / "figures" / f"layers_{model.model_id}.png",
-                title=f"{model.model_id}: logreg probe by layer (seed {split.seed})",
+                title=f"{model.model_id}: logreg probe by layer ({split.title})",
             )
     return out
 
@@ -797,16 +802,34 @@ def _fit_and_predict_features(
         seed=split.seed,
     )
     predicted = np.full(len(split.test), UNASSIGNED, dtype=object)
+    proba: list | None = None
     if keep_test.any():
         predicted[keep_test] = [classes[i] for i in fitted.predict(feats.test[keep_test])]
+        proba = _probabilities(fitted, feats.test, keep_test, len(classes))
     return {
         "cells": list(split.test),
         "pred": [str(p) for p in predicted],
+        "proba": proba,
         "params": fitted.params,
         "val_macro_f1": fitted.val_macro_f1,
+        "on_grid_edge": fitted.on_grid_edge,
         "n_unassigned": int((~keep_test).sum()),
         "features": feats.info,
     }
+
+
+def _probabilities(fitted, X: np.ndarray, keep: np.ndarray, n_classes: int) -> list | None:
+    """Class probabilities of the test cells (None rows for unassigned cells), or None when
+    the probe has no ``predict_proba``; columns follow the run's classes."""
+    estimator = fitted.estimator
+    if not hasattr(estimator, "predict_proba"):
+        return None
+    values = np.zeros((int(keep.sum()), n_classes))
+    values[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X[keep])
+    rows: list = [None] * len(keep)
+    for row, value in zip(np.flatnonzero(keep), values, strict=True):
+        rows[row] = [round(float(v), 6) for v in value]
+    return rows
 
 
 def build_metrics(
@@ -817,10 +840,15 @@ def build_metrics(
     predictions: dict,
     reference: str,
     model_info: dict,
-) -> dict[str, Any]:
-    """The metrics.json document (schema in README, ``schema_version`` 1.0)."""
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The metrics.json document (schema in README, ``schema_version`` 2.0) and the tidy
+    per-cell predictions table every statistic in it is computed from."""
+    from scfmbench.run_stats import method_statistics, predictions_table
+    from scfmbench.stats import Design
+
     labels = validated.labels
     classes = list(labels.cat.categories)
+    design = Design.of(split_set)
     doc: dict[str, Any] = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "scfmbench_version": __version__,
@@ -830,6 +858,13 @@ def build_metrics(
             "label_key": validated.diagnostics.label_key,
             "seeds": split_set.seeds,
             "fractions": list(split_set.fractions),
+            "design": {
+                "name": design.name,
+                "n_folds": design.n_folds,
+                "n_repeats": split_set.n_repeats,
+                "test_train_ratio": design.test_train_ratio,
+            },
+            "stats_seed": config.seed,
             "reference": reference,
             "classes": classes,
         },
@@ -840,29 +875,32 @@ def build_metrics(
         per_split = {}
         for split in split_set.splits:
             payload = predictions[(method.name, split.seed)]
-            scores = score_payload(payload, labels, classes)
             per_split[str(split.seed)] = {
-                **scores.to_dict(),
                 "params": payload["params"],
                 "val_macro_f1": payload["val_macro_f1"],
+                "on_grid_edge": payload.get("on_grid_edge", False),
                 "n_unassigned": payload["n_unassigned"],
             }
-        summary = {m: summarize([per_split[s][m] for s in per_split]) for m in HEADLINE_METRICS}
         doc["methods"][method.name] = {
             "kind": method.kind,
             "representation": method.representation,
             "probe": method.probe,
             "model": method.model,
             "splits": per_split,
-            "summary": summary,
         }
-    ref = doc["methods"][reference]["summary"]
-    for entry in doc["methods"].values():
-        entry["delta_vs_reference"] = {
-            m: delta(entry["summary"][m]["mean"], ref[m]["mean"]) for m in HEADLINE_METRICS
-        }
-    add_statistics(doc, predictions, labels, split_set, seed=config.seed)
-    return doc
+        edges = [s for s, e in per_split.items() if e["on_grid_edge"]]
+        if edges:
+            logger.warning(
+                "%s: the probe's best validation setting is on the edge of its grid in %d of "
+                "%d splits (%s); a wider grid might score better.",
+                method.name,
+                len(edges),
+                len(per_split),
+                ", ".join(str(per_split[s]["params"]) for s in edges[:3]),
+            )
+    table = predictions_table(predictions, labels, split_set, methods)
+    method_statistics(doc, table, seed=config.seed)
+    return doc, table
 
 
 def payload_truth(payload: dict, labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -875,60 +913,6 @@ def score_payload(payload: dict, labels: pd.Series, classes: list[str]):
     """ClassificationMetrics of one saved prediction payload."""
     truth, predicted = payload_truth(payload, labels)
     return classification_metrics(truth, predicted, classes=classes)
-
-
-def _split_truth_and_predictions(predictions, labels, split_set, method):
-    for split in split_set.splits:
-        yield str(split.seed), *payload_truth(predictions[(method, split.seed)], labels)
-
-
-def add_statistics(
-    doc: dict, predictions: dict, labels: pd.Series, split_set: SplitSet, *, seed: int
-) -> None:
-    """Bootstrap CIs for every method and paired tests against the best baseline (Holm)."""
-    from scfmbench.stats import holm, mean_bootstrap_ci, paired_comparison
-
-    classes = doc["run"]["classes"]
-    for name, entry in doc["methods"].items():
-        pairs = [
-            (t, p) for _, t, p in _split_truth_and_predictions(predictions, labels, split_set, name)
-        ]
-        for metric, ci in mean_bootstrap_ci(pairs, classes=classes, seed=seed).items():
-            entry["summary"][metric]["ci95"] = ci
-    baselines = [n for n, e in doc["methods"].items() if e["kind"] == "baseline"]
-    best = max(baselines, key=lambda n: doc["methods"][n]["summary"]["macro_f1"]["mean"])
-    doc["run"]["best_baseline"] = best
-    compared = [n for n in doc["methods"] if n != best]
-    results = {}
-    for name in compared:
-        splits = [
-            (seed_name, truth, pred, best_pred)
-            for (seed_name, truth, pred), (_, _, best_pred) in zip(
-                _split_truth_and_predictions(predictions, labels, split_set, name),
-                _split_truth_and_predictions(predictions, labels, split_set, best),
-                strict=True,
-            )
-        ]
-        results[name] = paired_comparison(splits, classes=classes, seed=seed)
-    boot_holm = holm([r.bootstrap_p for r in results.values()])
-    mcnemar_holm = holm([r.mcnemar_p for r in results.values()])
-    for (name, result), p_boot, p_mcn in zip(results.items(), boot_holm, mcnemar_holm, strict=True):
-        doc["methods"][name]["significance"] = {
-            "baseline": best,
-            "f1_diff": result.f1_diff,
-            "f1_diff_ci95": list(result.f1_diff_ci95),
-            "accuracy_diff": result.accuracy_diff,
-            "bootstrap_p": result.bootstrap_p,
-            "p_holm": p_boot,
-            "mcnemar_p": result.mcnemar_p,
-            "mcnemar_p_holm": p_mcn,
-            "mcnemar_p_per_split": result.mcnemar_p_per_split,
-            "discordant": {
-                "only_method_right": result.discordant[0],
-                "only_baseline_right": result.discordant[1],
-            },
-            "significant": bool(p_boot < 0.05),
-        }
 
 
 def embed_dataset(

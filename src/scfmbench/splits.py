@@ -1,4 +1,14 @@
-"""Stratified train/val/test splits, saved with a content hash and shared by every method."""
+"""Stratified train/val/test splits, saved with a content hash and shared by every method.
+
+Two designs (``docs/statistics.md``):
+
+- ``cv`` (default): stratified K-fold cross-validation, optionally repeated; the K test folds
+  of a repeat are disjoint and cover every cell once; the validation cells of a fold are
+  carved from its training folds, per class. Fold ``i`` of repeat ``r`` is keyed by the
+  integer ``seed + r·K + i`` (its file, stage and ``metrics.json`` key).
+- ``study``: K independent random train/val/test splits (seeds ``seed .. seed + K - 1``), as in
+  the study; their test sets overlap, so their intervals hold within a split only.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +27,30 @@ from scfmbench.hashing import hash_file, hash_json, hash_strings
 logger = logging.getLogger(__name__)
 
 SET_NAMES = ("train", "val", "test")
+DESIGNS = ("cv", "study")
 
 
 @dataclass(frozen=True)
 class Split:
-    """One stratified split: cell names per set."""
+    """One stratified split (or cross-validation fold): cell names per set.
+
+    ``seed`` keys the split and seeds everything trained on it; ``repeat`` and ``fold`` are
+    set for cross-validation folds only.
+    """
 
     seed: int
     train: pd.Index
     val: pd.Index
     test: pd.Index
+    repeat: int | None = None
+    fold: int | None = None
+
+    @property
+    def title(self) -> str:
+        """``"seed 42"`` or ``"fold 1 (repeat 1)"`` for figures and logs (1-based)."""
+        if self.fold is None:
+            return f"seed {self.seed}"
+        return f"fold {self.fold + 1} (repeat {(self.repeat or 0) + 1})"
 
     def assignment(self) -> pd.Series:
         """Series cell → 'train' | 'val' | 'test'."""
@@ -36,11 +60,18 @@ class Split:
 
 @dataclass(frozen=True)
 class SplitSet:
-    """K repeated splits of one dataset (seeds ``seed .. seed + K - 1``)."""
+    """The splits of one dataset: K random splits (``study``) or R × K folds (``cv``)."""
 
     splits: tuple[Split, ...]
     data_hash: str
     fractions: tuple[float, float, float]
+    design: str = "study"
+    n_repeats: int = 1
+
+    @property
+    def n_folds(self) -> int:
+        """Folds per repeat (cv) or number of splits (study)."""
+        return len(self.splits) // self.n_repeats
 
     @property
     def seeds(self) -> list[int]:
@@ -95,20 +126,131 @@ def stratified_split(
     return Split(seed=seed, **index)
 
 
+def check_design(design: str, n_splits: int, n_repeats: int) -> None:
+    """Raise SplitError for an unknown design or fold counts it cannot use."""
+    if design not in DESIGNS:
+        raise SplitError(f"unknown design {design!r}; choose from {list(DESIGNS)}.")
+    if n_splits < 1 or n_repeats < 1:
+        raise SplitError(f"n_splits and n_repeats must be ≥ 1, got {n_splits}, {n_repeats}.")
+    if design == "cv" and n_splits < 2:
+        raise SplitError(
+            f"cross-validation needs ≥ 2 folds, got n_splits={n_splits}; use --n-splits 5, or "
+            "--design study for one random train/val/test split."
+        )
+    if design == "study" and n_repeats != 1:
+        raise SplitError("n_repeats applies to --design cv only; drop it or use --design cv.")
+
+
+def cv_folds(
+    labels: pd.Series,
+    *,
+    n_folds: int = 5,
+    n_repeats: int = 1,
+    seed: int = 42,
+    val_fraction: float = 0.1,
+) -> tuple[Split, ...]:
+    """Stratified (repeated) K-fold cross-validation with a stratified validation set per fold.
+
+    Repeat ``r`` shuffles with ``StratifiedKFold(random_state=seed + r)``; its K test folds
+    are disjoint and together hold every cell once. The validation cells of fold ``i`` are
+    ``max(1, round(n_c · val_fraction))`` cells of each class ``c`` drawn (generator seeded
+    ``seed + r·K + i``) from that class's training-fold cells, leaving at least one to train.
+
+    Parameters
+    ----------
+    labels : pandas.Series
+        Class of each cell (index: cell names), length n_cells.
+    n_folds, n_repeats : int
+        K ≥ 2 folds per repeat, R ≥ 1 repeats (defaults 5 and 1).
+    seed : int
+        Seed of the first repeat (default 42).
+    val_fraction : float
+        Validation cells per class as a fraction of the class (default 0.1).
+
+    Returns
+    -------
+    tuple of Split
+        R·K folds with ``seed = seed + r·K + i``.
+
+    Raises
+    ------
+    SplitError
+        A class with fewer than 3 cells, or fewer cells than folds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    check_design("cv", n_folds, n_repeats)
+    values = labels.astype(str).to_numpy()
+    sizes = labels.astype(str).value_counts().sort_index()
+    too_small = sizes[sizes < max(3, n_folds)]
+    if len(too_small):
+        listed = ", ".join(f"{k!r} has {v} cells" for k, v in too_small.items())
+        raise SplitError(
+            f"cannot stratify {n_folds} folds: {listed}; each class needs ≥ {max(3, n_folds)} "
+            "cells — raise min_cells_per_class, lower --n-splits, or merge the label."
+        )
+    folds = []
+    for repeat in range(n_repeats):
+        kfold = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed + repeat)
+        for i, (pool, test) in enumerate(kfold.split(np.zeros(len(values)), values)):
+            fold_seed = seed + repeat * n_folds + i
+            rng = np.random.default_rng(fold_seed)
+            val = []
+            for cls in sizes.index:
+                members = pool[values[pool] == cls]
+                members = members[rng.permutation(len(members))]
+                n_val = min(max(1, int(round(sizes[cls] * val_fraction))), len(members) - 1)
+                val.append(members[:n_val])
+            val_rows = np.sort(np.concatenate(val))
+            train_rows = np.setdiff1d(pool, val_rows)
+            folds.append(
+                Split(
+                    seed=fold_seed,
+                    train=labels.index[train_rows],
+                    val=labels.index[val_rows],
+                    test=labels.index[np.sort(test)],
+                    repeat=repeat,
+                    fold=i,
+                )
+            )
+    return tuple(folds)
+
+
 def make_splits(
     labels: pd.Series,
     *,
     n_splits: int = 1,
     seed: int = 42,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    design: str = "study",
+    n_repeats: int = 1,
 ) -> SplitSet:
-    """K stratified splits with seeds ``seed .. seed + n_splits - 1``."""
-    if n_splits < 1:
-        raise SplitError(f"n_splits must be ≥ 1, got {n_splits}.")
-    splits = tuple(
-        stratified_split(labels, seed=s, fractions=fractions) for s in range(seed, seed + n_splits)
+    """The splits of a design: ``study`` — K random splits with seeds ``seed .. seed + K - 1``;
+    ``cv`` — :func:`cv_folds` with K = ``n_splits`` and validation fraction ``fractions[1]``.
+
+    Raises
+    ------
+    SplitError
+        Unknown design, bad fold counts or fractions, or classes too small to stratify.
+    """
+    check_design(design, n_splits, n_repeats)
+    check_fractions(fractions)
+    if design == "cv":
+        splits = cv_folds(
+            labels, n_folds=n_splits, n_repeats=n_repeats, seed=seed, val_fraction=fractions[1]
+        )
+    else:
+        splits = tuple(
+            stratified_split(labels, seed=s, fractions=fractions)
+            for s in range(seed, seed + n_splits)
+        )
+    return SplitSet(
+        splits=splits,
+        data_hash=labels_hash(labels),
+        fractions=tuple(fractions),
+        design=design,
+        n_repeats=n_repeats,
     )
-    return SplitSet(splits=splits, data_hash=labels_hash(labels), fractions=tuple(fractions))
 
 
 def save_splits(split_set: SplitSet, directory: Path, labels: pd.Series) -> None:
@@ -124,7 +266,12 @@ def save_splits(split_set: SplitSet, directory: Path, labels: pd.Series) -> None
     index = {
         "data_hash": split_set.data_hash,
         "fractions": list(split_set.fractions),
+        "design": split_set.design,
+        "n_repeats": split_set.n_repeats,
         "seeds": split_set.seeds,
+        "folds": {
+            str(s.seed): [s.repeat, s.fold] for s in split_set.splits if s.fold is not None
+        },
         "files": files,
     }
     index["content_hash"] = hash_json(index)
@@ -140,6 +287,13 @@ def load_splits(directory: Path, labels: pd.Series) -> SplitSet:
             f"the splits in {directory} were made for different cells or labels; "
             "delete that folder or use a new --name to make new splits."
         )
+    if index.get("content_hash") != hash_json(
+        {k: v for k, v in index.items() if k != "content_hash"}
+    ):
+        raise SplitError(
+            f"{directory / 'splits.json'} was modified (checksum mismatch); delete it to remake."
+        )
+    folds = index.get("folds", {})
     splits = []
     for seed in index["seeds"]:
         entry = index["files"][str(seed)]
@@ -148,9 +302,14 @@ def load_splits(directory: Path, labels: pd.Series) -> SplitSet:
             raise SplitError(f"{path} was modified (checksum mismatch); delete it to remake.")
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         sets = {name: pd.Index(table.loc[table["set"] == name, "cell"]) for name in SET_NAMES}
-        splits.append(Split(seed=int(seed), **sets))
+        repeat, fold = folds.get(str(seed), (None, None))
+        splits.append(Split(seed=int(seed), **sets, repeat=repeat, fold=fold))
     return SplitSet(
-        splits=tuple(splits), data_hash=index["data_hash"], fractions=tuple(index["fractions"])
+        splits=tuple(splits),
+        data_hash=index["data_hash"],
+        fractions=tuple(index["fractions"]),
+        design=index.get("design", "study"),
+        n_repeats=int(index.get("n_repeats", 1)),
     )
 
 
@@ -161,23 +320,36 @@ def load_or_make_splits(
     n_splits: int,
     seed: int,
     fractions: tuple[float, float, float],
+    design: str = "study",
+    n_repeats: int = 1,
 ) -> tuple[SplitSet, bool]:
-    """Reuse saved splits when they match data, seeds and fractions; else make and save them.
+    """Reuse saved splits when they match data, design, seeds and fractions; else make and save
+    them (every method of a run, and every rerun, reads the same files).
 
     Returns (splits, reused).
     """
-    wanted = list(range(seed, seed + n_splits))
+    check_design(design, n_splits, n_repeats)
+    wanted = list(range(seed, seed + n_splits * n_repeats))
     index_path = Path(directory) / "splits.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
         same = (
             index.get("data_hash") == labels_hash(labels)
             and index.get("seeds") == wanted
+            and index.get("design", "study") == design
+            and index.get("n_repeats", 1) == n_repeats
             and np.allclose(index.get("fractions"), fractions)
         )
         if same:
             logger.info("reusing saved splits in %s", directory)
             return load_splits(directory, labels), True
-    split_set = make_splits(labels, n_splits=n_splits, seed=seed, fractions=fractions)
+    split_set = make_splits(
+        labels,
+        n_splits=n_splits,
+        seed=seed,
+        fractions=fractions,
+        design=design,
+        n_repeats=n_repeats,
+    )
     save_splits(split_set, directory, labels)
     return split_set, False

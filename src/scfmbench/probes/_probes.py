@@ -1,8 +1,9 @@
 """Probe factories and validation-set tuning.
 
 Every probe is an sklearn classifier (``fit(X, y) -> self``, ``predict``) built by a
-registered factory ``make_<name>(*, seed, **params)``; a small grid is tuned on the
-validation set by macro F1 and the chosen model is the one fitted on train only.
+registered factory ``make_<name>(*, seed, **params)``; a grid is tuned on the validation set
+by macro F1 (over all training classes) and the chosen model is the one fitted on train only.
+The test cells never take part in a choice.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def make_majority(*, seed: int) -> ClassifierMixin:
     return DummyClassifier(strategy="most_frequent", random_state=seed)
 
 
-PROBES.register("logreg")(ProbeSpec(make_logreg, grid=({"C": 0.01}, {"C": 0.1}, {"C": 1.0})))
+LOGREG_C_GRID = tuple(float(c) for c in np.logspace(-4, 3, 8))
+"""Inverse L2 strengths tried for the logistic-regression probe: 1e-4, 1e-3, …, 1e3."""
+
+PROBES.register("logreg")(ProbeSpec(make_logreg, grid=tuple({"C": c} for c in LOGREG_C_GRID)))
 PROBES.register("xgboost")(ProbeSpec(make_xgboost, uses_validation_for_early_stopping=True))
 PROBES.register("knn")(
     ProbeSpec(make_knn, grid=({"n_neighbors": 5}, {"n_neighbors": 15}, {"n_neighbors": 30}))
@@ -89,6 +93,7 @@ class FittedProbe:
     estimator: ClassifierMixin
     params: dict[str, Any]
     val_macro_f1: float
+    on_grid_edge: bool = False
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.predict(X)).astype(np.int64)
@@ -106,10 +111,15 @@ def fit_probe(
     """Fit probe ``name`` on train, choosing grid parameters by validation macro F1.
 
     ``y_*`` are integer class codes ``0..K-1``; every class must occur in ``y_train``.
+    Validation macro F1 averages all K classes; the first of equal scores wins. When the
+    chosen value is the first or last of a grid of ≥ 3 values, ``on_grid_edge`` is set (the
+    run warns once per method: a wider grid might score better).
     """
     spec: ProbeSpec = PROBES.get(name)
+    labels = np.arange(int(max(y_train.max(initial=0), y_val.max(initial=0))) + 1)
     best: FittedProbe | None = None
-    for params in spec.grid:
+    best_index = 0
+    for index, params in enumerate(spec.grid):
         params = dict(params)
         if name == "knn":
             params["n_neighbors"] = min(params["n_neighbors"], len(y_train))
@@ -119,9 +129,20 @@ def fit_probe(
         else:
             estimator.fit(X_train, y_train)
         predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
-        score = float(f1_score(y_val, predicted, average="macro", zero_division=0))
+        score = float(
+            f1_score(y_val, predicted, labels=labels, average="macro", zero_division=0)
+        )
         if best is None or score > best.val_macro_f1:
             best = FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)
+            best_index = index
     assert best is not None  # the grid is never empty
+    if len(spec.grid) >= 3 and best_index in (0, len(spec.grid) - 1):
+        best.on_grid_edge = True
+        logger.debug(
+            "probe %s: the best validation value %s is on the edge of the grid %s",
+            name,
+            best.params,
+            [dict(p) for p in (spec.grid[0], spec.grid[-1])],
+        )
     logger.debug("probe %s: chose %s (val macro F1 %.3f)", name, best.params, best.val_macro_f1)
     return best
