@@ -3,7 +3,17 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
-from scfmbench.stats import bootstrap_ci, holm, mcnemar_exact, paired_comparison
+from scfmbench.stats import (
+    Design,
+    _scores,
+    bootstrap_ci,
+    bootstrap_p,
+    design_estimate,
+    holm,
+    mcnemar_exact,
+    paired_comparison,
+    stratified_samples,
+)
 
 
 def test_mcnemar_hand_made_table():
@@ -73,9 +83,190 @@ def test_run_reports_statistics(tmp_path, tiny_adata):
     assert "significance" not in methods[best]
     majority = methods["majority"]["significance"]
     assert majority["baseline"] == best and majority["f1_diff"] < -0.5
-    assert majority["significant"] and majority["p_holm"] >= majority["bootstrap_p"]
+    assert majority["significant"] and majority["p_holm"] >= majority["p"]
+    # the best baseline is the one with the highest validation macro F1, not test
+    val = {
+        name: np.mean([s["val_macro_f1"] for s in methods[name]["splits"].values()])
+        for name in methods
+        if methods[name]["kind"] == "baseline"
+    }
+    assert best == max(val, key=val.get)
+    assert result.metrics["run"]["best_baseline_chosen_by"].startswith("validation")
     lo, hi = methods["pca+logreg"]["summary"]["accuracy"]["ci95"]
     assert lo <= methods["pca+logreg"]["summary"]["accuracy"]["mean"] <= hi
     scores = result.metrics["embeddings"]["pca"]
     assert scores["knn_consistency"] > 0.7  # chance is about 1/3
     assert -1 <= scores["silhouette"] <= 1
+
+
+def test_scores_match_sklearn_over_all_training_classes():
+    rng = np.random.default_rng(5)
+    classes = ["A", "B", "C", "D"]
+    true = rng.integers(0, 3, 50)  # class D has no test cells
+    pred = np.where(rng.random(50) < 0.7, true, rng.integers(0, 5, 50))  # 4 = unassigned
+    samples = stratified_samples(true, n_boot=20, seed=1)
+    keep = np.array([True, True, False, True])
+    got = _scores(true, pred, 4, samples, keep=keep)
+    for row, idx in enumerate(samples):
+        t, p = true[idx], pred[idx]
+        assert got["macro_f1"][row] == pytest.approx(
+            f1_score(t, p, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+        )
+        assert got["macro_f1_excl_small"][row] == pytest.approx(
+            f1_score(t, p, labels=[0, 1, 3], average="macro", zero_division=0)
+        )
+        recalls = [np.mean(p[t == c] == c) for c in np.unique(t)]
+        assert got["balanced_accuracy"][row] == pytest.approx(np.mean(recalls))
+    assert classes  # D scores 0 (never predicted, no support), as sklearn with labels=
+
+
+def test_stratified_bootstrap_keeps_every_class():
+    true = np.array([0] * 40 + [1] * 3 + [2] * 1)
+    samples = stratified_samples(true, n_boot=500, seed=0)
+    assert samples.shape == (500, 44)
+    for row in samples:
+        assert np.bincount(true[row], minlength=3).tolist() == [40, 3, 1]
+    assert (true[samples[:, -1]] == 2).all()  # the single Platelet-like cell is always there
+
+
+def test_bootstrap_p_is_never_zero():
+    replicates = np.linspace(0.1, 0.2, 999)  # all above 0
+    assert bootstrap_p(replicates) == pytest.approx(2 / 1000)
+    assert bootstrap_p(np.zeros(99)) == 1.0
+
+
+def test_cv_interval_formula_by_hand():
+    values = np.array([0.80, 0.90, 0.85, 0.70, 0.75])
+    replicates = np.random.default_rng(0).normal(values[:, None], 0.01, (5, 400))
+    estimate = design_estimate(values, replicates, Design("cv", n_folds=5))
+    between = values.var(ddof=1)  # far above the within-fold bootstrap variance
+    se = np.sqrt(between / 5)
+    from scipy.stats import t
+
+    half = t.ppf(0.975, 4) * se
+    assert estimate.se == pytest.approx(se)
+    assert estimate.ci95 == pytest.approx((0.8 - half, 0.8 + half))
+    assert estimate.df == 4
+    repeated = design_estimate(values, replicates, Design("repeated-cv", 5, 0.25))
+    assert repeated.se == pytest.approx(np.sqrt((1 / 5 + 0.25) * between))
+
+
+def simulate_folds(rng, *, n_rep, n_cells, n_folds, accuracy, spread, n_methods=1):
+    """Vectorized: truth (n_rep, n_cells) over 3 classes and per-method predictions whose
+    per-fold accuracy is ``accuracy`` plus a retraining effect N(0, spread²)."""
+    truth = rng.integers(0, 3, (n_rep, n_cells))
+    fold = np.arange(n_cells) % n_folds
+    preds = []
+    for _ in range(n_methods):
+        per_fold = np.clip(accuracy + spread * rng.standard_normal((n_rep, n_folds)), 0, 1)
+        right = rng.random((n_rep, n_cells)) < per_fold[:, fold]
+        wrong = (truth + rng.integers(1, 3, (n_rep, n_cells))) % 3
+        preds.append(np.where(right, truth, wrong))
+    return truth, fold, preds
+
+
+def test_cv_interval_covers_a_known_accuracy():
+    """Coverage of the 95% interval on simulated 5-fold CV with known true accuracy 0.8 and
+    fold-to-fold retraining variation: ≥ 93% of 300 replicates."""
+    rng = np.random.default_rng(2024)
+    n_rep, n_folds, n_boot = 300, 5, 200
+    truth, fold, (pred,) = simulate_folds(
+        rng, n_rep=n_rep, n_cells=200, n_folds=n_folds, accuracy=0.8, spread=0.03
+    )
+    covered = 0
+    for r in range(n_rep):
+        values, reps = [], []
+        for j in range(n_folds):
+            t, p = truth[r, fold == j], pred[r, fold == j]
+            samples = stratified_samples(t, n_boot=n_boot, seed=r * n_folds + j)
+            values.append(np.mean(t == p))
+            reps.append(_scores(t, p, 3, samples)["accuracy"])
+        lo, hi = design_estimate(np.array(values), np.stack(reps), Design("cv", n_folds)).ci95
+        covered += lo <= 0.8 <= hi
+    assert covered / n_rep >= 0.93
+
+
+def test_paired_test_holds_its_level_under_the_null():
+    """Two methods of identical quality (independent errors, fold-to-fold variation): the
+    design-aware paired test rejects at α = 0.05 in ≤ 6% of 300 replicates."""
+    rng = np.random.default_rng(7)
+    n_rep, n_folds = 300, 5
+    names = np.array(["A", "B", "C"])
+    truth, fold, (a, b) = simulate_folds(
+        rng, n_rep=n_rep, n_cells=200, n_folds=n_folds, accuracy=0.8, spread=0.03, n_methods=2
+    )
+    rejected = mcnemar_rejected = 0
+    for r in range(n_rep):
+        sets = [
+            (str(j), names[truth[r, fold == j]], names[a[r, fold == j]], names[b[r, fold == j]])
+            for j in range(n_folds)
+        ]
+        result = paired_comparison(
+            sets, classes=list(names), n_boot=200, seed=r, design=Design("cv", n_folds)
+        )
+        rejected += result.p < 0.05
+        mcnemar_rejected += result.mcnemar_p < 0.05
+        assert result.p > 0
+    assert rejected / n_rep <= 0.06
+    assert mcnemar_rejected / n_rep <= 0.06  # pooling disjoint folds is valid
+
+
+def test_study_design_does_not_pool_overlapping_mcnemar_counts():
+    truth, good = make_predictions(seed=1, accuracy=0.95)
+    _, bad = make_predictions(seed=2, accuracy=0.6)
+    splits = [("42", truth, good, bad), ("43", truth, good, bad)]
+    result = paired_comparison(splits, classes=["A", "B", "C"], seed=0)
+    assert result.mcnemar_p is None and set(result.mcnemar_p_per_split) == {"42", "43"}
+    disjoint = paired_comparison(splits, classes=["A", "B", "C"], design=Design("cv", 2))
+    assert disjoint.mcnemar_p is not None
+
+
+def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
+    import gzip
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    import scfmbench
+    from scfmbench.run_stats import check_statistics, read_predictions
+
+    result = scfmbench.run(
+        tiny_adata, out=tmp_path, name="p", n_splits=3, progress=False, figures=False
+    )
+    run_dir = result.run_dir
+    table = read_predictions(run_dir / "predictions.tsv.gz")
+    assert list(table.columns[:7]) == ["method", "split", "repeat", "fold", "cell", "true", "pred"]
+    for method, rows in table.groupby("method"):
+        # disjoint test folds: every cell is tested exactly once per method
+        assert sorted(rows["cell"]) == sorted(tiny_adata.obs_names), method
+        assert set(rows["split"]) == {"42", "43", "44"}
+    logreg = table[table["method"] == "pca+logreg"]
+    proba = logreg[[c for c in table.columns if c.startswith("proba:")]].to_numpy()
+    assert proba.shape == (60, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    classes = np.array([c.removeprefix("proba:") for c in table.columns if c.startswith("proba:")])
+    assert (classes[proba.argmax(axis=1)] == logreg["pred"].to_numpy()).all()
+    recomputed, diff = check_statistics(run_dir)
+    assert diff == []
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert recomputed["comparisons"] == stored["comparisons"]
+    done = subprocess.run(
+        [sys.executable, "-m", "scfmbench", "stats", str(run_dir)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "every statistic matches metrics.json" in done.stdout
+    # a changed prediction is caught
+    table.loc[table.index[0], "pred"] = "type_2" if table.loc[0, "pred"] != "type_2" else "type_1"
+    with gzip.open(run_dir / "predictions.tsv.gz", "wt") as fh:
+        pd.DataFrame(table).to_csv(fh, sep="\t", index=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "scfmbench", "stats", str(run_dir)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "differ from metrics.json" in done.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "scfmbench", "stats", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -67,7 +67,15 @@ def run(
     out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
     seed: int = typer.Option(None, help="Seed of the first split (default 42)."),
-    n_splits: int = typer.Option(None, help="Repeated stratified splits (default 5)."),
+    design: str = typer.Option(
+        None,
+        help="cv: stratified K-fold cross-validation, every cell tested once (default); "
+        "study: the study's repeated random 80/10/10 splits (intervals within-split only).",
+    ),
+    n_splits: int = typer.Option(None, help="Folds K (cv) or random splits (study); default 5."),
+    n_repeats: int = typer.Option(
+        None, help="Repeats of K-fold cross-validation (default 1; > 1 = repeated CV)."
+    ),
     model: list[str] = typer.Option(None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR."),
     reference: str = typer.Option(None, help="Method the gains are computed against."),
     allow_normalized: bool = typer.Option(
@@ -105,7 +113,9 @@ def run(
         "out": out,
         "name": name,
         "seed": seed,
+        "design": design,
         "n_splits": n_splits,
+        "n_repeats": n_repeats,
         "models": model or None,
         "reference": reference,
         "allow_normalized": allow_normalized,
@@ -394,6 +404,29 @@ def report(
     _setup_logging(quiet)
     html = write_report(run_dir)
     typer.echo(f"wrote {html} and {html.with_name('report.md')}")
+
+
+@app.command()
+def stats(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `scfmbench run`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Recompute every score, interval and test of RUN_DIR/metrics.json from
+    RUN_DIR/predictions.tsv.gz and say whether they match (exit 1 when not)."""
+    from scfmbench.report import markdown_table, results_table
+    from scfmbench.run_stats import PREDICTIONS_FILE, check_statistics
+
+    _setup_logging(quiet)
+    recomputed, diff = check_statistics(run_dir)
+    typer.echo(markdown_table(results_table(recomputed)))
+    typer.echo(f"\nintervals: {recomputed['run']['interval_method']}")
+    if diff:
+        typer.echo(
+            f"recomputed from {PREDICTIONS_FILE}: {len(diff)} value(s) differ from metrics.json, "
+            f"e.g. {', '.join(diff[:5])}"
+        )
+        raise SystemExit(1)
+    typer.echo(f"recomputed from {PREDICTIONS_FILE}: every statistic matches metrics.json")
 
 
 @app.command()

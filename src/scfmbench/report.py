@@ -127,6 +127,27 @@ def _mean_of(values: list[Any]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def design_text(run: dict[str, Any]) -> str:
+    """How the test sets were made, in words (schema 1.0 runs: the random splits)."""
+    design = run.get("design") or {}
+    seeds = run.get("seeds")
+    if design.get("name") in ("cv", "repeated-cv"):
+        repeats = design.get("n_repeats", 1)
+        words = f"{design['n_folds']}-fold stratified cross-validation"
+        if repeats > 1:
+            words = f"{repeats} × repeated {words}"
+        fraction = (run.get("fractions") or [None, None])[1]
+        return (
+            f"{words} (disjoint test folds, every cell tested once per repeat; validation "
+            f"{fraction} of each class carved from the training folds); fold keys {seeds}"
+        )
+    fractions = "/".join(map(str, run.get("fractions", [])))
+    return (
+        f"splits: seeds {seeds} (train/val/test {fractions}; random splits whose test sets "
+        "overlap: intervals hold within these splits only)"
+    )
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -142,7 +163,12 @@ def headline_table(metrics: dict[str, Any]) -> Table:
     columns = ["method", "kind", "accuracy"]
     columns += ["accuracy 95% CI"] if has_ci["accuracy"] else []
     columns += ["macro F1"] + (["macro F1 95% CI"] if has_ci["macro_f1"] else [])
-    columns += ["weighted F1", f"Δabs acc vs {reference}", "Δrel acc", "Δabs F1", "Δrel F1"]
+    small = metrics["run"].get("small_classes") or []
+    excl = f"macro F1 excl. classes < {metrics['run'].get('min_test_cells', 5)} test cells"
+    balanced = any("balanced_accuracy" in e["summary"] for e in methods.values())
+    columns += ["weighted F1"] + (["balanced accuracy"] if balanced else [])
+    columns += [excl, f"{excl} 95% CI"] if small else []
+    columns += [f"Δabs acc vs {reference}", "Δrel acc", "Δabs F1", "Δrel F1"]
     columns += [f"p vs {best} (Holm)"] if has_sig else []
     table = Table("headline", columns, caption=f"Test set; gains relative to {reference}")
     for name, entry in methods.items():
@@ -153,6 +179,11 @@ def headline_table(metrics: dict[str, Any]) -> Table:
             if has_ci[metric]:
                 row.append(interval(summary[metric].get("ci95")))
         row.append(mean_sd(summary.get("weighted_f1", {})))
+        if balanced:
+            row.append(mean_sd(summary.get("balanced_accuracy", {})))
+        if small:
+            kept = summary.get("macro_f1_excl_small", {})
+            row += [num(kept.get("mean")), interval(kept.get("ci95"))]
         for metric in HEADLINE:
             gain = gains.get(metric, {})
             row += [num(gain.get("abs")), pct(gain.get("rel"))]
@@ -167,18 +198,27 @@ def headline_table(metrics: dict[str, Any]) -> Table:
 
 
 def significance_table(metrics: dict[str, Any]) -> Table | None:
-    """Paired comparison of every method with the best baseline (bootstrap, McNemar, Holm)."""
+    """Every paired comparison: vs the best baseline, vs the random-init control, fine-tuned
+    vs frozen (design-aware p, Holm over all of them; bootstrap and McNemar alongside)."""
     methods = metrics["methods"]
-    compared = {n: e for n, e in methods.items() if "significance" in e}
-    if not compared:
+    comparisons = metrics.get("comparisons")
+    if comparisons is None:  # schema 1.0: tests against the best baseline only
+        comparisons = [
+            {**e["significance"], "method": n, "against": e["significance"].get("baseline")}
+            for n, e in methods.items()
+            if "significance" in e
+        ]
+    if not comparisons:
         return None
     columns = [
         "method",
-        "vs baseline",
+        "vs",
+        "comparison",
         "ΔF1",
         "ΔF1 95% CI",
         "Δacc",
-        "bootstrap p",
+        "p",
+        "bootstrap p (cells only)",
         "McNemar p",
         "p (Holm)",
         "significant",
@@ -186,21 +226,24 @@ def significance_table(metrics: dict[str, Any]) -> Table | None:
     table = Table(
         "significance",
         columns,
-        caption="Paired tests against the best baseline (p (Holm): bootstrap p, Holm-adjusted)",
+        caption="Paired tests on the same test cells (p: design-aware test of equal macro F1; "
+        "p (Holm): p adjusted over all comparisons)",
     )
-    for name, entry in compared.items():
-        sig = entry["significance"]
-        flag = sig.get("significant")
+    for comparison in comparisons:
+        name, other = comparison["method"], comparison.get("against")
+        flag = comparison.get("significant")
         table.rows.append(
             [
-                method_cell(name, entry),
-                text(sig.get("baseline")),
-                num(sig.get("f1_diff")),
-                interval(sig.get("f1_diff_ci95")),
-                num(sig.get("accuracy_diff")),
-                p_cell(sig.get("bootstrap_p")),
-                p_cell(sig.get("mcnemar_p")),
-                p_cell(sig.get("p_holm"), significant=flag),
+                method_cell(name, methods.get(name, {})),
+                method_cell(other, methods.get(other, {})) if other else text(None),
+                text(comparison.get("kind", "vs best baseline")),
+                num(comparison.get("f1_diff")),
+                interval(comparison.get("f1_diff_ci95")),
+                num(comparison.get("accuracy_diff")),
+                p_cell(comparison.get("p", comparison.get("bootstrap_p"))),
+                p_cell(comparison.get("bootstrap_p")),
+                p_cell(comparison.get("mcnemar_p")),
+                p_cell(comparison.get("p_holm"), significant=flag),
                 Cell("yes" if flag else "no", int(bool(flag)), "sig" if flag else ""),
             ]
         )
@@ -398,8 +441,7 @@ def data_section(metrics: dict[str, Any]) -> Section:
     if "identifier_type" in diag:
         bullets.append(f"gene identifiers: {diag['identifier_type']}")
     bullets.append(
-        f"classes: {len(run.get('classes') or diag.get('classes', {}))}; splits: seeds "
-        f"{run.get('seeds')} (train/val/test {'/'.join(map(str, run.get('fractions', [])))})"
+        f"classes: {len(run.get('classes') or diag.get('classes', {}))}; " + design_text(run)
     )
     dropped = [
         f"{diag[key]} {what}"
@@ -511,6 +553,14 @@ def headline_section(metrics: dict[str, Any]) -> Section:
         f"Gains are relative to {metrics['run']['reference']}: Δabs = method − reference, "
         "Δrel = Δabs / reference. Values are mean ± sd over splits."
     )
+    run = metrics["run"]
+    if run.get("interval_method"):
+        note += f" 95% intervals: {run['interval_method']}."
+    if run.get("small_classes"):
+        note += (
+            f" Classes with < {run.get('min_test_cells', 5)} test cells in a split (scores "
+            f"rest on few cells): {', '.join(run['small_classes'])}."
+        )
     if sig is not None:
         note += " * = significant after Holm correction (p < 0.05)."
     if any(is_control(e) for e in metrics["methods"].values()):

@@ -288,3 +288,49 @@ def recompute(run_dir: Path) -> dict[str, Any]:
     if missing:
         raise RunDirError(f"{table_path} has no predictions for {missing}; rerun the benchmark.")
     return method_statistics(doc, table, seed=doc["run"]["stats_seed"])
+
+
+STATISTICS_KEYS = ("methods", "comparisons")
+
+
+def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9) -> list[str]:
+    """Paths (``methods.pca+logreg.summary.macro_f1.ci95[0]``) where two documents differ;
+    numbers within ``tol`` (absolute) count as equal."""
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for key in sorted(set(stored) | set(recomputed), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in stored or key not in recomputed:
+                out.append(where)
+            else:
+                out += differences(stored[key], recomputed[key], where, tol=tol)
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [path]
+        out = []
+        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
+            out += differences(a, b, f"{path}[{i}]", tol=tol)
+        return out
+    numbers = (int, float)
+    if (
+        isinstance(stored, numbers)
+        and isinstance(recomputed, numbers)
+        and not isinstance(stored, bool)
+        and not isinstance(recomputed, bool)
+    ):
+        if np.isnan(stored) and np.isnan(recomputed):
+            return []
+        return [] if abs(stored - recomputed) <= tol else [path]
+    return [] if stored == recomputed else [path]
+
+
+def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """(recomputed document, paths under ``methods``/``comparisons``/``run`` that differ from
+    the stored ``metrics.json``)."""
+    stored = json.loads((Path(run_dir) / "metrics.json").read_text())
+    recomputed = recompute(run_dir)
+    diff = []
+    for key in (*STATISTICS_KEYS, "run"):
+        diff += differences(stored.get(key), recomputed.get(key), key)
+    return recomputed, diff

@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from scfmbench.registry import Registry
 
@@ -119,22 +120,13 @@ def fit_probe(
     labels = np.arange(int(max(y_train.max(initial=0), y_val.max(initial=0))) + 1)
     best: FittedProbe | None = None
     best_index = 0
-    for index, params in enumerate(spec.grid):
-        params = dict(params)
-        if name == "knn":
-            params["n_neighbors"] = min(params["n_neighbors"], len(y_train))
-        estimator = spec.factory(seed=seed, **params)
-        if spec.uses_validation_for_early_stopping:
-            estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
-        else:
-            estimator.fit(X_train, y_train)
-        predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
-        score = float(
-            f1_score(y_val, predicted, labels=labels, average="macro", zero_division=0)
-        )
-        if best is None or score > best.val_macro_f1:
-            best = FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)
-            best_index = index
+    # one BLAS thread: lbfgs on a few thousand cells gains nothing from more, and threads
+    # contending for shared cores made one logistic-regression fit 25x slower
+    with threadpool_limits(limits=1, user_api="blas"):
+        for index, params in enumerate(spec.grid):
+            fitted = _fit_one(name, spec, params, (X_train, y_train, X_val, y_val), labels, seed)
+            if best is None or fitted.val_macro_f1 > best.val_macro_f1:
+                best, best_index = fitted, index
     assert best is not None  # the grid is never empty
     if len(spec.grid) >= 3 and best_index in (0, len(spec.grid) - 1):
         best.on_grid_edge = True
@@ -146,3 +138,19 @@ def fit_probe(
         )
     logger.debug("probe %s: chose %s (val macro F1 %.3f)", name, best.params, best.val_macro_f1)
     return best
+
+
+def _fit_one(name, spec, params, data, labels, seed) -> FittedProbe:
+    """Fit one grid point on train and score it on validation (macro F1 over ``labels``)."""
+    X_train, y_train, X_val, y_val = data
+    params = dict(params)
+    if name == "knn":
+        params["n_neighbors"] = min(params["n_neighbors"], len(y_train))
+    estimator = spec.factory(seed=seed, **params)
+    if spec.uses_validation_for_early_stopping:
+        estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
+    else:
+        estimator.fit(X_train, y_train)
+    predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
+    score = float(f1_score(y_val, predicted, labels=labels, average="macro", zero_division=0))
+    return FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)
