@@ -170,6 +170,7 @@ def test_files_with_int64_indptr_and_int32_indices(tmp_path, pbmc3k_sess, make_s
     loaded = ad.read_h5ad(path)
     assert loaded.X.indptr.dtype != loaded.X.indices.dtype
     settings = {
+        "design": "study",  # one random split keeps the test quick
         "n_splits": 1,
         "out": tmp_path / "runs",
         "progress": False,

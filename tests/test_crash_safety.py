@@ -88,7 +88,7 @@ def test_sigkill_during_finetuning_resumes(tmp_path, pbmc3k_path, shared_dir):
     ad.read_h5ad(pbmc3k_path)[::10].copy().write_h5ad(data)
 
     config = tmp_path / "one_split.yaml"
-    config.write_text("n_splits: 1\n")
+    config.write_text("design: study\nn_splits: 1\n")
 
     def command(out, *extra):
         return [

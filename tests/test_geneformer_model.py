@@ -248,6 +248,7 @@ def test_run_with_finetuning_side_by_side(v2_dir, pbmc3k_path, tmp_path):
         layerwise=False,
         figures=False,
         progress=False,
+        design="study",
         n_splits=1,
         finetune={"epochs": 2, "learning_rate": 1e-3, "batch_size": 16},
     )

@@ -304,7 +304,7 @@ def test_torchrun_cli_finetune_equals_single_process(tmp_path, pbmc3k_sess, shar
     )
     data = tmp_path / "cells.h5ad"
     pbmc3k_sess[::8].copy().write_h5ad(data)
-    (tmp_path / "one_split.yaml").write_text("n_splits: 1\n")
+    (tmp_path / "one_split.yaml").write_text("design: study\nn_splits: 1\n")
 
     def finetune(launcher: list[str], out: str) -> tuple[dict, str]:
         command = [

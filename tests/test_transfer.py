@@ -1,4 +1,6 @@
 import anndata as ad
+import numpy as np
+import pandas as pd
 import pytest
 
 from scfmbench import SchemaError
@@ -33,9 +35,27 @@ def test_pbmc3k_to_kang_subsets(pbmc3k_path, kang_path, tmp_path):
     pbmc = ad.read_h5ad(pbmc3k_path)[::3].copy()
     kang = ad.read_h5ad(kang_path)[::3].copy()
     doc = transfer(
-        pbmc, kang, out=tmp_path, name="t", baselines=["hvg+logreg", "majority"], progress=False
+        pbmc,
+        kang,
+        out=tmp_path,
+        name="t",
+        baselines=["hvg+logreg", "majority"],
+        n_splits=3,  # three training seeds, each scored on every target cell
+        progress=False,
     )
     forward = doc["transfer"]["matrix"]["train"]["test"]
+    logreg = forward["hvg+logreg"]
+    assert set(logreg["seeds"]) == {"42", "43", "44"}
+    per_seed = [s["accuracy"] for s in logreg["seeds"].values()]
+    assert logreg["accuracy"] == pytest.approx(np.mean(per_seed))
+    lo, hi = logreg["summary"]["accuracy"]["ci95"]
+    assert lo <= logreg["accuracy"] <= hi and hi - lo > 0
+    (test,) = doc["transfer"]["directions"]["train->test"]["comparisons"]
+    assert (test["method"], test["against"]) == ("majority", "hvg+logreg")
+    assert test["significant"] and test["p"] > 0 and test["mcnemar_p"] is None
+    table = pd.read_csv(tmp_path / "t" / "predictions.tsv.gz", sep="\t")
+    rows = table[(table["direction"] == "train->test") & (table["method"] == "hvg+logreg")]
+    assert len(rows) == 3 * logreg["n_test"]  # every seed scored on every target cell
     assert set(doc["transfer"]["directions"]) == {"train->test", "test->train"}
     info = doc["transfer"]["directions"]["train->test"]
     assert info["classes"] == ["B", "CD14+ Mono", "CD4 T", "CD8 T", "FCGR3A+ Mono"]

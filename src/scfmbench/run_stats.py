@@ -139,10 +139,15 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     for name, entry in doc["methods"].items():
         per_split = entry.setdefault("splits", {})
         for split, (truth, pred) in sets[name].items():
-            per_split.setdefault(split, {}).update(
-                classification_metrics(truth, pred, classes=classes).to_dict()
-            )
-        summary = {m: summarize([per_split[s][m] for s in sets[name]]) for m in HEADLINE_METRICS}
+            scores = classification_metrics(truth, pred, classes=classes).to_dict()
+            kept = [scores["per_class"][c]["f1"] for c in classes if c not in small]
+            scores["macro_f1_excl_small"] = float(np.mean(kept)) if kept else None
+            per_split.setdefault(split, {}).update(scores)
+        summary = {
+            m: summarize([per_split[s][m] for s in sets[name]])
+            for m in (*HEADLINE_METRICS, "macro_f1_excl_small")
+            if all(per_split[s][m] is not None for s in sets[name])
+        }
         estimates = method_intervals(
             list(sets[name].values()), design, classes=classes, seed=seed, small=small
         )

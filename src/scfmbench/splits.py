@@ -269,9 +269,7 @@ def save_splits(split_set: SplitSet, directory: Path, labels: pd.Series) -> None
         "design": split_set.design,
         "n_repeats": split_set.n_repeats,
         "seeds": split_set.seeds,
-        "folds": {
-            str(s.seed): [s.repeat, s.fold] for s in split_set.splits if s.fold is not None
-        },
+        "folds": {str(s.seed): [s.repeat, s.fold] for s in split_set.splits if s.fold is not None},
         "files": files,
     }
     index["content_hash"] = hash_json(index)

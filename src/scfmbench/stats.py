@@ -12,6 +12,10 @@ The formulas and their references are in ``docs/statistics.md``. In short, for a
   Frank 2004), never below the cell-sampling variance of one repeat.
 - ``study`` (overlapping random splits): a percentile bootstrap of the mean over splits,
   each split's cells resampled within class; it holds within those splits only.
+- ``transfer`` (J training seeds, all scored on the same target cells): the target cells are
+  resampled once per replicate for every seed; variance ``v + s²/J`` with ``v`` the bootstrap
+  variance of the seed mean (cell sampling) and ``s²`` the variance between seeds
+  (retraining); Welch–Satterthwaite degrees of freedom.
 
 Every bootstrap is stratified by class (each class keeps its number of test cells), so a rare
 class is never resampled away. All resampling uses ``numpy.random.default_rng(seed)``.
@@ -37,6 +41,8 @@ INTERVAL_METHODS = {
     "folds) / K, t with K−1 df",
     "repeated-cv": "repeated K-fold CV: corrected resampled variance (Nadeau & Bengio 2003, "
     "t with J−1 df)",
+    "transfer": "target cells: class-stratified bootstrap of the mean over training seeds + "
+    "seed-to-seed variance (Welch–Satterthwaite t)",
     "study": "within-split only: class-stratified bootstrap of the mean over the study's "
     "overlapping random splits (ignores retraining and overlap)",
 }
@@ -159,7 +165,8 @@ def bootstrap_ci(
 class Design:
     """How the test sets of a run relate: drives the variance formula.
 
-    ``name`` is ``cv`` (one repeat of K disjoint folds), ``repeated-cv`` or ``study``;
+    ``name`` is ``cv`` (one repeat of K disjoint folds), ``repeated-cv``, ``study`` or
+    ``transfer`` (every test set holds the same cells);
     ``test_train_ratio`` is the mean n_test / n_train (Nadeau–Bengio correction).
     """
 
@@ -247,7 +254,16 @@ def design_estimate(
     within = float(np.mean(replicates.var(axis=1, ddof=1))) if replicates.shape[1] > 1 else 0.0
     between = float(values.var(ddof=1)) if n > 1 else 0.0
     alpha = (1 - level) / 2
-    if design.name == "study" or n == 1:
+    if design.name == "transfer":
+        sampling = float(boot_mean.var(ddof=1)) if len(boot_mean) > 1 else 0.0
+        training = between / n
+        se = float(np.sqrt(sampling + training))
+        df = np.inf if training == 0 else (sampling + training) ** 2 / (training**2 / (n - 1))
+        quantile = (
+            scipy_stats.norm.ppf(1 - alpha) if np.isinf(df) else scipy_stats.t.ppf(1 - alpha, df)
+        )
+        lo, hi, df = mean - quantile * se, mean + quantile * se, float(df)
+    elif design.name == "study" or n == 1:
         lo, hi = np.quantile(boot_mean, alpha), np.quantile(boot_mean, 1 - alpha)
         se, df = float(boot_mean.std(ddof=1)) if len(boot_mean) > 1 else 0.0, None
         lo, hi = float(lo), float(hi)
@@ -276,6 +292,7 @@ def score_sets(
     n_boot: int,
     seed: int,
     keep: np.ndarray | None = None,
+    same_cells: bool = False,
 ) -> list[tuple[dict, list[dict]]]:
     """Score every prediction of each test set on the full set and on shared resamples.
 
@@ -285,6 +302,9 @@ def score_sets(
         One entry per test set; predictions of several methods on the same cells.
     k : int
         Number of classes.
+    same_cells : bool
+        The test sets hold the same cells in the same order (transfer): every set uses the
+        same resamples, so replicates can be averaged across sets.
 
     Returns
     -------
@@ -294,7 +314,7 @@ def score_sets(
     """
     out = []
     for j, (true, preds) in enumerate(sets):
-        samples = stratified_samples(true, n_boot=n_boot, seed=seed + j)
+        samples = stratified_samples(true, n_boot=n_boot, seed=seed if same_cells else seed + j)
         full = np.arange(len(true))[None, :]
         points = [
             {m: float(v[0]) for m, v in _scores(true, p, k, full, keep=keep).items()} for p in preds
@@ -326,7 +346,14 @@ def method_intervals(
     for y_true, y_pred in sets:
         true, (pred,) = _codes(y_true, [y_pred], classes)
         coded.append((true, [pred]))
-    scored = score_sets(coded, len(classes), n_boot=n_boot, seed=seed, keep=keep)
+    scored = score_sets(
+        coded,
+        len(classes),
+        n_boot=n_boot,
+        seed=seed,
+        keep=keep,
+        same_cells=design.name == "transfer",
+    )
     out = {}
     for metric in scored[0][0][0]:
         values = np.array([points[0][metric] for points, _ in scored])
@@ -403,7 +430,7 @@ def paired_comparison(
         per_split[name] = test["p"]
         b_total += test["b"]
         c_total += test["c"]
-    scored = score_sets(coded, k, n_boot=n_boot, seed=seed)
+    scored = score_sets(coded, k, n_boot=n_boot, seed=seed, same_cells=design.name == "transfer")
     estimates = {}
     for metric in ("macro_f1", "accuracy"):
         values = np.array([points[0][metric] - points[1][metric] for points, _ in scored])

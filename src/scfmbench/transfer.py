@@ -180,6 +180,13 @@ def transfer(
 ) -> dict[str, Any]:
     """Train on one dataset, score on the other (and back); write ``transfer.json``/``.md``.
 
+    The training side is split ``n_splits`` times (seeds ``seed .. seed + n_splits − 1``,
+    train/val per class); every seed's model is scored on all target cells. Scores are means
+    over seeds with 95% intervals over target cells and seeds, and paired tests (vs the best
+    baseline by validation macro F1, vs each random-init control; Holm within a direction)
+    are in ``transfer.directions[...]["comparisons"]``; per-cell predictions of every seed
+    in ``predictions.tsv.gz`` (with a ``direction`` column).
+
     Returns:
         The document written to ``<out>/<name>/metrics.json`` whose ``transfer.matrix``
         is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
@@ -190,7 +197,6 @@ def transfer(
         fit_and_predict,
         load_models,
         model_methods,
-        score_payload,
     )
 
     values = config.model_dump() if config is not None else {}
@@ -212,6 +218,7 @@ def transfer(
     directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
     matrix: dict[str, dict[str, dict]] = {}
     details = {}
+    tables = []
     started = time.perf_counter()
     for i, j in directions:
         (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
@@ -223,21 +230,29 @@ def transfer(
         code_of = {c: k for k, c in enumerate(classes)}
         cells = InMemoryCells.from_adata(prepared.combined)
         matrices = {m.model_id: prepared.combined.obsm[m.obsm_key] for m in models}
-        results = {}
-        for method in methods:
-            payload = fit_and_predict(
+        seeds = range(cfg.seed, cfg.seed + cfg.n_splits)
+        splits = [prepared.split] + [
+            training_split(prepared, seed=s, fractions=cfg.fractions) for s in seeds[1:]
+        ]
+        predictions = {
+            (method.name, split.seed): fit_and_predict(
                 method,
                 cells,
                 matrices,
                 prepared.labels,
-                prepared.split,
+                split,
                 cfg,
                 "lognorm",
                 code_of,
                 classes,
             )
-            scores = score_payload(payload, prepared.labels, classes)
-            results[method.name] = {**scores.to_dict(), "kind": method.kind}
+            for split in splits
+            for method in methods
+        }
+        results, comparisons, table = transfer_statistics(
+            methods, predictions, prepared.labels, splits, seed=cfg.seed
+        )
+        tables.append(table.assign(direction=f"{name_a}->{name_b}"))
         matrix.setdefault(name_a, {})[name_b] = results
         details[f"{name_a}->{name_b}"] = {
             "n_shared_genes": prepared.n_shared_genes,
@@ -245,9 +260,11 @@ def transfer(
             "n_test_cells": int(len(prepared.split.test)),
             "classes": classes,
             "dropped_test_classes": prepared.dropped_test_classes,
+            "training_seeds": list(seeds),
+            "comparisons": comparisons,
         }
     doc = {
-        "schema_version": "1.0",
+        "schema_version": "2.0",
         "scfmbench_version": __version__,
         "run": {
             "name": run_dir.name,
@@ -262,11 +279,77 @@ def transfer(
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
     write_json(run_dir / "metrics.json", doc)
+    from scfmbench.run_stats import PREDICTIONS_FILE, write_predictions
+
+    write_predictions(pd.concat(tables, ignore_index=True), run_dir / PREDICTIONS_FILE)
     write_text(run_dir / "transfer.md", transfer_markdown(doc))
     from scfmbench.report import write_report
 
     write_report(run_dir)
     return doc
+
+
+def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
+    """Another stratified train/val split of the training dataset (same target cells)."""
+    n_train = len(prepared.labels) - len(prepared.split.test)
+    inner = stratified_split(prepared.labels.iloc[:n_train], seed=seed, fractions=fractions)
+    return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
+
+
+def transfer_statistics(
+    methods: list, predictions: dict, labels: pd.Series, splits: list[Split], *, seed: int
+) -> tuple[dict[str, dict], list[dict], pd.DataFrame]:
+    """Per method: mean scores over training seeds with 95% intervals (design ``transfer``),
+    the per-seed scores, and the paired comparisons on the target cells.
+
+    Returns
+    -------
+    (results, comparisons, predictions table)
+        ``results[method]`` holds ``accuracy``, ``macro_f1``, ``weighted_f1``,
+        ``balanced_accuracy`` (means over seeds), ``n_test``, ``kind``, ``summary`` (with
+        ``ci95``) and ``seeds`` (each seed's scores).
+    """
+    from types import SimpleNamespace
+
+    from scfmbench.run_stats import method_statistics, predictions_table
+    from scfmbench.stats import Design
+
+    table = predictions_table(predictions, labels, SimpleNamespace(splits=splits), methods)
+    doc = {
+        "run": {
+            "classes": list(labels.cat.categories),
+            "reference": methods[0].name,
+            "design": {
+                "name": "transfer",
+                "n_folds": len(splits),
+                "test_train_ratio": Design("transfer").test_train_ratio,
+            },
+        },
+        "methods": {
+            m.name: {
+                "kind": m.kind,
+                "probe": m.probe,
+                "model": m.model,
+                "splits": {
+                    str(s.seed): {"val_macro_f1": predictions[(m.name, s.seed)]["val_macro_f1"]}
+                    for s in splits
+                },
+            }
+            for m in methods
+        },
+    }
+    method_statistics(doc, table, seed=seed)
+    results = {}
+    for name, entry in doc["methods"].items():
+        summary = entry["summary"]
+        results[name] = {
+            **{metric: value["mean"] for metric, value in summary.items()},
+            "n_test": int(len(splits[0].test)),
+            "kind": entry["kind"],
+            "summary": summary,
+            "seeds": entry["splits"],
+        }
+    return results, doc["comparisons"], table
 
 
 def _embed_models(
@@ -307,15 +390,35 @@ def transfer_markdown(doc: dict) -> str:
                 f"cells; {info['n_test_cells']} test cells; classes {info['classes']}; "
                 f"test classes not in train (dropped): {info['dropped_test_classes'] or 'none'}",
                 "",
-                "| method | kind | accuracy | macro F1 |",
-                "| --- | --- | --- | --- |",
+                "| method | kind | accuracy | macro F1 | macro F1 95% CI |",
+                "| --- | --- | --- | --- | --- |",
             ]
             lines += [
-                f"| {m} | {r['kind']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+                f"| {m} | {r['kind']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                + _interval_text(r.get("summary", {}).get("macro_f1", {}).get("ci95"))
+                + " |"
                 for m, r in results.items()
             ]
             lines.append("")
+            comparisons = info.get("comparisons") or []
+            if comparisons:
+                lines += [
+                    "| method | vs | comparison | ΔF1 | ΔF1 95% CI | p (Holm) |",
+                    "| --- | --- | --- | --- | --- | --- |",
+                ]
+                lines += [
+                    f"| {c['method']} | {c['against']} | {c['kind']} | {c['f1_diff']:.3f} | "
+                    f"{_interval_text(c['f1_diff_ci95'])} | {c['p_holm']:.3g}"
+                    + (" *" if c["significant"] else "")
+                    + " |"
+                    for c in comparisons
+                ]
+                lines.append("")
     return "\n".join(lines)
+
+
+def _interval_text(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
 
 
 __all__ = ["BUILTIN_LABEL_MAPS", "harmonize", "load_label_map", "prepare_transfer", "transfer"]
