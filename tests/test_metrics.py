@@ -23,3 +23,20 @@ def test_delta():
     assert delta(0.978, 0.613)["abs"] == pytest.approx(0.365)
     assert delta(0.978, 0.613)["rel"] == pytest.approx(0.365 / 0.613)
     assert delta(0.5, 0.0)["rel"] is None
+
+
+def test_macro_f1_averages_every_training_class_like_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    truth = np.array(["A", "A", "A", "B", "B", "B"])  # D is a training class with no test cell
+    pred = np.array(["A", "A", "B", "B", "B", "<unassigned>"])
+    classes = ["A", "B", "C", "D"]
+    m = classification_metrics(truth, pred, classes=classes)
+    expected = f1_score(truth, pred, labels=classes, average="macro", zero_division=0)
+    assert m.macro_f1 == pytest.approx(expected)
+    # A: 0.8, B: 2/3, C and D never predicted and absent: 0 each
+    assert m.macro_f1 == pytest.approx((0.8 + 2 / 3) / 4)
+    assert m.balanced_accuracy == pytest.approx((2 / 3 + 2 / 3) / 2)
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        assert m.balanced_accuracy == pytest.approx(balanced_accuracy_score(truth, pred))
+    assert m.to_dict()["balanced_accuracy"] == m.balanced_accuracy
