@@ -190,3 +190,26 @@ def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_ada
     result = scfmbench.run(tiny_adata, out=tmp_path, n_splits=2, figures=False, progress=False)
     assert {"pca+logreg", "pca+xgboost"} <= set(result.metrics["methods"])
     assert calls == [42, 43]  # pca+logreg and pca+xgboost share one PCA per split
+
+
+def test_score_warnings_travel_with_model_methods():
+    from types import SimpleNamespace
+
+    from scfmbench.pipeline import Method, score_warnings
+
+    config = RunConfig.build({"allow_normalized": True})
+    diagnostics = SimpleNamespace(matrix_kind="lognorm", n_genes=2000)
+    info = {"gf": {"fraction_counts": 0.61, "n_dropped_cells": 3}}
+    frozen = Method("gf+logreg", "gf", "logreg", "frozen", "gf")
+    found = score_warnings(frozen, config, diagnostics, info)
+    assert found == [
+        "ran on lognorm input, not raw counts (--allow-normalized)",
+        "only 2000 genes (< 5000): a feature-selected matrix; rank- and bin-based models see "
+        "far fewer genes than in pretraining",
+        "vocabulary genes hold 61% of the counts (< 80%)",
+        "3 cells had no vocabulary gene and count as wrong for this model only",
+    ]
+    baseline = Method("pca+logreg", "pca", "logreg", "baseline")
+    assert score_warnings(baseline, config, diagnostics, info) == []
+    clean = SimpleNamespace(matrix_kind="counts", n_genes=20000)
+    assert score_warnings(frozen, RunConfig(), clean, {"gf": {"fraction_counts": 0.9}}) == []

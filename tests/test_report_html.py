@@ -96,6 +96,7 @@ def enrich(metrics: dict, run_dir: Path) -> dict:
     )
     methods["toyfm+logreg"] = _fake_method(base, kind="frozen", model="toyfm", shift=-0.2)
     methods["toyfm+finetune"] = _fake_method(base, kind="finetuned", model="toyfm", shift=-0.1)
+    methods["toyfm+logreg"]["warnings"] = ["ran on lognorm input, not raw counts"]
     best = metrics["run"]["reference"]
     metrics["run"]["best_baseline"] = best
     for i, (name, entry) in enumerate(methods.items()):
@@ -255,6 +256,7 @@ def test_markdown_report_matches_metrics(enriched_dir):
         assert row["macro F1 95% CI"] == f"[{lo:.3f}, {hi:.3f}]"
         gain = entry["delta_vs_reference"]["macro_f1"]["abs"]
         assert row["Δabs F1"] == f"{gain:.3f}"
+        assert row["warnings"] == "; ".join(entry.get("warnings", [])) or "—"
         sig = entry.get("significance")
         p_col = next(c for c in row if c.startswith("p vs "))
         if sig:

@@ -14,7 +14,17 @@ from scfmbench.report import is_control, load_run, mean_sd, method_label
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("n_splits", "seed", "n_hvg", "n_pcs", "baselines", "probes", "models")
+CONFIG_KEYS = (
+    "design",
+    "n_splits",
+    "n_repeats",
+    "seed",
+    "n_hvg",
+    "n_pcs",
+    "baselines",
+    "probes",
+    "models",
+)
 
 
 def _labels(run_dirs: list[Path], names: list[str]) -> list[str]:

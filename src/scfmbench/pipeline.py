@@ -898,9 +898,50 @@ def build_metrics(
                 len(per_split),
                 ", ".join(str(per_split[s]["params"]) for s in edges[:3]),
             )
+    for method in methods:
+        found = score_warnings(method, config, validated.diagnostics, model_info)
+        if found:
+            doc["methods"][method.name]["warnings"] = found
     table = predictions_table(predictions, labels, split_set, methods)
     method_statistics(doc, table, seed=config.seed)
     return doc, table
+
+
+FEATURE_SELECTED_GENES = 5000
+"""A count matrix with fewer genes than this looks feature-selected (e.g. 2,000 HVGs)."""
+MIN_COUNT_COVERAGE = 0.8
+"""Below this share of counts on vocabulary genes a model sees much less than usual."""
+
+
+def score_warnings(
+    method: Method, config: RunConfig, diagnostics: DataDiagnostics, model_info: dict
+) -> list[str]:
+    """Conditions that change what a foundation-model method's score means (empty for
+    baselines): non-count input let through by ``allow_normalized``, a feature-selected
+    matrix (fewer than 5,000 genes), vocabulary genes holding < 80% of the counts, and cells
+    the model could not embed (scored as wrong for this method only)."""
+    if method.model is None:
+        return []
+    info = model_info.get(method.model, {})
+    found = []
+    if config.allow_normalized and diagnostics.matrix_kind != "counts":
+        found.append(f"ran on {diagnostics.matrix_kind} input, not raw counts (--allow-normalized)")
+    if diagnostics.n_genes < FEATURE_SELECTED_GENES:
+        found.append(
+            f"only {diagnostics.n_genes} genes (< {FEATURE_SELECTED_GENES}): a feature-selected "
+            "matrix; rank- and bin-based models see far fewer genes than in pretraining"
+        )
+    coverage = info.get("fraction_counts")
+    if coverage is not None and coverage < MIN_COUNT_COVERAGE:
+        found.append(
+            f"vocabulary genes hold {coverage:.0%} of the counts (< {MIN_COUNT_COVERAGE:.0%})"
+        )
+    if info.get("n_dropped_cells"):
+        found.append(
+            f"{info['n_dropped_cells']} cells had no vocabulary gene and count as wrong for this "
+            "model only"
+        )
+    return found
 
 
 def payload_truth(payload: dict, labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:

@@ -170,6 +170,8 @@ def headline_table(metrics: dict[str, Any]) -> Table:
     columns += [excl, f"{excl} 95% CI"] if small else []
     columns += [f"Δabs acc vs {reference}", "Δrel acc", "Δabs F1", "Δrel F1"]
     columns += [f"p vs {best} (Holm)"] if has_sig else []
+    has_warnings = any(e.get("warnings") for e in methods.values())
+    columns += ["warnings"] if has_warnings else []
     table = Table("headline", columns, caption=f"Test set; gains relative to {reference}")
     for name, entry in methods.items():
         summary, gains = entry["summary"], entry.get("delta_vs_reference", {})
@@ -193,6 +195,8 @@ def headline_table(metrics: dict[str, Any]) -> Table:
                 row.append(Cell("best baseline" if name == best else DASH, None, "ref"))
             else:
                 row.append(p_cell(sig.get("p_holm"), significant=sig.get("significant")))
+        if has_warnings:
+            row.append(text("; ".join(entry.get("warnings") or []) or None))
         table.rows.append(row)
     return table
 
