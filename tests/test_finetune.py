@@ -271,7 +271,11 @@ def test_early_stopping(pbmc_small, tmp_path):
     result = finetune(validated, TinyModel(genes), split, config=config, out_dir=tmp_path)
     # nothing is learned, so epoch 2 is no better than epoch 1 and training stops there
     assert [e["epoch"] for e in result.epochs] == [1, 2]
-    assert result.stopped_early and result.best_epoch == 1
+    assert result.stopped_early
+    # equal validation macro F1: the lower validation loss picks the epoch
+    first, second = result.epochs
+    assert first["val_macro_f1"] == second["val_macro_f1"]
+    assert result.best_epoch == (2 if second["val_loss"] < first["val_loss"] else 1)
 
 
 def test_option_errors(pbmc_small, tmp_path):
@@ -356,6 +360,6 @@ def test_best_epoch_ties_on_validation_f1_go_to_the_lower_validation_loss():
     loop = _LoopState()
     for epoch, f1, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.7), (4, 0.8, 0.75)]:
         loop.update({"epoch": epoch, "val_macro_f1": f1, "val_loss": loss}, patience=None)
-    assert loop.best_epoch == 3 and loop.bad_epochs == 1
+    assert loop.best_epoch == 3 and loop.bad_epochs == 2  # F1 last rose at epoch 2
     restored = _LoopState.from_dict({k: v for k, v in loop.to_dict().items() if k != "best_loss"})
     assert restored.best_epoch == 3  # checkpoints written before the tie-break still load

@@ -587,15 +587,14 @@ class _LoopState:
 
     def update(self, record: dict[str, float], *, patience: int | None) -> None:
         """Record an epoch; the best epoch has the highest validation macro F1, ties broken by
-        the lower validation loss (the test cells are never looked at)."""
+        the lower validation loss (the test cells are never looked at). Patience counts the
+        epochs since validation macro F1 last rose."""
         self.epoch = int(record["epoch"])
         self.history.append(record)
         f1, loss = record["val_macro_f1"], record["val_loss"]
+        self.bad_epochs = 0 if f1 > self.best_f1 else self.bad_epochs + 1
         if f1 > self.best_f1 or (f1 == self.best_f1 and loss < self.best_loss):
             self.best_f1, self.best_loss, self.best_epoch = f1, loss, self.epoch
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
         self.stopped = patience is not None and self.bad_epochs >= patience
 
     def to_dict(self) -> dict[str, Any]:
