@@ -213,3 +213,17 @@ def test_score_warnings_travel_with_model_methods():
     assert score_warnings(baseline, config, diagnostics, info) == []
     clean = SimpleNamespace(matrix_kind="counts", n_genes=20000)
     assert score_warnings(frozen, RunConfig(), clean, {"gf": {"fraction_counts": 0.9}}) == []
+
+
+def test_logreg_grid_follows_design_and_config():
+    from scfmbench.pipeline import probe_grid
+    from scfmbench.probes import PROBES
+
+    wide = [p["C"] for p in PROBES.get("logreg").grid]
+    assert wide == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1, 10, 100, 1000])
+    assert probe_grid("logreg", RunConfig()) is None  # the registered wide grid
+    study = probe_grid("logreg", RunConfig(design="study"))
+    assert study == ({"C": 0.01}, {"C": 0.1}, {"C": 1.0})  # the study's numbers reproduced
+    chosen = probe_grid("logreg", RunConfig(logreg_c=[0.5, 2]))
+    assert chosen == ({"C": 0.5}, {"C": 2.0})
+    assert probe_grid("knn", RunConfig(design="study")) is None

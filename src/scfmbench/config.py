@@ -42,6 +42,11 @@ class RunConfig(BaseModel):
         description="Train/val/test fractions per class (cv: only the validation share is used).",
     )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
+    logreg_c: list[float] | None = Field(
+        None,
+        description="C values tried (on validation) by logistic-regression probes (default: "
+        "1e-4, 1e-3, …, 1e3; design study: the study's 0.01, 0.1, 1).",
+    )
     n_hvg: int = Field(2000, ge=1, description="Highly variable genes for the baselines.")
     n_pcs: int = Field(50, ge=1, description="Principal components for the PCA baselines.")
     baselines: list[str] = Field(

@@ -591,7 +591,9 @@ def layerwise_probing(
             )
             feats = embedding_features(embedding.matrix, labels.index, split)
             method = Method(f"{model.model_id}+logreg", model.model_id, "logreg", "frozen")
-            payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
+            payload = _fit_and_predict_features(
+                method, feats, labels, split, code_of, classes, grid=probe_grid("logreg", config)
+            )
             scores = score_payload(payload, labels, classes)
             rows.append(
                 {
@@ -746,6 +748,7 @@ def _predict_all(
                 "n_hvg": config.n_hvg,
                 "n_pcs": config.n_pcs,
                 "embedding": matrix_hashes.get(method.model) if method.model else None,
+                "grid": probe_grid(method.probe, config) or PROBES.get(method.probe).grid,
             }
         )
         stage = f"predict_{method.name}_seed{split.seed}"
@@ -756,7 +759,15 @@ def _predict_all(
                 feats = built.get(shared)
                 if feats is None:
                     feats = _features(method, cells, matrices, split, config, kind)
-                payload = _fit_and_predict_features(method, feats, labels, split, code_of, classes)
+                payload = _fit_and_predict_features(
+                    method,
+                    feats,
+                    labels,
+                    split,
+                    code_of,
+                    classes,
+                    grid=probe_grid(method.probe, config),
+                )
             stages.save(stage, key, payload)
             if shared is not None:
                 built[shared] = feats
@@ -781,13 +792,29 @@ def fit_and_predict(
 ) -> dict:
     """Build the method's features for ``split`` and fit / predict its probe (a payload)."""
     feats = _features(method, cells, matrices, split, config, kind)
-    return _fit_and_predict_features(method, feats, labels, split, code_of, classes)
+    return _fit_and_predict_features(
+        method, feats, labels, split, code_of, classes, grid=probe_grid(method.probe, config)
+    )
+
+
+def probe_grid(probe: str, config: RunConfig) -> tuple[dict[str, Any], ...] | None:
+    """The grid a probe is tuned over in this run (None: the probe's registered grid):
+    logistic regression tries ``config.logreg_c``, or the study's C values in design study."""
+    from scfmbench.probes._probes import STUDY_LOGREG_C_GRID
+
+    if probe != "logreg":
+        return None
+    values = config.logreg_c
+    if values is None and config.design == "study":
+        values = list(STUDY_LOGREG_C_GRID)
+    return None if values is None else tuple({"C": float(c)} for c in values)
 
 
 def _fit_and_predict_features(
-    method, feats: SplitFeatures, labels, split, code_of, classes
+    method, feats: SplitFeatures, labels, split, code_of, classes, *, grid=None
 ) -> dict:
-    """Fit the method's probe on train (tuned on val) and predict the test cells."""
+    """Fit the method's probe on train (tuned on val over ``grid``, default the probe's own)
+    and predict the test cells."""
     y_train = labels.loc[split.train].map(code_of).to_numpy(dtype=np.int64)
     y_val = labels.loc[split.val].map(code_of).to_numpy(dtype=np.int64)
     keep_train = ~np.isnan(feats.train).any(axis=1)
@@ -800,6 +827,7 @@ def _fit_and_predict_features(
         feats.val[keep_val],
         y_val[keep_val],
         seed=split.seed,
+        grid=grid,
     )
     predicted = np.full(len(split.test), UNASSIGNED, dtype=object)
     proba: list | None = None

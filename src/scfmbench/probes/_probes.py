@@ -77,6 +77,8 @@ def make_majority(*, seed: int) -> ClassifierMixin:
 
 LOGREG_C_GRID = tuple(float(c) for c in np.logspace(-4, 3, 8))
 """Inverse L2 strengths tried for the logistic-regression probe: 1e-4, 1e-3, …, 1e3."""
+STUDY_LOGREG_C_GRID = (0.01, 0.1, 1.0)
+"""The study's grid (``--design study`` keeps it, so old numbers are reproduced)."""
 
 PROBES.register("logreg")(ProbeSpec(make_logreg, grid=tuple({"C": c} for c in LOGREG_C_GRID)))
 PROBES.register("xgboost")(ProbeSpec(make_xgboost, uses_validation_for_early_stopping=True))
@@ -108,8 +110,11 @@ def fit_probe(
     y_val: np.ndarray,
     *,
     seed: int,
+    grid: tuple[dict[str, Any], ...] | None = None,
 ) -> FittedProbe:
     """Fit probe ``name`` on train, choosing grid parameters by validation macro F1.
+
+    ``grid`` replaces the probe's registered grid (e.g. other logistic-regression C values).
 
     ``y_*`` are integer class codes ``0..K-1``; every class must occur in ``y_train``.
     Validation macro F1 averages all K classes; the first of equal scores wins. When the
@@ -117,6 +122,8 @@ def fit_probe(
     run warns once per method: a wider grid might score better).
     """
     spec: ProbeSpec = PROBES.get(name)
+    if grid is not None:
+        spec = ProbeSpec(spec.factory, tuple(grid), spec.uses_validation_for_early_stopping)
     labels = np.arange(int(max(y_train.max(initial=0), y_val.max(initial=0))) + 1)
     best: FittedProbe | None = None
     best_index = 0
