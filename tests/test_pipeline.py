@@ -40,7 +40,7 @@ def test_rerun_reuses_stages(tmp_path, tiny_adata):
     assert second.metrics["methods"] == first.metrics["methods"]
 
 
-def test_metrics_schema(tmp_path, tiny_adata):
+def test_metrics_schema(tmp_path, tiny_adata, caplog):
     result = scfmbench.run(
         tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False
     )
@@ -56,6 +56,11 @@ def test_metrics_schema(tmp_path, tiny_adata):
     assert np.asarray(split["confusion"]["matrix"]).sum() == 30
     assert set(split["per_class"]["type_0"]) == {"precision", "recall", "f1", "support"}
     assert {"balanced_accuracy", "macro_f1_excl_small"} <= set(entry["summary"])
+    # every C from 1e-4 up separates the tiny data: the first (an edge of the grid) is kept
+    assert split["params"] == {"C": 1e-4} and split["on_grid_edge"] is True
+    assert "pca+logreg: the probe's best validation setting is on the edge of its grid" in (
+        caplog.text
+    )
     assert len(entry["summary"]["accuracy"]["values"]) == 2
     assert doc["methods"]["hvg+logreg"]["delta_vs_reference"]["accuracy"]["abs"] == 0.0
     assert doc["diagnostics"]["matrix_kind"] == "counts"
