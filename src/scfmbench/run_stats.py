@@ -333,8 +333,8 @@ def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e
 def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """(recomputed document, paths under ``methods``/``comparisons``/``run`` that differ from
     the stored ``metrics.json``)."""
+    recomputed = recompute(run_dir)  # checks that both files exist
     stored = json.loads((Path(run_dir) / "metrics.json").read_text())
-    recomputed = recompute(run_dir)
     diff = []
     for key in (*STATISTICS_KEYS, "run"):
         diff += differences(stored.get(key), recomputed.get(key), key)
