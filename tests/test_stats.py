@@ -319,3 +319,27 @@ def test_planned_comparisons_pair_controls_and_fine_tuned_models():
     assert ("gf+finetuned", "gf+knn", "fine-tuned vs frozen") in planned  # best frozen on val
     assert ("gf+knn", "gf-random+knn", "vs random-init control") not in planned  # no control
     assert sum(kind == "vs best baseline" for *_, kind in planned) == 6
+
+
+def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
+    import scfmbench
+    from scfmbench.run_stats import check_statistics
+
+    result = scfmbench.run(
+        tiny_adata,
+        out=tmp_path,
+        name="rcv",
+        n_splits=2,
+        n_repeats=2,
+        baselines=["pca+logreg", "majority"],
+        progress=False,
+        figures=False,
+    )
+    run = result.metrics["run"]
+    assert run["seeds"] == [42, 43, 44, 45] and run["design"]["name"] == "repeated-cv"
+    assert run["interval_method"].startswith("repeated K-fold CV")
+    (comparison,) = result.metrics["comparisons"]
+    assert comparison["mcnemar_p"] is None  # each cell is tested twice: counts not pooled
+    assert set(comparison["mcnemar_p_per_split"]) == {"42", "43", "44", "45"}
+    assert result.metrics["methods"]["majority"]["summary"]["macro_f1"]["df"] == 3
+    assert check_statistics(result.run_dir)[1] == []
