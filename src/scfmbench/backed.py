@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from scfmbench.errors import DataError, ScfmbenchError
 from scfmbench.validate import (
+    KIND_NAMES,
     DataDiagnostics,
     check_finite,
     check_h5ad_file,
+    check_unique_cells,
     classify_matrix,
     filter_cells,
     find_expression,
@@ -37,13 +39,6 @@ from scfmbench.validate import (
 )
 
 logger = logging.getLogger(__name__)
-
-KIND_NAMES = {
-    "counts": "raw integer counts",
-    "normalized": "normalized (non-integer) values",
-    "lognorm": "log-normalized values",
-    "scaled": "scaled (negative) values",
-}
 
 # where find_expression's candidates live inside an .h5ad file: (matrix, var)
 H5_LOCATIONS = {
@@ -125,8 +120,7 @@ class H5adCells:
         where = f"adata.{self.source} of cells {start}-{stop - 1} in {self.path.name}"
         check_finite(matrix, where=where)
         kind = classify_matrix(matrix)
-        # an all-integer chunk is fine in normalized data (e.g. only zeros and ones)
-        if kind != self.kind and not (kind == "counts" and self.kind != "scaled"):
+        if kind != self.kind and not _same_matrix(kind, self.kind, matrix):
             found = KIND_NAMES[kind]
             if kind == "scaled":
                 found += f" (min {matrix.data.min():.3g})"
@@ -138,6 +132,16 @@ class H5adCells:
         view = AnnData(X=matrix, obs=self.obs.iloc[start:stop], var=self.var)
         view.uns["scfmbench"] = {"matrix_source": self.source, "matrix_kind": self.kind}
         return view
+
+
+def _same_matrix(kind: str, first: str, matrix: sp.csr_matrix) -> bool:
+    """Whether a chunk of ``kind`` can come from a matrix whose first chunk is ``first``: an
+    all-integer chunk is fine in non-negative data (e.g. only zeros and ones), and a chunk
+    with one non-empty cell cannot tell depth-normalized from count-like values."""
+    if kind == "counts":
+        return first != "scaled"
+    pair = {"normalized", "corrected"}
+    return kind in pair and first in pair and int((matrix.getnnz(axis=1) > 0).sum()) < 2
 
 
 # --------------------------------------------------------------------------------------
@@ -237,11 +241,7 @@ def _validate(
         diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
     )
     diag.n_genes = len(var_names)
-    if not obs.index.is_unique:
-        raise DataError(
-            f"{reader.path.name} has {int(obs.index.duplicated().sum())} duplicated cell names "
-            "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
-        )
+    check_unique_cells(pd.Index(obs.index), where=reader.path.name)
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
     starts = range(0, reader.n_obs, chunk_size)

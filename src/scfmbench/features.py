@@ -26,13 +26,14 @@ IN_MEMORY_CHUNK = 8192
 
 
 def lognormalize(matrix: sp.csr_matrix, *, kind: str, target_sum: float = 1e4) -> sp.csr_matrix:
-    """normalize_total(1e4) + log1p for counts; log1p for normalized; unchanged for lognorm."""
+    """normalize_total(1e4) + log1p for counts and count-like (``corrected``) values; log1p
+    for depth-normalized; unchanged for lognorm."""
     matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    if kind == "counts":
+    if kind in ("counts", "corrected"):
         totals = np.asarray(matrix.sum(axis=1)).ravel()
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         matrix = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ matrix)
-    if kind in ("counts", "normalized"):
+    if kind in ("counts", "corrected", "normalized"):
         matrix.data = np.log1p(matrix.data)
     return matrix
 
