@@ -207,6 +207,7 @@ def validate_backed(
     min_cells_per_class: int = 10,
     chunk_size: int = 2048,
     progress: bool = True,
+    merge_similar_labels: bool = False,
 ) -> BackedData:
     """:func:`scfmbench.validate.validate` for a file that stays on disk.
 
@@ -219,14 +220,21 @@ def validate_backed(
     """
     reader = H5adCells(Path(path), chunk_size=chunk_size)
     try:
-        return _validate(reader, label_key, min_cells_per_class, chunk_size, progress)
+        return _validate(
+            reader, label_key, min_cells_per_class, chunk_size, progress, merge_similar_labels
+        )
     except (ScfmbenchError, KeyboardInterrupt):
         reader.close()
         raise
 
 
 def _validate(
-    reader: H5adCells, label_key, min_cells_per_class: int, chunk_size: int, progress: bool
+    reader: H5adCells,
+    label_key,
+    min_cells_per_class: int,
+    chunk_size: int,
+    progress: bool,
+    merge_similar_labels: bool,
 ) -> BackedData:
     obs = reader.obs
     diag = DataDiagnostics(n_cells_input=reader.n_obs, n_genes_input=len(reader.var))
@@ -258,6 +266,7 @@ def _validate(
         empty=totals <= 0,
         min_cells_per_class=min_cells_per_class,
         diag=diag,
+        merge_similar_labels=merge_similar_labels,
     )
     digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
     logger.info(

@@ -217,11 +217,14 @@ def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress
             min_cells_per_class=config.min_cells_per_class,
             chunk_size=config.chunk_size,
             progress=progress,
+            merge_similar_labels=config.merge_similar_labels,
         )
     return validate_data(
         load_dataset(source),
         label_key=config.label_key,
         min_cells_per_class=config.min_cells_per_class,
+        merge_similar_labels=config.merge_similar_labels,
+        name="the data" if isinstance(source, AnnData) else Path(str(source)).name,
     )
 
 
@@ -964,7 +967,7 @@ def embed_dataset(
     """
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
     from scfmbench.embed._stream import should_stream
-    from scfmbench.validate import expression_view
+    from scfmbench.validate import check_unique_cells, expression_view
 
     batch_size = parse_batch_size(batch_size)
     if out is not None:
@@ -974,6 +977,9 @@ def embed_dataset(
         raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
     if not stream:
         adata = load_dataset(data)
+        check_unique_cells(
+            adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
+        )
         counts = expression_view(adata)
     foundation = _load_embedding_model(
         model,

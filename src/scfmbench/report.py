@@ -391,7 +391,9 @@ def data_section(metrics: dict[str, Any]) -> Section:
             f"(input {diag.get('n_cells_input')} × {diag.get('n_genes_input')})"
         )
     if "matrix_kind" in diag:
-        raw = "raw integer counts" if diag.get("count_source") else "not raw counts"
+        raw = diag.get("matrix_description") or (
+            "raw integer counts" if diag.get("count_source") else "not raw counts"
+        )
         bullets.append(
             f"count type: {diag['matrix_kind']} ({raw}) from adata.{diag.get('matrix_source')}"
         )

@@ -202,7 +202,16 @@ def transfer(
         name = role if isinstance(source, AnnData) else Path(str(source)).stem
         adata = load_dataset(source)
         datasets.append(
-            (name, validate(adata, label_key=key, min_cells_per_class=cfg.min_cells_per_class))
+            (
+                name,
+                validate(
+                    adata,
+                    label_key=key,
+                    min_cells_per_class=cfg.min_cells_per_class,
+                    merge_similar_labels=cfg.merge_similar_labels,
+                    name=name if isinstance(source, AnnData) else Path(str(source)).name,
+                ),
+            )
         )
     methods = baseline_methods(cfg)
     models = load_models(cfg)
