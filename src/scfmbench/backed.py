@@ -51,9 +51,15 @@ H5_LOCATIONS = {
 class H5adCells:
     """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
 
-    Picks the matrix as :func:`scfmbench.validate.find_expression` does (raw counts in
-    ``layers['counts']``, ``X`` or ``raw.X`` first), judged on the first chunk; ``obs`` and
-    ``var`` are read whole, the matrix only chunk by chunk.
+    Considers the candidates :func:`scfmbench.validate.find_expression` considers, in its
+    order (``layers['counts']``, ``X``, ``raw.X``; an absent ``X`` or one written as an empty
+    dataset with ``encoding-type: null`` is skipped) and picks as it does (raw counts first),
+    judged on the first chunk; ``obs`` and ``var`` are read whole, the matrix only chunk by
+    chunk.
+
+    Raises:
+        DataError: no cells, no candidate matrix, a matrix in an encoding that cannot be
+            read by rows, or the legacy (anndata < 0.7) layout.
     """
 
     def __init__(self, path: Path, *, chunk_size: int) -> None:
@@ -76,18 +82,60 @@ class H5adCells:
             raise
         self.location, var_location = H5_LOCATIONS[self.source]
         self.var = self.vars[var_location]
+        logger.info("%s: streaming adata.%s (%s)", self.path.name, self.source, self.kind)
+
+    def candidates(self) -> list[str]:
+        """The candidate matrices this file holds (``H5_LOCATIONS`` names), in order."""
+        out = []
+        for source, (location, var) in H5_LOCATIONS.items():
+            elem = self.file.get(location)
+            if elem is None or var not in self.vars:
+                continue
+            if isinstance(elem, h5py.Dataset) and (
+                elem.shape is None or elem.attrs.get("encoding-type") == "null"
+            ):
+                continue  # X written as an empty dataset (anndata ≥ 0.12 with X=None)
+            out.append(source)
+        return out
 
     def _pick_matrix(self, stop: int) -> tuple[str, str]:
         """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
         if self.n_obs == 0:
             raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        first = AnnData(X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"])
-        if "layers/counts" in self.file:
+        self._check_layout()
+        found = self.candidates()
+        if not found:
+            raise DataError(
+                f"{self.path.name} has no expression matrix: X is absent or empty and there is "
+                "no layers['counts'] or raw/X; write the counts to X (adata.X = counts) and "
+                "save the file again."
+            )
+        first = AnnData(obs=self.obs.iloc[:stop], var=self.vars["var"])
+        if "X" in found:
+            first.X = self._read("X", 0, stop)
+        if "layers['counts']" in found:
             first.layers["counts"] = self._read("layers/counts", 0, stop)
-        if "raw/X" in self.file:
+        if "raw.X" in found:
             first.raw = AnnData(X=self._read("raw/X", 0, stop), var=self.vars["raw/var"])
         source, _, _, kind = find_expression(first)
         return source, kind
+
+    def _check_layout(self) -> None:
+        """DataError for the legacy anndata (< 0.7) layout: structured-array obs/var and a
+        sparse X group marked only with ``h5sparse_format``."""
+        obs, matrix = self.file["obs"], self.file.get("X")
+        legacy = isinstance(obs, h5py.Dataset) or (
+            isinstance(matrix, h5py.Group)
+            and "h5sparse_format" in matrix.attrs
+            and "encoding-type" not in matrix.attrs
+        )
+        if legacy:
+            raise DataError(
+                f"{self.path.name} uses the legacy anndata (< 0.7) layout (structured-array "
+                "obs/var, X marked only with h5sparse_format), which cannot be streamed; read "
+                "it with anndata.read_h5ad and write it again with adata.write_h5ad, or pass "
+                "--no-backed."
+            )
 
     def close(self) -> None:
         self.file.close()
