@@ -138,9 +138,7 @@ def run(
 def validate(
     data: str = typer.Argument(..., help="An .h5ad file or a built-in name."),
     label_key: str = typer.Option(None, help="obs column with the cell types."),
-    min_cells_per_class: int = typer.Option(
-        None, help="Smaller classes are dropped (default 10)."
-    ),
+    min_cells_per_class: int = typer.Option(None, help="Smaller classes are dropped (default 10)."),
     merge_similar_labels: bool = typer.Option(
         None,
         "--merge-similar-labels",

@@ -508,9 +508,7 @@ def filter_cells(
     groups = similar_label_groups(pd.Series(text[keep]).value_counts())
     if groups:
         diag.similar_labels = groups
-        listed = "; ".join(
-            ", ".join(f"{k!r} ({v})" for k, v in group.items()) for group in groups
-        )
+        listed = "; ".join(", ".join(f"{k!r} ({v})" for k, v in group.items()) for group in groups)
         if merge_similar_labels:
             diag.merged_labels = {
                 spelling: _most_common(group)
