@@ -58,8 +58,8 @@ class H5adCells:
     chunk.
 
     Raises:
-        DataError: no cells, no candidate matrix, a matrix in an encoding that cannot be
-            read by rows, or the legacy (anndata < 0.7) layout.
+        DataError: duplicated cell names, no cells, no candidate matrix, a matrix in an
+            encoding that cannot be read by rows, or the legacy (anndata < 0.7) layout.
     """
 
     def __init__(self, path: Path, *, chunk_size: int) -> None:
@@ -76,6 +76,8 @@ class H5adCells:
             raise unreadable_h5ad(path, exc) from None
         self.n_obs = len(self.obs)
         try:
+            self._check_layout()
+            check_unique_cells(pd.Index(self.obs.index), where=self.path.name)
             self.source, self.kind = self._pick_matrix(min(chunk_size, self.n_obs))
         except ScfmbenchError:
             self.file.close()
@@ -102,7 +104,6 @@ class H5adCells:
         """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
         if self.n_obs == 0:
             raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        self._check_layout()
         found = self.candidates()
         if not found:
             raise DataError(
@@ -297,7 +298,6 @@ def _validate(
         diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
     )
     diag.n_genes = len(var_names)
-    check_unique_cells(pd.Index(obs.index), where=reader.path.name)
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
     starts = range(0, reader.n_obs, chunk_size)

@@ -975,6 +975,10 @@ def embed_dataset(
     stream = should_stream(data, backed=backed)
     if stream and out is None:
         raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
+    if stream:  # refuse the data before loading the model, as in memory
+        from scfmbench.backed import H5adCells
+
+        H5adCells(Path(data), chunk_size=chunk_size).close()
     if not stream:
         adata = load_dataset(data)
         check_unique_cells(

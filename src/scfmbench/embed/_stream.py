@@ -44,7 +44,6 @@ from scfmbench.genes import GeneMatch
 from scfmbench.validate import (
     BUILTIN_DATASETS,
     check_h5ad_file,
-    check_unique_cells,
 )
 
 logger = logging.getLogger(__name__)
@@ -341,7 +340,6 @@ def embed_h5ad(
     with distributed(device) as (ctx, device_name):
         cells = H5adCells(Path(path), chunk_size=chunk_size)
         try:
-            check_unique_cells(pd.Index(cells.obs.index), where=cells.path.name)
             return _stream(
                 cells,
                 model,
