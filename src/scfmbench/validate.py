@@ -36,7 +36,7 @@ KIND_NAMES = {
     "corrected": "count-like non-integer values (per-cell totals vary, as in ambient-corrected "
     f"counts from {CORRECTION_TOOLS})",
     "normalized": "depth-normalized values (non-integer, the same total in every cell)",
-    "lognorm": f"log-scale values (non-integer, max ≤ {LOG_SCALE_MAX:g})",
+    "lognorm": f"log-normalized values (log-scale: non-integer, max ≤ {LOG_SCALE_MAX:g})",
     "scaled": "scaled values (negative numbers)",
 }
 """What each matrix kind means, as validate, metrics.json and the report word it."""
