@@ -428,3 +428,22 @@ def test_transfer_coverage_of_dropped_test_cells():
         "a->b: dropped 14 test cells mapped to null by the label map ('DC' 11, 'Platelet' 3)",
         "a->b: dropped 29 test cells of classes the training data lacks ('NK' 29)",
     ]
+
+
+@pytest.mark.parametrize("kind", ["corrected", "normalized"])
+def test_streamed_last_chunk_of_one_cell(kind, clean, folder):
+    """A last chunk of one cell (here a low-depth one whose halved counts stay below the
+    log-scale maximum) cannot tell the non-integer kinds apart: it is accepted, and the file
+    keeps its first chunk's kind."""
+    from scfmbench.backed import validate_backed
+
+    adata = clean.copy()
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    factor = 0.5 if kind == "corrected" else 1e4 / totals
+    adata.X = sp.csr_matrix(sp.diags(np.broadcast_to(factor, totals.shape)) @ adata.X)
+    path = write(adata, folder / f"{kind}_stream.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = validate_backed(path, chunk_size=N_CELLS - 1, progress=False)
+    data.close()
+    assert data.diagnostics.matrix_kind == kind

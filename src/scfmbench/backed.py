@@ -183,14 +183,21 @@ class H5adCells:
         return view
 
 
+SMALL_CHUNK = 100
+"""A chunk with fewer non-empty cells is too small to tell count-like, depth-normalized and
+log-scale values apart (one cell has no spread of totals; a few low-depth cells of corrected
+counts may all stay below ``LOG_SCALE_MAX``)."""
+NON_INTEGER_KINDS = {"corrected", "normalized", "lognorm"}
+
+
 def _same_matrix(kind: str, first: str, matrix: sp.csr_matrix) -> bool:
     """Whether a chunk of ``kind`` can come from a matrix whose first chunk is ``first``: an
     all-integer chunk is fine in non-negative data (e.g. only zeros and ones), and a chunk
-    with one non-empty cell cannot tell depth-normalized from count-like values."""
+    of fewer than ``SMALL_CHUNK`` non-empty cells may look like any non-integer kind."""
     if kind == "counts":
         return first != "scaled"
-    pair = {"normalized", "corrected"}
-    return kind in pair and first in pair and int((matrix.getnnz(axis=1) > 0).sum()) < 2
+    small = int((matrix.getnnz(axis=1) > 0).sum()) < SMALL_CHUNK
+    return small and kind in NON_INTEGER_KINDS and first in NON_INTEGER_KINDS
 
 
 # --------------------------------------------------------------------------------------
