@@ -447,3 +447,15 @@ def test_streamed_last_chunk_of_one_cell(kind, clean, folder):
         data = validate_backed(path, chunk_size=N_CELLS - 1, progress=False)
     data.close()
     assert data.diagnostics.matrix_kind == kind
+
+
+def test_validate_refuses_the_config_run_refuses(clean_file, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("baselines: [hvg+logregg]\n")
+    out = tmp_path / "runs"
+    code, _, run_err = cli(
+        ["run", "--data", clean_file, "--config", tmp_path / "bad.yaml", "--out", out], capsys
+    )
+    run_line = one_error(code, run_err, "Did you mean 'logreg'")
+    code, _, err = cli(["validate", clean_file, "--config", tmp_path / "bad.yaml"], capsys)
+    assert one_error(code, err, "unknown probe 'logregg'") == run_line
+    assert not out.exists()

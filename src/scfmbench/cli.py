@@ -161,7 +161,8 @@ def validate(
     """
     from scfmbench.backed import BackedData
     from scfmbench.config import RunConfig
-    from scfmbench.pipeline import open_run_data, resolve_config
+    from scfmbench.pipeline import baseline_methods, open_run_data, resolve_config
+    from scfmbench.probes import PROBES
     from scfmbench.splits import check_fractions, check_stratifiable
 
     _setup_logging(quiet=True)
@@ -174,6 +175,9 @@ def validate(
     base = RunConfig.from_yaml(config) if config is not None else None
     resolved = resolve_config(data, base, settings)
     check_fractions(resolved.fractions)
+    baseline_methods(resolved)  # unknown representations / probes, as run refuses them
+    for probe in resolved.probes if resolved.models else []:
+        PROBES.get(probe)
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
