@@ -384,27 +384,58 @@ def finetune(
     typer.echo(f"\nrun directory: {run_dir}")
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes click raises for usage errors, from every click typer may use.
+
+    typer ≥ 0.20 ships its own copy of click (its exceptions derive from
+    ``typer.TyperException``); older typer uses the ``click`` package.
+    """
+    import click
+
+    return (click.exceptions.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+
+def _abort_types() -> tuple[type[BaseException], ...]:
+    import click
+
+    return (click.exceptions.Abort, typer.Abort)
+
+
+def _interrupted() -> SystemExit:
+    typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
+    return SystemExit(130)
+
+
 def main() -> None:
-    """Entry point: run the typer app, turning ScfmbenchError into one line + exit code 2."""
+    """Entry point: run the typer app.
+
+    Exit codes: 0 success; 2 a ScfmbenchError (one line ``error: …``) or a usage error
+    (click's usage message: missing or unknown option, bad value); 130 interrupted (Ctrl-C);
+    1 aborted.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ScfmbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     except (typer.Exit, SystemExit) as exc:
         raise SystemExit(getattr(exc, "exit_code", getattr(exc, "code", 0))) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
-        raise SystemExit(130) from None
+        raise _interrupted() from None
     except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _usage_error_types()) and hasattr(exc, "show"):
             exc.show()
-            raise SystemExit(2) from None
-        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        if isinstance(exc, _abort_types()):
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise _interrupted() from None
             raise SystemExit(1) from None
         raise
+    # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns as a value
+    if code == 130:
+        raise _interrupted()
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 # ----------------------------------------------------------------------------------------------

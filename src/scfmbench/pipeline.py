@@ -276,10 +276,23 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
         # distance-based steps (kNN probe, kNN consistency) work in blocks of this many MB
         with sklearn.config_context(working_memory=SKLEARN_WORKING_MEMORY_MB):
             return _execute(config, validated, methods, models, reference, run_dir, progress)
-    except (ScfmbenchError, KeyboardInterrupt):
+    except ScfmbenchError:
+        # bad input found late: leave nothing half-written
         if created and run_dir.exists():
             shutil.rmtree(run_dir)
         raise
+    except KeyboardInterrupt:
+        # interrupted: keep every finished stage so that a rerun resumes
+        if created and not _holds_finished_work(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _holds_finished_work(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any saved output besides ``config.yaml``."""
+    return run_dir.exists() and any(
+        path.is_file() and path.name != "config.yaml" for path in run_dir.rglob("*")
+    )
 
 
 def _execute(
