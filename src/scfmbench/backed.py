@@ -269,10 +269,16 @@ def validate_backed(
 
     One pass over the file in chunks of ``chunk_size`` cells checks every value (NaN/inf,
     the same kind of values as the first chunk), finds cells without counts and hashes the
-    matrix; labels and genes come from ``obs``/``var``, which are read whole.
+    matrix; labels and genes come from ``obs``/``var``, which are read whole. Labels follow
+    :func:`scfmbench.validate.filter_cells` (placeholders missing; ``merge_similar_labels``
+    merges labels that differ only by case or whitespace).
 
     Returns:
         BackedData; close it (``.close()``) when done.
+
+    Raises:
+        DataError / SchemaError: as :func:`scfmbench.validate.validate`, and for files the
+            streaming reader cannot read by rows (see :class:`H5adCells`).
     """
     reader = H5adCells(Path(path), chunk_size=chunk_size)
     try:
