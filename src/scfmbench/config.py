@@ -42,6 +42,11 @@ class RunConfig(BaseModel):
         description="Train/val/test fractions per class (cv: only the validation share is used).",
     )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
+    merge_similar_labels: bool = Field(
+        False,
+        description="Merge labels that differ only by case or whitespace ('B', 'B ', 'b') into "
+        "their most common spelling (default: keep them apart, with a warning).",
+    )
     logreg_c: list[float] | None = Field(
         None,
         description="C values tried (on validation) by logistic-regression probes (default: "
