@@ -61,7 +61,7 @@ def test_save_load_round_trip_matches_reference_extraction(request, pbmc, which)
     assert isinstance(model, GeneformerModel) and model.model_id == "geneformer"
     assert (model.n_layers, model.default_layer) == (2, 1)
     adata = pbmc.copy()
-    result = embed(adata, model, batch_size=8, progress=False)
+    result = embed(adata, model, pooling="mean", batch_size=8, progress=False)
     expected = reference_embeddings(network, model, pbmc, layer=1)
     assert result.matrix.shape == (12, 32) and result.layer == 1
     np.testing.assert_allclose(result.matrix, expected, rtol=1e-4, atol=1e-5)
@@ -128,7 +128,7 @@ def test_cache_hit_and_invalidation(v2_dir, pbmc, tmp_path):
     assert (first.from_cache, hit.from_cache) == (False, True)
     np.testing.assert_array_equal(first.matrix, hit.matrix)
     assert not embed(pbmc.copy(), model, layer=2, cache_dir=cache, progress=False).from_cache
-    assert not embed(pbmc.copy(), model, pooling="cls", cache_dir=cache, progress=False).from_cache
+    assert not embed(pbmc.copy(), model, pooling="mean", cache_dir=cache, progress=False).from_cache
     changed = pbmc.copy()
     changed.X = changed.X.copy()
     changed.X.data[0] += 1

@@ -155,7 +155,9 @@ class GeneformerModel(FoundationModel):
     """Geneformer (V1 or V2): rank-value tokens into a BERT encoder, mean or ``<cls>`` pooling.
 
     Build with ``load_geneformer``. ``encode`` runs only the encoder layers up to ``layer``
-    (0 = embeddings); the default is the reference extractor's second-to-last layer.
+    (0 = embeddings). The defaults are the reference extractor's (``EmbExtractor``): the
+    second-to-last layer, pooled as ``emb_mode="cls"`` for V2 (the ``<cls>`` position) and
+    ``emb_mode="cell"`` for V1 (mean over gene tokens; V1 has no ``<cls>``).
     """
 
     name = "geneformer"
@@ -180,6 +182,7 @@ class GeneformerModel(FoundationModel):
         self.pad_token_id = int(network.config.pad_token_id or 0)
         self.version = tokenizer.version
         self.poolings = ("mean", "cls") if tokenizer.cls_id is not None else ("mean",)
+        self.default_pooling = "cls" if tokenizer.cls_id is not None else "mean"
         special = [tokenizer.cls_id, tokenizer.eos_id]
         self._special_ids = torch.tensor([t for t in special if t is not None], dtype=torch.long)
 
