@@ -8,16 +8,13 @@ Geneformer tokens are recomputed here cell by cell from the dictionaries.
 
 from __future__ import annotations
 
-import logging
-import pickle
-
 import anndata as ad
 import numpy as np
 import pytest
 import torch
 
 from scfmbench.embed import MODELS, collate, embed
-from tests._geneformer_factory import VOCAB_DIRS, write_checkpoint
+from tests._geneformer_factory import write_checkpoint
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import make_tiny_adata
 from tests.test_scfoundation import GENES as SCF_GENES
