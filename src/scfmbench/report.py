@@ -307,6 +307,16 @@ def _walk_overlap(node: Any, label: str, found: dict[str, dict]) -> None:
             _walk_overlap(value, str(key) if label in ("", "models") else label, found)
 
 
+def _gene_source(genes: dict[str, Any]) -> Cell:
+    """Where a model's gene identifiers came from: ``var['col']`` or ``var_names``, with why."""
+    column = genes.get("gene_column")
+    if column is None:
+        return text(None)
+    shown = column if column == "var_names" else f"var[{column!r}]"
+    reason = genes.get("gene_column_reason")
+    return Cell(f"{shown} ({reason})" if reason else shown, shown)
+
+
 def models_table(diag: dict[str, Any]) -> Table | None:
     """Per model: checkpoint, layer, pooling, dropped cells, cache, vocabulary overlap."""
     models = diag.get("models") or {}
@@ -324,6 +334,7 @@ def models_table(diag: dict[str, Any]) -> Table | None:
             "pooling",
             "cells without tokens",
             "from cache",
+            "gene identifiers",
             "genes matched",
             "fraction of genes",
             "fraction of counts",
@@ -341,6 +352,7 @@ def models_table(diag: dict[str, Any]) -> Table | None:
                 text(info.get("pooling")),
                 num(info.get("n_dropped_cells"), 0),
                 text(None if "from_cache" not in info else ("yes" if info["from_cache"] else "no")),
+                _gene_source(genes),
                 num(genes.get("n_matched"), 0),
                 num(genes.get("fraction_genes")),
                 num(genes.get("fraction_counts")),

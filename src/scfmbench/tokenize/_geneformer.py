@@ -36,10 +36,11 @@ from scfmbench.embed.base import TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.genes import (
     ENSEMBL_RE,
+    GeneIdentifiers,
     GeneMatch,
     detect_identifier_type,
-    gene_keys_from,
     match_genes,
+    resolve_gene_identifiers,
     strip_version,
 )
 from scfmbench.hashing import hash_file, hash_json
@@ -570,7 +571,8 @@ class GeneformerTokenizer:
         dicts: the Geneformer dictionaries.
         version: ``"V1"``/``"V2"`` to override detection from the dictionaries.
         max_position_embeddings: the model's position limit (caps the input size).
-        gene_column: var column with gene identifiers (e.g. ``"gene_ids"``); default var_names.
+        gene_column: var column with gene identifiers (e.g. ``"gene_ids"``) or ``"var_names"``;
+            default: resolved by content (``scfmbench.genes.resolve_gene_identifiers``).
         allow_normalized: tokenize non-integer input with a warning instead of failing.
         target_sum: counts are scaled to this total before dividing by the gene medians.
         n_jobs: threads for the vectorized ranking (default: the CPU count, at most 8).
@@ -614,9 +616,16 @@ class GeneformerTokenizer:
             "tie_rule": TIE_RULE,
         }
 
+    def identifiers(self, var: pd.DataFrame) -> GeneIdentifiers:
+        """The Ensembl IDs of ``var`` (``gene_column``, a detected column or var_names), or
+        symbols to map through the gene-name dictionary (see ``resolve_gene_identifiers``)."""
+        return resolve_gene_identifiers(
+            var, vocabulary_kind="ensembl", model="geneformer", gene_column=self.gene_column
+        )
+
     def map_genes(self, var: pd.DataFrame) -> GeneMapping:
-        """How the genes of ``var`` (var_names or ``gene_column``) map onto tokens."""
-        return map_genes(gene_keys_from(var, self.gene_column), self.dicts)
+        """How the genes of ``var`` (identifiers as resolved by ``identifiers``) map onto tokens."""
+        return map_genes(self.identifiers(var).keys, self.dicts)
 
     def rank_options(self) -> dict[str, Any]:
         """Keyword arguments for ``rank_value_tokens`` / ``tokenize_loop``."""
@@ -636,8 +645,9 @@ class GeneformerTokenizer:
         check_finite(adata.X, where="adata.X")
         require_counts(adata.X, model="geneformer", allow_normalized=self.allow_normalized)
         counts = to_csr(adata.X)
-        mapping = self.map_genes(adata.var)
-        match = self.gene_match(adata, mapping, counts)
+        source = self.identifiers(adata.var)
+        mapping = map_genes(source.keys, self.dicts)
+        match = self.gene_match(adata, mapping, counts, source=source)
         logger.info(mapping.summary())
         if mapping.n_symbols_mapped < mapping.n_symbols:
             logger.warning(
@@ -667,14 +677,22 @@ class GeneformerTokenizer:
             input_ids=ids,
             offsets=offsets,
             obs_names=adata.obs_names[kept],
-            settings=self.settings(),
+            settings={**self.settings(), "gene_column": source.column},
             dropped=dropped,
             gene_match=match,
         )
 
-    def gene_match(self, adata: AnnData, mapping: GeneMapping, counts: sp.csr_matrix) -> GeneMatch:
+    def gene_match(
+        self,
+        adata: AnnData,
+        mapping: GeneMapping,
+        counts: sp.csr_matrix,
+        *,
+        source: GeneIdentifiers | None = None,
+    ) -> GeneMatch:
         """Genes in the vocabulary and fraction of counts covered; raises below 50 %."""
-        keys = gene_keys_from(adata.var, self.gene_column)
+        source = source or self.identifiers(adata.var)
+        keys = source.keys
         vocab = {
             str(k): int(mapping.tokens[c])
             for k, c in zip(keys, mapping.columns, strict=True)
@@ -687,4 +705,5 @@ class GeneformerTokenizer:
             gene_totals=np.asarray(counts.sum(axis=0)).ravel(),
             identifier_type=mapping.identifier_type,
             expected_type="ensembl",
+            source=source,
         )
