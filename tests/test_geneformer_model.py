@@ -174,7 +174,7 @@ def test_missing_dictionaries(tmp_path, shared_dir):
 def test_vocab_size_mismatch(tmp_path, shared_dir):
     directory, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V1", dictionaries=False)
     dicts = copy_dictionaries(shared_dir, "V2", tmp_path / "dicts")
-    with pytest.raises(CheckpointError, match="vocab_size 25426 but .* has 20275 tokens"):
+    with pytest.raises(CheckpointError, match=r"vocab_size 25426 but .*\(20275 tokens\)"):
         load_geneformer(directory, dicts=dicts)
 
 

@@ -9,6 +9,7 @@ Geneformer tokens are recomputed here cell by cell from the dictionaries.
 from __future__ import annotations
 
 import logging
+import shutil
 
 import anndata as ad
 import numpy as np
@@ -206,3 +207,127 @@ def test_scfoundation_ignores_a_gene_name_column_of_ensembl_ids(tmp_path):
     tokens = model.tokenize(adata)
     assert tokens.gene_match.gene_column == "var_names"
     assert tokens.gene_match.n_matched == len(SCF_GENES)
+
+
+# ---- checkpoint folders as published ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_clone(tmp_path_factory, shared_dir):
+    """A clone of the Geneformer Hugging Face repository: model folders at the root, V2
+    dictionaries in geneformer/*_gc104M.pkl, V1 ones in geneformer/gene_dictionaries_30m/."""
+    root = tmp_path_factory.mktemp("Geneformer")
+    v2 = root / "geneformer"
+    v2.mkdir()
+    for path in sorted((shared_dir / "vocab/geneformer/v2_gc95M").glob("*.pkl")):
+        shutil.copy(path, v2 / path.name.replace("_gc95M", "_gc104M"))
+    v1 = v2 / "gene_dictionaries_30m"
+    v1.mkdir()
+    for path in sorted((shared_dir / "vocab/geneformer/v1_gc30M").glob("*.pkl")):
+        shutil.copy(path, v1 / path.name)
+    _, v1_net = write_checkpoint(
+        root / "Geneformer-V1-10M", shared_dir, version="V1", dictionaries=False
+    )
+    _, v2_net = write_checkpoint(
+        root / "Geneformer-V2-104M", shared_dir, version="V2", dictionaries=False, head="cls"
+    )
+    return root, {"V1": v1_net, "V2": v2_net}
+
+
+@pytest.mark.parametrize(
+    ("folder", "version", "dictionary"),
+    [
+        ("Geneformer-V1-10M", "V1", "gene_dictionaries_30m/token_dictionary_gc30M.pkl"),
+        ("Geneformer-V2-104M", "V2", "token_dictionary_gc104M.pkl"),
+    ],
+)
+def test_hf_clone_finds_the_matching_dictionaries(
+    hf_clone, pbmc_reference_layout, folder, version, dictionary
+):
+    root, _ = hf_clone
+    model = MODELS.get("geneformer")(root / folder)
+    assert model.version == version
+    assert model.tokenizer.dicts.files["token_dictionary"] == root / "geneformer" / dictionary
+    assert model.tokenize(pbmc_reference_layout[:3]).n_cells == 3
+
+
+def test_sequence_classification_and_ddp_checkpoints_embed_alike(
+    hf_clone, tmp_path, pbmc_reference_layout
+):
+    root, networks = hf_clone
+    reference = embed(
+        pbmc_reference_layout.copy(),
+        MODELS.get("geneformer")(root / "Geneformer-V2-104M"),
+        progress=False,
+    )
+    ddp = root / "Geneformer-V2-ddp"  # beside the others: finds the same dictionaries
+    ddp.mkdir()
+    shutil.copy(root / "Geneformer-V2-104M" / "config.json", ddp / "config.json")
+    state = {f"module.{k}": v for k, v in networks["V2"].state_dict().items()}
+    torch.save(state, ddp / "pytorch_model.bin")
+    again = embed(pbmc_reference_layout.copy(), MODELS.get("geneformer")(ddp), progress=False)
+    np.testing.assert_array_equal(reference.matrix, again.matrix)
+
+
+def _official_heads(embsize: int, *, n_cls: int = 1, batch_labels: int = 0) -> dict:
+    """Head tensors exactly as scgpt.model.TransformerModel names them: ClsDecoder with
+    nlayers_cls=3 (Linear, ReLU, LayerNorm ×2 → indices 0, 2, 3, 5), out_layer (n_cls, d)."""
+    g = torch.Generator().manual_seed(5)
+    d = embsize
+    heads = {}
+    for i in (0, 3):
+        heads[f"cls_decoder._decoder.{i}.weight"] = torch.randn(d, d, generator=g)
+        heads[f"cls_decoder._decoder.{i}.bias"] = torch.randn(d, generator=g)
+    for i in (2, 5):
+        heads[f"cls_decoder._decoder.{i}.weight"] = torch.ones(d)
+        heads[f"cls_decoder._decoder.{i}.bias"] = torch.zeros(d)
+    heads["cls_decoder.out_layer.weight"] = torch.randn(n_cls, d, generator=g)
+    heads["cls_decoder.out_layer.bias"] = torch.randn(n_cls, generator=g)
+    if batch_labels:
+        heads["batch_encoder.embedding.weight"] = torch.randn(batch_labels, d, generator=g)
+        heads["batch_encoder.enc_norm.weight"] = torch.ones(d)
+        heads["batch_encoder.enc_norm.bias"] = torch.zeros(d)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            heads[f"dsbn.bns.0.{name}"] = torch.ones(d)
+        heads["dsbn.bns.0.num_batches_tracked"] = torch.tensor(3)
+    return heads
+
+
+def test_scgpt_official_one_output_cls_decoder_loads_strictly(make_scgpt_dir, caplog):
+    plain = MODELS.get("scgpt")(make_scgpt_dir(name="plain"))
+    heads = _official_heads(16)
+    assert len(heads) == 10
+    folder = make_scgpt_dir(name="official", edit=lambda state: {**state, **heads})
+    with caplog.at_level(logging.INFO, logger="scfmbench"):
+        model = MODELS.get("scgpt")(folder)
+    assert model.network.cls_decoder.out_layer.weight.shape == (1, 16)
+    torch.testing.assert_close(
+        model.network.state_dict()["cls_decoder._decoder.3.weight"],
+        heads["cls_decoder._decoder.3.weight"],
+    )
+    assert "heads not used for the embedding: decoder, cls_decoder (1 outputs), mvc_decoder" in (
+        caplog.text
+    )
+    adata = make_tiny_adata()
+    np.testing.assert_array_equal(
+        embed(adata.copy(), model, progress=False).matrix,
+        embed(adata.copy(), plain, progress=False).matrix,
+    )
+
+
+def test_scgpt_batch_label_dsbn_and_ddp_checkpoint(make_scgpt_dir, scgpt_tiny_state, caplog):
+    d = 16
+
+    def batch_model(state):
+        state = {**state, **_official_heads(d, n_cls=4, batch_labels=2)}
+        g = torch.Generator().manual_seed(1)
+        # use_batch_labels=True: the expression and MVC decoders read [hidden, batch embedding]
+        state["decoder.fc.0.weight"] = torch.randn(d, 2 * d, generator=g)
+        state["mvc_decoder.W.weight"] = torch.randn(2 * d, d, generator=g)
+        return {f"module.{k}": v for k, v in state.items()}
+
+    with caplog.at_level(logging.INFO, logger="scfmbench"):
+        model = MODELS.get("scgpt")(make_scgpt_dir(edit=batch_model))
+    assert model.network.config.decoder_batch_labels and model.network.config.n_cls == 4
+    assert "batch-label encoder" in caplog.text and "domain-specific batch norm" in caplog.text
+    assert embed(make_tiny_adata(), model, progress=False).matrix.shape == (11, d)

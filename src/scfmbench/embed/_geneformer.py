@@ -104,9 +104,12 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
-    """Strip the ``bert.`` prefix and drop the known MLM/classifier head keys (logged)."""
+    """Strip the ``module.`` (DDP) and ``bert.`` prefixes and drop the known MLM/classifier
+    head keys (logged)."""
     kept: dict[str, torch.Tensor] = {}
     ignored = []
+    if state and all(k.startswith("module.") for k in state):  # saved from DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     for key, tensor in state.items():
         name = key.removeprefix("bert.")
         if name.startswith(IGNORED_PREFIXES) or name in IGNORED_KEYS:
@@ -276,8 +279,9 @@ def load_geneformer(
             ``pytorch_model.bin``.
         random_init: build the same architecture with random weights seeded by ``seed``
             (the control; weights are not read, ``model_id`` is ``geneformer-random``).
-        dicts: dictionary directory (``--geneformer-dicts``) or loaded dictionaries; default
-            the model directory.
+        dicts: dictionary directory (``--geneformer-dicts``) or loaded dictionaries; default:
+            found beside or above the model folder and chosen by ``vocab_size``
+            (``scfmbench.tokenize._geneformer.find_dictionaries``).
         version: ``"V1"`` or ``"V2"`` to override detection from the dictionaries.
         allow_normalized: tokenize non-count input with a warning instead of failing.
         gene_column: var column with gene identifiers, e.g. ``"gene_ids"`` (Ensembl IDs).
@@ -298,11 +302,14 @@ def load_geneformer(
         DICTS_FLAG,
         GeneformerDictionaries,
         GeneformerTokenizer,
+        find_dictionaries,
     )
 
     config, raw_config = read_config(model_dir)
     if not isinstance(dicts, GeneformerDictionaries):
-        dicts = GeneformerDictionaries.from_dir(dicts if dicts is not None else model_dir)
+        dicts = find_dictionaries(
+            model_dir, vocab_size=config.vocab_size, dicts_dir=None if dicts is None else dicts
+        )
     if config.vocab_size != len(dicts.token_dict):
         raise CheckpointError(
             f"{model_dir / 'config.json'} has vocab_size {config.vocab_size} but "

@@ -106,6 +106,78 @@ def _find_dictionary(directory: Path, kind: str) -> Path | None:
     return found[0] if found else None
 
 
+# Where a clone of the Hugging Face repository keeps the dictionaries, relative to the repository
+# root: V2 (gc95M/gc104M) in geneformer/, V1 (gc30M) in geneformer/gene_dictionaries_30m/.
+DICTIONARY_SUBDIRS = (
+    ".",
+    "geneformer",
+    "geneformer/gene_dictionaries_30m",
+    "gene_dictionaries_30m",
+)
+SEARCH_LEVELS = 3  # the model folder, its parent (the repository root) and one more
+
+
+def dictionary_sets(directory: Path) -> list[dict[str, Path]]:
+    """The dictionary sets in ``directory``, one per corpus suffix (``_gc104M``, ``_gc95M``,
+    ``_gc30M`` or none), each ``{kind: path}`` with at least the required kinds."""
+    sets = []
+    for suffix in CORPUS_SUFFIXES:
+        files = {kind: directory / f"{kind}{suffix}.pkl" for kind in DICTIONARY_KINDS}
+        files = {kind: path for kind, path in files.items() if path.is_file()}
+        if all(kind in files for kind in REQUIRED_KINDS):
+            sets.append(files)
+    return sets
+
+
+def find_dictionaries(
+    model_dir: Path, *, vocab_size: int, dicts_dir: Path | None = None
+) -> GeneformerDictionaries:
+    """The dictionaries whose token dictionary has ``vocab_size`` tokens.
+
+    Searched in ``dicts_dir`` when given, else in the model folder and up to two folders
+    above it (a clone of the Hugging Face repository: ``Geneformer-V1-10M/`` beside
+    ``geneformer/gene_dictionaries_30m/*_gc30M.pkl``, ``Geneformer-V2-104M/`` beside
+    ``geneformer/*_gc104M.pkl``), each folder with its ``DICTIONARY_SUBDIRS``. The first set
+    with the model's vocabulary size wins (25,426 tokens: gc30M; 20,275: gc95M/gc104M).
+
+    Raises:
+        CheckpointError: no dictionaries found, or none of the model's vocabulary size.
+    """
+    bases = [Path(dicts_dir)] if dicts_dir is not None else []
+    if dicts_dir is None:
+        bases = [model_dir, *list(Path(model_dir).resolve().parents)[: SEARCH_LEVELS - 1]]
+    if dicts_dir is not None and not Path(dicts_dir).is_dir():
+        raise CheckpointError(
+            f"Geneformer dictionary directory {dicts_dir} does not exist; pass the folder "
+            f"with token_dictionary*.pkl and gene_median_dictionary*.pkl via {DICTS_FLAG}."
+        )
+    seen: list[str] = []
+    for base in bases:
+        for sub in DICTIONARY_SUBDIRS:
+            directory = base / sub
+            if not directory.is_dir():
+                continue
+            for files in dictionary_sets(directory):
+                size = len(_load_dictionary(files["token_dictionary"]))
+                seen.append(f"{files['token_dictionary']} ({size} tokens)")
+                if size == vocab_size:
+                    logger.info(
+                        "geneformer: dictionaries %s (%d tokens)", files["token_dictionary"], size
+                    )
+                    return GeneformerDictionaries.from_files(**files)
+    where = dicts_dir if dicts_dir is not None else f"{model_dir} or the folders above it"
+    if not seen:
+        raise CheckpointError(
+            f"no token_dictionary*.pkl with gene_median_dictionary*.pkl in {where}; pass the "
+            f"folder holding the Geneformer dictionaries with {DICTS_FLAG}."
+        )
+    raise CheckpointError(
+        f"the model has vocab_size {vocab_size} but the dictionaries found have other sizes "
+        f"({'; '.join(seen[:4])}); pass this model's corpus dictionaries with {DICTS_FLAG} "
+        "(25,426 tokens: gc30M for V1; 20,275: gc95M/gc104M for V2)."
+    )
+
+
 @dataclass(frozen=True)
 class GeneformerDictionaries:
     """The four Geneformer dictionaries (token, gene median, gene name → ID, ID mapping).
