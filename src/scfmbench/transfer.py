@@ -97,8 +97,12 @@ class TransferData:
 
 
 def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
+    """Cells ``keep`` × ``genes``, with the file's own gene names (what the models match)."""
     data = v.adata[keep, genes].copy()
     data.obs_names = prefix + data.obs_names.astype(str)
+    if v.original_var_names is not None:
+        original = pd.Series(v.original_var_names, index=v.adata.var_names)
+        data.var_names = pd.Index(original[genes].to_numpy())
     return data
 
 

@@ -158,6 +158,34 @@ def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
     )
 
 
+FILTER_PASS = "filter_pass"
+
+
+def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
+    """``obs["filter_pass"]`` as a boolean mask (None when the column is absent).
+
+    The reference Geneformer tokenizer keeps cells whose ``filter_pass`` is 1; the values
+    must be booleans or the numbers 0/1.
+
+    Raises:
+        SchemaError: other values, e.g. the strings ``"TRUE"``/``"FALSE"`` written from R.
+    """
+    if FILTER_PASS not in obs.columns:
+        return None
+    column = obs[FILTER_PASS]
+    values = column.to_numpy()
+    if pd.api.types.is_bool_dtype(column):
+        return values.astype(bool)
+    if pd.api.types.is_numeric_dtype(column) and np.isin(values, (0, 1)).all():
+        return values == 1
+    found = sorted({str(v) for v in pd.unique(values)})[:5]
+    raise SchemaError(
+        f"adata.obs['filter_pass'] must hold booleans or 0/1 but holds {found} "
+        f"(dtype {column.dtype}); convert it, e.g. adata.obs['filter_pass'] = "
+        "adata.obs['filter_pass'].astype(str).str.upper().eq('TRUE'), or drop the column."
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
@@ -181,6 +209,7 @@ class DataDiagnostics:
     classes: dict[str, int] = field(default_factory=dict)
     dropped_cells_no_counts: int = 0
     dropped_cells_missing_label: int = 0
+    dropped_cells_filter_pass: int = 0
     dropped_classes: dict[str, int] = field(default_factory=dict)
     renamed_duplicate_genes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -196,10 +225,26 @@ class ValidatedData:
     adata: AnnData
     labels: pd.Series
     diagnostics: DataDiagnostics
+    original_var_names: pd.Index | None = None  # before duplicates were made unique
 
     @property
     def obs(self) -> pd.DataFrame:
         return self.adata.obs
+
+    @property
+    def model_input(self) -> AnnData:
+        """``adata`` with the file's own gene names: foundation models match their
+        vocabulary on the original identifiers; the unique names (``GENE-1``) are only the
+        baselines' bookkeeping."""
+        if self.original_var_names is None:
+            return self.adata
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # non-unique var_names, on purpose
+            return AnnData(
+                X=self.adata.X,
+                obs=self.adata.obs,
+                var=self.adata.var.set_axis(self.original_var_names),
+            )
 
     @property
     def has_counts(self) -> bool:
@@ -213,8 +258,19 @@ def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]
         out.append(("layers['counts']", adata.layers["counts"], adata.var))
     out.append(("X", adata.X, adata.var))
     if adata.raw is not None:
-        out.append(("raw.X", adata.raw.X, adata.raw.var))
+        out.append(("raw.X", adata.raw.X, raw_var(adata)))
     return out
+
+
+def raw_var(adata: AnnData) -> pd.DataFrame:
+    """``adata.raw.var`` plus the ``adata.var`` columns it lacks, matched by gene name (genes
+    only in ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE
+    file usually live in ``var`` while the counts live in ``raw.X``."""
+    var = adata.raw.var.copy()
+    extra = [c for c in adata.var.columns if c not in var.columns]
+    if extra and adata.var_names.is_unique:
+        var = var.join(adata.var[extra], how="left")
+    return var
 
 
 def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
@@ -290,7 +346,17 @@ def validate(
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
     data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
+    original = data.var_names.copy()
     data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
+    passing = filter_pass_mask(data.obs)
+    if passing is not None and not passing.all():
+        diag.dropped_cells_filter_pass = int((~passing).sum())
+        _warn(
+            diag,
+            f"dropped {int((~passing).sum())} cells with obs['filter_pass'] false, for every "
+            "method (the reference Geneformer tokenizer drops them)",
+        )
+        data = data[passing].copy()
 
     empty = np.asarray(data.X.sum(axis=1)).ravel() <= 0
     keep, labels = filter_cells(
@@ -314,7 +380,8 @@ def validate(
         source,
         diag.identifier_type,
     )
-    return ValidatedData(adata=data, labels=labels, diagnostics=diag)
+    renamed = None if original.equals(data.var_names) else original
+    return ValidatedData(adata=data, labels=labels, diagnostics=diag, original_var_names=renamed)
 
 
 def record_matrix(

@@ -44,7 +44,7 @@ from scfmbench.genes import (
     strip_version,
 )
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.validate import check_finite, require_counts, to_csr
+from scfmbench.validate import check_finite, filter_pass_mask, require_counts, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -730,8 +730,8 @@ class GeneformerTokenizer:
             )
         ids, lengths = rank_value_tokens(counts, mapping, **self.rank_options(), n_jobs=self.n_jobs)
         kept = lengths > 0
-        if "filter_pass" in adata.obs:
-            passing = adata.obs["filter_pass"].to_numpy() == 1
+        passing = filter_pass_mask(adata.obs)
+        if passing is not None:
             logger.info("geneformer: %d cells fail obs['filter_pass']", int((~passing).sum()))
             ids = ids[np.repeat(passing, lengths)]
             kept &= passing
