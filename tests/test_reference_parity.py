@@ -9,12 +9,14 @@ Geneformer tokens are recomputed here cell by cell from the dictionaries.
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from scfmbench.embed import MODELS, collate, embed
@@ -331,3 +333,70 @@ def test_scgpt_batch_label_dsbn_and_ddp_checkpoint(make_scgpt_dir, scgpt_tiny_st
     assert model.network.config.decoder_batch_labels and model.network.config.n_cls == 4
     assert "batch-label encoder" in caplog.text and "domain-specific batch norm" in caplog.text
     assert embed(make_tiny_adata(), model, progress=False).matrix.shape == (11, d)
+
+
+# ---- Geneformer tokens against an independent per-cell computation --------------------------
+
+
+def _reference_geneformer_tokens(adata: ad.AnnData, vocab_dir, suffix: str, special: bool):
+    """The reference TranscriptomeTokenizer's steps, written out cell by cell from the pickles:
+    upper-cased Ensembl IDs (version removed) → ensembl mapping → keep targets with a token;
+    raw counts of genes with the same target summed; value = count / total × 10,000 / median;
+    rank descending; keep the top genes (V2: <cls> + 4,094 + <eos>; V1: 2,048)."""
+
+    def load(name):
+        with open(vocab_dir / f"{name}{suffix}.pkl", "rb") as fh:
+            return pickle.load(fh)
+
+    token, median = load("token_dictionary"), load("gene_median_dictionary")
+    mapping = load("ensembl_mapping_dict")
+    targets = []
+    for gene_id in adata.var["ensembl_id"].astype(str):
+        target = mapping.get(gene_id.upper().split(".")[0])
+        targets.append(target if target in token else None)
+    counts = sp.csr_matrix(adata.X)
+    cells = []
+    for i in range(adata.n_obs):
+        row = counts.getrow(i)
+        total = float(row.sum())
+        summed: dict[str, float] = {}
+        for j, count in zip(row.indices, row.data, strict=True):
+            if targets[j] is not None and count > 0:
+                summed[targets[j]] = summed.get(targets[j], 0.0) + float(count)
+        value = {g: c / total * 10_000 / float(median[g]) for g, c in summed.items()}
+        ranked = sorted(summed, key=lambda g: -value[g])
+        if special:
+            cells.append([token["<cls>"], *[int(token[g]) for g in ranked[:4094]], token["<eos>"]])
+        else:
+            cells.append([int(token[g]) for g in ranked[:2048]])
+    return cells
+
+
+@pytest.fixture(scope="module")
+def pbmc_300(shared_dir) -> ad.AnnData:
+    adata = ad.read_h5ad(shared_dir / PBMC3K)
+    rows = np.sort(np.random.default_rng(11).choice(adata.n_obs, 300, replace=False))
+    adata = adata[rows].copy()
+    adata.var = adata.var.rename(columns={"gene_ids": "ensembl_id"})[["ensembl_id"]]
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("version", "vocab", "suffix"), [("V2", "v2_gc95M", "_gc95M"), ("V1", "v1_gc30M", "_gc30M")]
+)
+def test_geneformer_default_tokens_equal_the_reference_steps(
+    gf_dirs, pbmc_300, shared_dir, version, vocab, suffix
+):
+    model = MODELS.get("geneformer")(gf_dirs[version][0])  # default flags
+    tokens = model.tokenize(pbmc_300)
+    expected = _reference_geneformer_tokens(
+        pbmc_300, shared_dir / "vocab/geneformer" / vocab, suffix, special=version == "V2"
+    )
+    assert tokens.n_cells == 300 and tokens.gene_match.gene_column == "ensembl_id"
+    for i, cell in enumerate(expected):
+        assert tokens.cell(i)[0].tolist() == cell, f"cell {i} ({pbmc_300.obs_names[i]})"
+    # the symbols would lose genes and change the tokens of most cells (the old default)
+    by_symbol = MODELS.get("geneformer")(gf_dirs[version][0], gene_column="var_names")
+    symbol_tokens = by_symbol.tokenize(pbmc_300)
+    differ = sum(symbol_tokens.cell(i)[0].tolist() != cell for i, cell in enumerate(expected))
+    assert differ > 250
