@@ -358,3 +358,34 @@ def test_models_see_the_original_duplicated_gene_names(pbmc, models):
     in_embed = model.tokenize(expression_view(adata))
     assert in_run.gene_match.n_matched == in_embed.gene_match.n_matched == 12_321
     np.testing.assert_array_equal(in_run.input_ids, in_embed.input_ids)
+
+
+def test_streamed_run_on_cellxgene_with_filter_pass(pbmc, models, tmp_path, capsys):
+    adata = cellxgene(pbmc)
+    failing = np.arange(adata.n_obs) % 10 == 0
+    adata.obs["filter_pass"] = ~failing
+    adata.write_h5ad(tmp_path / "cxg_fp.h5ad")
+    config = _quick_config(
+        tmp_path / "run.yaml", models=[f"scgpt={models['scgpt']}"], chunk_size=50
+    )
+    code, _, err = run_cli_in_process(
+        [
+            "run",
+            "--data",
+            str(tmp_path / "cxg_fp.h5ad"),
+            "--config",
+            str(config),
+            "--backed",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "streamed",
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    diag = json.loads((tmp_path / "runs/streamed/metrics.json").read_text())["diagnostics"]
+    assert (diag["matrix_source"], diag["dropped_cells_filter_pass"]) == ("raw.X", 12)
+    assert diag["n_cells"] == adata.n_obs - 12
+    assert diag["models"]["scgpt"]["gene_column"] == "feature_name"

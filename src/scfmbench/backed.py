@@ -28,12 +28,14 @@ from scfmbench.validate import (
     check_finite,
     check_h5ad_file,
     classify_matrix,
+    drop_filter_pass,
     filter_cells,
     find_expression,
     record_matrix,
     resolve_label_key,
     to_csr,
     unreadable_h5ad,
+    with_var_columns,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class H5adCells:
             raise
         self.location, var_location = H5_LOCATIONS[self.source]
         self.var = self.vars[var_location]
+        if var_location != "var":  # raw.X: identifier columns usually live in var
+            self.var = with_var_columns(self.var, self.vars["var"])
 
     def _pick_matrix(self, stop: int) -> tuple[str, str]:
         """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
@@ -252,13 +256,16 @@ def _validate(
         totals[start:stop] = np.asarray(matrix.sum(axis=1)).ravel()
         for part in (matrix.data, matrix.indices, matrix.indptr):
             digest.update(np.ascontiguousarray(part).tobytes())
-    keep, labels = filter_cells(
-        obs,
+    passing = drop_filter_pass(obs, diag)
+    kept, labels = filter_cells(
+        obs.iloc[passing],
         label_key=label_key,
-        empty=totals <= 0,
+        empty=totals[passing] <= 0,
         min_cells_per_class=min_cells_per_class,
         diag=diag,
     )
+    keep = np.zeros(reader.n_obs, dtype=bool)
+    keep[np.flatnonzero(passing)[kept]] = True
     digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
     logger.info(
         "validated %d cells × %d genes on disk, %d classes; %s from adata.%s; %s identifiers",

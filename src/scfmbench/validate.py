@@ -186,6 +186,22 @@ def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
     )
 
 
+def drop_filter_pass(obs: pd.DataFrame, diag: DataDiagnostics) -> np.ndarray:
+    """Cells to keep by ``obs["filter_pass"]`` (all when absent); the drop is recorded in
+    ``diag`` with a warning. It applies to every method, so all are scored on the same cells."""
+    passing = filter_pass_mask(obs)
+    if passing is None:
+        return np.ones(len(obs), dtype=bool)
+    if not passing.all():
+        diag.dropped_cells_filter_pass = int((~passing).sum())
+        _warn(
+            diag,
+            f"dropped {int((~passing).sum())} cells with obs['filter_pass'] false, for every "
+            "method (the reference Geneformer tokenizer drops them)",
+        )
+    return passing
+
+
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
@@ -263,14 +279,19 @@ def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]
 
 
 def raw_var(adata: AnnData) -> pd.DataFrame:
-    """``adata.raw.var`` plus the ``adata.var`` columns it lacks, matched by gene name (genes
-    only in ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE
-    file usually live in ``var`` while the counts live in ``raw.X``."""
-    var = adata.raw.var.copy()
-    extra = [c for c in adata.var.columns if c not in var.columns]
-    if extra and adata.var_names.is_unique:
-        var = var.join(adata.var[extra], how="left")
-    return var
+    """``adata.raw.var`` plus the ``adata.var`` columns it lacks (see ``with_var_columns``)."""
+    return with_var_columns(adata.raw.var, adata.var)
+
+
+def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
+    """``raw_var`` plus the columns of ``var`` it lacks, matched by gene name (genes only in
+    ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE file
+    usually live in ``var`` while the counts live in ``raw.X``."""
+    out = raw_var.copy()
+    extra = [c for c in var.columns if c not in out.columns]
+    if extra and var.index.is_unique:
+        out = out.join(var[extra], how="left")
+    return out
 
 
 def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
@@ -348,14 +369,8 @@ def validate(
     data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
     original = data.var_names.copy()
     data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
-    passing = filter_pass_mask(data.obs)
-    if passing is not None and not passing.all():
-        diag.dropped_cells_filter_pass = int((~passing).sum())
-        _warn(
-            diag,
-            f"dropped {int((~passing).sum())} cells with obs['filter_pass'] false, for every "
-            "method (the reference Geneformer tokenizer drops them)",
-        )
+    passing = drop_filter_pass(data.obs, diag)
+    if not passing.all():
         data = data[passing].copy()
 
     empty = np.asarray(data.X.sum(axis=1)).ravel() <= 0
