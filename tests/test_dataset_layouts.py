@@ -177,21 +177,7 @@ def _quick_config(path: Path, **values) -> Path:
 
 def test_run_and_transfer_on_cellxgene_files(files, models, tmp_path, capsys, shared_dir):
     config = _quick_config(tmp_path / "run.yaml", models=[f"scgpt={models['scgpt']}"])
-    code, _, err = run_cli_in_process(
-        [
-            "run",
-            "--data",
-            str(files["cellxgene"]),
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "runs"),
-            "--name",
-            "cxg",
-            "-q",
-        ],
-        capsys,
-    )
+    code, err = _run(capsys, str(files["cellxgene"]), config, tmp_path / "runs", "cxg")
     assert code == 0, err
     doc = json.loads((tmp_path / "runs/cxg/metrics.json").read_text())
     scgpt = doc["diagnostics"]["models"]["scgpt"]
@@ -228,6 +214,26 @@ def test_run_and_transfer_on_cellxgene_files(files, models, tmp_path, capsys, sh
 
 
 # ---- model-input faults, each stopped with one line ---------------------------------------------
+
+
+def _run(capsys, data: Path, config: Path, out: Path, name: str, *extra: str) -> tuple[int, str]:
+    code, _, err = run_cli_in_process(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--name",
+            name,
+            "-q",
+            *extra,
+        ],
+        capsys,
+    )
+    return code, err
 
 
 def _one_line_error(code: int, err: str, *parts: str) -> None:
@@ -296,21 +302,7 @@ def test_no_cell_embeddable_stops_embed_and_run(pbmc, models, tmp_path, capsys):
     _one_line_error(code, err, "can embed none of the 120 cells", "--gene-column")
     assert not out.exists()
     config = _quick_config(tmp_path / "run.yaml", models=[f"geneformer={models['geneformer']}"])
-    code, _, err = run_cli_in_process(
-        [
-            "run",
-            "--data",
-            str(tmp_path / "outside.h5ad"),
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "runs"),
-            "--name",
-            "none",
-            "-q",
-        ],
-        capsys,
-    )
+    code, err = _run(capsys, str(tmp_path / "outside.h5ad"), config, tmp_path / "runs", "none")
     _one_line_error(code, err, "can embed none")
     assert not (tmp_path / "runs" / "none").exists()
 
@@ -321,21 +313,7 @@ def test_filter_pass_applies_to_every_method(pbmc, models, tmp_path, capsys):
     adata.obs["filter_pass"] = (~failing).astype(int)
     adata.write_h5ad(tmp_path / "fp.h5ad")
     config = _quick_config(tmp_path / "run.yaml", models=[f"geneformer={models['geneformer']}"])
-    code, _, err = run_cli_in_process(
-        [
-            "run",
-            "--data",
-            str(tmp_path / "fp.h5ad"),
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "runs"),
-            "--name",
-            "fp",
-            "-q",
-        ],
-        capsys,
-    )
+    code, err = _run(capsys, str(tmp_path / "fp.h5ad"), config, tmp_path / "runs", "fp")
     assert code == 0, err
     doc = json.loads((tmp_path / "runs/fp/metrics.json").read_text())
     diag = doc["diagnostics"]
@@ -368,21 +346,8 @@ def test_streamed_run_on_cellxgene_with_filter_pass(pbmc, models, tmp_path, caps
     config = _quick_config(
         tmp_path / "run.yaml", models=[f"scgpt={models['scgpt']}"], chunk_size=50
     )
-    code, _, err = run_cli_in_process(
-        [
-            "run",
-            "--data",
-            str(tmp_path / "cxg_fp.h5ad"),
-            "--config",
-            str(config),
-            "--backed",
-            "--out",
-            str(tmp_path / "runs"),
-            "--name",
-            "streamed",
-            "-q",
-        ],
-        capsys,
+    code, err = _run(
+        capsys, str(tmp_path / "cxg_fp.h5ad"), config, tmp_path / "runs", "streamed", "--backed"
     )
     assert code == 0, err
     diag = json.loads((tmp_path / "runs/streamed/metrics.json").read_text())["diagnostics"]

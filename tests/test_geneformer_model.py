@@ -13,7 +13,12 @@ import torch
 from scfmbench.embed import MODELS, collate, embed, embed_tokens
 from scfmbench.embed._geneformer import GeneformerModel, load_geneformer
 from scfmbench.errors import CheckpointError, ConfigError
-from tests._geneformer_factory import copy_dictionaries, real_config, write_checkpoint
+from tests._geneformer_factory import (
+    copy_dictionaries,
+    hf_hidden_states,
+    real_config,
+    write_checkpoint,
+)
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 
@@ -38,14 +43,7 @@ def v2_dir(tmp_path_factory, shared_dir):
 
 def reference_embeddings(network, model: GeneformerModel, adata, *, layer: int) -> np.ndarray:
     """Hugging Face forward with all hidden states, mean over gene tokens (the reference way)."""
-    tokens = model.tokenize(adata)
-    batch = collate(tokens, np.arange(tokens.n_cells), pad_token_id=0)
-    with torch.no_grad():
-        states = network.bert(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask.long(),
-            output_hidden_states=True,
-        ).hidden_states[layer]
+    tokens, states = hf_hidden_states(network, model, adata, layer=layer)
     special = model.tokenizer.cls_id is not None
     rows = []
     for i, length in enumerate(tokens.lengths):

@@ -22,7 +22,7 @@ import torch
 from scfmbench.embed import MODELS, collate, embed
 from scfmbench.errors import SchemaError
 from scfmbench.genes import content_kind, resolve_gene_identifiers
-from tests._geneformer_factory import write_checkpoint
+from tests._geneformer_factory import hf_hidden_states, write_checkpoint
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import make_tiny_adata
 from tests.test_scfoundation import GENES as SCF_GENES
@@ -55,37 +55,20 @@ def gf_dirs(tmp_path_factory, shared_dir):
 # ---- defaults: each model's reference layer and pooling ---------------------------------------
 
 
-def _hf_hidden(network, model, adata, layer: int):
-    tokens = model.tokenize(adata)
-    batch = collate(tokens, np.arange(tokens.n_cells), pad_token_id=0)
-    with torch.no_grad():
-        states = network.bert(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask.long(),
-            output_hidden_states=True,
-        ).hidden_states[layer]
-    return tokens, states
-
-
-def test_geneformer_v1_default_is_mean_of_second_to_last_layer(gf_dirs, pbmc_reference_layout):
-    directory, network = gf_dirs["V1"]
+@pytest.mark.parametrize(("version", "pooling"), [("V1", "mean"), ("V2", "cls")])
+def test_geneformer_default_layer_and_pooling(gf_dirs, pbmc_reference_layout, version, pooling):
+    """Second-to-last layer; V1 mean over gene tokens (emb_mode "cell"), V2 <cls>."""
+    directory, network = gf_dirs[version]
     model = MODELS.get("geneformer")(directory)
-    assert (model.n_layers, model.default_layer, model.default_pooling) == (2, 1, "mean")
+    assert (model.n_layers, model.default_layer, model.default_pooling) == (2, 1, pooling)
     result = embed(pbmc_reference_layout.copy(), model, progress=False)
-    assert (result.layer, result.pooling) == (1, "mean")
-    tokens, states = _hf_hidden(network, model, pbmc_reference_layout, layer=1)
-    expected = np.stack([states[i, :n].mean(0).numpy() for i, n in enumerate(tokens.lengths)])
+    assert (result.layer, result.pooling) == (1, pooling)
+    tokens, states = hf_hidden_states(network, model, pbmc_reference_layout, layer=1)
+    if version == "V1":  # no special tokens: every token is a gene
+        expected = np.stack([states[i, :n].mean(0).numpy() for i, n in enumerate(tokens.lengths)])
+    else:
+        expected = states[:, 0].numpy()
     np.testing.assert_allclose(result.matrix, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_geneformer_v2_default_is_cls_of_second_to_last_layer(gf_dirs, pbmc_reference_layout):
-    directory, network = gf_dirs["V2"]
-    model = MODELS.get("geneformer")(directory)
-    assert (model.n_layers, model.default_layer, model.default_pooling) == (2, 1, "cls")
-    result = embed(pbmc_reference_layout.copy(), model, progress=False)
-    assert (result.layer, result.pooling) == (1, "cls")
-    _, states = _hf_hidden(network, model, pbmc_reference_layout, layer=1)
-    np.testing.assert_allclose(result.matrix, states[:, 0].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_scgpt_default_is_l2_normalized_cls_of_last_layer(make_scgpt_dir):
