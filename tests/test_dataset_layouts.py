@@ -101,20 +101,23 @@ def _embedded(path: Path, key: str) -> tuple[np.ndarray, dict]:
 
 
 @pytest.mark.parametrize(
-    ("layout", "source"),
+    ("layout", "source", "ensembl", "symbol"),
     [
-        ("cellxgene", "raw.X"),
-        ("seurat_scaled", "raw.X"),
-        ("seurat_counts_layer", "layers['counts']"),
-        ("tenx", "X"),
+        ("cellxgene", "raw.X", "var_names", "feature_name"),
+        ("seurat_scaled", "raw.X", None, "var_names"),
+        ("seurat_counts_layer", "layers['counts']", None, "var_names"),
+        ("tenx", "X", "gene_ids", "var_names"),
     ],
 )
-def test_validate_finds_the_counts_of_each_layout(files, capsys, layout, source):
+def test_validate_finds_the_counts_of_each_layout(files, capsys, layout, source, ensembl, symbol):
     code, out, _ = run_cli_in_process(["validate", str(files[layout]), "--json"], capsys)
     assert code == 0
     diag = json.loads(out)
     assert (diag["matrix_source"], diag["matrix_kind"]) == (source, "counts")
     assert diag["n_cells"] == len(CLASSES) * PER_CLASS and diag["n_genes"] == 13_714
+    assert diag["gene_sources"] == {"ensembl": ensembl, "symbol": symbol}
+    code, out, _ = run_cli_in_process(["validate", str(files[layout])], capsys)
+    assert code == 0 and "symbols (scGPT, scFoundation): " in out
 
 
 GENE_SOURCES = {  # layout → model → the identifiers it must read

@@ -23,6 +23,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench.errors import DataError, ScfmbenchError
+from scfmbench.genes import identifier_sources
 from scfmbench.validate import (
     DataDiagnostics,
     check_finite,
@@ -241,6 +242,7 @@ def _validate(
         diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
     )
     diag.n_genes = len(var_names)
+    diag.gene_sources = identifier_sources(reader.var)
     if not obs.index.is_unique:
         raise DataError(
             f"{reader.path.name} has {int(obs.index.duplicated().sum())} duplicated cell names "

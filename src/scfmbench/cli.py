@@ -163,12 +163,29 @@ def validate(
         f"genes: {diag.n_genes}",
         f"expression: adata.{diag.matrix_source} holds {raw}",
         f"gene identifiers: {diag.identifier_type}",
+        *_gene_source_lines(diag.gene_sources),
         f"label column: {diag.label_key} ({len(diag.classes)} classes)",
         *[f"  {name}: {size}" for name, size in diag.classes.items()],
         "problems: " + ("none" if not diag.warnings else ""),
         *[f"  - {w}" for w in diag.warnings],
     ]
     typer.echo("\n".join(lines))
+
+
+def _gene_source_lines(sources: dict[str, str | None]) -> list[str]:
+    """Where each model family reads its gene identifiers (as resolved by default)."""
+    users = {"ensembl": "Ensembl IDs (Geneformer)", "symbol": "symbols (scGPT, scFoundation)"}
+    lines = []
+    for kind, column in sources.items():
+        where = (
+            "none found"
+            if column is None
+            else (column if column == "var_names" else f"var[{column!r}]")
+        )
+        if kind == "ensembl" and column is None:
+            where += "; Geneformer maps the symbols through its gene-name dictionary"
+        lines.append(f"  {users[kind]}: {where}")
+    return lines
 
 
 @app.command()

@@ -162,6 +162,16 @@ def resolve_gene_identifiers(
     return GeneIdentifiers(keys, fallback, detect_identifier_type(keys), reason, tuple(looked_at))
 
 
+def identifier_sources(var: pd.DataFrame) -> dict[str, str | None]:
+    """Where a model of each vocabulary kind finds its identifiers by default:
+    ``{"ensembl": column or None, "symbol": column or None}`` (``"var_names"`` for the index)."""
+    found: dict[str, str | None] = {}
+    for kind in KNOWN_COLUMNS:
+        source = resolve_gene_identifiers(var, vocabulary_kind=kind, model="")
+        found[kind] = source.column if source.kind == kind else None
+    return found
+
+
 def strip_version(gene_id: str) -> str:
     """``ENSG00000123.4`` → ``ENSG00000123``; symbols are returned unchanged."""
     return gene_id.split(".")[0] if ENSEMBL_RE.match(gene_id.upper()) else gene_id

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.errors import CountsRequiredError, DataError, SchemaError
-from scfmbench.genes import detect_identifier_type
+from scfmbench.genes import detect_identifier_type, identifier_sources
 from scfmbench.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ class DataDiagnostics:
     dropped_cells_no_counts: int = 0
     dropped_cells_missing_label: int = 0
     dropped_cells_filter_pass: int = 0
+    gene_sources: dict[str, str | None] = field(default_factory=dict)  # vocabulary kind → column
     dropped_classes: dict[str, int] = field(default_factory=dict)
     renamed_duplicate_genes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -368,6 +369,7 @@ def validate(
     source, matrix, var, kind = find_expression(adata)
     data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
     original = data.var_names.copy()
+    diag.gene_sources = identifier_sources(data.var)
     data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
     passing = drop_filter_pass(data.obs, diag)
     if not passing.all():
