@@ -214,6 +214,11 @@ def test_run_and_transfer_on_cellxgene_files(files, models, tmp_path, capsys, sh
     results = doc["transfer"]["matrix"]["cellxgene"]["kang_cxg"]
     assert set(results) == {"majority", "pca+logreg", "scgpt+logreg"}
     assert doc["run"]["seed"] == 3
+    for dataset in ("cellxgene", "kang_cxg"):
+        genes = doc["diagnostics"]["models"][f"scgpt ({dataset})"]
+        assert genes["gene_column"] == "feature_name" and genes["n_matched"] > 1000
+    report = (tmp_path / "runs/tr/report.md").read_text()
+    assert "var['feature_name']" in report
 
 
 # ---- model-input faults, each stopped with one line ---------------------------------------------

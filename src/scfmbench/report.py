@@ -375,7 +375,10 @@ def _config_value(value: Any) -> str:
 def transfer_data_section(metrics: dict[str, Any]) -> Section:
     """Both datasets of a transfer run and what each direction shared and dropped."""
     bullets = []
-    for name, diag in (metrics.get("diagnostics") or {}).items():
+    diagnostics = metrics.get("diagnostics") or {}
+    for name, diag in diagnostics.items():
+        if name == "models":  # per model and dataset: the genes matched (table below)
+            continue
         bullets.append(
             f"{name}: {diag.get('n_cells')} cells × {diag.get('n_genes')} genes, "
             f"{diag.get('matrix_kind')} from adata.{diag.get('matrix_source')}, "
@@ -388,7 +391,11 @@ def transfer_data_section(metrics: dict[str, Any]) -> Section:
             f"training and {info['n_test_cells']} test cells; test classes not in training "
             f"(dropped): {info['dropped_test_classes'] or 'none'}"
         )
-    return Section("data", "Data and diagnostics", bullets=bullets)
+    section = Section("data", "Data and diagnostics", bullets=bullets)
+    models = models_table({"models": diagnostics.get("models") or {}})
+    if models is not None:
+        section.tables.append(models)
+    return section
 
 
 def data_section(metrics: dict[str, Any]) -> Section:
