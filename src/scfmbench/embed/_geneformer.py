@@ -1,8 +1,9 @@
 """Geneformer adapter: a Hugging Face BERT checkpoint plus the rank-value tokenizer.
 
 A model directory is what Hugging Face ships: ``config.json`` and ``model.safetensors`` or
-``pytorch_model.bin`` (``BertForMaskedLM`` or ``BertForSequenceClassification`` weights),
-usually with the dictionaries beside them.
+``pytorch_model.bin`` (``BertForMaskedLM`` or ``BertForSequenceClassification`` weights,
+optionally ``module.``-prefixed). The dictionaries are found beside the model folder or above
+it (a clone of the Hugging Face repository) and chosen by the model's ``vocab_size``.
 """
 
 from __future__ import annotations
