@@ -103,6 +103,7 @@ def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monke
         "figures": False,
         "out": tmp_path / "runs",
         "progress": False,
+        "gene_column": "var_names",  # symbols: the tokenizer warns about unmapped ones
     }
     with pytest.warns(UserWarning):
         memory = run(path, name="memory", backed=False, **settings)
@@ -129,8 +130,8 @@ def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monke
             )
     assert b["diagnostics"]["models"]["geneformer"]["chunk_size"] == 200
     streamed = sorted(p.name for p in (backed.run_dir / "embeddings").glob("*.npy"))
-    assert streamed == [f"geneformer{c}_L{i}_mean.npy" for c in ("-random", "") for i in range(3)]
-    on_disk = np.load(backed.run_dir / "embeddings" / "geneformer_L2_mean.npy")
+    assert streamed == [f"geneformer{c}_L{i}_cls.npy" for c in ("-random", "") for i in range(3)]
+    on_disk = np.load(backed.run_dir / "embeddings" / "geneformer_L2_cls.npy")
     assert on_disk.shape == (900, 32) and np.isnan(on_disk[[5, 400, 899]]).all()
     # a rerun reuses the streamed embeddings and every probe
     with pytest.warns(UserWarning):
