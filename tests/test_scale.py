@@ -220,7 +220,7 @@ def test_streaming_chunk_without_tokens_gets_nan_rows(tmp_path, make_scgpt_dir):
 
 def test_backed_default_and_conflicts(tmp_path, monkeypatch, tiny_adata):
     data = tmp_path / "x.h5ad"
-    data.write_bytes(b"\x89HDF\r\n\x1a\n")
+    tiny_adata.write_h5ad(data)
     assert not stream.should_stream(data, backed=None)
     monkeypatch.setattr(stream, "BACKED_THRESHOLD_BYTES", 4)
     assert stream.should_stream(data, backed=None)

@@ -119,7 +119,11 @@ def test_classify_matrix():
     logged = counts.copy()
     logged.data = np.log1p(logged.data)
     assert classify_matrix(logged) == "lognorm"
-    assert classify_matrix(counts * 37.3) == "normalized"
+    # a count matrix times a non-integer factor: totals still vary with depth
+    assert classify_matrix(counts * 37.3) == "corrected"
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    assert classify_matrix(sp.diags(1e4 / totals) @ counts) == "normalized"
+    assert classify_matrix(sp.diags(1e4 / totals[1:]) @ counts[1:]) == "corrected"  # one cell
     assert classify_matrix(counts.toarray() - 1) == "scaled"
 
 

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from scfmbench.errors import DataError, ScfmbenchError
 from scfmbench.genes import identifier_sources
 from scfmbench.validate import (
+    KIND_NAMES,
     DataDiagnostics,
     check_finite,
     check_h5ad_file,
+    check_unique_cells,
     classify_matrix,
     drop_filter_pass,
     filter_cells,
@@ -41,13 +43,6 @@ from scfmbench.validate import (
 
 logger = logging.getLogger(__name__)
 
-KIND_NAMES = {
-    "counts": "raw integer counts",
-    "normalized": "normalized (non-integer) values",
-    "lognorm": "log-normalized values",
-    "scaled": "scaled (negative) values",
-}
-
 # where find_expression's candidates live inside an .h5ad file: (matrix, var)
 H5_LOCATIONS = {
     "layers['counts']": ("layers/counts", "var"),
@@ -59,9 +54,15 @@ H5_LOCATIONS = {
 class H5adCells:
     """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
 
-    Picks the matrix as :func:`scfmbench.validate.find_expression` does (raw counts in
-    ``layers['counts']``, ``X`` or ``raw.X`` first), judged on the first chunk; ``obs`` and
-    ``var`` are read whole, the matrix only chunk by chunk.
+    Considers the candidates :func:`scfmbench.validate.find_expression` considers, in its
+    order (``layers['counts']``, ``X``, ``raw.X``; an absent ``X`` or one written as an empty
+    dataset with ``encoding-type: null`` is skipped) and picks as it does (raw counts first),
+    judged on the first chunk; ``obs`` and ``var`` are read whole, the matrix only chunk by
+    chunk.
+
+    Raises:
+        DataError: duplicated cell names, no cells, no candidate matrix, a matrix in an
+            encoding that cannot be read by rows, or the legacy (anndata < 0.7) layout.
     """
 
     def __init__(self, path: Path, *, chunk_size: int) -> None:
@@ -78,6 +79,8 @@ class H5adCells:
             raise unreadable_h5ad(path, exc) from None
         self.n_obs = len(self.obs)
         try:
+            self._check_layout()
+            check_unique_cells(pd.Index(self.obs.index), where=self.path.name)
             self.source, self.kind = self._pick_matrix(min(chunk_size, self.n_obs))
         except ScfmbenchError:
             self.file.close()
@@ -86,18 +89,59 @@ class H5adCells:
         self.var = self.vars[var_location]
         if var_location != "var":  # raw.X: identifier columns usually live in var
             self.var = with_var_columns(self.var, self.vars["var"])
+        logger.info("%s: streaming adata.%s (%s)", self.path.name, self.source, self.kind)
+
+    def candidates(self) -> list[str]:
+        """The candidate matrices this file holds (``H5_LOCATIONS`` names), in order."""
+        out = []
+        for source, (location, var) in H5_LOCATIONS.items():
+            elem = self.file.get(location)
+            if elem is None or var not in self.vars:
+                continue
+            if isinstance(elem, h5py.Dataset) and (
+                elem.shape is None or elem.attrs.get("encoding-type") == "null"
+            ):
+                continue  # X written as an empty dataset (anndata ≥ 0.12 with X=None)
+            out.append(source)
+        return out
 
     def _pick_matrix(self, stop: int) -> tuple[str, str]:
         """(source, kind) of the matrix ``find_expression`` picks on cells ``0:stop``."""
         if self.n_obs == 0:
             raise DataError(f"{self.path} has no cells; pass a file with at least one cell.")
-        first = AnnData(X=self._read("X", 0, stop), obs=self.obs.iloc[:stop], var=self.vars["var"])
-        if "layers/counts" in self.file:
+        found = self.candidates()
+        if not found:
+            raise DataError(
+                f"{self.path.name} has no expression matrix: X is absent or empty and there is "
+                "no layers['counts'] or raw/X; write the counts to X (adata.X = counts) and "
+                "save the file again."
+            )
+        first = AnnData(obs=self.obs.iloc[:stop], var=self.vars["var"])
+        if "X" in found:
+            first.X = self._read("X", 0, stop)
+        if "layers['counts']" in found:
             first.layers["counts"] = self._read("layers/counts", 0, stop)
-        if "raw/X" in self.file:
+        if "raw.X" in found:
             first.raw = AnnData(X=self._read("raw/X", 0, stop), var=self.vars["raw/var"])
         source, _, _, kind = find_expression(first)
         return source, kind
+
+    def _check_layout(self) -> None:
+        """DataError for the legacy anndata (< 0.7) layout: structured-array obs/var and a
+        sparse X group marked only with ``h5sparse_format``."""
+        obs, matrix = self.file["obs"], self.file.get("X")
+        legacy = isinstance(obs, h5py.Dataset) or (
+            isinstance(matrix, h5py.Group)
+            and "h5sparse_format" in matrix.attrs
+            and "encoding-type" not in matrix.attrs
+        )
+        if legacy:
+            raise DataError(
+                f"{self.path.name} uses the legacy anndata (< 0.7) layout (structured-array "
+                "obs/var, X marked only with h5sparse_format), which cannot be streamed; read "
+                "it with anndata.read_h5ad and write it again with adata.write_h5ad, or pass "
+                "--no-backed."
+            )
 
     def close(self) -> None:
         self.file.close()
@@ -130,8 +174,7 @@ class H5adCells:
         where = f"adata.{self.source} of cells {start}-{stop - 1} in {self.path.name}"
         check_finite(matrix, where=where)
         kind = classify_matrix(matrix)
-        # an all-integer chunk is fine in normalized data (e.g. only zeros and ones)
-        if kind != self.kind and not (kind == "counts" and self.kind != "scaled"):
+        if kind != self.kind and not _same_matrix(kind, self.kind, matrix):
             found = KIND_NAMES[kind]
             if kind == "scaled":
                 found += f" (min {matrix.data.min():.3g})"
@@ -143,6 +186,23 @@ class H5adCells:
         view = AnnData(X=matrix, obs=self.obs.iloc[start:stop], var=self.var)
         view.uns["scfmbench"] = {"matrix_source": self.source, "matrix_kind": self.kind}
         return view
+
+
+SMALL_CHUNK = 100
+"""A chunk with fewer non-empty cells is too small to tell count-like, depth-normalized and
+log-scale values apart (one cell has no spread of totals; a few low-depth cells of corrected
+counts may all stay below ``LOG_SCALE_MAX``)."""
+NON_INTEGER_KINDS = {"corrected", "normalized", "lognorm"}
+
+
+def _same_matrix(kind: str, first: str, matrix: sp.csr_matrix) -> bool:
+    """Whether a chunk of ``kind`` can come from a matrix whose first chunk is ``first``: an
+    all-integer chunk is fine in non-negative data (e.g. only zeros and ones), and a chunk
+    of fewer than ``SMALL_CHUNK`` non-empty cells may look like any non-integer kind."""
+    if kind == "counts":
+        return first != "scaled"
+    small = int((matrix.getnnz(axis=1) > 0).sum()) < SMALL_CHUNK
+    return small and kind in NON_INTEGER_KINDS and first in NON_INTEGER_KINDS
 
 
 # --------------------------------------------------------------------------------------
@@ -208,26 +268,40 @@ def validate_backed(
     min_cells_per_class: int = 10,
     chunk_size: int = 2048,
     progress: bool = True,
+    merge_similar_labels: bool = False,
 ) -> BackedData:
     """:func:`scfmbench.validate.validate` for a file that stays on disk.
 
     One pass over the file in chunks of ``chunk_size`` cells checks every value (NaN/inf,
     the same kind of values as the first chunk), finds cells without counts and hashes the
-    matrix; labels and genes come from ``obs``/``var``, which are read whole.
+    matrix; labels and genes come from ``obs``/``var``, which are read whole. Labels follow
+    :func:`scfmbench.validate.filter_cells` (placeholders missing; ``merge_similar_labels``
+    merges labels that differ only by case or whitespace).
 
     Returns:
         BackedData; close it (``.close()``) when done.
+
+    Raises:
+        DataError / SchemaError: as :func:`scfmbench.validate.validate`, and for files the
+            streaming reader cannot read by rows (see :class:`H5adCells`).
     """
     reader = H5adCells(Path(path), chunk_size=chunk_size)
     try:
-        return _validate(reader, label_key, min_cells_per_class, chunk_size, progress)
+        return _validate(
+            reader, label_key, min_cells_per_class, chunk_size, progress, merge_similar_labels
+        )
     except (ScfmbenchError, KeyboardInterrupt):
         reader.close()
         raise
 
 
 def _validate(
-    reader: H5adCells, label_key, min_cells_per_class: int, chunk_size: int, progress: bool
+    reader: H5adCells,
+    label_key,
+    min_cells_per_class: int,
+    chunk_size: int,
+    progress: bool,
+    merge_similar_labels: bool,
 ) -> BackedData:
     obs = reader.obs
     diag = DataDiagnostics(n_cells_input=reader.n_obs, n_genes_input=len(reader.var))
@@ -243,11 +317,6 @@ def _validate(
     )
     diag.n_genes = len(var_names)
     diag.gene_sources = identifier_sources(reader.var)
-    if not obs.index.is_unique:
-        raise DataError(
-            f"{reader.path.name} has {int(obs.index.duplicated().sum())} duplicated cell names "
-            "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
-        )
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
     starts = range(0, reader.n_obs, chunk_size)
@@ -265,6 +334,7 @@ def _validate(
         empty=totals[passing] <= 0,
         min_cells_per_class=min_cells_per_class,
         diag=diag,
+        merge_similar_labels=merge_similar_labels,
     )
     keep = np.zeros(reader.n_obs, dtype=bool)
     keep[np.flatnonzero(passing)[kept]] = True

@@ -73,6 +73,11 @@ def run(
     allow_normalized: bool = typer.Option(
         None, "--allow-normalized", help="Let count-based models use normalized data."
     ),
+    merge_similar_labels: bool = typer.Option(
+        None,
+        "--merge-similar-labels",
+        help="Merge labels that differ only by case or whitespace ('B', 'B ', 'b').",
+    ),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     device: str = typer.Option(None, help="cpu, cuda or auto."),
     batch_size: int = typer.Option(None, help="Cells per embedding batch."),
@@ -109,6 +114,7 @@ def run(
         "models": model or None,
         "reference": reference,
         "allow_normalized": allow_normalized,
+        "merge_similar_labels": merge_similar_labels,
         "gene_column": gene_column,
         "device": device,
         "batch_size": batch_size,
@@ -132,7 +138,15 @@ def run(
 def validate(
     data: str = typer.Argument(..., help="An .h5ad file or a built-in name."),
     label_key: str = typer.Option(None, help="obs column with the cell types."),
-    min_cells_per_class: int = typer.Option(10, help="Smaller classes are dropped."),
+    min_cells_per_class: int = typer.Option(None, help="Smaller classes are dropped (default 10)."),
+    merge_similar_labels: bool = typer.Option(
+        None,
+        "--merge-similar-labels",
+        help="Merge labels that differ only by case or whitespace ('B', 'B ', 'b').",
+    ),
+    config: Path = typer.Option(
+        None, help="Run YAML: check with the settings `run --config` would use."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the diagnostics as JSON."),
     backed: bool = typer.Option(
         None,
@@ -140,28 +154,43 @@ def validate(
         help="Check the file chunk by chunk without loading it (default: files over 1 GiB).",
     ),
 ) -> None:
-    """Check a dataset: counts, identifiers, classes and problems found (writes nothing)."""
+    """Check a dataset: counts, identifiers, classes and problems found (writes nothing).
+
+    Stops with the same one-line error as `run` for anything `run` would refuse with the same
+    settings (e.g. a class too small to stratify).
+    """
     from scfmbench.backed import BackedData
-    from scfmbench.pipeline import open_run_data, resolve_config
+    from scfmbench.config import RunConfig
+    from scfmbench.pipeline import baseline_methods, open_run_data, resolve_config
+    from scfmbench.probes import PROBES
+    from scfmbench.splits import check_fractions, check_stratifiable
 
     _setup_logging(quiet=True)
     settings = {
         "label_key": label_key,
         "min_cells_per_class": min_cells_per_class,
+        "merge_similar_labels": merge_similar_labels,
         "backed": backed,
     }
-    checked = open_run_data(data, resolve_config(data, None, settings), progress=False)
+    base = RunConfig.from_yaml(config) if config is not None else None
+    resolved = resolve_config(data, base, settings)
+    check_fractions(resolved.fractions)
+    baseline_methods(resolved)  # unknown representations / probes, as run refuses them
+    for probe in resolved.probes if resolved.models else []:
+        PROBES.get(probe)
+    checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
+    check_stratifiable(checked.labels)
     diag = checked.diagnostics
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return
-    raw = "raw integer counts" if diag.matrix_kind == "counts" else f"{diag.matrix_kind} (not raw)"
     lines = [
         f"cells: {diag.n_cells} (of {diag.n_cells_input})",
         f"genes: {diag.n_genes}",
-        f"expression: adata.{diag.matrix_source} holds {raw}",
+        f"expression: adata.{diag.matrix_source} holds {diag.matrix_description}"
+        + ("" if diag.matrix_kind == "counts" else " (not raw)"),
         f"gene identifiers: {diag.identifier_type}",
         *_gene_source_lines(diag.gene_sources),
         f"label column: {diag.label_key} ({len(diag.classes)} classes)",
@@ -424,27 +453,58 @@ def finetune(
     typer.echo(f"\nrun directory: {run_dir}")
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes click raises for usage errors, from every click typer may use.
+
+    typer ≥ 0.20 ships its own copy of click (its exceptions derive from
+    ``typer.TyperException``); older typer uses the ``click`` package.
+    """
+    import click
+
+    return (click.exceptions.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+
+def _abort_types() -> tuple[type[BaseException], ...]:
+    import click
+
+    return (click.exceptions.Abort, typer.Abort)
+
+
+def _interrupted() -> SystemExit:
+    typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
+    return SystemExit(130)
+
+
 def main() -> None:
-    """Entry point: run the typer app, turning ScfmbenchError into one line + exit code 2."""
+    """Entry point: run the typer app.
+
+    Exit codes: 0 success; 2 a ScfmbenchError (one line ``error: …``) or a usage error
+    (click's usage message: missing or unknown option, bad value); 130 interrupted (Ctrl-C);
+    1 aborted.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ScfmbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     except (typer.Exit, SystemExit) as exc:
         raise SystemExit(getattr(exc, "exit_code", getattr(exc, "code", 0))) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
-        raise SystemExit(130) from None
+        raise _interrupted() from None
     except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _usage_error_types()) and hasattr(exc, "show"):
             exc.show()
-            raise SystemExit(2) from None
-        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        if isinstance(exc, _abort_types()):
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise _interrupted() from None
             raise SystemExit(1) from None
         raise
+    # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns as a value
+    if code == 130:
+        raise _interrupted()
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ class RunConfig(BaseModel):
         (0.8, 0.1, 0.1), description="Train/val/test fractions per class."
     )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
+    merge_similar_labels: bool = Field(
+        False,
+        description="Merge labels that differ only by case or whitespace ('B', 'B ', 'b') into "
+        "their most common spelling (default: keep them apart, with a warning).",
+    )
     n_hvg: int = Field(2000, ge=1, description="Highly variable genes for the baselines.")
     n_pcs: int = Field(50, ge=1, description="Principal components for the PCA baselines.")
     baselines: list[str] = Field(

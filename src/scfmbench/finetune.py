@@ -523,7 +523,10 @@ def finetune_dataset(
     overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
     run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
     validated = validate(
-        adata, label_key=run_config.label_key, min_cells_per_class=run_config.min_cells_per_class
+        adata,
+        label_key=run_config.label_key,
+        min_cells_per_class=run_config.min_cells_per_class,
+        merge_similar_labels=run_config.merge_similar_labels,
     )
     run_dir = Path(run_config.out) / run_config.name
     split_set, _ = load_or_make_splits(

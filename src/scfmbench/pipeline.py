@@ -217,11 +217,14 @@ def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress
             min_cells_per_class=config.min_cells_per_class,
             chunk_size=config.chunk_size,
             progress=progress,
+            merge_similar_labels=config.merge_similar_labels,
         )
     return validate_data(
         load_dataset(source),
         label_key=config.label_key,
         min_cells_per_class=config.min_cells_per_class,
+        merge_similar_labels=config.merge_similar_labels,
+        name="the data" if isinstance(source, AnnData) else Path(str(source)).name,
     )
 
 
@@ -273,10 +276,23 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
         # distance-based steps (kNN probe, kNN consistency) work in blocks of this many MB
         with sklearn.config_context(working_memory=SKLEARN_WORKING_MEMORY_MB):
             return _execute(config, validated, methods, models, reference, run_dir, progress)
-    except (ScfmbenchError, KeyboardInterrupt):
+    except ScfmbenchError:
+        # bad input found late: leave nothing half-written
         if created and run_dir.exists():
             shutil.rmtree(run_dir)
         raise
+    except KeyboardInterrupt:
+        # interrupted: keep every finished stage so that a rerun resumes
+        if created and not _holds_finished_work(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _holds_finished_work(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any saved output besides ``config.yaml``."""
+    return run_dir.exists() and any(
+        path.is_file() and path.name != "config.yaml" for path in run_dir.rglob("*")
+    )
 
 
 def _execute(
@@ -967,7 +983,7 @@ def embed_dataset(
     """
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
     from scfmbench.embed._stream import should_stream
-    from scfmbench.validate import expression_view
+    from scfmbench.validate import check_unique_cells, expression_view
 
     batch_size = parse_batch_size(batch_size)
     if out is not None:
@@ -975,8 +991,15 @@ def embed_dataset(
     stream = should_stream(data, backed=backed)
     if stream and out is None:
         raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
+    if stream:  # refuse the data before loading the model, as in memory
+        from scfmbench.backed import H5adCells
+
+        H5adCells(Path(data), chunk_size=chunk_size).close()
     if not stream:
         adata = load_dataset(data)
+        check_unique_cells(
+            adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
+        )
         counts = expression_view(adata)
     foundation = _load_embedding_model(
         model,

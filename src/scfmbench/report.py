@@ -373,8 +373,15 @@ def _config_value(value: Any) -> str:
 
 
 def transfer_data_section(metrics: dict[str, Any]) -> Section:
-    """Both datasets of a transfer run and what each direction shared and dropped."""
-    bullets = []
+    """Both datasets of a transfer run and what each direction shared and dropped; gaps in the
+    label map's coverage come first."""
+    from scfmbench.transfer import coverage_lines
+
+    bullets = [
+        f"label coverage: {line}"
+        for direction, info in metrics["transfer"].get("directions", {}).items()
+        for line in coverage_lines(direction, info.get("coverage") or {})
+    ]
     diagnostics = metrics.get("diagnostics") or {}
     for name, diag in diagnostics.items():
         if name == "models":  # per model and dataset: the genes matched (table below)
@@ -410,7 +417,9 @@ def data_section(metrics: dict[str, Any]) -> Section:
             f"(input {diag.get('n_cells_input')} × {diag.get('n_genes_input')})"
         )
     if "matrix_kind" in diag:
-        raw = "raw integer counts" if diag.get("count_source") else "not raw counts"
+        raw = diag.get("matrix_description") or (
+            "raw integer counts" if diag.get("count_source") else "not raw counts"
+        )
         bullets.append(
             f"count type: {diag['matrix_kind']} ({raw}) from adata.{diag.get('matrix_source')}"
         )

@@ -60,16 +60,9 @@ def check_fractions(fractions: tuple[float, float, float]) -> None:
         )
 
 
-def stratified_split(
-    labels: pd.Series, *, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-) -> Split:
-    """Split cells per class: ``round(n·val)`` and ``round(n·test)`` cells (at least 1 each).
-
-    Classes are processed in sorted order with one seeded generator, so the split depends
-    only on the labels and the seed.
-    """
-    check_fractions(fractions)
-    rng = np.random.default_rng(seed)
+def check_stratifiable(labels: pd.Series) -> pd.Series:
+    """Cells per class (sorted by class); SplitError when a class has fewer than 3 cells
+    (one per train/val/test), as ``run`` and ``validate`` both report it."""
     sizes = labels.astype(str).value_counts().sort_index()
     too_small = sizes[sizes < 3]
     if len(too_small):
@@ -80,6 +73,20 @@ def stratified_split(
             f"cannot stratify: {listed}; each class needs ≥ 3 cells (one per train/val/test) — "
             "raise min_cells_per_class to drop it or merge it into another label."
         )
+    return sizes
+
+
+def stratified_split(
+    labels: pd.Series, *, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> Split:
+    """Split cells per class: ``round(n·val)`` and ``round(n·test)`` cells (at least 1 each).
+
+    Classes are processed in sorted order with one seeded generator, so the split depends
+    only on the labels and the seed.
+    """
+    check_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    sizes = check_stratifiable(labels)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SET_NAMES}
     values = labels.astype(str).to_numpy()
     for cls in sizes.index:

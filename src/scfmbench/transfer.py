@@ -25,7 +25,7 @@ from scfmbench.config import RunConfig
 from scfmbench.errors import ConfigError, SchemaError
 from scfmbench.features import InMemoryCells, lognormalize
 from scfmbench.splits import Split, stratified_split
-from scfmbench.validate import ValidatedData, load_dataset, validate
+from scfmbench.validate import ValidatedData, is_missing_label, load_dataset, validate
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,12 @@ BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
 
 
 def load_label_map(spec: str | Path) -> dict[str, str | None]:
-    """A built-in map name or a YAML file of ``source label: shared label`` (null drops)."""
+    """A built-in map name or a YAML file of ``source label: shared label`` (null drops).
+
+    A shared label that is a placeholder (``NaN``, empty, ``nan``, ``None``, ``NA``,
+    ``unknown``, ``unassigned``: :data:`scfmbench.validate.MISSING_LABELS`) drops its cells
+    like null, the rule ``obs`` labels follow.
+    """
     if str(spec) in BUILTIN_LABEL_MAPS:
         return dict(BUILTIN_LABEL_MAPS[str(spec)])
     path = Path(spec)
@@ -65,11 +70,12 @@ def load_label_map(spec: str | Path) -> dict[str, str | None]:
         raise ConfigError(
             f"label map {str(path)!r} must be a mapping 'source label: shared label'."
         )
-    return {str(k): (None if v is None else str(v)) for k, v in mapping.items()}
+    return {str(k): (None if is_missing_label(v) else str(v)) for k, v in mapping.items()}
 
 
 def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
-    """Map labels to shared labels; cells mapped to null are dropped (index shrinks).
+    """Map labels to shared labels; cells mapped to null (or to a placeholder such as
+    ``"unknown"``, see :func:`load_label_map`) are dropped (index shrinks).
 
     Raises:
         SchemaError: listing every label that the mapping does not mention.
@@ -81,8 +87,14 @@ def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str
             f"labels of {dataset} not in the label map: {unmapped}; add them to the map "
             "(map to null to drop those cells)."
         )
-    shared = values.map(mapping)
+    shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
     return shared[shared.notna()].astype(str)
+
+
+def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
+    """Cells per source label that the label map dropped (``labels`` minus ``shared``)."""
+    lost = labels[~labels.index.isin(shared.index)].astype(str)
+    return {str(k): int(v) for k, v in lost.value_counts().sort_index().items()}
 
 
 @dataclass
@@ -94,6 +106,10 @@ class TransferData:
     split: Split  # train/val from the training dataset, test = every test-dataset cell
     n_shared_genes: int
     dropped_test_classes: dict[str, int]
+    coverage: dict[str, dict[str, int]]
+    """What the label map leaves out, cells per class: ``train_classes_without_test``
+    (training cells of classes no test cell has), ``test_dropped_by_map`` and
+    ``train_dropped_by_map`` (source labels mapped to null) and ``test_classes_not_in_train``."""
 
 
 def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
@@ -132,6 +148,15 @@ def prepare_transfer(
         )
     extra = test_labels[~test_labels.isin(train_classes)]
     dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
+    train_sizes = train_labels.value_counts()
+    coverage = {
+        "train_classes_without_test": {
+            str(k): int(train_sizes[k]) for k in sorted(train_classes - set(test_labels))
+        },
+        "test_dropped_by_map": dropped_by_map(test.labels, test_labels),
+        "test_classes_not_in_train": dict(sorted(dropped.items())),
+        "train_dropped_by_map": dropped_by_map(train.labels, train_labels),
+    }
     test_labels = test_labels[test_labels.isin(train_classes)]
     genes = train.adata.var_names.intersection(test.adata.var_names, sort=False)
     if len(genes) == 0:
@@ -166,8 +191,38 @@ def prepare_transfer(
         split=split,
         n_shared_genes=int(len(genes)),
         dropped_test_classes=dropped,
+        coverage=coverage,
     )
     return data, a, b
+
+
+def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[str]:
+    """One line per gap in a direction's label coverage (empty when the map covers all).
+
+    ``coverage`` is :attr:`TransferData.coverage`; counts are cells per class.
+    """
+
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k!r} {v}" for k, v in counts.items())
+
+    lines = []
+    if coverage.get("train_classes_without_test"):
+        found = coverage["train_classes_without_test"]
+        lines.append(
+            f"{direction}: {len(found)} training class(es) have no test cells, so they are "
+            f"trained but never scored (training cells: {listed(found)}); map them to null "
+            "to leave them out"
+        )
+    for key, what in (
+        ("test_dropped_by_map", "mapped to null by the label map"),
+        ("test_classes_not_in_train", "of classes the training data lacks"),
+    ):
+        if coverage.get(key):
+            lines.append(
+                f"{direction}: dropped {sum(coverage[key].values())} test cells {what} "
+                f"({listed(coverage[key])})"
+            )
+    return lines
 
 
 def transfer(
@@ -206,7 +261,16 @@ def transfer(
         name = role if isinstance(source, AnnData) else Path(str(source)).stem
         adata = load_dataset(source)
         datasets.append(
-            (name, validate(adata, label_key=key, min_cells_per_class=cfg.min_cells_per_class))
+            (
+                name,
+                validate(
+                    adata,
+                    label_key=key,
+                    min_cells_per_class=cfg.min_cells_per_class,
+                    merge_similar_labels=cfg.merge_similar_labels,
+                    name=name if isinstance(source, AnnData) else Path(str(source)).name,
+                ),
+            )
         )
     methods = baseline_methods(cfg)
     models = load_models(cfg)
@@ -254,7 +318,10 @@ def transfer(
             "n_test_cells": int(len(prepared.split.test)),
             "classes": classes,
             "dropped_test_classes": prepared.dropped_test_classes,
+            "coverage": prepared.coverage,
         }
+        for line in coverage_lines(f"{name_a}->{name_b}", prepared.coverage):
+            logger.warning("warning: %s", line)
     doc = {
         "schema_version": "1.0",
         "scfmbench_version": __version__,
@@ -323,6 +390,13 @@ def _embed_models(
 
 def transfer_markdown(doc: dict) -> str:
     lines = ["# scfmbench cross-dataset transfer", ""]
+    gaps = [
+        line
+        for direction, info in doc["transfer"]["directions"].items()
+        for line in coverage_lines(direction, info.get("coverage") or {})
+    ]
+    if gaps:
+        lines += ["## Label coverage", "", *[f"- {line}" for line in gaps], ""]
     for train_name, row in doc["transfer"]["matrix"].items():
         for test_name, results in row.items():
             info = doc["transfer"]["directions"][f"{train_name}->{test_name}"]

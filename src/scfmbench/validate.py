@@ -6,8 +6,10 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -22,7 +24,24 @@ logger = logging.getLogger(__name__)
 INTEGER_TOLERANCE = 1e-3
 MAX_SAMPLED_VALUES = 5_000_000
 
-MATRIX_KINDS = ("counts", "normalized", "lognorm", "scaled")
+MATRIX_KINDS = ("counts", "corrected", "normalized", "lognorm", "scaled")
+LOG_SCALE_MAX = 50.0
+"""Non-integer values whose maximum is at most this are taken as log-scale (log1p of CP10k
+tops out near 10, log2 of CPM near 20; counts and count-like values of any real matrix
+exceed it)."""
+CONSTANT_TOTAL_SPREAD = 1e-3
+"""Per-cell totals whose range is within this fraction of their median count as constant:
+the matrix is already depth-normalized (e.g. ``sc.pp.normalize_total`` without log1p)."""
+CORRECTION_TOOLS = "SoupX, CellBender, DecontX or STARsolo EM multi-mapper"
+KIND_NAMES = {
+    "counts": "raw integer counts",
+    "corrected": "count-like non-integer values (per-cell totals vary, as in ambient-corrected "
+    f"counts from {CORRECTION_TOOLS})",
+    "normalized": "depth-normalized values (non-integer, the same total in every cell)",
+    "lognorm": f"log-normalized values (log-scale: non-integer, max ≤ {LOG_SCALE_MAX:g})",
+    "scaled": "scaled values (negative numbers)",
+}
+"""What each matrix kind means, as validate, metrics.json and the report word it."""
 
 
 def _nonzero_values(matrix) -> np.ndarray:
@@ -44,6 +63,30 @@ def to_csr(matrix, dtype=None) -> sp.csr_matrix:
     return csr
 
 
+def check_unique_cells(obs_names: pd.Index, *, where: str) -> None:
+    """Raise DataError when ``obs_names`` repeats a cell name (as after ``anndata.concat``
+    without ``obs_names_make_unique()``): cells are looked up by name in splits, features and
+    embeddings, so every name must be unique.
+
+    Parameters
+    ----------
+    obs_names
+        The cell names, one per row.
+    where
+        What holds them, for the message (a file name or "the data").
+
+    Raises
+    ------
+    DataError
+        Naming the number of repeated names and the fix.
+    """
+    if not obs_names.is_unique:
+        raise DataError(
+            f"{where} has {int(obs_names.duplicated().sum())} duplicated cell names "
+            "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
+        )
+
+
 def check_finite(matrix, *, where: str) -> None:
     """Raise DataError when ``matrix`` holds NaN or infinite values."""
     values = _nonzero_values(matrix)
@@ -58,10 +101,24 @@ def check_finite(matrix, *, where: str) -> None:
 
 
 def classify_matrix(matrix) -> str:
-    """Classify an expression matrix as raw ``counts``, ``normalized``, ``lognorm`` or ``scaled``.
+    """Classify an expression matrix by what its values are.
 
-    Counts are non-negative integers (within 1e-3); scaled data has negative values;
-    non-integer data with a maximum above 50 is taken as normalized but not logged.
+    Parameters
+    ----------
+    matrix
+        Cells × genes, sparse or dense; a sample of at most ``MAX_SAMPLED_VALUES`` stored
+        values is judged, per-cell totals over every value.
+
+    Returns
+    -------
+    str
+        ``"scaled"`` when any value is negative; ``"counts"`` when every value is an integer
+        (within ``INTEGER_TOLERANCE``); else ``"lognorm"`` when the maximum is at most
+        ``LOG_SCALE_MAX``; else ``"normalized"`` when every non-empty cell has the same total
+        (within ``CONSTANT_TOTAL_SPREAD``); else ``"corrected"``: count-like non-integer
+        values whose totals vary with sequencing depth (ambient-corrected or EM counts),
+        which the baselines depth-normalize like counts. One non-empty cell has no spread to
+        judge and counts as ``"corrected"``.
     """
     values = _nonzero_values(matrix)
     if values.size > MAX_SAMPLED_VALUES:
@@ -72,24 +129,33 @@ def classify_matrix(matrix) -> str:
         return "scaled"
     if np.all(np.abs(values - np.round(values)) < INTEGER_TOLERANCE):
         return "counts"
-    return "normalized" if values.max() > 50 else "lognorm"
+    if values.max() <= LOG_SCALE_MAX:
+        return "lognorm"
+    totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+    totals = totals[totals > 0]
+    if len(totals) > 1 and np.ptp(totals) <= CONSTANT_TOTAL_SPREAD * np.median(totals):
+        return "normalized"
+    return "corrected"
 
 
 def require_counts(matrix, *, model: str, allow_normalized: bool = False, where: str = "X") -> str:
     """Check that a count-based model gets raw counts; return the detected matrix kind.
 
+    Count-like non-integer values (``"corrected"``: ambient-corrected or EM counts) are used
+    as counts with a warning naming the correction tools; the published models were trained
+    on integer UMI counts.
+
     Raises:
-        CountsRequiredError: for normalized, log-transformed or scaled values, unless
+        CountsRequiredError: for depth-normalized, log-scale or scaled values, unless
             ``allow_normalized`` (then a warning is issued and scaled data still fails).
     """
     kind = classify_matrix(matrix)
     if kind == "counts":
         return kind
-    described = {
-        "normalized": "normalized (non-integer) values",
-        "lognorm": "log-normalized values (non-integer, max ≤ 50)",
-        "scaled": "scaled values (negative numbers)",
-    }[kind]
+    if kind == "corrected":
+        warnings.warn(corrected_counts_warning(model, where), stacklevel=2)
+        return kind
+    described = KIND_NAMES[kind]
     if kind != "scaled" and allow_normalized:
         warnings.warn(
             f"{model} expects raw counts but {where} holds {described}; proceeding because "
@@ -104,6 +170,15 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
     )
 
 
+def corrected_counts_warning(model: str, where: str) -> str:
+    """The warning a count-based model gives for count-like non-integer values."""
+    return (
+        f"{model}: {where} holds {KIND_NAMES['corrected']}; using them as counts — the model "
+        "was trained on integer UMI counts, so for published behaviour pass the uncorrected "
+        "counts (e.g. layers['counts'])."
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
@@ -113,7 +188,14 @@ BUILTIN_DATASETS = {"pbmc68k_reduced": "bulk_labels"}
 
 
 def load_dataset(source: str | Path | AnnData) -> AnnData:
-    """Read an ``.h5ad`` path or a built-in dataset name (``pbmc68k_reduced``)."""
+    """Read an ``.h5ad`` file, an AnnData zarr store or a built-in dataset (``pbmc68k_reduced``).
+
+    Raises
+    ------
+    DataError
+        The path is missing, unreadable, or another format (loom, 10x ``.h5``, plain HDF5);
+        the message names the reader to convert it with.
+    """
     if isinstance(source, AnnData):
         return source
     name = str(source)
@@ -121,24 +203,60 @@ def load_dataset(source: str | Path | AnnData) -> AnnData:
         import scanpy as sc
 
         return sc.datasets.pbmc68k_reduced()
-    path = check_h5ad_file(name)
+    path = Path(name)
+    fmt = data_format(path)
     try:
-        return anndata.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for damaged files
+        return anndata.read_zarr(path) if fmt == "zarr" else anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/zarr/anndata raise many types for damaged files
         raise unreadable_h5ad(name, exc) from None
 
 
 def check_h5ad_file(name: str | Path) -> Path:
-    """The path ``name``; DataError when it is missing, a directory or not HDF5."""
-    name = str(name)
+    """The path ``name`` of an ``.h5ad`` file that can be read chunk by chunk.
+
+    Raises
+    ------
+    DataError
+        As :func:`data_format`, and for a zarr store (read in memory only).
+    """
     path = Path(name)
+    if data_format(path) == "zarr":
+        raise DataError(
+            f"{str(name)!r} is an AnnData zarr store; streaming (--backed, torchrun) reads "
+            "HDF5 .h5ad files only: drop --backed, or convert it with "
+            "`anndata.read_zarr(path).write_h5ad('data.h5ad')`."
+        )
+    return path
+
+
+def data_format(path: Path) -> Literal["h5ad", "zarr"]:
+    """Which AnnData on-disk format ``path`` holds, recognised by content, not by its name.
+
+    Returns
+    -------
+    ``"h5ad"`` for an HDF5 file with AnnData's ``obs``/``var`` groups, ``"zarr"`` for a
+    directory holding a zarr store (``.zgroup`` or ``zarr.json``).
+
+    Raises
+    ------
+    DataError
+        The path is missing; a directory that is not a zarr store; not HDF5; truncated; a
+        loom file (``scanpy.read_loom``); a 10x Cell Ranger ``.h5`` matrix
+        (``scanpy.read_10x_h5``); an HDF5 file without AnnData's groups.
+    """
+    name = str(path)
     if not path.exists():
         raise DataError(
             f"data file {name!r} does not exist; pass an .h5ad path or a built-in name "
             f"({', '.join(BUILTIN_DATASETS)})."
         )
     if path.is_dir():
-        raise DataError(f"{name!r} is a directory, not an .h5ad file; pass the file itself.")
+        if (path / ".zgroup").exists() or (path / "zarr.json").exists():
+            return "zarr"
+        raise DataError(
+            f"{name!r} is a directory but not an AnnData zarr store (no .zgroup or zarr.json); "
+            "pass the .h5ad file itself."
+        )
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
@@ -146,7 +264,37 @@ def check_h5ad_file(name: str | Path) -> Path:
             f"{name!r} is not an .h5ad file (no HDF5 signature); write it with "
             "anndata's `adata.write_h5ad(path)` or scanpy's `sc.write`."
         )
-    return path
+    try:
+        with h5py.File(path, "r") as handle:
+            groups = {key: handle[key] for key in handle}
+            found = _foreign_hdf5_format(groups)
+    except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
+        raise unreadable_h5ad(name, exc) from None
+    if found is not None:
+        kind, reader = found
+        raise DataError(
+            f"{name!r} is {kind}, not an .h5ad file; convert it with "
+            f"`{reader}(path).write_h5ad('data.h5ad')` and pass the new file."
+        )
+    if "obs" not in groups or "var" not in groups:
+        raise DataError(
+            f"{name!r} is an HDF5 file without AnnData's obs and var groups (found "
+            f"{sorted(groups)[:8]}); write the data with anndata's `adata.write_h5ad(path)`."
+        )
+    return "h5ad"
+
+
+def _foreign_hdf5_format(groups: dict) -> tuple[str, str] | None:
+    """(description, scanpy reader) when top-level HDF5 ``groups`` are loom or 10x layouts."""
+    if {"matrix", "row_attrs", "col_attrs"} <= groups.keys():
+        return "a loom file", "scanpy.read_loom"
+    matrix = groups.get("matrix")
+    if isinstance(matrix, h5py.Group) and {"barcodes", "indptr", "features"} <= matrix.keys():
+        return "a 10x Cell Ranger feature-barcode matrix (v3 .h5)", "scanpy.read_10x_h5"
+    for group in groups.values():  # Cell Ranger v2: one group per genome
+        if isinstance(group, h5py.Group) and {"barcodes", "indptr", "genes"} <= group.keys():
+            return "a 10x Cell Ranger gene-barcode matrix (v2 .h5)", "scanpy.read_10x_h5"
+    return None
 
 
 def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
@@ -206,7 +354,32 @@ def drop_filter_pass(obs: pd.DataFrame, diag: DataDiagnostics) -> np.ndarray:
 # Validation
 # --------------------------------------------------------------------------------------
 
-MISSING_LABELS = {"", "nan", "none", "na", "n/a", "null"}
+MISSING_LABELS = {"", "nan", "none", "na", "n/a", "null", "unknown", "unassigned"}
+"""Placeholder labels, compared after stripping whitespace and ignoring case: a cell whose
+label is NaN/None or one of these has no cell type; it is dropped from ``obs`` labels (with a
+warning), and a transfer label map that maps a label to one of these drops its cells."""
+
+
+def is_missing_label(value) -> bool:
+    """Whether one label is a placeholder (NaN, None or ``MISSING_LABELS``)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return True
+    return str(value).strip().lower() in MISSING_LABELS
+
+
+def label_key_of(label: str) -> str:
+    """The form two labels must share to count as the same class spelled differently:
+    whitespace trimmed and collapsed, case folded (``"B "``, ``"b"`` → ``"b"``)."""
+    return " ".join(str(label).split()).casefold()
+
+
+def similar_label_groups(sizes: pd.Series) -> list[dict[str, int]]:
+    """Groups of labels that differ only by case or whitespace, each ``{label: cells}``
+    (largest first); ``sizes`` is cells per label."""
+    groups: dict[str, dict[str, int]] = {}
+    for label, size in sizes.sort_values(ascending=False, kind="stable").items():
+        groups.setdefault(label_key_of(label), {})[str(label)] = int(size)
+    return [group for _, group in sorted(groups.items()) if len(group) > 1]
 
 
 @dataclass
@@ -229,10 +402,17 @@ class DataDiagnostics:
     gene_sources: dict[str, str | None] = field(default_factory=dict)  # vocabulary kind → column
     dropped_classes: dict[str, int] = field(default_factory=dict)
     renamed_duplicate_genes: int = 0
+    similar_labels: list[dict[str, int]] = field(default_factory=list)
+    merged_labels: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def matrix_description(self) -> str:
+        """What the chosen matrix holds, in words (``KIND_NAMES``)."""
+        return KIND_NAMES.get(self.matrix_kind, self.matrix_kind)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "matrix_description": self.matrix_description}
 
 
 @dataclass
@@ -296,7 +476,8 @@ def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
-    """Pick the matrix to use: raw counts first, else the first non-negative matrix.
+    """Pick the matrix to use: raw counts first, then count-like (corrected) values, else the
+    first non-negative matrix.
 
     Returns (source name, matrix, var frame, kind). Raises DataError for NaN/inf or when
     only scaled (negative) values exist.
@@ -311,9 +492,10 @@ def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
         kinds.append((name, matrix, var, kind))
         if kind == "counts":
             return name, matrix, var, kind
-    for name, matrix, var, kind in kinds:
-        if kind != "scaled":
-            return name, matrix, var, kind
+    for preferred in (("corrected",), ("normalized", "lognorm")):
+        for name, matrix, var, kind in kinds:
+            if kind in preferred:
+                return name, matrix, var, kind
     found = ", ".join(f"{n}: {k}" for n, _, _, k in kinds)
     raise DataError(
         f"no usable expression matrix: every candidate has negative values ({found}); "
@@ -346,6 +528,8 @@ def validate(
     *,
     label_key: str | None = None,
     min_cells_per_class: int = 10,
+    merge_similar_labels: bool = False,
+    name: str = "the data",
 ) -> ValidatedData:
     """Check data and labels; drop empty cells, unlabelled cells and rare classes with warnings.
 
@@ -353,6 +537,14 @@ def validate(
         adata: the input data (not modified).
         label_key: obs column with cell types; default ``cell_type`` when present.
         min_cells_per_class: classes with fewer cells are dropped (with a warning).
+        merge_similar_labels: merge labels that differ only by case or whitespace into their
+            most common spelling (default: keep them apart, with a warning listing them).
+        name: what the data is called in error messages (e.g. the file name).
+
+    Raises:
+        DataError: no cells or genes, duplicated cell names, NaN/inf values, no usable
+            matrix, or no cell left after the drops.
+        SchemaError: the label column is missing, or fewer than 2 classes are left.
 
     Returns:
         ValidatedData whose ``adata.X`` holds the chosen matrix (raw counts when available)
@@ -364,6 +556,7 @@ def validate(
             f"the data has {adata.n_obs} cells and {adata.n_vars} genes; it needs at least one "
             "of each — check that the right file was given."
         )
+    check_unique_cells(adata.obs_names, where=name)
     label_key = resolve_label_key(adata.obs, label_key)
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
@@ -382,6 +575,7 @@ def validate(
         empty=empty,
         min_cells_per_class=min_cells_per_class,
         diag=diag,
+        merge_similar_labels=merge_similar_labels,
     )
     if not keep.all():
         data = data[keep].copy()
@@ -408,7 +602,14 @@ def record_matrix(
     raw counts); returns ``var_names`` made unique (suffix -1, -2, …, with a warning)."""
     diag.matrix_source, diag.matrix_kind = source, kind
     diag.count_source = source if kind == "counts" else None
-    if kind != "counts":
+    if kind == "corrected":
+        _warn(
+            diag,
+            f"adata.{source} holds {KIND_NAMES[kind]}; the baselines depth-normalize them like "
+            "counts and count-based models use them with a warning — pass the uncorrected "
+            "integer counts (e.g. layers['counts']) to compare with published results",
+        )
+    elif kind != "counts":
         _warn(
             diag,
             f"no raw integer counts found; using {kind} values from adata.{source} "
@@ -430,9 +631,15 @@ def filter_cells(
     empty: np.ndarray,
     min_cells_per_class: int,
     diag: DataDiagnostics,
+    merge_similar_labels: bool = False,
 ) -> tuple[np.ndarray, pd.Series]:
     """Which cells to keep (not ``empty``, labelled, in a class with enough cells) and their
     labels (categorical, sorted classes); records the drops in ``diag`` with warnings.
+
+    Placeholder labels (:func:`is_missing_label`) count as missing. Labels that differ only
+    by case or whitespace are listed in ``diag.similar_labels`` with a warning, and merged
+    into their most common spelling (ties: the first in sort order) when
+    ``merge_similar_labels``, before rare classes are dropped.
 
     Raises:
         DataError: no cell is left.
@@ -443,14 +650,39 @@ def filter_cells(
         diag.dropped_cells_no_counts = int((~keep).sum())
         _warn(diag, f"dropped {int((~keep).sum())} cells with no counts")
     labels = obs[label_key]
-    missing = (
-        labels.isna() | labels.astype(str).str.strip().str.lower().isin(MISSING_LABELS)
-    ).to_numpy() & keep
+    values = labels.astype(object).to_numpy()
+    missing = np.fromiter(map(is_missing_label, values), dtype=bool, count=len(values)) & keep
     if missing.any():
         diag.dropped_cells_missing_label = int(missing.sum())
-        _warn(diag, f"dropped {int(missing.sum())} cells with a missing {label_key!r} label")
+        spellings = pd.Series(
+            ["NaN" if pd.isna(v) else repr(str(v)) for v in values[missing]]
+        ).value_counts()
+        listed = ", ".join(f"{k} {v}" for k, v in spellings.sort_index().items())
+        _warn(
+            diag,
+            f"dropped {int(missing.sum())} cells with a missing {label_key!r} label ({listed})",
+        )
         keep &= ~missing
     text = labels.astype(str).to_numpy()
+    groups = similar_label_groups(pd.Series(text[keep]).value_counts())
+    if groups:
+        diag.similar_labels = groups
+        listed = "; ".join(", ".join(f"{k!r} ({v})" for k, v in group.items()) for group in groups)
+        if merge_similar_labels:
+            diag.merged_labels = {
+                spelling: _most_common(group)
+                for group in groups
+                for spelling in group
+                if spelling != _most_common(group)
+            }
+            text = np.array([diag.merged_labels.get(t, t) for t in text], dtype=object)
+            _warn(diag, f"merged labels that differ only by case or whitespace: {listed}")
+        else:
+            _warn(
+                diag,
+                f"labels that differ only by case or whitespace are separate classes: {listed}; "
+                "merge them with --merge-similar-labels (merge_similar_labels: true)",
+            )
     sizes = pd.Series(text[keep]).value_counts()
     rare = sizes[sizes < min_cells_per_class]
     if len(rare):
@@ -481,6 +713,11 @@ def filter_cells(
     diag.classes = {str(k): int(v) for k, v in classes.items()}
     diag.n_cells = int(keep.sum())
     return keep, kept_labels
+
+
+def _most_common(group: dict[str, int]) -> str:
+    """The spelling with the most cells (ties: the first in sort order)."""
+    return min(group, key=lambda label: (-group[label], label))
 
 
 def resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:

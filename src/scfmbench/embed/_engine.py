@@ -22,6 +22,7 @@ from scfmbench._atomic import write_json, write_npy
 from scfmbench.embed.base import Embeddings, FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import ConfigError, DataError
 from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash_strings
+from scfmbench.validate import check_unique_cells
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +400,7 @@ def embed(
         of shape (n_obs, dim); cells the tokenizer dropped get NaN rows.
     """
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
+    check_unique_cells(adata.obs_names, where="the data")
     if tokens is None:
         tokens = model.tokenize(adata, seed=seed)
     require_cells(tokens, model, n_obs=adata.n_obs)

@@ -52,7 +52,12 @@ from scfmbench.embed.base import MODELS, FoundationModel, PaddedBatch, Tokenized
 from scfmbench.errors import CheckpointError, ConfigError, CountsRequiredError, DataError
 from scfmbench.genes import GeneIdentifiers, match_genes, resolve_gene_identifiers
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.validate import check_finite, classify_matrix, to_csr
+from scfmbench.validate import (
+    check_finite,
+    classify_matrix,
+    corrected_counts_warning,
+    to_csr,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +146,9 @@ def _resolve_mode(kind: str, options: ScFoundationOptions, *, where: str) -> Pre
             "scaled values (negative numbers); pass the raw counts (X, layers['counts'] or .raw)."
         )
     mode = options.pre_normalized
+    if kind == "corrected" and mode in (None, "F"):
+        warnings.warn(corrected_counts_warning("scfoundation", where), stacklevel=3)
+        return "F"
     if mode is None:
         if kind == "counts":
             return "F"

@@ -44,6 +44,7 @@ from scfmbench.genes import GeneMatch
 from scfmbench.validate import (
     BUILTIN_DATASETS,
     check_h5ad_file,
+    data_format,
 )
 
 logger = logging.getLogger(__name__)
@@ -515,7 +516,10 @@ def should_stream(data: Any, *, backed: bool | None) -> bool:
                 "write it with adata.write_h5ad and pass the path, or drop --backed/torchrun."
             )
         return False
-    path = check_h5ad_file(data)
+    path = Path(data)
+    if data_format(path) == "zarr" and not backed and not distributed_run:
+        return False  # zarr stores are read in memory
+    path = check_h5ad_file(path)
     if backed is None:
         return distributed_run or path.stat().st_size > BACKED_THRESHOLD_BYTES
     if not backed and distributed_run:
