@@ -94,7 +94,9 @@ def test_hvg_from_moments_matches_scanpy(pbmc3k):
 
 def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monkeypatch, caplog):
     path, _ = messy_pbmc
-    gf, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    # V1 (mean pooling): a tiny random network's <cls> outputs are nearly equal across cells, so
+    # kNN on them would hinge on last-bit differences between batchings
+    gf, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V1")
     settings = {
         "label_key": "cell_type",
         "n_splits": 2,
@@ -103,6 +105,7 @@ def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monke
         "figures": False,
         "out": tmp_path / "runs",
         "progress": False,
+        "gene_column": "var_names",  # symbols: the tokenizer warns about unmapped ones
     }
     with pytest.warns(UserWarning):
         memory = run(path, name="memory", backed=False, **settings)
