@@ -24,7 +24,15 @@ def test_run_writes_directory_and_is_deterministic(tmp_path, tiny_adata):
         second.run_dir / "metrics.json"
     )
     table = first.table
-    assert list(table.index) == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+    assert list(table.index) == [
+        "hvg+logreg",
+        "pca+logreg",
+        "pca+xgboost",
+        "majority",
+        "scvi+logreg",
+        "scvi+xgboost",
+        "scvi+knn",
+    ]
     # tiny data has strong markers: every real method beats the floor by far
     assert table.loc["hvg+logreg", "accuracy"] == pytest.approx(1.0)
     assert table.loc["majority", "accuracy"] == pytest.approx(2 / 6)

@@ -134,7 +134,7 @@ def test_nan_rows_are_left_out_and_batches_are_optional(blobs):
 
 
 def test_cli_run_on_kang_scores_every_view_with_its_donors(tmp_path):
-    from conftest import require_shared
+    from tests.conftest import require_shared
 
     kang = require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
     config = tmp_path / "run.yaml"

@@ -29,6 +29,7 @@ minibatches of a dense matrix load several times faster than CSR row slices."""
 
 QUIET_LOGGERS = (
     "scvi",
+    "scvi.model.base._base_model",
     "lightning.pytorch",
     "lightning.pytorch.utilities.rank_zero",
     "lightning.pytorch.callbacks.early_stopping",
