@@ -2,8 +2,6 @@
 streamed like the other baselines, refused on data without counts."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import scfmbench
 from scfmbench.config import ScviOptions
 from scfmbench.features import InMemoryCells
 from scfmbench.splits import stratified_split
+from tests.test_pipeline import run_cli
 
 FAST = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4, "batch_size": 16}
 
@@ -100,12 +99,18 @@ def test_scvi_needs_counts(tmp_path, tiny_adata):
     # asked for explicitly: one line, exit 2, nothing written
     config = tmp_path / "c.yaml"
     config.write_text("baselines: [scvi, majority]\nn_splits: 1\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "scfmbench", "run", "--data", str(path), "--config", str(config)]
-        + ["--out", str(tmp_path), "--name", "e", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        "run",
+        "--data",
+        str(path),
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "e",
+        "-q",
+        cwd=tmp_path,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -119,12 +124,19 @@ def test_scvi_needs_counts(tmp_path, tiny_adata):
 def test_no_scvi_flag_drops_it_from_the_defaults(tmp_path, tiny_adata):
     path = tmp_path / "tiny.h5ad"
     tiny_adata.write_h5ad(path)
-    done = subprocess.run(
-        [sys.executable, "-m", "scfmbench", "run", "--data", str(path), "--n-splits", "1"]
-        + ["--out", str(tmp_path), "--name", "n", "--no-scvi", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        "run",
+        "--data",
+        str(path),
+        "--n-splits",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "n",
+        "--no-scvi",
+        "-q",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     methods = json.loads((tmp_path / "n" / "metrics.json").read_text())["methods"]

@@ -2,8 +2,6 @@
 from the CLI on Kang 2018 with its donor column."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from sklearn.metrics import (
 )
 
 from scfmbench.evaluate import SCORE_KEYS, embedding_quality
+from tests.test_pipeline import run_cli
 
 SIZES = (30, 40, 50)
 
@@ -139,12 +138,18 @@ def test_cli_run_on_kang_scores_every_view_with_its_donors(tmp_path):
     kang = require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
     config = tmp_path / "run.yaml"
     config.write_text("n_splits: 1\nbaselines: [pca+logreg]\nfigures: false\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "scfmbench", "run", "--data", str(kang), "--config", str(config)]
-        + ["--out", str(tmp_path), "--name", "kang", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        "run",
+        "--data",
+        str(kang),
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "kang",
+        "-q",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "kang"
