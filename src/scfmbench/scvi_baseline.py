@@ -59,10 +59,11 @@ def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_m
 def _kept_global_state():
     """scvi-tools seeds Python, NumPy and torch globally and logs every fit: restore the
     random states, keep its loggers at WARNING and drop its libraries' warnings while it runs."""
-    import scvi  # noqa: F401  (its import sets the "scvi" logger to INFO: import it first)
     import torch
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # importing scvi seeds the global generators and sets its logger to INFO: import it here
+    import scvi  # noqa: F401
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
