@@ -87,6 +87,7 @@ def test_pbmc3k_baselines(tmp_path, pbmc3k_path):
     # log-normalized HVGs + logistic regression is far above the study's frozen Geneformer
     assert table.loc["hvg+logreg", "accuracy"] > 0.85
     assert table.loc["pca+logreg", "macro_f1"] > 0.85
+    assert table.loc["scvi+logreg", "macro_f1"] > 0.85  # the default scVI baseline (0.934)
     assert table.loc["majority", "accuracy"] == pytest.approx(70 / 263)
     assert result.metrics["methods"]["hvg+logreg"]["splits"]["42"]["n_test"] == 263
 
