@@ -64,6 +64,7 @@ def _kept_global_state():
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     # importing scvi seeds the global generators and sets its logger to INFO: import it here
     import scvi  # noqa: F401
+
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
