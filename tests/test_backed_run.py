@@ -126,7 +126,7 @@ def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monke
             assert other["macro_f1"] == pytest.approx(scores["macro_f1"], abs=1e-12)
     assert b["layers"] == a["layers"] and len(a["layers"]["geneformer"]) == 3
     for view in ("pca", "geneformer"):
-        for score in ("silhouette", "knn_consistency"):
+        for score in ("nmi", "ari", "silhouette_label", "clisi", "graph_connectivity"):
             assert b["embeddings"][view][score] == pytest.approx(
                 a["embeddings"][view][score], abs=1e-4
             )

@@ -24,7 +24,15 @@ def test_run_writes_directory_and_is_deterministic(tmp_path, tiny_adata):
         second.run_dir / "metrics.json"
     )
     table = first.table
-    assert list(table.index) == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+    assert list(table.index) == [
+        "hvg+logreg",
+        "pca+logreg",
+        "pca+xgboost",
+        "majority",
+        "scvi+logreg",
+        "scvi+xgboost",
+        "scvi+knn",
+    ]
     # tiny data has strong markers: every real method beats the floor by far
     assert table.loc["hvg+logreg", "accuracy"] == pytest.approx(1.0)
     assert table.loc["majority", "accuracy"] == pytest.approx(2 / 6)
@@ -93,6 +101,7 @@ def test_pbmc3k_baselines(tmp_path, pbmc3k_path):
     # log-normalized HVGs + logistic regression is far above the study's frozen Geneformer
     assert table.loc["hvg+logreg", "accuracy"] > 0.85
     assert table.loc["pca+logreg", "macro_f1"] > 0.85
+    assert table.loc["scvi+logreg", "macro_f1"] > 0.85  # the default scVI baseline (0.934)
     assert table.loc["majority", "accuracy"] == pytest.approx(70 / 263)
     assert result.metrics["methods"]["hvg+logreg"]["splits"]["42"]["n_test"] == 263
 

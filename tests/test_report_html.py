@@ -33,6 +33,7 @@ SECTION_ORDER = [
     "Frozen vs fine-tuned",
     "Per-class F1 and recall",
     "Confusion matrices",
+    "Zero-shot embedding quality",
     "UMAPs",
     "Layer-wise probes",
     "Transfer across datasets",
@@ -60,6 +61,7 @@ def run_dir(tmp_path_factory, data_path) -> Path:
         out=tmp_path_factory.mktemp("runs"),
         name="tiny",
         n_splits=2,
+        baselines=["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"],
         progress=False,
         figures=True,
     )
@@ -119,8 +121,16 @@ def enrich(metrics: dict, run_dir: Path) -> dict:
     metrics["embeddings"] = {
         **metrics.get("embeddings", {}),
         "toyfm": {
-            "silhouette": 0.12,
-            "knn_consistency": 0.81,
+            "nmi": 0.71,
+            "ari": 0.62,
+            "silhouette_label": 0.56,
+            "clisi": 0.93,
+            "graph_connectivity": 0.88,
+            "silhouette_batch": None,
+            "ilisi": None,
+            "n_cells": 60,
+            "n_neighbors": 60,
+            "batch_key": None,
             "umap_png": "figures/umap_toyfm.png",
         },
     }
@@ -281,6 +291,18 @@ def test_markdown_report_matches_metrics(enriched_dir):
     assert md_tables(sections["Data and diagnostics"])[0][0]["gene identifiers"] == (
         "var['gene_ids'] (--gene-column)"
     )
+    zero_shot = md_tables(sections["Zero-shot embedding quality"])[0]
+    assert [r["view"] for r in zero_shot] == list(metrics["embeddings"])
+    assert zero_shot[1] == {
+        "view": "toyfm",
+        "NMI": "0.710",
+        "ARI": "0.620",
+        "cell-type ASW": "0.560",
+        "cLISI": "0.930",
+        "graph connectivity": "0.880",
+        "cells": "60",
+    }
+    assert "batch mixing not scored" in sections["Zero-shot embedding quality"]
     timings = {r["stage"]: r for r in md_tables(sections["Time per stage"])[0]}
     assert timings["embed:toyfm"]["cells/s"] == "30.0"
     assert timings["embed:toyfm"]["peak memory (MB)"] == "512"

@@ -104,6 +104,9 @@ def run(
     chunk_size: int = typer.Option(
         None, help="Cells read at a time when streaming (default 2048)."
     ),
+    no_scvi: bool = typer.Option(
+        False, "--no-scvi", help="Leave the scVI baseline out (its training is the slow part)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
@@ -135,6 +138,9 @@ def run(
     base = RunConfig.from_yaml(config) if config is not None else None
     if finetune and (base is None or base.finetune is None):
         overrides["finetune"] = {}
+    if no_scvi:
+        baselines = base.baselines if base is not None else RunConfig().baselines
+        overrides["baselines"] = [b for b in baselines if b.split("+", 1)[0] != "scvi"]
     if geneformer_dicts is not None:
         overrides["model_options"] = model_options_with(
             base.model_options if base is not None else {}, [], geneformer_dicts

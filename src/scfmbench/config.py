@@ -11,7 +11,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scfmbench.errors import ConfigError
 from scfmbench.registry import did_you_mean
 
-DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority", "scvi"]
+EMBEDDING_BASELINES = ("scvi",)
+"""Baseline representations probed like a model embedding: a bare name in ``baselines``
+means that representation with every probe of ``probes``."""
+
+
+class ScviOptions(BaseModel):
+    """Settings of the scVI baseline (``scvi`` in ``baselines``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_latent: int = Field(10, ge=1, description="Latent dimensions (the probed features).")
+    n_hidden: int = Field(128, ge=1, description="Units per hidden layer.")
+    n_layers: int = Field(1, ge=1, description="Hidden layers of encoder and decoder.")
+    max_epochs: int = Field(
+        15, ge=1, description="Most training epochs (early stopping on the val cells' ELBO)."
+    )
+    patience: int = Field(
+        5, ge=1, description="Epochs without a better validation ELBO before stopping."
+    )
+    batch_size: int = Field(128, ge=2, description="Cells per training batch.")
+    transductive: bool = Field(
+        False,
+        description="Also train on the test cells (unlabelled); the default never shows them "
+        "to scVI and embeds them with the trained encoder.",
+    )
 
 
 class RunConfig(BaseModel):
@@ -56,8 +81,12 @@ class RunConfig(BaseModel):
     n_pcs: int = Field(50, ge=1, description="Principal components for the PCA baselines.")
     baselines: list[str] = Field(
         default_factory=lambda: list(DEFAULT_BASELINES),
-        description="Baselines as representation+probe (hvg, pca, none; logreg, xgboost, knn) "
-        "or 'majority'.",
+        description="Baselines as representation+probe (hvg, pca, none, scvi; logreg, xgboost, "
+        "knn), 'majority', or 'scvi' alone (scVI latent space with every probe of `probes`; "
+        "runs only on raw counts).",
+    )
+    scvi: ScviOptions = Field(
+        default_factory=ScviOptions, description="scVI baseline settings (see ScviOptions)."
     )
     probes: list[str] = Field(
         default_factory=lambda: ["logreg", "xgboost", "knn"],
@@ -109,8 +138,10 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_baselines(cls, value: list[str]) -> list[str]:
         for item in value:
-            if item != "majority" and "+" not in item:
-                raise ValueError(f"baseline {item!r} must look like 'pca+logreg' or 'majority'")
+            if item not in ("majority", *EMBEDDING_BASELINES) and "+" not in item:
+                raise ValueError(
+                    f"baseline {item!r} must look like 'pca+logreg', 'majority' or 'scvi'"
+                )
         return value
 
     @field_validator("name")

@@ -1,4 +1,5 @@
-"""Label structure of an embedding: silhouette, kNN label consistency, and UMAP figures."""
+"""Zero-shot quality of an embedding (scib-metrics: clustering, silhouettes, LISI, graph
+connectivity) and UMAP figures."""
 
 from __future__ import annotations
 
@@ -6,34 +7,120 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
 BATCH_COLUMNS = ("donor_id", "donor", "batch", "sample_id", "sample")
 
 
-def knn_label_consistency(matrix: np.ndarray, labels: np.ndarray, *, k: int = 15) -> float:
-    """Mean fraction of each cell's ``k`` nearest neighbours (cosine) that share its label."""
-    labels = np.asarray(labels, dtype=str)
-    k = min(k, len(labels) - 1)
-    neighbours = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute")
-    index = neighbours.fit(matrix).kneighbors(matrix, return_distance=False)[:, 1:]
-    return float((labels[index] == labels[:, None]).mean())
+N_NEIGHBORS = 90
+"""Neighbours per cell for iLISI/cLISI (perplexity 30), as in scib-metrics' ``Benchmarker``."""
+N_NEIGHBORS_GRAPH = 15
+"""Neighbours per cell for the Leiden clustering (NMI/ARI) and the graph connectivity."""
+SCORE_KEYS = (
+    "nmi",
+    "ari",
+    "silhouette_label",
+    "clisi",
+    "graph_connectivity",
+    "silhouette_batch",
+    "ilisi",
+)
+"""The zero-shot scores of one embedding in ``metrics.json["embeddings"][view]``."""
 
 
-def embedding_quality(matrix: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> dict:
-    """Silhouette (cosine, ≤ 5,000 sampled cells) and kNN label consistency of an embedding."""
+def nearest_neighbors(matrix: np.ndarray, n_neighbors: int):
+    """Exact euclidean ``n_neighbors`` nearest neighbours of every row (itself included).
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (n_cells, n_dims)
+    n_neighbors : int
+        Neighbours per cell including the cell itself (at most ``n_cells``).
+
+    Returns
+    -------
+    scib_metrics.nearest_neighbors.NeighborsResults
+        ``indices`` and ``distances`` of shape (n_cells, n_neighbors).
+    """
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    search = NearestNeighbors(n_neighbors=n_neighbors, metric="euclidean", algorithm="brute")
+    distances, indices = search.fit(matrix).kneighbors(matrix)
+    return NeighborsResults(indices=indices, distances=distances.astype(np.float32))
+
+
+def embedding_quality(
+    matrix: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batches: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict:
+    """Zero-shot scores of an embedding against the labels (and batches), by scib-metrics.
+
+    Rows with a NaN (cells a model could not embed) are left out. Every score lies in
+    [0, 1] and higher is better (scib-metrics' scaling):
+
+    - ``nmi``, ``ari``: Leiden clusters of the 15-neighbour graph vs the labels, at the
+      resolution (0.2, 0.4, …, 2.0) with the highest NMI (``nmi_ari_cluster_labels_leiden``).
+    - ``silhouette_label``: (ASW + 1) / 2 of the labels, euclidean.
+    - ``clisi``: cell-type LISI of the 90-neighbour graph, scaled so 1 = pure neighbourhoods.
+    - ``graph_connectivity``: per label, the share of its cells in the largest connected
+      component of the 15-neighbour graph restricted to that label; the mean over labels.
+    - ``silhouette_batch``, ``ilisi`` (``None`` without ``batches``, or when no label has
+      cells of two batches): 1 − |batch ASW| within each label, and the batch LISI scaled
+      so 1 = batches perfectly mixed.
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (n_cells, n_dims)
+    labels : array-like, shape (n_cells,)
+    batches : array-like, shape (n_cells,), optional
+        Donor/batch of each cell.
+    seed : int, default 0
+        Seed of the Leiden clustering.
+
+    Returns
+    -------
+    dict
+        The keys of :data:`SCORE_KEYS` (floats or ``None``) plus ``n_cells`` and
+        ``n_neighbors`` (the neighbours used for the LISI scores).
+    """
+    import scib_metrics
+
     keep = ~np.isnan(matrix).any(axis=1)
-    matrix, labels = matrix[keep], np.asarray(labels, dtype=str)[keep]
-    sample = min(len(labels), 5000)
-    silhouette = silhouette_score(
-        matrix, labels, metric="cosine", sample_size=sample, random_state=seed
+    matrix = np.ascontiguousarray(matrix[keep], dtype=np.float32)
+    labels = np.asarray(labels, dtype=str)[keep]
+    n_cells = len(labels)
+    out: dict = dict.fromkeys(SCORE_KEYS)
+    out.update(n_cells=int(n_cells), n_neighbors=None)
+    if n_cells < 3 or len(np.unique(labels)) < 2:
+        return out
+    neighbours = nearest_neighbors(matrix, min(N_NEIGHBORS, n_cells))
+    graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, neighbours.n_neighbors))
+    clusters = scib_metrics.nmi_ari_cluster_labels_leiden(graph, labels, seed=seed)
+    out.update(
+        nmi=float(clusters["nmi"]),
+        ari=float(clusters["ari"]),
+        silhouette_label=float(scib_metrics.silhouette_label(matrix, labels)),
+        clisi=float(scib_metrics.clisi_knn(neighbours, labels)),
+        graph_connectivity=float(scib_metrics.graph_connectivity(graph, labels)),
+        n_neighbors=int(neighbours.n_neighbors),
     )
-    return {
-        "silhouette": float(silhouette),
-        "knn_consistency": knn_label_consistency(matrix, labels),
-        "n_cells": int(len(labels)),
-    }
+    if batches is not None:
+        batches = np.asarray(batches, dtype=str)[keep]
+        if _has_mixed_label(labels, batches):
+            batch_asw = scib_metrics.silhouette_batch(matrix, labels, batches)
+            out["silhouette_batch"] = float(batch_asw)
+            out["ilisi"] = float(scib_metrics.ilisi_knn(neighbours, batches))
+    return out
+
+
+def _has_mixed_label(labels: np.ndarray, batches: np.ndarray) -> bool:
+    """Whether some label has cells of at least two batches (and not one cell per batch)."""
+    frame = pd.DataFrame({"label": labels, "batch": batches})
+    per_label = frame.groupby("label")["batch"].agg(["nunique", "size"])
+    return bool(((per_label["nunique"] > 1) & (per_label["nunique"] < per_label["size"])).any())
 
 
 def detect_batch_key(obs: pd.DataFrame, batch_key: str | None) -> str | None:

@@ -298,10 +298,19 @@ def no_features(cells: CellRows, split, **_) -> SplitFeatures:
     )
 
 
+def scvi_features(cells: CellRows, split, **options) -> SplitFeatures:
+    """scVI latent space (:func:`scfmbench.scvi_baseline.scvi_features`; imports scvi-tools
+    only when used)."""
+    from scfmbench.scvi_baseline import scvi_features as fit_scvi
+
+    return fit_scvi(cells, split, **options)
+
+
 REPRESENTATIONS: Registry = Registry("representation")
 REPRESENTATIONS.register("hvg")(hvg_features)
 REPRESENTATIONS.register("pca")(pca_features)
 REPRESENTATIONS.register("none")(no_features)
+REPRESENTATIONS.register("scvi")(scvi_features)
 
 
 def obsm_key_for(model_id: str) -> str:

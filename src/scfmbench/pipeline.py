@@ -49,7 +49,7 @@ UNASSIGNED = "<unassigned>"
 IN_MEMORY = "<in-memory AnnData>"
 SKLEARN_WORKING_MEMORY_MB = 256
 MAX_SCORED_CELLS = 20_000
-"""Silhouette, kNN consistency and UMAPs use at most this many cells (a seeded sample)."""
+"""The zero-shot embedding scores and UMAPs use at most this many cells (a seeded sample)."""
 
 RunData = ValidatedData | BackedData
 """The validated cells of a run: in memory, or an ``.h5ad`` file streamed from disk."""
@@ -101,9 +101,20 @@ def parse_model_spec(spec: str) -> tuple[str, Path]:
     return name.strip(), Path(path.strip())
 
 
-def baseline_methods(config: RunConfig) -> list[Method]:
+def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
+    """The baselines of ``config``; a bare ``scvi`` becomes ``scvi+<probe>`` for every probe.
+
+    scVI needs raw counts: on other data (``matrix_kind`` not ``"counts"``; ``None`` =
+    unknown, e.g. the log-normalized data of a transfer) it is left out of the default
+    baseline list with a log line, and an explicit request raises.
+
+    Raises
+    ------
+    ConfigError
+        An unknown representation or probe, or scvi asked for on data without counts.
+    """
     methods = []
-    for item in config.baselines:
+    for item in expand_baselines(config, matrix_kind):
         if item == "majority":
             methods.append(Method("majority", "none", "majority", "baseline"))
             continue
@@ -112,6 +123,30 @@ def baseline_methods(config: RunConfig) -> list[Method]:
         PROBES.get(probe)
         methods.append(Method(item, representation, probe, "baseline"))
     return methods
+
+
+def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
+    """``config.baselines`` with ``scvi`` spelled out as ``scvi+<probe>`` (see
+    :func:`baseline_methods`)."""
+    from scfmbench.config import DEFAULT_BASELINES, EMBEDDING_BASELINES
+
+    items = []
+    for item in config.baselines:
+        if item in EMBEDDING_BASELINES:
+            items += [f"{item}+{probe}" for probe in config.probes]
+        else:
+            items.append(item)
+    scvi = [i for i in items if i.split("+", 1)[0] == "scvi"]
+    if not scvi or matrix_kind == "counts":
+        return items
+    if config.baselines == DEFAULT_BASELINES:
+        logger.info("scvi baseline skipped: it needs raw counts (the data are %s)", matrix_kind)
+        return [i for i in items if i not in scvi]
+    raise ConfigError(
+        f"baseline {scvi[0]!r} needs raw integer counts but the data are "
+        f"{matrix_kind or 'not counts'}; give the counts, or remove scvi from `baselines` "
+        "(--no-scvi)."
+    )
 
 
 def load_models(config: RunConfig) -> list[Any]:
@@ -260,7 +295,7 @@ def run(
 
 
 def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
-    methods = baseline_methods(config)
+    methods = baseline_methods(config, validated.diagnostics.matrix_kind)
     models = load_models(config)
     methods += model_methods(models, config)
     reference = config.reference or methods[0].name
@@ -633,7 +668,7 @@ def layerwise_probing(
 
 
 def scored_cells(labels: pd.Series, *, seed: int) -> np.ndarray:
-    """Rows used for silhouette, kNN consistency and UMAPs: all cells, or a seeded sample of
+    """Rows used for the zero-shot scores and UMAPs: all cells, or a seeded sample of
     ``MAX_SCORED_CELLS`` (kNN and UMAP grow faster than linearly in the number of cells)."""
     if len(labels) <= MAX_SCORED_CELLS:
         return np.arange(len(labels))
@@ -651,7 +686,8 @@ def embedding_scores(
     data_hash: str,
     run_dir: Path,
 ) -> dict:
-    """Silhouette, kNN consistency and UMAPs of the HVG-PCA view and of every embedding."""
+    """Zero-shot scores (:func:`scfmbench.evaluate.embedding_quality`) and UMAPs of the
+    HVG-PCA view and of every embedding, on the cells of :func:`scored_cells`."""
     from scfmbench.evaluate import detect_batch_key, embedding_quality, write_embedding_figures
     from scfmbench.features import pca_all_cells
 
@@ -671,6 +707,7 @@ def embedding_scores(
                 matrix_hashes.get(name),
                 config.n_hvg,
                 config.n_pcs,
+                "scib-metrics",
             ]
         )
         payload = stages.load(f"embedding_scores_{name}", stage_key)
@@ -686,7 +723,10 @@ def embedding_scores(
                     seed=config.seed,
                     names=labels.index[rows],
                 )
-            payload = embedding_quality(matrix, labels.to_numpy()[rows], seed=config.seed)
+            payload = embedding_quality(
+                matrix, labels.to_numpy()[rows], batches=batches, seed=config.seed
+            )
+            payload["batch_key"] = batch_key
             if config.figures:
                 payload.update(
                     write_embedding_figures(
@@ -729,7 +769,15 @@ def _features(
     if method.model is not None:
         return embedding_features(matrices[method.model], cells.obs_names, split)
     builder = REPRESENTATIONS.get(method.representation)
-    return builder(cells, split, kind=kind, n_hvg=config.n_hvg, n_pcs=config.n_pcs, seed=split.seed)
+    return builder(
+        cells,
+        split,
+        kind=kind,
+        n_hvg=config.n_hvg,
+        n_pcs=config.n_pcs,
+        seed=split.seed,
+        scvi=config.scvi,
+    )
 
 
 def _predict_all(
@@ -768,6 +816,7 @@ def _predict_all(
                 "n_pcs": config.n_pcs,
                 "embedding": matrix_hashes.get(method.model) if method.model else None,
                 "grid": probe_grid(method.probe, config) or PROBES.get(method.probe).grid,
+                **_representation_options(method, config),
             }
         )
         stage = f"predict_{method.name}_seed{split.seed}"
@@ -796,6 +845,13 @@ def _predict_all(
             if uses_left[shared] == 0:
                 built.pop(shared, None)
     return out
+
+
+def _representation_options(method: Method, config: RunConfig) -> dict[str, Any]:
+    """Settings that only one representation reads (part of its predictions' cache key)."""
+    if method.representation == "scvi":
+        return {"scvi": config.scvi.model_dump()}
+    return {}
 
 
 def fit_and_predict(

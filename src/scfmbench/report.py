@@ -640,26 +640,65 @@ def confusion_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     return [section]
 
 
+ZERO_SHOT_COLUMNS = {
+    "nmi": "NMI",
+    "ari": "ARI",
+    "silhouette_label": "cell-type ASW",
+    "clisi": "cLISI",
+    "graph_connectivity": "graph connectivity",
+    "silhouette_batch": "batch ASW",
+    "ilisi": "iLISI",
+}
+
+
+def _view_title(view: str) -> str:
+    return "HVG-PCA (baseline view)" if view == "pca" else f"{view} embedding"
+
+
+def zero_shot_section(metrics: dict[str, Any]) -> list[Section]:
+    """One row per embedding (and the HVG-PCA view): the scib-metrics scores of
+    ``metrics.json["embeddings"]``, without any classifier."""
+    embeddings = metrics.get("embeddings") or {}
+    if not embeddings:
+        return []
+    batch_keys = {info.get("batch_key") for info in embeddings.values()} - {None}
+    columns = [
+        key
+        for key in ZERO_SHOT_COLUMNS
+        if any(is_number(info.get(key)) for info in embeddings.values())
+    ]
+    table = Table(
+        "zero-shot",
+        ["view", *(ZERO_SHOT_COLUMNS[c] for c in columns), "cells"],
+        caption="Zero-shot embedding quality (scib-metrics; 0–1, higher is better)",
+    )
+    for view, info in embeddings.items():
+        table.rows.append(
+            [text(view), *(num(info.get(c)) for c in columns), num(info.get("n_cells"), 0)]
+        )
+    note = (
+        "NMI/ARI: Leiden clusters (15-neighbour graph, resolution with the best NMI) vs the "
+        "labels; ASW: silhouette rescaled to 0–1; cLISI/iLISI: scaled local inverse Simpson "
+        "index of the 90-neighbour graph; graph connectivity: share of each label's cells in "
+        "its largest connected component."
+    )
+    if batch_keys:
+        note += f" Batch mixing by {', '.join(sorted(batch_keys))}."
+    else:
+        note += " No batch/donor column: batch mixing not scored."
+    return [Section("zero-shot", "Zero-shot embedding quality", tables=[table], note=note)]
+
+
 def umap_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     embeddings = metrics.get("embeddings") or {}
     figures: list[Figure] = []
-    table = None
-    if embeddings:
-        table = Table(
-            "embeddings",
-            ["model", "silhouette", "kNN label consistency"],
-            caption="Embedding quality (by cell type)",
-        )
-        for model, info in embeddings.items():
-            table.rows.append(
-                [text(model), num(info.get("silhouette")), num(info.get("knn_consistency"))]
-            )
-            title = "HVG-PCA (baseline view)" if model == "pca" else f"{model} embedding"
-            figures += figure_if_exists(run_dir, info.get("umap_png"), title)
-            figures += figure_if_exists(run_dir, info.get("umap_batch_png"), f"{title} by batch")
-    if not figures and table is None:
+    for view, info in embeddings.items():
+        title = _view_title(view)
+        figures += figure_if_exists(run_dir, info.get("umap_png"), title)
+        figures += figure_if_exists(run_dir, info.get("umap_batch_png"), f"{title} by batch")
+    if not figures:
         return []
-    return [Section("umap", "UMAPs", tables=[table] if table else [], figures=figures)]
+    return [Section("umap", "UMAPs", figures=figures)]
 
 
 def _figure_any(run_dir: Path, candidates: list[str | None], title: str) -> list[Figure]:
@@ -803,6 +842,8 @@ def build_sections(
         sections.append(Section("per-class", "Per-class F1 and recall", tables=per_class))
     if run_dir is not None:
         sections += confusion_section(metrics, run_dir)
+    sections += zero_shot_section(metrics)
+    if run_dir is not None:
         sections += umap_section(metrics, run_dir)
         sections += layers_section(metrics, run_dir)
     sections += transfer_section(metrics)

@@ -1,0 +1,143 @@
+"""The scVI baseline: seeded, trained without the test cells, probed like an embedding,
+streamed like the other baselines, refused on data without counts."""
+
+import json
+
+import numpy as np
+import pytest
+
+import scfmbench
+from scfmbench.config import ScviOptions
+from scfmbench.features import InMemoryCells
+from scfmbench.splits import stratified_split
+from tests.test_pipeline import run_cli
+
+FAST = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4, "batch_size": 16}
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Rows of every count matrix scVI is trained on."""
+    import scfmbench.scvi_baseline as module
+
+    seen = []
+    train = module._train
+
+    def spy(counts, sizes, options, seed):
+        seen.append((counts.shape[0], list(sizes)))
+        return train(counts, sizes, options, seed)
+
+    monkeypatch.setattr(module, "_train", spy)
+    return seen
+
+
+def test_scvi_features_are_seeded_and_never_see_the_test_cells(tiny_adata, fits):
+    from scfmbench.scvi_baseline import scvi_features
+
+    split = stratified_split(tiny_adata.obs["cell_type"], seed=0)
+    cells = InMemoryCells.from_adata(tiny_adata)
+    state = np.random.get_state()[1].copy()
+    first = scvi_features(cells, split, kind="counts", seed=7, scvi=ScviOptions(**FAST))
+    second = scvi_features(cells, split, kind="counts", seed=7, scvi=ScviOptions(**FAST))
+    # the global NumPy random state is left as it was
+    assert np.array_equal(np.random.get_state()[1], state)
+    n_train, n_val, n_test = len(split.train), len(split.val), len(split.test)
+    assert fits == [(n_train + n_val, [n_train, n_val])] * 2
+    for a, b, n in zip(
+        (first.train, first.val, first.test),
+        (second.train, second.val, second.test),
+        (n_train, n_val, n_test),
+        strict=True,
+    ):
+        assert a.shape == (n, 4) and a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    assert first.info == {"n_genes": 40, "n_latent": 4, "epochs": 3, "transductive": False}
+    # transductive: the test cells join the training cells (unlabelled)
+    third = scvi_features(
+        cells, split, kind="counts", seed=7, scvi=ScviOptions(**FAST, transductive=True)
+    )
+    assert fits[-1] == (n_train + n_val + n_test, [n_train, n_val, n_test])
+    assert third.info["transductive"] is True and third.test.shape == (n_test, 4)
+
+
+def test_scvi_is_probed_like_an_embedding_and_streams(tmp_path, tiny_adata):
+    path = tmp_path / "tiny.h5ad"
+    tiny_adata.write_h5ad(path)
+    settings = {
+        "baselines": ["scvi", "majority"],
+        "probes": ["logreg", "knn"],
+        "n_splits": 1,
+        "figures": False,
+        "progress": False,
+        "scvi": FAST,
+        "out": tmp_path / "runs",
+    }
+    memory = scfmbench.run(path, name="memory", backed=False, **settings)
+    again = scfmbench.run(path, name="again", backed=False, **settings)
+    backed = scfmbench.run(path, name="backed", backed=True, chunk_size=16, **settings)
+    methods = memory.metrics["methods"]
+    assert list(methods) == ["scvi+logreg", "scvi+knn", "majority"]
+    entry = methods["scvi+logreg"]
+    assert entry["kind"] == "baseline" and entry["representation"] == "scvi"
+    assert entry["splits"]["42"]["macro_f1"] > 0.8  # three well-separated types
+    for other in (again, backed):
+        for name, scores in methods.items():
+            assert other.metrics["methods"][name]["splits"] == scores["splits"], name
+
+
+def test_scvi_needs_counts(tmp_path, tiny_adata):
+    lognorm = tiny_adata.copy()
+    lognorm.X = lognorm.X.log1p()
+    path = tmp_path / "lognorm.h5ad"
+    lognorm.write_h5ad(path)
+    # the default baseline list leaves scvi out on data without counts
+    with pytest.warns(UserWarning, match="no raw integer counts"):
+        result = scfmbench.run(
+            path, out=tmp_path, name="d", n_splits=1, figures=False, progress=False
+        )
+    assert [m for m in result.metrics["methods"] if m.startswith("scvi")] == []
+    # asked for explicitly: one line, exit 2, nothing written
+    config = tmp_path / "c.yaml"
+    config.write_text("baselines: [scvi, majority]\nn_splits: 1\n")
+    done = run_cli(
+        "run",
+        "--data",
+        str(path),
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "e",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: baseline 'scvi+logreg' needs raw integer counts but the data are lognorm; "
+        "give the counts, or remove scvi from `baselines` (--no-scvi)."
+    )
+    assert not (tmp_path / "e").exists()
+
+
+def test_no_scvi_flag_drops_it_from_the_defaults(tmp_path, tiny_adata):
+    path = tmp_path / "tiny.h5ad"
+    tiny_adata.write_h5ad(path)
+    done = run_cli(
+        "run",
+        "--data",
+        str(path),
+        "--n-splits",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "n",
+        "--no-scvi",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    methods = json.loads((tmp_path / "n" / "metrics.json").read_text())["methods"]
+    assert list(methods) == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
