@@ -22,7 +22,8 @@ from tests.conftest import run_cli_in_process
 
 N_CELLS = 400
 RUN_CONFIG = (
-    "n_splits: 1\nbaselines: [hvg+logreg, majority]\nfigures: false\nn_hvg: 200\nn_pcs: 10\n"
+    "n_splits: 1\ndesign: study\nbaselines: [hvg+logreg, majority]\nfigures: false\n"
+    "n_hvg: 200\nn_pcs: 10\n"
 )
 STRATIFY_ERROR = "'Singleton' has 1 cell; each class needs ≥ 3 cells"
 

@@ -165,6 +165,7 @@ def test_cellxgene_scfoundation_reads_feature_name(files, tmp_path, capsys, shar
 def _quick_config(path: Path, **values) -> Path:
     settings = {
         "n_splits": 1,
+        "design": "study",
         "baselines": ["majority", "pca+logreg"],
         "probes": ["logreg"],
         "layerwise": False,

@@ -139,7 +139,9 @@ def test_zarr_store_runs_like_the_h5ad_file(subset, tmp_path):
     store = tmp_path / "store.h5ad"  # a zarr directory with a misleading suffix
     subset.write_zarr(store)
     config = tmp_path / "run.yaml"
-    config.write_text("n_splits: 1\nbaselines: [pca+logreg, majority]\nfigures: false\n")
+    config.write_text(
+        "n_splits: 1\ndesign: study\nbaselines: [pca+logreg, majority]\nfigures: false\n"
+    )
 
     checks = [scfmbench("validate", str(p), "--label-key", "cell_type") for p in (h5ad, store)]
     assert [c.returncode for c in checks] == [0, 0], checks[1].stderr

@@ -67,6 +67,7 @@ def test_scvi_is_probed_like_an_embedding_and_streams(tmp_path, tiny_adata):
         "baselines": ["scvi", "majority"],
         "probes": ["logreg", "knn"],
         "n_splits": 1,
+        "design": "study",  # one random split keeps the test quick
         "figures": False,
         "progress": False,
         "scvi": FAST,
@@ -93,12 +94,12 @@ def test_scvi_needs_counts(tmp_path, tiny_adata):
     # the default baseline list leaves scvi out on data without counts
     with pytest.warns(UserWarning, match="no raw integer counts"):
         result = scfmbench.run(
-            path, out=tmp_path, name="d", n_splits=1, figures=False, progress=False
+            path, out=tmp_path, name="d", n_splits=1, design="study", figures=False, progress=False
         )
     assert [m for m in result.metrics["methods"] if m.startswith("scvi")] == []
     # asked for explicitly: one line, exit 2, nothing written
     config = tmp_path / "c.yaml"
-    config.write_text("baselines: [scvi, majority]\nn_splits: 1\n")
+    config.write_text("baselines: [scvi, majority]\nn_splits: 1\ndesign: study\n")
     done = run_cli(
         "run",
         "--data",

@@ -137,7 +137,7 @@ def test_cli_run_on_kang_scores_every_view_with_its_donors(tmp_path):
 
     kang = require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
     config = tmp_path / "run.yaml"
-    config.write_text("n_splits: 1\nbaselines: [pca+logreg]\nfigures: false\n")
+    config.write_text("n_splits: 1\ndesign: study\nbaselines: [pca+logreg]\nfigures: false\n")
     done = run_cli(
         "run",
         "--data",
