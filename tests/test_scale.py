@@ -283,7 +283,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, subset, make_scgp
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers
         raise
     assert process.returncode == 0, stderr
-    assert stdout.count("wrote obsm['X_scgpt'] for 240 cells") == 1  # rank 0 only
+    assert stdout.count("wrote obsm['X_scgpt'] of 240 cells") == 1  # rank 0 only
     assert "in 5 chunks of 50 over 2 process(es)" in stderr
     np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgpt"], np.load(single), atol=1e-6)
 

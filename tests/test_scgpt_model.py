@@ -183,12 +183,27 @@ def test_random_init_control(make_scgpt_dir, tiny_adata):
     model = MODELS.get("scgpt")(folder, random_init=True)
     assert model.model_id == "scgpt-random" and model.obsm_key == "X_scgpt_random"
     again = load_scgpt(folder, random_init=True)
-    other = load_scgpt(folder, random_init=True, init_seed=1)
+    other = load_scgpt(folder, random_init=True, seed=1)
     assert model.checkpoint_sha256 == again.checkpoint_sha256 != other.checkpoint_sha256
     a = _embed(model, tiny_adata)
     assert "X_scgpt_random" in tiny_adata.obsm
     np.testing.assert_array_equal(a, _embed(again, tiny_adata.copy()))
     assert not np.allclose(a, _embed(other, tiny_adata.copy()))
+
+
+def test_random_init_control_follows_the_run_seed(make_scgpt_dir):
+    """The run's seed reaches the scGPT control's initialisation, as for the other models."""
+    from scfmbench.config import RunConfig
+    from scfmbench.pipeline import load_models
+
+    folder = make_scgpt_dir(weights=False)
+
+    def control(seed: int) -> torch.Tensor:
+        (model,) = load_models(RunConfig(models=[f"scgpt-random={folder}"], seed=seed))
+        return model.network.encoder.embedding.weight.detach().clone()
+
+    assert torch.equal(control(1), control(1))
+    assert not torch.equal(control(1), control(2))
 
 
 def test_classification_head(make_scgpt_dir):

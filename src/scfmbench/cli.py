@@ -76,8 +76,13 @@ def run(
     n_repeats: int = typer.Option(
         None, help="Repeats of K-fold cross-validation (default 1; > 1 = repeated CV)."
     ),
-    model: list[str] = typer.Option(None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR."),
+    model: list[str] = typer.Option(
+        None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR, scfoundation=DIR."
+    ),
     reference: str = typer.Option(None, help="Method the gains are computed against."),
+    min_cells_per_class: int = typer.Option(
+        None, help="Classes with fewer cells are dropped (default 10)."
+    ),
     allow_normalized: bool = typer.Option(
         None, "--allow-normalized", help="Let count-based models use normalized data."
     ),
@@ -126,6 +131,7 @@ def run(
         "n_repeats": n_repeats,
         "models": model or None,
         "reference": reference,
+        "min_cells_per_class": min_cells_per_class,
         "allow_normalized": allow_normalized,
         "merge_similar_labels": merge_similar_labels,
         "gene_column": gene_column,
@@ -178,7 +184,6 @@ def validate(
     from scfmbench.backed import BackedData
     from scfmbench.config import RunConfig
     from scfmbench.pipeline import baseline_methods, open_run_data, resolve_config
-    from scfmbench.probes import PROBES
     from scfmbench.splits import check_fractions, check_stratifiable
 
     _setup_logging(quiet=True)
@@ -192,8 +197,6 @@ def validate(
     resolved = resolve_config(data, base, settings)
     check_fractions(resolved.fractions)
     baseline_methods(resolved)  # unknown representations / probes, as run refuses them
-    for probe in resolved.probes if resolved.models else []:
-        PROBES.get(probe)
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
@@ -298,7 +301,8 @@ def embed(
         backed=backed,
     )
     if main_rank:
-        typer.echo(f"wrote obsm[{key!r}] for {n_cells} cells to {out}")
+        where = f"obsm[{key!r}] of" if str(out).endswith(".h5ad") else "the embeddings of"
+        typer.echo(f"wrote {where} {n_cells} cells to {out}")
 
 
 @app.command()

@@ -140,7 +140,8 @@ class RunConfig(BaseModel):
         for item in value:
             if item not in ("majority", *EMBEDDING_BASELINES) and "+" not in item:
                 raise ValueError(
-                    f"baseline {item!r} must look like 'pca+logreg', 'majority' or 'scvi'"
+                    f"baseline {item!r} must look like 'pca+logreg', 'majority' or 'scvi'."
+                    + did_you_mean(item, ["majority", *EMBEDDING_BASELINES])
                 )
         return value
 

@@ -113,6 +113,8 @@ def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[
     ConfigError
         An unknown representation or probe, or scvi asked for on data without counts.
     """
+    for probe in config.probes:  # used by models and scvi: refuse a typo with or without them
+        PROBES.get(probe)
     methods = []
     for item in expand_baselines(config, matrix_kind):
         if item == "majority":
@@ -302,7 +304,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
     if reference not in {m.name for m in methods}:
         raise ConfigError(
             f"reference method {reference!r} is not in this run; choose from "
-            f"{[m.name for m in methods]}."
+            f"{[m.name for m in methods]}.{did_you_mean(reference, [m.name for m in methods])}"
         )
     run_dir = Path(config.out) / config.name
     check_writable(run_dir)
@@ -1179,16 +1181,35 @@ def _load_embedding_model(
 
 
 def check_writable(path: Path) -> None:
-    """Raise ConfigError when ``path``'s folder cannot be created or written."""
+    """Raise ConfigError when ``path``'s folder cannot be created or written.
+
+    The nearest existing ancestor must be a folder in which a file can be created (tried with
+    a temporary folder, removed at once): permission bits alone miss read-only file systems
+    and, for root, ``/proc``-like folders.
+    """
     import os
+    import tempfile
 
     folder = path.parent if path.suffix else path
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
         raise ConfigError(
-            f"cannot write to {str(folder)!r} (permission denied); choose another "
+            f"cannot write to {str(folder)!r}: {str(probe)!r} is a file, not a folder; choose "
+            "another output location with --out."
+        )
+    reason = "permission denied"
+    writable = os.access(probe, os.W_OK)
+    if writable:
+        try:
+            with tempfile.TemporaryDirectory(dir=probe, prefix=".scfmbench-check-"):
+                pass
+        except OSError as exc:
+            writable, reason = False, exc.strerror or type(exc).__name__
+    if not writable:
+        raise ConfigError(
+            f"cannot write to {str(folder)!r} ({reason}); choose another "
             "output location with --out."
         )
 

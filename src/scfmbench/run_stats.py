@@ -288,6 +288,12 @@ def recompute(run_dir: Path) -> dict[str, Any]:
                 "(written by scfmbench run, schema 2.0 or later)."
             )
     doc = json.loads(metrics_path.read_text())
+    if doc.get("run", {}).get("kind") == "transfer":
+        raise RunDirError(
+            f"{run_dir} is a transfer run; `scfmbench stats` recomputes runs of `scfmbench run` "
+            "only (a transfer's statistics are in its metrics.json['transfer'], its per-cell "
+            f"predictions in {PREDICTIONS_FILE})."
+        )
     table = read_predictions(table_path)
     missing = sorted(set(doc["methods"]) - set(table["method"]))
     if missing:

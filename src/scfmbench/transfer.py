@@ -266,18 +266,19 @@ def transfer(
     for role, source, key in (("train", train, label_key_train), ("test", test, label_key_test)):
         name = role if isinstance(source, AnnData) else Path(str(source)).stem
         adata = load_dataset(source)
-        datasets.append(
-            (
-                name,
-                validate(
-                    adata,
-                    label_key=key,
-                    min_cells_per_class=cfg.min_cells_per_class,
-                    merge_similar_labels=cfg.merge_similar_labels,
-                    name=name if isinstance(source, AnnData) else Path(str(source)).name,
-                ),
+        try:
+            checked = validate(
+                adata,
+                label_key=key,
+                min_cells_per_class=cfg.min_cells_per_class,
+                merge_similar_labels=cfg.merge_similar_labels,
+                name=name if isinstance(source, AnnData) else Path(str(source)).name,
             )
-        )
+        except SchemaError as exc:  # name the transfer option that picks this side's labels
+            raise SchemaError(
+                f"{role} data {name}: " + str(exc).replace("--label-key", f"--label-key-{role}")
+            ) from None
+        datasets.append((name, checked))
     methods = baseline_methods(cfg)
     models = load_models(cfg)
     methods += model_methods(models, cfg)

@@ -690,7 +690,8 @@ def filter_cells(
         listed = ", ".join(f"{k} ({v})" for k, v in rare.items())
         _warn(
             diag,
-            f"dropped {len(rare)} classes with fewer than {min_cells_per_class} cells: {listed}",
+            f"dropped {len(rare)} class{'es' if len(rare) != 1 else ''} with fewer than "
+            f"{min_cells_per_class} cells: {listed}",
         )
         keep &= ~np.isin(text, rare.index.to_numpy())
     if not keep.any():

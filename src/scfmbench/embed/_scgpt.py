@@ -263,14 +263,14 @@ def load_scgpt(
     normalize: bool = True,
     l2_normalize: bool = True,
     n_classes: int | None = None,
-    init_seed: int = 0,
+    seed: int = 0,
 ) -> ScGPTModel:
     """Load a scGPT checkpoint folder (``best_model.pt``, ``args.json``, ``vocab.json``).
 
     Args:
         path: the model folder, e.g. ``scGPT_human/``.
         random_init: same architecture and tokenizer, randomly initialised weights (seeded by
-            ``init_seed``); ``best_model.pt`` is not needed. Model id ``scgpt-random``.
+            ``seed``); ``best_model.pt`` is not needed. Model id ``scgpt-random``.
         gene_column: ``adata.var`` column with gene symbols; default ``var_names``.
         max_seq_len: longest input incl. ``<cls>``; default ``args.json`` (1200).
         n_bins: value bins; default ``args.json`` (51).
@@ -288,15 +288,15 @@ def load_scgpt(
     pad_id = vocab.get(args.get("pad_token", "<pad>"))
     if random_init:
         config = ScGPTConfig.from_args(args, ntoken=len(vocab), pad_token_id=pad_id)
-        network = _random_network(config, seed=init_seed)
+        network = _random_network(config, seed=seed)
         sha = hash_json(
             {
-                "random_init": init_seed,
+                "random_init": seed,
                 "config": repr(config),
                 "vocab": hash_file(model_dir / VOCAB_FILE),
             }
         )
-        logger.info("scgpt: random-init control (seed %d), %d layers", init_seed, config.nlayers)
+        logger.info("scgpt: random-init control (seed %d), %d layers", seed, config.nlayers)
     else:
         weights = _require(model_dir, WEIGHTS_FILE)
         state = read_state_dict(weights)
