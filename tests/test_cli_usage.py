@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -115,3 +116,75 @@ def test_sigint_keeps_finished_stages_and_resumes(tmp_path, pbmc3k_path):
     # the rerun reused the saved splits instead of writing them again
     for name, mtime in kept.items():
         assert (run_dir / "splits" / name).stat().st_mtime_ns == mtime, name
+
+
+def test_bad_settings_stop_with_one_line(tmp_path, capsys):
+    from tests.conftest import make_tiny_adata, run_cli_in_process
+
+    data = tmp_path / "tiny.h5ad"
+    make_tiny_adata().write_h5ad(data)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("probes: [logreg, knnn]\n")
+    transfer_run = tmp_path / "transfer_run"
+    transfer_run.mkdir()
+    (transfer_run / "metrics.json").write_text('{"run": {"kind": "transfer"}}')
+    (transfer_run / "predictions.tsv.gz").write_bytes(b"")
+    cases = {
+        "out under a file": (
+            ["run", "--data", str(data), "--out", str(a_file), "--name", "r"],
+            f"error: cannot write to '{a_file}/r': '{a_file}' is a file, not a folder",
+        ),
+        "probe typo, validate": (
+            ["validate", str(data), "--config", str(typo)],
+            "error: unknown probe 'knnn'",
+        ),
+        "probe typo, run without models": (
+            ["run", "--data", str(data), "--config", str(typo), "--out", str(tmp_path / "o")],
+            "error: unknown probe 'knnn'",
+        ),
+        "reference typo": (
+            ["run", "--data", str(data), "--reference", "pca+logregg", "--out", str(tmp_path)],
+            "Did you mean 'pca+logreg'?",
+        ),
+        "transfer label column": (
+            ["transfer", "--train", str(data), "--test", str(data), "--label-key-test", "ct"],
+            "Pass --label-key-test with one of those.",
+        ),
+        "stats on a transfer run": (
+            ["stats", str(transfer_run)],
+            "is a transfer run; `scfmbench stats` recomputes runs of `scfmbench run` only",
+        ),
+    }
+    for case, (args, message) in cases.items():
+        code, _, err = run_cli_in_process(args, capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, (case, err)
+        assert len(errors) == 1 and message in errors[0], (case, err)
+    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file", "tiny.h5ad", "transfer_run", "typo.yaml"
+    ]  # fmt: skip
+
+
+def test_run_takes_min_cells_per_class(tmp_path, capsys):
+    from tests.conftest import make_tiny_adata, run_cli_in_process
+
+    adata = make_tiny_adata()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[:3] = "Small"  # a 3-cell class: dropped at the default 10, kept at 3
+    adata.obs["cell_type"] = labels
+    data = tmp_path / "tiny.h5ad"
+    adata.write_h5ad(data)
+    config = tmp_path / "quick.yaml"
+    config.write_text("baselines: [majority]\nfigures: false\nn_splits: 3\n")
+    code, _, err = run_cli_in_process(
+        ["run", "--data", str(data), "--config", str(config), "--out", str(tmp_path / "runs"),
+         "--name", "r", "--min-cells-per-class", "3", "-q"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
+    assert metrics["diagnostics"]["classes"]["Small"] == 3
+    assert metrics["diagnostics"]["dropped_classes"] == {}
