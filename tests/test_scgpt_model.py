@@ -237,6 +237,31 @@ def test_ignored_keys_are_logged(make_scgpt_dir, caplog):
     assert "dsbn.bns.0.weight" in text and "cross-attention" in text
 
 
+def test_query_style_mvc_decoder_is_listed_and_skipped(make_scgpt_dir, caplog, tiny_adata):
+    """The reference's MVCDecoder(arch_style="sum query"): gene2query, fc1, fc2 and no W."""
+
+    def with_sum_query_mvc(state):
+        state = {k: v for k, v in state.items() if not k.startswith("mvc_decoder.")}
+        return {
+            **state,
+            "mvc_decoder.gene2query.weight": torch.zeros(16, 16),
+            "mvc_decoder.gene2query.bias": torch.zeros(16),
+            "mvc_decoder.fc1.weight": torch.zeros(64, 16),
+            "mvc_decoder.fc1.bias": torch.zeros(64),
+            "mvc_decoder.fc2.weight": torch.zeros(1, 64),
+            "mvc_decoder.fc2.bias": torch.zeros(1),
+        }
+
+    with caplog.at_level(logging.WARNING):
+        model = load_scgpt(make_scgpt_dir(edit=with_sum_query_mvc))
+    assert "ignoring 6 checkpoint tensors of the masked-value decoder in the 'concat" in caplog.text
+    assert not hasattr(model.network, "mvc_decoder")
+    np.testing.assert_array_equal(
+        _embed(model, tiny_adata),
+        _embed(load_scgpt(make_scgpt_dir(name="plain")), tiny_adata.copy()),
+    )
+
+
 # --- bad folders --------------------------------------------------------------------------------
 
 

@@ -336,12 +336,20 @@ def attention_layout(state: Mapping[str, Any]) -> str:
     return "flash" if any(FLASH_QKV in k for k in state) else "torch"
 
 
+MVC_QUERY_STYLES = "masked-value decoder in the 'concat query' or 'sum query' style (pre-training)"
+
+
 def split_ignored(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
-    """Separate the keys listed in ``IGNORED_KEYS``; returns (kept, {reason: keys})."""
+    """Separate the keys listed in ``IGNORED_KEYS`` (and an ``mvc_decoder`` of the reference's
+    query styles, which has no ``W``: only the "inner product" style is built here);
+    returns (kept, {reason: keys})."""
     kept: dict[str, Tensor] = {}
     ignored: dict[str, list[str]] = {}
+    query_style_mvc = "mvc_decoder.W.weight" not in state
     for key, value in state.items():
         reason = next((r for p, r in IGNORED_KEYS.items() if re.search(p, key)), None)
+        if reason is None and query_style_mvc and key.startswith("mvc_decoder."):
+            reason = MVC_QUERY_STYLES
         if reason is None:
             kept[key] = value
         else:
