@@ -26,6 +26,24 @@ TINY = {
 }
 
 
+def hf_hidden_states(network, model, adata, *, layer: int):
+    """``(tokens, states)``: the model's tokens of ``adata`` and the Hugging Face network's
+    hidden states after ``layer`` layers (``output_hidden_states``), padded as one batch."""
+    import numpy as np
+
+    from scfmbench.embed import collate
+
+    tokens = model.tokenize(adata)
+    batch = collate(tokens, np.arange(tokens.n_cells), pad_token_id=0)
+    with torch.no_grad():
+        states = network.bert(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask.long(),
+            output_hidden_states=True,
+        ).hidden_states[layer]
+    return tokens, states
+
+
 def copy_dictionaries(shared_dir: Path, version: str, target: Path) -> Path:
     """Copy the released dictionaries of ``version`` into ``target``."""
     target.mkdir(parents=True, exist_ok=True)

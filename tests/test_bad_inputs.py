@@ -196,11 +196,13 @@ def lognormalized(adata):
 
 def ensembl_names(adata):
     adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
+    adata.var = adata.var.iloc[:, :0]  # no symbol column left for the models to find
     return adata
 
 
 def mouse_like(adata):
     adata.var_names = [f"{name[:1]}{name[1:].lower()}_m" for name in adata.var_names]
+    adata.var = adata.var.iloc[:, :0]  # no Ensembl or symbol column to fall back on
     return adata
 
 

@@ -130,9 +130,11 @@ def test_symbols_map_through_gene_name_dictionary(toy_v2):
     adata = toy_adata()[:, [0, 1, 2, 3]].copy()
     adata.var_names = ["GA", "GB", "GC", "GD"]
     adata.var["ensembl"] = [A, B, C, D]
-    by_symbol = GeneformerTokenizer(toy_v2).tokenize(adata)
+    by_symbol = GeneformerTokenizer(toy_v2, gene_column="var_names").tokenize(adata)
     by_id = GeneformerTokenizer(toy_v2, gene_column="ensembl").tokenize(adata)
     assert np.array_equal(by_symbol.input_ids, by_id.input_ids)
+    default = GeneformerTokenizer(toy_v2).tokenize(adata)
+    assert default.gene_match.gene_column == "ensembl"  # found by content
     assert by_symbol.gene_match.identifier_type == "symbol"
 
 
@@ -199,13 +201,15 @@ def test_pbmc3k_gene_mapping_matches_reference(real_dicts, pbmc300):
     mapping = GeneformerTokenizer(real_dicts["V2"], gene_column="gene_ids").map_genes(pbmc300.var)
     assert (mapping.n_direct, mapping.n_mapped, mapping.n_tokens) == (11_885, 11_965, 11_922)
     assert mapping.n_collapsed_tokens == 43
-    by_symbol = GeneformerTokenizer(real_dicts["V2"]).map_genes(pbmc300.var)
+    by_symbol = GeneformerTokenizer(real_dicts["V2"], gene_column="var_names").map_genes(
+        pbmc300.var
+    )
     assert by_symbol.identifier_type == "symbol"
     assert by_symbol.n_symbols == 13_714 and by_symbol.n_symbols_mapped < 13_714
 
 
 @pytest.mark.parametrize(
-    ("version", "gene_column"), [("V1", "gene_ids"), ("V2", "gene_ids"), ("V2", None)]
+    ("version", "gene_column"), [("V1", "gene_ids"), ("V2", None), ("V2", "var_names")]
 )
 def test_vectorized_equals_loop_on_pbmc3k(real_dicts, pbmc300, version, gene_column):
     tokenizer = GeneformerTokenizer(real_dicts[version], gene_column=gene_column)

@@ -151,7 +151,13 @@ def enrich(metrics: dict, run_dir: Path) -> dict:
             "pooling": "mean",
             "n_dropped_cells": 1,
             "from_cache": False,
-            "gene_match": {"n_matched": 35, "fraction_genes": 0.875, "fraction_counts": 0.93},
+            "gene_match": {
+                "n_matched": 35,
+                "fraction_genes": 0.875,
+                "fraction_counts": 0.93,
+                "gene_column": "gene_ids",
+                "gene_column_reason": "--gene-column",
+            },
         }
     }
     return metrics
@@ -270,6 +276,9 @@ def test_markdown_report_matches_metrics(enriched_dir):
     assert frozen[0]["Δabs F1"] == f"{f1_tuned - f1_frozen:.3f}"
     assert "genes matched" in md_tables(sections["Data and diagnostics"])[0][0]
     assert md_tables(sections["Data and diagnostics"])[0][0]["genes matched"] == "35"
+    assert md_tables(sections["Data and diagnostics"])[0][0]["gene identifiers"] == (
+        "var['gene_ids'] (--gene-column)"
+    )
     timings = {r["stage"]: r for r in md_tables(sections["Time per stage"])[0]}
     assert timings["embed:toyfm"]["cells/s"] == "30.0"
     assert timings["embed:toyfm"]["peak memory (MB)"] == "512"

@@ -228,7 +228,10 @@ def test_gene_name_column_is_used_like_the_reference():
 def test_pbmc3k_alignment_with_the_real_index(pbmc3k):
     index = read_gene_index(require_shared("vocab/scfoundation/OS_scRNA_gene_index.19264.tsv"))
     adata = pbmc3k[:100].copy()
-    tokens = tokenize_scfoundation(adata, gene_index=index)
+    default = tokenize_scfoundation(adata, gene_index=index)
+    assert default.gene_match.gene_column == "gene_symbol"  # a well-known symbol column
+    options = ScFoundationOptions(gene_column="var_names")
+    tokens = tokenize_scfoundation(adata, gene_index=index, options=options)
     match = tokens.gene_match
     assert match.n_total == 13714 and 0.5 < match.fraction < 1
     assert 0.5 < match.fraction_counts <= 1 and match.identifier_type == "symbol"

@@ -329,9 +329,12 @@ def test_pbmc3k_overlap(scgpt_vocab):
     import anndata as ad
 
     adata = ad.read_h5ad(require_shared(PBMC3K))[:100].copy()
+    by_names = tokenize_scgpt(adata, vocab=scgpt_vocab, gene_column="var_names")
+    assert by_names.gene_match.n_matched == 12300  # make.unique names (".1") are not symbols
     tokens = tokenize_scgpt(adata, vocab=scgpt_vocab)
     match = tokens.gene_match.to_dict()
-    assert (match["n_genes"], match["n_matched"]) == (13714, 12300)
+    assert match["gene_column"] == "gene_symbol"  # the original symbols, found by name
+    assert (match["n_genes"], match["n_matched"]) == (13714, 12321)
     assert match["fraction_counts"] == pytest.approx(0.9637, abs=2e-3)
     assert tokens.n_cells == 100 and tokens.lengths.max() <= 1200
 

@@ -23,6 +23,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench.errors import DataError, ScfmbenchError
+from scfmbench.genes import identifier_sources
 from scfmbench.validate import (
     KIND_NAMES,
     DataDiagnostics,
@@ -30,12 +31,14 @@ from scfmbench.validate import (
     check_h5ad_file,
     check_unique_cells,
     classify_matrix,
+    drop_filter_pass,
     filter_cells,
     find_expression,
     record_matrix,
     resolve_label_key,
     to_csr,
     unreadable_h5ad,
+    with_var_columns,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class H5adCells:
             raise
         self.location, var_location = H5_LOCATIONS[self.source]
         self.var = self.vars[var_location]
+        if var_location != "var":  # raw.X: identifier columns usually live in var
+            self.var = with_var_columns(self.var, self.vars["var"])
         logger.info("%s: streaming adata.%s (%s)", self.path.name, self.source, self.kind)
 
     def candidates(self) -> list[str]:
@@ -311,6 +316,7 @@ def _validate(
         diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
     )
     diag.n_genes = len(var_names)
+    diag.gene_sources = identifier_sources(reader.var)
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
     starts = range(0, reader.n_obs, chunk_size)
@@ -321,14 +327,17 @@ def _validate(
         totals[start:stop] = np.asarray(matrix.sum(axis=1)).ravel()
         for part in (matrix.data, matrix.indices, matrix.indptr):
             digest.update(np.ascontiguousarray(part).tobytes())
-    keep, labels = filter_cells(
-        obs,
+    passing = drop_filter_pass(obs, diag)
+    kept, labels = filter_cells(
+        obs.iloc[passing],
         label_key=label_key,
-        empty=totals <= 0,
+        empty=totals[passing] <= 0,
         min_cells_per_class=min_cells_per_class,
         diag=diag,
         merge_similar_labels=merge_similar_labels,
     )
+    keep = np.zeros(reader.n_obs, dtype=bool)
+    keep[np.flatnonzero(passing)[kept]] = True
     digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
     logger.info(
         "validated %d cells × %d genes on disk, %d classes; %s from adata.%s; %s identifiers",

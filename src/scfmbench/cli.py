@@ -126,9 +126,9 @@ def run(
     if finetune and (base is None or base.finetune is None):
         overrides["finetune"] = {}
     if geneformer_dicts is not None:
-        options = dict(base.model_options) if base is not None else {}
-        options["geneformer"] = {**options.get("geneformer", {}), "dicts": str(geneformer_dicts)}
-        overrides["model_options"] = options
+        overrides["model_options"] = model_options_with(
+            base.model_options if base is not None else {}, [], geneformer_dicts
+        )
     result = run_pipeline(config=base, progress=not quiet, **overrides)
     typer.echo(markdown_table(results_table(result.metrics)))
     typer.echo(f"\nrun directory: {result.run_dir}")
@@ -192,12 +192,29 @@ def validate(
         f"expression: adata.{diag.matrix_source} holds {diag.matrix_description}"
         + ("" if diag.matrix_kind == "counts" else " (not raw)"),
         f"gene identifiers: {diag.identifier_type}",
+        *_gene_source_lines(diag.gene_sources),
         f"label column: {diag.label_key} ({len(diag.classes)} classes)",
         *[f"  {name}: {size}" for name, size in diag.classes.items()],
         "problems: " + ("none" if not diag.warnings else ""),
         *[f"  - {w}" for w in diag.warnings],
     ]
     typer.echo("\n".join(lines))
+
+
+def _gene_source_lines(sources: dict[str, str | None]) -> list[str]:
+    """Where each model family reads its gene identifiers (as resolved by default)."""
+    users = {"ensembl": "Ensembl IDs (Geneformer)", "symbol": "symbols (scGPT, scFoundation)"}
+    lines = []
+    for kind, column in sources.items():
+        where = (
+            "none found"
+            if column is None
+            else (column if column == "var_names" else f"var[{column!r}]")
+        )
+        if kind == "ensembl" and column is None:
+            where += "; Geneformer maps the symbols through its gene-name dictionary"
+        lines.append(f"  {users[kind]}: {where}")
+    return lines
 
 
 @app.command()
@@ -278,17 +295,52 @@ def transfer(
     label_key_train: str = typer.Option(None, help="obs label column of the training data."),
     label_key_test: str = typer.Option(None, help="obs label column of the test data."),
     one_way: bool = typer.Option(False, "--one-way", help="Only train → test."),
+    config: Path = typer.Option(
+        None, help="YAML run configuration (models, model_options, baselines, …); flags win."
+    ),
     model: list[str] = typer.Option(None, help="NAME=DIR, repeatable."),
-    out: Path = typer.Option(Path("runs"), help="Folder for run directories."),
+    out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default transfer_<train>__<test>)."),
-    seed: int = typer.Option(42, help="Seed of the training split and probes."),
+    seed: int = typer.Option(None, help="Seed of the training split and probes (default 42)."),
+    allow_normalized: bool = typer.Option(
+        None, "--allow-normalized", help="Let count-based models use normalized data."
+    ),
+    gene_column: str = typer.Option(
+        None, help="var column with gene identifiers (default: resolved per model)."
+    ),
+    device: str = typer.Option(None, help="cpu, cuda or auto."),
+    batch_size: int = typer.Option(None, help="Cells per embedding batch."),
+    min_cells_per_class: int = typer.Option(None, help="Smaller classes are dropped."),
+    geneformer_dicts: Path = typer.Option(
+        None, help="Folder with the Geneformer dictionaries (default: found by vocab_size)."
+    ),
+    option: list[str] = typer.Option(
+        None, help="Model loader option MODEL.KEY=VALUE, repeatable (e.g. scgpt.max_seq_len=3000)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train every method on one dataset and score it on another (both directions)."""
+    from scfmbench.config import RunConfig
     from scfmbench.transfer import transfer as run_transfer
     from scfmbench.transfer import transfer_markdown
 
     _setup_logging(quiet)
+    base = RunConfig.from_yaml(config) if config is not None else None
+    model_options = model_options_with(
+        base.model_options if base is not None else {}, option or [], geneformer_dicts
+    )
+    overrides = {
+        "models": model or None,
+        "out": out,
+        "name": name,
+        "seed": seed,
+        "allow_normalized": allow_normalized,
+        "gene_column": gene_column,
+        "device": device,
+        "batch_size": batch_size,
+        "min_cells_per_class": min_cells_per_class,
+        "model_options": model_options or None,
+    }
     doc = run_transfer(
         train,
         test,
@@ -296,13 +348,30 @@ def transfer(
         label_key_train=label_key_train,
         label_key_test=label_key_test,
         both_directions=not one_way,
-        models=model or None,
-        out=out,
-        name=name,
-        seed=seed,
+        config=base,
         progress=not quiet,
+        **overrides,
     )
     typer.echo(transfer_markdown(doc))
+
+
+def model_options_with(
+    options: dict, pairs: list[str], geneformer_dicts: Path | None
+) -> dict[str, dict]:
+    """``options`` plus ``MODEL.KEY=VALUE`` pairs and ``--geneformer-dicts``."""
+    from scfmbench.errors import ConfigError
+
+    merged = {name: dict(values) for name, values in options.items()}
+    for key, value in parse_options(pairs).items():
+        if "." not in key:
+            raise ConfigError(
+                f"option {key!r} must name its model: MODEL.KEY=VALUE, e.g. scgpt.max_seq_len=3000."
+            )
+        model_name, option_key = key.split(".", 1)
+        merged.setdefault(model_name, {})[option_key] = value
+    if geneformer_dicts is not None:
+        merged.setdefault("geneformer", {})["dicts"] = str(geneformer_dicts)
+    return merged
 
 
 # ---- fine-tuning (issue 6) ----------------------------------------------------------------

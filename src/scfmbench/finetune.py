@@ -538,7 +538,7 @@ def finetune_dataset(
     )
     results = [
         finetune_in_run(
-            validated.adata,
+            validated.model_input,  # the file's own gene names
             validated.labels,
             model,
             split,
@@ -738,10 +738,10 @@ def _data_and_labels(
     data: AnnData | ValidatedData, labels: pd.Series | None, label_key: str | None
 ) -> tuple[AnnData, pd.Series]:
     if isinstance(data, ValidatedData):
-        return data.adata, data.labels
+        return data.model_input, data.labels
     if labels is None:
         validated = validate(data, label_key=label_key)
-        return validated.adata, validated.labels
+        return validated.model_input, validated.labels
     if not isinstance(labels.dtype, pd.CategoricalDtype):
         labels = labels.astype(str).astype("category")
     return data, labels

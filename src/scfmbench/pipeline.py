@@ -353,7 +353,7 @@ def _execute(
         with stages.timed("finetune"):
             finetuned = finetune_models(
                 config,
-                validated.adata,
+                validated.model_input,
                 labels,
                 models,
                 split_set,
@@ -449,13 +449,14 @@ def embed_cells(
     if isinstance(data, BackedData):
         return _embed_backed(data, model, config, run_dir, stages, options)
     key = "X_scfmbench_embedding"
-    result = embed(data.adata, model, tokens=tokens, key_added=key, **options)
+    cells = data.model_input  # the file's own gene names
+    result = embed(cells, model, tokens=tokens, key_added=key, **options)
     info = {
         **_embedding_info(result),
         "n_dropped_cells": int(len(result.dropped)),
         "from_cache": result.from_cache,
     }
-    return ModelEmbedding(matrix=data.adata.obsm.pop(key), info=info)
+    return ModelEmbedding(matrix=cells.obsm.pop(key), info=info)
 
 
 def _embedding_info(result) -> dict[str, Any]:
@@ -587,7 +588,9 @@ def layerwise_probing(
     for model in models:
         rows = []
         tokens = (
-            None if isinstance(data, BackedData) else model.tokenize(data.adata, seed=config.seed)
+            None
+            if isinstance(data, BackedData)
+            else model.tokenize(data.model_input, seed=config.seed)
         )
         for layer in range(model.n_layers + 1):
             embedding = embed_cells(
@@ -1031,6 +1034,11 @@ def embed_dataset(
                 "pooling": result.pooling,
                 "checkpoint_sha256": result.checkpoint_sha256,
                 "dropped_cells": list(map(str, result.dropped)),
+                "genes": {
+                    k: v
+                    for k, v in (result.gene_match.to_dict() if result.gene_match else {}).items()
+                    if v is not None and v != []
+                },
             }
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)

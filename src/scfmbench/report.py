@@ -307,6 +307,16 @@ def _walk_overlap(node: Any, label: str, found: dict[str, dict]) -> None:
             _walk_overlap(value, str(key) if label in ("", "models") else label, found)
 
 
+def _gene_source(genes: dict[str, Any]) -> Cell:
+    """Where a model's gene identifiers came from: ``var['col']`` or ``var_names``, with why."""
+    column = genes.get("gene_column")
+    if column is None:
+        return text(None)
+    shown = column if column == "var_names" else f"var[{column!r}]"
+    reason = genes.get("gene_column_reason")
+    return Cell(f"{shown} ({reason})" if reason else shown, shown)
+
+
 def models_table(diag: dict[str, Any]) -> Table | None:
     """Per model: checkpoint, layer, pooling, dropped cells, cache, vocabulary overlap."""
     models = diag.get("models") or {}
@@ -324,6 +334,7 @@ def models_table(diag: dict[str, Any]) -> Table | None:
             "pooling",
             "cells without tokens",
             "from cache",
+            "gene identifiers",
             "genes matched",
             "fraction of genes",
             "fraction of counts",
@@ -341,6 +352,7 @@ def models_table(diag: dict[str, Any]) -> Table | None:
                 text(info.get("pooling")),
                 num(info.get("n_dropped_cells"), 0),
                 text(None if "from_cache" not in info else ("yes" if info["from_cache"] else "no")),
+                _gene_source(genes),
                 num(genes.get("n_matched"), 0),
                 num(genes.get("fraction_genes")),
                 num(genes.get("fraction_counts")),
@@ -370,7 +382,10 @@ def transfer_data_section(metrics: dict[str, Any]) -> Section:
         for direction, info in metrics["transfer"].get("directions", {}).items()
         for line in coverage_lines(direction, info.get("coverage") or {})
     ]
-    for name, diag in (metrics.get("diagnostics") or {}).items():
+    diagnostics = metrics.get("diagnostics") or {}
+    for name, diag in diagnostics.items():
+        if name == "models":  # per model and dataset: the genes matched (table below)
+            continue
         bullets.append(
             f"{name}: {diag.get('n_cells')} cells × {diag.get('n_genes')} genes, "
             f"{diag.get('matrix_kind')} from adata.{diag.get('matrix_source')}, "
@@ -383,7 +398,11 @@ def transfer_data_section(metrics: dict[str, Any]) -> Section:
             f"training and {info['n_test_cells']} test cells; test classes not in training "
             f"(dropped): {info['dropped_test_classes'] or 'none'}"
         )
-    return Section("data", "Data and diagnostics", bullets=bullets)
+    section = Section("data", "Data and diagnostics", bullets=bullets)
+    models = models_table({"models": diagnostics.get("models") or {}})
+    if models is not None:
+        section.tables.append(models)
+    return section
 
 
 def data_section(metrics: dict[str, Any]) -> Section:

@@ -113,8 +113,12 @@ class TransferData:
 
 
 def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
+    """Cells ``keep`` × ``genes``, with the file's own gene names (what the models match)."""
     data = v.adata[keep, genes].copy()
     data.obs_names = prefix + data.obs_names.astype(str)
+    if v.original_var_names is not None:
+        original = pd.Series(v.original_var_names, index=v.adata.var_names)
+        data.var_names = pd.Index(original[genes].to_numpy())
     return data
 
 
@@ -276,13 +280,18 @@ def transfer(
     directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
     matrix: dict[str, dict[str, dict]] = {}
     details = {}
+    model_genes: dict[str, dict] = {}
     started = time.perf_counter()
     for i, j in directions:
         (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
         prepared, counts_a, counts_b = prepare_transfer(
             data_a, data_b, mapping, names=(name_a, name_b), seed=cfg.seed, fractions=cfg.fractions
         )
-        _embed_models(models, prepared, counts_a, counts_b, cfg, progress)
+        for model_id, per_dataset in _embed_models(
+            models, prepared, counts_a, counts_b, cfg, progress
+        ).items():
+            for dataset, info in zip((name_a, name_b), per_dataset, strict=True):
+                model_genes.setdefault(f"{model_id} ({dataset})", info)
         classes = list(prepared.labels.cat.categories)
         code_of = {c: k for k, c in enumerate(classes)}
         cells = InMemoryCells.from_adata(prepared.combined)
@@ -323,7 +332,10 @@ def transfer(
             "seed": cfg.seed,
             "label_map": mapping,
         },
-        "diagnostics": {name: v.diagnostics.to_dict() for name, v in datasets},
+        "diagnostics": {
+            **{name: v.diagnostics.to_dict() for name, v in datasets},
+            "models": model_genes,  # per model and dataset: the genes it matched, and from where
+        },
         "methods": {},  # per-dataset runs hold the within-dataset methods
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
@@ -343,14 +355,19 @@ def _embed_models(
     counts_b: AnnData,
     cfg: RunConfig,
     progress: bool,
-) -> None:
-    """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm."""
+) -> dict[str, list[dict]]:
+    """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm.
+
+    Returns:
+        Per model id, the embedding record of each dataset (layer, pooling, gene match).
+    """
     from scfmbench.embed import embed
 
+    records: dict[str, list[dict]] = {}
     for model in models:
         parts = []
         for counts in (counts_a, counts_b):
-            embed(
+            result = embed(
                 counts,
                 model,
                 batch_size=cfg.batch_size,
@@ -359,7 +376,16 @@ def _embed_models(
                 progress=progress,
             )
             parts.append(counts.obsm[model.obsm_key])
+            records.setdefault(model.model_id, []).append(
+                {
+                    "layer": result.layer,
+                    "pooling": result.pooling,
+                    "n_dropped_cells": int(len(result.dropped)),
+                    **(result.gene_match.to_dict() if result.gene_match else {}),
+                }
+            )
         prepared.combined.obsm[model.obsm_key] = np.vstack(parts)
+    return records
 
 
 def transfer_markdown(doc: dict) -> str:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.errors import CountsRequiredError, DataError, SchemaError
-from scfmbench.genes import detect_identifier_type
+from scfmbench.genes import detect_identifier_type, identifier_sources
 from scfmbench.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -306,6 +306,50 @@ def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
     )
 
 
+FILTER_PASS = "filter_pass"
+
+
+def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
+    """``obs["filter_pass"]`` as a boolean mask (None when the column is absent).
+
+    The reference Geneformer tokenizer keeps cells whose ``filter_pass`` is 1; the values
+    must be booleans or the numbers 0/1.
+
+    Raises:
+        SchemaError: other values, e.g. the strings ``"TRUE"``/``"FALSE"`` written from R.
+    """
+    if FILTER_PASS not in obs.columns:
+        return None
+    column = obs[FILTER_PASS]
+    values = column.to_numpy()
+    if pd.api.types.is_bool_dtype(column):
+        return values.astype(bool)
+    if pd.api.types.is_numeric_dtype(column) and np.isin(values, (0, 1)).all():
+        return values == 1
+    found = sorted({str(v) for v in pd.unique(values)})[:5]
+    raise SchemaError(
+        f"adata.obs['filter_pass'] must hold booleans or 0/1 but holds {found} "
+        f"(dtype {column.dtype}); convert it, e.g. adata.obs['filter_pass'] = "
+        "adata.obs['filter_pass'].astype(str).str.upper().eq('TRUE'), or drop the column."
+    )
+
+
+def drop_filter_pass(obs: pd.DataFrame, diag: DataDiagnostics) -> np.ndarray:
+    """Cells to keep by ``obs["filter_pass"]`` (all when absent); the drop is recorded in
+    ``diag`` with a warning. It applies to every method, so all are scored on the same cells."""
+    passing = filter_pass_mask(obs)
+    if passing is None:
+        return np.ones(len(obs), dtype=bool)
+    if not passing.all():
+        diag.dropped_cells_filter_pass = int((~passing).sum())
+        _warn(
+            diag,
+            f"dropped {int((~passing).sum())} cells with obs['filter_pass'] false, for every "
+            "method (the reference Geneformer tokenizer drops them)",
+        )
+    return passing
+
+
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
@@ -354,6 +398,8 @@ class DataDiagnostics:
     classes: dict[str, int] = field(default_factory=dict)
     dropped_cells_no_counts: int = 0
     dropped_cells_missing_label: int = 0
+    dropped_cells_filter_pass: int = 0
+    gene_sources: dict[str, str | None] = field(default_factory=dict)  # vocabulary kind → column
     dropped_classes: dict[str, int] = field(default_factory=dict)
     renamed_duplicate_genes: int = 0
     similar_labels: list[dict[str, int]] = field(default_factory=list)
@@ -376,10 +422,26 @@ class ValidatedData:
     adata: AnnData
     labels: pd.Series
     diagnostics: DataDiagnostics
+    original_var_names: pd.Index | None = None  # before duplicates were made unique
 
     @property
     def obs(self) -> pd.DataFrame:
         return self.adata.obs
+
+    @property
+    def model_input(self) -> AnnData:
+        """``adata`` with the file's own gene names: foundation models match their
+        vocabulary on the original identifiers; the unique names (``GENE-1``) are only the
+        baselines' bookkeeping."""
+        if self.original_var_names is None:
+            return self.adata
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # non-unique var_names, on purpose
+            return AnnData(
+                X=self.adata.X,
+                obs=self.adata.obs,
+                var=self.adata.var.set_axis(self.original_var_names),
+            )
 
     @property
     def has_counts(self) -> bool:
@@ -393,7 +455,23 @@ def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]
         out.append(("layers['counts']", adata.layers["counts"], adata.var))
     out.append(("X", adata.X, adata.var))
     if adata.raw is not None:
-        out.append(("raw.X", adata.raw.X, adata.raw.var))
+        out.append(("raw.X", adata.raw.X, raw_var(adata)))
+    return out
+
+
+def raw_var(adata: AnnData) -> pd.DataFrame:
+    """``adata.raw.var`` plus the ``adata.var`` columns it lacks (see ``with_var_columns``)."""
+    return with_var_columns(adata.raw.var, adata.var)
+
+
+def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
+    """``raw_var`` plus the columns of ``var`` it lacks, matched by gene name (genes only in
+    ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE file
+    usually live in ``var`` while the counts live in ``raw.X``."""
+    out = raw_var.copy()
+    extra = [c for c in var.columns if c not in out.columns]
+    if extra and var.index.is_unique:
+        out = out.join(var[extra], how="left")
     return out
 
 
@@ -483,7 +561,12 @@ def validate(
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
     data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
+    original = data.var_names.copy()
+    diag.gene_sources = identifier_sources(data.var)
     data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
+    passing = drop_filter_pass(data.obs, diag)
+    if not passing.all():
+        data = data[passing].copy()
 
     empty = np.asarray(data.X.sum(axis=1)).ravel() <= 0
     keep, labels = filter_cells(
@@ -508,7 +591,8 @@ def validate(
         source,
         diag.identifier_type,
     )
-    return ValidatedData(adata=data, labels=labels, diagnostics=diag)
+    renamed = None if original.equals(data.var_names) else original
+    return ValidatedData(adata=data, labels=labels, diagnostics=diag, original_var_names=renamed)
 
 
 def record_matrix(

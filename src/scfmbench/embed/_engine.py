@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from scfmbench._atomic import write_json, write_npy
 from scfmbench.embed.base import Embeddings, FoundationModel, PaddedBatch, TokenizedCells
-from scfmbench.errors import ConfigError
+from scfmbench.errors import ConfigError, DataError
 from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash_strings
 from scfmbench.validate import check_unique_cells
 
@@ -361,6 +361,16 @@ def resolve_layer_pooling(
     return layer, pooling
 
 
+def require_cells(tokens: TokenizedCells, model: FoundationModel, *, n_obs: int) -> None:
+    """DataError when the tokenizer kept no cell (nothing would be embedded)."""
+    if tokens.n_cells == 0 and n_obs > 0:
+        raise DataError(
+            f"{model.model_id} can embed none of the {n_obs} cells: every cell has no counts "
+            "on genes in its vocabulary or fails obs['filter_pass']; check the gene "
+            "identifiers (--gene-column) and obs['filter_pass']."
+        )
+
+
 def embed(
     adata: AnnData,
     model: FoundationModel,
@@ -393,6 +403,7 @@ def embed(
     check_unique_cells(adata.obs_names, where="the data")
     if tokens is None:
         tokens = model.tokenize(adata, seed=seed)
+    require_cells(tokens, model, n_obs=adata.n_obs)
     key = cache_key(model, adata, tokens.settings, layer=layer, pooling=pooling, seed=seed)
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     matrix = cache.get(key, tokens.obs_names) if cache else None

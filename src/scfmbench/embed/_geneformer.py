@@ -1,8 +1,9 @@
 """Geneformer adapter: a Hugging Face BERT checkpoint plus the rank-value tokenizer.
 
 A model directory is what Hugging Face ships: ``config.json`` and ``model.safetensors`` or
-``pytorch_model.bin`` (``BertForMaskedLM`` or ``BertForSequenceClassification`` weights),
-usually with the dictionaries beside them.
+``pytorch_model.bin`` (``BertForMaskedLM`` or ``BertForSequenceClassification`` weights,
+optionally ``module.``-prefixed). The dictionaries are found beside the model folder or above
+it (a clone of the Hugging Face repository) and chosen by the model's ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -104,9 +105,12 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
-    """Strip the ``bert.`` prefix and drop the known MLM/classifier head keys (logged)."""
+    """Strip the ``module.`` (DDP) and ``bert.`` prefixes and drop the known MLM/classifier
+    head keys (logged)."""
     kept: dict[str, torch.Tensor] = {}
     ignored = []
+    if state and all(k.startswith("module.") for k in state):  # saved from DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     for key, tensor in state.items():
         name = key.removeprefix("bert.")
         if name.startswith(IGNORED_PREFIXES) or name in IGNORED_KEYS:
@@ -155,7 +159,9 @@ class GeneformerModel(FoundationModel):
     """Geneformer (V1 or V2): rank-value tokens into a BERT encoder, mean or ``<cls>`` pooling.
 
     Build with ``load_geneformer``. ``encode`` runs only the encoder layers up to ``layer``
-    (0 = embeddings); the default is the reference extractor's second-to-last layer.
+    (0 = embeddings). The defaults are the reference extractor's (``EmbExtractor``): the
+    second-to-last layer, pooled as ``emb_mode="cls"`` for V2 (the ``<cls>`` position) and
+    ``emb_mode="cell"`` for V1 (mean over gene tokens; V1 has no ``<cls>``).
     """
 
     name = "geneformer"
@@ -180,6 +186,7 @@ class GeneformerModel(FoundationModel):
         self.pad_token_id = int(network.config.pad_token_id or 0)
         self.version = tokenizer.version
         self.poolings = ("mean", "cls") if tokenizer.cls_id is not None else ("mean",)
+        self.default_pooling = "cls" if tokenizer.cls_id is not None else "mean"
         special = [tokenizer.cls_id, tokenizer.eos_id]
         self._special_ids = torch.tensor([t for t in special if t is not None], dtype=torch.long)
 
@@ -273,8 +280,9 @@ def load_geneformer(
             ``pytorch_model.bin``.
         random_init: build the same architecture with random weights seeded by ``seed``
             (the control; weights are not read, ``model_id`` is ``geneformer-random``).
-        dicts: dictionary directory (``--geneformer-dicts``) or loaded dictionaries; default
-            the model directory.
+        dicts: dictionary directory (``--geneformer-dicts``) or loaded dictionaries; default:
+            found beside or above the model folder and chosen by ``vocab_size``
+            (``scfmbench.tokenize._geneformer.find_dictionaries``).
         version: ``"V1"`` or ``"V2"`` to override detection from the dictionaries.
         allow_normalized: tokenize non-count input with a warning instead of failing.
         gene_column: var column with gene identifiers, e.g. ``"gene_ids"`` (Ensembl IDs).
@@ -295,11 +303,14 @@ def load_geneformer(
         DICTS_FLAG,
         GeneformerDictionaries,
         GeneformerTokenizer,
+        find_dictionaries,
     )
 
     config, raw_config = read_config(model_dir)
     if not isinstance(dicts, GeneformerDictionaries):
-        dicts = GeneformerDictionaries.from_dir(dicts if dicts is not None else model_dir)
+        dicts = find_dictionaries(
+            model_dir, vocab_size=config.vocab_size, dicts_dir=None if dicts is None else dicts
+        )
     if config.vocab_size != len(dicts.token_dict):
         raise CheckpointError(
             f"{model_dir / 'config.json'} has vocab_size {config.vocab_size} but "

@@ -3,8 +3,10 @@
 Follows the reference ``get_embedding.py`` for ``--input_type singlecell --output_type
 cell``:
 
-* genes (gene symbols: ``var['gene_name']`` when present, else ``var_names``, as the script
-  does; or ``gene_column``) are aligned to the 19,264-gene index, missing genes are zero;
+* genes (gene symbols: ``gene_column``, else a ``var`` column holding symbols by content —
+  ``gene_name``, which the script reads, among the well-known names — else ``var_names``;
+  see ``scfmbench.genes.resolve_gene_identifiers``) are aligned to the 19,264-gene index,
+  missing genes are zero;
 * ``pre_normalized='F'`` (raw counts): ``log1p(x / total * 1e4)``; ``'T'``: values are already
   normalize_total + log1p and are used as is; ``'A'``: like ``'T'`` with the total count taken
   from ``obs[total_counts_key]`` (the script's appended column). ``total`` is the sum over the
@@ -48,7 +50,7 @@ from scfmbench.embed._scfoundation_model import (
 )
 from scfmbench.embed.base import MODELS, FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError, CountsRequiredError, DataError
-from scfmbench.genes import gene_keys_from, match_genes
+from scfmbench.genes import GeneIdentifiers, match_genes, resolve_gene_identifiers
 from scfmbench.hashing import hash_file, hash_json
 from scfmbench.validate import (
     check_finite,
@@ -170,12 +172,11 @@ def _resolve_mode(kind: str, options: ScFoundationOptions, *, where: str) -> Pre
     return mode
 
 
-def _gene_keys(adata: AnnData, gene_column: str | None) -> pd.Index:
-    """``gene_column``, else ``var['gene_name']`` when present (as the script), else var_names."""
-    if gene_column is None and "gene_name" in adata.var.columns:
-        logger.info("scfoundation: using adata.var['gene_name'] as gene symbols")
-        gene_column = "gene_name"
-    return gene_keys_from(adata.var, gene_column)
+def _gene_keys(adata: AnnData, gene_column: str | None) -> GeneIdentifiers:
+    """``gene_column``, else a var column of symbols (by content), else var_names."""
+    return resolve_gene_identifiers(
+        adata.var, vocabulary_kind="symbol", model="scfoundation", gene_column=gene_column
+    )
 
 
 def align_to_index(matrix: sp.csr_matrix, positions: np.ndarray, *, n_genes: int) -> sp.csr_matrix:
@@ -229,13 +230,14 @@ def tokenize_scfoundation(
     matrix = to_csr(adata.X, np.float64)
     check_finite(matrix, where="adata.X")
     mode = _resolve_mode(classify_matrix(matrix), options, where="adata.X")
-    keys = _gene_keys(adata, options.gene_column)
+    identifiers = _gene_keys(adata, options.gene_column)
     match = match_genes(
-        keys,
+        identifiers.keys,
         gene_index,
         model="scfoundation",
         gene_totals=np.asarray(matrix.sum(axis=0)).ravel(),
         expected_type="symbol",
+        source=identifiers,
     )
     duplicated = pd.Series(match.positions[match.positions >= 0]).duplicated().sum()
     if duplicated:
@@ -285,6 +287,7 @@ def tokenize_scfoundation(
     settings = {
         "tokenizer": "scfoundation",
         **asdict(options),
+        "gene_column": identifiers.column,
         "pre_normalized": mode,
         "gene_index": hash_json(sorted(gene_index.items(), key=lambda kv: kv[1])),
     }

@@ -277,7 +277,7 @@ def load_scgpt(
         normalize: normalize_total + log1p before binning (does not change the bins).
         l2_normalize: L2-normalize cell embeddings, as the reference does.
         n_classes: add a fresh ``cls_decoder`` with this many classes when the checkpoint has
-            none (for fine-tuning).
+            none or one with another number of outputs (for fine-tuning).
 
     Raises:
         CheckpointError: a file is missing, corrupt or does not match the others.
@@ -311,8 +311,8 @@ def load_scgpt(
         network = TransformerModel(config)
         load_checkpoint_state(network, state, source=str(weights))
         sha = hash_file(weights)
-    if n_classes is not None and n_classes > 1 and not hasattr(network, "cls_decoder"):
-        network.add_cls_decoder(n_classes)
+    if n_classes is not None and n_classes > 1 and network.config.n_cls != n_classes:
+        network.add_cls_decoder(n_classes)  # e.g. the pretrained one-output head
     return ScGPTModel(
         network.eval(),
         vocab=vocab,

@@ -49,7 +49,8 @@ class ScGPTConfig:
     d_hid: int = 512
     nlayers: int = 12
     n_layers_cls: int = 3
-    n_cls: int = 1  # a ClsDecoder is built when > 1
+    n_cls: int = 1
+    cls_decoder: bool = False  # build a ClsDecoder with n_cls outputs (always when n_cls > 1)
     dropout: float = 0.2
     pad_token_id: int | None = None
     pre_norm: bool = False
@@ -272,7 +273,7 @@ class TransformerModel(nn.Module):
         )
         self.transformer_encoder = TransformerEncoder(config)
         self.decoder = ExprDecoder(d, explicit_zero_prob=config.explicit_zero_prob, d_in=d_in)
-        if config.n_cls > 1:
+        if config.cls_decoder or config.n_cls > 1:  # the official model always has one
             self.cls_decoder = ClsDecoder(d, config.n_cls, nlayers=config.n_layers_cls)
         if config.do_mvc:
             self.mvc_decoder = MVCDecoder(
@@ -364,6 +365,7 @@ def config_from_checkpoint(
     if "cls_decoder.out_layer.weight" in state:
         linears = {k for k in state if re.match(r"^cls_decoder\._decoder\.\d+\.weight$", k)}
         inferred["n_cls"] = int(state["cls_decoder.out_layer.weight"].shape[0])
+        inferred["cls_decoder"] = True
         inferred["n_layers_cls"] = len(linears) // 2 + 1  # Linear and LayerNorm per block
     inferred.update(overrides)
     return ScGPTConfig.from_args(args, ntoken=ntoken, **inferred)
@@ -427,9 +429,21 @@ def load_checkpoint_state(
         )
     model.load_state_dict(kept, strict=True)
     logger.info(
-        "scgpt: loaded %d tensors from %s (%s attention layout)",
+        "scgpt: loaded %d tensors from %s (%s attention layout); heads not used for the "
+        "embedding: %s",
         len(kept),
         source,
         attention_layout(state),
+        ", ".join(unused_heads(model)) or "none",
     )
     return ignored
+
+
+def unused_heads(model: TransformerModel) -> list[str]:
+    """The loaded modules the cell embedding does not use (decoders, flag encoder)."""
+    heads = [
+        f"{name} ({model.config.n_cls} outputs)" if name == "cls_decoder" else name
+        for name in ("decoder", "cls_decoder", "mvc_decoder", "flag_encoder")
+        if hasattr(model, name)
+    ]
+    return heads

@@ -117,7 +117,7 @@ class FoundationModel(ABC):
     name: ClassVar[str]
     pad_token_id: int = 0
     pad_value: float = 0.0
-    default_pooling: ClassVar[str] = "mean"
+    default_pooling: str = "mean"  # may be set per instance (Geneformer V1 vs V2)
     poolings: ClassVar[tuple[str, ...]] = ("mean",)
 
     model_dir: Path

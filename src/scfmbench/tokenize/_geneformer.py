@@ -36,14 +36,15 @@ from scfmbench.embed.base import TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.genes import (
     ENSEMBL_RE,
+    GeneIdentifiers,
     GeneMatch,
     detect_identifier_type,
-    gene_keys_from,
     match_genes,
+    resolve_gene_identifiers,
     strip_version,
 )
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.validate import check_finite, require_counts, to_csr
+from scfmbench.validate import check_finite, filter_pass_mask, require_counts, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,78 @@ def _find_dictionary(directory: Path, kind: str) -> Path | None:
             f"keep one corpus's dictionaries per directory and pass it with {DICTS_FLAG}."
         )
     return found[0] if found else None
+
+
+# Where a clone of the Hugging Face repository keeps the dictionaries, relative to the repository
+# root: V2 (gc95M/gc104M) in geneformer/, V1 (gc30M) in geneformer/gene_dictionaries_30m/.
+DICTIONARY_SUBDIRS = (
+    ".",
+    "geneformer",
+    "geneformer/gene_dictionaries_30m",
+    "gene_dictionaries_30m",
+)
+SEARCH_LEVELS = 3  # the model folder, its parent (the repository root) and one more
+
+
+def dictionary_sets(directory: Path) -> list[dict[str, Path]]:
+    """The dictionary sets in ``directory``, one per corpus suffix (``_gc104M``, ``_gc95M``,
+    ``_gc30M`` or none), each ``{kind: path}`` with at least the required kinds."""
+    sets = []
+    for suffix in CORPUS_SUFFIXES:
+        files = {kind: directory / f"{kind}{suffix}.pkl" for kind in DICTIONARY_KINDS}
+        files = {kind: path for kind, path in files.items() if path.is_file()}
+        if all(kind in files for kind in REQUIRED_KINDS):
+            sets.append(files)
+    return sets
+
+
+def find_dictionaries(
+    model_dir: Path, *, vocab_size: int, dicts_dir: Path | None = None
+) -> GeneformerDictionaries:
+    """The dictionaries whose token dictionary has ``vocab_size`` tokens.
+
+    Searched in ``dicts_dir`` when given, else in the model folder and up to two folders
+    above it (a clone of the Hugging Face repository: ``Geneformer-V1-10M/`` beside
+    ``geneformer/gene_dictionaries_30m/*_gc30M.pkl``, ``Geneformer-V2-104M/`` beside
+    ``geneformer/*_gc104M.pkl``), each folder with its ``DICTIONARY_SUBDIRS``. The first set
+    with the model's vocabulary size wins (25,426 tokens: gc30M; 20,275: gc95M/gc104M).
+
+    Raises:
+        CheckpointError: no dictionaries found, or none of the model's vocabulary size.
+    """
+    bases = [Path(dicts_dir)] if dicts_dir is not None else []
+    if dicts_dir is None:
+        bases = [model_dir, *list(Path(model_dir).resolve().parents)[: SEARCH_LEVELS - 1]]
+    if dicts_dir is not None and not Path(dicts_dir).is_dir():
+        raise CheckpointError(
+            f"Geneformer dictionary directory {dicts_dir} does not exist; pass the folder "
+            f"with token_dictionary*.pkl and gene_median_dictionary*.pkl via {DICTS_FLAG}."
+        )
+    seen: list[str] = []
+    for base in bases:
+        for sub in DICTIONARY_SUBDIRS:
+            directory = base / sub
+            if not directory.is_dir():
+                continue
+            for files in dictionary_sets(directory):
+                size = len(_load_dictionary(files["token_dictionary"]))
+                seen.append(f"{files['token_dictionary']} ({size} tokens)")
+                if size == vocab_size:
+                    logger.info(
+                        "geneformer: dictionaries %s (%d tokens)", files["token_dictionary"], size
+                    )
+                    return GeneformerDictionaries.from_files(**files)
+    where = dicts_dir if dicts_dir is not None else f"{model_dir} or the folders above it"
+    if not seen:
+        raise CheckpointError(
+            f"no token_dictionary*.pkl with gene_median_dictionary*.pkl in {where}; pass the "
+            f"folder holding the Geneformer dictionaries with {DICTS_FLAG}."
+        )
+    raise CheckpointError(
+        f"the model has vocab_size {vocab_size} but the dictionaries found have other sizes "
+        f"({'; '.join(seen[:4])}); pass this model's corpus dictionaries with {DICTS_FLAG} "
+        "(25,426 tokens: gc30M for V1; 20,275: gc95M/gc104M for V2)."
+    )
 
 
 @dataclass(frozen=True)
@@ -570,7 +643,8 @@ class GeneformerTokenizer:
         dicts: the Geneformer dictionaries.
         version: ``"V1"``/``"V2"`` to override detection from the dictionaries.
         max_position_embeddings: the model's position limit (caps the input size).
-        gene_column: var column with gene identifiers (e.g. ``"gene_ids"``); default var_names.
+        gene_column: var column with gene identifiers (e.g. ``"gene_ids"``) or ``"var_names"``;
+            default: resolved by content (``scfmbench.genes.resolve_gene_identifiers``).
         allow_normalized: tokenize non-integer input with a warning instead of failing.
         target_sum: counts are scaled to this total before dividing by the gene medians.
         n_jobs: threads for the vectorized ranking (default: the CPU count, at most 8).
@@ -614,9 +688,16 @@ class GeneformerTokenizer:
             "tie_rule": TIE_RULE,
         }
 
+    def identifiers(self, var: pd.DataFrame) -> GeneIdentifiers:
+        """The Ensembl IDs of ``var`` (``gene_column``, a detected column or var_names), or
+        symbols to map through the gene-name dictionary (see ``resolve_gene_identifiers``)."""
+        return resolve_gene_identifiers(
+            var, vocabulary_kind="ensembl", model="geneformer", gene_column=self.gene_column
+        )
+
     def map_genes(self, var: pd.DataFrame) -> GeneMapping:
-        """How the genes of ``var`` (var_names or ``gene_column``) map onto tokens."""
-        return map_genes(gene_keys_from(var, self.gene_column), self.dicts)
+        """How the genes of ``var`` (identifiers as resolved by ``identifiers``) map onto tokens."""
+        return map_genes(self.identifiers(var).keys, self.dicts)
 
     def rank_options(self) -> dict[str, Any]:
         """Keyword arguments for ``rank_value_tokens`` / ``tokenize_loop``."""
@@ -636,8 +717,9 @@ class GeneformerTokenizer:
         check_finite(adata.X, where="adata.X")
         require_counts(adata.X, model="geneformer", allow_normalized=self.allow_normalized)
         counts = to_csr(adata.X)
-        mapping = self.map_genes(adata.var)
-        match = self.gene_match(adata, mapping, counts)
+        source = self.identifiers(adata.var)
+        mapping = map_genes(source.keys, self.dicts)
+        match = self.gene_match(adata, mapping, counts, source=source)
         logger.info(mapping.summary())
         if mapping.n_symbols_mapped < mapping.n_symbols:
             logger.warning(
@@ -648,8 +730,8 @@ class GeneformerTokenizer:
             )
         ids, lengths = rank_value_tokens(counts, mapping, **self.rank_options(), n_jobs=self.n_jobs)
         kept = lengths > 0
-        if "filter_pass" in adata.obs:
-            passing = adata.obs["filter_pass"].to_numpy() == 1
+        passing = filter_pass_mask(adata.obs)
+        if passing is not None:
             logger.info("geneformer: %d cells fail obs['filter_pass']", int((~passing).sum()))
             ids = ids[np.repeat(passing, lengths)]
             kept &= passing
@@ -667,14 +749,22 @@ class GeneformerTokenizer:
             input_ids=ids,
             offsets=offsets,
             obs_names=adata.obs_names[kept],
-            settings=self.settings(),
+            settings={**self.settings(), "gene_column": source.column},
             dropped=dropped,
             gene_match=match,
         )
 
-    def gene_match(self, adata: AnnData, mapping: GeneMapping, counts: sp.csr_matrix) -> GeneMatch:
+    def gene_match(
+        self,
+        adata: AnnData,
+        mapping: GeneMapping,
+        counts: sp.csr_matrix,
+        *,
+        source: GeneIdentifiers | None = None,
+    ) -> GeneMatch:
         """Genes in the vocabulary and fraction of counts covered; raises below 50 %."""
-        keys = gene_keys_from(adata.var, self.gene_column)
+        source = source or self.identifiers(adata.var)
+        keys = source.keys
         vocab = {
             str(k): int(mapping.tokens[c])
             for k, c in zip(keys, mapping.columns, strict=True)
@@ -687,4 +777,5 @@ class GeneformerTokenizer:
             gene_totals=np.asarray(counts.sum(axis=0)).ravel(),
             identifier_type=mapping.identifier_type,
             expected_type="ensembl",
+            source=source,
         )

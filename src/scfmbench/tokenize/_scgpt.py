@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.errors import CheckpointError, DataError
-from scfmbench.genes import gene_keys_from, match_genes
+from scfmbench.genes import match_genes, resolve_gene_identifiers
 from scfmbench.hashing import hash_json
 from scfmbench.validate import check_finite, classify_matrix, to_csr
 
@@ -234,7 +234,8 @@ def tokenize_scgpt(
     Args:
         adata: cells × genes, raw counts or normalized (not scaled) in ``X``.
         vocab: token → id, with ``<cls>`` (see :func:`load_scgpt_vocab`).
-        gene_column: ``adata.var`` column holding gene symbols; default ``var_names``.
+        gene_column: ``adata.var`` column holding gene symbols, or ``"var_names"``; default:
+            resolved by content (``scfmbench.genes.resolve_gene_identifiers``).
         n_bins: number of value bins including the zero bin.
         max_seq_len: longest sequence, ``<cls>`` included; longer cells keep ``<cls>`` and a
             seeded random subset of their genes (still in var order).
@@ -260,7 +261,10 @@ def tokenize_scgpt(
             "load_scgpt_vocab, which adds the special tokens."
         )
     kind = _check_expression(adata.X, where="adata.X")
-    keys = gene_keys_from(adata.var, gene_column)
+    source = resolve_gene_identifiers(
+        adata.var, vocabulary_kind="symbol", model="scgpt", gene_column=gene_column
+    )
+    keys = source.keys
     matrix = to_csr(adata.X, np.float64)
     matrix.eliminate_zeros()
     gene_vocab = {k: v for k, v in vocab.items() if k not in SCGPT_SPECIAL_TOKENS}
@@ -271,6 +275,7 @@ def tokenize_scgpt(
         gene_totals=np.asarray(matrix.sum(axis=0)).ravel(),
         expected_type="symbol",
         min_overlap=min_overlap,
+        source=source,
     )
     kept = np.flatnonzero(match.positions >= 0)
     matrix = matrix[:, kept].tocsr()
@@ -325,7 +330,7 @@ def tokenize_scgpt(
         "n_bins": n_bins,
         "max_seq_len": max_seq_len,
         "pad_value": pad_value,
-        "gene_column": gene_column,
+        "gene_column": source.column,
         "seed": seed,
         "random_draws": "per cell",
         "vocab": hash_json(sorted(vocab.items())),
