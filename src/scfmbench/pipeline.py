@@ -450,7 +450,10 @@ def embed_cells(
         return _embed_backed(data, model, config, run_dir, stages, options)
     key = "X_scfmbench_embedding"
     cells = data.model_input  # the file's own gene names
-    result = embed(cells, model, tokens=tokens, key_added=key, **options)
+    # with layer-wise probing, the one pass also caches every other layer
+    result = embed(
+        cells, model, tokens=tokens, key_added=key, all_layers=config.layerwise, **options
+    )
     info = {
         **_embedding_info(result),
         "n_dropped_cells": int(len(result.dropped)),
@@ -577,7 +580,8 @@ def layerwise_probing(
 ) -> dict[str, list[dict]]:
     """Macro F1 of a logistic-regression probe on every layer's embedding (first split).
 
-    Embeddings come from the run's embedding cache, so layers already embedded are free.
+    Embeddings come from the run's embedding cache, which the embedding stage filled with
+    every layer from its one forward pass, so probing adds no pass (in memory).
     """
     from scfmbench.figures import plot_layer_curve
 
