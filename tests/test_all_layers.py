@@ -3,6 +3,8 @@ per layer, and a run with layer-wise probing embeds each model's cells once."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -149,26 +151,30 @@ def test_all_layer_pass_fills_the_per_layer_cache(geneformer, pbmc3k, tmp_path, 
 # ---- a default run: one pass per model (and one for its random control) -------------------
 
 
-def test_run_with_layerwise_probing_embeds_each_model_once(
-    geneformer, pbmc3k, tmp_path, monkeypatch
+@pytest.mark.parametrize("backed", [False, True])
+def test_run_with_layerwise_probing_embeds_each_cell_once(
+    geneformer, pbmc3k, tmp_path, monkeypatch, backed
 ):
     from scfmbench.pipeline import run
 
     model, _ = geneformer
-    folder = model.model_dir
     adata = pbmc3k[:240].copy()
-    cells: dict[str, int] = {}
+    data = adata
+    if backed:
+        data = tmp_path / "pbmc.h5ad"
+        adata.write_h5ad(data)
+    seen: dict[str, Counter] = {}
     encode = engine._encode
 
     def counted(model, tokens, indices, *args):
-        cells[model.model_id] = cells.get(model.model_id, 0) + len(indices)
+        seen.setdefault(model.model_id, Counter()).update(tokens.obs_names[indices])
         return encode(model, tokens, indices, *args)
 
     monkeypatch.setattr(engine, "_encode", counted)
     result = run(
-        adata,
+        data,
         progress=False,
-        models=[f"geneformer={folder}"],
+        models=[f"geneformer={model.model_dir}"],
         n_splits=1,
         baselines=["majority"],
         probes=["logreg"],
@@ -176,13 +182,20 @@ def test_run_with_layerwise_probing_embeds_each_model_once(
         min_cells_per_class=5,
         out=tmp_path,
         name="r",
+        backed=backed,
+        chunk_size=100,
     )
     layers = result.metrics["layers"]
     assert set(layers) == {"geneformer", "geneformer-random"}
     assert [row["layer"] for row in layers["geneformer"]] == list(range(model.n_layers + 1))
-    # 237 of the 240 cells are run (3 DCs fall below min_cells_per_class), each embedded
-    # once per model although every one of the layers was probed
+    # every layer was probed, yet each cell went through each model once; the 237 cells
+    # run (3 DCs fall below min_cells_per_class) are among them
     counts = adata.obs[result.metrics["run"]["label_key"]].value_counts()
-    n_run = int(counts[counts >= 5].sum())
-    assert n_run == 237
-    assert cells == {"geneformer": n_run, "geneformer-random": n_run}
+    run_cells = adata.obs_names[
+        adata.obs[result.metrics["run"]["label_key"]].isin(counts.index[counts >= 5])
+    ]
+    assert len(run_cells) == 237
+    assert set(seen) == {"geneformer", "geneformer-random"}
+    for per_cell in seen.values():
+        assert set(per_cell.values()) == {1}
+        assert set(run_cells) - set(per_cell) <= set(adata.obs_names[adata.X.sum(1).A1 == 0])

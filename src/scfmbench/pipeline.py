@@ -503,7 +503,12 @@ def _embed_backed(
     info = stages.load(stage, key)
     if info is None or not out.exists():
         streamed = embed_h5ad(
-            data.path, model, out=out, chunk_size=config.chunk_size, **{**options, "layer": layer}
+            data.path,
+            model,
+            out=out,
+            chunk_size=config.chunk_size,
+            all_layers=config.layerwise,  # every layer's chunks cached from this one pass
+            **{**options, "layer": layer},
         )
         info = {**_embedding_info(streamed), "chunk_size": streamed.chunk_size}
         stages.save(stage, key, info)
