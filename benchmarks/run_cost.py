@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         model = write_model(args.shared, tmp / "gf", layers=args.layers, hidden=args.hidden)
         data = data_file(args.shared, tmp / "data.h5ad", args.n_cells)
-        stages = {
-            name: measure(name, data, model, tmp / f"runs_{name}")
-            for name in ("baselines", "bare", "model")
-        }
+        stages = {}
+        for name in ("baselines", "bare", "model"):
+            stages[name] = measure(name, data, model, tmp / f"runs_{name}")
+            print(f"{name}: {json.dumps(stages[name])}", flush=True)
     floor = stages["baselines"]["cpu_s"] + stages["bare"]["cpu_s"]
     ratio = stages["model"]["cpu_s"] / floor
     for name, row in stages.items():
