@@ -122,3 +122,14 @@ def flop_report(
         report["speedup_vs_pad_to_max"] / report["padding_waste_bound"]
     )
     return report
+
+
+def print_flop_report(report: dict) -> None:
+    """One line: FLOP fraction, padding-waste bound and the speed-up against it (targets)."""
+    print(
+        f"FLOP rate {report['model_gflop_per_s']:.1f} GFLOP/s vs torch.mm "
+        f"{report['matmul_gflop_per_s']:.1f} GFLOP/s → fraction {report['flop_fraction']:.2f} "
+        f"(target ≥ 0.5); padding-waste bound {report['padding_waste_bound']:.2f}×, "
+        f"load-independent speed-up {report['speedup_vs_pad_to_max']:.2f}× = "
+        f"{report['speedup_fraction_of_bound']:.2f} of the bound (target ≥ 0.9)"
+    )

@@ -28,7 +28,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens  # noqa: E402  (benchmarks/)
+from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import collate
 from scfmbench.embed._scfoundation import ScFoundationModel, read_gene_index
@@ -132,13 +132,7 @@ def main() -> None:
         f"{result['embed_speedup_vs_pad_to_max']}× wall, {result['cpu_speedup_vs_pad_to_max']}× "
         f"CPU; max |Δ| {max_diff:.2e}"
     )
-    print(
-        f"FLOP rate {report['model_gflop_per_s']:.1f} GFLOP/s vs torch.mm "
-        f"{report['matmul_gflop_per_s']:.1f} GFLOP/s → fraction {report['flop_fraction']:.2f} "
-        f"(target ≥ 0.5); padding-waste bound {report['padding_waste_bound']:.2f}×, "
-        f"load-independent speed-up {report['speedup_vs_pad_to_max']:.2f}× = "
-        f"{report['speedup_fraction_of_bound']:.2f} of the bound (target ≥ 0.9)"
-    )
+    print_flop_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens  # noqa: E402  (benchmarks/)
+from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import embed_tokens
 from scfmbench.embed._scgpt import load_scgpt
@@ -122,13 +122,7 @@ def main() -> None:
         f"{result['tokens_processed_dynamic']} vs {result['tokens_processed_pad_to_max']}; "
         f"same embeddings up to {max_diff:.1e}"
     )
-    print(
-        f"FLOP rate {report['model_gflop_per_s']:.1f} GFLOP/s vs torch.mm "
-        f"{report['matmul_gflop_per_s']:.1f} GFLOP/s → fraction {report['flop_fraction']:.2f} "
-        f"(target ≥ 0.5); padding-waste bound {report['padding_waste_bound']:.2f}×, "
-        f"load-independent speed-up {report['speedup_vs_pad_to_max']:.2f}× = "
-        f"{report['speedup_fraction_of_bound']:.2f} of the bound (target ≥ 0.9)"
-    )
+    print_flop_report(report)
     print(f"wrote {args.out}")
 
 
