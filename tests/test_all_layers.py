@@ -148,6 +148,18 @@ def test_all_layer_pass_fills_the_per_layer_cache(geneformer, pbmc3k, tmp_path, 
         np.testing.assert_array_equal(again.matrix, fresh.matrix)
 
 
+def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
+    geneformer, pbmc3k, tmp_path, monkeypatch
+):
+    model, _ = geneformer
+    adata = pbmc3k[:6].copy()
+    monkeypatch.setattr(engine, "ALL_LAYERS_MAX_BYTES", 1)
+    first = embed(adata, model, layer=1, cache_dir=tmp_path, all_layers=True, progress=False)
+    settings = model.tokenize(adata).settings
+    key = engine.cache_key(model, adata, settings, pooling=first.pooling, seed=0, layer=1)
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == [f"{key}.npy"]  # layer 1 only
+
+
 # ---- a default run: one pass per model (and one for its random control) -------------------
 
 

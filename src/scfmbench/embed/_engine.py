@@ -34,6 +34,9 @@ AUTO_BATCH_SIZE = 256
 AUTO_MAX_TOKENS = 65_536
 
 BatchSize = int | Literal["auto"]
+# all_layers keeps every layer's (cells, dim) float32 matrix in memory; above this it embeds
+# only the requested layer (each other layer then costs its own pass)
+ALL_LAYERS_MAX_BYTES = 4 * 2**30
 
 
 def parse_batch_size(value: int | str) -> BatchSize:
@@ -388,6 +391,15 @@ def require_cells(tokens: TokenizedCells, model: FoundationModel, *, n_obs: int)
         )
 
 
+def _all_layers_bytes(model: FoundationModel, n_cells: int) -> int:
+    """Bytes of every layer's float32 embedding of ``n_cells`` cells (0 if the width is unknown)."""
+    try:
+        width = model.hidden_size
+    except NotImplementedError:
+        return 0
+    return (model.n_layers + 1) * n_cells * int(width) * 4
+
+
 def embed(
     adata: AnnData,
     model: FoundationModel,
@@ -436,6 +448,16 @@ def embed(
     matrix = cache.get(key, tokens.obs_names) if cache else None
     from_cache = matrix is not None
     if matrix is None:
+        if all_layers and _all_layers_bytes(model, tokens.n_cells) > ALL_LAYERS_MAX_BYTES:
+            logger.info(
+                "%s: %d cells × %d layers exceed %d GiB; embedding layer %d only",
+                model.model_id,
+                tokens.n_cells,
+                model.n_layers + 1,
+                ALL_LAYERS_MAX_BYTES // 2**30,
+                depth,
+            )
+            all_layers = False
         layers = list(range(model.n_layers + 1)) if all_layers else [depth]
         pass_key = key_of(layers=layers)  # chunks of this pass hold (len(layers), cells, dim)
         stacked = _embed_in_chunks(
