@@ -112,6 +112,7 @@ def run_engine(args: argparse.Namespace) -> dict:
         max_grad_norm=1.0,
         device=args.device,
         max_tokens=args.max_tokens or None,
+        max_attention=args.max_attention or None,
     )
     with tempfile.TemporaryDirectory() as out:
         result = finetune(validated, model, split, config=config, out_dir=Path(out), progress=False)
@@ -214,7 +215,7 @@ def worker(args: argparse.Namespace) -> None:
 def child(args: argparse.Namespace, side: str) -> dict:
     command = [sys.executable, __file__, "--worker", side]
     keys = ("data", "steps", "batch_size", "max_length", "length_scale", "threads", "device")
-    for key in (*keys, "max_tokens"):
+    for key in (*keys, "max_tokens", "max_attention"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -244,6 +245,12 @@ def main() -> None:
         help="Engine's token budget per batch (0: none, every batch holds --batch-size cells).",
     )
     parser.add_argument(
+        "--max-attention",
+        type=int,
+        default=2**24,
+        help="Engine's attention budget per batch, cells × longest² (0: none).",
+    )
+    parser.add_argument(
         "--sides", nargs="+", choices=SIDES, default=list(SIDES), help="Sides to run."
     )
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -266,6 +273,7 @@ def main() -> None:
             "steps_per_s": round(max(r["steps"] / r["seconds"] for r in found), 3),
             **{k: getattr(args, k) for k in ("batch_size", "max_length", "length_scale")},
             "max_tokens": args.max_tokens or None,
+            "max_attention": args.max_attention or None,
             "model": "BERT 6 layers, hidden 256, 4 heads, intermediate 512, vocab 25426",
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -330,6 +330,13 @@ def test_epoch_batches_keep_a_token_budget():
     unbounded = epoch_batches(lengths, batch_size=16, seed=42, epoch=0)
     assert len(unbounded[0]) * int(lengths[unbounded[0]].max()) == 16 * 4096
     assert FinetuneConfig().max_tokens == 16_384
+    # the attention budget: cells × longest² ≤ 2**24 → 2 cells of 2,400 tokens, 16 of 1,024
+    scores = epoch_batches(lengths, batch_size=16, seed=42, epoch=0, max_attention=2**24)
+    assert max(len(b) * int(lengths[b].max()) ** 2 for b in scores) <= 2**24
+    assert [len(b) for b in scores if lengths[b].max() == 4096] == [1, 1, 1]
+    short = epoch_batches(np.full(40, 1024), batch_size=16, seed=0, epoch=0, max_attention=2**24)
+    assert sorted(len(b) for b in short) == [8, 16, 16]
+    assert FinetuneConfig().max_attention == 2**24
 
 
 def test_config_yaml_section(tmp_path):

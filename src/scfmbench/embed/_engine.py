@@ -56,24 +56,38 @@ def parse_batch_size(value: int | str) -> BatchSize:
 
 
 def _batch_at(
-    order: np.ndarray, lengths: np.ndarray, start: int, *, batch_size: int, max_tokens: int | None
+    order: np.ndarray,
+    lengths: np.ndarray,
+    start: int,
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    max_attention: int | None = None,
 ) -> np.ndarray:
-    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded."""
+    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded
+    tokens, ≤ max_attention attention scores per head (cells × longest²)."""
     longest = max(int(lengths[order[start]]), 1)
     size = batch_size
     if max_tokens is not None:
-        size = max(1, min(batch_size, max_tokens // longest))
+        size = max(1, min(size, max_tokens // longest))
+    if max_attention is not None:
+        size = max(1, min(size, max_attention // longest**2))
     return order[start : start + size]
 
 
 def length_sorted_batches(
-    lengths: np.ndarray, *, batch_size: int, max_tokens: int | None = None
+    lengths: np.ndarray,
+    *,
+    batch_size: int,
+    max_tokens: int | None = None,
+    max_attention: int | None = None,
 ) -> list[np.ndarray]:
     """Group cell indices into batches of similar length, longest first.
 
     A batch holds at most ``batch_size`` cells and, if given, at most ``max_tokens``
-    padded tokens (``len(batch) * longest``). Sorting is stable, so equal lengths keep
-    input order and the batching is deterministic.
+    padded tokens (``len(batch) * longest``) and ``max_attention`` attention scores per
+    head (``len(batch) * longest²``, what attention memory grows with). Sorting is stable,
+    so equal lengths keep input order and the batching is deterministic.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}.")
@@ -81,7 +95,14 @@ def length_sorted_batches(
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        batch = _batch_at(order, lengths, start, batch_size=batch_size, max_tokens=max_tokens)
+        batch = _batch_at(
+            order,
+            lengths,
+            start,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            max_attention=max_attention,
+        )
         batches.append(batch)
         start += len(batch)
     return batches
