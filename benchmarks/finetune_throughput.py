@@ -22,6 +22,12 @@ Writes ``benchmarks/results/finetune_throughput.json``: ``steps_per_s_ratio_vs_t
 ``peak_rss_mb`` (engine), ``peak_rss_mb_trainer``, ``device`` and the settings.
 
 Usage: ``.venv/bin/python benchmarks/finetune_throughput.py [--data PBMC3K.h5ad]``.
+
+Memory with the study's settings (batch 16, every expressed gene up to 4,096 tokens), the
+engine alone, with its default token budget and without (``--max-tokens 0``)::
+
+    finetune_throughput.py --sides engine --batch-size 16 --max-length 4096 --length-scale 0 \
+        --steps 4 --repeats 1 --out benchmarks/results/finetune_memory.json
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ def run_engine(args: argparse.Namespace) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         device=args.device,
+        max_tokens=args.max_tokens or None,
+        max_attention=args.max_attention or None,
     )
     with tempfile.TemporaryDirectory() as out:
         result = finetune(validated, model, split, config=config, out_dir=Path(out), progress=False)
@@ -206,7 +214,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def child(args: argparse.Namespace, side: str) -> dict:
     command = [sys.executable, __file__, "--worker", side]
-    for key in ("data", "steps", "batch_size", "max_length", "length_scale", "threads", "device"):
+    keys = ("data", "steps", "batch_size", "max_length", "length_scale", "threads", "device")
+    for key in (*keys, "max_tokens", "max_attention"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -229,6 +238,22 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side.")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu"])
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=16_384,
+        help="Engine's token budget per batch (0: none, every batch holds --batch-size cells).",
+    )
+    parser.add_argument(
+        "--max-attention",
+        type=int,
+        default=2**24,
+        help="Engine's attention budget per batch, cells × longest² (0: none).",
+    )
+    parser.add_argument(
+        "--sides", nargs="+", choices=SIDES, default=list(SIDES), help="Sides to run."
+    )
+    parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.data.exists():
@@ -236,10 +261,25 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    runs: dict[str, list[dict]] = {side: [] for side in args.sides}
     for _ in range(args.repeats):  # alternate, so a change in machine load hits every side
-        for side in SIDES:
+        for side in args.sides:
             runs[side].append(child(args, side))
+    if args.sides == ["engine"]:  # memory only: e.g. the study's settings with or without budget
+        found = runs["engine"]
+        result = {
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in found), 1),
+            "steps": found[0]["steps"],
+            "steps_per_s": round(max(r["steps"] / r["seconds"] for r in found), 3),
+            **{k: getattr(args, k) for k in ("batch_size", "max_length", "length_scale")},
+            "max_tokens": args.max_tokens or None,
+            "max_attention": args.max_attention or None,
+            "model": "BERT 6 layers, hidden 256, 4 heads, intermediate 512, vocab 25426",
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     rates = {side: max(r["steps"] / r["seconds"] for r in found) for side, found in runs.items()}
     rss = {side: max(r["peak_rss_mb"] for r in found) for side, found in runs.items()}
     engine, trainer = runs["engine"][0], runs["trainer"][0]
@@ -273,8 +313,9 @@ def main() -> None:
         if key in engine:
             result[key] = round(engine[key], 1)
             result[f"{key}_trainer"] = round(trainer[key], 1)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    result["max_tokens"] = args.max_tokens or None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from _common import Instrumented, forward_flops  # noqa: E402
+
 from scfmbench.embed import embed, embed_tokens  # noqa: E402
 from scfmbench.embed._geneformer import GeneformerModel, load_geneformer  # noqa: E402
 from scfmbench.tokenize import rank_value_tokens, tokenize_loop  # noqa: E402
@@ -64,13 +68,6 @@ def model_dir(shared: Path, target: Path) -> Path:
     return target
 
 
-def forward_flops(lengths: np.ndarray, *, n_layers: int, hidden: int, ffn: int) -> float:
-    """Encoder FLOPs for unpadded sequences: 2·L·(4h² + 2h·ffn) + 4·L²·h per layer."""
-    lengths = lengths.astype(np.float64)
-    per_layer = 2 * lengths * (4 * hidden**2 + 2 * hidden * ffn) + 4 * lengths**2 * hidden
-    return float(per_layer.sum() * n_layers)
-
-
 def tokenization(model: GeneformerModel, adata: ad.AnnData, *, rounds: int) -> dict:
     """(a) vectorized ranking vs the per-cell loop, alternating, the fastest run of each."""
     tokenizer = model.tokenizer
@@ -94,42 +91,6 @@ def tokenization(model: GeneformerModel, adata: ad.AnnData, *, rounds: int) -> d
         f"mapping {n / full_s:,.0f} cells/s"
     )
     return {"tokenize_speedup": loop_s / vec_s, "tokenize_cells_per_s": n / vec_s}
-
-
-class Instrumented:
-    """Times every model forward and runs a 2048² ``torch.mm`` right after it.
-
-    The CPU is shared with other work, so raw times drift with the load. Each forward's time
-    multiplied by the matmul rate measured right after it gives the FLOPs a plain matmul would
-    have done in that time: a load-independent measure of the forward's cost.
-    """
-
-    size = 2048
-
-    def __init__(self, model: GeneformerModel) -> None:
-        self.model = model
-        self.a, self.b = torch.randn(self.size, self.size), torch.randn(self.size, self.size)
-        self.forward_s, self.mm_s, self.capacity = 0.0, 0.0, 0.0
-
-    def __enter__(self) -> Instrumented:
-        forward = self.model.hidden_states
-
-        def timed(batch, *, layer: int) -> torch.Tensor:
-            start = time.perf_counter()
-            hidden = forward(batch, layer=layer)
-            mid = time.perf_counter()
-            torch.mm(self.a, self.b)
-            mm_s = time.perf_counter() - mid
-            self.forward_s += mid - start
-            self.mm_s += mm_s
-            self.capacity += (mid - start) * 2 * self.size**3 / mm_s
-            return hidden
-
-        self.model.hidden_states = timed  # instance attribute: instruments this model only
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        del self.model.hidden_states
 
 
 def batching(

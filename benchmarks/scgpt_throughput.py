@@ -18,7 +18,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-from _common import PBMC3K, RESULTS, SHARED, padded_tokens, timed_embedding  # noqa: E402  (benchmarks/)
+from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import embed_tokens
 from scfmbench.embed._scgpt import load_scgpt
@@ -72,10 +72,12 @@ def main() -> None:
         device=args.device,
         out=np.zeros((tokens.n_cells, config.embsize), np.float32),
     )
-    dynamic, t_dynamic, cpu_dynamic = timed_embedding(model, tokens, pooling="cls", **options)
-    naive, t_naive, cpu_naive = timed_embedding(
-        model, tokens, pooling="cls", pad_to_max=True, **options
+    report = flop_report(
+        model, tokens, hidden=config.embsize, ffn=config.d_hid, pooling="cls", **options
     )
+    dynamic, naive = report["dynamic"], report["pad_to_max"]
+    t_dynamic, t_naive = report["seconds_dynamic"], report["seconds_pad_to_max"]
+    cpu_dynamic, cpu_naive = report["cpu_seconds_dynamic"], report["cpu_seconds_pad_to_max"]
     max_diff = float(np.abs(dynamic - naive).max())
     width = max(int(lengths.max()), model.max_seq_len)
 
@@ -101,6 +103,8 @@ def main() -> None:
             lengths, batch_size=args.batch_size, width=width
         ),
         "max_abs_diff_embeddings": max_diff,
+        **{k: v for k, v in report.items() if not isinstance(v, np.ndarray)},
+        "targets": {"flop_fraction": 0.5, "speedup_fraction_of_bound": 0.9},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -118,6 +122,7 @@ def main() -> None:
         f"{result['tokens_processed_dynamic']} vs {result['tokens_processed_pad_to_max']}; "
         f"same embeddings up to {max_diff:.1e}"
     )
+    print_flop_report(report)
     print(f"wrote {args.out}")
 
 

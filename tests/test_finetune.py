@@ -321,6 +321,28 @@ def test_epoch_batches_depend_on_seed_and_epoch_only():
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_epoch_batches_keep_a_token_budget():
+    # PBMC3k-like lengths with a few cells at the 4,096-token input size
+    lengths = np.random.default_rng(1).integers(200, 1500, size=200)
+    lengths[[3, 50, 120]] = 4096
+    batches = epoch_batches(lengths, batch_size=16, seed=42, epoch=0, max_tokens=8192)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    padded = [len(b) * int(lengths[b].max()) for b in batches]
+    assert max(padded) <= 8192 and all(len(b) <= 16 for b in batches)
+    assert len(batches[0]) == 2 and lengths[batches[0]].tolist() == [4096, 4096]
+    # without the budget the first batch holds 16 cells padded to 4,096 tokens
+    unbounded = epoch_batches(lengths, batch_size=16, seed=42, epoch=0)
+    assert len(unbounded[0]) * int(lengths[unbounded[0]].max()) == 16 * 4096
+    assert FinetuneConfig().max_tokens == 16_384
+    # the attention budget: cells × longest² ≤ 2**24 → 2 cells of 2,400 tokens, 16 of 1,024
+    scores = epoch_batches(lengths, batch_size=16, seed=42, epoch=0, max_attention=2**24)
+    assert max(len(b) * int(lengths[b].max()) ** 2 for b in scores) <= 2**24
+    assert [len(b) for b in scores if lengths[b].max() == 4096] == [1, 1, 1]
+    short = epoch_batches(np.full(40, 1024), batch_size=16, seed=0, epoch=0, max_attention=2**24)
+    assert sorted(len(b) for b in short) == [8, 16, 16]
+    assert FinetuneConfig().max_attention == 2**24
+
+
 def test_config_yaml_section(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("seed: 1\nfinetune:\n  epochs: 2\n  lora: true\n")

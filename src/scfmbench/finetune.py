@@ -68,6 +68,18 @@ class FinetuneConfig(BaseModel):
         16, ge=1, description="Cells per micro-step, summed over all processes (global batch)."
     )
     eval_batch_size: int = Field(64, ge=1, description="Cells per validation/test batch.")
+    max_tokens: int | None = Field(
+        16_384,
+        ge=1,
+        description="Most padded tokens per batch, training and evaluation (batches hold cells "
+        "of similar length, so long cells go in smaller batches; null: no limit).",
+    )
+    max_attention: int | None = Field(
+        2**24,
+        ge=1,
+        description="Most attention scores per head per batch (cells × longest², what "
+        "attention memory grows with): 16 cells of ≤ 1,024 tokens, 2 of 2,400 (null: no limit).",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on bias/norm).")
     warmup_ratio: float = Field(
@@ -309,7 +321,12 @@ def finetune(
     module = _Classifier(model, head, layer=layer, pooling=pooling)
     weights = _class_weights(sets["train"].codes, len(classes), balanced=config.class_weighted)
     train_batches_per_epoch = len(
-        length_sorted_batches(tokens.lengths[sets["train"].positions], batch_size=config.batch_size)
+        length_sorted_batches(
+            tokens.lengths[sets["train"].positions],
+            batch_size=config.batch_size,
+            max_tokens=config.max_tokens,
+            max_attention=config.max_attention,
+        )
     )
     steps_per_epoch = math.ceil(train_batches_per_epoch / config.gradient_accumulation_steps)
     optimizer = _optimizer(module, config)
@@ -644,6 +661,8 @@ class _Trainer:
             batch_size=config.batch_size,
             seed=config.seed,
             epoch=epoch,
+            max_tokens=config.max_tokens,
+            max_attention=config.max_attention,
         )
         weights = self.weights.to(acc.device)
         codes = torch.as_tensor(cells.codes, device=acc.device)
@@ -686,7 +705,10 @@ class _Trainer:
         pred = np.zeros(len(cells.positions), dtype=np.int64)
         loss, weight = 0.0, 0.0
         batches = length_sorted_batches(
-            self.tokens.lengths[cells.positions], batch_size=self.config.eval_batch_size
+            self.tokens.lengths[cells.positions],
+            batch_size=self.config.eval_batch_size,
+            max_tokens=self.config.max_tokens,
+            max_attention=self.config.max_attention,
         )
         with acc.autocast():
             for rows in batches:
@@ -701,17 +723,29 @@ class _Trainer:
 
 
 def epoch_batches(
-    lengths: np.ndarray, *, batch_size: int, seed: int, epoch: int
+    lengths: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    max_tokens: int | None = None,
+    max_attention: int | None = None,
 ) -> list[np.ndarray]:
     """Training batches of one epoch: cells shuffled, grouped by similar length, batches shuffled.
 
-    The batch with the longest cells comes first (out-of-memory shows at once, and the
-    allocator's high-water mark is set by the first step). Depends only on ``seed`` and
-    ``epoch``, so a resumed run sees the same data order.
+    A batch holds at most ``batch_size`` cells and, if given, ``max_tokens`` padded tokens
+    (cells × its longest cell) and ``max_attention`` attention scores per head (cells ×
+    longest²), so a batch of long cells is smaller and memory per step is bounded by the
+    budgets, not by the longest cells. The batch with the longest cells comes
+    first (out-of-memory shows at once, and the allocator's high-water mark is set by the
+    first step). Depends only on ``seed`` and ``epoch``, so a resumed run sees the same data
+    order.
     """
     rng = np.random.default_rng([seed, epoch])
     shuffled = rng.permutation(len(lengths))
-    batches = length_sorted_batches(lengths[shuffled], batch_size=batch_size)
+    batches = length_sorted_batches(
+        lengths[shuffled], batch_size=batch_size, max_tokens=max_tokens, max_attention=max_attention
+    )
     order = [0, *(1 + rng.permutation(len(batches) - 1))] if batches else []
     return [shuffled[batches[i]] for i in order]
 

@@ -492,7 +492,10 @@ def embed_cells(
         return _embed_backed(data, model, config, run_dir, stages, options)
     key = "X_scfmbench_embedding"
     cells = data.model_input  # the file's own gene names
-    result = embed(cells, model, tokens=tokens, key_added=key, **options)
+    # with layer-wise probing, the one pass also caches every other layer
+    result = embed(
+        cells, model, tokens=tokens, key_added=key, all_layers=config.layerwise, **options
+    )
     info = {
         **_embedding_info(result),
         "n_dropped_cells": int(len(result.dropped)),
@@ -542,7 +545,12 @@ def _embed_backed(
     info = stages.load(stage, key)
     if info is None or not out.exists():
         streamed = embed_h5ad(
-            data.path, model, out=out, chunk_size=config.chunk_size, **{**options, "layer": layer}
+            data.path,
+            model,
+            out=out,
+            chunk_size=config.chunk_size,
+            all_layers=config.layerwise,  # every layer's chunks cached from this one pass
+            **{**options, "layer": layer},
         )
         info = {**_embedding_info(streamed), "chunk_size": streamed.chunk_size}
         stages.save(stage, key, info)
@@ -619,7 +627,8 @@ def layerwise_probing(
 ) -> dict[str, list[dict]]:
     """Macro F1 of a logistic-regression probe on every layer's embedding (first split).
 
-    Embeddings come from the run's embedding cache, so layers already embedded are free.
+    Embeddings come from the run's embedding cache, which the embedding stage filled with
+    every layer from its one forward pass, so probing adds no pass (in memory).
     """
     from scfmbench.figures import plot_layer_curve
 

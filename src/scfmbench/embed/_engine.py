@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,9 @@ AUTO_BATCH_SIZE = 256
 AUTO_MAX_TOKENS = 65_536
 
 BatchSize = int | Literal["auto"]
+# all_layers keeps every layer's (cells, dim) float32 matrix in memory; above this it embeds
+# only the requested layer (each other layer then costs its own pass)
+ALL_LAYERS_MAX_BYTES = 4 * 2**30
 
 
 def parse_batch_size(value: int | str) -> BatchSize:
@@ -52,24 +56,38 @@ def parse_batch_size(value: int | str) -> BatchSize:
 
 
 def _batch_at(
-    order: np.ndarray, lengths: np.ndarray, start: int, *, batch_size: int, max_tokens: int | None
+    order: np.ndarray,
+    lengths: np.ndarray,
+    start: int,
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    max_attention: int | None = None,
 ) -> np.ndarray:
-    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded."""
+    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded
+    tokens, ≤ max_attention attention scores per head (cells × longest²)."""
     longest = max(int(lengths[order[start]]), 1)
     size = batch_size
     if max_tokens is not None:
-        size = max(1, min(batch_size, max_tokens // longest))
+        size = max(1, min(size, max_tokens // longest))
+    if max_attention is not None:
+        size = max(1, min(size, max_attention // longest**2))
     return order[start : start + size]
 
 
 def length_sorted_batches(
-    lengths: np.ndarray, *, batch_size: int, max_tokens: int | None = None
+    lengths: np.ndarray,
+    *,
+    batch_size: int,
+    max_tokens: int | None = None,
+    max_attention: int | None = None,
 ) -> list[np.ndarray]:
     """Group cell indices into batches of similar length, longest first.
 
     A batch holds at most ``batch_size`` cells and, if given, at most ``max_tokens``
-    padded tokens (``len(batch) * longest``). Sorting is stable, so equal lengths keep
-    input order and the batching is deterministic.
+    padded tokens (``len(batch) * longest``) and ``max_attention`` attention scores per
+    head (``len(batch) * longest²``, what attention memory grows with). Sorting is stable,
+    so equal lengths keep input order and the batching is deterministic.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}.")
@@ -77,7 +95,14 @@ def length_sorted_batches(
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        batch = _batch_at(order, lengths, start, batch_size=batch_size, max_tokens=max_tokens)
+        batch = _batch_at(
+            order,
+            lengths,
+            start,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            max_attention=max_attention,
+        )
         batches.append(batch)
         start += len(batch)
     return batches
@@ -141,8 +166,13 @@ def embed_tokens(
     out: np.ndarray | None = None,
     progress: bool = True,
     bar: tqdm | None = None,
+    layers: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Embed every tokenized cell; rows come back in input order.
+
+    Returns (n_cells, dim) float32 for ``layer``, or, with ``layers``, (len(layers),
+    n_cells, dim): every listed layer pooled from the same single forward pass per batch
+    (``layer`` is then ignored).
 
     Args:
         batch_size: cells per batch, or ``"auto"``: start at ``AUTO_BATCH_SIZE`` cells (at
@@ -151,8 +181,8 @@ def embed_tokens(
             not fit raises.
         pad_to_max: pad every batch to the model's longest input, in input order (the naive
             strategy, kept for benchmarks).
-        out: optional preallocated (n_cells, dim) array, e.g. an ``np.memmap`` to stream
-            results to disk.
+        out: optional preallocated (n_cells, dim) array (with ``layers``: (len(layers),
+            n_cells, dim)), e.g. an ``np.memmap`` to stream results to disk.
         bar: an outer progress bar to advance instead of opening a new one.
     """
     batch_size = parse_batch_size(batch_size)
@@ -190,22 +220,28 @@ def embed_tokens(
                     order, lengths, start, batch_size=batch_size, max_tokens=max_tokens
                 )
             try:
-                pooled = _encode(model, tokens, indices, layer, pooling, pad_to, torch_device)
+                pooled = _encode(
+                    model, tokens, indices, layers or [layer], pooling, pad_to, torch_device
+                )
             except RuntimeError as exc:
                 if not (auto and is_out_of_memory(exc)):
                     raise
                 batch_size = _halve_batch(model, tokens, indices, torch_device)
                 continue
             if out is None:
-                out = np.zeros((tokens.n_cells, pooled.shape[1]), dtype=np.float32)
-            out[indices] = pooled
+                out = np.zeros((len(pooled), tokens.n_cells, pooled.shape[2]), dtype=np.float32)
+                out = out if layers is not None else out[0]
+            if layers is None:
+                out[indices] = pooled[0]
+            else:
+                out[:, indices] = pooled
             bar.update(len(indices))
             start += len(indices)
     if own_bar:
         bar.close()
     del network
     if out is None:
-        out = np.zeros((0, 0), dtype=np.float32)
+        out = np.zeros((0, 0) if layers is None else (len(layers), 0, 0), dtype=np.float32)
     return out
 
 
@@ -213,16 +249,20 @@ def _encode(
     model: FoundationModel,
     tokens: TokenizedCells,
     indices: np.ndarray,
-    layer: int,
+    layers: Sequence[int],
     pooling: str,
     pad_to: int | None,
     device: torch.device,
 ) -> np.ndarray:
-    """Pooled float32 embeddings of the cells ``indices`` (one padded batch)."""
+    """Pooled float32 embeddings (len(layers), B, dim) of the cells ``indices`` (one batch)."""
     batch = collate(
         tokens, indices, pad_token_id=model.pad_token_id, pad_value=model.pad_value, pad_to=pad_to
     ).to(device)
-    return model.encode(batch, layer=layer, pooling=pooling).float().cpu().numpy()
+    if len(layers) == 1:
+        pooled = model.encode(batch, layer=layers[0], pooling=pooling)[None]
+    else:
+        pooled = model.encode_layers(batch, layers=layers, pooling=pooling)
+    return pooled.float().cpu().numpy()
 
 
 def _halve_batch(
@@ -310,6 +350,7 @@ def _embed_in_chunks(
     """Embed chunk by chunk, reusing chunks a previous (interrupted) call already saved."""
     if cache is None or tokens.n_cells <= chunk_size:
         return embed_tokens(model, tokens, progress=progress, **options)
+    axis = 0 if options.get("layers") is None else 1
     bar = tqdm(
         total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
     )
@@ -328,7 +369,7 @@ def _embed_in_chunks(
             bar.update(stop - start)
         parts.append(matrix)
     bar.close()
-    return np.concatenate(parts, axis=0)
+    return np.concatenate(parts, axis=axis)
 
 
 def cache_key(model: FoundationModel, adata: AnnData, tokens_settings: dict, **options) -> str:
@@ -371,6 +412,15 @@ def require_cells(tokens: TokenizedCells, model: FoundationModel, *, n_obs: int)
         )
 
 
+def _all_layers_bytes(model: FoundationModel, n_cells: int) -> int:
+    """Bytes of every layer's float32 embedding of ``n_cells`` cells (0 if the width is unknown)."""
+    try:
+        width = model.hidden_size
+    except NotImplementedError:
+        return 0
+    return (model.n_layers + 1) * n_cells * int(width) * 4
+
+
 def embed(
     adata: AnnData,
     model: FoundationModel,
@@ -387,8 +437,13 @@ def embed(
     progress: bool = True,
     chunk_size: int = 2048,
     tokens: TokenizedCells | None = None,
+    all_layers: bool = False,
 ) -> Embeddings:
     """Tokenize and embed ``adata`` (raw counts in ``X``) with ``model``.
+
+    With ``all_layers``, the same forward pass pools every layer (0 … ``n_layers``) and,
+    with a ``cache_dir``, stores each under the key a single-layer call for that layer
+    (and pooling) looks up, so later layers come from the cache without another pass.
 
     With a ``cache_dir``, cells are embedded in chunks of ``chunk_size`` and every finished
     chunk is saved (checksummed) at once, so an interrupted run resumes from the last
@@ -404,18 +459,36 @@ def embed(
     if tokens is None:
         tokens = model.tokenize(adata, seed=seed)
     require_cells(tokens, model, n_obs=adata.n_obs)
-    key = cache_key(model, adata, tokens.settings, layer=layer, pooling=pooling, seed=seed)
+    depth = layer % (model.n_layers + 1)
+
+    def key_of(**what) -> str:
+        return cache_key(model, adata, tokens.settings, pooling=pooling, seed=seed, **what)
+
+    key = key_of(layer=depth)
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     matrix = cache.get(key, tokens.obs_names) if cache else None
     from_cache = matrix is not None
     if matrix is None:
-        matrix = _embed_in_chunks(
+        if all_layers and _all_layers_bytes(model, tokens.n_cells) > ALL_LAYERS_MAX_BYTES:
+            logger.info(
+                "%s: %d cells × %d layers exceed %d GiB; embedding layer %d only",
+                model.model_id,
+                tokens.n_cells,
+                model.n_layers + 1,
+                ALL_LAYERS_MAX_BYTES // 2**30,
+                depth,
+            )
+            all_layers = False
+        layers = list(range(model.n_layers + 1)) if all_layers else [depth]
+        pass_key = key_of(layers=layers)  # chunks of this pass hold (len(layers), cells, dim)
+        stacked = _embed_in_chunks(
             model,
             tokens,
             cache,
-            key,
+            pass_key,
             chunk_size=chunk_size,
-            layer=layer,
+            layer=depth,
+            layers=layers,
             pooling=pooling,
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -423,14 +496,16 @@ def embed(
             precision=precision,
             progress=progress,
         )
+        matrix = stacked[layers.index(depth)]
         if cache:
-            cache.put(
-                key,
-                matrix,
-                tokens.obs_names,
-                {"model": model.model_id, "layer": layer, "pooling": pooling},
-            )
-            cache.drop_parts(key)
+            for each, rows in zip(layers, stacked, strict=True):
+                cache.put(
+                    key_of(layer=each),
+                    rows,
+                    tokens.obs_names,
+                    {"model": model.model_id, "layer": each, "pooling": pooling},
+                )
+            cache.drop_parts(pass_key)
     else:
         logger.info("%s: embeddings loaded from cache (%s)", model.model_id, key[:12])
     full = np.full((adata.n_obs, matrix.shape[1]), np.nan, dtype=np.float32)

@@ -12,6 +12,8 @@ import json
 import logging
 import pickle
 import shutil
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,23 +238,27 @@ class GeneformerModel(FoundationModel):
 
     def hidden_states(self, batch: PaddedBatch, *, layer: int) -> torch.Tensor:
         """Hidden states (B, L, hidden) after ``layer`` encoder layers (negative: from the end)."""
-        layer = layer % (self.n_layers + 1)
+        states = self.layer_states(batch, up_to=layer % (self.n_layers + 1))
+        return deque(states, maxlen=1)[0]  # the last, earlier layers freed on the way
+
+    def layer_states(self, batch: PaddedBatch, *, up_to: int) -> Iterator[torch.Tensor]:
+        """Hidden states (B, L, hidden) after 0, 1, …, ``up_to`` encoder layers, in turn."""
         hidden = self.network.embeddings(input_ids=batch.input_ids)
+        yield hidden
         mask = batch.attention_mask
         attend = None if bool(mask.all()) else mask[:, None, None, :]
-        for block in self.network.encoder.layer[:layer]:
+        for block in self.network.encoder.layer[:up_to]:
             out = block(hidden, attend)
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+            yield hidden
 
-    def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
-        """Cell embeddings (B, hidden): mean over gene tokens, or the ``<cls>`` position."""
+    def pool(self, hidden: torch.Tensor, batch: PaddedBatch, *, pooling: str) -> torch.Tensor:
+        """Mean over gene tokens, or the ``<cls>`` position: (B, L, hidden) → (B, hidden)."""
         if pooling not in self.poolings:
             raise ConfigError(
                 f"pooling {pooling!r} is not available for Geneformer {self.version}; "
                 f"choose from {self.poolings}."
             )
-        hidden = self.hidden_states(batch, layer=layer)
         if pooling == "cls":
             return hidden[:, 0]
         genes = batch.attention_mask & ~torch.isin(
@@ -260,6 +266,10 @@ class GeneformerModel(FoundationModel):
         )
         weights = genes.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
+        """Cell embeddings (B, hidden): mean over gene tokens, or the ``<cls>`` position."""
+        return self.pool(self.hidden_states(batch, layer=layer), batch, pooling=pooling)
 
 
 @MODELS.register("geneformer")

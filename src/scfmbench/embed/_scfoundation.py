@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -391,10 +392,23 @@ class ScFoundationModel(FoundationModel):
             layer += self.n_layers + 1
         return self.network(batch.values, batch.input_ids, batch.attention_mask, layer=layer)
 
+    def layer_states(self, batch: PaddedBatch, *, up_to: int) -> Iterator[torch.Tensor]:
+        """Token states (B, L, hidden) after 0, 1, …, ``up_to`` encoder layers, in turn."""
+        if batch.values is None:
+            raise ConfigError(
+                "scfoundation needs token values; tokenize with ScFoundationModel.tokenize."
+            )
+        return self.network.layer_states(
+            batch.values, batch.input_ids, batch.attention_mask, up_to=up_to
+        )
+
+    def pool(self, hidden: torch.Tensor, batch: PaddedBatch, *, pooling: str) -> torch.Tensor:
+        """(B, 4 × hidden) for ``all``, (B, hidden) for ``max`` (see :func:`pool_tokens`)."""
+        return pool_tokens(hidden, batch.attention_mask, pooling=pooling)
+
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
         """Cell embeddings: (B, 4 × hidden) for ``all``, (B, hidden) for ``max``."""
-        hidden = self.hidden_states(batch, layer=layer)
-        return pool_tokens(hidden, batch.attention_mask, pooling=pooling)
+        return self.pool(self.hidden_states(batch, layer=layer), batch, pooling=pooling)
 
     # ---- fine-tuning hooks --------------------------------------------------------------
 

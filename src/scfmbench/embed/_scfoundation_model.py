@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +176,18 @@ class TransformerStack(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Tensor, *, n_layers: int | None = None) -> Tensor:
         """Run the first ``n_layers`` layers (all: also the final norm); pads are True."""
+        states = chain([x], self.layer_states(x, padding_mask, up_to=n_layers))
+        return deque(states, maxlen=1)[0]
+
+    def layer_states(
+        self, x: Tensor, padding_mask: Tensor, *, up_to: int | None = None
+    ) -> Iterator[Tensor]:
+        """States after 1, …, ``up_to`` layers, one at a time (the last layer's with the norm)."""
         depth = len(self.transformer_encoder)
-        n_layers = depth if n_layers is None else n_layers
-        for layer in self.transformer_encoder[:n_layers]:
+        up_to = depth if up_to is None else up_to
+        for i, layer in enumerate(self.transformer_encoder[:up_to], start=1):
             x = layer(x, src_key_padding_mask=padding_mask)
-        return self.norm(x) if n_layers == depth else x
+            yield self.norm(x) if i == depth else x
 
 
 class ScFoundationEncoder(nn.Module):
@@ -206,10 +215,20 @@ class ScFoundationEncoder(nn.Module):
             attention_mask: (B, L) bool, True for real tokens.
             layer: 0 = embeddings, ``n_layers`` = final output.
         """
+        states = self.layer_states(values, positions, attention_mask, up_to=layer)
+        return deque(states, maxlen=1)[0]
+
+    def layer_states(
+        self, values: Tensor, positions: Tensor, attention_mask: Tensor, *, up_to: int | None = None
+    ) -> Iterator[Tensor]:
+        """Token states (B, L, hidden) after 0, 1, …, ``up_to`` layers (default all), in turn.
+
+        Only the current layer's states are alive: pool each before asking for the next.
+        """
         x = self.token_emb(values.float()) + self.pos_emb(positions)
-        if layer == 0:
-            return x
-        return self.encoder(x, ~attention_mask, n_layers=layer)
+        yield x
+        if up_to != 0:
+            yield from self.encoder.layer_states(x, ~attention_mask, up_to=up_to)
 
 
 def random_encoder(config: ScFoundationConfig, *, seed: int) -> ScFoundationEncoder:

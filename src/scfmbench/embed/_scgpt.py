@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,16 @@ class ScGPTModel(FoundationModel):
             layer += self.n_layers + 1
         return self.network(batch.input_ids, batch.values, batch.attention_mask, output_layer=layer)
 
-    def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
-        """Cell embeddings (B, embsize): ``cls`` token or ``mean`` of the gene tokens."""
-        hidden = self.hidden_states(batch, layer=layer)
+    def layer_states(self, batch: PaddedBatch, *, up_to: int) -> Iterator[torch.Tensor]:
+        """Token states (B, L, embsize) after 0, 1, …, ``up_to`` encoder layers, in turn."""
+        if batch.values is None:
+            raise ConfigError("scgpt needs token values; tokenize with ScGPTModel.tokenize.")
+        return self.network.layer_states(
+            batch.input_ids, batch.values, batch.attention_mask, up_to=up_to
+        )
+
+    def pool(self, hidden: torch.Tensor, batch: PaddedBatch, *, pooling: str) -> torch.Tensor:
+        """``cls`` token or ``mean`` of the gene tokens (L2-normalised if so configured)."""
         if pooling == "cls":
             pooled = hidden[:, 0]
         elif pooling == "mean":
@@ -133,6 +141,10 @@ class ScGPTModel(FoundationModel):
                 f"pooling {pooling!r} is not available for scgpt; choose from {self.poolings}."
             )
         return F.normalize(pooled, dim=-1) if self.l2_normalize else pooled
+
+    def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
+        """Cell embeddings (B, embsize): ``cls`` token or ``mean`` of the gene tokens."""
+        return self.pool(self.hidden_states(batch, layer=layer), batch, pooling=pooling)
 
     # ---- fine-tuning hooks --------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -310,12 +311,22 @@ class TransformerModel(nn.Module):
         n = self.n_layers if output_layer is None else output_layer
         if not 0 <= n <= self.n_layers:
             raise ValueError(f"output_layer must be in 0..{self.n_layers}, got {n}")
+        return deque(self.layer_states(input_ids, values, attend, up_to=n), maxlen=1)[0]
+
+    def layer_states(
+        self, input_ids: Tensor, values: Tensor, attend: Tensor | None = None, *, up_to: int
+    ) -> Iterator[Tensor]:
+        """Hidden states (B, L, embsize) after 0, 1, …, ``up_to`` encoder layers, one at a time.
+
+        Only the current layer's states are alive: pool each before asking for the next.
+        """
         if attend is not None and bool(attend.all()):
             attend = None  # no padding: let SDPA use its fastest kernel
         x = self.encoder(input_ids) + self.value_encoder(values)
-        for layer in self.transformer_encoder.layers[:n]:
+        yield x
+        for layer in self.transformer_encoder.layers[:up_to]:
             x = layer(x, attend)
-        return x
+            yield x
 
 
 # --- checkpoint keys ---------------------------------------------------------------------------

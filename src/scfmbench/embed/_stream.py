@@ -249,6 +249,7 @@ def _embed_chunk(
     *,
     seed: int,
     bar: tqdm | None,
+    all_layers: bool = False,
     **options: Any,
 ) -> tuple[np.ndarray | None, pd.Index, GeneMatch | None]:
     """Rows ``start:stop`` (NaN for cells without tokens; None when no cell has tokens),
@@ -264,25 +265,27 @@ def _embed_chunk(
         if bar is not None:
             bar.update(stop - start)
         return None, tokens.dropped, tokens.gene_match
-    key = cache_key(
-        model,
-        chunk,
-        tokens.settings,
-        seed=seed,
-        layer=options["layer"],
-        pooling=options["pooling"],
-    )
-    matrix = cache.get(key, tokens.obs_names) if cache is not None else None
+    depth = options["layer"] % (model.n_layers + 1)
+
+    def key_of(layer: int) -> str:
+        return cache_key(
+            model, chunk, tokens.settings, seed=seed, layer=layer, pooling=options["pooling"]
+        )
+
+    matrix = cache.get(key_of(depth), tokens.obs_names) if cache is not None else None
     if matrix is not None:
         logger.info("%s: reusing finished chunk of cells %d-%d", model.model_id, start, stop)
         if bar is not None:
             bar.update(stop - start)
     else:
-        matrix = embed_tokens(model, tokens, bar=bar, progress=False, **options)
+        layers = list(range(model.n_layers + 1)) if all_layers else [depth]
+        stacked = embed_tokens(model, tokens, bar=bar, progress=False, layers=layers, **options)
+        matrix = stacked[layers.index(depth)]
         if bar is not None:
             bar.update(len(tokens.dropped))  # embed_tokens counted the embedded cells
         if cache is not None:
-            cache.put(key, matrix, tokens.obs_names, {"chunk": [start, stop]})
+            for layer, rows in zip(layers, stacked, strict=True):
+                cache.put(key_of(layer), rows, tokens.obs_names, {"chunk": [start, stop]})
     rows = np.full((stop - start, matrix.shape[1]), np.nan, dtype=np.float32)
     rows[chunk.obs_names.get_indexer(tokens.obs_names)] = matrix
     return rows, tokens.dropped, tokens.gene_match
@@ -304,6 +307,7 @@ def embed_h5ad(
     seed: int = 0,
     key_added: str | None = None,
     progress: bool = True,
+    all_layers: bool = False,
 ) -> StreamedEmbeddings:
     """Embed every cell of the ``.h5ad`` file ``path`` without loading it, chunk by chunk.
 
@@ -325,6 +329,9 @@ def embed_h5ad(
         chunk_size: cells read, tokenized and embedded at a time (also the unit of resume and
             of sharding between ranks).
         batch_size: cells per batch or ``"auto"`` (see :func:`embed_tokens`).
+        all_layers: with a ``cache_dir``, pool every layer in the same forward pass and
+            cache each chunk of each layer, so a later call for another layer (same
+            pooling) reads its chunks from the cache without running the model.
 
     Returns:
         StreamedEmbeddings describing what was written (rank 0's view; other ranks get the
@@ -358,6 +365,7 @@ def embed_h5ad(
                     "max_tokens": max_tokens,
                     "device": device_name,
                     "precision": precision,
+                    "all_layers": all_layers and cache is not None,
                 },
             )
         finally:

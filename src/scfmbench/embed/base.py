@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -150,6 +151,51 @@ class FoundationModel(ABC):
     @abstractmethod
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
         """Return pooled cell embeddings of shape (B, hidden) for one padded batch."""
+
+    def layer_states(self, batch: PaddedBatch, *, up_to: int) -> Iterator[torch.Tensor]:
+        """Token states (B, L, hidden) after 0, 1, …, ``up_to`` encoder layers, in turn.
+
+        Models that override this and ``pool`` get :meth:`encode_layers` in one pass.
+        """
+        raise NotImplementedError(f"{self.name} does not expose its layer states")
+
+    def pool(self, hidden: torch.Tensor, batch: PaddedBatch, *, pooling: str) -> torch.Tensor:
+        """Pool token states (B, L, hidden) of ``batch`` into cell embeddings (B, dim)."""
+        raise NotImplementedError(f"{self.name} does not expose its pooling")
+
+    def encode_layers(
+        self, batch: PaddedBatch, *, layers: Sequence[int], pooling: str
+    ) -> torch.Tensor:
+        """Pooled cell embeddings of several layers from one forward pass.
+
+        Each layer's token states are pooled as soon as that layer finishes, so no
+        (layers × tokens × hidden) tensor is kept; the forward stops at the deepest layer
+        asked for.
+
+        Parameters
+        ----------
+        batch
+            One padded batch of B cells.
+        layers
+            Layer indices (0 = embeddings … ``n_layers``; negative counts from the end).
+        pooling
+            One of ``poolings``.
+
+        Returns
+        -------
+        torch.Tensor
+            (len(layers), B, dim): entry ``i`` equals ``encode(batch, layer=layers[i], …)``.
+        """
+        wanted = [layer % (self.n_layers + 1) for layer in layers]
+        try:
+            states = self.layer_states(batch, up_to=max(wanted))
+        except NotImplementedError:  # a model without layer states: one pass per layer
+            return torch.stack([self.encode(batch, layer=w, pooling=pooling) for w in wanted])
+        pooled: dict[int, torch.Tensor] = {}
+        for depth, hidden in enumerate(states):
+            if depth in wanted:
+                pooled[depth] = self.pool(hidden, batch, pooling=pooling)
+        return torch.stack([pooled[w] for w in wanted])
 
     # ---- hooks used by the fine-tuning engine (override in each adapter) ----------------
 

@@ -1,0 +1,213 @@
+"""One forward pass pools every layer: equal to independent per-layer computations, cached
+per layer, and a run with layer-wise probing embeds each model's cells once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import scfmbench.embed._engine as engine
+from scfmbench.embed import collate, embed, embed_tokens
+from scfmbench.embed._geneformer import load_geneformer
+from scfmbench.embed._scfoundation import load_scfoundation
+from scfmbench.embed._scgpt import load_scgpt
+from tests._geneformer_factory import write_checkpoint as write_geneformer
+from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
+from tests._scgpt_fixtures import make_tiny_adata
+from tests.test_scfoundation import GENES, counts_adata
+from tests.test_scfoundation import write_checkpoint as write_scfoundation
+
+
+def _all_layers(model, tokens, pooling: str) -> np.ndarray:
+    layers = list(range(model.n_layers + 1))
+    out = embed_tokens(
+        model, tokens, layer=0, layers=layers, pooling=pooling, batch_size=3, progress=False
+    )
+    assert out.shape[:2] == (model.n_layers + 1, tokens.n_cells)
+    return out
+
+
+# ---- Geneformer: Hugging Face output_hidden_states as the oracle -------------------------
+
+
+@pytest.fixture(scope="module")
+def geneformer(tmp_path_factory, shared_dir):
+    folder = tmp_path_factory.mktemp("gf")
+    _, network = write_geneformer(folder, shared_dir, version="V2", num_hidden_layers=3)
+    return load_geneformer(folder), network
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_geneformer_every_layer_equals_hf_hidden_states(geneformer, pbmc3k, pooling):
+    model, network = geneformer
+    adata = pbmc3k[:10].copy()
+    tokens = model.tokenize(adata)
+    got = _all_layers(model, tokens, pooling)
+    batch = collate(tokens, np.arange(tokens.n_cells), pad_token_id=model.pad_token_id)
+    with torch.no_grad():
+        states = network.bert(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask.long(),
+            output_hidden_states=True,
+        ).hidden_states
+    special = set(model._special_ids.tolist())
+    for layer, hidden in enumerate(states):
+        for row in range(tokens.n_cells):
+            ids, _ = tokens.cell(row)
+            cell = hidden[row, : len(ids)].numpy()
+            if pooling == "cls":
+                expected = cell[0]
+            else:
+                expected = cell[[i not in special for i in ids]].mean(axis=0)
+            np.testing.assert_allclose(got[layer, row], expected, rtol=1e-4, atol=1e-5)
+        per_layer = embed_tokens(
+            model, tokens, layer=layer, pooling=pooling, batch_size=3, progress=False
+        )
+        np.testing.assert_allclose(got[layer], per_layer, rtol=1e-5, atol=1e-6)
+
+
+# ---- scGPT: the network's layers applied by hand, one unpadded cell at a time -------------
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_scgpt_every_layer_equals_a_manual_forward(make_scgpt_dir, pooling):
+    model = load_scgpt(make_scgpt_dir())
+    tokens = model.tokenize(make_tiny_adata(n_cells=9))
+    got = _all_layers(model, tokens, pooling)
+    net = model.network
+    for row in range(tokens.n_cells):
+        ids, values = tokens.cell(row)
+        ids, values = torch.from_numpy(ids)[None], torch.from_numpy(values)[None]
+        with torch.no_grad():
+            x = net.encoder(ids) + net.value_encoder(values)
+            for layer in range(model.n_layers + 1):
+                if layer:
+                    x = net.transformer_encoder.layers[layer - 1](x)
+                expected = x[0, 0] if pooling == "cls" else x[0, 1:].mean(0)
+                if model.l2_normalize:
+                    expected = torch.nn.functional.normalize(expected, dim=-1)
+                np.testing.assert_allclose(got[layer, row], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---- scFoundation: embeddings, layers and final norm by hand, one cell at a time --------
+
+
+@pytest.mark.parametrize("pooling", ["all", "max"])
+def test_scfoundation_every_layer_equals_a_manual_forward(tmp_path, pooling):
+    write_scfoundation(tmp_path, GENES)
+    model = load_scfoundation(tmp_path)
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(2.0, size=(9, len(GENES))).astype(np.float32)
+    counts[:, 0] += 1
+    counts[4, 2:] = 0  # a short cell, so batches are padded
+    tokens = model.tokenize(counts_adata(counts, GENES))
+    got = _all_layers(model, tokens, pooling)
+    net = model.network
+    blocks = net.encoder.transformer_encoder
+    for row in range(tokens.n_cells):
+        ids, values = tokens.cell(row)
+        ids, values = torch.from_numpy(ids)[None], torch.from_numpy(values)[None]
+        no_pad = torch.zeros_like(ids, dtype=torch.bool)
+        with torch.no_grad():
+            x = net.token_emb(values.float()) + net.pos_emb(ids)
+            for layer in range(model.n_layers + 1):
+                if layer:
+                    x = blocks[layer - 1](x, src_key_padding_mask=no_pad)
+                h = net.encoder.norm(x) if layer == len(blocks) else x
+                h = h[0]
+                if pooling == "max":
+                    expected = h.max(0).values
+                else:
+                    genes = h[:-2]
+                    expected = torch.cat([h[-1], h[-2], genes.max(0).values, genes.mean(0)])
+                np.testing.assert_allclose(got[layer, row], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---- cache: one pass stores every layer under the per-layer keys --------------------------
+
+
+def test_all_layer_pass_fills_the_per_layer_cache(geneformer, pbmc3k, tmp_path, monkeypatch):
+    model, _ = geneformer
+    adata = pbmc3k[:12].copy()
+    first = embed(adata, model, cache_dir=tmp_path, all_layers=True, progress=False)
+    assert not first.from_cache and first.layer == model.default_layer
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a cached layer ran the model")
+
+    monkeypatch.setattr(engine, "embed_tokens", no_pass)
+    for layer in [*range(model.n_layers + 1), -1]:
+        again = embed(adata, model, layer=layer, cache_dir=tmp_path, progress=False)
+        assert again.from_cache
+        monkeypatch.undo()
+        fresh = embed(adata, model, layer=layer, progress=False)
+        monkeypatch.setattr(engine, "embed_tokens", no_pass)
+        np.testing.assert_array_equal(again.matrix, fresh.matrix)
+
+
+def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
+    geneformer, pbmc3k, tmp_path, monkeypatch
+):
+    model, _ = geneformer
+    adata = pbmc3k[:6].copy()
+    monkeypatch.setattr(engine, "ALL_LAYERS_MAX_BYTES", 1)
+    first = embed(adata, model, layer=1, cache_dir=tmp_path, all_layers=True, progress=False)
+    settings = model.tokenize(adata).settings
+    key = engine.cache_key(model, adata, settings, pooling=first.pooling, seed=0, layer=1)
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == [f"{key}.npy"]  # layer 1 only
+
+
+# ---- a default run: one pass per model (and one for its random control) -------------------
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_run_with_layerwise_probing_embeds_each_cell_once(
+    geneformer, pbmc3k, tmp_path, monkeypatch, backed
+):
+    from scfmbench.pipeline import run
+
+    model, _ = geneformer
+    adata = pbmc3k[:240].copy()
+    data = adata
+    if backed:
+        data = tmp_path / "pbmc.h5ad"
+        adata.write_h5ad(data)
+    seen: dict[str, Counter] = {}
+    encode = engine._encode
+
+    def counted(model, tokens, indices, *args):
+        seen.setdefault(model.model_id, Counter()).update(tokens.obs_names[indices])
+        return encode(model, tokens, indices, *args)
+
+    monkeypatch.setattr(engine, "_encode", counted)
+    result = run(
+        data,
+        progress=False,
+        models=[f"geneformer={model.model_dir}"],
+        n_splits=1,
+        baselines=["majority"],
+        probes=["logreg"],
+        figures=False,
+        min_cells_per_class=5,
+        out=tmp_path,
+        name="r",
+        backed=backed,
+        chunk_size=100,
+    )
+    layers = result.metrics["layers"]
+    assert set(layers) == {"geneformer", "geneformer-random"}
+    assert [row["layer"] for row in layers["geneformer"]] == list(range(model.n_layers + 1))
+    # every layer was probed, yet each cell went through each model once; the 237 cells
+    # run (3 DCs fall below min_cells_per_class) are among them
+    counts = adata.obs[result.metrics["run"]["label_key"]].value_counts()
+    run_cells = adata.obs_names[
+        adata.obs[result.metrics["run"]["label_key"]].isin(counts.index[counts >= 5])
+    ]
+    assert len(run_cells) == 237
+    assert set(seen) == {"geneformer", "geneformer-random"}
+    for per_cell in seen.values():
+        assert set(per_cell.values()) == {1}
+        assert set(run_cells) - set(per_cell) <= set(adata.obs_names[adata.X.sum(1).A1 == 0])
