@@ -250,6 +250,7 @@ RUN_SETTINGS = {
     "baselines": ["pca+logreg", "majority"],
     "probes": ["logreg"],
     "n_splits": 1,
+    "design": "study",
     "random_controls": False,
     "layerwise": False,
     "figures": False,

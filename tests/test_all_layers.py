@@ -188,6 +188,7 @@ def test_run_with_layerwise_probing_embeds_each_cell_once(
         progress=False,
         models=[f"geneformer={model.model_dir}"],
         n_splits=1,
+        design="study",
         baselines=["majority"],
         probes=["logreg"],
         figures=False,
