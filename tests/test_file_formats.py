@@ -35,16 +35,21 @@ def write_loom(adata: ad.AnnData, path: Path) -> None:
         handle.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
 
 
+def write_10x_matrix(group: h5py.Group, adata: ad.AnnData) -> None:
+    """The 10x genes × cells CSC arrays (= the cells × genes CSR of ``adata.X``)."""
+    counts = adata.X.tocsr()
+    group["barcodes"] = np.array(adata.obs_names, dtype="S")
+    group["data"] = counts.data.astype(np.int32)
+    group["indices"] = counts.indices.astype(np.int64)
+    group["indptr"] = counts.indptr.astype(np.int64)
+    group["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+
+
 def write_10x_v3(adata: ad.AnnData, path: Path) -> None:
-    """Cell Ranger ≥ 3 ``filtered_feature_bc_matrix.h5``: a genes × cells CSC ``matrix``."""
-    counts = adata.X.tocsr()  # cells × genes CSR = genes × cells CSC
+    """Cell Ranger ≥ 3 ``filtered_feature_bc_matrix.h5``: one ``matrix`` group."""
     with h5py.File(path, "w") as handle:
         matrix = handle.create_group("matrix")
-        matrix["barcodes"] = np.array(adata.obs_names, dtype="S")
-        matrix["data"] = counts.data.astype(np.int32)
-        matrix["indices"] = counts.indices.astype(np.int64)
-        matrix["indptr"] = counts.indptr.astype(np.int64)
-        matrix["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        write_10x_matrix(matrix, adata)
         features = matrix.create_group("features")
         features["id"] = np.array(adata.var["gene_ids"], dtype="S")
         features["name"] = np.array(adata.var_names, dtype="S")
@@ -55,14 +60,9 @@ def write_10x_v3(adata: ad.AnnData, path: Path) -> None:
 
 def write_10x_v2(adata: ad.AnnData, path: Path) -> None:
     """Cell Ranger 2 ``filtered_gene_bc_matrices_h5.h5``: one group per genome."""
-    counts = adata.X.tocsr()
     with h5py.File(path, "w") as handle:
         genome = handle.create_group("hg19")
-        genome["barcodes"] = np.array(adata.obs_names, dtype="S")
-        genome["data"] = counts.data.astype(np.int32)
-        genome["indices"] = counts.indices.astype(np.int64)
-        genome["indptr"] = counts.indptr.astype(np.int64)
-        genome["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        write_10x_matrix(genome, adata)
         genome["genes"] = np.array(adata.var["gene_ids"], dtype="S")
         genome["gene_names"] = np.array(adata.var_names, dtype="S")
 
