@@ -25,7 +25,7 @@ RUN_CONFIG = (
     "n_splits: 1\ndesign: study\nbaselines: [hvg+logreg, majority]\nfigures: false\n"
     "n_hvg: 200\nn_pcs: 10\n"
 )
-STRATIFY_ERROR = "'Singleton' has 1 cell; each class needs ≥ 3 cells"
+STRATIFY_ERROR = "'Singleton' has 1 cell; each class needs ≥ 5 cells"
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,11 @@ def write_legacy(adata: ad.AnnData, path: Path) -> Path:
             list(zip(adata.obs_names, adata.obs["cell_type"].astype(str), strict=True)),
             dtype=[("index", "S40"), ("cell_type", "S40")],
         )
-        f["var"] = np.array([(n,) for n in adata.var_names], dtype=[("index", "S40")])
+        columns = [c for c in ("gene_ids", "gene_symbol") if c in adata.var]
+        f["var"] = np.array(
+            list(zip(adata.var_names, *(adata.var[c].astype(str) for c in columns), strict=True)),
+            dtype=[("index", "S40"), *((c, "S40") for c in columns)],
+        )
         group = f.create_group("X")
         group.attrs["h5sparse_format"] = "csr"
         group.attrs["h5sparse_shape"] = np.array(matrix.shape)

@@ -200,7 +200,9 @@ def validate(
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
-    check_stratifiable(checked.labels)
+    check_stratifiable(
+        checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
+    )
     diag = checked.diagnostics
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))

@@ -91,15 +91,27 @@ def check_fractions(fractions: tuple[float, float, float]) -> None:
         )
 
 
-def check_stratifiable(labels: pd.Series) -> pd.Series:
-    """Cells per class (sorted by class); SplitError when a class has fewer than 3 cells
-    (one per train/val/test), as ``run`` and ``validate`` both report it."""
+def check_stratifiable(labels: pd.Series, *, n_folds: int | None = None) -> pd.Series:
+    """Cells per class (sorted by class), as ``run`` and ``validate`` both check them.
+
+    Raises
+    ------
+    SplitError
+        A class with fewer than 3 cells (one per train/val/test) or, for ``n_folds``-fold
+        cross-validation, fewer cells than folds.
+    """
+    need = max(3, n_folds or 0)
     sizes = labels.astype(str).value_counts().sort_index()
-    too_small = sizes[sizes < 3]
+    too_small = sizes[sizes < need]
     if len(too_small):
         listed = ", ".join(
-            f"{k!r} has {v} cell{'s' if v > 1 else ''}" for k, v in too_small.items()
+            f"{k!r} has {v} cell{'s' if v != 1 else ''}" for k, v in too_small.items()
         )
+        if n_folds:
+            raise SplitError(
+                f"cannot stratify {n_folds} folds: {listed}; each class needs ≥ {need} "
+                "cells — raise min_cells_per_class, lower --n-splits, or merge the label."
+            )
         raise SplitError(
             f"cannot stratify: {listed}; each class needs ≥ 3 cells (one per train/val/test) — "
             "raise min_cells_per_class to drop it or merge it into another label."
@@ -188,14 +200,7 @@ def cv_folds(
 
     check_design("cv", n_folds, n_repeats)
     values = labels.astype(str).to_numpy()
-    sizes = labels.astype(str).value_counts().sort_index()
-    too_small = sizes[sizes < max(3, n_folds)]
-    if len(too_small):
-        listed = ", ".join(f"{k!r} has {v} cells" for k, v in too_small.items())
-        raise SplitError(
-            f"cannot stratify {n_folds} folds: {listed}; each class needs ≥ {max(3, n_folds)} "
-            "cells — raise min_cells_per_class, lower --n-splits, or merge the label."
-        )
+    sizes = check_stratifiable(labels, n_folds=n_folds)
     folds = []
     for repeat in range(n_repeats):
         kfold = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed + repeat)
