@@ -131,6 +131,8 @@ def test_no_scvi_flag_drops_it_from_the_defaults(tmp_path, tiny_adata):
         str(path),
         "--n-splits",
         "1",
+        "--design",
+        "study",
         "--out",
         str(tmp_path),
         "--name",
