@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -133,3 +134,10 @@ def print_flop_report(report: dict) -> None:
         f"load-independent speed-up {report['speedup_vs_pad_to_max']:.2f}× = "
         f"{report['speedup_fraction_of_bound']:.2f} of the bound (target ≥ 0.9)"
     )
+
+
+def write_results(path: Path, results: dict, *, started: float) -> None:
+    """Write ``results`` as JSON to ``path`` and say so, with the seconds since ``started``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path} ({time.perf_counter() - started:.0f} s in all)")

@@ -12,7 +12,6 @@ the V1 (gc30M) dictionaries; data and dictionaries are read from ``../shared``. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from _common import Instrumented, forward_flops  # noqa: E402
+from _common import Instrumented, forward_flops, write_results  # noqa: E402
 
 from scfmbench.embed import embed, embed_tokens  # noqa: E402
 from scfmbench.embed._geneformer import GeneformerModel, load_geneformer  # noqa: E402
@@ -237,9 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     results |= overhead_and_flops(model, subsets["(c, d)"], **options, rounds=args.rounds)
     results |= {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
     results |= {"n_cells": int(adata.n_obs), "device": device, "targets": TARGETS}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s in all)")
+    write_results(args.out, results, started=started)
     return results
 
 

@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
         "n_cells": args.n_cells or "all",
         "threads": os.cpu_count(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s in all)")
+    from benchmarks._common import write_results
+
+    write_results(args.out, results, started=started)
     return results
 
 
