@@ -83,7 +83,25 @@ CASES = {
         "Did you mean 'geneformer'",
     ),
     "escaping_name": (lambda p: write(make_tiny_adata(), p), ["--name", "../x"], "one folder name"),
+    "label_key_typo": (
+        lambda p: write(make_tiny_adata(), p),
+        ["--label-key", "cel_type"],
+        "no column 'cel_type'; columns that look like labels: ['cell_type']. Pass --label-key "
+        "with one of those. Did you mean 'cell_type'?",
+    ),
+    "batch_key_typo": (
+        lambda p: write(with_donor(), p),
+        ["--config", "CFG3"],
+        "adata.obs has no column 'donr' for batch_key (columns: ['cell_type', 'donor']); set "
+        "batch_key to one of those, or drop it to detect one. Did you mean 'donor'?",
+    ),
 }
+
+
+def with_donor():
+    adata = make_tiny_adata()
+    adata.obs["donor"] = np.tile(["d1", "d2"], adata.n_obs // 2)
+    return adata
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -92,10 +110,9 @@ def test_bad_input_cli(case, tmp_path):
     data = make(tmp_path / "data.h5ad")
     (tmp_path / "cfg1.yaml").write_text("min_cells_per_class: 1\n")
     (tmp_path / "cfg2.yaml").write_text("n_split: 2\n")
-    extra = [
-        {"CFG1": str(tmp_path / "cfg1.yaml"), "CFG2": str(tmp_path / "cfg2.yaml")}.get(a, a)
-        for a in extra
-    ]
+    (tmp_path / "cfg3.yaml").write_text("batch_key: donr\n")
+    configs = {f"CFG{i}": str(tmp_path / f"cfg{i}.yaml") for i in (1, 2, 3)}
+    extra = [configs.get(a, a) for a in extra]
     out = tmp_path / "runs"
     name = [] if "--name" in extra else ["--name", "r"]
     done = subprocess.run(

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from scfmbench import DataError, SchemaError, validate
 from scfmbench.genes import detect_identifier_type
 from scfmbench.validate import classify_matrix, load_dataset
+from tests.conftest import run_cli_in_process
 
 
 def quiet_validate(adata, **kwargs):
@@ -154,3 +155,24 @@ def test_validated_data_is_csr_float32(tiny_adata):
     result = quiet_validate(tiny_adata)
     assert sp.isspmatrix_csr(result.adata.X) and result.adata.X.dtype == np.float32
     assert isinstance(result.adata, ad.AnnData)
+
+
+def test_gene_column_typo_suggests_the_column():
+    from scfmbench.genes import resolve_gene_identifiers
+
+    var = pd.DataFrame({"gene_ids": ["ENSG00000141510"], "gene_symbol": ["TP53"]}, index=["TP53"])
+    with pytest.raises(SchemaError) as caught:
+        resolve_gene_identifiers(var, vocabulary_kind="ensembl", model="m", gene_column="gene_id")
+    assert str(caught.value) == (
+        "adata.var has no column 'gene_id' (columns: ['gene_ids', 'gene_symbol']); pass "
+        "--gene-column with one of those or 'var_names' for the index. Did you mean 'gene_ids'?"
+    )
+
+
+def test_validate_cli_refuses_a_misspelt_batch_key(tmp_path, tiny_adata, capsys):
+    tiny_adata.obs["donor"] = "d1"
+    tiny_adata.write_h5ad(tmp_path / "d.h5ad")
+    (tmp_path / "c.yaml").write_text("batch_key: Donor\n")
+    args = ["validate", str(tmp_path / "d.h5ad"), "--config", str(tmp_path / "c.yaml")]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 2 and "Did you mean 'donor'?" in err, err

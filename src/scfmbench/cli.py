@@ -200,6 +200,9 @@ def validate(
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
+    from scfmbench.evaluate import detect_batch_key
+
+    detect_batch_key(checked.obs, resolved.batch_key)  # a misspelt batch_key, as run refuses it
     check_stratifiable(
         checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
     )

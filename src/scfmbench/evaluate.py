@@ -124,9 +124,25 @@ def _has_mixed_label(labels: np.ndarray, batches: np.ndarray) -> bool:
 
 
 def detect_batch_key(obs: pd.DataFrame, batch_key: str | None) -> str | None:
-    """The donor/batch column to colour by: the given one, or a conventional name."""
+    """The donor/batch column to colour by: the given one, or a conventional name.
+
+    Raises
+    ------
+    SchemaError
+        ``batch_key`` is given but is not a column of ``obs`` (with a did-you-mean).
+    """
     if batch_key is not None:
-        return batch_key if batch_key in obs.columns else None
+        if batch_key not in obs.columns:
+            from scfmbench.errors import SchemaError
+            from scfmbench.registry import did_you_mean
+
+            columns = [str(c) for c in obs.columns]
+            raise SchemaError(
+                f"adata.obs has no column {batch_key!r} for batch_key (columns: {columns[:10]}); "
+                "set batch_key to one of those, or drop it to detect one."
+                + did_you_mean(batch_key, columns)
+            )
+        return batch_key
     for column in BATCH_COLUMNS:
         if column in obs.columns and 1 < obs[column].nunique() < len(obs):
             return column

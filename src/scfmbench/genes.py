@@ -120,6 +120,7 @@ def resolve_gene_identifiers(
         SchemaError: ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
     """
     from scfmbench.errors import SchemaError
+    from scfmbench.registry import did_you_mean
 
     columns = [str(c) for c in var.columns]
     if gene_column is not None:
@@ -127,6 +128,7 @@ def resolve_gene_identifiers(
             raise SchemaError(
                 f"adata.var has no column {gene_column!r} (columns: {columns[:10]}); pass "
                 f"--gene-column with one of those or 'var_names' for the index."
+                + did_you_mean(gene_column, [*columns, VAR_NAMES])
             )
         keys = _keys_of(var, gene_column)
         return GeneIdentifiers(

@@ -297,6 +297,9 @@ def run(
 
 
 def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
+    from scfmbench.evaluate import detect_batch_key
+
+    detect_batch_key(validated.obs, config.batch_key)  # a misspelt batch_key fails here
     methods = baseline_methods(config, validated.diagnostics.matrix_kind)
     models = load_models(config)
     methods += model_methods(models, config)
