@@ -212,3 +212,21 @@ def test_run_with_layerwise_probing_embeds_each_cell_once(
     for per_cell in seen.values():
         assert set(per_cell.values()) == {1}
         assert set(run_cells) - set(per_cell) <= set(adata.obs_names[adata.X.sum(1).A1 == 0])
+
+
+def test_cache_reuse_says_where_the_embedding_came_from(
+    geneformer, pbmc3k, tmp_path, monkeypatch, caplog
+):
+    model, _ = geneformer
+    adata = pbmc3k[:12].copy()
+    embed(adata, model, cache_dir=tmp_path, all_layers=True, progress=False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scfmbench.embed._engine"):
+        embed(adata, model, layer=1, cache_dir=tmp_path, progress=False)
+        monkeypatch.setattr(engine, "_WRITTEN_HERE", {})  # as a later process sees the cache
+        embed(adata, model, layer=2, cache_dir=tmp_path, progress=False)
+    lines = [r.getMessage()[: r.getMessage().rindex(" (")] for r in caplog.records]
+    assert lines == [
+        f"{model.model_id}: reusing layer 1 (cls pooling) from this run's all-layer pass",
+        f"{model.model_id}: layer 2 (cls pooling) loaded from cache (computed by an earlier run)",
+    ]

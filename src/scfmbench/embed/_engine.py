@@ -289,11 +289,20 @@ def _halve_batch(
     return size
 
 
+_WRITTEN_HERE: dict[Path, int] = {}
+"""Cache entries written by this process: entry path → number of layers in the pass that
+wrote it (so a reuse can say whether it comes from this run or from an earlier one)."""
+
+
 class EmbeddingCache:
     """Embeddings on disk under a content key; entries carry a checksum and are verified."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def written_here(self, key: str) -> int | None:
+        """Layers of the pass in this process that wrote ``key`` (None: an earlier process)."""
+        return _WRITTEN_HERE.get(self._paths(key)[0].resolve())
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.npy", self.root / f"{key}.json"
@@ -318,11 +327,26 @@ class EmbeddingCache:
         for path in self.root.glob(f"{key}.part*"):
             path.unlink(missing_ok=True)
 
-    def put(self, key: str, matrix: np.ndarray, obs_names: pd.Index, info: dict) -> None:
+    def put(
+        self, key: str, matrix: np.ndarray, obs_names: pd.Index, info: dict, *, n_layers: int = 1
+    ) -> None:
+        """Save ``matrix`` under ``key``; ``n_layers``: layers of the pass that computed it."""
         array_path, meta_path = self._paths(key)
         write_npy(array_path, matrix)
         meta = {"sha256": hash_file(array_path), "obs_hash": hash_strings(obs_names), **info}
         write_json(meta_path, meta)
+        _WRITTEN_HERE[array_path.resolve()] = n_layers
+
+
+def _log_reuse(model_id: str, layer: int, pooling: str, n_layers: int | None, key: str) -> None:
+    """Say where a cached embedding comes from: this process's pass, or an earlier run."""
+    what = f"layer {layer} ({pooling} pooling)"
+    if n_layers is None:
+        message = f"{what} loaded from cache (computed by an earlier run)"
+    else:
+        source = "this run's all-layer pass" if n_layers > 1 else "an earlier pass in this process"
+        message = f"reusing {what} from {source}"
+    logger.info("%s: %s (%s)", model_id, message, key[:12])
 
 
 def slice_tokens(tokens: TokenizedCells, start: int, stop: int) -> TokenizedCells:
@@ -504,10 +528,11 @@ def embed(
                     rows,
                     tokens.obs_names,
                     {"model": model.model_id, "layer": each, "pooling": pooling},
+                    n_layers=len(layers),
                 )
             cache.drop_parts(pass_key)
     else:
-        logger.info("%s: embeddings loaded from cache (%s)", model.model_id, key[:12])
+        _log_reuse(model.model_id, depth, pooling, cache.written_here(key), key)
     full = np.full((adata.n_obs, matrix.shape[1]), np.nan, dtype=np.float32)
     full[adata.obs_names.get_indexer(tokens.obs_names)] = matrix
     adata.obsm[key_added or model.obsm_key] = full
