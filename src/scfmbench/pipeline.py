@@ -44,7 +44,7 @@ from scfmbench.validate import validate as validate_data
 
 logger = logging.getLogger(__name__)
 
-METRICS_SCHEMA_VERSION = "2.0"
+METRICS_SCHEMA_VERSION = "2.1"
 UNASSIGNED = "<unassigned>"
 IN_MEMORY = "<in-memory AnnData>"
 SKLEARN_WORKING_MEMORY_MB = 256
@@ -958,7 +958,7 @@ def build_metrics(
     reference: str,
     model_info: dict,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The metrics.json document (schema in README, ``schema_version`` 2.0) and the tidy
+    """The metrics.json document (schema in README, ``schema_version`` 2.1) and the tidy
     per-cell predictions table every statistic in it is computed from."""
     from scfmbench.run_stats import method_statistics, predictions_table
     from scfmbench.stats import Design
@@ -974,7 +974,12 @@ def build_metrics(
             "data": config.data,
             "label_key": validated.diagnostics.label_key,
             "seeds": split_set.seeds,
-            "fractions": list(split_set.fractions),
+            # cv uses only the validation share (of each class, drawn from training folds)
+            **(
+                {"val_fraction": split_set.fractions[1]}
+                if split_set.design == "cv"
+                else {"fractions": list(split_set.fractions)}
+            ),
             "design": {
                 "name": design.name,
                 "n_folds": design.n_folds,

@@ -136,7 +136,7 @@ def design_text(run: dict[str, Any]) -> str:
         words = f"{design['n_folds']}-fold stratified cross-validation"
         if repeats > 1:
             words = f"{repeats} × repeated {words}"
-        fraction = (run.get("fractions") or [None, None])[1]
+        fraction = run.get("val_fraction", (run.get("fractions") or [None, None])[1])
         return (
             f"{words} (disjoint test folds, every cell tested once per repeat; validation "
             f"{fraction} of each class carved from the training folds); fold keys {seeds}"
@@ -475,6 +475,7 @@ def data_section(metrics: dict[str, Any]) -> Section:
     bullets.append(
         f"classes: {len(run.get('classes') or diag.get('classes', {}))}; " + design_text(run)
     )
+    bullets += [f"warning: {w}" for w in run.get("warnings", [])]
     dropped = [
         f"{diag[key]} {what}"
         for key, what in (
@@ -595,10 +596,25 @@ def headline_section(metrics: dict[str, Any]) -> Section:
         )
     if sig is not None:
         note += " * = significant after Holm correction (p < 0.05)."
+    note += constant_note(metrics["methods"])
     if any(is_control(e) for e in metrics["methods"].values()):
         note += " Controls (random features) show the floor a representation must beat."
     section.note = note
     return section
+
+
+def constant_note(methods: dict[str, Any]) -> str:
+    """Why a method that predicts one label per class has a (near) zero-width interval."""
+    names = [n for n, e in methods.items() if e.get("constant_within_class")]
+    if not names:
+        return ""
+    return (
+        f" † {', '.join(names)}: one predicted label for all test cells of each class in "
+        "every fold, so the class-stratified bootstrap (each class keeps its number of test "
+        "cells) cannot change the score; the 95% interval holds only fold-to-fold variation "
+        "and is (near) zero width by construction: it is conditional on the class "
+        "proportions of these data and leaves out their own sampling variation."
+    )
 
 
 def _single_table_section(key: str, title: str, table: Table | None) -> list[Section]:

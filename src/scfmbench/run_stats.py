@@ -9,11 +9,13 @@ of that table, the class list and the design, so ``scfmbench stats RUN_DIR`` rec
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from scfmbench._atomic import write_with
 from scfmbench.errors import RunDirError
@@ -30,6 +32,47 @@ from scfmbench.stats import (
 PREDICTIONS_FILE = "predictions.tsv.gz"
 ALPHA = 0.05
 PROBA_PREFIX = "proba:"
+MIN_FOLDS = 5
+"""With fewer folds (one repeat of K-fold CV) the intervals get a run-level warning."""
+
+logger = logging.getLogger(__name__)
+
+
+def design_warnings(design: dict[str, Any]) -> list[str]:
+    """Run-level warnings about the resampling design (``metrics.json["run"]["warnings"]``).
+
+    Parameters
+    ----------
+    design : dict
+        ``metrics.json["run"]["design"]``: ``name``, ``n_folds`` (and ``n_repeats``).
+
+    Returns
+    -------
+    list of str
+        One line when a single repeat of K-fold CV has K < ``MIN_FOLDS`` (its intervals use
+        Student t with K − 1 degrees of freedom); else empty.
+    """
+    k = design.get("n_folds", 0)
+    if design.get("name") != "cv" or k >= MIN_FOLDS:
+        return []
+    quantile = float(scipy_stats.t.ppf(1 - ALPHA / 2, k - 1))
+    usual = float(scipy_stats.t.ppf(1 - ALPHA / 2, MIN_FOLDS - 1))
+    return [
+        f"only {k} folds: each 95% interval rests on {k} fold scores and uses Student t with "
+        f"K − 1 = {k - 1} degree(s) of freedom (t = {quantile:.2f}, vs {usual:.2f} with "
+        f"{MIN_FOLDS} folds), so it is wide; use --n-splits {MIN_FOLDS} or more, or add "
+        "--n-repeats 3 for repeated K-fold cross-validation"
+    ]
+
+
+def constant_within_class(table: pd.DataFrame, method: str) -> bool:
+    """Whether ``method`` predicts one label for all test cells of each class in every split.
+
+    Such a method (e.g. ``majority``) scores the same on every class-stratified bootstrap
+    resample, so its interval holds no cell-sampling variation (see docs/statistics.md).
+    """
+    rows = table[table["method"] == method]
+    return bool(rows.groupby(["split", "true"])["pred"].nunique().max() == 1)
 
 
 def predictions_table(
@@ -124,9 +167,10 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     """Per-split scores, summaries with 95% intervals, and paired tests of every method.
 
     Fills (and returns) ``doc["methods"][name]`` ``splits`` scores, ``summary`` and
-    ``significance``, plus ``doc["comparisons"]`` and ``doc["run"]`` fields ``best_baseline``,
-    ``small_classes`` and ``interval_method``. Per-split ``params``/``val_macro_f1`` already
-    in ``doc`` are kept.
+    ``significance`` (and ``constant_within_class``, when true), plus ``doc["comparisons"]``
+    and ``doc["run"]`` fields ``best_baseline``, ``small_classes``, ``interval_method`` and
+    (when there are any) ``warnings``. Per-split ``params``/``val_macro_f1`` already in
+    ``doc`` are kept.
     """
     run = doc["run"]
     classes = run["classes"]
@@ -135,6 +179,11 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     run["small_classes"] = small
     run["min_test_cells"] = MIN_TEST_CELLS
     run["interval_method"] = INTERVAL_METHODS[design.name]
+    found = design_warnings(run["design"])
+    if found:
+        run["warnings"] = found
+        for line in found:
+            logger.warning("warning: %s", line)
     sets = {name: _sets(table, name) for name in doc["methods"]}
     for name, entry in doc["methods"].items():
         per_split = entry.setdefault("splits", {})
@@ -161,6 +210,8 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
                 }
             )
         entry["summary"] = summary
+        if constant_within_class(table, name):
+            entry["constant_within_class"] = True
     reference = run["reference"]
     ref = doc["methods"][reference]["summary"]
     for entry in doc["methods"].values():
@@ -344,4 +395,6 @@ def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     diff = []
     for key in (*STATISTICS_KEYS, "run"):
         diff += differences(stored.get(key), recomputed.get(key), key)
+    if stored.get("schema_version", "2.0") == "2.0":  # schema 2.1 added these annotations
+        diff = [d for d in diff if d != "run.warnings" and not d.endswith(".constant_within_class")]
     return recomputed, diff
