@@ -66,4 +66,4 @@ def test_compare_mixed_runs_says_what_is_not_comparable(runs, tmp_path, caplog):
     assert line in text
     methods = text[text.index("## Methods across runs") : text.index(line)]
     assert "| method | cv accuracy | cv macro F1 |" in methods and "t1" not in methods
-    assert "| t1 | " in text and "| transfer: train ↔ test | — | — | 0 | 42, 43 |" in text
+    assert "| t1 | " in text and "| transfer: train ↔ test | — | — | 3 | 42, 43 |" in text

@@ -147,11 +147,11 @@ def _runs_section(runs: list) -> Section:
     for label, run_dir, metrics, config in runs:
         run, diag = metrics["run"], metrics.get("diagnostics", {})
         config = config or {}
-        data, seeds = run.get("data"), run.get("seeds")
+        data, seeds, classes = run.get("data"), run.get("seeds"), run.get("classes")
         if is_transfer(metrics):
             data = "transfer: " + " ↔ ".join(map(str, run.get("datasets") or []))
             first = next(iter(metrics["transfer"]["directions"].values()), {})
-            seeds = first.get("training_seeds", run.get("seed"))
+            seeds, classes = first.get("training_seeds", run.get("seed")), first.get("classes")
         info.rows.append(
             [
                 text(label),
@@ -159,7 +159,7 @@ def _runs_section(runs: list) -> Section:
                 text(data),
                 text(run.get("label_key")),
                 num(diag.get("n_cells"), 0),
-                num(len(run.get("classes") or []), 0),
+                num(len(classes or []), 0),
                 text(_listed(seeds)),
                 text(run.get("reference")),
                 *[text(_listed(config.get(k))) for k in CONFIG_KEYS],
