@@ -42,6 +42,44 @@ def plot_confusion(
     _save(fig, path)
 
 
+def plot_forest(
+    labels: list[str],
+    values: list[float],
+    intervals: list[tuple[float, float] | None],
+    significant: list[bool],
+    path: Path,
+    *,
+    xlabel: str,
+    title: str,
+) -> None:
+    """Forest plot: one row per label (first on top), a point at ``values[i]`` with its
+    interval as a horizontal bar, a vertical line at 0; significant rows filled, others hollow.
+    """
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * n))
+    y = np.arange(n)[::-1]
+    for row, value, ci, flag in zip(y, values, intervals, significant, strict=True):
+        colour = "tab:blue" if flag else "grey"
+        if ci is not None:
+            ax.plot(ci, [row, row], color=colour, linewidth=1.6)
+        ax.plot(
+            [value],
+            [row],
+            marker="o",
+            markersize=6,
+            color=colour,
+            markerfacecolor=colour if flag else "white",
+        )
+    ax.axvline(0, color="black", linestyle="--", linewidth=0.8)
+    marked = zip(labels, significant, strict=True)
+    ax.set_yticks(y, [f"{label} *" if flag else label for label, flag in marked])
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
 def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title: str) -> None:
     """2-D scatter (e.g. UMAP) coloured by a categorical annotation."""
     groups = np.asarray(groups, dtype=str)

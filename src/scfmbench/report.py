@@ -827,7 +827,10 @@ def build_sections(
     manifest: dict[str, Any] | None = None,
 ) -> list[Section]:
     """Report sections in order; optional ones only when their data (or figure) exists."""
-    sections = [data_section(metrics)]
+    from scfmbench.verdict import forest_section, verdict_section
+
+    sections = [*verdict_section(metrics), *forest_section(metrics, run_dir)]
+    sections.append(data_section(metrics))
     if metrics["methods"]:  # a transfer run has only its transfer matrix
         sections += [methods_section(metrics, config, manifest), headline_section(metrics)]
     sections += _single_table_section(
@@ -861,8 +864,12 @@ def _title(metrics: dict[str, Any]) -> str:
 
 
 def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
-    """``results.md``: data diagnostics first, then the headline table."""
-    sections = [data_section(metrics), headline_section(metrics)]
+    """``results.md``: the verdict, Δ macro F1 vs the best baseline, the data diagnostics,
+    then the headline table."""
+    from scfmbench.verdict import forest_section, verdict_section
+
+    sections = [*verdict_section(metrics), *forest_section(metrics, Path(path).parent)]
+    sections += [data_section(metrics), headline_section(metrics)]
     write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
 
 
@@ -901,9 +908,12 @@ def write_report(run_dir: Path) -> Path:
 
 
 def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore) -> None:
-    """Confusion matrix per method (first split); UMAPs come from the embedding-scores stage."""
+    """Confusion matrix per method (first split) and the forest plot of Δ macro F1 vs the
+    best baseline; UMAPs come from the embedding-scores stage."""
     from scfmbench.figures import plot_confusion
+    from scfmbench.verdict import write_forest_figure
 
+    write_forest_figure(run_dir, metrics, stages=stages)
     figures = Path(run_dir) / "figures"
     first_seed = str(metrics["run"]["seeds"][0])
     for name, entry in metrics["methods"].items():
