@@ -244,6 +244,13 @@ def test_schema_1_significance_is_read_when_comparisons_are_absent():
             "sets overlap; retraining variation is not covered); only 2 test splits: intervals "
             "are wide and a true difference can go undetected.",
         ),
+        (
+            "study",
+            1,
+            "Caveats: intervals and p-values cover the cell sampling of one random split only "
+            "(retraining variation is not covered); only 1 test split: intervals are wide and a "
+            "true difference can go undetected.",
+        ),
     ],
 )
 def test_design_caveats(design, n_sets, expected):

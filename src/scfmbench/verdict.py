@@ -275,15 +275,21 @@ def caveat_line(metrics: dict[str, Any]) -> str | None:
     design = (run.get("design") or {}).get("name", "study")
     n_sets = len(run.get("seeds") or [])
     parts = []
-    if design == "study":
+    if design == "study" and n_sets == 1:
+        parts.append(
+            "intervals and p-values cover the cell sampling of one random split only "
+            "(retraining variation is not covered)"
+        )
+    elif design == "study":
         parts.append(
             f"intervals and p-values hold within these {n_sets} random splits only (their test "
             "sets overlap; retraining variation is not covered)"
         )
     if 0 < n_sets < FEW_TEST_SETS:
-        unit = "folds" if design in ("cv", "repeated-cv") else "splits"
+        unit = "fold" if design in ("cv", "repeated-cv") else "split"
         parts.append(
-            f"only {n_sets} test {unit}: intervals are wide and a true difference can go undetected"
+            f"only {n_sets} test {unit}{'s' if n_sets > 1 else ''}: intervals are wide and a "
+            "true difference can go undetected"
         )
     if not parts:
         return None
