@@ -25,7 +25,7 @@ from scfmbench import __version__
 from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._stages import StageStore
 from scfmbench.backed import BackedData, validate_backed
-from scfmbench.config import RunConfig
+from scfmbench.config import DEFAULT_SEED, ModelSpec, RunConfig, check_model_options
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.features import (
     REPRESENTATIONS,
@@ -91,16 +91,6 @@ class RunResult:
         return pd.DataFrame(rows).set_index("method")
 
 
-def parse_model_spec(spec: str) -> tuple[str, Path]:
-    """``"geneformer=./gf"`` → ("geneformer", Path("./gf"))."""
-    if "=" not in spec:
-        raise ConfigError(
-            f"model {spec!r} must be written NAME=DIR, e.g. geneformer=./Geneformer-V1-10M."
-        )
-    name, path = spec.split("=", 1)
-    return name.strip(), Path(path.strip())
-
-
 def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
     """The baselines of ``config``; a bare ``scvi`` becomes ``scvi+<probe>`` for every probe.
 
@@ -156,20 +146,17 @@ def load_models(config: RunConfig) -> list[Any]:
     from scfmbench.embed import MODELS
 
     models = []
-    for spec in config.models:
-        name, path = parse_model_spec(spec)
-        random_only = name.endswith("-random")
-        base = name.removesuffix("-random")
-        loader = MODELS.get(base)
-        options = _loader_options(loader, config, base)
-        if not random_only:
-            models.append(loader(path, random_init=False, **options))
-        if random_only or config.random_controls:
-            models.append(loader(path, random_init=True, **options))
+    for spec in config.model_specs:
+        loader = MODELS.get(spec.name)
+        options = _loader_options(loader, config, spec.name)
+        if not spec.random_only:
+            models.append(loader(spec.path, random_init=False, **options))
+        if spec.random_only or config.random_controls:
+            models.append(loader(spec.path, random_init=True, **options))
     return models
 
 
-def _loader_options(loader, config: RunConfig, name: str | None = None) -> dict[str, Any]:
+def _loader_options(loader, config: RunConfig, name: str) -> dict[str, Any]:
     """Run-wide options the loader accepts, plus ``model_options[name]`` (checked by name)."""
     wanted = {
         "allow_normalized": config.allow_normalized,
@@ -178,14 +165,8 @@ def _loader_options(loader, config: RunConfig, name: str | None = None) -> dict[
     }
     accepted = inspect.signature(loader).parameters
     options = {k: v for k, v in wanted.items() if k in accepted}
-    extra = dict(config.model_options.get(name, {})) if name else {}
-    valid = [p for p in accepted if p not in ("path", "random_init")]
-    for key in extra:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown option {key!r} for model {name!r}; choose from {valid}."
-                + did_you_mean(key, valid)
-            )
+    extra = dict(config.model_options.get(name, {}))
+    check_model_options(name, loader, extra)
     return {**options, **extra}
 
 
@@ -579,9 +560,9 @@ def finetune_models(
 
     A finished fine-tuning is reused from its checkpoint on rerun (only re-scored on test).
     """
-    from scfmbench.finetune import FinetuneConfig, finetune_in_run
+    from scfmbench.finetune import finetune_in_run
 
-    settings = FinetuneConfig.build({"seed": config.seed, **config.finetune})
+    settings = config.finetune_settings()
     results = []
     for model in models:
         for split in split_set.splits:
@@ -1087,10 +1068,16 @@ def embed_dataset(
     chunk_size: int = 2048,
     model_options: dict[str, Any] | None = None,
     backed: bool | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
 
+    The model and its options are checked before the data are read.
+
     Args:
+        seed: seed of tokenization (scGPT's sampling of long cells and tie-breaking) and of a
+            ``NAME-random`` control's weights; the same default as ``scfmbench run``, so both
+            commands give the same embedding.
         batch_size: cells per batch, or ``"auto"`` (start large, halve on out-of-memory).
         backed: stream the ``.h5ad`` file chunk by chunk (``chunk_size`` cells) instead of
             loading it (see :func:`scfmbench.embed.embed_h5ad`); default: stream files above
@@ -1106,6 +1093,17 @@ def embed_dataset(
     from scfmbench.validate import check_unique_cells, expression_view
 
     batch_size = parse_batch_size(batch_size)
+    spec = ModelSpec.parse(model)
+    settings = RunConfig.build(
+        {
+            "models": [model],
+            "random_controls": False,
+            "seed": seed,
+            "allow_normalized": allow_normalized,
+            "gene_column": gene_column,
+            "model_options": {spec.name: dict(model_options)} if model_options else {},
+        }
+    )
     if out is not None:
         check_writable(Path(out))
     stream = should_stream(data, backed=backed)
@@ -1121,13 +1119,9 @@ def embed_dataset(
             adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
         )
         counts = expression_view(adata)
-    foundation = _load_embedding_model(
-        model,
-        allow_normalized=allow_normalized,
-        gene_column=gene_column,
-        model_options=model_options,
-    )
+    (foundation,) = load_models(settings)
     options = {
+        "seed": seed,
         "layer": layer,
         "pooling": pooling,
         "batch_size": batch_size,
@@ -1162,31 +1156,6 @@ def embed_dataset(
             }
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)
-
-
-def _load_embedding_model(
-    spec: str,
-    *,
-    allow_normalized: bool,
-    gene_column: str | None,
-    model_options: dict[str, Any] | None,
-) -> Any:
-    """Load the model ``NAME=DIR`` (``NAME-random`` for the random-init control)."""
-    from scfmbench.embed import MODELS
-
-    name, path = parse_model_spec(spec)
-    base = name.removesuffix("-random")
-    loader = MODELS.get(base)
-    settings = RunConfig.build(
-        {
-            "allow_normalized": allow_normalized,
-            "gene_column": gene_column,
-            "model_options": {base: dict(model_options or {})},
-        }
-    )
-    return loader(
-        path, random_init=name.endswith("-random"), **_loader_options(loader, settings, base)
-    )
 
 
 def check_writable(path: Path) -> None:
