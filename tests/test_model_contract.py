@@ -133,8 +133,14 @@ def encode(model, tokens, indices, *, layer: int, pooling: str) -> np.ndarray:
         return model.encode(batch, layer=layer, pooling=pooling).float().numpy()
 
 
-def embed_default(model, cells) -> np.ndarray:
-    return embed(cells.copy(), model, progress=False).matrix
+def embed_default(model, cells, tokens) -> np.ndarray:
+    """Embeddings of ``cells`` at the model's default layer and pooling, from ``tokens``."""
+    return embed(cells.copy(), model, tokens=tokens, progress=False).matrix
+
+
+@pytest.fixture(scope="module")
+def pretrained(model, cells, tokens) -> np.ndarray:
+    return embed_default(model, cells, tokens)
 
 
 # ---- tokenize → collate → encode ---------------------------------------------------------
@@ -200,7 +206,7 @@ def test_encode_gives_the_declared_width(model, tokens, case):
 # ---- layers and poolings -------------------------------------------------------------------
 
 
-def test_reference_defaults(name, model, cells, case):
+def test_reference_defaults(name, model, cells, case, pretrained):
     assert model.n_layers == N_LAYERS
     assert (model.default_layer, model.default_pooling) == (
         case.default_layer,
@@ -212,6 +218,7 @@ def test_reference_defaults(name, model, cells, case):
     assert (emb.layer, emb.pooling) == (case.default_layer, case.default_pooling)
     assert emb.model_id == name and list(emb.dropped) == [cells.obs_names[-1]]
     assert emb.matrix.shape == (N_CELLS - 1, model.hidden_size)
+    np.testing.assert_array_equal(emb.matrix, pretrained)  # what embed_tokens gives as well
 
 
 def test_every_layer_and_negative_indices(model, tokens, cells):
@@ -272,7 +279,7 @@ def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_random_init_control(name, model, model_path, cells):
+def test_random_init_control(name, model, model_path, cells, tokens, pretrained):
     load = MODELS.get(name)
     rng_before = torch.random.get_rng_state()
     first, again, other = (load(model_path, random_init=True, seed=s) for s in (1, 1, 2))
@@ -283,17 +290,17 @@ def test_random_init_control(name, model, model_path, cells):
     assert not _states_equal(first.network, model.network)
     assert first.checkpoint_sha256 == again.checkpoint_sha256
     assert len({first.checkpoint_sha256, other.checkpoint_sha256, model.checkpoint_sha256}) == 3
-    a, b, c = (embed_default(m, cells) for m in (first, again, other))
+    a, b, c = (embed_default(m, cells, tokens) for m in (first, again, other))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c, atol=1e-4)
-    assert not np.allclose(a, embed_default(model, cells), atol=1e-4)
+    assert not np.allclose(a, pretrained, atol=1e-4)
 
 
-def test_save_load_round_trip(name, model, cells, tmp_path):
+def test_save_load_round_trip(name, model, cells, tokens, pretrained, tmp_path):
     model.save_pretrained(tmp_path / "best" / "model")
     reloaded = MODELS.get(name)(tmp_path / "best" / "model")
     assert reloaded.model_id == name and _states_equal(reloaded.network, model.network)
-    np.testing.assert_array_equal(embed_default(reloaded, cells), embed_default(model, cells))
+    np.testing.assert_array_equal(embed(cells.copy(), reloaded, progress=False).matrix, pretrained)
     # changed weights and a classifier head (as fine-tuning leaves them) are what is saved
     tuned = copy.deepcopy(model)
     tuned.make_classifier_head(3)
@@ -303,9 +310,9 @@ def test_save_load_round_trip(name, model, cells, tmp_path):
             parameter.add_(0.05 * torch.randn_like(parameter))
     tuned.save_pretrained(tmp_path / "tuned")
     reloaded = MODELS.get(name)(tmp_path / "tuned")
-    expected = embed_default(tuned, cells)
-    np.testing.assert_array_equal(embed_default(reloaded, cells), expected)
-    assert not np.allclose(expected, embed_default(model, cells), atol=1e-4)
+    expected = embed_default(tuned, cells, tokens)
+    np.testing.assert_array_equal(embed_default(reloaded, cells, tokens), expected)
+    assert not np.allclose(expected, pretrained, atol=1e-4)
 
 
 # ---- fine-tuning hooks ---------------------------------------------------------------------
@@ -365,7 +372,7 @@ def test_freezing_embeddings_and_first_layer(model, tokens):
         _apply_trainability(copy.deepcopy(model), FinetuneConfig(freeze_layers=3))
 
 
-def test_lora_adapters_train_merge_and_save(name, model, tokens, cells, tmp_path):
+def test_lora_adapters_train_merge_and_save(name, model, tokens, cells, pretrained, tmp_path):
     tuned = copy.deepcopy(model)
     head = tuned.make_classifier_head(3)
     tuner = _apply_trainability(tuned, FinetuneConfig(lora=True, lora_r=2))
@@ -381,12 +388,13 @@ def test_lora_adapters_train_merge_and_save(name, model, tokens, cells, tmp_path
             if "lora_B" in n:
                 p.add_(0.1)
     tuned.network.eval()
-    adapted = embed_default(tuned, cells)
+    adapted = embed_default(tuned, cells, tokens)
     tuned.network = tuner.merge_and_unload()  # what fine-tuning saves as best/model
     tuned.save_pretrained(tmp_path / "merged")
     reloaded = MODELS.get(name)(tmp_path / "merged")
-    np.testing.assert_allclose(embed_default(reloaded, cells), adapted, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(adapted, embed_default(model, cells), atol=1e-4)
+    merged = embed_default(reloaded, cells, tokens)
+    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(adapted, pretrained, atol=1e-4)
 
 
 def test_gradient_checkpointing_as_declared(model, tokens, case, caplog):
