@@ -346,7 +346,7 @@ def test_hooks_name_modules_of_the_network(model):
     full_names = {n for n, _ in model.network.named_modules()}
     for target in model.lora_target_modules():
         assert target in full_names or target in module_names, target
-    head = model.make_classifier_head(5)
+    head = copy.deepcopy(model).make_classifier_head(5)  # scGPT attaches it to its network
     assert head(torch.zeros(4, model.hidden_size)).shape == (4, 5)
 
 
