@@ -161,7 +161,8 @@ def holdout_folds(
         The folds (``repeat`` 0, ``fold`` i, ``group`` the held-out group(s)); ``info`` maps
         each fold key (str) to ``group``, ``train_groups``, ``test_groups``, ``n_train``,
         ``n_val``, ``n_test``, ``test_classes_not_in_train`` (dropped test cells per class)
-        and ``train_classes_without_test`` (training cells per class absent from the test).
+        and ``train_classes_without_test`` (training-group cells, train and validation, per
+        class absent from the test cells).
 
     Raises
     ------

@@ -351,7 +351,7 @@ def _execute(
     kind = validated.diagnostics.matrix_kind
 
     with stages.timed("splits"):
-        if config.holdout_key is not None:  # one fold per held-out group (scfmbench.holdout)
+        if config.holdout_key or config.train_groups or config.test_groups:  # held-out groups
             from scfmbench.holdout import holdout_splits
 
             split_set, _ = holdout_splits(run_dir / "splits", validated, config)
