@@ -374,21 +374,12 @@ def random_split_block(
     finetune/``); every other method reuses the run's embeddings.
     """
     from scfmbench._stages import StageStore
-    from scfmbench.pipeline import _predict_all, build_metrics, finetune_models
-    from scfmbench.splits import load_or_make_splits
+    from scfmbench.pipeline import _predict_all, build_metrics, finetune_models, random_splits
 
     folder = run_dir / RANDOM_SPLIT_DIR
     stages = StageStore(folder)
     labels = data.labels
-    split_set, _ = load_or_make_splits(
-        folder / "splits",
-        labels,
-        n_splits=config.n_splits,
-        seed=config.seed,
-        fractions=config.fractions,
-        design=config.design,
-        n_repeats=config.n_repeats,
-    )
+    split_set = random_splits(folder / "splits", labels, config)
     scored = [m for m in methods if m.probe != "finetune"]
     predictions = _predict_all(
         config,

@@ -356,15 +356,7 @@ def _execute(
 
             split_set, _ = holdout_splits(run_dir / "splits", validated, config)
         else:
-            split_set, _ = load_or_make_splits(
-                run_dir / "splits",
-                labels,
-                n_splits=config.n_splits,
-                seed=config.seed,
-                fractions=config.fractions,
-                design=config.design,
-                n_repeats=config.n_repeats,
-            )
+            split_set = random_splits(run_dir / "splits", labels, config)
 
     embeddings: dict[str, ModelEmbedding] = {}
     for model in models:
@@ -462,6 +454,22 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> SplitSet:
+    """The splits of ``config``'s design (``design``, ``n_splits``, ``n_repeats``, ``seed``,
+    ``fractions``), reused from ``directory`` or made and saved there
+    (:func:`scfmbench.splits.load_or_make_splits`)."""
+    split_set, _ = load_or_make_splits(
+        directory,
+        labels,
+        n_splits=config.n_splits,
+        seed=config.seed,
+        fractions=config.fractions,
+        design=config.design,
+        n_repeats=config.n_repeats,
+    )
+    return split_set
 
 
 def run_cells(data: RunData) -> CellRows:
