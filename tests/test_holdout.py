@@ -337,3 +337,50 @@ def test_bad_holdout_options_exit_2_with_one_line(tmp_path, capsys, extra, messa
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), err
     assert not (tmp_path / "runs" / "donors").exists()
+
+
+@pytest.mark.slow
+def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp_path, shared_dir):
+    """A tiny Geneformer, its random-init control and both fine-tuned: all on the same folds."""
+    from scfmbench.pipeline import run
+    from scfmbench.run_stats import read_predictions
+    from tests._geneformer_factory import write_checkpoint
+
+    model_dir, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    kang = ad.read_h5ad(kang_path)
+    cells = kang[np.sort(np.random.default_rng(1).choice(kang.n_obs, 160, replace=False))].copy()
+    result = run(
+        cells,
+        out=tmp_path,
+        name="gf",
+        models=[f"geneformer={model_dir}"],
+        gene_column="gene_ids",
+        baselines=["majority"],
+        probes=["logreg"],
+        layerwise=False,
+        figures=False,
+        progress=False,
+        n_splits=2,
+        holdout_key="condition",
+        train_groups=["ctrl"],
+        test_groups=["stim"],
+        finetune={"epochs": 1, "learning_rate": 1e-3, "batch_size": 16},
+    )
+    names = [
+        "majority",
+        "geneformer+logreg",
+        "geneformer-random+logreg",
+        "geneformer+finetuned",
+        "geneformer-random+finetuned",
+    ]
+    assert sorted(result.metrics["methods"]) == sorted(names)
+    block = result.metrics["holdout"]
+    assert sorted(block["methods"]) == sorted(names)
+    assert all(block["methods"][n]["random_split"] is not None for n in names)
+    stim = set(cells.obs_names[cells.obs["condition"].astype(str) == "stim"])
+    table = read_predictions(result.run_dir / "predictions.tsv.gz")
+    for name in names:
+        assert set(table.loc[table["method"] == name, "cell"]) == stim
+    random_dir = result.run_dir / "random_split" / "finetune" / "geneformer"
+    assert sorted(p.name for p in random_dir.iterdir()) == ["seed42", "seed43"]
+    assert (result.run_dir / "finetune" / "geneformer" / "seed42").is_dir()

@@ -351,12 +351,7 @@ def _execute(
     kind = validated.diagnostics.matrix_kind
 
     with stages.timed("splits"):
-        if config.holdout_key or config.train_groups or config.test_groups:  # held-out groups
-            from scfmbench.holdout import holdout_splits
-
-            split_set, _ = holdout_splits(run_dir / "splits", validated, config)
-        else:
-            split_set = random_splits(run_dir / "splits", labels, config)
+        split_set = run_splits(run_dir, validated, config)
 
     embeddings: dict[str, ModelEmbedding] = {}
     for model in models:
@@ -454,6 +449,23 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def run_splits(run_dir: Path, data: RunData, config: RunConfig) -> SplitSet:
+    """The run's splits, in ``run_dir/splits``: one fold per held-out group when
+    ``config.holdout_key`` (or a group list) is set (:func:`scfmbench.holdout.holdout_splits`),
+    else the random-split design (:func:`random_splits`).
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        Bad holdout options, column or groups, or classes too small to split.
+    """
+    if config.holdout_key or config.train_groups or config.test_groups:
+        from scfmbench.holdout import holdout_splits
+
+        return holdout_splits(run_dir / "splits", data, config)[0]
+    return random_splits(run_dir / "splits", data.labels, config)
 
 
 def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> SplitSet:
