@@ -60,6 +60,13 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _comma_list(value: str | None) -> list[str] | None:
+    """``"ctrl, stim"`` → ["ctrl", "stim"] (None stays None; empty items are dropped)."""
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 @app.command()
 def run(
     data: str = typer.Option(None, help="An .h5ad file or a built-in name (pbmc68k_reduced)."),
@@ -76,6 +83,17 @@ def run(
     n_splits: int = typer.Option(None, help="Folds K (cv) or random splits (study); default 5."),
     n_repeats: int = typer.Option(
         None, help="Repeats of K-fold cross-validation (default 1; > 1 = repeated CV)."
+    ),
+    holdout_key: str = typer.Option(
+        None,
+        help="obs column (donor, sample, condition, batch): one fold per held-out group, "
+        "beside the random-split design.",
+    ),
+    train_groups: str = typer.Option(
+        None, help="Comma-separated values of --holdout-key to train on (directed shift)."
+    ),
+    test_groups: str = typer.Option(
+        None, help="Comma-separated values of --holdout-key to test on (directed shift)."
     ),
     model: list[str] = typer.Option(
         None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR, scfoundation=DIR."
@@ -130,6 +148,9 @@ def run(
         "design": design,
         "n_splits": n_splits,
         "n_repeats": n_repeats,
+        "holdout_key": holdout_key,
+        "train_groups": _comma_list(train_groups),
+        "test_groups": _comma_list(test_groups),
         "models": model or None,
         "reference": reference,
         "min_cells_per_class": min_cells_per_class,

@@ -236,6 +236,18 @@ class RunConfig(BaseModel):
         (0.8, 0.1, 0.1),
         description="Train/val/test fractions per class (cv: only the validation share is used).",
     )
+    holdout_key: str | None = Field(
+        None,
+        description="obs column (donor, sample, condition, batch): test on each group in turn, "
+        "trained on the others (or on `train_groups`, tested on `test_groups`); a random-split "
+        "cv design is scored beside it.",
+    )
+    train_groups: list[str] | None = Field(
+        None, description="Values of `holdout_key` to train on (directed shift; with test_groups)."
+    )
+    test_groups: list[str] | None = Field(
+        None, description="Values of `holdout_key` to test on (directed shift; with train_groups)."
+    )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
     merge_similar_labels: bool = Field(
         False,

@@ -430,8 +430,7 @@ def finetune_dataset(
         (run directory, one FinetuneResult per model and split); each result lives in
         ``RUN/finetune/<model_id>/seed<S>/``.
     """
-    from scfmbench.pipeline import load_models, resolve_run
-    from scfmbench.splits import load_or_make_splits
+    from scfmbench.pipeline import load_models, resolve_run, run_splits
 
     loaded = read_yaml(config_file) if config_file is not None else {}
     loaded["finetune"] = {
@@ -448,15 +447,7 @@ def finetune_dataset(
         merge_similar_labels=run_config.merge_similar_labels,
     )
     run_dir = Path(run_config.out) / run_config.name
-    split_set, _ = load_or_make_splits(
-        run_dir / "splits",
-        validated.labels,
-        n_splits=run_config.n_splits,
-        seed=run_config.seed,
-        fractions=run_config.fractions,
-        design=run_config.design,
-        n_repeats=run_config.n_repeats,
-    )
+    split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
     results = [
         finetune_in_run(
             validated.model_input,  # the file's own gene names

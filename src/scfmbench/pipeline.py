@@ -332,15 +332,7 @@ def _execute(
     kind = validated.diagnostics.matrix_kind
 
     with stages.timed("splits"):
-        split_set, _ = load_or_make_splits(
-            run_dir / "splits",
-            labels,
-            n_splits=config.n_splits,
-            seed=config.seed,
-            fractions=config.fractions,
-            design=config.design,
-            n_repeats=config.n_repeats,
-        )
+        split_set = run_splits(run_dir, validated, config)
 
     embeddings: dict[str, ModelEmbedding] = {}
     for model in models:
@@ -390,6 +382,26 @@ def _execute(
     write_predictions(table, run_dir / PREDICTIONS_FILE)
     if finetuned:
         metrics["finetune"] = finetune_metrics(finetuned, run_dir)
+    if config.holdout_key is not None:
+        from scfmbench.holdout import random_split_block
+
+        with stages.timed("random_split"):
+            metrics["holdout"] = random_split_block(
+                config,
+                validated,
+                cells=cells,
+                matrices=matrices,
+                matrix_hashes=matrix_hashes,
+                methods=methods,
+                models=models,
+                model_info=model_info,
+                reference=reference,
+                metrics=metrics,
+                run_dir=run_dir,
+                data_hash=data_hash,
+                kind=kind,
+                progress=progress,
+            )
     if config.figures:
         with stages.timed("figures"):
             from scfmbench.report import write_figures
@@ -418,6 +430,39 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def run_splits(run_dir: Path, data: RunData, config: RunConfig) -> SplitSet:
+    """The run's splits, in ``run_dir/splits``: one fold per held-out group when
+    ``config.holdout_key`` (or a group list) is set (:func:`scfmbench.holdout.holdout_splits`),
+    else the random-split design (:func:`random_splits`).
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        Bad holdout options, column or groups, or classes too small to split.
+    """
+    if config.holdout_key or config.train_groups or config.test_groups:
+        from scfmbench.holdout import holdout_splits
+
+        return holdout_splits(run_dir / "splits", data, config)[0]
+    return random_splits(run_dir / "splits", data.labels, config)
+
+
+def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> SplitSet:
+    """The splits of ``config``'s design (``design``, ``n_splits``, ``n_repeats``, ``seed``,
+    ``fractions``), reused from ``directory`` or made and saved there
+    (:func:`scfmbench.splits.load_or_make_splits`)."""
+    split_set, _ = load_or_make_splits(
+        directory,
+        labels,
+        n_splits=config.n_splits,
+        seed=config.seed,
+        fractions=config.fractions,
+        design=config.design,
+        n_repeats=config.n_repeats,
+    )
+    return split_set
 
 
 def run_cells(data: RunData) -> CellRows:
@@ -887,20 +932,21 @@ def _fit_and_predict_features(
     keep_train = ~np.isnan(feats.train).any(axis=1)
     keep_val = ~np.isnan(feats.val).any(axis=1)
     keep_test = ~np.isnan(feats.test).any(axis=1)
+    trained = np.unique(y_train[keep_train])  # a held-out-group fold may lack some classes
     fitted = fit_probe(
         method.probe,
         feats.train[keep_train],
-        y_train[keep_train],
+        np.searchsorted(trained, y_train[keep_train]),
         feats.val[keep_val],
-        y_val[keep_val],
+        np.searchsorted(trained, y_val[keep_val]),
         seed=split.seed,
         grid=grid,
     )
     predicted = np.full(len(split.test), UNASSIGNED, dtype=object)
     proba: list | None = None
     if keep_test.any():
-        predicted[keep_test] = [classes[i] for i in fitted.predict(feats.test[keep_test])]
-        proba = _probabilities(fitted, feats.test, keep_test, len(classes))
+        predicted[keep_test] = [classes[trained[i]] for i in fitted.predict(feats.test[keep_test])]
+        proba = _probabilities(fitted, feats.test, keep_test, len(classes), trained)
     return {
         "cells": list(split.test),
         "pred": [str(p) for p in predicted],
@@ -913,14 +959,18 @@ def _fit_and_predict_features(
     }
 
 
-def _probabilities(fitted, X: np.ndarray, keep: np.ndarray, n_classes: int) -> list | None:
+def _probabilities(
+    fitted, X: np.ndarray, keep: np.ndarray, n_classes: int, trained: np.ndarray
+) -> list | None:
     """Class probabilities of the test cells (None rows for unassigned cells), or None when
-    the probe has no ``predict_proba``; columns follow the run's classes."""
+    the probe has no ``predict_proba``; columns follow the run's classes (``trained``: the
+    run's class code of each class the probe was fitted on, 0 for the others)."""
     estimator = fitted.estimator
     if not hasattr(estimator, "predict_proba"):
         return None
     values = np.zeros((int(keep.sum()), n_classes))
-    values[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X[keep])
+    columns = trained[np.asarray(estimator.classes_, dtype=np.int64)]
+    values[:, columns] = estimator.predict_proba(X[keep])
     rows: list = [None] * len(keep)
     for row, value in zip(np.flatnonzero(keep), values, strict=True):
         rows[row] = [round(float(v), 6) for v in value]
