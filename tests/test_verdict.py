@@ -251,10 +251,19 @@ def test_schema_1_significance_is_read_when_comparisons_are_absent():
             "(retraining variation is not covered); only 1 test split: intervals are wide and a "
             "true difference can go undetected.",
         ),
+        (
+            "holdout",
+            2,
+            "Caveats: each test set is a held-out group of obs['donor'] (domain shift, not random "
+            "cells); only 2 held-out groups: intervals are wide and a true difference can go "
+            "undetected.",
+        ),
     ],
 )
 def test_design_caveats(design, n_sets, expected):
-    assert caveat_line(doc({}, [], design=design, n_sets=n_sets)) == expected
+    metrics = doc({}, [], design=design, n_sets=n_sets)
+    metrics["holdout"] = {"key": "donor"} if design == "holdout" else None
+    assert caveat_line(metrics) == expected
 
 
 def test_forest_rows_are_the_tests_against_the_best_baseline(tmp_path):

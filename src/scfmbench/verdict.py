@@ -272,8 +272,8 @@ def verdict_lines(metrics: dict[str, Any]) -> list[VerdictLine]:
 
 def caveat_line(metrics: dict[str, Any]) -> str | None:
     """What the design lets the intervals and p-values claim, in one line (None: nothing to
-    add): the study design's intervals hold within its splits only; few test sets give wide
-    intervals and coarse p-values."""
+    add): the study design's intervals hold within its splits only; a held-out-group design
+    tests under domain shift; few test sets give wide intervals and coarse p-values."""
     run = metrics["run"]
     design = (run.get("design") or {}).get("name", "study")
     n_sets = len(run.get("seeds") or [])
@@ -288,11 +288,15 @@ def caveat_line(metrics: dict[str, Any]) -> str | None:
             f"intervals and p-values hold within these {n_sets} random splits only (their test "
             "sets overlap; retraining variation is not covered)"
         )
+    if design == "holdout":
+        key = (metrics.get("holdout") or {}).get("key")
+        where = f" of obs[{key!r}]" if key else ""
+        parts.append(f"each test set is a held-out group{where} (domain shift, not random cells)")
     if 0 < n_sets < FEW_TEST_SETS:
-        unit = "fold" if design in ("cv", "repeated-cv") else "split"
+        noun = {"cv": "test fold", "repeated-cv": "test fold", "holdout": "held-out group"}
         parts.append(
-            f"only {n_sets} test {unit}{'s' if n_sets > 1 else ''}: intervals are wide and a "
-            "true difference can go undetected"
+            f"only {n_sets} {noun.get(design, 'test split')}{'s' if n_sets > 1 else ''}: "
+            "intervals are wide and a true difference can go undetected"
         )
     if not parts:
         return None
@@ -373,9 +377,10 @@ def verdict_section(metrics: dict[str, Any]) -> list[Section]:
     note = caveat_line(metrics) or ""
     if len(lines) > 1:
         count = len(paired_tests(metrics))
+        holm = f"adjusted over all {count} paired tests" if count > 1 else "the only paired test"
         note = (
             f"Δ = macro F1 of the method − that of the other, on the same test cells; Holm p: "
-            f"adjusted over all {count} paired tests of the run. " + note
+            f"{holm} of the run. " + note
         ).strip()
     return [Section("verdict", "Verdict", bullets=[line.sentence for line in lines], note=note)]
 
