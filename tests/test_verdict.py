@@ -17,6 +17,7 @@ from scfmbench.verdict import (
     forest_rows,
     forest_table,
     verdict_lines,
+    verdict_section,
     write_forest_figure,
 )
 from tests.conftest import run_cli_in_process
@@ -393,3 +394,17 @@ def test_real_run_report_leads_with_the_verdict(pbmc_small, tmp_path, capsys):
     assert (
         html.index('id="sec-verdict"') < html.index('id="sec-forest"') < html.index('id="sec-data"')
     )
+
+
+def test_verdict_note_counts_the_paired_tests():
+    methods = {
+        BEST: method("baseline", "logreg", None, val=0.80, f1=0.812),
+        "majority": method("baseline", "majority", None, val=0.05, f1=0.051),
+    }
+    comparisons = [test("majority", BEST, "vs best baseline", -0.761, [-0.8, -0.7], 0.002)]
+    (section,) = verdict_section(doc(methods, comparisons))
+    assert section.note == (
+        "Δ = macro F1 of the method − that of the other, on the same test cells; Holm p: the "
+        "only paired test of the run."
+    )
+    assert verdict_section(doc({}, [])) == []
