@@ -77,17 +77,21 @@ def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
 
     monkeypatch.setattr(pipeline, "_fit_and_predict_features", spy)
     baselines = ["hvg+logreg", "pca+logreg", "majority"]
+
     # tiny data, 2 folds: 8 training cells per class, so size 9 is capped at the whole set
-    result = scfmbench.run(
-        tiny_adata,
-        out=tmp_path,
-        name="le",
-        n_splits=2,
-        baselines=baselines,
-        train_sizes=[2, 5, 9, ALL],
-        progress=False,
-        figures=False,
-    )
+    def sweep():
+        return scfmbench.run(
+            tiny_adata,
+            out=tmp_path,
+            name="le",
+            n_splits=2,
+            baselines=baselines,
+            train_sizes=[2, 5, 9, ALL],
+            progress=False,
+            figures=False,
+        )
+
+    result = sweep()
     labels = tiny_adata.obs["cell_type"].astype(str)
     splits = {s.seed: s for s in load_splits(tmp_path / "le" / "splits", labels).splits}
     run_calls = [c for c in calls if len(c[2].train) == len(splits[c[1]].train)]
@@ -135,16 +139,7 @@ def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
             assert 0 <= lo <= sizes[size]["mean"] <= hi <= 1
     assert block["methods"]["majority"]["sizes"]["2"]["mean"] == pytest.approx(1 / 6)
     # a rerun reuses every fit and gives the same block
-    again = scfmbench.run(
-        tiny_adata,
-        out=tmp_path,
-        name="le",
-        n_splits=2,
-        baselines=baselines,
-        train_sizes=[2, 5, 9, ALL],
-        progress=False,
-        figures=False,
-    )
+    again = sweep()
     assert again.metrics["label_efficiency"] == block
     assert not any(
         k.startswith("label_efficiency:") and "logreg" in k for k in again.metrics["timings"]
