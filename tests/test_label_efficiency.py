@@ -57,6 +57,16 @@ def test_train_sizes_are_normalized(given, expected):
     assert RunConfig.build({"train_sizes": given}).train_sizes == expected
 
 
+def test_train_sizes_from_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train_sizes: [50, 1, all, 5]\ntrain_size_seeds: 2\n")
+    config = RunConfig.from_yaml(path)
+    assert config.train_sizes == [1, 5, 50, ALL] and config.train_size_seeds == 2
+    path.write_text("train_sizes: [1, 0.5]\n")
+    with pytest.raises(ConfigError, match="train size 0.5 is not a whole number"):
+        RunConfig.from_yaml(path)
+
+
 @pytest.mark.parametrize("bad", ["0", "-3", "1.5", "few", "", [0], [True]])
 def test_bad_train_sizes_are_refused(bad):
     with pytest.raises(ConfigError, match="train_sizes"):
@@ -149,26 +159,12 @@ def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
 def test_cli_train_sizes_end_to_end(tmp_path, capsys):
     data = tmp_path / "tiny.h5ad"
     make_tiny_adata().write_h5ad(data)
-    code, out, err = run_cli_in_process(
-        [
-            "run",
-            "--data",
-            str(data),
-            "--label-key",
-            "cell_type",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "le",
-            "--n-splits",
-            "2",
-            "--no-scvi",
-            "--train-sizes",
-            "2,5,all",
-            "-q",
-        ],
-        capsys,
-    )
+    args = ["run", "--data", str(data), "--label-key", "cell_type", "--out", str(tmp_path)]
+    args += ["--n-splits", "2", "--no-scvi", "-q"]
+    code, _, err = run_cli_in_process([*args, "--name", "plain"], capsys)
+    assert code == 0, err
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    code, out, err = run_cli_in_process([*args, "--name", "le", "--train-sizes", "2,5,all"], capsys)
     assert code == 0, err
     run_dir = tmp_path / "le"
     doc = json.loads((run_dir / "metrics.json").read_text())
@@ -181,8 +177,12 @@ def test_cli_train_sizes_end_to_end(tmp_path, capsys):
             assert set(entry["sizes"][size]["per_draw"]) == {"42", "43"}
             assert all(len(v) == draws for v in entry["sizes"][size]["per_draw"].values())
             assert len(entry["sizes"][size]["ci95"]) == 2
-    f1 = doc["methods"]["hvg+logreg"]["summary"]["macro_f1"]["mean"]
-    assert block["methods"]["hvg+logreg"]["sizes"]["all"]["mean"] == f1
+    # 'all' is the normal run's fit: the same macro F1 as a run without --train-sizes
+    for name in ("hvg+logreg", "pca+xgboost"):
+        f1 = plain["methods"][name]["summary"]["macro_f1"]
+        assert block["methods"][name]["sizes"]["all"]["mean"] == f1["mean"]
+        assert block["methods"][name]["sizes"]["all"]["ci95"] == f1["ci95"]
+    assert doc["methods"] == plain["methods"]
     assert (run_dir / block["figure"]).stat().st_size > 0
     report = (run_dir / "report.md").read_text()
     assert "## Label efficiency" in report and "| 2 per class | 5 per class | all |" in report
