@@ -131,6 +131,11 @@ def design_text(run: dict[str, Any]) -> str:
     """How the test sets were made, in words (schema 1.0 runs: the random splits)."""
     design = run.get("design") or {}
     seeds = run.get("seeds")
+    if design.get("name") == "holdout":
+        return (
+            f"held-out groups: {design['n_folds']} fold(s), each testing every cell of its "
+            f"held-out group (training and validation: the other groups); fold keys {seeds}"
+        )
     if design.get("name") in ("cv", "repeated-cv"):
         repeats = design.get("n_repeats", 1)
         words = f"{design['n_folds']}-fold stratified cross-validation"
@@ -798,6 +803,61 @@ def transfer_section(metrics: dict[str, Any]) -> list[Section]:
     return [Section("transfer", "Transfer across datasets", tables=[table])]
 
 
+def holdout_section(metrics: dict[str, Any]) -> list[Section]:
+    """The section "Random split vs held-out group": per method the random-split and
+    held-out macro F1 (95% CI) and the drop, per group the held-out macro F1, and the classes
+    a fold could not score (``metrics.json["holdout"]``; none without it)."""
+    from scfmbench.holdout import fold_lines
+
+    block = metrics.get("holdout") or {}
+    if not block.get("methods"):
+        return []
+    groups = [fold["group"] for fold in block["folds"].values()]
+    table = Table(
+        "holdout",
+        [
+            "method",
+            "random-split macro F1",
+            "95% CI",
+            "held-out macro F1",
+            "95% CI",
+            "drop",
+            *[f"held out {g}" for g in groups],
+        ],
+        caption=f"Random split vs held-out group (obs[{block['key']!r}]); drop = random − "
+        "held-out macro F1",
+    )
+    methods = metrics.get("methods", {})
+    for name, row in block["methods"].items():
+        random = row.get("random_split") or {}
+        held = row["held_out"]
+        table.rows.append(
+            [
+                method_cell(name, methods.get(name, {})),
+                num(random.get("macro_f1")),
+                interval(random.get("ci95")),
+                num(held["macro_f1"]),
+                interval(held.get("ci95")),
+                num(row.get("drop")),
+                *[num(held["per_group"].get(g)) for g in groups],
+            ]
+        )
+    design = block["random_split"]["design"]
+    if block["mode"] == "directed":
+        shift = f"trained on {block['train_groups']}, tested on {block['test_groups']}"
+    else:
+        shift = f"each of {len(groups)} groups held out in turn, trained on the others"
+    bullets = [f"{shift}."]
+    for fold in block["folds"].values():
+        bullets += [f"{line}." for line in fold_lines(fold)]
+    note = (
+        f"Random split: {design['name']} with {design['n_folds']} folds on the same cells and "
+        f"embeddings (95% intervals: {block['random_split']['interval_method']}). Held out: "
+        f"95% intervals: {block.get('interval_method')}; {block['macro_f1']}."
+    )
+    return [Section("holdout", "Random split vs held-out group", bullets, [table], note=note)]
+
+
 def finetune_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     finetune = metrics.get("finetune") or {}
     section = Section("learning-curves", "Fine-tuning learning curves")
@@ -893,6 +953,7 @@ def build_sections(
         sections += layers_section(metrics, run_dir)
     sections += label_efficiency_section(metrics, run_dir)
     sections += transfer_section(metrics)
+    sections += holdout_section(metrics)
     if run_dir is not None:
         sections += finetune_section(metrics, run_dir)
     sections += timings_section(metrics)
@@ -908,7 +969,7 @@ def _title(metrics: dict[str, Any]) -> str:
 
 def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
     """``results.md``: data diagnostics first, then the headline table."""
-    sections = [data_section(metrics), headline_section(metrics)]
+    sections = [data_section(metrics), headline_section(metrics), *holdout_section(metrics)]
     sections += label_efficiency_section(metrics)
     write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
 
