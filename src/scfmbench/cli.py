@@ -131,6 +131,14 @@ def run(
     no_scvi: bool = typer.Option(
         False, "--no-scvi", help="Leave the scVI baseline out (its training is the slow part)."
     ),
+    train_sizes: str = typer.Option(
+        None,
+        help="Label efficiency: refit every probe on N labelled training cells per class, "
+        "e.g. 1,5,10,25,50,all (nested, same validation and test cells).",
+    ),
+    train_size_seeds: int = typer.Option(
+        None, help="Random draws of the labelled cells per fold and size (default 3)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
@@ -161,6 +169,8 @@ def run(
         "batch_size": batch_size,
         "backed": backed,
         "chunk_size": chunk_size,
+        "train_sizes": train_sizes,
+        "train_size_seeds": train_size_seeds,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = RunConfig.from_yaml(config) if config is not None else None

@@ -315,6 +315,15 @@ class RunConfig(BaseModel):
     chunk_size: int = Field(
         2048, ge=1, description="Cells read, tokenized and embedded at a time when streaming."
     )
+    train_sizes: list[int | Literal["all"]] | None = Field(
+        None,
+        description="Label efficiency: labelled training cells per class to refit every probe "
+        "on, e.g. [1, 5, 10, 25, 50, all] (nested subsets of each fold's training cells; same "
+        "validation and test cells; null = off).",
+    )
+    train_size_seeds: int = Field(
+        3, ge=1, description="Random draws of the labelled cells per fold and size."
+    )
 
     @field_validator("baselines")
     @classmethod
@@ -326,6 +335,13 @@ class RunConfig(BaseModel):
                     + did_you_mean(item, ["majority", *EMBEDDING_BASELINES])
                 )
         return value
+
+    @field_validator("train_sizes", mode="before")
+    @classmethod
+    def _check_train_sizes(cls, value: Any) -> Any:
+        from scfmbench.label_efficiency import normalize_train_sizes
+
+        return None if value is None else normalize_train_sizes(value)
 
     @field_validator("models")
     @classmethod

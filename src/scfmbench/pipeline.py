@@ -347,6 +347,9 @@ def _execute(
     model_info = {model_id: e.info for model_id, e in embeddings.items()}
     matrix_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
 
+    from scfmbench.label_efficiency import CompactFeatures
+
+    kept_features = CompactFeatures() if config.train_sizes else None
     predictions = _predict_all(
         config,
         cells,
@@ -359,6 +362,7 @@ def _execute(
         data_hash,
         kind,
         progress,
+        keep_features=kept_features,
     )
     finetuned = []
     if models and config.finetune is not None:
@@ -382,6 +386,27 @@ def _execute(
     write_predictions(table, run_dir / PREDICTIONS_FILE)
     if finetuned:
         metrics["finetune"] = finetune_metrics(finetuned, run_dir)
+    if config.train_sizes:
+        from scfmbench.label_efficiency import label_efficiency
+
+        with stages.timed("label_efficiency"):
+            metrics["label_efficiency"] = label_efficiency(
+                config,
+                cells,
+                matrices,
+                matrix_hashes,
+                labels,
+                split_set,
+                methods,
+                predictions,
+                stages,
+                data_hash,
+                kind,
+                features=kept_features,
+                run_dir=run_dir,
+                progress=progress,
+            )
+        del kept_features
     if config.holdout_key is not None:
         from scfmbench.holdout import random_split_block
 
@@ -829,11 +854,13 @@ def _predict_all(
     data_hash: str,
     kind: str,
     progress: bool,
+    keep_features: dict | None = None,
 ) -> dict[tuple[str, int], dict]:
     """Train each method's probe on each split (or reuse the saved predictions).
 
     A baseline representation is built once per split and kept only until the last method
-    of that split that uses it (pca+logreg and pca+xgboost share one PCA).
+    of that split that uses it (pca+logreg and pca+xgboost share one PCA); every one built
+    is also handed to ``keep_features[(representation, split seed)]`` when given.
     """
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
@@ -876,6 +903,8 @@ def _predict_all(
             stages.save(stage, key, payload)
             if shared is not None:
                 built[shared] = feats
+                if keep_features is not None:
+                    keep_features[shared] = feats
         out[(method.name, split.seed)] = payload
         if shared is not None:
             uses_left[shared] -= 1

@@ -732,6 +732,51 @@ def layers_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     return [Section("layers", "Layer-wise probes", tables=[table], figures=figures)]
 
 
+def label_efficiency_section(metrics: dict[str, Any], run_dir: Path | None = None) -> list[Section]:
+    """Test macro F1 [95% CI] per method and labelled-cells-per-class size, and the curves."""
+    block = metrics.get("label_efficiency") or {}
+    if not block.get("methods"):
+        return []
+    sizes = [str(s) for s in block["sizes"]]
+    table = Table(
+        "label-efficiency",
+        ["method", *[f"{s} per class" if s != "all" else "all" for s in sizes]],
+        caption="Test macro F1 [95% CI] by labelled training cells per class",
+    )
+    methods = metrics.get("methods", {})
+    for name, entry in block["methods"].items():
+        row = [method_cell(name, methods.get(name, entry))]
+        for size in sizes:
+            point = entry["sizes"][size]
+            shown = f"{num(point.get('mean')).text} {interval(point.get('ci95')).text}"
+            row.append(Cell(shown, point.get("mean"), "num"))
+        table.rows.append(row)
+    note = (
+        f"Each probe is refitted on nested, class-stratified draws of each fold's training "
+        f"cells ({block['draws']} draws per fold and size; 'all' is the run's own fit); "
+        f"{block['validation']}. {block['representations']}. 95% intervals: "
+        f"{block['interval_method']}."
+    )
+    capped = block.get("capped") or {}
+    if capped:
+        note += (
+            " Classes with fewer training cells than a size use all of them: "
+            + "; ".join(
+                f"{size} per class: " + ", ".join(f"{c} ({n})" for c, n in found.items())
+                for size, found in capped.items()
+            )
+            + "."
+        )
+    figures = (
+        figure_if_exists(run_dir, block.get("figure"), "Label efficiency")
+        if run_dir is not None
+        else []
+    )
+    return [
+        Section("label-efficiency", "Label efficiency", tables=[table], figures=figures, note=note)
+    ]
+
+
 def transfer_section(metrics: dict[str, Any]) -> list[Section]:
     matrix = (metrics.get("transfer") or {}).get("matrix") or {}
     if not matrix:
@@ -909,6 +954,7 @@ def build_sections(
     if run_dir is not None:
         sections += umap_section(metrics, run_dir)
         sections += layers_section(metrics, run_dir)
+    sections += label_efficiency_section(metrics, run_dir)
     sections += transfer_section(metrics)
     sections += holdout_section(metrics)
     if run_dir is not None:
@@ -926,11 +972,13 @@ def _title(metrics: dict[str, Any]) -> str:
 
 def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
     """``results.md``: the verdict, Δ macro F1 vs the best baseline, the data diagnostics,
-    then the headline table (and the held-out-group drops when the run has them)."""
+    then the headline table (and the held-out-group drops and label-efficiency curves when the
+    run has them)."""
     from scfmbench.verdict import forest_section, verdict_section
 
     sections = [*verdict_section(metrics), *forest_section(metrics, Path(path).parent)]
     sections += [data_section(metrics), headline_section(metrics), *holdout_section(metrics)]
+    sections += label_efficiency_section(metrics)
     write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
 
 
