@@ -57,24 +57,55 @@ def scgpt_vocab(scgpt_human_dir: Path) -> dict[str, int]:
     return load_scgpt_vocab(scgpt_human_dir / "vocab.json")
 
 
+def tiny_state(scgpt_human_dir: Path, *, n_tokens: int, seed: int = 0) -> dict:
+    """A tiny network's state_dict in the torch layout, official key names, seeded by ``seed``."""
+    args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
+    torch.manual_seed(seed)
+    network = TransformerModel(ScGPTConfig.from_args(args, ntoken=n_tokens))
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def write_scgpt_dir(
+    folder: Path,
+    scgpt_human_dir: Path,
+    state: dict | None,
+    *,
+    layout: str = "flash",
+    edit: Callable[[dict], dict] | None = None,
+    **arg_overrides,
+) -> Path:
+    """Write a scGPT folder: the real vocab.json, the real args.json with tiny shapes (and
+    ``arg_overrides``) and ``state`` as best_model.pt (skipped when ``state`` is None).
+
+    ``layout`` is ``"flash"`` (``Wqkv``, as the released checkpoint) or ``"torch"``;
+    ``edit(state)`` may change the state_dict before it is saved.
+    """
+    folder.mkdir(parents=True)
+    shutil.copy(scgpt_human_dir / "vocab.json", folder / "vocab.json")
+    args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
+    (folder / "args.json").write_text(json.dumps({**args, **arg_overrides}))
+    if state is not None:
+        state = dict(state)
+        if layout == "flash":
+            state = to_flash_layout(state)
+        if edit is not None:
+            state = edit(state)
+        torch.save(state, folder / "best_model.pt")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def scgpt_tiny_state(scgpt_vocab: dict[str, int], scgpt_human_dir: Path) -> dict:
     """A tiny network's state_dict in the torch layout, official key names (seeded)."""
-    args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
-    torch.manual_seed(0)
-    network = TransformerModel(ScGPTConfig.from_args(args, ntoken=len(scgpt_vocab)))
-    return {k: v.clone() for k, v in network.state_dict().items()}
+    return tiny_state(scgpt_human_dir, n_tokens=len(scgpt_vocab))
 
 
 @pytest.fixture
 def make_scgpt_dir(
     tmp_path: Path, scgpt_human_dir: Path, scgpt_tiny_state: dict
 ) -> Callable[..., Path]:
-    """Write a tiny scGPT folder: real vocab.json, real args.json with tiny shapes, weights.
-
-    ``layout`` is ``"flash"`` (``Wqkv``, as the released checkpoint) or ``"torch"``;
-    ``edit(state)`` may change the state_dict before it is saved; ``weights=False`` skips it.
-    """
+    """Write a tiny scGPT folder (see :func:`write_scgpt_dir`) under ``tmp_path / name``;
+    ``weights=False`` skips best_model.pt."""
 
     def make(
         *,
@@ -84,19 +115,10 @@ def make_scgpt_dir(
         name: str = "scgpt_tiny",
         **arg_overrides,
     ) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        shutil.copy(scgpt_human_dir / "vocab.json", folder / "vocab.json")
-        args = {**json.loads((scgpt_human_dir / "args.json").read_text()), **TINY_ARGS}
-        (folder / "args.json").write_text(json.dumps({**args, **arg_overrides}))
-        if weights:
-            state = dict(scgpt_tiny_state)
-            if layout == "flash":
-                state = to_flash_layout(state)
-            if edit is not None:
-                state = edit(state)
-            torch.save(state, folder / "best_model.pt")
-        return folder
+        state = scgpt_tiny_state if weights else None
+        return write_scgpt_dir(
+            tmp_path / name, scgpt_human_dir, state, layout=layout, edit=edit, **arg_overrides
+        )
 
     return make
 

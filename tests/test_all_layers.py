@@ -15,10 +15,10 @@ from scfmbench.embed._geneformer import load_geneformer
 from scfmbench.embed._scfoundation import load_scfoundation
 from scfmbench.embed._scgpt import load_scgpt
 from tests._geneformer_factory import write_checkpoint as write_geneformer
+from tests._scfoundation_factory import GENES, counts_adata
+from tests._scfoundation_factory import write_checkpoint as write_scfoundation
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import make_tiny_adata
-from tests.test_scfoundation import GENES, counts_adata
-from tests.test_scfoundation import write_checkpoint as write_scfoundation
 
 
 def _all_layers(model, tokens, pooling: str) -> np.ndarray:

@@ -145,7 +145,7 @@ def test_embed_gives_each_model_its_identifiers(files, models, tmp_path, capsys,
 
 
 def test_cellxgene_scfoundation_reads_feature_name(files, tmp_path, capsys, shared_dir):
-    from tests.test_scfoundation import write_checkpoint as write_scfoundation
+    from tests._scfoundation_factory import write_checkpoint as write_scfoundation
 
     index = shared_dir / "vocab/scfoundation/OS_scRNA_gene_index.19264.tsv"
     write_scfoundation(tmp_path / "scf", pd.read_csv(index, sep="\t")["gene_name"].tolist())

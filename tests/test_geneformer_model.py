@@ -260,3 +260,12 @@ def test_run_with_finetuning_side_by_side(v2_dir, pbmc3k_path, tmp_path):
     assert (best / "model.safetensors").exists()
     report = (result.run_dir / "report.md").read_text()
     assert "## Frozen vs fine-tuned" in report
+    # the report opens with the verdict: the frozen probe beats the best baseline (majority)
+    test = next(c for c in result.metrics["comparisons"] if c["method"] == "geneformer+logreg")
+    assert (test["against"], test["significant"], test["f1_diff"] > 0) == ("majority", True, True)
+    lo, hi = test["f1_diff_ci95"]
+    numbers = f"Δ macro F1 {test['f1_diff']:+.3f}, 95% CI {lo:.3f} to {hi:.3f}, Holm p = "
+    numbers = (numbers + f"{test['p_holm']:.3f}").replace("-", "−")
+    verdict = report.split("## Verdict\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert verdict[1] == f"- geneformer (frozen, best probe logreg): beats majority ({numbers})."
+    assert verdict[2].startswith("- geneformer (fine-tuned): ")

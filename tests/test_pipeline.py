@@ -171,24 +171,24 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
 
 
 def test_model_options_are_checked_against_the_loader():
+    from scfmbench.embed import MODELS
     from scfmbench.pipeline import _loader_options
 
-    def loader(path, *, random_init=False, gene_column=None, max_seq_len=1200, seed=0):
-        return None
-
     config = RunConfig.build(
-        {"gene_column": "gene_ids", "model_options": {"m": {"max_seq_len": 5}}}
+        {"gene_column": "gene_ids", "model_options": {"scgpt": {"max_seq_len": 5}}}
     )
-    assert _loader_options(loader, config, "m") == {
+    assert _loader_options(MODELS.get("scgpt"), config, "scgpt") == {
         "gene_column": "gene_ids",
         "seed": 42,
         "max_seq_len": 5,
     }
-    bad = RunConfig.build({"model_options": {"m": {"max_seq_lem": 5}}})
+    # unknown keys are refused when the config is built (tests/test_early_checks.py) and,
+    # for a config made without validation, when the model is loaded
+    bad = RunConfig.model_construct(model_options={"scgpt": {"max_seq_lem": 5}})
     with pytest.raises(
         ConfigError, match="unknown option 'max_seq_lem'.*Did you mean 'max_seq_len'"
     ):
-        _loader_options(loader, bad, "m")
+        _loader_options(MODELS.get("scgpt"), bad, "scgpt")
 
 
 def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_adata, monkeypatch):

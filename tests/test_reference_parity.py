@@ -23,10 +23,10 @@ from scfmbench.embed import MODELS, collate, embed
 from scfmbench.errors import SchemaError
 from scfmbench.genes import content_kind, resolve_gene_identifiers
 from tests._geneformer_factory import hf_hidden_states, write_checkpoint
+from tests._scfoundation_factory import GENES as SCF_GENES
+from tests._scfoundation_factory import write_checkpoint as write_scfoundation
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import make_tiny_adata
-from tests.test_scfoundation import GENES as SCF_GENES
-from tests.test_scfoundation import write_checkpoint as write_scfoundation
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 N_CELLS = 40

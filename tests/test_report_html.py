@@ -27,6 +27,8 @@ from scfmbench.report import write_report  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 SECTION_ORDER = [
+    "Verdict",
+    "Δ macro F1 vs the best baseline",
     "Data and diagnostics",
     "Methods and configuration",
     "Cell-type classification (test set)",
@@ -238,7 +240,7 @@ def test_plain_run_report_has_core_sections_only(run_dir):
         "Fine-tuning learning curves",
     ):
         assert absent not in sections
-    assert sections[:3] == SECTION_ORDER[:3]
+    assert sections[:5] == SECTION_ORDER[:5]
 
 
 def test_confusion_tables_without_figures(run_dir, tmp_path):
@@ -456,8 +458,9 @@ def test_html_report_in_browser(browser, enriched_dir):
         "return Array.from(document.images).map(i => [i.src.slice(0, 22), i.complete,"
         " i.naturalWidth]);"
     )
-    # 4 confusion matrices (the added methods have none), 2 UMAPs, layer and learning curves
-    assert len(images) == 8 == (enriched_dir / "report.md").read_text().count("](figures/")
+    # the forest plot, 4 confusion matrices (the added methods have none), 2 UMAPs, layer and
+    # learning curves
+    assert len(images) == 9 == (enriched_dir / "report.md").read_text().count("](figures/")
     assert all(src == "data:image/png;base64," and ok and width > 0 for src, ok, width in images)
 
     # headline numbers equal metrics.json (shown text and full-precision data-value)

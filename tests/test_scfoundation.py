@@ -9,7 +9,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 
 from scfmbench.embed import MODELS, collate, embed, embed_tokens
@@ -20,11 +19,6 @@ from scfmbench.embed._scfoundation import (
     read_gene_index,
     tokenize_scfoundation,
 )
-from scfmbench.embed._scfoundation_model import (
-    RELEASED_CONFIG,
-    ScFoundationConfig,
-    ScFoundationEncoder,
-)
 from scfmbench.errors import (
     CheckpointError,
     ConfigError,
@@ -32,54 +26,8 @@ from scfmbench.errors import (
     DataError,
     GeneMatchError,
 )
+from tests._scfoundation_factory import GENES, HIDDEN, counts_adata, write_checkpoint
 from tests.conftest import require_shared
-
-HIDDEN = 8
-GENES = ["G0", "G1", "G2", "G3", "G4", "G5"]
-
-
-def tiny_config(n_genes: int) -> dict:
-    """A released-style model config with tiny dimensions."""
-    return {
-        **RELEASED_CONFIG,
-        "seq_len": n_genes + 2,
-        "bin_num": 6,
-        "encoder": {"module_type": "transformer", "hidden_dim": HIDDEN, "depth": 2, "heads": 2},
-    }
-
-
-def released_entry(network: ScFoundationEncoder, config: dict) -> dict:
-    """One ``models.ckpt`` entry as released: nested config, ``model.``-prefixed weights."""
-    state = {f"model.{k}": v.clone() for k, v in network.state_dict().items()}
-    state["model.decoder_embed.weight"] = torch.zeros(4, HIDDEN)
-    state["model.decoder.layers.0.weight"] = torch.zeros(4)
-    state["model.norm.weight"] = torch.ones(4)
-    state["model.to_final.weight"] = torch.zeros(1, 4)
-    stored = {
-        "model": "mae_autobin",
-        "model_config": {"mae_autobin": config},
-        "dataset_config": {"rnaseq": {"seq_len": config["seq_len"]}},
-    }
-    return {"config": stored, "state_dict": state}
-
-
-def write_checkpoint(folder: Path, genes: list[str], *, seed: int = 0) -> Path:
-    """``folder/models.ckpt`` ('cell' and 'gene' entries) and the gene index beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(len(genes))
-    torch.manual_seed(seed)
-    network = ScFoundationEncoder(ScFoundationConfig.from_dict(config, source="test"))
-    entry = released_entry(network, config)
-    torch.save({"cell": entry, "gene": entry}, folder / "models.ckpt")
-    index = pd.DataFrame({"gene_name": genes, "index": range(len(genes))})
-    index.to_csv(folder / GENE_INDEX_FILE, sep="\t", index=False)
-    return folder / "models.ckpt"
-
-
-def counts_adata(counts, genes, **var) -> ad.AnnData:
-    counts = np.asarray(counts, dtype=np.float32)
-    obs = pd.DataFrame(index=[f"c{i}" for i in range(counts.shape[0])])
-    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(var, index=genes))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ Python API (the CLI is a thin layer over it)::
 __version__ = "0.1.0"
 
 from scfmbench.compare import compare_runs  # noqa: E402
-from scfmbench.config import RunConfig  # noqa: E402
+from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig  # noqa: E402
 from scfmbench.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -35,7 +35,9 @@ __all__ = [
     "ConfigError",
     "CountsRequiredError",
     "DataError",
+    "FinetuneConfig",
     "GeneMatchError",
+    "ModelSpec",
     "RunConfig",
     "RunDirError",
     "RunResult",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.errors import ScfmbenchError
 
 app = typer.Typer(
@@ -59,6 +60,13 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _comma_list(value: str | None) -> list[str] | None:
+    """``"ctrl, stim"`` → ["ctrl", "stim"] (None stays None; empty items are dropped)."""
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 @app.command()
 def run(
     data: str = typer.Option(None, help="An .h5ad file or a built-in name (pbmc68k_reduced)."),
@@ -66,7 +74,7 @@ def run(
     config: Path = typer.Option(None, help="YAML run configuration; flags override it."),
     out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
-    seed: int = typer.Option(None, help="Seed of the first split (default 42)."),
+    seed: int = typer.Option(None, help=f"Seed of the first split (default {DEFAULT_SEED})."),
     design: str = typer.Option(
         None,
         help="cv: stratified K-fold cross-validation, every cell tested once (default); "
@@ -75,6 +83,17 @@ def run(
     n_splits: int = typer.Option(None, help="Folds K (cv) or random splits (study); default 5."),
     n_repeats: int = typer.Option(
         None, help="Repeats of K-fold cross-validation (default 1; > 1 = repeated CV)."
+    ),
+    holdout_key: str = typer.Option(
+        None,
+        help="obs column (donor, sample, condition, batch): one fold per held-out group, "
+        "beside the random-split design.",
+    ),
+    train_groups: str = typer.Option(
+        None, help="Comma-separated values of --holdout-key to train on (directed shift)."
+    ),
+    test_groups: str = typer.Option(
+        None, help="Comma-separated values of --holdout-key to test on (directed shift)."
     ),
     model: list[str] = typer.Option(
         None, help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR, scfoundation=DIR."
@@ -112,6 +131,14 @@ def run(
     no_scvi: bool = typer.Option(
         False, "--no-scvi", help="Leave the scVI baseline out (its training is the slow part)."
     ),
+    train_sizes: str = typer.Option(
+        None,
+        help="Label efficiency: refit every probe on N labelled training cells per class, "
+        "e.g. 1,5,10,25,50,all (nested, same validation and test cells).",
+    ),
+    train_size_seeds: int = typer.Option(
+        None, help="Random draws of the labelled cells per fold and size (default 3)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
@@ -129,6 +156,9 @@ def run(
         "design": design,
         "n_splits": n_splits,
         "n_repeats": n_repeats,
+        "holdout_key": holdout_key,
+        "train_groups": _comma_list(train_groups),
+        "test_groups": _comma_list(test_groups),
         "models": model or None,
         "reference": reference,
         "min_cells_per_class": min_cells_per_class,
@@ -139,6 +169,8 @@ def run(
         "batch_size": batch_size,
         "backed": backed,
         "chunk_size": chunk_size,
+        "train_sizes": train_sizes,
+        "train_size_seeds": train_size_seeds,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = RunConfig.from_yaml(config) if config is not None else None
@@ -273,6 +305,10 @@ def embed(
     ),
     allow_normalized: bool = typer.Option(False, "--allow-normalized"),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
+    seed: int = typer.Option(
+        DEFAULT_SEED,
+        help="Seed of tokenization (scGPT) and of a NAME-random control; the run's default.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write frozen embeddings of DATA to obsm['X_<model>'] (h5ad) or an .npy file.
@@ -304,6 +340,7 @@ def embed(
         gene_column=gene_column,
         progress=not quiet and main_rank,
         backed=backed,
+        seed=seed,
     )
     if main_rank:
         where = f"obsm[{key!r}] of" if str(out).endswith(".h5ad") else "the embeddings of"
@@ -326,7 +363,9 @@ def transfer(
     model: list[str] = typer.Option(None, help="NAME=DIR, repeatable."),
     out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default transfer_<train>__<test>)."),
-    seed: int = typer.Option(None, help="Seed of the training split and probes (default 42)."),
+    seed: int = typer.Option(
+        None, help=f"Seed of the training split and probes (default {DEFAULT_SEED})."
+    ),
     allow_normalized: bool = typer.Option(
         None, "--allow-normalized", help="Let count-based models use normalized data."
     ),
@@ -414,7 +453,9 @@ def finetune(
     label_key: str = typer.Option(None, help="obs column with the cell types."),
     out: Path = typer.Option(None, help="Folder for run directories (default runs)."),
     name: str = typer.Option(None, help="Run name (default: the data file's stem)."),
-    seed: int = typer.Option(None, help="Seed of the split and of training (default 42)."),
+    seed: int = typer.Option(
+        None, help=f"Seed of the split and of training (default {DEFAULT_SEED})."
+    ),
     epochs: int = typer.Option(None, help="Training epochs (default 3)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 5e-5)."),
     batch_size: int = typer.Option(None, help="Global batch size in cells (default 16)."),

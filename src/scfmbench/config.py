@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
-from scfmbench.errors import ConfigError
+from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.registry import did_you_mean
 
+DEFAULT_SEED = 42
+"""The seed of splits, probes, random-init controls, tokenization and fine-tuning unless set
+(the study's seed); every command and function defaults to it."""
 DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority", "scvi"]
 EMBEDDING_BASELINES = ("scvi",)
 """Baseline representations probed like a model embedding: a bare name in ``baselines``
@@ -39,6 +51,164 @@ class ScviOptions(BaseModel):
     )
 
 
+# Fields that do not change the result; a resumed run may change them.
+NOT_IN_FINGERPRINT = ("device", "eval_batch_size")
+
+
+class FinetuneConfig(BaseModel):
+    """Fine-tuning options (YAML section ``finetune:``); defaults follow the study."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(3, ge=1, description="Training epochs.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
+    seed: int = Field(
+        DEFAULT_SEED,
+        description="Seed of the head, adapters, data order and dropout (in a run: the run's "
+        "seed unless set here).",
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Cells per micro-step, summed over all processes (global batch)."
+    )
+    eval_batch_size: int = Field(64, ge=1, description="Cells per validation/test batch.")
+    max_tokens: int | None = Field(
+        16_384,
+        ge=1,
+        description="Most padded tokens per batch, training and evaluation (batches hold cells "
+        "of similar length, so long cells go in smaller batches; null: no limit).",
+    )
+    max_attention: int | None = Field(
+        2**24,
+        ge=1,
+        description="Most attention scores per head per batch (cells × longest², what "
+        "attention memory grows with): 16 cells of ≤ 1,024 tokens, 2 of 2,400 (null: no limit).",
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on bias/norm).")
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, description="Fraction of optimizer steps with linear warmup."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm to this (null: no clipping)."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision: no, bf16 (GPU, or CPU) or fp16 (GPU only)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (network must support it)."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better val macro F1."
+    )
+    class_weighted: bool = Field(
+        False, description="Weight the loss by inverse class frequency on train."
+    )
+    freeze_embeddings: bool = Field(False, description="Freeze the embedding modules.")
+    freeze_layers: int = Field(0, ge=0, description="Freeze the first N encoder layers.")
+    lora: bool = Field(False, description="Train LoRA adapters (peft) and the head only.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    layer: int | None = Field(
+        None, description="Encoder layer fed to the head (default: the last layer)."
+    )
+    pooling: str | None = Field(None, description="Pooling (default: the model's).")
+    device: str = Field("auto", description="auto (GPU when present) or cpu.")
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Validate ``values``; unknown keys and bad values become one-line ConfigErrors."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, cls, "finetune option")) from None
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> FinetuneConfig:
+        """Read the ``finetune:`` section of a run YAML; ``overrides`` win."""
+        return cls.build({**finetune_section(read_yaml(path), path), **overrides})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that change the result (compared on resume)."""
+        return self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
+
+
+def finetune_section(loaded: dict[str, Any], path: Path | None = None) -> dict[str, Any]:
+    """Pop and return the ``finetune:`` mapping of a loaded run YAML (empty when absent)."""
+    section = loaded.pop("finetune", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"the finetune: section of {str(path)!r} must be a mapping of option: value, "
+            f"got {section!r}."
+        )
+    return section
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One foundation model of a run, parsed once from ``NAME=DIR``.
+
+    ``NAME-random=DIR`` asks for the random-init control only. Parsing checks the syntax, that
+    ``NAME`` is a registered model and that ``DIR`` exists, so a bad ``--model`` fails before
+    any data is read.
+
+    Attributes
+    ----------
+    name : str
+        Registered model name (``geneformer``, ``scgpt``, ``scfoundation``).
+    path : Path
+        Checkpoint folder as given.
+    random_only : bool
+        Only the random-init control (the ``-random`` suffix).
+    """
+
+    name: str
+    path: Path
+    random_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """Parse ``"geneformer=./gf"`` or ``"scgpt-random=./scgpt"``.
+
+        Raises
+        ------
+        ConfigError
+            Not ``NAME=DIR``, or ``NAME`` is not a registered model (with a did-you-mean).
+        CheckpointError
+            ``DIR`` does not exist.
+        """
+        from scfmbench.embed import MODELS  # importing the package registers every model
+
+        name, sep, path = str(spec).partition("=")
+        name, path = name.strip(), path.strip()
+        if not (sep and name and path):
+            raise ConfigError(
+                f"model {spec!r} must be written NAME=DIR, e.g. geneformer=./Geneformer-V1-10M."
+            )
+        base = name.removesuffix("-random")
+        MODELS.get(base)
+        if not Path(path).exists():
+            raise CheckpointError(
+                f"model {name!r}: checkpoint folder {path!r} does not exist; check the path."
+            )
+        return cls(base, Path(path), random_only=name != base)
+
+    def __str__(self) -> str:
+        return f"{self.name}{'-random' if self.random_only else ''}={self.path}"
+
+
+def check_model_options(name: str, loader: Any, options: dict[str, Any]) -> None:
+    """Raise ConfigError naming any key of ``options`` that model ``name``'s loader does not
+    take (``path`` and ``random_init`` are set by the run, never by options)."""
+    valid = [p for p in inspect.signature(loader).parameters if p not in ("path", "random_init")]
+    for key in options:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown option {key!r} for model {name!r}; choose from {valid}."
+                + did_you_mean(key, valid)
+            )
+
+
 class RunConfig(BaseModel):
     """Everything that determines a run's results (the resolved copy is saved as config.yaml)."""
 
@@ -50,7 +220,7 @@ class RunConfig(BaseModel):
     )
     name: str | None = Field(None, description="Run name; the run directory is OUT/NAME.")
     out: Path = Field(Path("runs"), description="Folder that holds run directories.")
-    seed: int = Field(42, description="Seed of the first split and of every model.")
+    seed: int = Field(DEFAULT_SEED, description="Seed of the first split and of every model.")
     design: Literal["cv", "study"] = Field(
         "cv",
         description="cv: stratified K-fold cross-validation (disjoint test folds, validation "
@@ -65,6 +235,18 @@ class RunConfig(BaseModel):
     fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1),
         description="Train/val/test fractions per class (cv: only the validation share is used).",
+    )
+    holdout_key: str | None = Field(
+        None,
+        description="obs column (donor, sample, condition, batch): test on each group in turn, "
+        "trained on the others (or on `train_groups`, tested on `test_groups`); a random-split "
+        "cv design is scored beside it.",
+    )
+    train_groups: list[str] | None = Field(
+        None, description="Values of `holdout_key` to train on (directed shift; with test_groups)."
+    )
+    test_groups: list[str] | None = Field(
+        None, description="Values of `holdout_key` to test on (directed shift; with train_groups)."
     )
     min_cells_per_class: int = Field(10, ge=1, description="Smaller classes are dropped.")
     merge_similar_labels: bool = Field(
@@ -100,10 +282,10 @@ class RunConfig(BaseModel):
         description="Per-model loader options, e.g. {scfoundation: {tgthighres: a5}} or "
         "{scgpt: {max_seq_len: 3000}}.",
     )
-    finetune: dict[str, Any] | None = Field(
+    finetune: FinetuneConfig | None = Field(
         None,
         description="Fine-tune every model end to end (null = off; {} = the study's defaults: "
-        "3 epochs, lr 5e-5, seed 42; keys as in `scfmbench finetune --help`).",
+        "3 epochs, lr 5e-5, the run's seed; keys as in `scfmbench finetune --help`).",
     )
     random_controls: bool = Field(
         True, description="Add the random-init control of every foundation model."
@@ -133,6 +315,15 @@ class RunConfig(BaseModel):
     chunk_size: int = Field(
         2048, ge=1, description="Cells read, tokenized and embedded at a time when streaming."
     )
+    train_sizes: list[int | Literal["all"]] | None = Field(
+        None,
+        description="Label efficiency: labelled training cells per class to refit every probe "
+        "on, e.g. [1, 5, 10, 25, 50, all] (nested subsets of each fold's training cells; same "
+        "validation and test cells; null = off).",
+    )
+    train_size_seeds: int = Field(
+        3, ge=1, description="Random draws of the labelled cells per fold and size."
+    )
 
     @field_validator("baselines")
     @classmethod
@@ -144,6 +335,47 @@ class RunConfig(BaseModel):
                     + did_you_mean(item, ["majority", *EMBEDDING_BASELINES])
                 )
         return value
+
+    @field_validator("train_sizes", mode="before")
+    @classmethod
+    def _check_train_sizes(cls, value: Any) -> Any:
+        from scfmbench.label_efficiency import normalize_train_sizes
+
+        return None if value is None else normalize_train_sizes(value)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            ModelSpec.parse(spec)
+        return value
+
+    @field_validator("model_options")
+    @classmethod
+    def _check_model_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if value:
+            from scfmbench.embed import MODELS
+
+            for name, options in value.items():
+                check_model_options(name, MODELS.get(name), options)
+        return value
+
+    @field_serializer("finetune")
+    def _dump_finetune(self, value: FinetuneConfig | None) -> dict[str, Any] | None:
+        # only the keys that were set, so that an unset seed still follows the run's seed
+        return None if value is None else value.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """``models`` parsed (see :class:`ModelSpec`)."""
+        return [ModelSpec.parse(spec) for spec in self.models]
+
+    def finetune_settings(self) -> FinetuneConfig | None:
+        """The ``finetune`` section with the run's ``seed`` unless the section sets its own
+        (``None`` when fine-tuning is off)."""
+        if self.finetune is None or "seed" in self.finetune.model_fields_set:
+            return self.finetune
+        return self.finetune.model_copy(update={"seed": self.seed})
 
     @field_validator("name")
     @classmethod
@@ -187,14 +419,36 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line for the first pydantic error, with a did-you-mean for unknown keys."""
+SECTIONS: dict[str, tuple[type[BaseModel], str]] = {
+    "finetune": (FinetuneConfig, "finetune option"),
+    "scvi": (ScviOptions, "scvi option"),
+}
+"""Typed sections of RunConfig: an error inside one names the section's own keys."""
+
+
+def describe_validation_error(
+    exc: ValidationError, model: type[BaseModel] | None = None, what: str = "config key"
+) -> str:
+    """One line for the first pydantic error of ``model`` (default :class:`RunConfig`).
+
+    Unknown keys get a did-you-mean and the valid keys; an error inside a typed section
+    (``finetune: {epochz: 3}``) names that section's keys (see :data:`SECTIONS`).
+    """
     error = exc.errors()[0]
-    key = ".".join(str(p) for p in error["loc"])
+    loc = [str(part) for part in error["loc"]]
+    model = model or RunConfig
+    if model is RunConfig and len(loc) > 1 and loc[0] in SECTIONS:
+        model, what = SECTIONS[loc.pop(0)]
+    key = ".".join(loc)
     if error["type"] == "extra_forbidden":
+        valid = list(model.model_fields)
         return (
-            f"unknown config key {key!r}."
-            + did_you_mean(key, list(RunConfig.model_fields))
-            + (f" Valid keys: {', '.join(RunConfig.model_fields)}.")
+            f"unknown {what} {key!r}.{did_you_mean(key, valid)}"
+            f" Valid {what.split()[-1]}s: {', '.join(valid)}."
         )
-    return f"invalid value for {key!r}: {error['msg']} (got {error.get('input')!r})."
+    found = f"{error['msg']} (got {error.get('input')!r})."
+    return (
+        f"invalid value for {key!r}: {found}"
+        if what == "config key"
+        else (f"invalid {what} {key!r}: {found}")
+    )

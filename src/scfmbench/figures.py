@@ -42,6 +42,44 @@ def plot_confusion(
     _save(fig, path)
 
 
+def plot_forest(
+    labels: list[str],
+    values: list[float],
+    intervals: list[tuple[float, float] | None],
+    significant: list[bool],
+    path: Path,
+    *,
+    xlabel: str,
+    title: str,
+) -> None:
+    """Forest plot: one row per label (first on top), a point at ``values[i]`` with its
+    interval as a horizontal bar, a vertical line at 0; significant rows filled, others hollow.
+    """
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * n))
+    y = np.arange(n)[::-1]
+    for row, value, ci, flag in zip(y, values, intervals, significant, strict=True):
+        colour = "tab:blue" if flag else "grey"
+        if ci is not None:
+            ax.plot(ci, [row, row], color=colour, linewidth=1.6)
+        ax.plot(
+            [value],
+            [row],
+            marker="o",
+            markersize=6,
+            color=colour,
+            markerfacecolor=colour if flag else "white",
+        )
+    ax.axvline(0, color="black", linestyle="--", linewidth=0.8)
+    marked = zip(labels, significant, strict=True)
+    ax.set_yticks(y, [f"{label} *" if flag else label for label, flag in marked])
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
 def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title: str) -> None:
     """2-D scatter (e.g. UMAP) coloured by a categorical annotation."""
     groups = np.asarray(groups, dtype=str)
@@ -116,4 +154,46 @@ def plot_learning_curve(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_label_efficiency(
+    x: list[float],
+    ticks: list[str],
+    curves: dict[str, list[dict]],
+    path: Path,
+    *,
+    title: str,
+    dashed: set[str] = frozenset(),
+) -> None:
+    """Test macro F1 against labelled cells per class (log x axis): one line per method
+    (``dashed`` ones, e.g. random-init controls, dashed) with its 95% CI as a band.
+
+    ``curves[method]`` holds one ``{"mean", "ci95": [lo, hi]}`` per position of ``x``.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for k, (name, points) in enumerate(curves.items()):
+        colour = cmap(k % cmap.N)
+        mean = [p["mean"] for p in points]
+        ax.plot(
+            x,
+            mean,
+            marker="o",
+            color=colour,
+            label=name,
+            linestyle="--" if name in dashed else "-",
+        )
+        lo = [p["ci95"][0] for p in points]
+        hi = [p["ci95"][1] for p in points]
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xticks(x, ticks)
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training cells per class")
+    ax.set_ylabel("test macro F1 (95% CI)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)

@@ -27,23 +27,21 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path, write_json
-from scfmbench.config import read_yaml
+from scfmbench.config import FinetuneConfig, RunConfig, finetune_section, read_yaml
 from scfmbench.embed._engine import collate, length_sorted_batches
 from scfmbench.embed.base import FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError, SplitError
 from scfmbench.hashing import hash_json, hash_strings
 from scfmbench.metrics import ClassificationMetrics, classification_metrics
-from scfmbench.registry import did_you_mean
 from scfmbench.splits import Split
 from scfmbench.validate import ValidatedData, validate
 
@@ -52,104 +50,6 @@ logger = logging.getLogger(__name__)
 UNASSIGNED = "<unassigned>"
 CHECKPOINT_FILE = "checkpoint/last.pt"
 BEST_DIR = "best"
-# Fields that do not change the result; a resumed run may change them.
-NOT_IN_FINGERPRINT = ("device", "eval_batch_size")
-
-
-class FinetuneConfig(BaseModel):
-    """Fine-tuning options (YAML section ``finetune:``); defaults follow the study."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    epochs: int = Field(3, ge=1, description="Training epochs.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
-    seed: int = Field(42, description="Seed of the head, adapters, data order and dropout.")
-    batch_size: int = Field(
-        16, ge=1, description="Cells per micro-step, summed over all processes (global batch)."
-    )
-    eval_batch_size: int = Field(64, ge=1, description="Cells per validation/test batch.")
-    max_tokens: int | None = Field(
-        16_384,
-        ge=1,
-        description="Most padded tokens per batch, training and evaluation (batches hold cells "
-        "of similar length, so long cells go in smaller batches; null: no limit).",
-    )
-    max_attention: int | None = Field(
-        2**24,
-        ge=1,
-        description="Most attention scores per head per batch (cells × longest², what "
-        "attention memory grows with): 16 cells of ≤ 1,024 tokens, 2 of 2,400 (null: no limit).",
-    )
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on bias/norm).")
-    warmup_ratio: float = Field(
-        0.1, ge=0, le=1, description="Fraction of optimizer steps with linear warmup."
-    )
-    max_grad_norm: float | None = Field(
-        1.0, gt=0, description="Clip the gradient norm to this (null: no clipping)."
-    )
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision: no, bf16 (GPU, or CPU) or fp16 (GPU only)."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward (network must support it)."
-    )
-    patience: int | None = Field(
-        None, ge=1, description="Stop after this many epochs without a better val macro F1."
-    )
-    class_weighted: bool = Field(
-        False, description="Weight the loss by inverse class frequency on train."
-    )
-    freeze_embeddings: bool = Field(False, description="Freeze the embedding modules.")
-    freeze_layers: int = Field(0, ge=0, description="Freeze the first N encoder layers.")
-    lora: bool = Field(False, description="Train LoRA adapters (peft) and the head only.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    layer: int | None = Field(
-        None, description="Encoder layer fed to the head (default: the last layer)."
-    )
-    pooling: str | None = Field(None, description="Pooling (default: the model's).")
-    device: str = Field("auto", description="auto (GPU when present) or cpu.")
-
-    @classmethod
-    def build(cls, values: dict[str, Any]) -> FinetuneConfig:
-        """Validate ``values``; unknown keys and bad values become one-line ConfigErrors."""
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            key = ".".join(str(p) for p in error["loc"])
-            if error["type"] == "extra_forbidden":
-                raise ConfigError(
-                    f"unknown finetune option {key!r}.{did_you_mean(key, list(cls.model_fields))}"
-                    f" Valid options: {', '.join(cls.model_fields)}."
-                ) from None
-            raise ConfigError(
-                f"invalid finetune option {key!r}: {error['msg']} (got {error.get('input')!r})."
-            ) from None
-
-    @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> FinetuneConfig:
-        """Read the ``finetune:`` section of a run YAML; ``overrides`` win."""
-        return cls.build({**finetune_section(read_yaml(path), path), **overrides})
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The options that change the result (compared on resume)."""
-        return self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
-
-
-def finetune_section(loaded: dict[str, Any], path: Path | None = None) -> dict[str, Any]:
-    """Pop and return the ``finetune:`` mapping of a loaded run YAML (empty when absent)."""
-    section = loaded.pop("finetune", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(
-            f"the finetune: section of {str(path)!r} must be a mapping of option: value, "
-            f"got {section!r}."
-        )
-    return section
-
-
 @dataclass
 class FinetuneResult:
     """What ``finetune`` returns; ``to_dict()`` goes to ``metrics.json["finetune"][model_id]``."""
@@ -530,15 +430,16 @@ def finetune_dataset(
         (run directory, one FinetuneResult per model and split); each result lives in
         ``RUN/finetune/<model_id>/seed<S>/``.
     """
-    from scfmbench.config import RunConfig
-    from scfmbench.pipeline import load_models, resolve_run
-    from scfmbench.splits import load_or_make_splits
+    from scfmbench.pipeline import load_models, resolve_run, run_splits
 
     loaded = read_yaml(config_file) if config_file is not None else {}
-    section = finetune_section(loaded, config_file)
-    config = FinetuneConfig.build({**section, **(finetune_overrides or {})})
+    loaded["finetune"] = {
+        **finetune_section(loaded, config_file),
+        **(finetune_overrides or {}),
+    }
     overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
     run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
+    config = run_config.finetune_settings() or FinetuneConfig()  # the section is set above
     validated = validate(
         adata,
         label_key=run_config.label_key,
@@ -546,15 +447,7 @@ def finetune_dataset(
         merge_similar_labels=run_config.merge_similar_labels,
     )
     run_dir = Path(run_config.out) / run_config.name
-    split_set, _ = load_or_make_splits(
-        run_dir / "splits",
-        validated.labels,
-        n_splits=run_config.n_splits,
-        seed=run_config.seed,
-        fractions=run_config.fractions,
-        design=run_config.design,
-        n_repeats=run_config.n_repeats,
-    )
+    split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
     results = [
         finetune_in_run(
             validated.model_input,  # the file's own gene names

@@ -44,7 +44,11 @@ class ClassificationMetrics:
 
 
 def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, *, classes: list[str] | tuple[str, ...]
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    *,
+    classes: list[str] | tuple[str, ...],
+    present_only: bool = False,
 ) -> ClassificationMetrics:
     """Accuracy, macro/weighted F1, balanced accuracy, per-class scores, confusion matrix.
 
@@ -56,6 +60,8 @@ def classification_metrics(
             all of them (``f1_score(labels=classes, zero_division=0)``): a class never
             predicted scores 0, also when it has no test cells. Balanced accuracy is the mean
             recall over the classes present in ``y_true``.
+        present_only: macro F1 averages only the classes present in ``y_true`` (design
+            ``holdout``: a held-out group need not hold every training class).
     """
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
@@ -73,9 +79,17 @@ def classification_metrics(
         for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
     present = recall[support > 0]
+    averaged = [c for c, s in zip(labels, support, strict=True) if s > 0]
+    macro = f1_score(
+        y_true,
+        y_pred,
+        labels=averaged if present_only else labels,
+        average="macro",
+        zero_division=0,
+    )
     return ClassificationMetrics(
         accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        macro_f1=float(macro),
         weighted_f1=float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),

@@ -25,7 +25,7 @@ from scfmbench import __version__
 from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._stages import StageStore
 from scfmbench.backed import BackedData, validate_backed
-from scfmbench.config import RunConfig
+from scfmbench.config import DEFAULT_SEED, ModelSpec, RunConfig, check_model_options
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.features import (
     REPRESENTATIONS,
@@ -91,16 +91,6 @@ class RunResult:
         return pd.DataFrame(rows).set_index("method")
 
 
-def parse_model_spec(spec: str) -> tuple[str, Path]:
-    """``"geneformer=./gf"`` → ("geneformer", Path("./gf"))."""
-    if "=" not in spec:
-        raise ConfigError(
-            f"model {spec!r} must be written NAME=DIR, e.g. geneformer=./Geneformer-V1-10M."
-        )
-    name, path = spec.split("=", 1)
-    return name.strip(), Path(path.strip())
-
-
 def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
     """The baselines of ``config``; a bare ``scvi`` becomes ``scvi+<probe>`` for every probe.
 
@@ -156,20 +146,17 @@ def load_models(config: RunConfig) -> list[Any]:
     from scfmbench.embed import MODELS
 
     models = []
-    for spec in config.models:
-        name, path = parse_model_spec(spec)
-        random_only = name.endswith("-random")
-        base = name.removesuffix("-random")
-        loader = MODELS.get(base)
-        options = _loader_options(loader, config, base)
-        if not random_only:
-            models.append(loader(path, random_init=False, **options))
-        if random_only or config.random_controls:
-            models.append(loader(path, random_init=True, **options))
+    for spec in config.model_specs:
+        loader = MODELS.get(spec.name)
+        options = _loader_options(loader, config, spec.name)
+        if not spec.random_only:
+            models.append(loader(spec.path, random_init=False, **options))
+        if spec.random_only or config.random_controls:
+            models.append(loader(spec.path, random_init=True, **options))
     return models
 
 
-def _loader_options(loader, config: RunConfig, name: str | None = None) -> dict[str, Any]:
+def _loader_options(loader, config: RunConfig, name: str) -> dict[str, Any]:
     """Run-wide options the loader accepts, plus ``model_options[name]`` (checked by name)."""
     wanted = {
         "allow_normalized": config.allow_normalized,
@@ -178,14 +165,8 @@ def _loader_options(loader, config: RunConfig, name: str | None = None) -> dict[
     }
     accepted = inspect.signature(loader).parameters
     options = {k: v for k, v in wanted.items() if k in accepted}
-    extra = dict(config.model_options.get(name, {})) if name else {}
-    valid = [p for p in accepted if p not in ("path", "random_init")]
-    for key in extra:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown option {key!r} for model {name!r}; choose from {valid}."
-                + did_you_mean(key, valid)
-            )
+    extra = dict(config.model_options.get(name, {}))
+    check_model_options(name, loader, extra)
     return {**options, **extra}
 
 
@@ -354,15 +335,7 @@ def _execute(
     kind = validated.diagnostics.matrix_kind
 
     with stages.timed("splits"):
-        split_set, _ = load_or_make_splits(
-            run_dir / "splits",
-            labels,
-            n_splits=config.n_splits,
-            seed=config.seed,
-            fractions=config.fractions,
-            design=config.design,
-            n_repeats=config.n_repeats,
-        )
+        split_set = run_splits(run_dir, validated, config)
 
     embeddings: dict[str, ModelEmbedding] = {}
     for model in models:
@@ -377,6 +350,9 @@ def _execute(
     model_info = {model_id: e.info for model_id, e in embeddings.items()}
     matrix_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
 
+    from scfmbench.label_efficiency import CompactFeatures
+
+    kept_features = CompactFeatures() if config.train_sizes else None
     predictions = _predict_all(
         config,
         cells,
@@ -389,6 +365,7 @@ def _execute(
         data_hash,
         kind,
         progress,
+        keep_features=kept_features,
     )
     finetuned = []
     if models and config.finetune is not None:
@@ -412,6 +389,47 @@ def _execute(
     write_predictions(table, run_dir / PREDICTIONS_FILE)
     if finetuned:
         metrics["finetune"] = finetune_metrics(finetuned, run_dir)
+    if config.train_sizes:
+        from scfmbench.label_efficiency import label_efficiency
+
+        with stages.timed("label_efficiency"):
+            metrics["label_efficiency"] = label_efficiency(
+                config,
+                cells,
+                matrices,
+                matrix_hashes,
+                labels,
+                split_set,
+                methods,
+                predictions,
+                stages,
+                data_hash,
+                kind,
+                features=kept_features,
+                run_dir=run_dir,
+                progress=progress,
+            )
+        del kept_features
+    if config.holdout_key is not None:
+        from scfmbench.holdout import random_split_block
+
+        with stages.timed("random_split"):
+            metrics["holdout"] = random_split_block(
+                config,
+                validated,
+                cells=cells,
+                matrices=matrices,
+                matrix_hashes=matrix_hashes,
+                methods=methods,
+                models=models,
+                model_info=model_info,
+                reference=reference,
+                metrics=metrics,
+                run_dir=run_dir,
+                data_hash=data_hash,
+                kind=kind,
+                progress=progress,
+            )
     if config.figures:
         with stages.timed("figures"):
             from scfmbench.report import write_figures
@@ -440,6 +458,39 @@ def _execute(
     )
     logger.info("wrote %s", run_dir)
     return RunResult(run_dir=run_dir, metrics=metrics, diagnostics=validated.diagnostics)
+
+
+def run_splits(run_dir: Path, data: RunData, config: RunConfig) -> SplitSet:
+    """The run's splits, in ``run_dir/splits``: one fold per held-out group when
+    ``config.holdout_key`` (or a group list) is set (:func:`scfmbench.holdout.holdout_splits`),
+    else the random-split design (:func:`random_splits`).
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        Bad holdout options, column or groups, or classes too small to split.
+    """
+    if config.holdout_key or config.train_groups or config.test_groups:
+        from scfmbench.holdout import holdout_splits
+
+        return holdout_splits(run_dir / "splits", data, config)[0]
+    return random_splits(run_dir / "splits", data.labels, config)
+
+
+def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> SplitSet:
+    """The splits of ``config``'s design (``design``, ``n_splits``, ``n_repeats``, ``seed``,
+    ``fractions``), reused from ``directory`` or made and saved there
+    (:func:`scfmbench.splits.load_or_make_splits`)."""
+    split_set, _ = load_or_make_splits(
+        directory,
+        labels,
+        n_splits=config.n_splits,
+        seed=config.seed,
+        fractions=config.fractions,
+        design=config.design,
+        n_repeats=config.n_repeats,
+    )
+    return split_set
 
 
 def run_cells(data: RunData) -> CellRows:
@@ -582,9 +633,9 @@ def finetune_models(
 
     A finished fine-tuning is reused from its checkpoint on rerun (only re-scored on test).
     """
-    from scfmbench.finetune import FinetuneConfig, finetune_in_run
+    from scfmbench.finetune import finetune_in_run
 
-    settings = FinetuneConfig.build({"seed": config.seed, **config.finetune})
+    settings = config.finetune_settings()
     results = []
     for model in models:
         for split in split_set.splits:
@@ -806,11 +857,13 @@ def _predict_all(
     data_hash: str,
     kind: str,
     progress: bool,
+    keep_features: dict | None = None,
 ) -> dict[tuple[str, int], dict]:
     """Train each method's probe on each split (or reuse the saved predictions).
 
     A baseline representation is built once per split and kept only until the last method
-    of that split that uses it (pca+logreg and pca+xgboost share one PCA).
+    of that split that uses it (pca+logreg and pca+xgboost share one PCA); every one built
+    is also handed to ``keep_features[(representation, split seed)]`` when given.
     """
     classes = list(labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
@@ -853,6 +906,8 @@ def _predict_all(
             stages.save(stage, key, payload)
             if shared is not None:
                 built[shared] = feats
+                if keep_features is not None:
+                    keep_features[shared] = feats
         out[(method.name, split.seed)] = payload
         if shared is not None:
             uses_left[shared] -= 1
@@ -909,20 +964,21 @@ def _fit_and_predict_features(
     keep_train = ~np.isnan(feats.train).any(axis=1)
     keep_val = ~np.isnan(feats.val).any(axis=1)
     keep_test = ~np.isnan(feats.test).any(axis=1)
+    trained = np.unique(y_train[keep_train])  # a held-out-group fold may lack some classes
     fitted = fit_probe(
         method.probe,
         feats.train[keep_train],
-        y_train[keep_train],
+        np.searchsorted(trained, y_train[keep_train]),
         feats.val[keep_val],
-        y_val[keep_val],
+        np.searchsorted(trained, y_val[keep_val]),
         seed=split.seed,
         grid=grid,
     )
     predicted = np.full(len(split.test), UNASSIGNED, dtype=object)
     proba: list | None = None
     if keep_test.any():
-        predicted[keep_test] = [classes[i] for i in fitted.predict(feats.test[keep_test])]
-        proba = _probabilities(fitted, feats.test, keep_test, len(classes))
+        predicted[keep_test] = [classes[trained[i]] for i in fitted.predict(feats.test[keep_test])]
+        proba = _probabilities(fitted, feats.test, keep_test, len(classes), trained)
     return {
         "cells": list(split.test),
         "pred": [str(p) for p in predicted],
@@ -935,14 +991,18 @@ def _fit_and_predict_features(
     }
 
 
-def _probabilities(fitted, X: np.ndarray, keep: np.ndarray, n_classes: int) -> list | None:
+def _probabilities(
+    fitted, X: np.ndarray, keep: np.ndarray, n_classes: int, trained: np.ndarray
+) -> list | None:
     """Class probabilities of the test cells (None rows for unassigned cells), or None when
-    the probe has no ``predict_proba``; columns follow the run's classes."""
+    the probe has no ``predict_proba``; columns follow the run's classes (``trained``: the
+    run's class code of each class the probe was fitted on, 0 for the others)."""
     estimator = fitted.estimator
     if not hasattr(estimator, "predict_proba"):
         return None
     values = np.zeros((int(keep.sum()), n_classes))
-    values[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X[keep])
+    columns = trained[np.asarray(estimator.classes_, dtype=np.int64)]
+    values[:, columns] = estimator.predict_proba(X[keep])
     rows: list = [None] * len(keep)
     for row, value in zip(np.flatnonzero(keep), values, strict=True):
         rows[row] = [round(float(v), 6) for v in value]
@@ -974,10 +1034,10 @@ def build_metrics(
             "data": config.data,
             "label_key": validated.diagnostics.label_key,
             "seeds": split_set.seeds,
-            # cv uses only the validation share (of each class, drawn from training folds)
+            # cv and holdout use only the validation share (per class, from training folds)
             **(
                 {"val_fraction": split_set.fractions[1]}
-                if split_set.design == "cv"
+                if split_set.design in ("cv", "holdout")
                 else {"fractions": list(split_set.fractions)}
             ),
             "design": {
@@ -1095,10 +1155,16 @@ def embed_dataset(
     chunk_size: int = 2048,
     model_options: dict[str, Any] | None = None,
     backed: bool | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
 
+    The model and its options are checked before the data are read.
+
     Args:
+        seed: seed of tokenization (scGPT's sampling of long cells and tie-breaking) and of a
+            ``NAME-random`` control's weights; the same default as ``scfmbench run``, so both
+            commands give the same embedding.
         batch_size: cells per batch, or ``"auto"`` (start large, halve on out-of-memory).
         backed: stream the ``.h5ad`` file chunk by chunk (``chunk_size`` cells) instead of
             loading it (see :func:`scfmbench.embed.embed_h5ad`); default: stream files above
@@ -1114,6 +1180,17 @@ def embed_dataset(
     from scfmbench.validate import check_unique_cells, expression_view
 
     batch_size = parse_batch_size(batch_size)
+    spec = ModelSpec.parse(model)
+    settings = RunConfig.build(
+        {
+            "models": [model],
+            "random_controls": False,
+            "seed": seed,
+            "allow_normalized": allow_normalized,
+            "gene_column": gene_column,
+            "model_options": {spec.name: dict(model_options)} if model_options else {},
+        }
+    )
     if out is not None:
         check_writable(Path(out))
     stream = should_stream(data, backed=backed)
@@ -1129,13 +1206,9 @@ def embed_dataset(
             adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
         )
         counts = expression_view(adata)
-    foundation = _load_embedding_model(
-        model,
-        allow_normalized=allow_normalized,
-        gene_column=gene_column,
-        model_options=model_options,
-    )
+    (foundation,) = load_models(settings)
     options = {
+        "seed": seed,
         "layer": layer,
         "pooling": pooling,
         "batch_size": batch_size,
@@ -1170,31 +1243,6 @@ def embed_dataset(
             }
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)
-
-
-def _load_embedding_model(
-    spec: str,
-    *,
-    allow_normalized: bool,
-    gene_column: str | None,
-    model_options: dict[str, Any] | None,
-) -> Any:
-    """Load the model ``NAME=DIR`` (``NAME-random`` for the random-init control)."""
-    from scfmbench.embed import MODELS
-
-    name, path = parse_model_spec(spec)
-    base = name.removesuffix("-random")
-    loader = MODELS.get(base)
-    settings = RunConfig.build(
-        {
-            "allow_normalized": allow_normalized,
-            "gene_column": gene_column,
-            "model_options": {base: dict(model_options or {})},
-        }
-    )
-    return loader(
-        path, random_init=name.endswith("-random"), **_loader_options(loader, settings, base)
-    )
 
 
 def check_writable(path: Path) -> None:

@@ -131,6 +131,11 @@ def design_text(run: dict[str, Any]) -> str:
     """How the test sets were made, in words (schema 1.0 runs: the random splits)."""
     design = run.get("design") or {}
     seeds = run.get("seeds")
+    if design.get("name") == "holdout":
+        return (
+            f"held-out groups: {design['n_folds']} fold(s), each testing every cell of its "
+            f"held-out group (training and validation: the other groups); fold keys {seeds}"
+        )
     if design.get("name") in ("cv", "repeated-cv"):
         repeats = design.get("n_repeats", 1)
         words = f"{design['n_folds']}-fold stratified cross-validation"
@@ -743,6 +748,51 @@ def layers_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
     return [Section("layers", "Layer-wise probes", tables=[table], figures=figures)]
 
 
+def label_efficiency_section(metrics: dict[str, Any], run_dir: Path | None = None) -> list[Section]:
+    """Test macro F1 [95% CI] per method and labelled-cells-per-class size, and the curves."""
+    block = metrics.get("label_efficiency") or {}
+    if not block.get("methods"):
+        return []
+    sizes = [str(s) for s in block["sizes"]]
+    table = Table(
+        "label-efficiency",
+        ["method", *[f"{s} per class" if s != "all" else "all" for s in sizes]],
+        caption="Test macro F1 [95% CI] by labelled training cells per class",
+    )
+    methods = metrics.get("methods", {})
+    for name, entry in block["methods"].items():
+        row = [method_cell(name, methods.get(name, entry))]
+        for size in sizes:
+            point = entry["sizes"][size]
+            shown = f"{num(point.get('mean')).text} {interval(point.get('ci95')).text}"
+            row.append(Cell(shown, point.get("mean"), "num"))
+        table.rows.append(row)
+    note = (
+        f"Each probe is refitted on nested, class-stratified draws of each fold's training "
+        f"cells ({block['draws']} draws per fold and size; 'all' is the run's own fit); "
+        f"{block['validation']}. {block['representations']}. 95% intervals: "
+        f"{block['interval_method']}."
+    )
+    capped = block.get("capped") or {}
+    if capped:
+        note += (
+            " Classes with fewer training cells than a size use all of them: "
+            + "; ".join(
+                f"{size} per class: " + ", ".join(f"{c} ({n})" for c, n in found.items())
+                for size, found in capped.items()
+            )
+            + "."
+        )
+    figures = (
+        figure_if_exists(run_dir, block.get("figure"), "Label efficiency")
+        if run_dir is not None
+        else []
+    )
+    return [
+        Section("label-efficiency", "Label efficiency", tables=[table], figures=figures, note=note)
+    ]
+
+
 def transfer_section(metrics: dict[str, Any]) -> list[Section]:
     matrix = (metrics.get("transfer") or {}).get("matrix") or {}
     if not matrix:
@@ -767,6 +817,61 @@ def transfer_section(metrics: dict[str, Any]) -> list[Section]:
         label = method_cell(method, methods.get(method, {}))
         table.rows.append([text(train), label, *[cells.get(t, text(None)) for t in tests]])
     return [Section("transfer", "Transfer across datasets", tables=[table])]
+
+
+def holdout_section(metrics: dict[str, Any]) -> list[Section]:
+    """The section "Random split vs held-out group": per method the random-split and
+    held-out macro F1 (95% CI) and the drop, per group the held-out macro F1, and the classes
+    a fold could not score (``metrics.json["holdout"]``; none without it)."""
+    from scfmbench.holdout import fold_lines
+
+    block = metrics.get("holdout") or {}
+    if not block.get("methods"):
+        return []
+    groups = [fold["group"] for fold in block["folds"].values()]
+    table = Table(
+        "holdout",
+        [
+            "method",
+            "random-split macro F1",
+            "95% CI",
+            "held-out macro F1",
+            "95% CI",
+            "drop",
+            *[f"held out {g}" for g in groups],
+        ],
+        caption=f"Random split vs held-out group (obs[{block['key']!r}]); drop = random − "
+        "held-out macro F1",
+    )
+    methods = metrics.get("methods", {})
+    for name, row in block["methods"].items():
+        random = row.get("random_split") or {}
+        held = row["held_out"]
+        table.rows.append(
+            [
+                method_cell(name, methods.get(name, {})),
+                num(random.get("macro_f1")),
+                interval(random.get("ci95")),
+                num(held["macro_f1"]),
+                interval(held.get("ci95")),
+                num(row.get("drop")),
+                *[num(held["per_group"].get(g)) for g in groups],
+            ]
+        )
+    design = block["random_split"]["design"]
+    if block["mode"] == "directed":
+        shift = f"trained on {block['train_groups']}, tested on {block['test_groups']}"
+    else:
+        shift = f"each of {len(groups)} groups held out in turn, trained on the others"
+    bullets = [f"{shift}."]
+    for fold in block["folds"].values():
+        bullets += [f"{line}." for line in fold_lines(fold)]
+    note = (
+        f"Random split: {design['name']} with {design['n_folds']} folds on the same cells and "
+        f"embeddings (95% intervals: {block['random_split']['interval_method']}). Held out: "
+        f"95% intervals: {block.get('interval_method')}; {block['macro_f1']}."
+    )
+    return [Section("holdout", "Random split vs held-out group", bullets, [table], note=note)]
 
 
 def finetune_section(metrics: dict[str, Any], run_dir: Path) -> list[Section]:
@@ -843,7 +948,10 @@ def build_sections(
     manifest: dict[str, Any] | None = None,
 ) -> list[Section]:
     """Report sections in order; optional ones only when their data (or figure) exists."""
-    sections = [data_section(metrics)]
+    from scfmbench.verdict import forest_section, verdict_section
+
+    sections = [*verdict_section(metrics), *forest_section(metrics, run_dir)]
+    sections.append(data_section(metrics))
     if metrics["methods"]:  # a transfer run has only its transfer matrix
         sections += [methods_section(metrics, config, manifest), headline_section(metrics)]
     sections += _single_table_section(
@@ -862,7 +970,9 @@ def build_sections(
     if run_dir is not None:
         sections += umap_section(metrics, run_dir)
         sections += layers_section(metrics, run_dir)
+    sections += label_efficiency_section(metrics, run_dir)
     sections += transfer_section(metrics)
+    sections += holdout_section(metrics)
     if run_dir is not None:
         sections += finetune_section(metrics, run_dir)
     sections += timings_section(metrics)
@@ -877,8 +987,14 @@ def _title(metrics: dict[str, Any]) -> str:
 
 
 def write_results_markdown(metrics: dict[str, Any], path: Path) -> None:
-    """``results.md``: data diagnostics first, then the headline table."""
-    sections = [data_section(metrics), headline_section(metrics)]
+    """``results.md``: the verdict, Δ macro F1 vs the best baseline, the data diagnostics,
+    then the headline table (and the held-out-group drops and label-efficiency curves when the
+    run has them)."""
+    from scfmbench.verdict import forest_section, verdict_section
+
+    sections = [*verdict_section(metrics), *forest_section(metrics, Path(path).parent)]
+    sections += [data_section(metrics), headline_section(metrics), *holdout_section(metrics)]
+    sections += label_efficiency_section(metrics)
     write_text(path, render_markdown(f"scfmbench results — {metrics['run']['name']}", sections))
 
 
@@ -917,9 +1033,12 @@ def write_report(run_dir: Path) -> Path:
 
 
 def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore) -> None:
-    """Confusion matrix per method (first split); UMAPs come from the embedding-scores stage."""
+    """Confusion matrix per method (first split) and the forest plot of Δ macro F1 vs the
+    best baseline; UMAPs come from the embedding-scores stage."""
     from scfmbench.figures import plot_confusion
+    from scfmbench.verdict import write_forest_figure
 
+    write_forest_figure(run_dir, metrics, stages=stages)
     figures = Path(run_dir) / "figures"
     first_seed = str(metrics["run"]["seeds"][0])
     for name, entry in metrics["methods"].items():

@@ -188,7 +188,9 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     for name, entry in doc["methods"].items():
         per_split = entry.setdefault("splits", {})
         for split, (truth, pred) in sets[name].items():
-            scores = classification_metrics(truth, pred, classes=classes).to_dict()
+            scores = classification_metrics(
+                truth, pred, classes=classes, present_only=design.name == "holdout"
+            ).to_dict()
             kept = [scores["per_class"][c]["f1"] for c in classes if c not in small]
             scores["macro_f1_excl_small"] = float(np.mean(kept)) if kept else None
             per_split.setdefault(split, {}).update(scores)

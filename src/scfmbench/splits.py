@@ -44,10 +44,14 @@ class Split:
     test: pd.Index
     repeat: int | None = None
     fold: int | None = None
+    group: str | None = None  # the held-out group(s) of a holdout fold
 
     @property
     def title(self) -> str:
-        """``"seed 42"`` or ``"fold 1 (repeat 1)"`` for figures and logs (1-based)."""
+        """``"seed 42"``, ``"fold 1 (repeat 1)"`` or ``"held out: 101"`` for figures and logs
+        (1-based)."""
+        if self.group is not None:
+            return f"held out: {self.group}"
         if self.fold is None:
             return f"seed {self.seed}"
         return f"fold {self.fold + 1} (repeat {(self.repeat or 0) + 1})"
@@ -206,15 +210,9 @@ def cv_folds(
         kfold = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed + repeat)
         for i, (pool, test) in enumerate(kfold.split(np.zeros(len(values)), values)):
             fold_seed = seed + repeat * n_folds + i
-            rng = np.random.default_rng(fold_seed)
-            val = []
-            for cls in sizes.index:
-                members = pool[values[pool] == cls]
-                members = members[rng.permutation(len(members))]
-                n_val = min(max(1, int(round(sizes[cls] * val_fraction))), len(members) - 1)
-                val.append(members[:n_val])
-            val_rows = np.sort(np.concatenate(val))
-            train_rows = np.setdiff1d(pool, val_rows)
+            train_rows, val_rows = carve_validation(
+                pool, values, sizes, seed=fold_seed, val_fraction=val_fraction
+            )
             folds.append(
                 Split(
                     seed=fold_seed,
@@ -226,6 +224,44 @@ def cv_folds(
                 )
             )
     return tuple(folds)
+
+
+def carve_validation(
+    pool: np.ndarray, values: np.ndarray, sizes: pd.Series, *, seed: int, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a stratified validation set from the training rows ``pool``.
+
+    Class ``c`` gives ``max(1, round(sizes[c] · val_fraction))`` of its pool rows (at least one
+    left to train), drawn in sorted class order with ``numpy.random.default_rng(seed)``.
+
+    Parameters
+    ----------
+    pool : numpy.ndarray
+        Row numbers (into ``values``) that may train or validate, shape (n_pool,).
+    values : numpy.ndarray
+        Class (string) of every row, shape (n_cells,).
+    sizes : pandas.Series
+        Cells per class (index: the classes to draw, sorted), e.g. from
+        :func:`check_stratifiable`; every class needs ≥ 2 rows in ``pool``.
+    seed : int
+        Seed of the generator.
+    val_fraction : float
+        Validation share of each class.
+
+    Returns
+    -------
+    (train rows, validation rows) : tuple of numpy.ndarray
+        Sorted, disjoint, together ``pool``.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in sizes.index:
+        members = pool[values[pool] == cls]
+        members = members[rng.permutation(len(members))]
+        n_val = min(max(1, int(round(sizes[cls] * val_fraction))), len(members) - 1)
+        val.append(members[:n_val])
+    val_rows = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    return np.setdiff1d(pool, val_rows), val_rows
 
 
 def make_splits(
@@ -265,8 +301,12 @@ def make_splits(
     )
 
 
-def save_splits(split_set: SplitSet, directory: Path, labels: pd.Series) -> None:
-    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``."""
+def save_splits(
+    split_set: SplitSet, directory: Path, labels: pd.Series, *, extra: dict | None = None
+) -> None:
+    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``
+    (``extra``: more JSON entries for it, e.g. the ``holdout`` settings; a cell in no set has
+    an empty ``set``)."""
     directory = Path(directory)
     files = {}
     for split in split_set.splits:
@@ -283,6 +323,7 @@ def save_splits(split_set: SplitSet, directory: Path, labels: pd.Series) -> None
         "seeds": split_set.seeds,
         "folds": {str(s.seed): [s.repeat, s.fold] for s in split_set.splits if s.fold is not None},
         "files": files,
+        **(extra or {}),
     }
     index["content_hash"] = hash_json(index)
     write_json(directory / "splits.json", index)

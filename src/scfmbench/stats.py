@@ -10,6 +10,8 @@ The formulas and their references are in ``docs/statistics.md``. In short, for a
 - ``repeated-cv`` (R > 1 repeats of K folds): the corrected resampled variance of Nadeau &
   Bengio (2003), ``(1/J + n_test/n_train)·s²`` with J − 1 degrees of freedom (Bouckaert &
   Frank 2004), never below the cell-sampling variance of one repeat.
+- ``holdout`` (one test set per held-out group, disjoint like CV folds): the ``cv`` formula
+  with K = the number of groups; macro F1 averages the classes present in each test set.
 - ``study`` (overlapping random splits): a percentile bootstrap of the mean over splits,
   each split's cells resampled within class; it holds within those splits only.
 - ``transfer`` (J training seeds, all scored on the same target cells): the target cells are
@@ -31,6 +33,9 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 N_BOOTSTRAP = 1000
+DISJOINT_DESIGNS = ("cv", "holdout")
+"""Designs whose test sets are disjoint (each cell tested once): the cv variance formula
+and a pooled McNemar test apply."""
 LEVEL = 0.95
 MIN_TEST_CELLS = 5
 """Classes with fewer test cells than this in any split are flagged (and left out of the
@@ -43,6 +48,8 @@ INTERVAL_METHODS = {
     "t with J−1 df)",
     "transfer": "target cells: class-stratified bootstrap of the mean over training seeds + "
     "seed-to-seed variance (Welch–Satterthwaite t)",
+    "holdout": "held-out groups (disjoint test sets, one per group): max(between-group "
+    "variance, class-stratified bootstrap variance within groups) / K, t with K−1 df",
     "study": "within-split only: class-stratified bootstrap of the mean over the study's "
     "overlapping random splits (ignores retraining and overlap)",
 }
@@ -64,12 +71,14 @@ def _scores(
     samples: np.ndarray,
     *,
     keep: np.ndarray | None = None,
+    present_only: bool = False,
 ) -> dict[str, np.ndarray]:
     """Accuracy, macro F1 and balanced accuracy for each row of ``samples`` (cell indices).
 
     Macro F1 averages the F1 of all ``k`` classes (a class never predicted and absent scores
     0), like ``sklearn.metrics.f1_score(labels=classes, average="macro", zero_division=0)``;
-    with ``keep`` (a boolean mask over classes) it averages those classes only. Balanced
+    with ``keep`` (a boolean mask over classes) it averages those classes only, and with
+    ``present_only`` (design ``holdout``) only the classes present in the truth. Balanced
     accuracy is the mean recall over the classes present in the truth.
 
     Parameters
@@ -97,10 +106,11 @@ def _scores(
     f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape, dtype=float), where=denom > 0)
     recall = np.divide(tp, support, out=np.zeros(tp.shape, dtype=float), where=support > 0)
     present = support > 0
+    n_present = np.maximum(present.sum(axis=1), 1)
     out = {
         "accuracy": (t == p).mean(axis=1),
-        "macro_f1": f1.mean(axis=1),
-        "balanced_accuracy": recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1),
+        "macro_f1": (f1 * present).sum(axis=1) / n_present if present_only else f1.mean(axis=1),
+        "balanced_accuracy": recall.sum(axis=1) / n_present,
     }
     if keep is not None:
         out["macro_f1_excl_small"] = (
@@ -165,8 +175,9 @@ def bootstrap_ci(
 class Design:
     """How the test sets of a run relate: drives the variance formula.
 
-    ``name`` is ``cv`` (one repeat of K disjoint folds), ``repeated-cv``, ``study`` or
-    ``transfer`` (every test set holds the same cells);
+    ``name`` is ``cv`` (one repeat of K disjoint folds), ``repeated-cv``, ``holdout`` (one
+    disjoint test set per held-out group), ``study`` or ``transfer`` (every test set holds
+    the same cells);
     ``test_train_ratio`` is the mean n_test / n_train (Nadeau–Bengio correction).
     """
 
@@ -181,6 +192,8 @@ class Design:
         if split_set.design == "cv":
             name = "cv" if split_set.n_repeats == 1 else "repeated-cv"
             return cls(name, n_folds=split_set.n_folds, test_train_ratio=ratio)
+        if split_set.design == "holdout":
+            return cls("holdout", n_folds=len(split_set.splits), test_train_ratio=ratio)
         return cls("study", n_folds=len(split_set.splits), test_train_ratio=ratio)
 
 
@@ -268,7 +281,7 @@ def design_estimate(
         se, df = float(boot_mean.std(ddof=1)) if len(boot_mean) > 1 else 0.0, None
         lo, hi = float(lo), float(hi)
     else:
-        if design.name == "cv":
+        if design.name in DISJOINT_DESIGNS:
             var = max(between, within) / n
             df = float(n - 1) if between > within else np.inf
         else:  # repeated-cv: Nadeau & Bengio's corrected resampled variance
@@ -293,6 +306,7 @@ def score_sets(
     seed: int,
     keep: np.ndarray | None = None,
     same_cells: bool = False,
+    present_only: bool = False,
 ) -> list[tuple[dict, list[dict]]]:
     """Score every prediction of each test set on the full set and on shared resamples.
 
@@ -305,6 +319,8 @@ def score_sets(
     same_cells : bool
         The test sets hold the same cells in the same order (transfer): every set uses the
         same resamples, so replicates can be averaged across sets.
+    present_only : bool
+        Macro F1 over the classes present in each test set (design ``holdout``).
 
     Returns
     -------
@@ -317,9 +333,13 @@ def score_sets(
         samples = stratified_samples(true, n_boot=n_boot, seed=seed if same_cells else seed + j)
         full = np.arange(len(true))[None, :]
         points = [
-            {m: float(v[0]) for m, v in _scores(true, p, k, full, keep=keep).items()} for p in preds
+            {
+                m: float(v[0])
+                for m, v in _scores(true, p, k, full, keep=keep, present_only=present_only).items()
+            }
+            for p in preds
         ]
-        boots = [_scores(true, p, k, samples, keep=keep) for p in preds]
+        boots = [_scores(true, p, k, samples, keep=keep, present_only=present_only) for p in preds]
         out.append((points, boots))
     return out
 
@@ -353,6 +373,7 @@ def method_intervals(
         seed=seed,
         keep=keep,
         same_cells=design.name == "transfer",
+        present_only=design.name == "holdout",
     )
     out = {}
     for metric in scored[0][0][0]:
@@ -430,7 +451,14 @@ def paired_comparison(
         per_split[name] = test["p"]
         b_total += test["b"]
         c_total += test["c"]
-    scored = score_sets(coded, k, n_boot=n_boot, seed=seed, same_cells=design.name == "transfer")
+    scored = score_sets(
+        coded,
+        k,
+        n_boot=n_boot,
+        seed=seed,
+        same_cells=design.name == "transfer",
+        present_only=design.name == "holdout",
+    )
     estimates = {}
     for metric in ("macro_f1", "accuracy"):
         values = np.array([points[0][metric] - points[1][metric] for points, _ in scored])
@@ -438,7 +466,7 @@ def paired_comparison(
         estimates[metric] = design_estimate(values, reps, design, bounds=None)
     f1 = estimates["macro_f1"]
     pooled = None
-    if design.name == "cv" or len(splits) == 1:
+    if design.name in DISJOINT_DESIGNS or len(splits) == 1:
         pooled = mcnemar_exact(
             np.r_[np.ones(b_total, bool), np.zeros(c_total, bool)],
             np.r_[np.zeros(b_total, bool), np.ones(c_total, bool)],

@@ -20,6 +20,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import write_json, write_npy
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed.base import Embeddings, FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import ConfigError, DataError
 from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash_strings
@@ -456,7 +457,7 @@ def embed(
     device: str | None = "cpu",
     precision: str = "float32",
     cache_dir: Path | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     key_added: str | None = None,
     progress: bool = True,
     chunk_size: int = 2048,

@@ -22,6 +22,7 @@ from anndata import AnnData
 from safetensors import SafetensorError
 from transformers import BertConfig, BertModel
 
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed.base import MODELS, FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
@@ -232,7 +233,7 @@ class GeneformerModel(FoundationModel):
             "max_length": self.tokenizer.model_input_size,
         }
 
-    def tokenize(self, adata: AnnData, *, seed: int = 0) -> TokenizedCells:
+    def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
         """Rank-value tokens of ``adata.X`` (raw counts); deterministic, ``seed`` is unused."""
         return self.tokenizer.tokenize(adata)
 
@@ -281,7 +282,7 @@ def load_geneformer(
     version: str | None = None,
     allow_normalized: bool = False,
     gene_column: str | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> GeneformerModel:
     """Load a Geneformer checkpoint directory (or its random-init control).
 

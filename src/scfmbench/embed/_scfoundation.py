@@ -38,6 +38,7 @@ import torch
 from anndata import AnnData
 from torch import nn
 
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed._scfoundation_model import (
     RELEASED_CONFIG,
     VERSION_KEYS,
@@ -378,7 +379,7 @@ class ScFoundationModel(FoundationModel):
     def default_layer(self) -> int:
         return self.network.n_layers
 
-    def tokenize(self, adata: AnnData, *, seed: int = 0) -> TokenizedCells:
+    def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
         """Non-zero index genes + T, S for each cell (deterministic; ``seed`` is unused)."""
         return tokenize_scfoundation(adata, gene_index=self.gene_index, options=self.options)
 
@@ -506,7 +507,7 @@ def load_scfoundation(
     gene_column: str | None = None,
     total_counts_key: str = "total_counts",
     allow_normalized: bool = False,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> ScFoundationModel:
     """Load the released scFoundation checkpoint (``models.ckpt``) as a frozen encoder.
 

@@ -158,13 +158,43 @@ class AutoDiscretizationEmbedding(nn.Module):
         return torch.where((values == self.pad_value).unsqueeze(-1), self.emb_pad.weight[0], out)
 
 
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` (post-norm) that always calls its sub-modules.
+
+    PyTorch's fused inference kernel reads ``self_attn``, ``linear1`` and ``linear2``
+    weights directly, so LoRA adapters wrapped around them would be skipped in evaluation;
+    this forward is the layer's own non-fused computation, with the same parameters.
+    """
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """(B, L, hidden) → (B, L, hidden); ``src_key_padding_mask`` (B, L) is True for pads."""
+        attended = self.self_attn(
+            src,
+            src,
+            src,
+            attn_mask=src_mask,
+            key_padding_mask=src_key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        x = self.norm1(src + self.dropout1(attended))
+        fed = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.norm2(x + self.dropout2(fed))
+
+
 class TransformerStack(nn.Module):
     """``pytorchTransformerModule``: post-norm PyTorch encoder layers, then a LayerNorm."""
 
     def __init__(self, config: ScFoundationConfig) -> None:
         super().__init__()
         self.transformer_encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(
+            EncoderLayer(
                 d_model=config.hidden_dim,
                 nhead=config.heads,
                 dim_feedforward=config.hidden_dim * config.ff_mult,

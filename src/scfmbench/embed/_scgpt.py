@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from anndata import AnnData
 
 from scfmbench._atomic import write_json, write_with
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed._scgpt_model import (
     ScGPTConfig,
     TransformerModel,
@@ -98,7 +99,7 @@ class ScGPTModel(FoundationModel):
     def default_layer(self) -> int:
         return self.network.n_layers
 
-    def tokenize(self, adata: AnnData, *, seed: int = 0) -> TokenizedCells:
+    def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
         """``<cls>`` + the non-zero vocabulary genes of each cell with binned values."""
         return tokenize_scgpt(
             adata,
@@ -275,7 +276,7 @@ def load_scgpt(
     normalize: bool = True,
     l2_normalize: bool = True,
     n_classes: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> ScGPTModel:
     """Load a scGPT checkpoint folder (``best_model.pt``, ``args.json``, ``vocab.json``).
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from scfmbench import errors
 from scfmbench._atomic import atomic_path
 from scfmbench.backed import H5adCells
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed._engine import (
     BatchSize,
     EmbeddingCache,
@@ -304,7 +305,7 @@ def embed_h5ad(
     precision: str = "float32",
     cache_dir: Path | None = None,
     chunk_size: int = 2048,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     key_added: str | None = None,
     progress: bool = True,
     all_layers: bool = False,

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.features import obsm_key_for
 from scfmbench.genes import GeneMatch
 from scfmbench.registry import Registry
@@ -145,7 +146,7 @@ class FoundationModel(ABC):
         """The layer the reference extractor uses."""
 
     @abstractmethod
-    def tokenize(self, adata: AnnData, *, seed: int = 0) -> TokenizedCells:
+    def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
         """Turn raw counts (``adata.X``) into token sequences; raise on bad input."""
 
     @abstractmethod

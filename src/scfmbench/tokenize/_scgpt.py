@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.genes import match_genes, resolve_gene_identifiers
 from scfmbench.hashing import hash_json
@@ -226,7 +227,7 @@ def tokenize_scgpt(
     max_seq_len: int = SCGPT_MAX_SEQ_LEN,
     pad_value: float = SCGPT_PAD_VALUE,
     normalize: bool = True,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     min_overlap: float = 0.5,
 ) -> TokenizedCells:
     """Tokenize ``adata.X`` for scGPT: ``<cls>`` then the cell's non-zero genes in var order.

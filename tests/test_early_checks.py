@@ -1,0 +1,164 @@
+"""Checks that need no data come first: model specs, model options and the finetune section
+fail before any data is read, and `embed` and `run` share one seed default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from scfmbench.config import DEFAULT_SEED, FinetuneConfig, ModelSpec, RunConfig
+from scfmbench.errors import CheckpointError, ConfigError
+from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
+from tests._scgpt_fixtures import make_tiny_adata
+from tests.conftest import run_cli_in_process
+
+
+@pytest.fixture
+def not_h5ad(tmp_path):
+    """A file named .h5ad that no reader can open: an error about it means data were read."""
+    path = tmp_path / "broken.h5ad"
+    path.write_text("not an HDF5 file")
+    return path
+
+
+def test_model_spec_parse(tmp_path):
+    spec = ModelSpec.parse(f" scgpt-random = {tmp_path} ")
+    assert (spec.name, spec.path, spec.random_only) == ("scgpt", tmp_path, True)
+    assert str(spec) == f"scgpt-random={tmp_path}"
+    assert ModelSpec.parse(f"geneformer={tmp_path}").random_only is False
+    with pytest.raises(ConfigError, match=r"model 'geneformer' must be written NAME=DIR"):
+        ModelSpec.parse("geneformer")
+    with pytest.raises(ConfigError, match=r"must be written NAME=DIR"):
+        ModelSpec.parse(f"={tmp_path}")
+    with pytest.raises(ConfigError, match=r"unknown model 'genefromer'.*Did you mean 'geneformer'"):
+        ModelSpec.parse(f"genefromer={tmp_path}")
+    with pytest.raises(CheckpointError, match=r"checkpoint folder '.*nowhere' does not exist"):
+        ModelSpec.parse(f"scgpt={tmp_path / 'nowhere'}")
+
+
+def test_run_config_checks_models_and_options(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model 'scpgt'"):
+        RunConfig.build({"models": [f"scpgt={tmp_path}"]})
+    with pytest.raises(ConfigError, match="unknown model 'genformer'.*'geneformer'"):
+        RunConfig.build({"model_options": {"genformer": {"dicts": "x"}}})
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'max_seq_lem' for model 'scgpt'.*'max_seq_len'"
+    ):
+        RunConfig.build({"model_options": {"scgpt": {"max_seq_lem": 5}}})
+    config = RunConfig.build({"model_options": {"scgpt": {"max_seq_len": 5}}})
+    assert config.model_options == {"scgpt": {"max_seq_len": 5}}
+
+
+def test_finetune_section_is_typed_and_checked():
+    with pytest.raises(
+        ConfigError, match=r"^unknown finetune option 'epochz'\. Did you mean 'epochs'\?"
+    ):
+        RunConfig.build({"finetune": {"epochz": 3}})
+    with pytest.raises(ConfigError, match=r"^invalid finetune option 'epochs'"):
+        RunConfig.build({"finetune": {"epochs": 0}})
+    with pytest.raises(ConfigError, match=r"^unknown scvi option 'max_epoch'"):
+        RunConfig.build({"scvi": {"max_epoch": 3}})
+    config = RunConfig.build({"finetune": {"epochs": 5}, "seed": 7})
+    assert isinstance(config.finetune, FinetuneConfig)
+    # the run's seed reaches fine-tuning unless the section sets its own
+    settings = config.finetune_settings()
+    assert (settings.epochs, settings.seed) == (5, 7)
+    own = RunConfig.build({"finetune": {"seed": 3}, "seed": 7}).finetune_settings()
+    assert own.seed == 3
+    assert RunConfig.build({}).finetune_settings() is None
+    # saved and rebuilt (config.yaml, resolve_config) the section keeps only what was set
+    again = RunConfig.build(yaml.safe_load(config.to_yaml()))
+    assert yaml.safe_load(config.to_yaml())["finetune"] == {"epochs": 5}
+    assert again.model_copy(update={"seed": 11}).finetune_settings().seed == 11
+
+
+def test_run_refuses_a_finetune_typo_before_reading_data(tmp_path, not_h5ad, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"finetune": {"epochz": 3}}))
+    code, out, err = run_cli_in_process(
+        ["run", "--data", str(not_h5ad), "--config", str(config), "--out", str(tmp_path / "runs")],
+        capsys,
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "unknown finetune option 'epochz'. Did you mean 'epochs'?" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("geneformer", "must be written NAME=DIR"),
+        ("genefromer={dir}", "unknown model 'genefromer'"),
+        ("scgpt={dir}/missing", "does not exist; check the path"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "embed", "finetune"])
+def test_bad_model_fails_before_the_data(command, model, message, tmp_path, not_h5ad, capsys):
+    data = ["--data", str(not_h5ad)] if command == "run" else [str(not_h5ad)]
+    args = [command, *data, "--model", model.format(dir=tmp_path)]
+    if command == "embed":
+        args += ["--out", str(tmp_path / "out.npy")]
+    else:
+        args += ["--out", str(tmp_path / "runs")]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 2
+    assert message in err and "broken.h5ad" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out.npy").exists()
+
+
+def test_bad_model_option_fails_before_the_data(make_scgpt_dir, not_h5ad, tmp_path, capsys):
+    folder = make_scgpt_dir(weights=False)
+    args = ["embed", str(not_h5ad), "--model", f"scgpt={folder}", "--out", str(tmp_path / "e.npy")]
+    code, _, err = run_cli_in_process([*args, "--option", "max_seq_lem=5"], capsys)
+    assert code == 2
+    assert "unknown option 'max_seq_lem' for model 'scgpt'" in err and "broken" not in err
+
+
+def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, monkeypatch):
+    """Both commands tokenize with one default seed (scGPT's binning breaks ties at random)."""
+    import scfmbench.pipeline as pipeline
+
+    folder = make_scgpt_dir()
+    adata = make_tiny_adata(n_cells=30)
+    adata = adata[:-1].copy()  # the all-zero cell has no token
+    adata.obs["cell_type"] = pd.Categorical(np.repeat(["a", "b", "c"], [10, 10, 9]))
+    path = tmp_path / "tiny.h5ad"
+    adata.write_h5ad(path)
+
+    seen = {}
+    original = pipeline.embed_cells
+
+    def capture(data, model, **kwargs):
+        result = original(data, model, **kwargs)
+        seen[model.model_id] = result.matrix
+        return result
+
+    monkeypatch.setattr(pipeline, "embed_cells", capture)
+    pipeline.run(
+        str(path),
+        label_key="cell_type",
+        out=tmp_path / "runs",
+        models=[f"scgpt={folder}"],
+        random_controls=False,
+        design="study",
+        n_splits=1,
+        min_cells_per_class=3,
+        baselines=["majority"],
+        probes=["logreg"],
+        layerwise=False,
+        figures=False,
+        progress=False,
+    )
+    for seed, same in ((DEFAULT_SEED, True), (0, False)):
+        out = tmp_path / f"embed_{seed}.npy"
+        pipeline.embed_dataset(
+            str(path), model=f"scgpt={folder}", out=out, seed=seed, progress=False
+        )
+        assert np.array_equal(np.load(out), seen["scgpt"]) is same
+    default = tmp_path / "embed_default.npy"
+    pipeline.embed_dataset(str(path), model=f"scgpt={folder}", out=default, progress=False)
+    np.testing.assert_array_equal(np.load(default), seen["scgpt"])
