@@ -125,3 +125,22 @@ def test_a_schema_2_0_run_still_reads(two_folds, tmp_path):
     text = (old / "report.md").read_text()
     assert "validation 0.1 of each class carved from the training folds" in text
     assert "warning: only 2 folds" not in text and "† majority" not in text
+
+
+def test_holdout_reports_the_validation_fraction_it_uses(tmp_path):
+    from tests.conftest import make_tiny_adata
+
+    adata = make_tiny_adata()
+    adata.obs["donor"] = ["d1", "d2"] * (adata.n_obs // 2)
+    result = scfmbench.run(
+        adata,
+        out=tmp_path,
+        name="h",
+        holdout_key="donor",
+        baselines=["majority"],
+        progress=False,
+        figures=False,
+    )
+    run = result.metrics["run"]
+    assert run["design"]["name"] == "holdout"
+    assert run["val_fraction"] == 0.1 and "fractions" not in run
