@@ -93,15 +93,7 @@ def test_cv_reports_the_validation_fraction_it_uses(two_folds, tmp_path, tiny_ad
         "validation 0.1 of each class carved from the training folds"
         in (result.run_dir / "results.md").read_text()
     )
-    study = scfmbench.run(
-        tiny_adata,
-        out=tmp_path,
-        name="s",
-        design="study",
-        baselines=["majority"],
-        progress=False,
-        figures=False,
-    )
+    study = majority_run(tiny_adata, tmp_path, design="study")
     assert study.metrics["run"]["fractions"] == [0.8, 0.1, 0.1]
     assert "val_fraction" not in study.metrics["run"] and "warnings" not in study.metrics["run"]
     assert "train/val/test 0.8/0.1/0.1" in (study.run_dir / "results.md").read_text()
@@ -127,20 +119,15 @@ def test_a_schema_2_0_run_still_reads(two_folds, tmp_path):
     assert "warning: only 2 folds" not in text and "† majority" not in text
 
 
-def test_holdout_reports_the_validation_fraction_it_uses(tmp_path):
-    from tests.conftest import make_tiny_adata
-
-    adata = make_tiny_adata()
-    adata.obs["donor"] = ["d1", "d2"] * (adata.n_obs // 2)
-    result = scfmbench.run(
-        adata,
-        out=tmp_path,
-        name="h",
-        holdout_key="donor",
-        baselines=["majority"],
-        progress=False,
-        figures=False,
+def majority_run(adata, out, **options):
+    """A quick run of the majority baseline only."""
+    return scfmbench.run(
+        adata, out=out, name="m", baselines=["majority"], progress=False, figures=False, **options
     )
-    run = result.metrics["run"]
+
+
+def test_holdout_reports_the_validation_fraction_it_uses(tmp_path, tiny_adata):
+    tiny_adata.obs["donor"] = ["d1", "d2"] * (tiny_adata.n_obs // 2)
+    run = majority_run(tiny_adata, tmp_path, holdout_key="donor").metrics["run"]
     assert run["design"]["name"] == "holdout"
     assert run["val_fraction"] == 0.1 and "fractions" not in run
