@@ -225,6 +225,37 @@ def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[
     return lines
 
 
+def check_transfer_feature_selection(
+    datasets: list[tuple[str, ValidatedData]], cfg: RunConfig
+) -> None:
+    """Refuse geneformer and scgpt on the counts the models see in a transfer (both datasets
+    restricted to their shared genes) when they are feature-selected: fewer than 5,000
+    shared genes, or every gene of one dataset flagged highly variable (see
+    :mod:`scfmbench.feature_selection`). With ``cfg.allow_feature_selected`` the warning is
+    logged and added to both datasets' diagnostics instead.
+
+    Raises
+    ------
+    DataError
+        A feature-selected matrix for a rank- or bin-based model, without the flag.
+    """
+    from scfmbench.feature_selection import check_feature_selection
+
+    (name_a, data_a), (name_b, data_b) = datasets
+    shared = data_a.adata.var_names.intersection(data_b.adata.var_names)
+    allowed = check_feature_selection(
+        cfg.models,
+        n_genes=len(shared),
+        all_hvg=data_a.diagnostics.all_highly_variable or data_b.diagnostics.all_highly_variable,
+        allow=cfg.allow_feature_selected,
+        where=f"the count matrix of {name_a} and {name_b} restricted to their shared genes",
+    )
+    if allowed is not None:
+        logger.warning("warning: %s", allowed)
+        for _, data in datasets:
+            data.diagnostics.warnings.append(allowed)
+
+
 def transfer(
     train: str | Path | AnnData,
     test: str | Path | AnnData,
@@ -279,6 +310,7 @@ def transfer(
                 f"{role} data {name}: " + str(exc).replace("--label-key", f"--label-key-{role}")
             ) from None
         datasets.append((name, checked))
+    check_transfer_feature_selection(datasets, cfg)
     methods = baseline_methods(cfg)
     models = load_models(cfg)
     methods += model_methods(models, cfg)
