@@ -253,14 +253,10 @@ def validate(
 def _add_feature_selection_problem(diag, config) -> None:
     """Add to ``diag.warnings`` what ``config.models`` would make of a feature-selected count
     matrix (see :func:`scfmbench.feature_selection.validate_problem`)."""
-    from scfmbench.feature_selection import COUNT_MATRIX, validate_problem
+    from scfmbench.feature_selection import matrix_facts, validate_problem
 
     problem = validate_problem(
-        config.models,
-        n_genes=diag.n_genes,
-        all_hvg=diag.all_highly_variable,
-        allow=config.allow_feature_selected,
-        where=COUNT_MATRIX.format(source=diag.matrix_source),
+        config.models, allow=config.allow_feature_selected, **matrix_facts(diag)
     )
     if problem is not None:
         diag.warnings.append(problem)

@@ -45,6 +45,17 @@ COUNT_MATRIX = "the count matrix (adata.{source})"
 """How messages name the matrix a model reads; ``source`` as in ``DataDiagnostics``."""
 
 
+def matrix_facts(diagnostics) -> dict:
+    """``n_genes``, ``all_hvg`` and ``where`` of the matrix a run's models read, from its
+    :class:`scfmbench.validate.DataDiagnostics` (keyword arguments of
+    :func:`check_feature_selection` and :func:`validate_problem`)."""
+    return {
+        "n_genes": diagnostics.n_genes,
+        "all_hvg": diagnostics.all_highly_variable,
+        "where": COUNT_MATRIX.format(source=diagnostics.matrix_source),
+    }
+
+
 def all_highly_variable(var: pd.DataFrame) -> bool:
     """Whether every gene of ``var`` is flagged ``var["highly_variable"]``.
 
@@ -209,6 +220,7 @@ __all__ = [
     "check_feature_selection",
     "feature_selection",
     "feature_selection_warning",
+    "matrix_facts",
     "rank_based",
     "validate_problem",
 ]

@@ -337,14 +337,10 @@ def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics)
         geneformer or scgpt (or their controls) would see fewer than 5,000 genes, or only
         genes flagged highly variable, and ``allow_feature_selected`` is not set.
     """
-    from scfmbench.feature_selection import COUNT_MATRIX, check_feature_selection
+    from scfmbench.feature_selection import check_feature_selection, matrix_facts
 
     allowed = check_feature_selection(
-        config.models,
-        n_genes=diagnostics.n_genes,
-        all_hvg=diagnostics.all_highly_variable,
-        allow=config.allow_feature_selected,
-        where=COUNT_MATRIX.format(source=diagnostics.matrix_source),
+        config.models, allow=config.allow_feature_selected, **matrix_facts(diagnostics)
     )
     if allowed is not None:
         logger.warning("warning: %s", allowed)
