@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_allowed_run_carries_the_warning(hvg_file, gf_dir, quick_yaml, tmp_path,
     headline.update({line.split(" | ")[0]: line for line in lines if " | baseline | " in line})
     assert headline["| geneformer+logreg"].endswith(f"| {ALLOWED} |")
     assert headline["| pca+logreg"].endswith("| — |")
-    assert ALLOWED in (run_dir / "report.html").read_text()
+    assert ALLOWED in html.unescape((run_dir / "report.html").read_text())
 
 
 def test_baseline_only_run_is_unaffected(hvg_file, quick_yaml, tmp_path, capsys, caplog):
@@ -267,3 +268,35 @@ def test_transfer_refuses_the_shared_genes(pbmc3k_path, kang_path, tmp_path, cap
         f"kang2018_ifnb_muscat_1556x1267_counts restricted to their shared genes has only "
         f"{shared} genes (fewer than 5,000), a feature-selected subset, but geneformer ranks"
     )
+
+
+def test_allowed_transfer_carries_the_warning(
+    pbmc3k_path, kang_path, gf_dir, quick_yaml, tmp_path, capsys
+):
+    ad.read_h5ad(pbmc3k_path)[::8].copy().write_h5ad(tmp_path / "pbmc.h5ad")
+    kang = ad.read_h5ad(kang_path)[::4].copy()
+    kang.write_h5ad(tmp_path / "kang.h5ad")
+    out = tmp_path / "runs"
+    code, _, err = run_cli_in_process(
+        [
+            "transfer",
+            *("--train", str(tmp_path / "pbmc.h5ad"), "--test", str(tmp_path / "kang.h5ad")),
+            *("--one-way", "--model", f"geneformer={gf_dir}", "--config", str(quick_yaml)),
+            *("--out", str(out), "--name", "t", "--allow-feature-selected", "-q"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads((out / "t" / "metrics.json").read_text())
+    shared = doc["transfer"]["directions"]["pbmc->kang"]["n_shared_genes"]
+    assert shared < 5000
+    expected = (
+        f"pbmc, kang: only {shared} genes (fewer than 5,000): a feature-selected matrix; "
+        "geneformer ranks each cell's genes among far fewer genes than in pretraining "
+        "(allowed by --allow-feature-selected)"
+    )
+    results = doc["transfer"]["matrix"]["pbmc"]["kang"]
+    assert expected in results["geneformer+logreg"]["warnings"]
+    assert "warnings" not in results["pca+logreg"]
+    for page in ("transfer.md", "report.md", "report.html"):
+        assert expected in html.unescape((out / "t" / page).read_text()), page
