@@ -38,7 +38,14 @@ def subset(tmp_path, pbmc3k_sess) -> Path:
 
 
 def _embed(data, model_dir, out, **options):
-    options = {"device": "cpu", "batch_size": 16, "progress": False, **options}
+    # the toy matrices of 8-9 genes would be refused as feature-selected
+    options = {
+        "device": "cpu",
+        "batch_size": 16,
+        "progress": False,
+        "allow_feature_selected": True,
+        **options,
+    }
     return embed_dataset(data, model=f"scgpt={model_dir}", out=out, **options)
 
 
@@ -166,6 +173,7 @@ def test_streaming_refuses_bad_chunks_on_the_cli(tmp_path, make_scgpt_dir):
             "100",
             "--device",
             "cpu",
+            "--allow-feature-selected",  # 8 genes
             "-q",
         ],
         capture_output=True,
