@@ -128,7 +128,7 @@ def test_allowed_run_carries_the_warning(hvg_file, gf_dir, quick_yaml, tmp_path,
         capsys,
     )
     assert code == 0, err
-    assert "geneformer run on it because --allow-feature-selected is set" in caplog.text
+    assert "running geneformer on it anyway because --allow-feature-selected is set" in caplog.text
     run_dir = out / "pbmc_hvg"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["diagnostics"]["all_highly_variable"] is True
@@ -169,8 +169,8 @@ def test_validate_lists_the_refusal(hvg_file, capsys):
     assert code == 0
     assert (
         "the count matrix (adata.X) has only 2000 genes (fewer than 5,000), a feature-selected "
-        "subset; scgpt run on it because --allow-feature-selected is set — scores are not "
-        "comparable to the published models"
+        "subset; running scgpt on it anyway because --allow-feature-selected is set — scores "
+        "are not comparable to the published models"
     ) in json.loads(out)["warnings"]
     code, out, _ = run_cli_in_process(["validate", str(hvg_file)], capsys)
     assert code == 0
@@ -234,8 +234,8 @@ def test_yaml_field_allows_with_a_warning(tmp_path):
     diag = validate(_all_hvg(6000), min_cells_per_class=5).diagnostics
     assert check_run_feature_selection(config, diag) == (
         "the count matrix (adata.X) has 6000 genes, all flagged var['highly_variable'], a "
-        "feature-selected subset; scgpt run on it because --allow-feature-selected is set — "
-        "scores are not comparable to the published models"
+        "feature-selected subset; running scgpt on it anyway because --allow-feature-selected "
+        "is set — scores are not comparable to the published models"
     )
     method = Method("scgpt-random+logreg", "scgpt-random", "logreg", "control", "scgpt-random")
     assert score_warnings(method, config, diag, {}) == [

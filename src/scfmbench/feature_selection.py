@@ -163,8 +163,8 @@ def check_feature_selection(
     if not allow:
         raise DataError(refusal(where, found, affected))
     return (
-        f"{where} has {found}, a feature-selected subset; {', '.join(affected)} "
-        f"run on it because {FLAG} is set — scores are not comparable to the published models"
+        f"{where} has {found}, a feature-selected subset; running {', '.join(affected)} on "
+        f"it anyway because {FLAG} is set — scores are not comparable to the published models"
     )
 
 
