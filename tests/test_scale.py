@@ -182,8 +182,9 @@ def test_streaming_refuses_bad_chunks_on_the_cli(tmp_path, make_scgpt_dir):
         env=ENV,
     )
     assert done.returncode == 2, done.stderr
-    error = done.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: "), done.stderr
+    lines = done.stderr.strip().splitlines()  # the feature-selection warning, then the error
+    error = [line for line in lines if line.startswith("error: ")]
+    assert len(error) == 1 and len(lines) == 2 and "--allow-feature-selected" in lines[0]
     assert "cells 100-199" in error[0] and "scaled" in error[0]
     assert not out.exists() and not list(tmp_path.glob(".out.h5ad*"))
 
