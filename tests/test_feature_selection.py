@@ -109,6 +109,25 @@ def test_embed_refuses_before_loading_the_model(hvg_file, tmp_path, capsys):
     assert code == 2 and "feature-selected" not in line and "none" in line
 
 
+def test_allowed_embed_keeps_the_warning(hvg_file, gf_dir, tmp_path, capsys, caplog):
+    out = tmp_path / "e.h5ad"
+    code, _, err = run_cli_in_process(
+        ["embed", str(hvg_file), "--model", f"geneformer={gf_dir}", "--out", str(out)]
+        + ["--device", "cpu", "--allow-feature-selected", "-q"],
+        capsys,
+    )
+    assert code == 0, err
+    warning = (
+        "the count matrix (adata.X) has only 2000 genes (fewer than 5,000), a feature-selected "
+        "subset; running geneformer on it anyway because --allow-feature-selected is set — "
+        "scores are not comparable to the published models"
+    )
+    assert warning in caplog.text
+    embedded = ad.read_h5ad(out)
+    assert list(embedded.uns["X_geneformer_info"]["warnings"]) == [warning]
+    assert embedded.obsm["X_geneformer"].shape[0] == embedded.n_obs
+
+
 def test_allowed_run_carries_the_warning(hvg_file, gf_dir, quick_yaml, tmp_path, capsys, caplog):
     out = tmp_path / "runs"
     code, _, err = run_cli_in_process(
