@@ -206,6 +206,7 @@ def test_run_and_transfer_on_cellxgene_files(files, models, tmp_path, capsys, sh
             "tr",
             "--seed",
             "3",
+            "--allow-feature-selected",  # the Kang 2018 subset holds 1,267 genes
             "-q",
         ],
         capsys,
@@ -214,6 +215,9 @@ def test_run_and_transfer_on_cellxgene_files(files, models, tmp_path, capsys, sh
     doc = json.loads((tmp_path / "runs/tr/metrics.json").read_text())
     results = doc["transfer"]["matrix"]["cellxgene"]["kang_cxg"]
     assert set(results) == {"majority", "pca+logreg", "scgpt+logreg"}
+    assert any(
+        "allowed by --allow-feature-selected" in w for w in results["scgpt+logreg"]["warnings"]
+    )
     assert doc["run"]["seed"] == 3
     for dataset in ("cellxgene", "kang_cxg"):
         genes = doc["diagnostics"]["models"][f"scgpt ({dataset})"]
@@ -307,10 +311,12 @@ def test_no_cell_embeddable_stops_embed_and_run(pbmc, models, tmp_path, capsys):
     )
     adata.write_h5ad(tmp_path / "outside.h5ad")
     out = tmp_path / "x.npy"
-    code, err = _embed(capsys, tmp_path / "outside.h5ad", f"geneformer={models['geneformer']}", out)
+    spec = f"geneformer={models['geneformer']}"
+    selected = "--allow-feature-selected"  # 4 genes: past the feature-selection refusal
+    code, err = _embed(capsys, tmp_path / "outside.h5ad", spec, out, selected)
     _one_line_error(code, err, "can embed none of the 120 cells", "--gene-column")
     assert not out.exists()
-    config = _quick_config(tmp_path / "run.yaml", models=[f"geneformer={models['geneformer']}"])
+    config = _quick_config(tmp_path / "run.yaml", models=[spec], allow_feature_selected=True)
     code, err = _run(capsys, str(tmp_path / "outside.h5ad"), config, tmp_path / "runs", "none")
     _one_line_error(code, err, "can embed none")
     assert not (tmp_path / "runs" / "none").exists()

@@ -212,21 +212,26 @@ def test_score_warnings_travel_with_model_methods():
     from scfmbench.pipeline import Method, score_warnings
 
     config = RunConfig.build({"allow_normalized": True})
-    diagnostics = SimpleNamespace(matrix_kind="lognorm", n_genes=2000)
-    info = {"gf": {"fraction_counts": 0.61, "n_dropped_cells": 3}}
-    frozen = Method("gf+logreg", "gf", "logreg", "frozen", "gf")
+    diagnostics = SimpleNamespace(matrix_kind="lognorm", n_genes=2000, all_highly_variable=False)
+    info = {"geneformer": {"fraction_counts": 0.61, "n_dropped_cells": 3}}
+    frozen = Method("geneformer+logreg", "geneformer", "logreg", "frozen", "geneformer")
     found = score_warnings(frozen, config, diagnostics, info)
     assert found == [
         "ran on lognorm input, not raw counts (--allow-normalized)",
-        "only 2000 genes (< 5000): a feature-selected matrix; rank- and bin-based models see "
-        "far fewer genes than in pretraining",
+        "only 2000 genes (fewer than 5,000): a feature-selected matrix; geneformer ranks each "
+        "cell's genes among far fewer genes than in pretraining (allowed by "
+        "--allow-feature-selected)",
         "vocabulary genes hold 61% of the counts (< 80%)",
         "3 cells had no vocabulary gene and count as wrong for this model only",
     ]
     baseline = Method("pca+logreg", "pca", "logreg", "baseline")
     assert score_warnings(baseline, config, diagnostics, info) == []
-    clean = SimpleNamespace(matrix_kind="counts", n_genes=20000)
-    assert score_warnings(frozen, RunConfig(), clean, {"gf": {"fraction_counts": 0.9}}) == []
+    clean = SimpleNamespace(matrix_kind="counts", n_genes=20000, all_highly_variable=False)
+    info = {"geneformer": {"fraction_counts": 0.9}}
+    assert score_warnings(frozen, RunConfig(), clean, info) == []
+    # corrected counts are used as counts without the flag: no --allow-normalized warning
+    corrected = SimpleNamespace(matrix_kind="corrected", n_genes=20000, all_highly_variable=False)
+    assert score_warnings(frozen, config, corrected, info) == []
 
 
 def test_logreg_grid_follows_design_and_config():

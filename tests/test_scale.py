@@ -38,7 +38,14 @@ def subset(tmp_path, pbmc3k_sess) -> Path:
 
 
 def _embed(data, model_dir, out, **options):
-    options = {"device": "cpu", "batch_size": 16, "progress": False, **options}
+    # the toy matrices of 8-9 genes would be refused as feature-selected
+    options = {
+        "device": "cpu",
+        "batch_size": 16,
+        "progress": False,
+        "allow_feature_selected": True,
+        **options,
+    }
     return embed_dataset(data, model=f"scgpt={model_dir}", out=out, **options)
 
 
@@ -166,6 +173,7 @@ def test_streaming_refuses_bad_chunks_on_the_cli(tmp_path, make_scgpt_dir):
             "100",
             "--device",
             "cpu",
+            "--allow-feature-selected",  # 8 genes
             "-q",
         ],
         capture_output=True,
@@ -174,8 +182,9 @@ def test_streaming_refuses_bad_chunks_on_the_cli(tmp_path, make_scgpt_dir):
         env=ENV,
     )
     assert done.returncode == 2, done.stderr
-    error = done.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: "), done.stderr
+    lines = done.stderr.strip().splitlines()  # the feature-selection warning, then the error
+    error = [line for line in lines if line.startswith("error: ")]
+    assert len(error) == 1 and len(lines) == 2 and "--allow-feature-selected" in lines[0]
     assert "cells 100-199" in error[0] and "scaled" in error[0]
     assert not out.exists() and not list(tmp_path.glob(".out.h5ad*"))
 

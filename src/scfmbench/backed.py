@@ -23,6 +23,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench.errors import DataError, ScfmbenchError
+from scfmbench.feature_selection import all_highly_variable
 from scfmbench.genes import identifier_sources
 from scfmbench.validate import (
     KIND_NAMES,
@@ -316,6 +317,7 @@ def _validate(
         diag, source=reader.source, kind=reader.kind, var_names=pd.Index(reader.var.index)
     )
     diag.n_genes = len(var_names)
+    diag.all_highly_variable = all_highly_variable(reader.var)
     diag.gene_sources = identifier_sources(reader.var)
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())

@@ -105,6 +105,12 @@ def run(
     allow_normalized: bool = typer.Option(
         None, "--allow-normalized", help="Let count-based models use normalized data."
     ),
+    allow_feature_selected: bool = typer.Option(
+        None,
+        "--allow-feature-selected",
+        help="Let geneformer and scgpt run on a feature-selected count matrix (< 5,000 genes "
+        "or all highly variable); refused by default.",
+    ),
     merge_similar_labels: bool = typer.Option(
         None,
         "--merge-similar-labels",
@@ -163,6 +169,7 @@ def run(
         "reference": reference,
         "min_cells_per_class": min_cells_per_class,
         "allow_normalized": allow_normalized,
+        "allow_feature_selected": allow_feature_selected,
         "merge_similar_labels": merge_similar_labels,
         "gene_column": gene_column,
         "device": device,
@@ -207,11 +214,23 @@ def validate(
         "--backed/--no-backed",
         help="Check the file chunk by chunk without loading it (default: files over 1 GiB).",
     ),
+    model: list[str] = typer.Option(
+        None,
+        help="A model the data is meant for, NAME or NAME=DIR, repeatable: list what it would "
+        "refuse (e.g. a feature-selected count matrix for geneformer).",
+    ),
+    allow_feature_selected: bool = typer.Option(
+        None,
+        "--allow-feature-selected",
+        help="Check as `run --allow-feature-selected` would run.",
+    ),
 ) -> None:
     """Check a dataset: counts, identifiers, classes and problems found (writes nothing).
 
     Stops with the same one-line error as `run` for anything `run` would refuse with the same
-    settings (e.g. a class too small to stratify).
+    settings (e.g. a class too small to stratify). What a named model (--model, or `models` of
+    --config) would refuse about the data, such as a feature-selected count matrix, is listed
+    under problems.
     """
     from scfmbench.backed import BackedData
     from scfmbench.config import RunConfig
@@ -224,11 +243,19 @@ def validate(
         "min_cells_per_class": min_cells_per_class,
         "merge_similar_labels": merge_similar_labels,
         "backed": backed,
+        "models": model or None,
+        "allow_feature_selected": allow_feature_selected,
     }
     base = RunConfig.from_yaml(config) if config is not None else None
     resolved = resolve_config(data, base, settings)
     check_fractions(resolved.fractions)
     baseline_methods(resolved)  # unknown representations / probes, as run refuses them
+    if resolved.models:
+        from scfmbench.embed import MODELS
+        from scfmbench.feature_selection import model_name
+
+        for spec in resolved.models:
+            MODELS.get(model_name(spec))  # unknown models, as run refuses them
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
@@ -239,6 +266,7 @@ def validate(
         checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
     )
     diag = checked.diagnostics
+    _add_feature_selection_problem(diag, resolved)
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return
@@ -255,6 +283,18 @@ def validate(
         *[f"  - {w}" for w in diag.warnings],
     ]
     typer.echo("\n".join(lines))
+
+
+def _add_feature_selection_problem(diag, config) -> None:
+    """Add to ``diag.warnings`` what ``config.models`` would make of a feature-selected count
+    matrix (see :func:`scfmbench.feature_selection.validate_problem`)."""
+    from scfmbench.feature_selection import matrix_facts, validate_problem
+
+    problem = validate_problem(
+        config.models, allow=config.allow_feature_selected, **matrix_facts(diag)
+    )
+    if problem is not None:
+        diag.warnings.append(problem)
 
 
 def _gene_source_lines(sources: dict[str, str | None]) -> list[str]:
@@ -304,6 +344,12 @@ def embed(
         None, help="Folder with the Geneformer dictionaries (default: the model folder)."
     ),
     allow_normalized: bool = typer.Option(False, "--allow-normalized"),
+    allow_feature_selected: bool = typer.Option(
+        False,
+        "--allow-feature-selected",
+        help="Let geneformer and scgpt embed a feature-selected count matrix (< 5,000 genes "
+        "or all highly variable); refused by default.",
+    ),
     gene_column: str = typer.Option(None, help="var column with gene identifiers."),
     seed: int = typer.Option(
         DEFAULT_SEED,
@@ -337,6 +383,7 @@ def embed(
             **({"dicts": str(geneformer_dicts)} if geneformer_dicts is not None else {}),
         },
         allow_normalized=allow_normalized,
+        allow_feature_selected=allow_feature_selected,
         gene_column=gene_column,
         progress=not quiet and main_rank,
         backed=backed,
@@ -369,6 +416,12 @@ def transfer(
     allow_normalized: bool = typer.Option(
         None, "--allow-normalized", help="Let count-based models use normalized data."
     ),
+    allow_feature_selected: bool = typer.Option(
+        None,
+        "--allow-feature-selected",
+        help="Let geneformer and scgpt run on a feature-selected count matrix (< 5,000 genes "
+        "or all highly variable); refused by default.",
+    ),
     gene_column: str = typer.Option(
         None, help="var column with gene identifiers (default: resolved per model)."
     ),
@@ -399,6 +452,7 @@ def transfer(
         "name": name,
         "seed": seed,
         "allow_normalized": allow_normalized,
+        "allow_feature_selected": allow_feature_selected,
         "gene_column": gene_column,
         "device": device,
         "batch_size": batch_size,

@@ -298,6 +298,12 @@ class RunConfig(BaseModel):
     allow_normalized: bool = Field(
         False, description="Let count-based models run on normalized data (with a warning)."
     )
+    allow_feature_selected: bool = Field(
+        False,
+        description="Let rank- and bin-based models (geneformer, scgpt) run on a "
+        "feature-selected count matrix (fewer than 5,000 genes, or every gene flagged "
+        "var['highly_variable']), with a warning beside their scores.",
+    )
     gene_column: str | None = Field(None, description="var column with gene identifiers.")
     batch_size: int = Field(32, ge=1, description="Cells per embedding batch.")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")

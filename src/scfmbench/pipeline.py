@@ -281,6 +281,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
     from scfmbench.evaluate import detect_batch_key
 
     detect_batch_key(validated.obs, config.batch_key)  # a misspelt batch_key fails here
+    check_run_feature_selection(config, validated.diagnostics)
     methods = baseline_methods(config, validated.diagnostics.matrix_kind)
     models = load_models(config)
     methods += model_methods(models, config)
@@ -307,6 +308,27 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
         if created and not _holds_finished_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics) -> str | None:
+    """Refuse the run's models on a feature-selected count matrix (see
+    :func:`scfmbench.feature_selection.check_feature_selection`); with
+    ``config.allow_feature_selected`` log and return the warning instead.
+
+    Raises
+    ------
+    DataError
+        geneformer or scgpt (or their controls) would see fewer than 5,000 genes, or only
+        genes flagged highly variable, and ``allow_feature_selected`` is not set.
+    """
+    from scfmbench.feature_selection import check_feature_selection, matrix_facts
+
+    allowed = check_feature_selection(
+        config.models, allow=config.allow_feature_selected, **matrix_facts(diagnostics)
+    )
+    if allowed is not None:
+        logger.warning("warning: %s", allowed)
+    return allowed
 
 
 def _holds_finished_work(run_dir: Path) -> bool:
@@ -1089,8 +1111,6 @@ def build_metrics(
     return doc, table
 
 
-FEATURE_SELECTED_GENES = 5000
-"""A count matrix with fewer genes than this looks feature-selected (e.g. 2,000 HVGs)."""
 MIN_COUNT_COVERAGE = 0.8
 """Below this share of counts on vocabulary genes a model sees much less than usual."""
 
@@ -1099,20 +1119,24 @@ def score_warnings(
     method: Method, config: RunConfig, diagnostics: DataDiagnostics, model_info: dict
 ) -> list[str]:
     """Conditions that change what a foundation-model method's score means (empty for
-    baselines): non-count input let through by ``allow_normalized``, a feature-selected
-    matrix (fewer than 5,000 genes), vocabulary genes holding < 80% of the counts, and cells
-    the model could not embed (scored as wrong for this method only)."""
+    baselines): normalized or log-scale input let through by ``allow_normalized``, a
+    feature-selected matrix (fewer than 5,000 genes, or every gene highly variable; for
+    geneformer and scgpt only with ``allow_feature_selected``, see
+    :mod:`scfmbench.feature_selection`), vocabulary genes holding < 80% of the counts, and
+    cells the model could not embed (scored as wrong for this method only)."""
+    from scfmbench.feature_selection import feature_selection_warning
+
     if method.model is None:
         return []
     info = model_info.get(method.model, {})
     found = []
-    if config.allow_normalized and diagnostics.matrix_kind != "counts":
+    if config.allow_normalized and diagnostics.matrix_kind in ("normalized", "lognorm"):
         found.append(f"ran on {diagnostics.matrix_kind} input, not raw counts (--allow-normalized)")
-    if diagnostics.n_genes < FEATURE_SELECTED_GENES:
-        found.append(
-            f"only {diagnostics.n_genes} genes (< {FEATURE_SELECTED_GENES}): a feature-selected "
-            "matrix; rank- and bin-based models see far fewer genes than in pretraining"
-        )
+    selected = feature_selection_warning(
+        method.model, diagnostics.n_genes, diagnostics.all_highly_variable
+    )
+    if selected is not None:
+        found.append(selected)
     coverage = info.get("fraction_counts")
     if coverage is not None and coverage < MIN_COUNT_COVERAGE:
         found.append(
@@ -1156,6 +1180,7 @@ def embed_dataset(
     model_options: dict[str, Any] | None = None,
     backed: bool | None = None,
     seed: int = DEFAULT_SEED,
+    allow_feature_selected: bool = False,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
 
@@ -1169,14 +1194,24 @@ def embed_dataset(
         backed: stream the ``.h5ad`` file chunk by chunk (``chunk_size`` cells) instead of
             loading it (see :func:`scfmbench.embed.embed_h5ad`); default: stream files above
             1 GiB and under torchrun (``WORLD_SIZE > 1``, cells sharded by rank, rank 0 writes).
+        allow_feature_selected: let geneformer or scgpt embed a feature-selected count matrix
+            (fewer than 5,000 genes, or every gene flagged highly variable) with a warning;
+            by default it is refused before the model is loaded (DataError).
 
     Returns:
         (obsm key, number of embedded cells). With ``out`` ending in ``.npy`` the
         (n_obs, dim) matrix is saved (NaN rows for cells without tokens); otherwise a copy
         of the data with ``obsm['X_<model>']`` is written as ``.h5ad``.
     """
+    import warnings
+
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
     from scfmbench.embed._stream import should_stream
+    from scfmbench.feature_selection import (
+        COUNT_MATRIX,
+        all_highly_variable,
+        check_feature_selection,
+    )
     from scfmbench.validate import check_unique_cells, expression_view
 
     batch_size = parse_batch_size(batch_size)
@@ -1199,13 +1234,25 @@ def embed_dataset(
     if stream:  # refuse the data before loading the model, as in memory
         from scfmbench.backed import H5adCells
 
-        H5adCells(Path(data), chunk_size=chunk_size).close()
+        reader = H5adCells(Path(data), chunk_size=chunk_size)
+        reader.close()
+        source, genes = reader.source, reader.var
     if not stream:
         adata = load_dataset(data)
         check_unique_cells(
             adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
         )
         counts = expression_view(adata)
+        source, genes = counts.uns["scfmbench"]["matrix_source"], counts.var
+    allowed = check_feature_selection(
+        [model],
+        n_genes=len(genes),
+        all_hvg=all_highly_variable(genes),
+        allow=allow_feature_selected,
+        where=COUNT_MATRIX.format(source=source),
+    )
+    if allowed is not None:
+        warnings.warn(allowed, stacklevel=2)
     (foundation,) = load_models(settings)
     options = {
         "seed": seed,
@@ -1235,6 +1282,7 @@ def embed_dataset(
                 "pooling": result.pooling,
                 "checkpoint_sha256": result.checkpoint_sha256,
                 "dropped_cells": list(map(str, result.dropped)),
+                **({"warnings": [allowed]} if allowed is not None else {}),
                 "genes": {
                     k: v
                     for k, v in (result.gene_match.to_dict() if result.gene_match else {}).items()

@@ -799,6 +799,7 @@ def transfer_section(metrics: dict[str, Any]) -> list[Section]:
         return []
     tests = list(dict.fromkeys(t for row in matrix.values() for t in row))
     rows: dict[tuple[str, str], dict[str, Cell]] = {}
+    warnings: dict[tuple[str, str], list[str]] = {}
     for train, row in matrix.items():
         for test, per_method in row.items():
             for method, scores in per_method.items():
@@ -807,15 +808,18 @@ def transfer_section(metrics: dict[str, Any]) -> list[Section]:
                 rows.setdefault((train, method), {})[test] = Cell(
                     shown, float(f1) if is_number(f1) else None, "num"
                 )
+                warnings.setdefault((train, method), []).extend(scores.get("warnings") or [])
+    warned = any(warnings.values())
     methods = metrics.get("methods", {})
     table = Table(
         "transfer",
-        ["trained on", "method", *[f"→ {t}" for t in tests]],
+        ["trained on", "method", *[f"→ {t}" for t in tests]] + (["warnings"] if warned else []),
         caption="Macro F1 / accuracy; rows: training data, columns: test data",
     )
     for (train, method), cells in rows.items():
         label = method_cell(method, methods.get(method, {}))
-        table.rows.append([text(train), label, *[cells.get(t, text(None)) for t in tests]])
+        shown = [text("; ".join(warnings[(train, method)]) or None)] if warned else []
+        table.rows.append([text(train), label, *[cells.get(t, text(None)) for t in tests], *shown])
     return [Section("transfer", "Transfer across datasets", tables=[table])]
 
 

@@ -225,6 +225,37 @@ def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[
     return lines
 
 
+def check_transfer_feature_selection(
+    datasets: list[tuple[str, ValidatedData]], cfg: RunConfig
+) -> None:
+    """Refuse geneformer and scgpt on the counts the models see in a transfer (both datasets
+    restricted to their shared genes) when they are feature-selected: fewer than 5,000
+    shared genes, or every gene of one dataset flagged highly variable (see
+    :mod:`scfmbench.feature_selection`). With ``cfg.allow_feature_selected`` the warning is
+    logged and added to both datasets' diagnostics instead.
+
+    Raises
+    ------
+    DataError
+        A feature-selected matrix for a rank- or bin-based model, without the flag.
+    """
+    from scfmbench.feature_selection import check_feature_selection
+
+    (name_a, data_a), (name_b, data_b) = datasets
+    shared = data_a.adata.var_names.intersection(data_b.adata.var_names)
+    allowed = check_feature_selection(
+        cfg.models,
+        n_genes=len(shared),
+        all_hvg=data_a.diagnostics.all_highly_variable or data_b.diagnostics.all_highly_variable,
+        allow=cfg.allow_feature_selected,
+        where=f"the count matrix of {name_a} and {name_b} restricted to their shared genes",
+    )
+    if allowed is not None:
+        logger.warning("warning: %s", allowed)
+        for _, data in datasets:
+            data.diagnostics.warnings.append(allowed)
+
+
 def transfer(
     train: str | Path | AnnData,
     test: str | Path | AnnData,
@@ -279,6 +310,7 @@ def transfer(
                 f"{role} data {name}: " + str(exc).replace("--label-key", f"--label-key-{role}")
             ) from None
         datasets.append((name, checked))
+    check_transfer_feature_selection(datasets, cfg)
     methods = baseline_methods(cfg)
     models = load_models(cfg)
     methods += model_methods(models, cfg)
@@ -295,9 +327,8 @@ def transfer(
         prepared, counts_a, counts_b = prepare_transfer(
             data_a, data_b, mapping, names=(name_a, name_b), seed=cfg.seed, fractions=cfg.fractions
         )
-        for model_id, per_dataset in _embed_models(
-            models, prepared, counts_a, counts_b, cfg, progress
-        ).items():
+        embedded = _embed_models(models, prepared, counts_a, counts_b, cfg, progress)
+        for model_id, per_dataset in embedded.items():
             for dataset, info in zip((name_a, name_b), per_dataset, strict=True):
                 model_genes.setdefault(f"{model_id} ({dataset})", info)
         classes = list(prepared.labels.cat.categories)
@@ -325,6 +356,9 @@ def transfer(
         }
         results, comparisons, table = transfer_statistics(
             methods, predictions, prepared.labels, splits, seed=cfg.seed
+        )
+        add_score_warnings(
+            results, methods, cfg, (datasets[i], datasets[j]), prepared.n_shared_genes, embedded
         )
         tables.append(table.assign(direction=f"{name_a}->{name_b}"))
         matrix.setdefault(name_a, {})[name_b] = results
@@ -432,6 +466,42 @@ def transfer_statistics(
     return results, doc["comparisons"], table
 
 
+def add_score_warnings(
+    results: dict[str, dict],
+    methods: list,
+    cfg: RunConfig,
+    pair: tuple[tuple[str, ValidatedData], tuple[str, ValidatedData]],
+    n_shared_genes: int,
+    embedded: dict[str, list[dict]],
+) -> None:
+    """Put each model method's score warnings in ``results[method]["warnings"]``.
+
+    The warnings are those of a run (:func:`scfmbench.pipeline.score_warnings`), judged for
+    each dataset of the ``pair`` on the shared genes the model saw, each prefixed by the
+    dataset(s) it concerns (``"pbmc3k, kang: only 1267 genes …"``).
+    """
+    from types import SimpleNamespace
+
+    from scfmbench.pipeline import score_warnings
+
+    for method in methods:
+        if method.model is None:
+            continue
+        found: dict[str, list[str]] = {}
+        for (name, data), info in zip(pair, embedded[method.model], strict=True):
+            facts = SimpleNamespace(
+                matrix_kind=data.diagnostics.matrix_kind,
+                n_genes=n_shared_genes,
+                all_highly_variable=data.diagnostics.all_highly_variable,
+            )
+            for warning in score_warnings(method, cfg, facts, {method.model: info}):
+                found.setdefault(warning, []).append(name)
+        if found:
+            results[method.name]["warnings"] = [
+                f"{', '.join(names)}: {warning}" for warning, names in found.items()
+            ]
+
+
 def _embed_models(
     models,
     prepared: TransferData,
@@ -484,6 +554,7 @@ def transfer_markdown(doc: dict) -> str:
     for train_name, row in doc["transfer"]["matrix"].items():
         for test_name, results in row.items():
             info = doc["transfer"]["directions"][f"{train_name}->{test_name}"]
+            warned = any(r.get("warnings") for r in results.values())
             lines += [
                 f"## train {train_name} → test {test_name}",
                 "",
@@ -491,13 +562,15 @@ def transfer_markdown(doc: dict) -> str:
                 f"cells; {info['n_test_cells']} test cells; classes {info['classes']}; "
                 f"test classes not in train (dropped): {info['dropped_test_classes'] or 'none'}",
                 "",
-                "| method | kind | accuracy | macro F1 | macro F1 95% CI |",
-                "| --- | --- | --- | --- | --- |",
+                "| method | kind | accuracy | macro F1 | macro F1 95% CI |"
+                + (" warnings |" if warned else ""),
+                "| --- | --- | --- | --- | --- |" + (" --- |" if warned else ""),
             ]
             lines += [
                 f"| {m} | {r['kind']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
                 + _interval_text(r.get("summary", {}).get("macro_f1", {}).get("ci95"))
                 + " |"
+                + (f" {'; '.join(r.get('warnings') or []) or '—'} |" if warned else "")
                 for m, r in results.items()
             ]
             lines.append("")

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.errors import CountsRequiredError, DataError, SchemaError
+from scfmbench.feature_selection import all_highly_variable
 from scfmbench.genes import detect_identifier_type, identifier_sources
 from scfmbench.registry import did_you_mean
 
@@ -404,6 +405,7 @@ class DataDiagnostics:
     renamed_duplicate_genes: int = 0
     similar_labels: list[dict[str, int]] = field(default_factory=list)
     merged_labels: dict[str, str] = field(default_factory=dict)
+    all_highly_variable: bool = False  # every gene flagged var["highly_variable"]
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -581,6 +583,7 @@ def validate(
         data = data[keep].copy()
     data.obs[label_key] = labels.to_numpy()
     diag.n_genes = data.n_vars
+    diag.all_highly_variable = all_highly_variable(var)
     data.uns["scfmbench"] = {"diagnostics": diag.to_dict()}
     logger.info(
         "validated %d cells × %d genes, %d classes; %s from adata.%s; %s identifiers",
@@ -613,7 +616,7 @@ def record_matrix(
         _warn(
             diag,
             f"no raw integer counts found; using {kind} values from adata.{source} "
-            "(count-based models will refuse them)",
+            "(count-based models refuse them unless --allow-normalized is given)",
         )
     if not var_names.is_unique:
         n_dup = int(var_names.duplicated().sum())
