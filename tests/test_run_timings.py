@@ -110,3 +110,50 @@ def test_embedding_quality_timings_on_too_few_cells(n_cells):
     steps: dict[str, float] = {}
     scores = embedding_quality(np.zeros((n_cells, 2)), np.array(["a"] * n_cells), timings=steps)
     assert scores["nmi"] is None and steps == {}
+
+
+SCORES_SCRIPT = """
+import json, numpy as np
+from scfmbench.evaluate import embedding_quality
+from scfmbench.figures import umap_coordinates
+rng = np.random.default_rng(0)
+labels = np.repeat(["a", "b", "c"], 40)
+points = rng.normal(size=(120, 3)) + 4 * (labels[:, None] == np.array(["a", "b", "c"]))
+scores = embedding_quality(points, labels, seed=0)
+scores["umap"] = umap_coordinates(points, seed=0).round(4).tolist()
+print(json.dumps(scores))
+"""
+
+
+def test_compiled_code_is_kept_and_gives_the_same_scores(tmp_path):
+    """A fresh process reuses the XLA and numba code of the first (same scores, same UMAP)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def scores(setting: str) -> dict:
+        env = {**os.environ, "SCFMBENCH_COMPILE_CACHE": setting, "MPLBACKEND": "Agg"}
+        done = subprocess.run(
+            [sys.executable, "-c", SCORES_SCRIPT], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    cache = tmp_path / "cache"
+    first = scores(str(cache))
+    assert any((cache / "jax").iterdir())
+    assert scores(str(cache)) == first
+
+
+def test_umap_kernels_cache_on_disk(tmp_path, monkeypatch):
+    import umap.umap_
+
+    from scfmbench import _compile_cache
+
+    monkeypatch.setenv("SCFMBENCH_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_compile_cache, "_done", set())
+    _compile_cache.keep_umap_code()
+    assert type(umap.umap_.smooth_knn_dist._cache).__name__ == "FunctionCache"
+    monkeypatch.setenv("SCFMBENCH_COMPILE_CACHE", "off")
+    assert _compile_cache.cache_root() is None

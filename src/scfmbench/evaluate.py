@@ -96,6 +96,10 @@ def embedding_quality(
     """
     import scib_metrics
 
+    from scfmbench._compile_cache import keep_umap_code, keep_xla_code
+
+    keep_xla_code()  # scib-metrics' silhouettes and LISI are jax functions
+    keep_umap_code()  # the kNN graph's connectivities are UMAP's fuzzy simplicial set
     keep = ~np.isnan(matrix).any(axis=1)
     matrix = np.ascontiguousarray(matrix[keep], dtype=np.float32)
     labels = np.asarray(labels, dtype=str)[keep]

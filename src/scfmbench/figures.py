@@ -73,6 +73,9 @@ def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) 
     import anndata
     import scanpy as sc
 
+    from scfmbench._compile_cache import keep_umap_code
+
+    keep_umap_code()
     holder = anndata.AnnData(np.zeros((features.shape[0], 1), dtype=np.float32))
     holder.obsm["X_rep"] = np.asarray(features, dtype=np.float32)
     sc.pp.neighbors(holder, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
