@@ -195,7 +195,9 @@ def breakdown(timings: dict) -> list[str]:
     ]
     for name, entry in rows:
         parts = ", ".join(
-            f"{k.removesuffix('_s')} {v:.1f}" for k, v in entry.items() if k.endswith("_s")
+            f"{k.removesuffix('_s')} {v:.1f}"
+            for k, v in entry.items()
+            if k.endswith("_s") and k != "cells_per_s"
         )
         cpu = entry.get("cpu_seconds", 0.0)
         lines.append(

@@ -39,9 +39,11 @@ def test_breakdown_orders_stages_by_cpu_time_and_lists_their_parts():
     timings = {
         "probe:hvg+logreg": {"seconds": 3.0, "cpu_seconds": 2.0},
         "embedding_scores:pca": {"seconds": 9.0, "cpu_seconds": 6.0, "leiden_s": 1.25},
+        "embed:gf": {"seconds": 1.0, "cpu_seconds": 0.5, "n_cells": 8, "cells_per_s": 8.0},
         "total": {"seconds": 20.0, "cpu_seconds": 10.0},
     }
     lines = breakdown(timings)
     assert lines[2] == "| embedding_scores:pca | 9.0 | 6.0 | 60% | leiden 1.2 |"
     assert lines[3] == "| probe:hvg+logreg | 3.0 | 2.0 | 20% |  |"
-    assert len(lines) == 4
+    assert lines[4] == "| embed:gf | 1.0 | 0.5 | 5% |  |"  # a rate is not a part
+    assert len(lines) == 5
