@@ -157,3 +157,14 @@ def test_umap_kernels_cache_on_disk(tmp_path, monkeypatch):
     assert type(umap.umap_.smooth_knn_dist._cache).__name__ == "FunctionCache"
     monkeypatch.setenv("SCFMBENCH_COMPILE_CACHE", "off")
     assert _compile_cache.cache_root() is None
+
+
+def test_umap_of_more_than_8192_cells():
+    """From 8,192 cells scanpy's default neighbour search (pynndescent) failed on scipy's
+    sparse arrays; below, the exact search is what scanpy ran before."""
+    from scfmbench.figures import umap_coordinates
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(8200, 5)).astype(np.float32)
+    coords = umap_coordinates(big, seed=0)
+    assert coords.shape == (8200, 2) and np.isfinite(coords).all()
