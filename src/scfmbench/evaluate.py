@@ -3,6 +3,9 @@ connectivity) and UMAP figures."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,7 @@ def embedding_quality(
     *,
     batches: np.ndarray | None = None,
     seed: int = 0,
+    timings: dict[str, float] | None = None,
 ) -> dict:
     """Zero-shot scores of an embedding against the labels (and batches), by scib-metrics.
 
@@ -79,6 +83,10 @@ def embedding_quality(
         Donor/batch of each cell.
     seed : int, default 0
         Seed of the Leiden clustering.
+    timings : dict, optional
+        Filled with the wall seconds of each part: ``neighbors_s`` (exact kNN), ``graph_s``
+        (the fuzzy connectivities of the 15-neighbour graph), ``leiden_s``, ``silhouette_s``,
+        ``lisi_s`` and ``graph_connectivity_s``.
 
     Returns
     -------
@@ -88,6 +96,10 @@ def embedding_quality(
     """
     import scib_metrics
 
+    from scfmbench._compile_cache import keep_umap_code, keep_xla_code
+
+    keep_xla_code()  # scib-metrics' silhouettes and LISI are jax functions
+    keep_umap_code()  # the kNN graph's connectivities are UMAP's fuzzy simplicial set
     keep = ~np.isnan(matrix).any(axis=1)
     matrix = np.ascontiguousarray(matrix[keep], dtype=np.float32)
     labels = np.asarray(labels, dtype=str)[keep]
@@ -96,24 +108,56 @@ def embedding_quality(
     out.update(n_cells=int(n_cells), n_neighbors=None)
     if n_cells < 3 or len(np.unique(labels)) < 2:
         return out
-    neighbours = nearest_neighbors(matrix, min(N_NEIGHBORS, n_cells))
-    graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, neighbours.n_neighbors))
-    clusters = scib_metrics.nmi_ari_cluster_labels_leiden(graph, labels, seed=seed)
+    clock = _Clock(timings)
+    with clock("neighbors_s"):
+        neighbours = nearest_neighbors(matrix, min(N_NEIGHBORS, n_cells))
+        graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, neighbours.n_neighbors))
+    with clock("graph_s"):
+        graph.knn_graph_connectivities  # noqa: B018  (cached property: timed on its own)
+    with clock("leiden_s"):
+        clusters = scib_metrics.nmi_ari_cluster_labels_leiden(graph, labels, seed=seed)
+    with clock("silhouette_s"):
+        silhouette = scib_metrics.silhouette_label(matrix, labels)
+    with clock("lisi_s"):
+        clisi = scib_metrics.clisi_knn(neighbours, labels)
+    with clock("graph_connectivity_s"):
+        connectivity = scib_metrics.graph_connectivity(graph, labels)
     out.update(
         nmi=float(clusters["nmi"]),
         ari=float(clusters["ari"]),
-        silhouette_label=float(scib_metrics.silhouette_label(matrix, labels)),
-        clisi=float(scib_metrics.clisi_knn(neighbours, labels)),
-        graph_connectivity=float(scib_metrics.graph_connectivity(graph, labels)),
+        silhouette_label=float(silhouette),
+        clisi=float(clisi),
+        graph_connectivity=float(connectivity),
         n_neighbors=int(neighbours.n_neighbors),
     )
     if batches is not None:
         batches = np.asarray(batches, dtype=str)[keep]
         if _has_mixed_label(labels, batches):
-            batch_asw = scib_metrics.silhouette_batch(matrix, labels, batches)
-            out["silhouette_batch"] = float(batch_asw)
-            out["ilisi"] = float(scib_metrics.ilisi_knn(neighbours, batches))
+            with clock("silhouette_s"):
+                out["silhouette_batch"] = float(
+                    scib_metrics.silhouette_batch(matrix, labels, batches)
+                )
+            with clock("lisi_s"):
+                out["ilisi"] = float(scib_metrics.ilisi_knn(neighbours, batches))
     return out
+
+
+class _Clock:
+    """``with clock(key):`` adds the block's wall seconds to ``timings[key]`` (no-op without
+    a dict)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                total = self.timings.get(key, 0.0) + time.perf_counter() - start
+                self.timings[key] = round(total, 3)
 
 
 def _has_mixed_label(labels: np.ndarray, batches: np.ndarray) -> bool:

@@ -107,13 +107,20 @@ def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title:
 
 
 def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    """UMAP of a feature matrix through scanpy's neighbors + umap (seeded)."""
+    """UMAP of a feature matrix through scanpy's neighbors (exact) + umap (seeded)."""
     import anndata
     import scanpy as sc
 
+    from scfmbench._compile_cache import keep_umap_code
+
+    keep_umap_code()
     holder = anndata.AnnData(np.zeros((features.shape[0], 1), dtype=np.float32))
     holder.obsm["X_rep"] = np.asarray(features, dtype=np.float32)
-    sc.pp.neighbors(holder, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
+    # exact kNN at every size: what scanpy does below 8,192 cells anyway; from there its
+    # pynndescent path fails on scipy's sparse arrays (``csr_array`` has no ``getnnz``)
+    sc.pp.neighbors(
+        holder, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed, transformer="sklearn"
+    )
     sc.tl.umap(holder, random_state=seed)
     return np.asarray(holder.obsm["X_umap"])
 

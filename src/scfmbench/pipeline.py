@@ -347,7 +347,7 @@ def _execute(
     run_dir: Path,
     progress: bool,
 ) -> RunResult:
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", config.to_yaml())
     stages = StageStore(run_dir)
@@ -403,12 +403,13 @@ def _execute(
                 methods,
                 progress,
             )
-    metrics, table = build_metrics(
-        config, validated, split_set, methods, predictions, reference, model_info
-    )
-    from scfmbench.run_stats import PREDICTIONS_FILE, write_predictions
+    with stages.timed("statistics"):
+        metrics, table = build_metrics(
+            config, validated, split_set, methods, predictions, reference, model_info
+        )
+        from scfmbench.run_stats import PREDICTIONS_FILE, write_predictions
 
-    write_predictions(table, run_dir / PREDICTIONS_FILE)
+        write_predictions(table, run_dir / PREDICTIONS_FILE)
     if finetuned:
         metrics["finetune"] = finetune_metrics(finetuned, run_dir)
     if config.train_sizes:
@@ -462,11 +463,11 @@ def _execute(
             metrics["layers"] = layerwise_probing(
                 config, validated, models, split_set.splits[0], run_dir, stages, progress
             )
-    with stages.timed("embedding_scores"):
-        metrics["embeddings"] = embedding_scores(
-            config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
-        )
+    metrics["embeddings"] = embedding_scores(
+        config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
+    )
     stages.timings["total"] = time.perf_counter() - started
+    stages.note("total", cpu_seconds=round(time.process_time() - started_cpu, 3))
     metrics["timings"] = stages.summary()
     write_json(run_dir / "metrics.json", metrics)
     from scfmbench.report import write_results_markdown
@@ -775,8 +776,7 @@ def embedding_scores(
 ) -> dict:
     """Zero-shot scores (:func:`scfmbench.evaluate.embedding_quality`) and UMAPs of the
     HVG-PCA view and of every embedding, on the cells of :func:`scored_cells`."""
-    from scfmbench.evaluate import detect_batch_key, embedding_quality, write_embedding_figures
-    from scfmbench.features import pca_all_cells
+    from scfmbench.evaluate import detect_batch_key
 
     labels = data.labels
     rows = scored_cells(labels, seed=config.seed)
@@ -799,36 +799,67 @@ def embedding_scores(
         )
         payload = stages.load(f"embedding_scores_{name}", stage_key)
         if payload is None:
-            if name in matrices:
-                matrix = matrices[name][rows]
-            else:
-                matrix = pca_all_cells(
-                    cells,
-                    kind=data.diagnostics.matrix_kind,
-                    n_hvg=config.n_hvg,
-                    n_pcs=config.n_pcs,
-                    seed=config.seed,
-                    names=labels.index[rows],
+            steps: dict[str, float] = {}
+            with stages.timed(f"embedding_scores:{name}"):
+                payload = _score_view(
+                    name, config, data, cells, matrices, rows, batches, batch_key, run_dir, steps
                 )
-            payload = embedding_quality(
-                matrix, labels.to_numpy()[rows], batches=batches, seed=config.seed
-            )
-            payload["batch_key"] = batch_key
-            if config.figures:
-                payload.update(
-                    write_embedding_figures(
-                        name,
-                        matrix,
-                        labels.to_numpy()[rows],
-                        run_dir / "figures",
-                        seed=config.seed,
-                        batches=batches,
-                        batch_key=batch_key,
-                    )
-                )
+            stages.note(f"embedding_scores:{name}", **steps)
             stages.save(f"embedding_scores_{name}", stage_key, payload)
         out[name] = payload
     return out
+
+
+def _score_view(
+    name: str,
+    config: RunConfig,
+    data: RunData,
+    cells: CellRows,
+    matrices: dict[str, np.ndarray],
+    rows: np.ndarray,
+    batches: np.ndarray | None,
+    batch_key: str | None,
+    run_dir: Path,
+    steps: dict[str, float],
+) -> dict:
+    """Zero-shot scores (and UMAPs) of one view; ``steps`` gets the seconds of each part
+    (``view_s``: the HVG-PCA of the scored cells, then the scores' parts, ``umap_s``)."""
+    from scfmbench.evaluate import embedding_quality, write_embedding_figures
+    from scfmbench.features import pca_all_cells
+
+    labels = data.labels
+    start = time.perf_counter()
+    if name in matrices:
+        matrix = matrices[name][rows]
+    else:
+        matrix = pca_all_cells(
+            cells,
+            kind=data.diagnostics.matrix_kind,
+            n_hvg=config.n_hvg,
+            n_pcs=config.n_pcs,
+            seed=config.seed,
+            names=labels.index[rows],
+        )
+    steps["view_s"] = round(time.perf_counter() - start, 3)
+    payload = embedding_quality(
+        matrix, labels.to_numpy()[rows], batches=batches, seed=config.seed, timings=steps
+    )
+    payload["batch_key"] = batch_key
+    if config.figures:
+        start = time.perf_counter()
+        payload.update(
+            write_embedding_figures(
+                name,
+                matrix,
+                labels.to_numpy()[rows],
+                run_dir / "figures",
+                seed=config.seed,
+                batches=batches,
+                batch_key=batch_key,
+            )
+        )
+        steps["umap_s"] = round(time.perf_counter() - start, 3)
+    return payload
 
 
 def finish_run_directory(
@@ -912,10 +943,11 @@ def _predict_all(
         payload = stages.load(stage, key)
         shared = (method.representation, split.seed) if method.model is None else None
         if payload is None:
-            with stages.timed(f"probe:{method.name}"):
-                feats = built.get(shared)
-                if feats is None:
+            feats = built.get(shared)
+            if feats is None:
+                with stages.timed(f"features:{method.representation}"):
                     feats = _features(method, cells, matrices, split, config, kind)
+            with stages.timed(f"probe:{method.name}"):
                 payload = _fit_and_predict_features(
                     method,
                     feats,
