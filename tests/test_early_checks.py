@@ -151,14 +151,22 @@ def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, m
         probes=["logreg"],
         layerwise=False,
         figures=False,
+        allow_feature_selected=True,  # 12 genes
         progress=False,
     )
     for seed, same in ((DEFAULT_SEED, True), (0, False)):
         out = tmp_path / f"embed_{seed}.npy"
         pipeline.embed_dataset(
-            str(path), model=f"scgpt={folder}", out=out, seed=seed, progress=False
+            str(path),
+            model=f"scgpt={folder}",
+            out=out,
+            seed=seed,
+            allow_feature_selected=True,
+            progress=False,
         )
         assert np.array_equal(np.load(out), seen["scgpt"]) is same
     default = tmp_path / "embed_default.npy"
-    pipeline.embed_dataset(str(path), model=f"scgpt={folder}", out=default, progress=False)
+    pipeline.embed_dataset(
+        str(path), model=f"scgpt={folder}", out=default, allow_feature_selected=True, progress=False
+    )
     np.testing.assert_array_equal(np.load(default), seen["scgpt"])

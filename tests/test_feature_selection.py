@@ -83,7 +83,8 @@ def test_run_refuses_hvg_counts_before_loading_or_writing(hvg_file, gf_dir, tmp_
     code, _, err = run_cli_in_process([*args, "-q"], capsys)
     assert code == 2 and _error_lines(err) == [REFUSAL] and "Traceback" not in err
     assert not out.exists()
-    # both rank- and bin-based models named; scgpt's folder does not exist: refused first
+    # both rank- and bin-based models named; scgpt's folder is empty: refused before loading
+    (tmp_path / "none").mkdir()
     code, _, err = run_cli_in_process([*args, "--model", f"scgpt={tmp_path / 'none'}"], capsys)
     (line,) = _error_lines(err)
     assert code == 2 and not out.exists()
@@ -96,12 +97,13 @@ def test_run_refuses_hvg_counts_before_loading_or_writing(hvg_file, gf_dir, tmp_
 def test_embed_refuses_before_loading_the_model(hvg_file, tmp_path, capsys):
     npy = tmp_path / "e.npy"
     args = ["embed", str(hvg_file), "--out", str(npy), "-q"]
+    (tmp_path / "none").mkdir()  # an empty folder: loading it would fail, refusing comes first
     code, _, err = run_cli_in_process([*args, "--model", f"scgpt={tmp_path / 'none'}"], capsys)
     (line,) = _error_lines(err)
     assert code == 2 and not npy.exists()
     assert line.startswith("error: the count matrix (adata.X) has only 2000 genes")
     assert "scgpt bins each cell's values" in line
-    # scFoundation reads fixed gene positions: not refused, so the missing folder is the error
+    # scFoundation reads fixed gene positions: not refused, so the empty folder is the error
     code, _, err = run_cli_in_process(
         [*args, "--model", f"scfoundation={tmp_path / 'none'}"], capsys
     )
@@ -182,7 +184,7 @@ def test_validate_lists_the_refusal(hvg_file, capsys):
     problems = out.split("problems: ", 1)[1].splitlines()
     assert f"  - {REFUSAL.removeprefix('error: ')}" in problems
     code, out, _ = run_cli_in_process(
-        ["validate", str(hvg_file), "--model", "scgpt=x", "--allow-feature-selected", "--json"],
+        ["validate", str(hvg_file), "--model", "scgpt", "--allow-feature-selected", "--json"],
         capsys,
     )
     assert code == 0
@@ -210,8 +212,8 @@ def _all_hvg(n_genes: int) -> ad.AnnData:
 
 def test_all_highly_variable_is_refused_above_the_gene_threshold(tmp_path):
     adata = _all_hvg(6000)
-    with pytest.raises(DataError) as caught:
-        scfmbench.run(adata, out=tmp_path, models=[f"scgpt={tmp_path / 'none'}"], progress=False)
+    with pytest.raises(DataError) as caught:  # refused before the (empty) folder is loaded
+        scfmbench.run(adata, out=tmp_path / "runs", models=[f"scgpt={tmp_path}"], progress=False)
     assert str(caught.value).startswith(
         "the count matrix (adata.X) has 6000 genes, all flagged var['highly_variable'], a "
         "feature-selected subset, but scgpt bins each cell's values"
@@ -248,7 +250,9 @@ def test_yaml_field_allows_with_a_warning(tmp_path):
     from scfmbench.pipeline import Method, check_run_feature_selection, score_warnings
     from scfmbench.validate import validate
 
-    (tmp_path / "run.yaml").write_text("allow_feature_selected: true\nmodels: [scgpt=x]\n")
+    (tmp_path / "run.yaml").write_text(
+        f"allow_feature_selected: true\nmodels: [scgpt={tmp_path}]\n"
+    )
     config = RunConfig.from_yaml(tmp_path / "run.yaml")
     diag = validate(_all_hvg(6000), min_cells_per_class=5).diagnostics
     assert check_run_feature_selection(config, diag) == (
@@ -263,7 +267,7 @@ def test_yaml_field_allows_with_a_warning(tmp_path):
         "--allow-feature-selected)"
     ]
     # scFoundation is not refused; its scores still carry the warning
-    config = RunConfig(models=["scfoundation=x"])
+    config = RunConfig(models=[f"scfoundation={tmp_path}"])
     assert check_run_feature_selection(config, diag) is None
     method = Method("scfoundation+logreg", "scfoundation", "logreg", "frozen", "scfoundation")
     assert score_warnings(method, config, diag, {}) == [
@@ -275,6 +279,7 @@ def test_yaml_field_allows_with_a_warning(tmp_path):
 def test_transfer_refuses_the_shared_genes(pbmc3k_path, kang_path, tmp_path, capsys):
     args = ["transfer", "--train", str(pbmc3k_path), "--test", str(kang_path), "--one-way"]
     out = tmp_path / "runs"
+    (tmp_path / "none").mkdir()  # an empty folder: the refusal comes before loading it
     code, _, err = run_cli_in_process(
         [*args, "--model", f"geneformer={tmp_path / 'none'}", "--out", str(out), "-q"], capsys
     )

@@ -355,6 +355,7 @@ def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp
         name="gf",
         models=[f"geneformer={model_dir}"],
         gene_column="gene_ids",
+        allow_feature_selected=True,  # the Kang subset holds 1,267 genes
         baselines=["majority"],
         probes=["logreg"],
         layerwise=False,

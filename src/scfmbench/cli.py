@@ -233,7 +233,7 @@ def validate(
     under problems.
     """
     from scfmbench.backed import BackedData
-    from scfmbench.config import RunConfig
+    from scfmbench.config import ModelSpec, RunConfig
     from scfmbench.pipeline import baseline_methods, open_run_data, resolve_config
     from scfmbench.splits import check_fractions, check_stratifiable
 
@@ -243,19 +243,20 @@ def validate(
         "min_cells_per_class": min_cells_per_class,
         "merge_similar_labels": merge_similar_labels,
         "backed": backed,
-        "models": model or None,
         "allow_feature_selected": allow_feature_selected,
     }
     base = RunConfig.from_yaml(config) if config is not None else None
     resolved = resolve_config(data, base, settings)
     check_fractions(resolved.fractions)
     baseline_methods(resolved)  # unknown representations / probes, as run refuses them
-    if resolved.models:
-        from scfmbench.embed import MODELS
-        from scfmbench.feature_selection import model_name
+    models = list(model or resolved.models)  # NAME or NAME=DIR
+    for spec in models:  # unknown models (and missing folders), as run refuses them
+        if "=" in spec:
+            ModelSpec.parse(spec)
+        else:
+            from scfmbench.embed import MODELS
 
-        for spec in resolved.models:
-            MODELS.get(model_name(spec))  # unknown models, as run refuses them
+            MODELS.get(spec.strip().removesuffix("-random"))
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
@@ -266,7 +267,7 @@ def validate(
         checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
     )
     diag = checked.diagnostics
-    _add_feature_selection_problem(diag, resolved)
+    _add_feature_selection_problem(diag, models, resolved.allow_feature_selected)
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return
@@ -285,14 +286,12 @@ def validate(
     typer.echo("\n".join(lines))
 
 
-def _add_feature_selection_problem(diag, config) -> None:
-    """Add to ``diag.warnings`` what ``config.models`` would make of a feature-selected count
-    matrix (see :func:`scfmbench.feature_selection.validate_problem`)."""
+def _add_feature_selection_problem(diag, models: list[str], allow: bool) -> None:
+    """Add to ``diag.warnings`` what ``models`` (names or specs) would make of a
+    feature-selected count matrix (see :func:`scfmbench.feature_selection.validate_problem`)."""
     from scfmbench.feature_selection import matrix_facts, validate_problem
 
-    problem = validate_problem(
-        config.models, allow=config.allow_feature_selected, **matrix_facts(diag)
-    )
+    problem = validate_problem(models, allow=allow, **matrix_facts(diag))
     if problem is not None:
         diag.warnings.append(problem)
 

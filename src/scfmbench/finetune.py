@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 UNASSIGNED = "<unassigned>"
 CHECKPOINT_FILE = "checkpoint/last.pt"
 BEST_DIR = "best"
+
+
 @dataclass
 class FinetuneResult:
     """What ``finetune`` returns; ``to_dict()`` goes to ``metrics.json["finetune"][model_id]``."""
