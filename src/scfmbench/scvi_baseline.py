@@ -101,9 +101,9 @@ def scvi_features(
     """scVI latent means of the train, val and test cells of ``split``.
 
     The ``n_hvg`` highly variable genes (Seurat flavour) are chosen on the training cells;
-    scVI (``scvi.model.SCVI``, negative binomial likelihood, no batch covariate) is trained
-    on their raw counts of the training cells with early stopping on the validation cells,
-    seeded with ``seed``; each cell's feature is the mean of q(z | x).
+    scVI (``scvi.model.SCVI`` with its default zero-inflated negative binomial likelihood, no
+    batch covariate) is trained on their raw counts of the training cells with early stopping
+    on the validation cells, seeded with ``seed``; each cell's feature is the mean of q(z | x).
 
     Parameters
     ----------
