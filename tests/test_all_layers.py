@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import scfmbench.embed._engine as engine
+from scfmbench.config import DEFAULT_SEED
 from scfmbench.embed import collate, embed, embed_tokens
 from scfmbench.embed._geneformer import load_geneformer
 from scfmbench.embed._scfoundation import load_scfoundation
@@ -156,7 +157,9 @@ def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
     monkeypatch.setattr(engine, "ALL_LAYERS_MAX_BYTES", 1)
     first = embed(adata, model, layer=1, cache_dir=tmp_path, all_layers=True, progress=False)
     settings = model.tokenize(adata).settings
-    key = engine.cache_key(model, adata, settings, pooling=first.pooling, seed=0, layer=1)
+    key = engine.cache_key(
+        model, adata, settings, pooling=first.pooling, seed=DEFAULT_SEED, layer=1
+    )
     assert sorted(p.name for p in tmp_path.glob("*.npy")) == [f"{key}.npy"]  # layer 1 only
 
 

@@ -130,10 +130,11 @@ def test_duplicated_cell_names(command, backed, duplicated_file, folder, tmp_pat
     args = {
         "validate": ["validate", duplicated_file],
         "run": ["run", "--data", duplicated_file, "--out", out, "--name", "r"],
-        # a model folder that does not exist: the data is refused before any model is loaded
+        # an empty model folder: the data is refused before any model is loaded
         "embed": ["embed", duplicated_file, "--model", f"geneformer={tmp_path / 'no_model'}"]
         + ["--out", out / "e.npy"],
     }[command]
+    (tmp_path / "no_model").mkdir(exist_ok=True)
     code, _, err = cli([*args, backed], capsys)
     assert one_error(code, err, "duplicated") == f"error: {DUPLICATED}"
     assert not out.exists()

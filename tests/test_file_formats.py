@@ -96,10 +96,12 @@ def test_foreign_format_named_with_its_reader(kind, command, subset, tmp_path):
     data = tmp_path / "data.h5ad"
     write(subset, data)
     out = tmp_path / "out"
+    empty = tmp_path / "model"  # an empty model folder: the file is refused before loading it
+    empty.mkdir()
     args = {
         "validate": ["validate", str(data)],
         "run": ["run", "--data", str(data), "--out", str(out)],
-        "embed": ["embed", str(data), "--model", "scgpt=nowhere", "--out", str(out / "e.npy")],
+        "embed": ["embed", str(data), "--model", f"scgpt={empty}", "--out", str(out / "e.npy")],
     }[command]
     done = scfmbench(*args)
     assert done.returncode == 2, done.stderr
