@@ -350,20 +350,15 @@ def fold_lines(fold: dict[str, Any]) -> list[str]:
 
 
 def random_split_block(
-    config,
+    inputs,
     data,
     *,
-    cells,
-    matrices: dict[str, np.ndarray],
-    matrix_hashes: dict[str, str],
     methods: list,
     models: list,
     model_info: dict,
     reference: str,
     metrics: dict[str, Any],
     run_dir: Path,
-    data_hash: str,
-    kind: str,
     progress: bool,
 ) -> dict[str, Any]:
     """``metrics.json["holdout"]``: the folds, and per method the random-split macro F1 (the
@@ -371,29 +366,19 @@ def random_split_block(
     held-out macro F1 (from ``metrics["methods"]``) with their 95% intervals, and the drop.
 
     Fine-tuned methods are fine-tuned again on the random splits (``RUN/random_split/
-    finetune/``); every other method reuses the run's embeddings.
+    finetune/``); every other method reuses the run's embeddings and cells (``inputs``, a
+    :class:`scfmbench.pipeline.ProbeInputs`).
     """
     from scfmbench._stages import StageStore
     from scfmbench.pipeline import _predict_all, build_metrics, finetune_models, random_splits
 
+    config = inputs.config
     folder = run_dir / RANDOM_SPLIT_DIR
     stages = StageStore(folder)
     labels = data.labels
     split_set = random_splits(folder / "splits", labels, config)
     scored = [m for m in methods if m.probe != "finetune"]
-    predictions = _predict_all(
-        config,
-        cells,
-        matrices,
-        matrix_hashes,
-        labels,
-        split_set,
-        scored,
-        stages,
-        data_hash,
-        kind,
-        progress,
-    )
+    predictions = _predict_all(inputs, split_set, scored, stages, progress)
     if models and config.finetune is not None:
         finetune_models(
             config,

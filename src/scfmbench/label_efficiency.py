@@ -178,17 +178,11 @@ def _sweep_one(
 
 
 def label_efficiency(
-    config,
-    cells,
-    matrices: dict[str, np.ndarray],
-    matrix_hashes: dict[str, str],
-    labels: pd.Series,
+    inputs,
     split_set,
     methods: list,
     predictions: dict,
     stages,
-    data_hash: str,
-    kind: str,
     *,
     features: dict | None = None,
     run_dir=None,
@@ -198,10 +192,11 @@ def label_efficiency(
 
     Parameters
     ----------
-    config : RunConfig
-        ``train_sizes`` (labelled cells per class, ``"all"``) and ``train_size_seeds``
-        (draws per fold) are read, with the settings every probe and representation reads.
-    cells, matrices, matrix_hashes, labels, split_set, stages, data_hash, kind
+    inputs : scfmbench.pipeline.ProbeInputs
+        The run's cells, embeddings and labels; of its ``config``, ``train_sizes``
+        (labelled cells per class, ``"all"``) and ``train_size_seeds`` (draws per fold) are
+        read, with the settings every probe and representation reads.
+    split_set, stages
         As in :func:`scfmbench.pipeline._predict_all`.
     methods : list of Method
         The run's methods; fine-tuned ones are left out.
@@ -221,9 +216,9 @@ def label_efficiency(
         ``methods`` {name: {kind, sizes: {size: {mean, ci95, se, df, per_split,
         per_draw}}}} and ``figure``.
     """
-    from scfmbench.pipeline import _features, _representation_options, probe_grid
-    from scfmbench.probes import PROBES
+    from scfmbench.pipeline import probe_grid
 
+    config, labels = inputs.config, inputs.labels
     sizes = list(config.train_sizes)
     numeric = [s for s in sizes if s != ALL]
     draws = list(range(config.train_size_seeds))
@@ -255,32 +250,19 @@ def label_efficiency(
 
         def feats_of(method, split=split, built=built):
             if method.model is not None:
-                return _features(method, cells, matrices, split, config, kind)
+                return inputs.features(method, split)
             rep = method.representation
             if rep not in built:
                 kept = features.get((rep, split.seed))
                 if kept is None:
                     with stages.timed("label_efficiency:features"):
-                        kept = _features(method, cells, matrices, split, config, kind)
+                        kept = inputs.features(method, split)
                 built[rep] = kept
             return built[rep]
 
         for method in swept:
             grid = probe_grid(method.probe, config)
-            key = hash_json(
-                {
-                    "data": data_hash,
-                    "split": [list(split.train), list(split.val), list(split.test)],
-                    "method": method.__dict__,
-                    "sizes": numeric,
-                    "draws": draws,
-                    "n_hvg": config.n_hvg,
-                    "n_pcs": config.n_pcs,
-                    "embedding": matrix_hashes.get(method.model) if method.model else None,
-                    "grid": grid or PROBES.get(method.probe).grid,
-                    **_representation_options(method, config),
-                }
-            )
+            key = inputs.cache_key(method, split, sizes=numeric, draws=draws)
             stage = f"label_efficiency_{method.name}_seed{split.seed}"
             payload = stages.load(stage, key)
             if payload is None:

@@ -371,23 +371,13 @@ def _execute(
     matrices = {model_id: e.matrix for model_id, e in embeddings.items()}
     model_info = {model_id: e.info for model_id, e in embeddings.items()}
     matrix_hashes = {model_id: hash_array(m) for model_id, m in matrices.items()}
+    inputs = ProbeInputs(config, cells, matrices, matrix_hashes, labels, data_hash, kind)
 
     from scfmbench.label_efficiency import CompactFeatures
 
     kept_features = CompactFeatures() if config.train_sizes else None
     predictions = _predict_all(
-        config,
-        cells,
-        matrices,
-        matrix_hashes,
-        labels,
-        split_set,
-        methods,
-        stages,
-        data_hash,
-        kind,
-        progress,
-        keep_features=kept_features,
+        inputs, split_set, methods, stages, progress, keep_features=kept_features
     )
     finetuned = []
     if models and config.finetune is not None:
@@ -417,17 +407,11 @@ def _execute(
 
         with stages.timed("label_efficiency"):
             metrics["label_efficiency"] = label_efficiency(
-                config,
-                cells,
-                matrices,
-                matrix_hashes,
-                labels,
+                inputs,
                 split_set,
                 methods,
                 predictions,
                 stages,
-                data_hash,
-                kind,
                 features=kept_features,
                 run_dir=run_dir,
                 progress=progress,
@@ -438,19 +422,14 @@ def _execute(
 
         with stages.timed("random_split"):
             metrics["holdout"] = random_split_block(
-                config,
+                inputs,
                 validated,
-                cells=cells,
-                matrices=matrices,
-                matrix_hashes=matrix_hashes,
                 methods=methods,
                 models=models,
                 model_info=model_info,
                 reference=reference,
                 metrics=metrics,
                 run_dir=run_dir,
-                data_hash=data_hash,
-                kind=kind,
                 progress=progress,
             )
     if config.figures:
@@ -898,17 +877,66 @@ def _features(
     )
 
 
+@dataclass(frozen=True)
+class ProbeInputs:
+    """What every probe of a run is fitted on: the same for the run's own splits, the
+    random splits of a held-out-group run and the label-efficiency sweep.
+
+    Attributes
+    ----------
+    config : RunConfig
+        Settings every probe and representation reads.
+    cells : CellRows
+        The run's cells, rows in the order of ``labels``.
+    matrices : dict
+        Model id → (n_cells, dim) embedding (NaN rows: cells the model could not embed).
+    matrix_hashes : dict
+        Model id → hash of its matrix (part of every cached prediction's key).
+    labels : pd.Series
+        Categorical cell types of the run's cells.
+    data_hash : str
+        Fingerprint of the data (:func:`data_fingerprint`).
+    kind : str
+        Matrix kind of the data (``counts``, ``lognorm``, …) the baselines start from.
+    """
+
+    config: RunConfig
+    cells: CellRows
+    matrices: dict[str, np.ndarray]
+    matrix_hashes: dict[str, str]
+    labels: pd.Series
+    data_hash: str
+    kind: str
+
+    def features(self, method: Method, split: Split) -> SplitFeatures:
+        """``method``'s representation of the train, val and test cells of ``split``."""
+        return _features(method, self.cells, self.matrices, split, self.config, self.kind)
+
+    def cache_key(self, method: Method, split: Split, **extra: Any) -> str:
+        """Key of ``method``'s saved predictions on ``split``: data, split cells, method,
+        representation settings, embedding and probe grid (``extra``: what else they
+        depend on, e.g. the label-efficiency sizes)."""
+        config = self.config
+        return hash_json(
+            {
+                "data": self.data_hash,
+                "split": [list(split.train), list(split.val), list(split.test)],
+                "method": method.__dict__,
+                "n_hvg": config.n_hvg,
+                "n_pcs": config.n_pcs,
+                "embedding": self.matrix_hashes.get(method.model) if method.model else None,
+                "grid": probe_grid(method.probe, config) or PROBES.get(method.probe).grid,
+                **_representation_options(method, config),
+                **extra,
+            }
+        )
+
+
 def _predict_all(
-    config: RunConfig,
-    cells: CellRows,
-    matrices: dict[str, np.ndarray],
-    matrix_hashes: dict[str, str],
-    labels: pd.Series,
+    inputs: ProbeInputs,
     split_set: SplitSet,
     methods: list[Method],
     stages: StageStore,
-    data_hash: str,
-    kind: str,
     progress: bool,
     keep_features: dict | None = None,
 ) -> dict[tuple[str, int], dict]:
@@ -918,7 +946,7 @@ def _predict_all(
     of that split that uses it (pca+logreg and pca+xgboost share one PCA); every one built
     is also handed to ``keep_features[(representation, split seed)]`` when given.
     """
-    classes = list(labels.cat.categories)
+    classes = list(inputs.labels.cat.categories)
     code_of = {c: i for i, c in enumerate(classes)}
     out = {}
     jobs = [(m, s) for s in split_set.splits for m in methods]
@@ -927,18 +955,7 @@ def _predict_all(
     bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
     for method, split in bar:
         bar.set_postfix_str(f"{method.name} seed {split.seed}")
-        key = hash_json(
-            {
-                "data": data_hash,
-                "split": [list(split.train), list(split.val), list(split.test)],
-                "method": method.__dict__,
-                "n_hvg": config.n_hvg,
-                "n_pcs": config.n_pcs,
-                "embedding": matrix_hashes.get(method.model) if method.model else None,
-                "grid": probe_grid(method.probe, config) or PROBES.get(method.probe).grid,
-                **_representation_options(method, config),
-            }
-        )
+        key = inputs.cache_key(method, split)
         stage = f"predict_{method.name}_seed{split.seed}"
         payload = stages.load(stage, key)
         shared = (method.representation, split.seed) if method.model is None else None
@@ -946,16 +963,16 @@ def _predict_all(
             feats = built.get(shared)
             if feats is None:
                 with stages.timed(f"features:{method.representation}"):
-                    feats = _features(method, cells, matrices, split, config, kind)
+                    feats = inputs.features(method, split)
             with stages.timed(f"probe:{method.name}"):
                 payload = _fit_and_predict_features(
                     method,
                     feats,
-                    labels,
+                    inputs.labels,
                     split,
                     code_of,
                     classes,
-                    grid=probe_grid(method.probe, config),
+                    grid=probe_grid(method.probe, inputs.config),
                 )
             stages.save(stage, key, payload)
             if shared is not None:
