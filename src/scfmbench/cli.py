@@ -255,8 +255,9 @@ def validate(
             ModelSpec.parse(spec)
         else:
             from scfmbench.embed import MODELS
+            from scfmbench.feature_selection import model_name
 
-            MODELS.get(spec.strip().removesuffix("-random"))
+            MODELS.get(model_name(spec))
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
