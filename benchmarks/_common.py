@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +144,29 @@ def write_results(path: Path, results: dict, *, started: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s in all)")
+
+
+def in_fresh_process(module: str, function: str, *args: str | int | bool | None) -> dict:
+    """``benchmarks/<module>.py``'s ``function(*args)`` in a new Python process (nothing of
+    this one's imports, caches or memory carries over); its JSON return value.
+
+    ``args`` are JSON values (pass paths as ``str``). Raises ``RuntimeError`` with the end of
+    the child's stderr when it fails.
+    """
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks');"
+        f"from {module} import {function};"
+        f"print('RESULT', json.dumps({function}(*json.loads(sys.argv[1]))))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function} failed:\n{done.stderr[-3000:]}")
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line.removeprefix("RESULT "))

@@ -16,9 +16,7 @@ less sensitive to other work). Target: the sweep ≤ 180 s wall on the 2-core ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,29 +27,6 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(REPO_ROOT))
 
 TARGET_S = 180.0
-
-
-def cpu_per_stage() -> dict[str, float]:
-    """Make every ``StageStore.timed`` stage also add its process CPU seconds to the returned
-    dict (all threads of this process; less sensitive to other work than wall time)."""
-    from contextlib import contextmanager
-
-    from scfmbench._stages import StageStore
-
-    cpu: dict[str, float] = {}
-    timed = StageStore.timed
-
-    @contextmanager
-    def timed_cpu(self, name: str):
-        start = time.process_time()
-        try:
-            with timed(self, name):
-                yield
-        finally:
-            cpu[name] = cpu.get(name, 0.0) + time.process_time() - start
-
-    StageStore.timed = timed_cpu
-    return cpu
 
 
 def sweep(data: Path, out: Path, sizes: str, draws: int, no_scvi: bool) -> dict:
@@ -65,7 +40,6 @@ def sweep(data: Path, out: Path, sizes: str, draws: int, no_scvi: bool) -> dict:
     from scfmbench.config import DEFAULT_BASELINES
     from scfmbench.pipeline import run
 
-    cpu_of = cpu_per_stage()
     baselines = [b for b in DEFAULT_BASELINES if not (no_scvi and b == "scvi")]
     wall, cpu = time.perf_counter(), time.process_time()
     result = run(
@@ -82,10 +56,7 @@ def sweep(data: Path, out: Path, sizes: str, draws: int, no_scvi: bool) -> dict:
         "wall_s": time.perf_counter() - wall,
         "cpu_s": time.process_time() - cpu,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "stages": {
-            name: {**info, "cpu_seconds": round(cpu_of[name], 3) if name in cpu_of else None}
-            for name, info in result.metrics["timings"].items()
-        },
+        "stages": result.metrics["timings"],  # each with its cpu_seconds but "total"
         "macro_f1": {
             name: {size: round(v["mean"], 4) for size, v in entry["sizes"].items()}
             for name, entry in block["methods"].items()
@@ -101,32 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-scvi", action="store_true", help="leave the scVI baseline out")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results")
     args = parser.parse_args(argv)
-    from benchmarks._common import PBMC3K, write_results
+    from benchmarks._common import PBMC3K, in_fresh_process, write_results
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        code = (
-            "import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks');"
-            "from label_efficiency import sweep;"
-            f"print('RESULT', json.dumps(sweep(Path({str(PBMC3K)!r}), Path({tmp!r}), "
-            f"{args.sizes!r}, {args.draws}, {args.no_scvi})))"
+        result = in_fresh_process(
+            "label_efficiency", "sweep", str(PBMC3K), tmp, args.sizes, args.draws, args.no_scvi
         )
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]),
-        }
-        done = subprocess.run(
-            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"the run failed:\n{done.stderr[-3000:]}")
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line.removeprefix("RESULT "))
     load_after = os.getloadavg()[0]
     stages = result["stages"]
     for name, info in stages.items():
-        cpu = info["cpu_seconds"]
+        cpu = info.get("cpu_seconds")
         shown = f"{cpu:8.1f} CPU s" if cpu is not None else ""
         print(f"  {name:40s} {info['seconds']:8.1f} s wall {shown}")
     swept = stages["label_efficiency"]

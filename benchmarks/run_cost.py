@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -162,21 +161,10 @@ def stage(name: str, data: Path, model: Path, out: Path, no_scvi: bool = False) 
 
 def measure(name: str, data: Path, model: Path, out: Path, no_scvi: bool = False) -> dict:
     """``stage`` in a fresh Python process, with the 1-minute load average before → after."""
-    code = (
-        "import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks');"
-        "from run_cost import stage;"
-        f"print('RESULT', json.dumps(stage({name!r}, Path({str(data)!r}), "
-        f"Path({str(model)!r}), Path({str(out)!r}), {no_scvi!r})))"
-    )
+    from benchmarks._common import in_fresh_process
+
     load = os.getloadavg()[0]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = in_fresh_process("run_cost", "stage", name, str(data), str(model), str(out), no_scvi)
     result["load_avg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return result
 
