@@ -13,7 +13,7 @@ so by default each cell keeps its top ``n_expressed / --length-scale`` genes (at
 ``--max-length``): the same spread of lengths at 1/8 of the cost. ``--length-scale 0`` gives
 every cell its top ``--max-length`` genes (nearly all the same length).
 
-Sides: ``engine`` (scfmbench.finetune), ``trainer`` (Trainer defaults: random batches,
+Sides: ``engine`` (scfmbench.finetune.train), ``trainer`` (Trainer defaults: random batches,
 dynamic padding) and ``trainer_grouped`` (Trainer with
 ``train_sampling_strategy="group_by_length"``).
 
@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests._tiny_model import TinyModel  # noqa: E402
 
-from scfmbench.embed.base import TokenizedCells  # noqa: E402
+from scfmbench.models.base import TokenizedCells  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 RESULT = ROOT / "benchmarks" / "results" / "finetune_throughput.json"
@@ -84,8 +84,8 @@ def load(args: argparse.Namespace):
     """(validated data, Geneformer-shaped model, split): ``n_train`` train, 16 val, 16 test."""
     import anndata as ad
 
-    from scfmbench.splits import Split
-    from scfmbench.validate import validate
+    from scfmbench.data.splits import Split
+    from scfmbench.data.validate import validate
 
     adata = ad.read_h5ad(args.data)
     validated = validate(adata, label_key="cell_type")
@@ -100,7 +100,7 @@ def load(args: argparse.Namespace):
 
 
 def run_engine(args: argparse.Namespace) -> dict:
-    from scfmbench.finetune import FinetuneConfig, finetune
+    from scfmbench.finetune.train import FinetuneConfig, finetune
 
     validated, model, split = load(args)
     config = FinetuneConfig(

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from _common import Instrumented, forward_flops, write_results  # noqa: E402
 
 from scfmbench.embed import embed, embed_tokens  # noqa: E402
-from scfmbench.embed._geneformer import GeneformerModel, load_geneformer  # noqa: E402
-from scfmbench.tokenize import rank_value_tokens, tokenize_loop  # noqa: E402
+from scfmbench.models.geneformer.adapter import GeneformerModel, load_geneformer  # noqa: E402
+from scfmbench.models.geneformer.tokenizer import rank_value_tokens, tokenize_loop  # noqa: E402
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 CONFIG = "vocab/geneformer/configs/gf-6L-30M-i2048/config.json"

@@ -33,10 +33,14 @@ import torch
 from _common import PBMC3K, RESULTS, SHARED, flop_report, forward_flops
 
 from scfmbench.embed import embed_tokens
-from scfmbench.embed._geneformer import load_geneformer
-from scfmbench.embed._scfoundation import ScFoundationModel, read_gene_index
-from scfmbench.embed._scfoundation_model import RELEASED_CONFIG, ScFoundationConfig, random_encoder
-from scfmbench.embed._scgpt import load_scgpt
+from scfmbench.models.geneformer.adapter import load_geneformer
+from scfmbench.models.scfoundation.adapter import ScFoundationModel, read_gene_index
+from scfmbench.models.scfoundation.network import (
+    RELEASED_CONFIG,
+    ScFoundationConfig,
+    random_encoder,
+)
+from scfmbench.models.scgpt.adapter import load_scgpt
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"flop_fraction_gpu": 0.4, "bf16_cosine_min": 0.999}

@@ -37,8 +37,8 @@ def sweep(data: Path, out: Path, sizes: str, draws: int, no_scvi: bool) -> dict:
 
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
+    from scfmbench.benchmark.pipeline import run
     from scfmbench.config import DEFAULT_BASELINES
-    from scfmbench.pipeline import run
 
     baselines = [b for b in DEFAULT_BASELINES if not (no_scvi and b == "scvi")]
     wall, cpu = time.perf_counter(), time.process_time()

@@ -116,8 +116,8 @@ def stage(name: str, data: Path, model: Path, out: Path, no_scvi: bool = False) 
     import warnings
 
     warnings.simplefilter("ignore")
+    from scfmbench.benchmark.pipeline import load_models, resolve_config, run
     from scfmbench.config import DEFAULT_BASELINES
-    from scfmbench.pipeline import load_models, resolve_config, run
 
     wall, cpu = time.perf_counter(), time.process_time()
     info: dict = {}

@@ -31,8 +31,8 @@ import torch
 from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import collate
-from scfmbench.embed._scfoundation import ScFoundationModel, read_gene_index
-from scfmbench.embed._scfoundation_model import (
+from scfmbench.models.scfoundation.adapter import ScFoundationModel, read_gene_index
+from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     ScFoundationConfig,
     random_encoder,

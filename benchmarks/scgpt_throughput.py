@@ -21,7 +21,7 @@ import torch
 from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import embed_tokens
-from scfmbench.embed._scgpt import load_scgpt
+from scfmbench.models.scgpt.adapter import load_scgpt
 
 DEFAULT_DATA = PBMC3K
 DEFAULT_MODEL = SHARED / "vocab" / "scgpt" / "scGPT_human"

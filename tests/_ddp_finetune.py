@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scfmbench.finetune import FinetuneConfig, finetune  # noqa: E402
-from scfmbench.splits import stratified_split  # noqa: E402
-from scfmbench.validate import validate  # noqa: E402
+from scfmbench.data.splits import stratified_split  # noqa: E402
+from scfmbench.data.validate import validate  # noqa: E402
+from scfmbench.finetune.train import FinetuneConfig, finetune  # noqa: E402
 from tests._tiny_model import TinyModel, pbmc_subset  # noqa: E402
 
 

@@ -14,8 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scfmbench.embed._scfoundation import GENE_INDEX_FILE
-from scfmbench.embed._scfoundation_model import (
+from scfmbench.models.scfoundation.adapter import GENE_INDEX_FILE
+from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     ScFoundationConfig,
     ScFoundationEncoder,

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
-from scfmbench.tokenize import load_scgpt_vocab
+from scfmbench.models.scgpt.network import ScGPTConfig, TransformerModel, to_flash_layout
+from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
 from tests.conftest import require_shared  # noqa: F401  (used by the scGPT tests too)
 
 __all__ = ["make_scgpt_dir", "scgpt_human_dir", "scgpt_tiny_state", "scgpt_vocab"]  # fixtures

@@ -17,8 +17,8 @@ import torch
 from anndata import AnnData
 from transformers import BertConfig, BertModel
 
-from scfmbench.embed.base import FoundationModel, PaddedBatch, TokenizedCells
 from scfmbench.errors import CheckpointError
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells
 
 VOCAB_FILE = "vocab.json"
 SPECIAL_TOKENS = 1  # 0 = <pad>

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import scfmbench.embed._engine as engine
-from scfmbench.config import DEFAULT_SEED
+import scfmbench.embed.engine as engine
+from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.embed import collate, embed, embed_tokens
-from scfmbench.embed._geneformer import load_geneformer
-from scfmbench.embed._scfoundation import load_scfoundation
-from scfmbench.embed._scgpt import load_scgpt
+from scfmbench.models.geneformer.adapter import load_geneformer
+from scfmbench.models.scfoundation.adapter import load_scfoundation
+from scfmbench.models.scgpt.adapter import load_scgpt
 from tests._geneformer_factory import write_checkpoint as write_geneformer
 from tests._scfoundation_factory import GENES, counts_adata
 from tests._scfoundation_factory import write_checkpoint as write_scfoundation
@@ -170,7 +170,7 @@ def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
 def test_run_with_layerwise_probing_embeds_each_cell_once(
     geneformer, pbmc3k, tmp_path, monkeypatch, backed
 ):
-    from scfmbench.pipeline import run
+    from scfmbench.benchmark.pipeline import run
 
     model, _ = geneformer
     adata = pbmc3k[:240].copy()
@@ -224,7 +224,7 @@ def test_cache_reuse_says_where_the_embedding_came_from(
     adata = pbmc3k[:12].copy()
     embed(adata, model, cache_dir=tmp_path, all_layers=True, progress=False)
     caplog.clear()
-    with caplog.at_level("INFO", logger="scfmbench.embed._engine"):
+    with caplog.at_level("INFO", logger="scfmbench.embed.engine"):
         embed(adata, model, layer=1, cache_dir=tmp_path, progress=False)
         monkeypatch.setattr(engine, "_WRITTEN_HERE", {})  # as a later process sees the cache
         embed(adata, model, layer=2, cache_dir=tmp_path, progress=False)

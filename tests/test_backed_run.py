@@ -9,8 +9,11 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from scfmbench.backed import validate_backed
-from scfmbench.features import (
+from scfmbench.benchmark.pipeline import run
+from scfmbench.data.backed import validate_backed
+from scfmbench.data.splits import stratified_split
+from scfmbench.data.validate import validate
+from scfmbench.evaluation.representations import (
     CLIP_SCALED,
     GeneMoments,
     InMemoryCells,
@@ -18,9 +21,6 @@ from scfmbench.features import (
     pca_features,
     select_hvg,
 )
-from scfmbench.pipeline import run
-from scfmbench.splits import stratified_split
-from scfmbench.validate import validate
 from tests._geneformer_factory import write_checkpoint
 from tests._scgpt_fixtures import *  # noqa: F403
 from tests.conftest import make_tiny_adata, run_cli_in_process

@@ -156,7 +156,7 @@ def test_unwritable_output_dir(tmp_path):  # pragma: no cover - CI runs as root
 
 def test_unwritable_output_dir_message(tmp_path, monkeypatch):
     import scfmbench
-    from scfmbench.pipeline import check_writable
+    from scfmbench.benchmark.pipeline import check_writable
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(scfmbench.ConfigError, match="cannot write to .*choose another"):
@@ -179,8 +179,8 @@ def model_dirs(tmp_path_factory, shared_dir):
 
     import torch
 
-    from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
-    from scfmbench.tokenize import load_scgpt_vocab
+    from scfmbench.models.scgpt.network import ScGPTConfig, TransformerModel, to_flash_layout
+    from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
 
     human = shared_dir / "vocab" / "scgpt" / "scGPT_human"
     shutil.copy(human / "vocab.json", scgpt / "vocab.json")

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 import scfmbench
-from scfmbench.compare import compare_runs
-from scfmbench.transfer import transfer
+from scfmbench.benchmark.transfer import transfer
+from scfmbench.report.compare import compare_runs
 from tests.conftest import make_tiny_adata
 
 IDENTITY = {f"type_{k}": f"type_{k}" for k in range(3)}
@@ -54,7 +54,7 @@ def test_compare_transfer_runs_per_direction_and_method(runs, tmp_path):
 
 def test_compare_mixed_runs_says_what_is_not_comparable(runs, tmp_path, caplog):
     out, _ = runs
-    with caplog.at_level(logging.WARNING, logger="scfmbench.compare"):
+    with caplog.at_level(logging.WARNING, logger="scfmbench.report.compare"):
         compare_runs([out / "cv", out / "t1"], out=tmp_path)
     line = (
         "transfer run(s) t1 are compared in 'Transfer across runs' only: they score methods on "

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scfmbench.validate import classify_matrix, require_counts
+from scfmbench.data.validate import classify_matrix, require_counts
 from tests.conftest import run_cli_in_process
 
 N_CELLS = 400
@@ -68,7 +68,7 @@ def run_metrics(data: Path, folder: Path, name: str, capsys, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def clean_metrics(clean_file, folder) -> dict:
-    from scfmbench.pipeline import run
+    from scfmbench.benchmark.pipeline import run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -319,7 +319,7 @@ def test_placeholder_labels_are_missing(placeholder, clean, folder, capsys):
 
 
 def test_label_map_placeholders_drop_cells(tmp_path):
-    from scfmbench.transfer import harmonize, load_label_map
+    from scfmbench.benchmark.transfer import harmonize, load_label_map
 
     path = tmp_path / "map.yaml"
     path.write_text("B cell: B\nNK cell: unknown\nDC: NA\nPlatelet: None\nMono: ''\nT: null\n")
@@ -420,7 +420,7 @@ def test_transfer_coverage_on_stderr_and_report(clean, clean_file, kang_path, tm
 
 
 def test_transfer_coverage_of_dropped_test_cells():
-    from scfmbench.transfer import coverage_lines
+    from scfmbench.benchmark.transfer import coverage_lines
 
     lines = coverage_lines(
         "a->b",
@@ -441,7 +441,7 @@ def test_streamed_last_chunk_of_one_cell(kind, clean, folder):
     """A last chunk of one cell (here a low-depth one whose halved counts stay below the
     log-scale maximum) cannot tell the non-integer kinds apart: it is accepted, and the file
     keeps its first chunk's kind."""
-    from scfmbench.backed import validate_backed
+    from scfmbench.data.backed import validate_backed
 
     adata = clean.copy()
     totals = np.asarray(adata.X.sum(axis=1)).ravel()

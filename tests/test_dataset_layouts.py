@@ -19,10 +19,10 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from scfmbench.embed import MODELS
-from scfmbench.embed._scgpt_model import ScGPTConfig, TransformerModel, to_flash_layout
-from scfmbench.tokenize import load_scgpt_vocab
-from scfmbench.validate import expression_view, validate
+from scfmbench.data.validate import expression_view, validate
+from scfmbench.models import MODELS
+from scfmbench.models.scgpt.network import ScGPTConfig, TransformerModel, to_flash_layout
+from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
 from tests._geneformer_factory import write_checkpoint
 from tests._layouts import cellxgene, seurat, tenx
 from tests.conftest import run_cli_in_process

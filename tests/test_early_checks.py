@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from scfmbench.config import DEFAULT_SEED, FinetuneConfig, ModelSpec, RunConfig
+from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig
+from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import make_tiny_adata
@@ -120,7 +121,7 @@ def test_bad_model_option_fails_before_the_data(make_scgpt_dir, not_h5ad, tmp_pa
 
 def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, monkeypatch):
     """Both commands tokenize with one default seed (scGPT's binning breaks ties at random)."""
-    import scfmbench.pipeline as pipeline
+    import scfmbench.benchmark.pipeline as pipeline
 
     folder = make_scgpt_dir()
     adata = make_tiny_adata(n_cells=30)

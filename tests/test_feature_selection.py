@@ -220,7 +220,7 @@ def test_all_highly_variable_is_refused_above_the_gene_threshold(tmp_path):
     )
     assert not (tmp_path / "run").exists()
     # the streamed reader sees the same flag
-    from scfmbench.backed import validate_backed
+    from scfmbench.data.backed import validate_backed
 
     path = tmp_path / "hvg.h5ad"
     adata.write_h5ad(path)
@@ -230,7 +230,7 @@ def test_all_highly_variable_is_refused_above_the_gene_threshold(tmp_path):
 
 
 def test_full_counts_in_raw_are_not_feature_selected():
-    from scfmbench.validate import validate
+    from scfmbench.data.validate import validate
 
     full = make_tiny_adata(n_per_class=12, n_genes=6000)
     selected = full[:, :2000].copy()
@@ -246,9 +246,9 @@ def test_full_counts_in_raw_are_not_feature_selected():
 
 
 def test_yaml_field_allows_with_a_warning(tmp_path):
+    from scfmbench.benchmark.pipeline import Method, check_run_feature_selection, score_warnings
     from scfmbench.config import RunConfig
-    from scfmbench.pipeline import Method, check_run_feature_selection, score_warnings
-    from scfmbench.validate import validate
+    from scfmbench.data.validate import validate
 
     (tmp_path / "run.yaml").write_text(
         f"allow_feature_selected: true\nmodels: [scgpt={tmp_path}]\n"

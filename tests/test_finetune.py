@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from scfmbench import CheckpointError, ConfigError
+from scfmbench.data.splits import stratified_split
+from scfmbench.data.validate import validate
 from scfmbench.embed import embed_tokens
-from scfmbench.finetune import (
+from scfmbench.finetune.train import (
     FinetuneConfig,
     epoch_batches,
     finetune,
@@ -23,8 +25,6 @@ from scfmbench.finetune import (
     load_head,
     metrics_section,
 )
-from scfmbench.splits import stratified_split
-from scfmbench.validate import validate
 from tests._tiny_model import TinyModel, load_tiny, pbmc_subset
 
 TESTS = Path(__file__).resolve().parent
@@ -355,7 +355,7 @@ def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from scfmbench.cli import app
-    from scfmbench.embed import MODELS
+    from scfmbench.models import MODELS
 
     adata, genes = pbmc_subset(pbmc3k_path, n_cells=120)
     data = tmp_path / "small.h5ad"
@@ -377,7 +377,7 @@ def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
 
 
 def test_best_epoch_ties_on_validation_f1_go_to_the_lower_validation_loss():
-    from scfmbench.finetune import _LoopState
+    from scfmbench.finetune.train import _LoopState
 
     loop = _LoopState()
     for epoch, f1, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.7), (4, 0.8, 0.75)]:

@@ -10,9 +10,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scfmbench.embed import MODELS, collate, embed, embed_tokens
-from scfmbench.embed._geneformer import GeneformerModel, load_geneformer
+from scfmbench.embed import collate, embed, embed_tokens
 from scfmbench.errors import CheckpointError, ConfigError
+from scfmbench.models import MODELS
+from scfmbench.models.geneformer.adapter import GeneformerModel, load_geneformer
 from tests._geneformer_factory import (
     copy_dictionaries,
     hf_hidden_states,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scfmbench.errors import CheckpointError, CountsRequiredError, GeneMatchError
-from scfmbench.tokenize import (
+from scfmbench.models.geneformer.tokenizer import (
     GeneformerDictionaries,
     GeneformerTokenizer,
     rank_value_tokens,
@@ -302,7 +302,7 @@ def test_rank_value_properties(toy_v2, rows, max_genes):
 
 
 def test_normalization_uses_total_counts_over_all_input_genes(toy_v2):
-    from scfmbench.tokenize._geneformer import _block_entries
+    from scfmbench.models.geneformer.tokenizer import _block_entries
 
     tokenizer = GeneformerTokenizer(toy_v2)
     adata = toy_adata()

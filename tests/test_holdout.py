@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scfmbench.errors import ConfigError, SchemaError, SplitError
-from scfmbench.holdout import (
+from scfmbench.benchmark.holdout import (
     check_holdout_options,
     group_labels,
     holdout_folds,
     load_or_make_holdout,
 )
-from scfmbench.metrics import classification_metrics
-from scfmbench.stats import Design, method_intervals
+from scfmbench.errors import ConfigError, SchemaError, SplitError
+from scfmbench.evaluation.metrics import classification_metrics
+from scfmbench.evaluation.stats import Design, method_intervals
 from tests.conftest import make_tiny_adata, run_cli_in_process
 
 
@@ -217,8 +217,8 @@ def donor_adata() -> ad.AnnData:
 
 
 def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
-    from scfmbench.pipeline import run
-    from scfmbench.run_stats import check_statistics, read_predictions
+    from scfmbench.benchmark.pipeline import run
+    from scfmbench.evaluation.run_stats import check_statistics, read_predictions
 
     adata = donor_adata()
     options = {
@@ -342,8 +342,8 @@ def test_bad_holdout_options_exit_2_with_one_line(tmp_path, capsys, extra, messa
 @pytest.mark.slow
 def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp_path, shared_dir):
     """A tiny Geneformer, its random-init control and both fine-tuned: all on the same folds."""
-    from scfmbench.pipeline import run
-    from scfmbench.run_stats import read_predictions
+    from scfmbench.benchmark.pipeline import run
+    from scfmbench.evaluation.run_stats import read_predictions
     from tests._geneformer_factory import write_checkpoint
 
     model_dir, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")

@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score
 
 import scfmbench
 from scfmbench import ConfigError, RunConfig
-from scfmbench.label_efficiency import ALL, nested_subsets, normalize_train_sizes
-from scfmbench.splits import load_splits
+from scfmbench.benchmark.label_efficiency import ALL, nested_subsets, normalize_train_sizes
+from scfmbench.data.splits import load_splits
 
 from .conftest import make_tiny_adata, run_cli_in_process
 
@@ -76,7 +76,7 @@ def test_bad_train_sizes_are_refused(bad):
 def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
     tmp_path, tiny_adata, monkeypatch
 ):
-    import scfmbench.pipeline as pipeline
+    import scfmbench.benchmark.pipeline as pipeline
 
     calls = []
     original = pipeline._fit_and_predict_features

@@ -21,11 +21,16 @@ import pytest
 import torch
 from anndata import AnnData
 
-from scfmbench.embed import MODELS, FoundationModel, TokenizedCells, collate, embed, embed_tokens
-from scfmbench.embed._scfoundation import read_gene_index
+from scfmbench.embed import collate, embed, embed_tokens
 from scfmbench.errors import ConfigError
-from scfmbench.finetune import FinetuneConfig, _apply_trainability, _enable_gradient_checkpointing
-from scfmbench.tokenize import load_scgpt_vocab
+from scfmbench.finetune.train import (
+    FinetuneConfig,
+    _apply_trainability,
+    _enable_gradient_checkpointing,
+)
+from scfmbench.models import MODELS, FoundationModel, TokenizedCells
+from scfmbench.models.scfoundation.adapter import read_gene_index
+from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
 from tests._geneformer_factory import write_checkpoint as write_geneformer
 from tests._scfoundation_factory import write_checkpoint as write_scfoundation
 from tests._scgpt_fixtures import tiny_state, write_scgpt_dir
@@ -404,7 +409,7 @@ def test_gradient_checkpointing_as_declared(model, tokens, case, caplog):
     inner = [m for m in tuned.layer_modules()[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
     calls = []
     inner.register_forward_hook(lambda *_: calls.append(1))
-    with caplog.at_level(logging.WARNING, logger="scfmbench.finetune"):
+    with caplog.at_level(logging.WARNING, logger="scfmbench.finetune.train"):
         _enable_gradient_checkpointing(tuned.network)
     _train_step(tuned, tokens, head)
     if case.gradient_checkpointing:

@@ -171,8 +171,8 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
 
 
 def test_model_options_are_checked_against_the_loader():
-    from scfmbench.embed import MODELS
-    from scfmbench.pipeline import _loader_options
+    from scfmbench.benchmark.pipeline import _loader_options
+    from scfmbench.models import MODELS
 
     config = RunConfig.build(
         {"gene_column": "gene_ids", "model_options": {"scgpt": {"max_seq_len": 5}}}
@@ -192,7 +192,7 @@ def test_model_options_are_checked_against_the_loader():
 
 
 def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_adata, monkeypatch):
-    from scfmbench.features import REPRESENTATIONS, pca_features
+    from scfmbench.evaluation.representations import REPRESENTATIONS, pca_features
 
     calls = []
 
@@ -209,7 +209,7 @@ def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_ada
 def test_score_warnings_travel_with_model_methods():
     from types import SimpleNamespace
 
-    from scfmbench.pipeline import Method, score_warnings
+    from scfmbench.benchmark.pipeline import Method, score_warnings
 
     config = RunConfig.build({"allow_normalized": True})
     diagnostics = SimpleNamespace(matrix_kind="lognorm", n_genes=2000, all_highly_variable=False)
@@ -235,8 +235,8 @@ def test_score_warnings_travel_with_model_methods():
 
 
 def test_logreg_grid_follows_design_and_config():
-    from scfmbench.pipeline import probe_grid
-    from scfmbench.probes import PROBES
+    from scfmbench.benchmark.pipeline import probe_grid
+    from scfmbench.evaluation.probes import PROBES
 
     wide = [p["C"] for p in PROBES.get("logreg").grid]
     assert wide == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1, 10, 100, 1000])

@@ -19,9 +19,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scfmbench.embed import MODELS, collate, embed
+from scfmbench.data.genes import content_kind, resolve_gene_identifiers
+from scfmbench.embed import collate, embed
 from scfmbench.errors import SchemaError
-from scfmbench.genes import content_kind, resolve_gene_identifiers
+from scfmbench.models import MODELS
 from tests._geneformer_factory import hf_hidden_states, write_checkpoint
 from tests._scfoundation_factory import GENES as SCF_GENES
 from tests._scfoundation_factory import write_checkpoint as write_scfoundation

@@ -19,10 +19,10 @@ matplotlib.use("Agg")
 
 import scfmbench  # noqa: E402
 from scfmbench.cli import main as cli_main  # noqa: E402
-from scfmbench.compare import compare_runs  # noqa: E402
 from scfmbench.hashing import hash_file  # noqa: E402
-from scfmbench.manifest import PACKAGES, write_manifest  # noqa: E402
-from scfmbench.report import write_report  # noqa: E402
+from scfmbench.report.compare import compare_runs  # noqa: E402
+from scfmbench.report.manifest import PACKAGES, write_manifest  # noqa: E402
+from scfmbench.report.write import write_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -515,7 +515,7 @@ def test_compare_html_in_browser(browser, run_dir, enriched_dir, tmp_path):
 
 
 def test_per_class_recall_marks_rare_classes(run_dir):
-    from scfmbench.report import per_class_table
+    from scfmbench.report.write import per_class_table
 
     metrics = _metrics(run_dir)
     metrics["diagnostics"]["classes"] = {"type_0": 100, "type_1": 100, "type_2": 4}

@@ -8,8 +8,8 @@ import json
 import pytest
 
 import scfmbench
-from scfmbench.report import write_report
-from scfmbench.run_stats import check_statistics, design_warnings
+from scfmbench.evaluation.run_stats import check_statistics, design_warnings
+from scfmbench.report.write import write_report
 
 FEW_FOLDS = (
     "only 2 folds: each 95% interval rests on 2 fold scores and uses Student t with K − 1 = 1 "
@@ -23,7 +23,9 @@ def two_folds(tmp_path_factory, tiny_adata_sess):
     out = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         logged = []
-        patch.setattr("scfmbench.run_stats.logger.warning", lambda fmt, *a: logged.append(fmt % a))
+        patch.setattr(
+            "scfmbench.evaluation.run_stats.logger.warning", lambda fmt, *a: logged.append(fmt % a)
+        )
         result = scfmbench.run(
             tiny_adata_sess.copy(),
             out=out,

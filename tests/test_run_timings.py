@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 import scfmbench
-from scfmbench.evaluate import embedding_quality
+from scfmbench.evaluation.embedding_quality import embedding_quality
 
 SCORE_STEPS = ("neighbors_s", "graph_s", "leiden_s", "silhouette_s", "lisi_s")
 
@@ -67,8 +67,8 @@ def test_pca_eigendecomposition_runs_on_one_blas_thread(monkeypatch):
     import scipy.linalg
     from threadpoolctl import threadpool_info
 
-    from scfmbench.features import InMemoryCells, pca_features
-    from scfmbench.splits import Split
+    from scfmbench.data.splits import Split
+    from scfmbench.evaluation.representations import InMemoryCells, pca_features
 
     threads: list[int] = []
     eigh = scipy.linalg.eigh
@@ -87,7 +87,7 @@ def test_pca_eigendecomposition_runs_on_one_blas_thread(monkeypatch):
     assert threads and set(threads) == {1}
 
     # oracle: the same HVG z-scores, a full numpy eigendecomposition of their covariance
-    from scfmbench.features import GeneMoments, lognormalize, select_hvg
+    from scfmbench.evaluation.representations import GeneMoments, lognormalize, select_hvg
 
     moments = GeneMoments.of(cells, np.arange(70), kind="counts")
     genes = select_hvg(moments, n_top=30)
@@ -114,8 +114,8 @@ def test_embedding_quality_timings_on_too_few_cells(n_cells):
 
 SCORES_SCRIPT = """
 import json, numpy as np
-from scfmbench.evaluate import embedding_quality
-from scfmbench.figures import umap_coordinates
+from scfmbench.evaluation.embedding_quality import embedding_quality
+from scfmbench.report.figures import umap_coordinates
 rng = np.random.default_rng(0)
 labels = np.repeat(["a", "b", "c"], 40)
 points = rng.normal(size=(120, 3)) + 4 * (labels[:, None] == np.array(["a", "b", "c"]))
@@ -162,7 +162,7 @@ def test_umap_kernels_cache_on_disk(tmp_path, monkeypatch):
 def test_umap_of_more_than_8192_cells():
     """From 8,192 cells scanpy's default neighbour search (pynndescent) failed on scipy's
     sparse arrays; below, the exact search is what scanpy ran before."""
-    from scfmbench.figures import umap_coordinates
+    from scfmbench.report.figures import umap_coordinates
 
     rng = np.random.default_rng(0)
     big = rng.normal(size=(8200, 5)).astype(np.float32)

@@ -18,11 +18,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scfmbench.embed import TokenizedCells, embed_tokens, parse_batch_size
-from scfmbench.embed import _stream as stream
-from scfmbench.embed.base import FoundationModel, PaddedBatch
+import scfmbench.embed.stream as stream
+from scfmbench.benchmark.pipeline import embed_dataset
+from scfmbench.embed import embed_tokens, parse_batch_size
 from scfmbench.errors import ConfigError, DataError
-from scfmbench.pipeline import embed_dataset
+from scfmbench.models import TokenizedCells
+from scfmbench.models.base import FoundationModel, PaddedBatch
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 
 REPO = Path(__file__).resolve().parents[1]

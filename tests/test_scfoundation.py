@@ -11,20 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
-from scfmbench.embed import MODELS, collate, embed, embed_tokens
-from scfmbench.embed._scfoundation import (
-    GENE_INDEX_FILE,
-    ScFoundationOptions,
-    load_scfoundation,
-    read_gene_index,
-    tokenize_scfoundation,
-)
+from scfmbench.embed import collate, embed, embed_tokens
 from scfmbench.errors import (
     CheckpointError,
     ConfigError,
     CountsRequiredError,
     DataError,
     GeneMatchError,
+)
+from scfmbench.models import MODELS
+from scfmbench.models.scfoundation.adapter import (
+    GENE_INDEX_FILE,
+    ScFoundationOptions,
+    load_scfoundation,
+    read_gene_index,
+    tokenize_scfoundation,
 )
 from tests._scfoundation_factory import GENES, HIDDEN, counts_adata, write_checkpoint
 from tests.conftest import require_shared

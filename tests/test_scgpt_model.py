@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from scfmbench.embed import MODELS, collate, embed, embed_tokens
-from scfmbench.embed._scgpt import ScGPTModel, load_scgpt
-from scfmbench.embed._scgpt_model import (
+from scfmbench.embed import collate, embed, embed_tokens
+from scfmbench.errors import CheckpointError, ConfigError
+from scfmbench.models import MODELS
+from scfmbench.models.scgpt.adapter import ScGPTModel, load_scgpt
+from scfmbench.models.scgpt.network import (
     ScGPTConfig,
     TransformerModel,
     attention_layout,
     to_flash_layout,
     to_torch_layout,
 )
-from scfmbench.errors import CheckpointError, ConfigError
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import TINY_ARGS, make_tiny_adata
 
@@ -193,8 +194,8 @@ def test_random_init_control(make_scgpt_dir, tiny_adata):
 
 def test_random_init_control_follows_the_run_seed(make_scgpt_dir):
     """The run's seed reaches the scGPT control's initialisation, as for the other models."""
+    from scfmbench.benchmark.pipeline import load_models
     from scfmbench.config import RunConfig
-    from scfmbench.pipeline import load_models
 
     folder = make_scgpt_dir(weights=False)
 

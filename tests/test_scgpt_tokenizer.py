@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 
 from scfmbench.embed import collate
 from scfmbench.errors import CheckpointError, DataError, GeneMatchError
-from scfmbench.tokenize import bin_csr, bin_values, load_scgpt_vocab, tokenize_scgpt
+from scfmbench.models.scgpt.tokenizer import bin_csr, bin_values, load_scgpt_vocab, tokenize_scgpt
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import PBMC3K, TINY_GENES, make_tiny_adata, require_shared
 
@@ -267,7 +267,7 @@ def test_a_cells_tokens_do_not_depend_on_the_other_cells(scgpt_vocab):
 
 
 def test_binning_in_blocks_of_cells_changes_nothing(scgpt_vocab, monkeypatch):
-    from scfmbench.tokenize import _scgpt
+    import scfmbench.models.scgpt.tokenizer as _scgpt
 
     adata = make_tiny_adata(n_cells=30, seed=5)
     whole = tokenize_scgpt(adata, vocab=scgpt_vocab, seed=2)

@@ -8,8 +8,8 @@ import pytest
 
 import scfmbench
 from scfmbench.config import ScviOptions
-from scfmbench.features import InMemoryCells
-from scfmbench.splits import stratified_split
+from scfmbench.data.splits import stratified_split
+from scfmbench.evaluation.representations import InMemoryCells
 from tests.test_pipeline import run_cli
 
 FAST = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4, "batch_size": 16}
@@ -18,7 +18,7 @@ FAST = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4, "batch_size": 16}
 @pytest.fixture
 def fits(monkeypatch):
     """Rows of every count matrix scVI is trained on."""
-    import scfmbench.scvi_baseline as module
+    import scfmbench.evaluation.scvi as module
 
     seen = []
     train = module._train
@@ -32,7 +32,7 @@ def fits(monkeypatch):
 
 
 def test_scvi_features_are_seeded_and_never_see_the_test_cells(tiny_adata, fits):
-    from scfmbench.scvi_baseline import scvi_features
+    from scfmbench.evaluation.scvi import scvi_features
 
     split = stratified_split(tiny_adata.obs["cell_type"], seed=0)
     cells = InMemoryCells.from_adata(tiny_adata)

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from scfmbench import SplitError, make_splits
-from scfmbench.splits import load_or_make_splits, load_splits, stratified_split
+from scfmbench.data.splits import load_or_make_splits, load_splits, stratified_split
 
 
 def labels_of(sizes: dict[str, int]) -> pd.Series:
@@ -65,7 +65,7 @@ def test_bad_fractions():
 
 
 def test_cv_folds_are_disjoint_stratified_and_cover_every_cell():
-    from scfmbench.splits import cv_folds
+    from scfmbench.data.splits import cv_folds
 
     labels = labels_of({"A": 100, "B": 40, "C": 10})
     folds = cv_folds(labels, n_folds=5, seed=42, val_fraction=0.1)
@@ -85,7 +85,7 @@ def test_cv_folds_are_disjoint_stratified_and_cover_every_cell():
 
 
 def test_repeated_cv_reshuffles_each_repeat():
-    from scfmbench.splits import cv_folds
+    from scfmbench.data.splits import cv_folds
 
     labels = labels_of({"A": 30, "B": 30})
     folds = cv_folds(labels, n_folds=3, n_repeats=2, seed=7)

@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
-from scfmbench.stats import (
+from scfmbench.evaluation.stats import (
     Design,
     _scores,
     bootstrap_ci,
@@ -219,7 +219,7 @@ def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
     import pandas as pd
 
     import scfmbench
-    from scfmbench.run_stats import check_statistics, read_predictions
+    from scfmbench.evaluation.run_stats import check_statistics, read_predictions
 
     result = scfmbench.run(
         tiny_adata, out=tmp_path, name="p", n_splits=3, progress=False, figures=False
@@ -282,7 +282,7 @@ def test_transfer_interval_covers_a_known_accuracy():
 
 
 def test_planned_comparisons_pair_controls_and_fine_tuned_models():
-    from scfmbench.run_stats import planned_comparisons
+    from scfmbench.evaluation.run_stats import planned_comparisons
 
     def entry(kind, probe, model, val):
         return {
@@ -312,7 +312,7 @@ def test_planned_comparisons_pair_controls_and_fine_tuned_models():
 
 def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
     import scfmbench
-    from scfmbench.run_stats import check_statistics
+    from scfmbench.evaluation.run_stats import check_statistics
 
     result = scfmbench.run(
         tiny_adata,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from scfmbench import SchemaError
-from scfmbench.transfer import harmonize, load_label_map, transfer
+from scfmbench.benchmark.transfer import harmonize, load_label_map, transfer
 
 
 def test_unmapped_labels_are_listed():

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from scfmbench import DataError, SchemaError, validate
-from scfmbench.genes import detect_identifier_type
-from scfmbench.validate import classify_matrix, load_dataset
+from scfmbench.data.genes import detect_identifier_type
+from scfmbench.data.validate import classify_matrix, load_dataset
 from tests.conftest import run_cli_in_process
 
 
@@ -158,7 +158,7 @@ def test_validated_data_is_csr_float32(tiny_adata):
 
 
 def test_gene_column_typo_suggests_the_column():
-    from scfmbench.genes import resolve_gene_identifiers
+    from scfmbench.data.genes import resolve_gene_identifiers
 
     var = pd.DataFrame({"gene_ids": ["ENSG00000141510"], "gene_symbol": ["TP53"]}, index=["TP53"])
     with pytest.raises(SchemaError) as caught:

@@ -9,9 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scfmbench._stages import StageStore
-from scfmbench.report import build_sections
-from scfmbench.verdict import (
+from scfmbench.report.verdict import (
     FOREST_FIGURE,
     caveat_line,
     forest_rows,
@@ -20,6 +18,8 @@ from scfmbench.verdict import (
     verdict_section,
     write_forest_figure,
 )
+from scfmbench.report.write import build_sections
+from scfmbench.stages import StageStore
 from tests.conftest import run_cli_in_process
 
 BEST = "hvg+logreg"

@@ -12,7 +12,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from scfmbench.evaluate import SCORE_KEYS, embedding_quality
+from scfmbench.evaluation.embedding_quality import SCORE_KEYS, embedding_quality
 from tests.test_pipeline import run_cli
 
 SIZES = (30, 40, 50)

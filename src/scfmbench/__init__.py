@@ -7,10 +7,12 @@ Python API (the CLI is a thin layer over it)::
     result.table
 """
 
-__version__ = "0.1.0"
-
-from scfmbench.compare import compare_runs  # noqa: E402
+from scfmbench._version import __version__
+from scfmbench.benchmark.pipeline import RunResult, run  # noqa: E402
+from scfmbench.benchmark.transfer import transfer  # noqa: E402
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig  # noqa: E402
+from scfmbench.data.splits import load_or_make_splits, make_splits  # noqa: E402
+from scfmbench.data.validate import ValidatedData, load_dataset, validate  # noqa: E402
 from scfmbench.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -22,13 +24,10 @@ from scfmbench.errors import (  # noqa: E402
     SchemaError,
     SplitError,
 )
-from scfmbench.manifest import write_manifest  # noqa: E402
-from scfmbench.metrics import classification_metrics, delta  # noqa: E402
-from scfmbench.pipeline import RunResult, run  # noqa: E402
-from scfmbench.report import write_report  # noqa: E402
-from scfmbench.splits import load_or_make_splits, make_splits  # noqa: E402
-from scfmbench.transfer import transfer  # noqa: E402
-from scfmbench.validate import ValidatedData, load_dataset, validate  # noqa: E402
+from scfmbench.evaluation.metrics import classification_metrics, delta  # noqa: E402
+from scfmbench.report.compare import compare_runs  # noqa: E402
+from scfmbench.report.manifest import write_manifest  # noqa: E402
+from scfmbench.report.write import write_report  # noqa: E402
 
 __all__ = [
     "CheckpointError",

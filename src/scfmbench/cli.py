@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from scfmbench.config import DEFAULT_SEED
+from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import ScfmbenchError
 
 app = typer.Typer(
@@ -148,9 +148,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
+    from scfmbench.benchmark.pipeline import run as run_pipeline
     from scfmbench.config import RunConfig
-    from scfmbench.pipeline import run as run_pipeline
-    from scfmbench.report import markdown_table, results_table
+    from scfmbench.report.write import markdown_table, results_table
 
     _setup_logging(quiet)
     overrides = {
@@ -232,10 +232,10 @@ def validate(
     --config) would refuse about the data, such as a feature-selected count matrix, is listed
     under problems.
     """
-    from scfmbench.backed import BackedData
+    from scfmbench.benchmark.pipeline import baseline_methods, open_run_data, resolve_config
     from scfmbench.config import ModelSpec, RunConfig
-    from scfmbench.pipeline import baseline_methods, open_run_data, resolve_config
-    from scfmbench.splits import check_fractions, check_stratifiable
+    from scfmbench.data.backed import BackedData
+    from scfmbench.data.splits import check_fractions, check_stratifiable
 
     _setup_logging(quiet=True)
     settings = {
@@ -254,14 +254,14 @@ def validate(
         if "=" in spec:
             ModelSpec.parse(spec)
         else:
-            from scfmbench.embed import MODELS
-            from scfmbench.feature_selection import model_name
+            from scfmbench.data.feature_selection import model_name
+            from scfmbench.models import MODELS
 
             MODELS.get(model_name(spec))
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
-    from scfmbench.evaluate import detect_batch_key
+    from scfmbench.evaluation.embedding_quality import detect_batch_key
 
     detect_batch_key(checked.obs, resolved.batch_key)  # a misspelt batch_key, as run refuses it
     check_stratifiable(
@@ -289,8 +289,8 @@ def validate(
 
 def _add_feature_selection_problem(diag, models: list[str], allow: bool) -> None:
     """Add to ``diag.warnings`` what ``models`` (names or specs) would make of a
-    feature-selected count matrix (see :func:`scfmbench.feature_selection.validate_problem`)."""
-    from scfmbench.feature_selection import matrix_facts, validate_problem
+    feature-selected count matrix (see :func:`~.feature_selection.validate_problem`)."""
+    from scfmbench.data.feature_selection import matrix_facts, validate_problem
 
     problem = validate_problem(models, allow=allow, **matrix_facts(diag))
     if problem is not None:
@@ -362,8 +362,8 @@ def embed(
     Under torchrun (torchrun --nproc_per_node N -m scfmbench embed ...) every process embeds
     a share of the cells and rank 0 writes OUT (see docs/scale.md).
     """
-    from scfmbench.embed._stream import env_rank
-    from scfmbench.pipeline import embed_dataset
+    from scfmbench.benchmark.pipeline import embed_dataset
+    from scfmbench.embed.stream import env_rank
 
     main_rank = env_rank() == 0
     _setup_logging(quiet or not main_rank)
@@ -437,9 +437,9 @@ def transfer(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train every method on one dataset and score it on another (both directions)."""
+    from scfmbench.benchmark.transfer import transfer as run_transfer
+    from scfmbench.benchmark.transfer import transfer_markdown
     from scfmbench.config import RunConfig
-    from scfmbench.transfer import transfer as run_transfer
-    from scfmbench.transfer import transfer_markdown
 
     _setup_logging(quiet)
     base = RunConfig.from_yaml(config) if config is not None else None
@@ -533,7 +533,7 @@ def finetune(
     import yaml
 
     from scfmbench.errors import ConfigError
-    from scfmbench.finetune import finetune_dataset
+    from scfmbench.finetune.train import finetune_dataset
 
     _setup_logging(quiet)
     chosen = {
@@ -638,7 +638,7 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """Write RUN_DIR/report.html (self-contained) and refresh RUN_DIR/report.md."""
-    from scfmbench.report import write_report
+    from scfmbench.report.write import write_report
 
     _setup_logging(quiet)
     html = write_report(run_dir)
@@ -652,8 +652,8 @@ def stats(
 ) -> None:
     """Recompute every score, interval and test of RUN_DIR/metrics.json from
     RUN_DIR/predictions.tsv.gz and say whether they match (exit 1 when not)."""
-    from scfmbench.report import markdown_table, results_table
-    from scfmbench.run_stats import PREDICTIONS_FILE, check_statistics
+    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, check_statistics
+    from scfmbench.report.write import markdown_table, results_table
 
     _setup_logging(quiet)
     recomputed, diff = check_statistics(run_dir)
@@ -675,7 +675,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     """One table across runs (methods × runs: accuracy, macro F1) as Markdown and HTML."""
-    from scfmbench.compare import compare_runs
+    from scfmbench.report.compare import compare_runs
 
     _setup_logging(quiet)
     html = compare_runs(run_dirs, out=out)

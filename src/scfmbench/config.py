@@ -17,12 +17,10 @@ from pydantic import (
     field_validator,
 )
 
+from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.registry import did_you_mean
 
-DEFAULT_SEED = 42
-"""The seed of splits, probes, random-init controls, tokenization and fine-tuning unless set
-(the study's seed); every command and function defaults to it."""
 DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority", "scvi"]
 EMBEDDING_BASELINES = ("scvi",)
 """Baseline representations probed like a model embedding: a bare name in ``baselines``
@@ -177,7 +175,7 @@ class ModelSpec:
         CheckpointError
             ``DIR`` does not exist.
         """
-        from scfmbench.embed import MODELS  # importing the package registers every model
+        from scfmbench.models import MODELS
 
         name, sep, path = str(spec).partition("=")
         name, path = name.strip(), path.strip()
@@ -345,7 +343,7 @@ class RunConfig(BaseModel):
     @field_validator("train_sizes", mode="before")
     @classmethod
     def _check_train_sizes(cls, value: Any) -> Any:
-        from scfmbench.label_efficiency import normalize_train_sizes
+        from scfmbench.benchmark.label_efficiency import normalize_train_sizes
 
         return None if value is None else normalize_train_sizes(value)
 
@@ -360,7 +358,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_model_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if value:
-            from scfmbench.embed import MODELS
+            from scfmbench.models import MODELS
 
             for name, options in value.items():
                 check_model_options(name, MODELS.get(name), options)

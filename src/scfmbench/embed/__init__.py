@@ -1,11 +1,10 @@
-"""Foundation-model adapters and the shared embedding engine."""
+"""The embedding engine, blind to which model it runs: length-sorted batching, the layer
+cache, and streaming over files larger than memory.
 
-from scfmbench.embed import (
-    _geneformer,  # noqa: F401  (registers "geneformer")
-    _scfoundation,  # noqa: F401  (registers "scfoundation")
-    _scgpt,  # noqa: F401  (registers the "scgpt" model)
-)
-from scfmbench.embed._engine import (
+The models themselves (adapters, networks, tokenizers) live in :mod:`scfmbench.models`.
+"""
+
+from scfmbench.embed.engine import (
     EmbeddingCache,
     collate,
     embed,
@@ -13,17 +12,11 @@ from scfmbench.embed._engine import (
     length_sorted_batches,
     parse_batch_size,
 )
-from scfmbench.embed._stream import StreamedEmbeddings, embed_h5ad
-from scfmbench.embed.base import MODELS, Embeddings, FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.embed.stream import StreamedEmbeddings, embed_h5ad
 
 __all__ = [
-    "MODELS",
     "EmbeddingCache",
-    "Embeddings",
-    "FoundationModel",
-    "PaddedBatch",
     "StreamedEmbeddings",
-    "TokenizedCells",
     "collate",
     "embed",
     "embed_h5ad",

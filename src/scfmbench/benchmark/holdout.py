@@ -1,0 +1,440 @@
+"""Held-out groups: domain shift inside one dataset (``run --holdout-key COL``).
+
+Each distinct value of ``obs[COL]`` (a donor, sample, condition or batch) is a group. The
+``holdout`` design makes one fold per group: its test set is every cell of that group, its
+training and validation cells a stratified split of the other groups' cells (validation
+``max(1, round(n_c · f_val))`` cells per class, as in the ``cv`` design). With
+``train_groups``/``test_groups`` it makes one directed fold instead (e.g. Kang 2018 control →
+IFN-β stimulated).
+
+A class the held-out cells have but the fold's training cells lack cannot be predicted: its
+test cells are dropped from that fold (as a transfer drops target classes the training data
+lacks) and listed per class in ``metrics.json["holdout"]["folds"]`` and the report. Macro F1
+of a fold averages the classes present in its test cells (``stats`` design ``holdout``).
+
+The run also scores its random-split design (``config.design``, default 5-fold cv) on the same
+embeddings, so ``metrics.json["holdout"]`` holds, per method, the random-split and held-out
+macro F1 with their intervals and the drop. ``docs/statistics.md`` gives the formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scfmbench.data.splits import (
+    Split,
+    SplitSet,
+    carve_validation,
+    check_stratifiable,
+    labels_hash,
+    load_splits,
+    save_splits,
+)
+from scfmbench.errors import ConfigError, SchemaError, SplitError
+from scfmbench.hashing import hash_strings
+from scfmbench.registry import did_you_mean
+
+logger = logging.getLogger(__name__)
+
+DESIGN = "holdout"
+RANDOM_SPLIT_DIR = "random_split"
+"""Folder of the run directory with the random-split design scored beside the held-out folds
+(its ``splits/`` and ``stages/``)."""
+MACRO_F1_NOTE = (
+    "macro F1 of a held-out fold averages the classes present in its test cells; test cells "
+    "of classes the fold's training cells lack are dropped and listed per fold"
+)
+
+
+def check_holdout_options(
+    key: str | None, train_groups: list[str] | None, test_groups: list[str] | None
+) -> None:
+    """Raise ConfigError for group lists without a column, one list without the other, or
+    a value in both lists."""
+    if key is None:
+        if train_groups or test_groups:
+            raise ConfigError(
+                "--train-groups/--test-groups name values of an obs column; add --holdout-key "
+                "COL, e.g. --holdout-key condition --train-groups ctrl --test-groups stim."
+            )
+        return
+    if bool(train_groups) != bool(test_groups):
+        given, missing = (
+            ("--train-groups", "--test-groups")
+            if train_groups
+            else ("--test-groups", "--train-groups")
+        )
+        raise ConfigError(
+            f"{given} needs {missing} too (a directed shift trains on one set of groups and "
+            "tests on another); give both, or neither for one fold per group."
+        )
+    both = sorted(set(train_groups or []) & set(test_groups or []))
+    if both:
+        raise ConfigError(
+            f"group(s) {both} are in both --train-groups and --test-groups; a held-out group "
+            "must not be trained on — remove them from one list."
+        )
+
+
+def group_labels(obs: pd.DataFrame, labels: pd.Series, key: str) -> pd.Series:
+    """The group (as a string) of every run cell, index = ``labels.index``.
+
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        The run's cell annotations, rows in the order of ``labels`` (n_cells rows).
+    labels : pandas.Series
+        The run's cell labels (n_cells).
+    key : str
+        The obs column holding the groups.
+
+    Raises
+    ------
+    SchemaError
+        ``key`` is not a column of ``obs``, or some cells have no value in it.
+    """
+    if key not in obs.columns:
+        columns = [str(c) for c in obs.columns]
+        raise SchemaError(
+            f"--holdout-key {key!r} is not an obs column; choose from {columns}."
+            + did_you_mean(key, columns)
+        )
+    values = obs[key]
+    missing = int(values.isna().sum())
+    if missing:
+        raise SchemaError(
+            f"obs[{key!r}] has no value for {missing} cells; fill them in or choose another "
+            "--holdout-key."
+        )
+    return pd.Series(values.astype(str).to_numpy(), index=labels.index, name=key)
+
+
+def _check_values(wanted: list[str], present: list[str], key: str, option: str) -> None:
+    for value in wanted:
+        if value not in present:
+            raise SplitError(
+                f"{option} value {value!r} is not in obs[{key!r}], which holds {present}."
+                + did_you_mean(value, present)
+            )
+
+
+def holdout_folds(
+    labels: pd.Series,
+    groups: pd.Series,
+    *,
+    seed: int = 42,
+    val_fraction: float = 0.1,
+    train_groups: list[str] | None = None,
+    test_groups: list[str] | None = None,
+) -> tuple[tuple[Split, ...], dict[str, dict[str, Any]]]:
+    """One fold per held-out group, or one directed fold ``train_groups`` → ``test_groups``.
+
+    Fold ``i`` (groups in sorted order) is keyed ``seed + i``. Its training and validation
+    cells are the training groups' cells split per class by
+    :func:`scfmbench.data.splits.carve_validation` (generator seeded ``seed + i``); its test cells
+    are the held-out group's cells of the classes those training cells hold.
+
+    Parameters
+    ----------
+    labels : pandas.Series
+        Class of each cell (index: cell names), length n_cells.
+    groups : pandas.Series
+        Group of each cell (strings, same index), e.g. from :func:`group_labels`.
+    seed : int
+        Key of the first fold and seed of its validation draw (default 42).
+    val_fraction : float
+        Validation cells per class as a fraction of the class's training-group cells
+        (default 0.1).
+    train_groups, test_groups : list of str, optional
+        Both or neither: a directed shift (one fold).
+
+    Returns
+    -------
+    (folds, info)
+        The folds (``repeat`` 0, ``fold`` i, ``group`` the held-out group(s)); ``info`` maps
+        each fold key (str) to ``group``, ``train_groups``, ``test_groups``, ``n_train``,
+        ``n_val``, ``n_test``, ``test_classes_not_in_train`` (dropped test cells per class)
+        and ``train_classes_without_test`` (training-group cells, train and validation, per
+        class absent from the test cells).
+
+    Raises
+    ------
+    SplitError
+        One group only, an unknown group value, a training set with a class of 1–2 cells,
+        or a held-out group with no cell of a training class.
+    """
+    key = str(groups.name or "group")
+    present = sorted(groups.unique())
+    if train_groups is None or test_groups is None:
+        if len(present) < 2:
+            raise SplitError(
+                f"obs[{key!r}] holds one group only ({present[0]!r}); held-out groups need ≥ 2 "
+                "— choose another --holdout-key."
+            )
+        plan = [([g for g in present if g != held], [held]) for held in present]
+    else:
+        _check_values(list(train_groups), present, key, "--train-groups")
+        _check_values(list(test_groups), present, key, "--test-groups")
+        plan = [(list(train_groups), list(test_groups))]
+    values = labels.astype(str).to_numpy()
+    folds, info = [], {}
+    for i, (train_g, test_g) in enumerate(plan):
+        fold_seed = seed + i
+        name = ", ".join(test_g)
+        pool = np.flatnonzero(groups.isin(train_g).to_numpy())
+        try:
+            sizes = check_stratifiable(labels.iloc[pool])
+        except SplitError as exc:
+            raise SplitError(f"holding out {key} {name!r}: {exc}") from None
+        train_rows, val_rows = carve_validation(
+            pool, values, sizes, seed=fold_seed, val_fraction=val_fraction
+        )
+        target = np.flatnonzero(groups.isin(test_g).to_numpy())
+        trained = np.isin(values[target], sizes.index.to_numpy())
+        if not trained.any():
+            raise SplitError(
+                f"held-out {key} {name!r} has no cell of a class its training groups hold "
+                f"({list(sizes.index)}); choose another --holdout-key or other groups."
+            )
+        dropped = pd.Series(values[target][~trained]).value_counts().sort_index()
+        test_classes = set(values[target])
+        folds.append(
+            Split(
+                seed=fold_seed,
+                train=labels.index[train_rows],
+                val=labels.index[val_rows],
+                test=labels.index[np.sort(target[trained])],
+                repeat=0,
+                fold=i,
+                group=name,
+            )
+        )
+        info[str(fold_seed)] = {
+            "group": name,
+            "train_groups": train_g,
+            "test_groups": test_g,
+            "n_train": int(len(train_rows)),
+            "n_val": int(len(val_rows)),
+            "n_test": int(trained.sum()),
+            "test_classes_not_in_train": {str(k): int(v) for k, v in dropped.items()},
+            "train_classes_without_test": {
+                str(c): int(n) for c, n in sizes.items() if c not in test_classes
+            },
+        }
+    return tuple(folds), info
+
+
+def load_or_make_holdout(
+    directory: Path,
+    labels: pd.Series,
+    groups: pd.Series,
+    *,
+    seed: int,
+    fractions: tuple[float, float, float],
+    train_groups: list[str] | None = None,
+    test_groups: list[str] | None = None,
+) -> tuple[SplitSet, dict[str, dict[str, Any]], bool]:
+    """Reuse the held-out folds saved in ``directory`` when made from the same cells, labels,
+    groups and settings; else make them (:func:`holdout_folds`) and save them there.
+
+    ``splits.json`` records the settings and the per-fold ``info`` under ``holdout``.
+
+    Returns
+    -------
+    (split set of design ``holdout``, per-fold info, reused)
+    """
+    settings = {
+        "key": str(groups.name),
+        "train_groups": list(train_groups) if train_groups else None,
+        "test_groups": list(test_groups) if test_groups else None,
+        "seed": seed,
+        "val_fraction": float(fractions[1]),
+        "groups_hash": hash_strings(groups.to_numpy()),
+    }
+    index_path = Path(directory) / "splits.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        saved = index.get("holdout") or {}
+        if (
+            index.get("design") == DESIGN
+            and index.get("data_hash") == labels_hash(labels)
+            and saved.get("settings") == settings
+        ):
+            logger.info("reusing saved held-out folds in %s", directory)
+            loaded = load_splits(directory, labels)
+            info = saved["folds"]
+            splits = tuple(replace(s, group=info[str(s.seed)]["group"]) for s in loaded.splits)
+            return replace(loaded, splits=splits), info, True
+    folds, info = holdout_folds(
+        labels,
+        groups,
+        seed=seed,
+        val_fraction=fractions[1],
+        train_groups=train_groups,
+        test_groups=test_groups,
+    )
+    split_set = SplitSet(
+        splits=folds,
+        data_hash=labels_hash(labels),
+        fractions=tuple(fractions),
+        design=DESIGN,
+        n_repeats=1,
+    )
+    save_splits(
+        split_set, directory, labels, extra={"holdout": {"settings": settings, "folds": info}}
+    )
+    return split_set, info, False
+
+
+def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
+    """The run's held-out folds (``config.holdout_key`` and groups), saved in ``directory``.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        The run's ``splits/`` folder.
+    data : ValidatedData or BackedData
+        The run's cells (``labels`` and ``obs``).
+    config : RunConfig
+        ``holdout_key``, ``train_groups``, ``test_groups``, ``seed`` and ``fractions``.
+
+    Returns
+    -------
+    (split set, reused)
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        See :func:`check_holdout_options`, :func:`group_labels`, :func:`holdout_folds`.
+    """
+    check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
+    groups = group_labels(data.obs, data.labels, config.holdout_key)
+    split_set, info, reused = load_or_make_holdout(
+        directory,
+        data.labels,
+        groups,
+        seed=config.seed,
+        fractions=config.fractions,
+        train_groups=config.train_groups,
+        test_groups=config.test_groups,
+    )
+    for fold in info.values():
+        for line in fold_lines(fold):
+            logger.warning(line)
+    return split_set, reused
+
+
+def fold_lines(fold: dict[str, Any]) -> list[str]:
+    """One line per class a held-out fold cannot score (dropped test cells, via the transfer
+    wording) or trains without testing (left out of that fold's macro F1)."""
+    from scfmbench.benchmark.transfer import coverage_lines
+
+    where = f"held out {fold['group']}"
+    lines = coverage_lines(
+        where, {"test_classes_not_in_train": fold.get("test_classes_not_in_train") or {}}
+    )
+    absent = fold.get("train_classes_without_test") or {}
+    if absent:
+        lines.append(
+            f"{where}: {len(absent)} training class(es) have no test cells and are left out of "
+            f"this fold's macro F1 ({', '.join(map(repr, absent))})"
+        )
+    return lines
+
+
+def random_split_block(
+    inputs,
+    data,
+    *,
+    methods: list,
+    models: list,
+    model_info: dict,
+    reference: str,
+    metrics: dict[str, Any],
+    run_dir: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """``metrics.json["holdout"]``: the folds, and per method the random-split macro F1 (the
+    run's ``design``, scored on the same embeddings under ``RUN/random_split/``), the
+    held-out macro F1 (from ``metrics["methods"]``) with their 95% intervals, and the drop.
+
+    Fine-tuned methods are fine-tuned again on the random splits (``RUN/random_split/
+    finetune/``); every other method reuses the run's embeddings and cells (``inputs``, a
+    :class:`scfmbench.benchmark.pipeline.ProbeInputs`).
+    """
+    from scfmbench.benchmark.pipeline import (
+        _predict_all,
+        build_metrics,
+        finetune_models,
+        random_splits,
+    )
+    from scfmbench.stages import StageStore
+
+    config = inputs.config
+    folder = run_dir / RANDOM_SPLIT_DIR
+    stages = StageStore(folder)
+    labels = data.labels
+    split_set = random_splits(folder / "splits", labels, config)
+    scored = [m for m in methods if m.probe != "finetune"]
+    predictions = _predict_all(inputs, split_set, scored, stages, progress)
+    if models and config.finetune is not None:
+        finetune_models(
+            config,
+            data.model_input,
+            labels,
+            models,
+            split_set,
+            folder,
+            predictions,
+            scored,
+            progress,
+        )
+    random_doc, _ = build_metrics(
+        config, data, split_set, scored, predictions, reference, model_info
+    )
+    index = json.loads((run_dir / "splits" / "splits.json").read_text())
+    folds = index["holdout"]["folds"]
+    rows = {}
+    for name, entry in metrics["methods"].items():
+        held = entry["summary"]["macro_f1"]
+        random = random_doc["methods"].get(name, {}).get("summary", {}).get("macro_f1")
+        rows[name] = {
+            "kind": entry["kind"],
+            "random_split": None
+            if random is None
+            else {"macro_f1": random["mean"], "ci95": random.get("ci95")},
+            "held_out": {
+                "macro_f1": held["mean"],
+                "ci95": held.get("ci95"),
+                "per_group": {
+                    folds[seed]["group"]: split["macro_f1"]
+                    for seed, split in entry["splits"].items()
+                },
+            },
+            "drop": None if random is None else random["mean"] - held["mean"],
+        }
+    settings = index["holdout"]["settings"]
+    return {
+        "key": settings["key"],
+        "mode": "directed" if settings["train_groups"] else "leave-one-group-out",
+        "train_groups": settings["train_groups"],
+        "test_groups": settings["test_groups"],
+        "n_folds": len(folds),
+        "macro_f1": MACRO_F1_NOTE,
+        "interval_method": metrics["run"].get("interval_method"),
+        "folds": folds,
+        "random_split": {
+            "design": random_doc["run"]["design"],
+            "seeds": random_doc["run"]["seeds"],
+            "interval_method": random_doc["run"]["interval_method"],
+            "best_baseline": random_doc["run"]["best_baseline"],
+        },
+        "methods": rows,
+    }

@@ -1,0 +1,421 @@
+"""Label efficiency: test macro F1 against the number of labelled training cells per class.
+
+``run --train-sizes 1,5,10,25,50,all`` refits every probe of the run (baselines, frozen
+probes, random-init controls) on nested, class-stratified subsets of each fold's training
+cells, with the fold's own validation cells (which tune the probe) and test cells:
+
+- For fold ``f`` and draw ``d`` (``0 .. train_size_seeds - 1``) every class's training cells
+  are put in one random order (``numpy.random.default_rng([f_seed, d])``, classes in sorted
+  order); size ``n`` keeps the first ``min(n, n_c)`` cells of each class ``c``, so each size
+  holds every smaller size's cells. ``all`` is the whole training set: the run's own fit.
+- Representations use no labels, so they are not refitted per size: HVG selection, PCA and
+  scVI are fitted once per fold on all of its training cells (unlabelled), exactly as in the
+  run, and only the probe sees the subset's labels. Embeddings are the run's (one pass per
+  model). Fine-tuning is not swept (one fine-tuning per fold, size and draw is too costly).
+- Macro F1 per (method, size): each fold's test score averaged over the draws, with the run's
+  design interval (``scfmbench.evaluation.stats.design_estimate``) on those fold means and a paired
+  class-stratified bootstrap of the test cells shared by all draws of a fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from scfmbench.evaluation.representations import SplitFeatures
+from scfmbench.evaluation.stats import (
+    INTERVAL_METHODS,
+    N_BOOTSTRAP,
+    Design,
+    _codes,
+    design_estimate,
+)
+from scfmbench.hashing import hash_json
+
+logger = logging.getLogger(__name__)
+
+ALL = "all"
+COMPACT_WIDTH = 256
+"""Features of the run up to this many columns (PCA, scVI) are kept for the sweep; wider ones
+(HVG expression) are rebuilt per fold, which is cheap and keeps memory flat."""
+FIGURE = "figures/label_efficiency.png"
+
+TrainSize = int | str
+
+
+def normalize_train_sizes(values: Any) -> list[TrainSize]:
+    """Sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
+
+    Parameters
+    ----------
+    values : str or sequence of int/str
+        ``"1,5,all"`` or ``[1, 5, "all"]``; numbers as whole numbers ≥ 1 (``"5"`` or ``5``).
+
+    Returns
+    -------
+    list
+        e.g. ``[1, 5, "all"]``.
+
+    Raises
+    ------
+    ValueError
+        An empty list, or an item that is neither ``all`` nor a whole number ≥ 1.
+    """
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("train sizes must be a list such as 1,5,10,25,50,all")
+    sizes: set[int] = set()
+    with_all = False
+    for item in items:
+        value = item.strip().lower() if isinstance(item, str) else item
+        if value == ALL:
+            with_all = True
+            continue
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"train size {item!r} is not a whole number ≥ 1 or 'all' (labelled cells per "
+                "class); use e.g. --train-sizes 1,5,10,25,50,all"
+            )
+        sizes.add(value)
+    return [*sorted(sizes), *([ALL] if with_all else [])]
+
+
+def nested_subsets(
+    train_labels: pd.Series, sizes: Sequence[TrainSize], *, seed: Any
+) -> dict[TrainSize, pd.Index]:
+    """Nested class-stratified subsets of the training cells ``train_labels.index``.
+
+    One permutation per class (classes in sorted order, one ``numpy.random.default_rng(seed)``);
+    size ``n`` takes the first ``min(n, n_c)`` cells of class ``c``'s permutation, so a smaller
+    size's cells are always among a larger size's. ``"all"`` takes every cell.
+
+    Parameters
+    ----------
+    train_labels : pandas.Series
+        Class of each training cell (index: cell names), length n_train.
+    sizes : sequence of int or "all"
+        Labelled cells per class.
+    seed : int or sequence of int
+        Seed of the generator (the sweep uses ``[fold seed, draw]``).
+
+    Returns
+    -------
+    dict
+        size → cell names (in the order of ``train_labels``).
+    """
+    values = train_labels.astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    rank = np.empty(len(values), dtype=np.int64)
+    for cls in sorted(set(values)):
+        members = np.flatnonzero(values == cls)
+        rank[members[rng.permutation(len(members))]] = np.arange(len(members))
+    return {
+        size: train_labels.index if size == ALL else train_labels.index[rank < size]
+        for size in sizes
+    }
+
+
+class CompactFeatures(dict):
+    """Receives the run's baseline features per (representation, fold seed) and keeps only
+    those of at most ``COMPACT_WIDTH`` columns (PCA, scVI: costly to refit, small to hold)."""
+
+    def __setitem__(self, key: tuple[str, int], feats: SplitFeatures) -> None:
+        if feats.train.shape[1] <= COMPACT_WIDTH:
+            super().__setitem__(key, feats)
+
+
+def _subset_features(feats: SplitFeatures, train: pd.Index, subset: pd.Index) -> SplitFeatures:
+    return replace(feats, train=feats.train[train.get_indexer(subset)])
+
+
+def _record(payload: dict, n_train: int) -> dict:
+    return {
+        "pred": payload["pred"],
+        "params": payload["params"],
+        "val_macro_f1": payload["val_macro_f1"],
+        "n_train": int(n_train),
+    }
+
+
+def _sweep_one(
+    method, split, subsets, feats_of, labels, code_of, classes, grid, full_payload
+) -> dict[str, list[dict]]:
+    """Fit ``method`` on every numeric size and draw of one fold (a subset equal to the whole
+    training set, or to a subset already fitted, reuses that fit)."""
+    from scfmbench.benchmark.pipeline import _fit_and_predict_features
+
+    fitted: dict[str, dict] = {}
+    out: dict[str, list[dict]] = {}
+    feats = None
+    for size in next(iter(subsets.values())):
+        if size == ALL:
+            continue
+        runs = []
+        for by_size in subsets.values():
+            subset = by_size[size]
+            if len(subset) == len(split.train):
+                runs.append(_record(full_payload, len(subset)))
+                continue
+            key = hash_json(list(subset))
+            if key not in fitted:
+                feats = feats if feats is not None else feats_of()
+                payload = _fit_and_predict_features(
+                    method,
+                    _subset_features(feats, split.train, subset),
+                    labels,
+                    replace(split, train=subset),
+                    code_of,
+                    classes,
+                    grid=grid,
+                )
+                fitted[key] = _record(payload, len(subset))
+            runs.append(fitted[key])
+        out[str(size)] = runs
+    return out
+
+
+def label_efficiency(
+    inputs,
+    split_set,
+    methods: list,
+    predictions: dict,
+    stages,
+    *,
+    features: dict | None = None,
+    run_dir=None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The ``metrics.json["label_efficiency"]`` block of a run (and its figure).
+
+    Parameters
+    ----------
+    inputs : scfmbench.benchmark.pipeline.ProbeInputs
+        The run's cells, embeddings and labels; of its ``config``, ``train_sizes``
+        (labelled cells per class, ``"all"``) and ``train_size_seeds`` (draws per fold) are
+        read, with the settings every probe and representation reads.
+    split_set, stages
+        As in :func:`scfmbench.benchmark.pipeline._predict_all`.
+    methods : list of Method
+        The run's methods; fine-tuned ones are left out.
+    predictions : dict
+        The run's payloads ``{(method, fold seed): payload}``: the ``all`` size.
+    features : dict, optional
+        Baseline features ``{(representation, fold seed): SplitFeatures}`` kept from the
+        run's own fits (:class:`CompactFeatures`); others are rebuilt once per fold.
+    run_dir : Path, optional
+        Where ``figures/label_efficiency.png`` goes (when ``config.figures``).
+
+    Returns
+    -------
+    dict
+        ``sizes``, ``draws``, ``capped`` {size: {class: training cells, fewest over folds}},
+        ``n_train_cells`` {size: mean labelled cells per fold}, ``interval_method``,
+        ``methods`` {name: {kind, sizes: {size: {mean, ci95, se, df, per_split,
+        per_draw}}}} and ``figure``.
+    """
+    from scfmbench.benchmark.pipeline import probe_grid
+
+    config, labels = inputs.config, inputs.labels
+    sizes = list(config.train_sizes)
+    numeric = [s for s in sizes if s != ALL]
+    draws = list(range(config.train_size_seeds))
+    swept = [m for m in methods if m.probe != "finetune"]
+    classes = list(labels.cat.categories)
+    code_of = {c: i for i, c in enumerate(classes)}
+    features = features if features is not None else {}
+    fits: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    capped: dict[str, dict[str, int]] = {}
+    n_train: dict[str, list[int]] = {str(s): [] for s in sizes}
+    bar = tqdm(
+        total=len(swept) * len(split_set.splits),
+        desc="label efficiency",
+        unit="fit",
+        disable=not progress,
+    )
+    for split in split_set.splits:
+        train_labels = labels.loc[split.train]
+        counts = train_labels.astype(str).value_counts()
+        for size in numeric:
+            for cls, n in counts[counts < size].items():
+                entry = capped.setdefault(str(size), {})
+                entry[cls] = min(int(n), entry.get(cls, int(n)))
+            n_train[str(size)].append(int(np.minimum(counts, size).sum()))
+        if ALL in sizes:
+            n_train[ALL].append(len(split.train))
+        subsets = {d: nested_subsets(train_labels, sizes, seed=[split.seed, d]) for d in draws}
+        built: dict[str, SplitFeatures] = {}
+
+        def feats_of(method, split=split, built=built):
+            if method.model is not None:
+                return inputs.features(method, split)
+            rep = method.representation
+            if rep not in built:
+                kept = features.get((rep, split.seed))
+                if kept is None:
+                    with stages.timed("label_efficiency:features"):
+                        kept = inputs.features(method, split)
+                built[rep] = kept
+            return built[rep]
+
+        for method in swept:
+            grid = probe_grid(method.probe, config)
+            key = inputs.cache_key(method, split, sizes=numeric, draws=draws)
+            stage = f"label_efficiency_{method.name}_seed{split.seed}"
+            payload = stages.load(stage, key)
+            if payload is None:
+                with stages.timed(f"label_efficiency:{method.name}"):
+                    payload = _sweep_one(
+                        method,
+                        split,
+                        subsets,
+                        lambda m=method: feats_of(m),
+                        labels,
+                        code_of,
+                        classes,
+                        grid,
+                        predictions[(method.name, split.seed)],
+                    )
+                stages.save(stage, key, payload)
+            if ALL in sizes:
+                full = predictions[(method.name, split.seed)]
+                payload = {**payload, ALL: [_record(full, len(split.train))]}
+            fits[(method.name, split.seed)] = payload
+            bar.update()
+    bar.close()
+    for size, found in capped.items():
+        logger.info(
+            "label efficiency, %s cells per class: %s (fewest training cells in a fold) — "
+            "these classes use all their training cells",
+            size,
+            ", ".join(f"{c} has {n}" for c, n in sorted(found.items())),
+        )
+    with stages.timed("label_efficiency:stats"):
+        design = Design.of(split_set)
+        block: dict[str, Any] = {
+            "sizes": sizes,
+            "draws": len(draws),
+            "capped": capped,
+            "n_train_cells": {s: float(np.mean(v)) for s, v in n_train.items()},
+            "all_cells_per_class": float(
+                np.mean([len(split.train) for split in split_set.splits]) / len(classes)
+            ),
+            "interval_method": (
+                f"{INTERVAL_METHODS[design.name]}; each fold's test macro F1 is the mean over "
+                f"the {len(draws)} draws of labelled cells, its bootstrap shared by the draws"
+            ),
+            "validation": "each fold's validation cells (all labelled) tune every probe, as in "
+            "the run; test cells are the run's",
+            "representations": "HVG, PCA and scVI are fitted once per fold on all its training "
+            "cells without labels; only the probe is refitted on the labelled subset",
+            "methods": {},
+        }
+        for method in swept:
+            per_size = {}
+            for size in sizes:
+                per_size[str(size)] = size_estimate(
+                    [
+                        (
+                            labels.loc[split.test].astype(str).to_numpy(),
+                            [r["pred"] for r in fits[(method.name, split.seed)][str(size)]],
+                        )
+                        for split in split_set.splits
+                    ],
+                    [str(split.seed) for split in split_set.splits],
+                    classes=classes,
+                    design=design,
+                    seed=config.seed,
+                )
+            block["methods"][method.name] = {"kind": method.kind, "sizes": per_size}
+    if config.figures and run_dir is not None:
+        with stages.timed("label_efficiency:figure"):
+            write_figure(block, run_dir / FIGURE, title=f"{config.name}: label efficiency")
+        block["figure"] = FIGURE
+    return block
+
+
+def size_estimate(
+    sets: list[tuple[np.ndarray, list]],
+    names: list[str],
+    *,
+    classes: list[str],
+    design: Design,
+    seed: int,
+    n_boot: int = N_BOOTSTRAP,
+) -> dict[str, Any]:
+    """Macro F1 of one method at one size over the design's test sets, with its interval.
+
+    Parameters
+    ----------
+    sets : list of (y_true (n_j,), [y_pred (n_j,) per draw])
+        Test labels of each fold and the predictions of every draw (strings).
+    names : list of str
+        Fold keys, in the order of ``sets``.
+    classes : list of str
+        The run's classes.
+    design : Design
+        The run's design (interval formula, see :func:`scfmbench.evaluation.stats.design_estimate`).
+    seed : int
+        Bootstrap seed (fold ``j`` uses ``seed + j``, as the run's own intervals do).
+
+    Returns
+    -------
+    dict
+        ``mean``, ``ci95`` [lo, hi], ``se``, ``df`` (None: bootstrap or normal),
+        ``per_split`` {fold: mean over draws}, ``per_draw`` {fold: [macro F1 per draw]}.
+    """
+    from scfmbench.evaluation.stats import score_sets
+
+    coded = []
+    for truth, preds in sets:
+        true, codes = _codes(truth, preds, classes)
+        coded.append((true, codes))
+    scored = score_sets(
+        coded, len(classes), n_boot=n_boot, seed=seed, same_cells=design.name == "transfer"
+    )
+    per_draw = [[p["macro_f1"] for p in points] for points, _ in scored]
+    values = np.array([np.mean(v) for v in per_draw])
+    reps = np.stack([np.mean([b["macro_f1"] for b in boots], axis=0) for _, boots in scored])
+    estimate = design_estimate(values, reps, design)
+    return {
+        "mean": estimate.mean,
+        "ci95": list(estimate.ci95),
+        "se": estimate.se,
+        "df": None if estimate.df is None or np.isinf(estimate.df) else estimate.df,
+        "per_split": dict(zip(names, map(float, values), strict=True)),
+        "per_draw": dict(zip(names, per_draw, strict=True)),
+    }
+
+
+def figure_positions(block: dict[str, Any]) -> tuple[list[float], list[str]]:
+    """x positions (labelled cells per class, log axis) and tick labels of the sizes; ``all``
+    sits at the mean training cells per class, at least twice the largest numeric size."""
+    numeric = [s for s in block["sizes"] if s != ALL]
+    x = [float(s) for s in numeric]
+    ticks = [str(s) for s in numeric]
+    if ALL in block["sizes"]:
+        per_class = block["all_cells_per_class"]
+        x.append(max(per_class, 2 * max(x, default=0.5)))
+        ticks.append(f"all\n(~{per_class:.0f})")
+    return x, ticks
+
+
+def write_figure(block: dict[str, Any], path, *, title: str) -> None:
+    """Macro F1 against labelled cells per class: one line per method, 95% CI band."""
+    from scfmbench.report.figures import plot_label_efficiency
+
+    x, ticks = figure_positions(block)
+    curves = {
+        name: [entry["sizes"][str(s)] for s in block["sizes"]]
+        for name, entry in block["methods"].items()
+    }
+    dashed = {n for n, e in block["methods"].items() if e["kind"] == "control"}
+    plot_label_efficiency(x, ticks, curves, path, title=title, dashed=dashed)

@@ -1,0 +1,15 @@
+"""Reading and checking a labelled dataset: file formats, count detection, gene identifiers,
+backed (out-of-memory) reading and the train/validation/test splits."""
+
+from scfmbench.data.backed import validate_backed
+from scfmbench.data.splits import load_or_make_splits, make_splits
+from scfmbench.data.validate import ValidatedData, load_dataset, validate
+
+__all__ = [
+    "ValidatedData",
+    "load_dataset",
+    "load_or_make_splits",
+    "make_splits",
+    "validate",
+    "validate_backed",
+]

@@ -1,0 +1,402 @@
+"""The statistics of a run, computed from its per-cell predictions table.
+
+``predictions.tsv.gz`` holds one row per method, split and test cell (``method``, ``split``,
+``repeat``, ``fold``, ``cell``, ``true``, ``pred`` and, where the probe gives them,
+``proba:<class>`` columns). Every score, interval and test in ``metrics.json`` is a function
+of that table, the class list and the design, so ``scfmbench stats RUN_DIR`` recomputes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from scfmbench._atomic import write_with
+from scfmbench.errors import RunDirError
+from scfmbench.evaluation.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
+from scfmbench.evaluation.stats import (
+    INTERVAL_METHODS,
+    MIN_TEST_CELLS,
+    Design,
+    holm,
+    method_intervals,
+    paired_comparison,
+)
+
+PREDICTIONS_FILE = "predictions.tsv.gz"
+ALPHA = 0.05
+PROBA_PREFIX = "proba:"
+MIN_FOLDS = 5
+"""With fewer folds (one repeat of K-fold CV) the intervals get a run-level warning."""
+
+logger = logging.getLogger(__name__)
+
+
+def design_warnings(design: dict[str, Any]) -> list[str]:
+    """Run-level warnings about the resampling design (``metrics.json["run"]["warnings"]``).
+
+    Parameters
+    ----------
+    design : dict
+        ``metrics.json["run"]["design"]``: ``name``, ``n_folds`` (and ``n_repeats``).
+
+    Returns
+    -------
+    list of str
+        One line when a single repeat of K-fold CV has K < ``MIN_FOLDS`` (its intervals use
+        Student t with K − 1 degrees of freedom); else empty.
+    """
+    k = design.get("n_folds", 0)
+    if design.get("name") != "cv" or k >= MIN_FOLDS:
+        return []
+    quantile = float(scipy_stats.t.ppf(1 - ALPHA / 2, k - 1))
+    usual = float(scipy_stats.t.ppf(1 - ALPHA / 2, MIN_FOLDS - 1))
+    return [
+        f"only {k} folds: each 95% interval rests on {k} fold scores and uses Student t with "
+        f"K − 1 = {k - 1} degree(s) of freedom (t = {quantile:.2f}, vs {usual:.2f} with "
+        f"{MIN_FOLDS} folds), so it is wide; use --n-splits {MIN_FOLDS} or more, or add "
+        "--n-repeats 3 for repeated K-fold cross-validation"
+    ]
+
+
+def constant_within_class(table: pd.DataFrame, method: str) -> bool:
+    """Whether ``method`` predicts one label for all test cells of each class in every split.
+
+    Such a method (e.g. ``majority``) scores the same on every class-stratified bootstrap
+    resample, so its interval holds no cell-sampling variation (see docs/statistics.md).
+    """
+    rows = table[table["method"] == method]
+    return bool(rows.groupby(["split", "true"])["pred"].nunique().max() == 1)
+
+
+def predictions_table(
+    predictions: dict, labels: pd.Series, split_set, methods: list
+) -> pd.DataFrame:
+    """One tidy row per (method, split, test cell) from the run's prediction payloads.
+
+    Parameters
+    ----------
+    predictions : dict
+        ``{(method name, split seed): payload}`` with ``cells``, ``pred`` and optional
+        ``proba`` (n_test × n_classes, None rows for unassigned cells).
+    labels : pandas.Series
+        True label of every cell of the run (categorical; its categories are the classes).
+    """
+    classes = list(labels.cat.categories)
+    frames = []
+    for method in methods:
+        for split in split_set.splits:
+            payload = predictions[(method.name, split.seed)]
+            frame = pd.DataFrame(
+                {
+                    "method": method.name,
+                    "split": str(split.seed),
+                    "repeat": -1 if split.repeat is None else split.repeat,
+                    "fold": -1 if split.fold is None else split.fold,
+                    "cell": payload["cells"],
+                    "true": labels.loc[payload["cells"]].astype(str).to_numpy(),
+                    "pred": payload["pred"],
+                }
+            )
+            proba = payload.get("proba")
+            if proba is not None:
+                values = np.array(
+                    [row if row is not None else [np.nan] * len(classes) for row in proba],
+                    dtype=float,
+                )
+                for i, cls in enumerate(classes):
+                    frame[f"{PROBA_PREFIX}{cls}"] = values[:, i]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_predictions(table: pd.DataFrame, path: Path) -> None:
+    """Write the table as gzip-compressed TSV (probabilities with 6 significant digits)."""
+    write_with(
+        Path(path),
+        lambda tmp: table.to_csv(
+            tmp, sep="\t", index=False, compression="gzip", float_format="%.6g"
+        ),
+    )
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """Read a predictions table; labels and cell names stay strings (no NA parsing)."""
+    table = pd.read_csv(
+        path,
+        sep="\t",
+        compression="gzip",
+        dtype={"method": str, "split": str, "cell": str, "true": str, "pred": str},
+        keep_default_na=False,
+    )
+    for column in table.columns:
+        if column.startswith(PROBA_PREFIX):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table
+
+
+def design_from_run(run: dict) -> Design:
+    """The :class:`~.stats.Design` recorded in ``metrics.json["run"]["design"]``."""
+    info = run["design"]
+    return Design(info["name"], n_folds=info["n_folds"], test_train_ratio=info["test_train_ratio"])
+
+
+def small_classes(table: pd.DataFrame, classes: list[str]) -> list[str]:
+    """Classes with fewer than ``MIN_TEST_CELLS`` test cells in some split."""
+    first = table[table["method"] == table["method"].iloc[0]]
+    counts = first.groupby("split")["true"].value_counts().unstack(fill_value=0)
+    counts = counts.reindex(columns=classes, fill_value=0)
+    return [c for c in classes if counts[c].min() < MIN_TEST_CELLS]
+
+
+def _sets(table: pd.DataFrame, method: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rows = table[table["method"] == method]
+    return {
+        split: (group["true"].to_numpy(dtype=str), group["pred"].to_numpy(dtype=str))
+        for split, group in rows.groupby("split", sort=False)
+    }
+
+
+def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) -> dict[str, Any]:
+    """Per-split scores, summaries with 95% intervals, and paired tests of every method.
+
+    Fills (and returns) ``doc["methods"][name]`` ``splits`` scores, ``summary`` and
+    ``significance`` (and ``constant_within_class``, when true), plus ``doc["comparisons"]``
+    and ``doc["run"]`` fields ``best_baseline``, ``small_classes``, ``interval_method`` and
+    (when there are any) ``warnings``. Per-split ``params``/``val_macro_f1`` already in
+    ``doc`` are kept.
+    """
+    run = doc["run"]
+    classes = run["classes"]
+    design = design_from_run(run)
+    small = small_classes(table, classes)
+    run["small_classes"] = small
+    run["min_test_cells"] = MIN_TEST_CELLS
+    run["interval_method"] = INTERVAL_METHODS[design.name]
+    found = design_warnings(run["design"])
+    if found:
+        run["warnings"] = found
+        for line in found:
+            logger.warning("warning: %s", line)
+    sets = {name: _sets(table, name) for name in doc["methods"]}
+    for name, entry in doc["methods"].items():
+        per_split = entry.setdefault("splits", {})
+        for split, (truth, pred) in sets[name].items():
+            scores = classification_metrics(
+                truth, pred, classes=classes, present_only=design.name == "holdout"
+            ).to_dict()
+            kept = [scores["per_class"][c]["f1"] for c in classes if c not in small]
+            scores["macro_f1_excl_small"] = float(np.mean(kept)) if kept else None
+            per_split.setdefault(split, {}).update(scores)
+        summary = {
+            m: summarize([per_split[s][m] for s in sets[name]])
+            for m in (*HEADLINE_METRICS, "macro_f1_excl_small")
+            if all(per_split[s][m] is not None for s in sets[name])
+        }
+        estimates = method_intervals(
+            list(sets[name].values()), design, classes=classes, seed=seed, small=small
+        )
+        for metric, estimate in estimates.items():
+            summary.setdefault(metric, {"mean": estimate.mean})
+            summary[metric].update(
+                {
+                    "ci95": list(estimate.ci95),
+                    "se": estimate.se,
+                    "df": None if estimate.df is None or np.isinf(estimate.df) else estimate.df,
+                }
+            )
+        entry["summary"] = summary
+        if constant_within_class(table, name):
+            entry["constant_within_class"] = True
+    reference = run["reference"]
+    ref = doc["methods"][reference]["summary"]
+    for entry in doc["methods"].values():
+        entry["delta_vs_reference"] = {
+            m: delta(entry["summary"][m]["mean"], ref[m]["mean"]) for m in HEADLINE_METRICS
+        }
+    _comparisons(doc, sets, design, seed=seed)
+    return doc
+
+
+def validation_score(entry: dict) -> float:
+    """Mean validation macro F1 over splits (what the best baseline and frozen probe are
+    chosen by; the test cells never take part)."""
+    values = [s.get("val_macro_f1") for s in entry["splits"].values()]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else float("-inf")
+
+
+def planned_comparisons(methods: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(method, against, kind) of every paired test: each method vs the best baseline (by
+    validation macro F1), each pretrained method vs its own random-init control (same probe),
+    and each fine-tuned model vs its best frozen probe (by validation macro F1)."""
+    baselines = [n for n, e in methods.items() if e["kind"] == "baseline"]
+    best = max(baselines, key=lambda n: validation_score(methods[n])) if baselines else None
+    out = []
+    if best is not None:
+        out += [(n, best, "vs best baseline") for n in methods if n != best]
+    for name, entry in methods.items():
+        model = entry.get("model")
+        if not model or model.endswith("-random"):
+            continue
+        control = name.replace(model, f"{model}-random", 1)
+        if control in methods:
+            out.append((name, control, "vs random-init control"))
+    for name, entry in methods.items():
+        if entry["probe"] != "finetune":
+            continue
+        frozen = [
+            n
+            for n, e in methods.items()
+            if e.get("model") == entry.get("model") and e["probe"] != "finetune"
+        ]
+        if frozen:
+            partner = max(frozen, key=lambda n: validation_score(methods[n]))
+            out.append((name, partner, "fine-tuned vs frozen"))
+    return out
+
+
+def _comparisons(doc: dict, sets: dict, design: Design, *, seed: int) -> None:
+    methods = doc["methods"]
+    classes = doc["run"]["classes"]
+    planned = planned_comparisons(methods)
+    best = next((b for _, b, kind in planned if kind == "vs best baseline"), None)
+    doc["run"]["best_baseline"] = best
+    doc["run"]["best_baseline_chosen_by"] = "validation macro F1 (mean over splits)"
+    results = []
+    for name, other, kind in planned:
+        paired = [
+            (split, truth, pred, sets[other][split][1])
+            for split, (truth, pred) in sets[name].items()
+        ]
+        results.append(
+            (
+                name,
+                other,
+                kind,
+                paired_comparison(paired, classes=classes, seed=seed, design=design),
+            )
+        )
+    p_holm = holm([r.p for *_, r in results])
+    mcnemar_ps = [r.mcnemar_p for *_, r in results if r.mcnemar_p is not None]
+    mcnemar_holm = iter(holm(mcnemar_ps))
+    comparisons = []
+    for (name, other, kind, r), adjusted in zip(results, p_holm, strict=True):
+        entry = {
+            "method": name,
+            "against": other,
+            "kind": kind,
+            "f1_diff": r.f1_diff,
+            "f1_diff_ci95": list(r.f1_diff_ci95),
+            "f1_diff_per_split": r.f1_diff_per_split,
+            "accuracy_diff": r.accuracy_diff,
+            "accuracy_diff_ci95": list(r.accuracy_diff_ci95),
+            "p": r.p,
+            "p_holm": adjusted,
+            "bootstrap_p": r.bootstrap_p,
+            "mcnemar_p": r.mcnemar_p,
+            "mcnemar_p_holm": next(mcnemar_holm) if r.mcnemar_p is not None else None,
+            "mcnemar_p_per_split": r.mcnemar_p_per_split,
+            "discordant": {
+                "only_method_right": r.discordant[0],
+                "only_other_right": r.discordant[1],
+            },
+            "significant": bool(adjusted < ALPHA),
+        }
+        comparisons.append(entry)
+        if kind == "vs best baseline":
+            methods[name]["significance"] = {
+                **{k: v for k, v in entry.items() if k not in ("method", "against", "kind")},
+                "baseline": other,
+                "discordant": {
+                    "only_method_right": r.discordant[0],
+                    "only_baseline_right": r.discordant[1],
+                },
+            }
+    doc["comparisons"] = comparisons
+
+
+def recompute(run_dir: Path) -> dict[str, Any]:
+    """Recompute the statistics of ``run_dir/metrics.json`` from its predictions table.
+
+    Returns the recomputed metrics document (same keys as the stored one).
+
+    Raises
+    ------
+    RunDirError
+        ``metrics.json`` or ``predictions.tsv.gz`` is missing, or the table lacks a method.
+    """
+    run_dir = Path(run_dir)
+    metrics_path, table_path = run_dir / "metrics.json", run_dir / PREDICTIONS_FILE
+    for path in (metrics_path, table_path):
+        if not path.exists():
+            raise RunDirError(
+                f"{path} does not exist; point `scfmbench stats` at a finished run directory "
+                "(written by scfmbench run, schema 2.0 or later)."
+            )
+    doc = json.loads(metrics_path.read_text())
+    if doc.get("run", {}).get("kind") == "transfer":
+        raise RunDirError(
+            f"{run_dir} is a transfer run; `scfmbench stats` recomputes runs of `scfmbench run` "
+            "only (a transfer's statistics are in its metrics.json['transfer'], its per-cell "
+            f"predictions in {PREDICTIONS_FILE})."
+        )
+    table = read_predictions(table_path)
+    missing = sorted(set(doc["methods"]) - set(table["method"]))
+    if missing:
+        raise RunDirError(f"{table_path} has no predictions for {missing}; rerun the benchmark.")
+    return method_statistics(doc, table, seed=doc["run"]["stats_seed"])
+
+
+STATISTICS_KEYS = ("methods", "comparisons")
+
+
+def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9) -> list[str]:
+    """Paths (``methods.pca+logreg.summary.macro_f1.ci95[0]``) where two documents differ;
+    numbers within ``tol`` (absolute) count as equal."""
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for key in sorted(set(stored) | set(recomputed), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in stored or key not in recomputed:
+                out.append(where)
+            else:
+                out += differences(stored[key], recomputed[key], where, tol=tol)
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [path]
+        out = []
+        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
+            out += differences(a, b, f"{path}[{i}]", tol=tol)
+        return out
+    numbers = (int, float)
+    if (
+        isinstance(stored, numbers)
+        and isinstance(recomputed, numbers)
+        and not isinstance(stored, bool)
+        and not isinstance(recomputed, bool)
+    ):
+        if np.isnan(stored) and np.isnan(recomputed):
+            return []
+        return [] if abs(stored - recomputed) <= tol else [path]
+    return [] if stored == recomputed else [path]
+
+
+def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """(recomputed document, paths under ``methods``/``comparisons``/``run`` that differ from
+    the stored ``metrics.json``)."""
+    recomputed = recompute(run_dir)  # checks that both files exist
+    stored = json.loads((Path(run_dir) / "metrics.json").read_text())
+    diff = []
+    for key in (*STATISTICS_KEYS, "run"):
+        diff += differences(stored.get(key), recomputed.get(key), key)
+    if stored.get("schema_version", "2.0") == "2.0":  # schema 2.1 added these annotations
+        diff = [d for d in diff if d != "run.warnings" and not d.endswith(".constant_within_class")]
+    return recomputed, diff
