@@ -15,8 +15,22 @@ from anndata import AnnData
 
 from scfmbench.data.genes import GeneMatch
 from scfmbench.defaults import DEFAULT_SEED
-from scfmbench.evaluation.representations import obsm_key_for
-from scfmbench.registry import Registry
+
+
+def obsm_key_for(model_id: str) -> str:
+    """Where a model's embeddings are written in ``adata.obsm``.
+
+    Parameters
+    ----------
+    model_id
+        ``FoundationModel.model_id``, e.g. ``"geneformer-random"``.
+
+    Returns
+    -------
+    str
+        ``"X_"`` + the id with ``-`` as ``_``: ``geneformer-random`` → ``X_geneformer_random``.
+    """
+    return f"X_{model_id.replace('-', '_')}"
 
 
 @dataclass(frozen=True)
@@ -228,7 +242,3 @@ class FoundationModel(ABC):
     def settings(self) -> dict[str, Any]:
         """Model-side settings that belong in the cache key (override to add more)."""
         return {"model": self.model_id, "checkpoint": self.checkpoint_sha256}
-
-
-MODELS: Registry = Registry("model")
-"""Model loaders: ``MODELS.get("geneformer")(path, random_init=False, **options)``."""
