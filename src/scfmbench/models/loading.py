@@ -74,13 +74,14 @@ class ModelSource(Protocol):
 
 OptionsT = TypeVar("OptionsT", bound=ModelOptions)
 ModelT = TypeVar("ModelT", bound=FoundationModel, covariant=True)
+_OptionsIn = TypeVar("_OptionsIn", bound=ModelOptions, contravariant=True)
 
 
-class Build(Protocol[OptionsT, ModelT]):
+class Build(Protocol[_OptionsIn, ModelT]):
     """The function a model registers: checkpoint path, context and options to a model."""
 
     def __call__(
-        self, path: Path, *, context: LoadContext, options: OptionsT, random_init: bool
+        self, path: Path, *, context: LoadContext, options: _OptionsIn, random_init: bool
     ) -> ModelT:
         """Build the model (or its random-init control) from ``path``."""
         ...

@@ -173,6 +173,7 @@ class GeneformerModel(FoundationModel):
     """
 
     name = "geneformer"
+    network: BertModel
     pad_token_id = 0
     default_pooling = "mean"
     poolings: tuple[str, ...] = ("mean", "cls")

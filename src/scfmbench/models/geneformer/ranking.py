@@ -85,11 +85,11 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
     mapping dictionary, keeping targets in the token dictionary; symbols first go through
     the gene-name dictionary.
     """
-    keys = [str(k) for k in keys]
-    is_ensembl = [bool(ENSEMBL_RE.match(k.upper())) for k in keys]
-    n_symbols = len(keys) - sum(is_ensembl)
+    names = [str(k) for k in keys]
+    is_ensembl = [bool(ENSEMBL_RE.match(k.upper())) for k in names]
+    n_symbols = len(names) - sum(is_ensembl)
     if n_symbols and dicts.gene_name_id is None:
-        examples = [k for k, e in zip(keys, is_ensembl, strict=True) if not e][:3]
+        examples = [k for k, e in zip(names, is_ensembl, strict=True) if not e][:3]
         raise CheckpointError(
             f"{n_symbols} genes are symbols (e.g. {examples}) but "
             f"no gene_name_id_dict*.pkl was loaded; add it to {DICTS_FLAG} or pass "
@@ -97,7 +97,7 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
         )
     name_id = dicts.gene_name_id or {}
     ensembl: list[str | None] = []
-    for key, ens in zip(keys, is_ensembl, strict=True):
+    for key, ens in zip(names, is_ensembl, strict=True):
         gene_id = strip_version(key.upper()) if ens else name_id.get(key)
         ensembl.append(None if gene_id is None else gene_id.upper())
     vocab, targets = dicts.token_dict, dicts.mapping_targets
@@ -107,11 +107,11 @@ def map_genes(keys: pd.Index, dicts: GeneformerDictionaries) -> GeneMapping:
     order += [m for m in counts if counts[m] > 1]
     column_of = {gene: j for j, gene in enumerate(order)}
     columns = np.fromiter(
-        (column_of[m] if m is not None else -1 for m in mapped), dtype=np.int32, count=len(keys)
+        (column_of[m] if m is not None else -1 for m in mapped), dtype=np.int32, count=len(names)
     )
     return GeneMapping(
-        identifier_type=detect_identifier_type(keys),
-        n_genes=len(keys),
+        identifier_type=detect_identifier_type(names),
+        n_genes=len(names),
         n_symbols=n_symbols,
         n_symbols_mapped=sum(1 for e, s in zip(ensembl, is_ensembl, strict=True) if not s and e),
         n_direct=sum(1 for e in ensembl if e is not None and e in vocab),
@@ -189,7 +189,7 @@ def _rank_block(
     cell; runs whose float32 values are equal (near-ties) are re-sorted on the exact float64
     values, so the result equals a stable per-cell ``argsort(-value)`` in collapsed order.
     """
-    n_rows = block.shape[0]
+    n_rows = len(block.indptr) - 1
     singles, indptr, groups = _block_entries(block, mapping, target_sum=target_sum)
     n_single = np.diff(indptr)
     lengths = n_single + np.bincount(groups.rows, minlength=n_rows)
@@ -270,7 +270,7 @@ def rank_value_tokens(
     """
     if not isinstance(counts, sp.csr_matrix):
         counts = to_csr(counts)
-    n_cells = counts.shape[0]
+    n_cells = len(counts.indptr) - 1
     size = max(1, min(chunk_cells, -(-n_cells // max(n_jobs, 1))))
 
     def rank(lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +285,9 @@ def rank_value_tokens(
         blocks = [rank(lo) for lo in starts]
     genes = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, np.int64)
     n_genes = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int64)
-    if cls_id is None:
+    if cls_id is None or eos_id is None:
+        if cls_id != eos_id:
+            raise ValueError("cls_id and eos_id are given together (V2) or not at all (V1)")
         return genes.astype(np.int64), n_genes.astype(np.int64)
     lengths = np.where(n_genes > 0, n_genes + 2, 0).astype(np.int64)
     first = np.cumsum(lengths) - lengths
@@ -299,12 +301,13 @@ def rank_value_tokens(
 
 def _row_block(counts: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
     """Rows ``lo:hi`` of a CSR matrix without copying its data."""
-    if (lo, hi) == (0, counts.shape[0]):
+    n_rows, n_columns = counts.shape  # pyright: ignore[reportGeneralTypeIssues]  (scipy stubs: shape may be None)
+    if (lo, hi) == (0, n_rows):
         return counts
     a, b = counts.indptr[lo], counts.indptr[hi]
     block = sp.csr_matrix(
         (counts.data[a:b], counts.indices[a:b], counts.indptr[lo : hi + 1] - a),
-        shape=(hi - lo, counts.shape[1]),
+        shape=(hi - lo, n_columns),
     )
     block.has_sorted_indices = counts.has_sorted_indices
     return block

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -172,7 +172,7 @@ class GeneformerTokenizer:
         check_finite(adata.X, where="adata.X")
         require_counts(adata.X, model="geneformer", allow_normalized=self.allow_normalized)
         counts = to_csr(adata.X)
-        source = self.identifiers(adata.var)
+        source = self.identifiers(cast(pd.DataFrame, adata.var))  # in-memory AnnData
         mapping = map_genes(source.keys, self.dicts)
         match = self.gene_match(adata, mapping, counts, source=source)
         logger.info(mapping.summary())
@@ -185,7 +185,7 @@ class GeneformerTokenizer:
             )
         ids, lengths = rank_value_tokens(counts, mapping, **self.rank_options(), n_jobs=self.n_jobs)
         kept = lengths > 0
-        passing = filter_pass_mask(adata.obs)
+        passing = filter_pass_mask(cast(pd.DataFrame, adata.obs))
         if passing is not None:
             logger.info("geneformer: %d cells fail obs['filter_pass']", int((~passing).sum()))
             ids = ids[np.repeat(passing, lengths)]
@@ -218,7 +218,7 @@ class GeneformerTokenizer:
         source: GeneIdentifiers | None = None,
     ) -> GeneMatch:
         """Genes in the vocabulary and fraction of counts covered; raises below 50 %."""
-        source = source or self.identifiers(adata.var)
+        source = source or self.identifiers(cast(pd.DataFrame, adata.var))
         keys = source.keys
         vocab = {
             str(k): int(mapping.tokens[c])

@@ -86,6 +86,7 @@ class ScFoundationModel(FoundationModel):
     """
 
     name = "scfoundation"
+    network: ScFoundationEncoder
     default_pooling = "all"
     poolings = ("all", "max")
 
@@ -212,7 +213,7 @@ class ScFoundationModel(FoundationModel):
             decoder_state=entry.decoder_state if entry else {},
         )
         ordered = sorted(self.gene_index.items(), key=lambda kv: kv[1])
-        pd.DataFrame(ordered, columns=["gene_name", "index"]).to_csv(
+        pd.DataFrame(ordered, columns=pd.Index(["gene_name", "index"])).to_csv(
             directory / GENE_INDEX_FILE, sep="\t", index=False
         )
 
@@ -296,26 +297,25 @@ def load_scfoundation(
         )
     genes = read_gene_index(index_path)
     entry: CheckpointEntry | None = None
-    if not random_init or checkpoint.is_file():
-        entry = read_checkpoint(checkpoint, version=version)
-        config = entry.config
-    else:
-        config = ScFoundationConfig.from_dict(RELEASED_CONFIG, source="released architecture")
-        logger.info(
-            "scfoundation: no %s at %s; random control uses the released architecture",
-            CHECKPOINT_FILE,
-            path,
-        )
     if random_init:
+        if checkpoint.is_file():
+            config = read_checkpoint(checkpoint, version=version).config
+        else:
+            config = ScFoundationConfig.from_dict(RELEASED_CONFIG, source="released architecture")
+            logger.info(
+                "scfoundation: no %s at %s; random control uses the released architecture",
+                CHECKPOINT_FILE,
+                path,
+            )
         network = random_encoder(config, seed=seed)
         sha = hash_json({"random_init": seed, "config": repr(config)})
-        entry = None
         logger.info("scfoundation: random-init control (seed %d), %s", seed, config.summary())
     else:
-        network = ScFoundationEncoder(config)
+        entry = read_checkpoint(checkpoint, version=version)
+        network = ScFoundationEncoder(entry.config)
         load_encoder_state(network, entry, source=str(checkpoint))
         sha = hash_file(checkpoint)
-        logger.info("scfoundation: loaded %s (%s)", checkpoint, config.summary())
+        logger.info("scfoundation: loaded %s (%s)", checkpoint, entry.config.summary())
     return ScFoundationModel(
         network.eval(),
         gene_index=genes,

@@ -95,7 +95,7 @@ class ScFoundationConfig:
         else:
             wanted = ("hidden_dim", "depth", "heads")
             missing += [f"encoder.{k}" for k in wanted if k not in encoder]
-        if missing:
+        if missing or not isinstance(encoder, Mapping):  # the second implies the first
             raise CheckpointError(
                 f"{source}: the model config lacks {missing} (found keys {sorted(config)[:12]}); "
                 "use the models.ckpt of the scFoundation release."

@@ -27,7 +27,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -150,7 +150,7 @@ def read_gene_index(path: Path) -> dict[str, int]:
             f"{path} has columns {list(table.columns)[:4]}, expected 'gene_name' and 'index'; "
             f"pass the release's {GENE_INDEX_FILE}."
         )
-    index = pd.to_numeric(table["index"], errors="coerce")
+    index = pd.Series(pd.to_numeric(table["index"], errors="coerce"))
     if index.isna().any() or sorted(index.astype(int)) != list(range(len(table))):
         raise CheckpointError(
             f"{path}: the 'index' column is not 0..{len(table) - 1}; the file is damaged."
@@ -196,7 +196,10 @@ def _resolve_mode(
 def _gene_keys(adata: AnnData, gene_column: str | None) -> GeneIdentifiers:
     """``gene_column``, else a var column of symbols (by content), else var_names."""
     return resolve_gene_identifiers(
-        adata.var, vocabulary_kind="symbol", model="scfoundation", gene_column=gene_column
+        cast(pd.DataFrame, adata.var),  # in-memory AnnData
+        vocabulary_kind="symbol",
+        model="scfoundation",
+        gene_column=gene_column,
     )
 
 
@@ -210,7 +213,7 @@ def align_to_index(matrix: sp.csr_matrix, positions: np.ndarray, *, n_genes: int
         (np.ones(len(matched), dtype=np.float64), (matched, positions[matched])),
         shape=(len(positions), n_genes),
     )
-    aligned = (matrix.astype(np.float64) @ projection).tocsr()
+    aligned = sp.csr_matrix(matrix.astype(np.float64) @ projection)
     aligned.sort_indices()
     aligned.eliminate_zeros()
     return aligned
@@ -221,7 +224,7 @@ def append_count_tokens(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat ``(input_ids, values, offsets)``: each row's stored genes in order, then T and S."""
     lengths = np.diff(genes.indptr) + 2
-    offsets = np.zeros(genes.shape[0] + 1, dtype=np.int64)
+    offsets = np.zeros(len(genes.indptr), dtype=np.int64)  # n_cells + 1
     offsets[1:] = np.cumsum(lengths)
     t_slots, s_slots = offsets[1:] - 2, offsets[1:] - 1
     is_gene = np.ones(offsets[-1], dtype=bool)
@@ -312,14 +315,13 @@ def tokenize_scfoundation(
                 f"{list(adata.obs.columns)[:8]}); set total_counts_key or use "
                 "pre_normalized='T'."
             )
-        totals = adata.obs[options.total_counts_key].to_numpy(dtype=np.float64)
+        totals = np.asarray(adata.obs[options.total_counts_key], dtype=np.float64)
     else:
         totals = np.asarray(aligned.sum(axis=1)).ravel()
     if mode == "F":
         scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-        aligned = sp.diags(scale) @ aligned
+        aligned = sp.csr_matrix(sp.diags(scale) @ aligned)
         aligned.data = np.log1p(aligned.data)
-        aligned = aligned.tocsr()
         aligned.sort_indices()
     aligned.data[aligned.data <= 0] = 0  # only values > 0 are tokens, as in the script
     aligned.eliminate_zeros()
@@ -358,4 +360,3 @@ def tokenize_scfoundation(
         dropped=dropped,
         gene_match=match,
     )
-

@@ -70,6 +70,7 @@ class ScGPTModel(FoundationModel):
     """
 
     name = "scgpt"
+    network: TransformerModel
     default_pooling = "cls"
     poolings = ("cls", "mean")
 

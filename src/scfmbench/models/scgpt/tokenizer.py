@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -34,9 +34,7 @@ from scfmbench.data.validate import check_finite, classify_matrix, to_csr
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.hashing import hash_json
-
-if TYPE_CHECKING:
-    from scfmbench.models.base import TokenizedCells
+from scfmbench.models.base import TokenizedCells
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +250,6 @@ def tokenize_scgpt(
         ``<cls>``, bins 1..n_bins-1 for genes) and the gene match; cells without any
         expressed vocabulary gene are listed in ``dropped``.
     """
-    from scfmbench.models.base import TokenizedCells  # here: scfmbench.embed imports this module
-
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be ≥ 2 (<cls> + one gene), got {max_seq_len}.")
     if "<cls>" not in vocab:
@@ -263,7 +259,10 @@ def tokenize_scgpt(
         )
     kind = _check_expression(adata.X, where="adata.X")
     source = resolve_gene_identifiers(
-        adata.var, vocabulary_kind="symbol", model="scgpt", gene_column=gene_column
+        cast(pd.DataFrame, adata.var),  # in-memory AnnData
+        vocabulary_kind="symbol",
+        model="scgpt",
+        gene_column=gene_column,
     )
     keys = source.keys
     matrix = to_csr(adata.X, np.float64)
@@ -290,8 +289,8 @@ def tokenize_scgpt(
     takes: list[np.ndarray] = []
     n_sampled = 0
     for row in np.flatnonzero(has_genes):
-        lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
-        rng = cell_generator(seed, adata.obs_names[row])
+        lo, hi = int(matrix.indptr[row]), int(matrix.indptr[row + 1])
+        rng = cell_generator(seed, str(adata.obs_names[row]))
         uniforms[lo:hi] = rng.random(hi - lo)
         take = np.arange(lo, hi)
         if hi - lo + 1 > max_seq_len:
@@ -299,8 +298,9 @@ def tokenize_scgpt(
             n_sampled += 1
         takes.append(take)
     bins = np.empty(matrix.nnz, dtype=np.int64)
-    for lo in range(0, matrix.shape[0], BIN_BLOCK_CELLS):  # bounds bin_csr's temporaries
-        hi = min(lo + BIN_BLOCK_CELLS, matrix.shape[0])
+    n_cells = len(matrix.indptr) - 1
+    for lo in range(0, n_cells, BIN_BLOCK_CELLS):  # bounds bin_csr's temporaries
+        hi = min(lo + BIN_BLOCK_CELLS, n_cells)
         a, b = matrix.indptr[lo], matrix.indptr[hi]
         bins[a:b] = bin_csr(
             matrix.indptr[lo : hi + 1] - a, matrix.data[a:b], n_bins=n_bins, uniforms=uniforms[a:b]
