@@ -1,5 +1,6 @@
-"""Foundation models: the contract every model meets, and one folder per model holding its
-adapter, its network (where ported) and its tokenizer.
+"""Foundation models: the contract, the loaders, and one folder per model.
+
+Each model folder holds its adapter, its network (where ported) and its tokenizer.
 
 Importing this package registers every model in :data:`MODELS`. :func:`load_model` is the one
 place a parsed ``NAME[-random]=DIR`` becomes a model; a new model is one folder plus one

@@ -51,10 +51,12 @@ class TokenizedCells:
 
     @property
     def n_cells(self) -> int:
+        """Number of kept cells."""
         return len(self.offsets) - 1
 
     @property
     def lengths(self) -> np.ndarray:
+        """Tokens per cell, shape (n_cells,)."""
         return np.diff(self.offsets)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -73,6 +75,7 @@ class TokenizedCells:
         dropped: pd.Index | None = None,
         gene_match: GeneMatch | None = None,
     ) -> TokenizedCells:
+        """Build from one token array (and value array) per cell, flattened with offsets."""
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(x) for x in ids])
         flat_ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
@@ -101,6 +104,7 @@ class PaddedBatch:
     values: torch.Tensor | None = None  # (B, L) float
 
     def to(self, device: torch.device | str) -> PaddedBatch:
+        """Return the batch with every tensor on ``device``."""
         return PaddedBatch(
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
@@ -143,10 +147,12 @@ class FoundationModel(ABC):
 
     @property
     def model_id(self) -> str:
+        """The model name, with ``-random`` for the random-init control."""
         return f"{self.name}-random" if self.random_init else self.name
 
     @property
     def obsm_key(self) -> str:
+        """The ``adata.obsm`` key of this model's embeddings (:func:`obsm_key_for`)."""
         return obsm_key_for(self.model_id)
 
     @property
@@ -215,7 +221,7 @@ class FoundationModel(ABC):
     # ---- hooks used by the fine-tuning engine (override in each adapter) ----------------
 
     def layer_modules(self) -> list[torch.nn.Module]:
-        """The encoder layers in order (frozen from the bottom by ``freeze_layers``)."""
+        """Return the encoder layers in order (frozen from the bottom by ``freeze_layers``)."""
         raise NotImplementedError(f"{self.name} does not expose its encoder layers")
 
     def embedding_modules(self) -> list[torch.nn.Module]:

@@ -215,7 +215,7 @@ MODELS: Registry[ModelLoader[Any, FoundationModel]] = Registry("model")
 def register_model(
     name: str, options: type[OptionsT]
 ) -> Callable[[Build[OptionsT, ModelT]], ModelLoader[OptionsT, ModelT]]:
-    """Decorator registering ``build`` in :data:`MODELS` with its declared ``options``.
+    """Register ``build`` in :data:`MODELS` with its declared ``options`` (a decorator).
 
     Parameters
     ----------

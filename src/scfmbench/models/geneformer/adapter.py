@@ -45,7 +45,7 @@ MAX_LISTED_KEYS = 5
 
 
 def read_config(model_dir: Path) -> tuple[BertConfig, dict[str, Any]]:
-    """The model's ``config.json`` as a ``BertConfig`` using SDPA attention, and as read."""
+    """Read the model's ``config.json`` as a ``BertConfig`` using SDPA attention, and as is."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(
@@ -113,8 +113,10 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
-    """Strip the ``module.`` (DDP) and ``bert.`` prefixes and drop the known MLM/classifier
-    head keys (logged)."""
+    """Strip the ``module.`` (DDP) and ``bert.`` prefixes; drop known head keys (logged).
+
+    The dropped keys are those of the MLM and classifier heads and unused buffers.
+    """
     kept: dict[str, torch.Tensor] = {}
     ignored = []
     if state and all(k.startswith("module.") for k in state):  # saved from DDP
@@ -133,7 +135,7 @@ def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str,
 
 
 def load_backbone(config: BertConfig, weights: Path) -> BertModel:
-    """A ``BertModel`` with the weights of ``weights``; key mismatches are CheckpointErrors."""
+    """Build a ``BertModel`` with the weights of ``weights`` (key mismatch: CheckpointError)."""
     network = BertModel(config, add_pooling_layer=False)
     state = backbone_state(read_state_dict(weights), source=weights)
     try:
@@ -157,7 +159,7 @@ def load_backbone(config: BertConfig, weights: Path) -> BertModel:
 
 
 def random_backbone(config: BertConfig, *, seed: int) -> BertModel:
-    """The same architecture with seeded random weights (global RNG state is left untouched)."""
+    """Build the architecture with seeded random weights (the global RNG state is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertModel(config, add_pooling_layer=False)
@@ -201,30 +203,39 @@ class GeneformerModel(FoundationModel):
 
     @property
     def n_layers(self) -> int:
+        """Number of BERT encoder layers."""
         return int(self.network.config.num_hidden_layers)
 
     @property
     def default_layer(self) -> int:
+        """The second-to-last layer, as the reference ``EmbExtractor``."""
         return self.n_layers - 1
 
     # ---- fine-tuning hooks -----------------------------------------------------------------
 
     @property
     def hidden_size(self) -> int:
+        """BERT hidden size."""
         return int(self.network.config.hidden_size)
 
     def layer_modules(self) -> list[torch.nn.Module]:
+        """Return the BERT encoder layers, bottom first."""
         return list(self.network.encoder.layer)
 
     def embedding_modules(self) -> list[torch.nn.Module]:
+        """Return the BERT embeddings module."""
         return [self.network.embeddings]
 
     def lora_target_modules(self) -> list[str]:
+        """Return the attention projections LoRA wraps."""
         return ["query", "key", "value"]
 
     def save_pretrained(self, directory: Path) -> None:
-        """Write a Hugging Face folder (``config.json`` + ``model.safetensors``) plus the
-        tokenizer's dictionaries, so ``load_geneformer(directory)`` reads it back."""
+        """Write a Hugging Face folder plus the tokenizer's dictionaries.
+
+        ``config.json`` + ``model.safetensors`` and the dictionary pickles, so
+        ``load_geneformer(directory)`` reads it back.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.network.save_pretrained(directory, safe_serialization=True)
@@ -233,6 +244,7 @@ class GeneformerModel(FoundationModel):
         logger.info("geneformer: saved to %s", directory)
 
     def settings(self) -> dict[str, Any]:
+        """Return the cache-key settings plus the version and input size."""
         return {
             **super().settings(),
             "version": self.version,

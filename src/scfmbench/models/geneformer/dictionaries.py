@@ -84,8 +84,11 @@ SEARCH_LEVELS = 3  # the model folder, its parent (the repository root) and one 
 
 
 def dictionary_sets(directory: Path) -> list[dict[str, Path]]:
-    """The dictionary sets in ``directory``, one per corpus suffix (``_gc104M``, ``_gc95M``,
-    ``_gc30M`` or none), each ``{kind: path}`` with at least the required kinds."""
+    """List the dictionary sets in ``directory``, one per corpus suffix.
+
+    Suffixes ``_gc104M``, ``_gc95M``, ``_gc30M`` or none; each set is ``{kind: path}`` with at
+    least the required kinds.
+    """
     sets = []
     for suffix in CORPUS_SUFFIXES:
         files = {kind: directory / f"{kind}{suffix}.pkl" for kind in DICTIONARY_KINDS}
@@ -98,7 +101,7 @@ def dictionary_sets(directory: Path) -> list[dict[str, Path]]:
 def find_dictionaries(
     model_dir: Path, *, vocab_size: int, dicts_dir: Path | None = None
 ) -> GeneformerDictionaries:
-    """The dictionaries whose token dictionary has ``vocab_size`` tokens.
+    """Find the dictionaries whose token dictionary has ``vocab_size`` tokens.
 
     Searched in ``dicts_dir`` when given, else in the model folder and up to two folders
     above it (a clone of the Hugging Face repository: ``Geneformer-V1-10M/`` beside
@@ -106,8 +109,10 @@ def find_dictionaries(
     ``geneformer/*_gc104M.pkl``), each folder with its ``DICTIONARY_SUBDIRS``. The first set
     with the model's vocabulary size wins (25,426 tokens: gc30M; 20,275: gc95M/gc104M).
 
-    Raises:
-        CheckpointError: no dictionaries found, or none of the model's vocabulary size.
+    Raises
+    ------
+    CheckpointError
+        No dictionaries found, or none of the model's vocabulary size.
     """
     bases = [Path(dicts_dir)] if dicts_dir is not None else []
     if dicts_dir is None:

@@ -45,6 +45,7 @@ class GeneMapping:
 
     @property
     def n_tokens(self) -> int:
+        """Number of collapsed columns (distinct tokens the input reaches)."""
         return len(self.tokens)
 
     @property
@@ -53,6 +54,7 @@ class GeneMapping:
         return self.n_tokens - self.n_collapsed_tokens
 
     def summary(self) -> str:
+        """Return a one-line account of the mapping for the log."""
         text = (
             f"geneformer: {self.n_mapped}/{self.n_genes} genes map onto {self.n_tokens} tokens "
             f"({self.n_direct} directly in the vocabulary, {self.n_collapsed_tokens} tokens sum "
@@ -66,6 +68,7 @@ class GeneMapping:
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the counts of the mapping as a JSON-ready dict."""
         return {
             "identifier_type": self.identifier_type,
             "n_genes": self.n_genes,
@@ -149,7 +152,9 @@ def _block_entries(
 ) -> tuple[_Entries, np.ndarray, _Entries]:
     """Entries of genes with a token of their own (CSR-ordered, with indptr) and summed groups.
 
-    Returns:
+    Returns
+    -------
+    tuple of (_Entries, np.ndarray, _Entries)
         ``(singles, singles_indptr, groups)``; ``singles.rows`` is left empty (derivable from
         the indptr) to save a pass over the data.
     """
@@ -236,7 +241,7 @@ def _rank_block(
 
 
 def _singles_of_rows(singles: _Entries, indptr: np.ndarray, rows: np.ndarray) -> _Entries:
-    """The single-gene entries of a few rows, with their rows filled in."""
+    """Return the single-gene entries of a few rows, with their rows filled in."""
     counts = indptr[rows + 1] - indptr[rows]
     at = _segment_positions(counts, indptr[rows])
     return _Entries(np.repeat(rows, counts), singles.columns[at], singles.values[at])
@@ -258,13 +263,20 @@ def rank_value_tokens(
     Cells are processed in blocks of at most ``chunk_cells`` (bounded memory), on ``n_jobs``
     threads.
 
-    Args:
-        counts: (n_cells, n_genes) raw counts, genes in ``mapping`` order.
-        mapping: the gene → token mapping from ``map_genes``.
-        max_genes: genes kept per cell (model input size, minus 2 with special tokens).
-        cls_id, eos_id: tokens put before and after the genes (V2), or None (V1).
+    Parameters
+    ----------
+    counts
+        (n_cells, n_genes) raw counts, genes in ``mapping`` order.
+    mapping
+        The gene → token mapping from ``map_genes``.
+    max_genes
+        Genes kept per cell (model input size, minus 2 with special tokens).
+    cls_id, eos_id
+        Tokens put before and after the genes (V2), or None (V1).
 
-    Returns:
+    Returns
+    -------
+    tuple of (np.ndarray, np.ndarray)
         ``(input_ids, lengths)``: flat int64 tokens of the cells that have any, and the number
         of tokens per input cell (0 for a cell without any in-vocabulary gene).
     """

@@ -66,7 +66,9 @@ def resolve_version(
 ) -> tuple[str, int]:
     """Model version and input size from the dictionaries (and model config), or an override.
 
-    Returns:
+    Returns
+    -------
+    tuple of (str, int)
         ``(version, model_input_size)``: V1 → 2048 tokens, V2 → 4096 tokens, capped at the
         model's ``max_position_embeddings``.
     """
@@ -94,15 +96,23 @@ def resolve_version(
 class GeneformerTokenizer:
     """Tokenize raw counts in an AnnData the way the reference Geneformer tokenizer does.
 
-    Args:
-        dicts: the Geneformer dictionaries.
-        version: ``"V1"``/``"V2"`` to override detection from the dictionaries.
-        max_position_embeddings: the model's position limit (caps the input size).
-        gene_column: var column with gene identifiers (e.g. ``"gene_ids"``) or ``"var_names"``;
-            default: resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
-        allow_normalized: tokenize non-integer input with a warning instead of failing.
-        target_sum: counts are scaled to this total before dividing by the gene medians.
-        n_jobs: threads for the vectorized ranking (default: the CPU count, at most 8).
+    Parameters
+    ----------
+    dicts
+        The Geneformer dictionaries.
+    version
+        ``"V1"``/``"V2"`` to override detection from the dictionaries.
+    max_position_embeddings
+        The model's position limit (caps the input size).
+    gene_column
+        Var column with gene identifiers (e.g. ``"gene_ids"``) or ``"var_names"``;
+        default: resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
+    allow_normalized
+        Tokenize non-integer input with a warning instead of failing.
+    target_sum
+        Counts are scaled to this total before dividing by the gene medians.
+    n_jobs
+        Threads for the vectorized ranking (default: the CPU count, at most 8).
     """
 
     def __init__(
@@ -144,8 +154,11 @@ class GeneformerTokenizer:
         }
 
     def identifiers(self, var: pd.DataFrame) -> GeneIdentifiers:
-        """The Ensembl IDs of ``var`` (``gene_column``, a detected column or var_names), or
-        symbols to map through the gene-name dictionary (see ``resolve_gene_identifiers``)."""
+        """Resolve the gene identifiers of ``var``.
+
+        Ensembl IDs (``gene_column``, a detected column or var_names), or symbols to map
+        through the gene-name dictionary (see ``resolve_gene_identifiers``).
+        """
         return resolve_gene_identifiers(
             var, vocabulary_kind="ensembl", model="geneformer", gene_column=self.gene_column
         )

@@ -122,10 +122,12 @@ class ScFoundationModel(FoundationModel):
 
     @property
     def n_layers(self) -> int:
+        """Number of encoder layers."""
         return self.network.n_layers
 
     @property
     def default_layer(self) -> int:
+        """The last layer, as the reference ``get_embedding.py``."""
         return self.network.n_layers
 
     def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
@@ -169,9 +171,11 @@ class ScFoundationModel(FoundationModel):
     # ---- fine-tuning hooks --------------------------------------------------------------
 
     def layer_modules(self) -> list[nn.Module]:
+        """Return the encoder's transformer layers, bottom first."""
         return list(self.network.encoder.transformer_encoder)
 
     def embedding_modules(self) -> list[nn.Module]:
+        """Return the token (value) and position embeddings."""
         return [self.network.token_emb, self.network.pos_emb]
 
     def lora_target_modules(self) -> list[str]:
@@ -188,7 +192,7 @@ class ScFoundationModel(FoundationModel):
         return len(POOLED_PARTS) * self.network.config.hidden_dim
 
     def make_classifier_head(self, n_classes: int) -> nn.Module:
-        """The reference fine-tuning head (Linear → 256 → ReLU → Linear) on the pooled embedding.
+        """Build the reference fine-tuning head (Linear → 256 → ReLU → Linear) on the embedding.
 
         The reference puts a non-affine BatchNorm in front; a non-affine LayerNorm is used
         here instead so batches of one cell work.
@@ -218,11 +222,12 @@ class ScFoundationModel(FoundationModel):
         )
 
     def settings(self) -> dict[str, Any]:
+        """Return the cache-key settings plus the pooled parts."""
         return {**super().settings(), "pooled_parts": list(POOLED_PARTS)}
 
 
 def _config_dict(config: ScFoundationConfig) -> dict[str, Any]:
-    """A flat reference-style config for ``config`` (random-init models without a file)."""
+    """Return a flat reference-style config for ``config`` (random-init models without a file)."""
     if config.raw:
         return dict(config.raw)
     return {

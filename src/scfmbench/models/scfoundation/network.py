@@ -119,6 +119,7 @@ class ScFoundationConfig:
         )
 
     def summary(self) -> str:
+        """Return a short description of the architecture for the log."""
         return (
             f"{self.depth} layers, hidden {self.hidden_dim}, {self.heads} heads, "
             f"{self.bin_num} value bins, {self.seq_len} positions"
@@ -232,6 +233,7 @@ class ScFoundationEncoder(nn.Module):
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer layers."""
         return self.config.depth
 
     def forward(
@@ -239,11 +241,16 @@ class ScFoundationEncoder(nn.Module):
     ) -> Tensor:
         """Token states (B, L, hidden) after ``layer`` encoder layers (default: all + norm).
 
-        Args:
-            values: (B, L) expression values (non-zero genes, then T and S).
-            positions: (B, L) gene positions (0..seq_len - 1; padding may use ``seq_len``).
-            attention_mask: (B, L) bool, True for real tokens.
-            layer: 0 = embeddings, ``n_layers`` = final output.
+        Parameters
+        ----------
+        values
+            (B, L) expression values (non-zero genes, then T and S).
+        positions
+            (B, L) gene positions (0..seq_len - 1; padding may use ``seq_len``).
+        attention_mask
+            (B, L) bool, True for real tokens.
+        layer
+            0 = embeddings, ``n_layers`` = final output.
         """
         states = self.layer_states(values, positions, attention_mask, up_to=layer)
         return deque(states, maxlen=1)[0]
@@ -262,7 +269,7 @@ class ScFoundationEncoder(nn.Module):
 
 
 def random_encoder(config: ScFoundationConfig, *, seed: int) -> ScFoundationEncoder:
-    """A network with PyTorch's default initialisation, seeded without touching global RNG."""
+    """Build a network with PyTorch's default initialisation, seeded without touching global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ScFoundationEncoder(config)

@@ -137,7 +137,7 @@ def count_token_values(totals: np.ndarray, *, tgthighres: str) -> tuple[np.ndarr
 
 
 def read_gene_index(path: Path) -> dict[str, int]:
-    """The gene order of the model input (``gene_name`` → ``index``)."""
+    """Read the gene order of the model input (``gene_name`` → ``index``)."""
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
@@ -161,7 +161,7 @@ def read_gene_index(path: Path) -> dict[str, int]:
 def _resolve_mode(
     kind: str, mode: PreNormalized | None, *, allow_normalized: bool, where: str
 ) -> PreNormalized:
-    """The pre_normalized mode for a matrix of ``kind``; refuse scaled or mismatched data."""
+    """Choose the pre_normalized mode for a matrix of ``kind``; refuse scaled or mismatched data."""
     if kind == "scaled":
         raise CountsRequiredError(
             f"scfoundation needs raw counts or normalize_total + log1p values but {where} holds "

@@ -109,10 +109,12 @@ class ScGPTModel(FoundationModel):
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer encoder layers."""
         return self.network.n_layers
 
     @property
     def default_layer(self) -> int:
+        """The last layer, as the reference ``embed_data``."""
         return self.network.n_layers
 
     def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
@@ -167,10 +169,11 @@ class ScGPTModel(FoundationModel):
 
     @property
     def hidden_size(self) -> int:
+        """Width of the ``<cls>`` embedding (``embsize``)."""
         return self.network.config.embsize
 
     def layer_modules(self) -> list[torch.nn.Module]:
-        """The encoder layers, bottom first."""
+        """Return the encoder layers, bottom first."""
         return list(self.network.transformer_encoder.layers)
 
     def embedding_modules(self) -> list[torch.nn.Module]:
@@ -190,13 +193,19 @@ class ScGPTModel(FoundationModel):
         ]
 
     def make_classifier_head(self, n_classes: int) -> torch.nn.Module:
-        """scGPT's ``ClsDecoder`` (``n_layers_cls`` from args.json), attached as
-        ``network.cls_decoder`` so that :meth:`save_pretrained` stores it with official names."""
+        """Attach scGPT's ``ClsDecoder`` (``n_layers_cls`` from args.json) and return it.
+
+        It becomes ``network.cls_decoder``, so :meth:`save_pretrained` stores it with the
+        official names.
+        """
         return self.network.add_cls_decoder(n_classes)
 
     def save_pretrained(self, directory: Path) -> None:
-        """Write ``best_model.pt`` (flash-attention key layout, as released), ``args.json`` and
-        ``vocab.json``; :func:`load_scgpt` and the reference loader read the folder back."""
+        """Write ``best_model.pt``, ``args.json`` and ``vocab.json``.
+
+        The weights use the flash-attention key layout, as released; :func:`load_scgpt` and
+        the reference loader read the folder back.
+        """
         directory = Path(directory)
         state = to_flash_layout({k: v.detach().cpu() for k, v in self.network.state_dict().items()})
         write_with(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
@@ -208,6 +217,7 @@ class ScGPTModel(FoundationModel):
         logger.info("scgpt: saved %d tensors to %s", len(state), directory)
 
     def settings(self) -> dict[str, Any]:
+        """Return the cache-key settings plus input length, bins and L2 normalization."""
         return {
             **super().settings(),
             "max_length": self.max_seq_len,
@@ -275,7 +285,7 @@ def _require(model_dir: Path, filename: str) -> Path:
 
 
 def _random_network(config: ScGPTConfig, *, seed: int) -> TransformerModel:
-    """A network with the reference initialisation, seeded without touching global RNG."""
+    """Build a network with the reference initialisation, seeded without touching global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TransformerModel(config)

@@ -50,9 +50,11 @@ def load_scgpt_vocab(path: Path | str) -> dict[str, int]:
 
     Missing special tokens get the next free ids, in that order, as the reference does.
 
-    Raises:
-        CheckpointError: the file is missing, not JSON, or not a {str: int} mapping with
-            unique ids.
+    Raises
+    ------
+    CheckpointError
+        The file is missing, not JSON, or not a {str: int} mapping with
+        unique ids.
     """
     path = Path(path)
     if not path.is_file():
@@ -122,13 +124,20 @@ def bin_csr(
 ) -> np.ndarray:
     """Bin the non-zero ``values`` of each CSR row into 1..n_bins-1 (scGPT's rule).
 
-    Args:
-        indptr: CSR row pointer of shape (n_cells + 1,).
-        values: the stored values of shape (nnz,), all > 0, in CSR order.
-        n_bins: number of bins including the zero bin (51 for scGPT_human).
-        uniforms: the tie-breaking draws in [0, 1), one per value in CSR order.
+    Parameters
+    ----------
+    indptr
+        CSR row pointer of shape (n_cells + 1,).
+    values
+        The stored values of shape (nnz,), all > 0, in CSR order.
+    n_bins
+        Number of bins including the zero bin (51 for scGPT_human).
+    uniforms
+        The tie-breaking draws in [0, 1), one per value in CSR order.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         int64 bins of shape (nnz,).
     """
     if n_bins < 3:
@@ -168,7 +177,9 @@ def bin_csr(
 def bin_values(values: np.ndarray, *, n_bins: int = SCGPT_N_BINS, seed: int = 0) -> np.ndarray:
     """Bin one cell's expression vector (zeros stay 0); see :func:`bin_csr` for the rule.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         int64 array of the same shape as ``values``.
     """
     values = np.asarray(values)
@@ -188,8 +199,11 @@ def bin_values(values: np.ndarray, *, n_bins: int = SCGPT_N_BINS, seed: int = 0)
 
 
 def cell_generator(seed: int, name: str) -> np.random.Generator:
-    """The random generator of one cell: seeded by ``seed`` and the cell's name, so a cell's
-    draws do not depend on which other cells (or chunks, or processes) it is tokenized with."""
+    """Return the random generator of one cell, seeded by ``seed`` and the cell's name.
+
+    A cell's draws do not depend on which other cells (or chunks, or processes) it is
+    tokenized with.
+    """
     key = int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, key])
 
@@ -230,22 +244,34 @@ def tokenize_scgpt(
 ) -> TokenizedCells:
     """Tokenize ``adata.X`` for scGPT: ``<cls>`` then the cell's non-zero genes in var order.
 
-    Args:
-        adata: cells × genes, raw counts or normalized (not scaled) in ``X``.
-        vocab: token → id, with ``<cls>`` (see :func:`load_scgpt_vocab`).
-        gene_column: ``adata.var`` column holding gene symbols, or ``"var_names"``; default:
-            resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
-        n_bins: number of value bins including the zero bin.
-        max_seq_len: longest sequence, ``<cls>`` included; longer cells keep ``<cls>`` and a
-            seeded random subset of their genes (still in var order).
-        pad_value: value of the ``<cls>`` token.
-        normalize: apply normalize_total (1e4) + log1p first, as the annotation recipe does;
-            the bins are the same either way.
-        seed: seeds the tie-breaking and the subset sampling, together with each cell's name
-            (:func:`cell_generator`): a cell gets the same tokens in any batch of cells.
-        min_overlap: minimum fraction of genes found in the vocabulary.
+    Parameters
+    ----------
+    adata
+        Cells × genes, raw counts or normalized (not scaled) in ``X``.
+    vocab
+        Token → id, with ``<cls>`` (see :func:`load_scgpt_vocab`).
+    gene_column
+        ``adata.var`` column holding gene symbols, or ``"var_names"``; default:
+        resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
+    n_bins
+        Number of value bins including the zero bin.
+    max_seq_len
+        Longest sequence, ``<cls>`` included; longer cells keep ``<cls>`` and a
+        seeded random subset of their genes (still in var order).
+    pad_value
+        Value of the ``<cls>`` token.
+    normalize
+        Apply normalize_total (1e4) + log1p first, as the annotation recipe does;
+        the bins are the same either way.
+    seed
+        Seeds the tie-breaking and the subset sampling, together with each cell's name
+        (:func:`cell_generator`): a cell gets the same tokens in any batch of cells.
+    min_overlap
+        Minimum fraction of genes found in the vocabulary.
 
-    Returns:
+    Returns
+    -------
+    TokenizedCells
         TokenizedCells with ``input_ids`` (token ids), ``values`` (``pad_value`` for
         ``<cls>``, bins 1..n_bins-1 for genes) and the gene match; cells without any
         expressed vocabulary gene are listed in ``dropped``.
