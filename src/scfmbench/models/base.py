@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,31 @@ from anndata import AnnData
 
 from scfmbench.data.genes import GeneMatch
 from scfmbench.defaults import DEFAULT_SEED
+
+_Built = TypeVar("_Built")
+
+
+def seeded_init(build: Callable[[], _Built], *, seed: int) -> _Built:
+    """Call ``build`` with torch's CPU generator seeded by ``seed``, then restore its state.
+
+    The random-init controls build their networks this way, so the weights depend on the seed
+    alone and the caller's random state is left as it was.
+
+    Parameters
+    ----------
+    build
+        Builds the network (its layers draw their initial weights from the global generator).
+    seed
+        Seed of the weights.
+
+    Returns
+    -------
+    object
+        What ``build`` returns.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def obsm_key_for(model_id: str) -> str:

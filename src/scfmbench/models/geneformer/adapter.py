@@ -26,7 +26,7 @@ from transformers import BertConfig, BertModel
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
 from scfmbench.models.geneformer.dictionaries import (
     DICTS_FLAG,
     GeneformerDictionaries,
@@ -160,9 +160,7 @@ def load_backbone(config: BertConfig, weights: Path) -> BertModel:
 
 def random_backbone(config: BertConfig, *, seed: int) -> BertModel:
     """Build the architecture with seeded random weights (the global RNG state is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertModel(config, add_pooling_layer=False)
+    return seeded_init(lambda: BertModel(config, add_pooling_layer=False), seed=seed)
 
 
 class GeneformerModel(FoundationModel):

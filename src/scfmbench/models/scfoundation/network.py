@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scfmbench.errors import CheckpointError
+from scfmbench.models.base import seeded_init
 
 logger = logging.getLogger(__name__)
 
 VERSION_KEYS = {"ce": "cell", "rde": "rde", "gene": "gene"}
 """``version`` option of the reference script → entry of ``models.ckpt``."""
-ENCODER_PREFIXES = ("token_emb.", "pos_emb.", "encoder.")
 DECODER_PREFIXES = ("decoder.", "decoder_embed.", "norm.", "to_final.")
 STATE_PREFIX = "model."
 
@@ -270,9 +270,7 @@ class ScFoundationEncoder(nn.Module):
 
 def random_encoder(config: ScFoundationConfig, *, seed: int) -> ScFoundationEncoder:
     """Build a network with PyTorch's default initialisation, seeded without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ScFoundationEncoder(config)
+    return seeded_init(lambda: ScFoundationEncoder(config), seed=seed)
 
 
 # --------------------------------------------------------------------------------------

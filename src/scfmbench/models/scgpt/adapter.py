@@ -17,7 +17,7 @@ from scfmbench._atomic import write_json, write_with
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
 from scfmbench.models.loading import LoadContext, ModelOptions, register_model
 from scfmbench.models.scgpt.network import (
     ScGPTConfig,
@@ -286,9 +286,7 @@ def _require(model_dir: Path, filename: str) -> Path:
 
 def _random_network(config: ScGPTConfig, *, seed: int) -> TransformerModel:
     """Build a network with the reference initialisation, seeded without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TransformerModel(config)
+    return seeded_init(lambda: TransformerModel(config), seed=seed)
 
 
 @register_model("scgpt", ScGPTOptions)
