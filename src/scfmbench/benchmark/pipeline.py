@@ -43,7 +43,7 @@ from scfmbench.registry import did_you_mean
 from scfmbench.stages import StageStore
 
 if TYPE_CHECKING:
-    from scfmbench.models import LoadContext
+    from scfmbench.models import FoundationModel, LoadContext
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,28 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
     )
 
 
-def load_models(config: RunConfig) -> list[Any]:
-    """Load every requested foundation model (and its random-init control)."""
+def load_models(config: RunConfig) -> list[FoundationModel]:
+    """Load every requested foundation model (and its random-init control).
+
+    Parameters
+    ----------
+    config
+        The run: ``models`` (each ``NAME[-random]=DIR``), ``model_options``,
+        ``random_controls`` and the run-wide settings of :func:`_loader_options`.
+
+    Returns
+    -------
+    list of FoundationModel
+        Per spec, the model (unless ``NAME-random``), then its random-init control (with
+        ``random_controls`` or ``NAME-random``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown model or option, or an invalid option value.
+    CheckpointError
+        A missing, corrupt or inconsistent checkpoint.
+    """
     from scfmbench.models import load_model
 
     context = _loader_options(config)
@@ -160,7 +180,7 @@ def load_models(config: RunConfig) -> list[Any]:
 
 
 def _loader_options(config: RunConfig) -> LoadContext:
-    """The run-wide settings every model loader takes (seed, gene column, allow-normalized)."""
+    """Return the settings every model loader takes: seed, gene column, allow_normalized."""
     from scfmbench.models import LoadContext
 
     return LoadContext(
