@@ -163,6 +163,10 @@ class GeneformerTokenizer:
             var, vocabulary_kind="ensembl", model="geneformer", gene_column=self.gene_column
         )
 
+    def map_genes(self, var: pd.DataFrame) -> GeneMapping:
+        """Map the genes of ``var`` (identifiers as resolved by ``identifiers``) onto tokens."""
+        return map_genes(self.identifiers(var).keys, self.dicts)
+
     def rank_options(self) -> dict[str, Any]:
         """Keyword arguments for ``rank_value_tokens`` / ``tokenize_loop``."""
         return {
