@@ -27,15 +27,17 @@ import scipy.sparse as sp
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # tests/_reference_geneformer.py: the "before" loop
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from _common import Instrumented, forward_flops, write_results  # noqa: E402
+from tests._reference_geneformer import tokenize_loop  # noqa: E402
 
 from scfmbench.embed import embed, embed_tokens  # noqa: E402
 from scfmbench.models.geneformer.adapter import GeneformerModel, load_geneformer  # noqa: E402
-from scfmbench.models.geneformer.tokenizer import rank_value_tokens, tokenize_loop  # noqa: E402
+from scfmbench.models.geneformer.ranking import rank_value_tokens  # noqa: E402
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 CONFIG = "vocab/geneformer/configs/gf-6L-30M-i2048/config.json"

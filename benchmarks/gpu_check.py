@@ -34,12 +34,13 @@ from _common import PBMC3K, RESULTS, SHARED, flop_report, forward_flops
 
 from scfmbench.embed import embed_tokens
 from scfmbench.models.geneformer.adapter import load_geneformer
-from scfmbench.models.scfoundation.adapter import ScFoundationModel, read_gene_index
+from scfmbench.models.scfoundation.adapter import ScFoundationModel
 from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     ScFoundationConfig,
     random_encoder,
 )
+from scfmbench.models.scfoundation.tokenizer import read_gene_index
 from scfmbench.models.scgpt.adapter import load_scgpt
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,12 +31,13 @@ import torch
 from _common import PBMC3K, RESULTS, SHARED, flop_report, padded_tokens, print_flop_report  # noqa: E402  (benchmarks/)
 
 from scfmbench.embed import collate
-from scfmbench.models.scfoundation.adapter import ScFoundationModel, read_gene_index
+from scfmbench.models.scfoundation.adapter import ScFoundationModel
 from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     ScFoundationConfig,
     random_encoder,
 )
+from scfmbench.models.scfoundation.tokenizer import read_gene_index
 
 DEFAULT_DATA = PBMC3K
 DEFAULT_INDEX = SHARED / "vocab" / "scfoundation" / "OS_scRNA_gene_index.19264.tsv"

@@ -14,12 +14,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scfmbench.models.scfoundation.adapter import GENE_INDEX_FILE
 from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     ScFoundationConfig,
     ScFoundationEncoder,
 )
+from scfmbench.models.scfoundation.tokenizer import GENE_INDEX_FILE
 
 HIDDEN = 8
 GENES = ["G0", "G1", "G2", "G3", "G4", "G5"]

@@ -19,6 +19,7 @@ from transformers import BertConfig, BertModel
 
 from scfmbench.errors import CheckpointError
 from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.loading import LoadContext, ModelLoader, ModelOptions
 
 VOCAB_FILE = "vocab.json"
 SPECIAL_TOKENS = 1  # 0 = <pad>
@@ -124,7 +125,9 @@ class TinyModel(FoundationModel):
         (directory / VOCAB_FILE).write_text(json.dumps(self.genes))
 
 
-def load_tiny(path: Path, *, random_init: bool = False, seed: int = 0) -> TinyModel:
+def _load_tiny(
+    path: Path, *, context: LoadContext, options: ModelOptions, random_init: bool
+) -> TinyModel:
     """Load a TinyModel saved with ``save_pretrained`` (or a fresh one for random_init)."""
     path = Path(path)
     if not (path / VOCAB_FILE).exists():
@@ -132,12 +135,16 @@ def load_tiny(path: Path, *, random_init: bool = False, seed: int = 0) -> TinyMo
     genes = json.loads((path / VOCAB_FILE).read_text())
     if random_init:
         config = BertConfig.from_pretrained(path)
-        torch.manual_seed(seed)
+        torch.manual_seed(context.seed)
         return TinyModel(
             genes, network=BertModel(config, add_pooling_layer=False), random_init=True
         )
     network = BertModel.from_pretrained(path, add_pooling_layer=False)
     return TinyModel(genes, network=network, model_dir=path)
+
+
+load_tiny = ModelLoader("tiny", ModelOptions, _load_tiny)
+"""Not registered: a test puts it in ``MODELS`` for its own duration."""
 
 
 def pbmc_subset(path: Path, *, n_cells: int = 300, n_genes: int = 1000, seed: int = 0):

@@ -15,12 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scfmbench.errors import CheckpointError, CountsRequiredError, GeneMatchError
-from scfmbench.models.geneformer.tokenizer import (
-    GeneformerDictionaries,
-    GeneformerTokenizer,
-    rank_value_tokens,
-    tokenize_loop,
-)
+from scfmbench.models.geneformer.dictionaries import GeneformerDictionaries
+from scfmbench.models.geneformer.ranking import rank_value_tokens
+from scfmbench.models.geneformer.tokenizer import GeneformerTokenizer
+from tests._reference_geneformer import tokenize_loop
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 V1_DIR = "vocab/geneformer/v1_gc30M"
@@ -302,7 +300,7 @@ def test_rank_value_properties(toy_v2, rows, max_genes):
 
 
 def test_normalization_uses_total_counts_over_all_input_genes(toy_v2):
-    from scfmbench.models.geneformer.tokenizer import _block_entries
+    from scfmbench.models.geneformer.ranking import _block_entries
 
     tokenizer = GeneformerTokenizer(toy_v2)
     adata = toy_adata()

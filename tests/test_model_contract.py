@@ -29,7 +29,7 @@ from scfmbench.finetune.train import (
     _enable_gradient_checkpointing,
 )
 from scfmbench.models import MODELS, FoundationModel, TokenizedCells
-from scfmbench.models.scfoundation.adapter import read_gene_index
+from scfmbench.models.scfoundation.tokenizer import read_gene_index
 from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
 from tests._geneformer_factory import write_checkpoint as write_geneformer
 from tests._scfoundation_factory import write_checkpoint as write_scfoundation

@@ -61,8 +61,6 @@ PENDING = {  # being split or re-layered; strict xfail: remove an entry once it 
     "test_module_size[scfmbench.embed.engine]",
     "test_module_size[scfmbench.embed.stream]",
     "test_module_size[scfmbench.finetune.train]",
-    "test_module_size[scfmbench.models.geneformer.tokenizer]",
-    "test_module_size[scfmbench.models.scfoundation.adapter]",
     "test_no_import_cycles",
 }
 

@@ -172,23 +172,25 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
 
 def test_model_options_are_checked_against_the_loader():
     from scfmbench.benchmark.pipeline import _loader_options
-    from scfmbench.models import MODELS
+    from scfmbench.models import MODELS, LoadContext
 
     config = RunConfig.build(
         {"gene_column": "gene_ids", "model_options": {"scgpt": {"max_seq_len": 5}}}
     )
-    assert _loader_options(MODELS.get("scgpt"), config, "scgpt") == {
-        "gene_column": "gene_ids",
-        "seed": 42,
-        "max_seq_len": 5,
-    }
+    context = _loader_options(config)
+    assert context == LoadContext(seed=42, gene_column="gene_ids", allow_normalized=False)
+    loader = MODELS.get("scgpt")
+    scoped, options = loader.split_options(config.model_options["scgpt"], context)
+    assert scoped == context and options.max_seq_len == 5
+    scoped, _ = loader.split_options({"seed": 3}, context)  # a run-wide setting for one model
+    assert scoped.seed == 3 and scoped.gene_column == "gene_ids"
     # unknown keys are refused when the config is built (tests/test_early_checks.py) and,
     # for a config made without validation, when the model is loaded
     bad = RunConfig.model_construct(model_options={"scgpt": {"max_seq_lem": 5}})
     with pytest.raises(
         ConfigError, match="unknown option 'max_seq_lem'.*Did you mean 'max_seq_len'"
     ):
-        _loader_options(MODELS.get("scgpt"), bad, "scgpt")
+        loader.split_options(bad.model_options["scgpt"], context)
 
 
 def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_adata, monkeypatch):

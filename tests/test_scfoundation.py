@@ -20,10 +20,10 @@ from scfmbench.errors import (
     GeneMatchError,
 )
 from scfmbench.models import MODELS
-from scfmbench.models.scfoundation.adapter import (
+from scfmbench.models.scfoundation.adapter import load_scfoundation
+from scfmbench.models.scfoundation.tokenizer import (
     GENE_INDEX_FILE,
     ScFoundationOptions,
-    load_scfoundation,
     read_gene_index,
     tokenize_scfoundation,
 )
@@ -161,9 +161,7 @@ def test_pre_normalized_modes():
     ).cell(0)
     np.testing.assert_allclose(values, [0.5, 1.5, 4.0, 3.0], rtol=1e-6)
     with pytest.warns(UserWarning, match="using them as normalize_total"):
-        tokens = tokenize_scfoundation(
-            lognorm, gene_index=index, options=ScFoundationOptions(allow_normalized=True)
-        )
+        tokens = tokenize_scfoundation(lognorm, gene_index=index, allow_normalized=True)
     assert tokens.settings["pre_normalized"] == "T"
 
 
@@ -179,8 +177,7 @@ def test_pbmc3k_alignment_with_the_real_index(pbmc3k):
     adata = pbmc3k[:100].copy()
     default = tokenize_scfoundation(adata, gene_index=index)
     assert default.gene_match.gene_column == "gene_symbol"  # a well-known symbol column
-    options = ScFoundationOptions(gene_column="var_names")
-    tokens = tokenize_scfoundation(adata, gene_index=index, options=options)
+    tokens = tokenize_scfoundation(adata, gene_index=index, gene_column="var_names")
     match = tokens.gene_match
     assert match.n_total == 13714 and 0.5 < match.fraction < 1
     assert 0.5 < match.fraction_counts <= 1 and match.identifier_type == "symbol"

@@ -15,7 +15,8 @@ from hypothesis.extra.numpy import arrays
 
 from scfmbench.embed import collate
 from scfmbench.errors import CheckpointError, DataError, GeneMatchError
-from scfmbench.models.scgpt.tokenizer import bin_csr, bin_values, load_scgpt_vocab, tokenize_scgpt
+from scfmbench.models.scgpt.tokenizer import bin_csr, load_scgpt_vocab, tokenize_scgpt
+from tests._reference_scgpt import bin_values
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import PBMC3K, TINY_GENES, make_tiny_adata, require_shared
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -196,15 +195,25 @@ class ModelSpec:
 
 
 def check_model_options(name: str, loader: Any, options: dict[str, Any]) -> None:
-    """Raise ConfigError naming any key of ``options`` that model ``name``'s loader does not
-    take (``path`` and ``random_init`` are set by the run, never by options)."""
-    valid = [p for p in inspect.signature(loader).parameters if p not in ("path", "random_init")]
-    for key in options:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown option {key!r} for model {name!r}; choose from {valid}."
-                + did_you_mean(key, valid)
-            )
+    """Check ``model_options[name]`` against the options model ``name`` declares.
+
+    Parameters
+    ----------
+    name
+        Registered model name.
+    loader
+        Its :class:`~scfmbench.models.ModelLoader` (``MODELS.get(name)``).
+    options
+        Option name → value: the model's declared options, or a run-wide setting (``seed``,
+        ``gene_column``, ``allow_normalized``) for this model only.
+
+    Raises
+    ------
+    ConfigError
+        An option the model does not declare (naming the valid ones, with a did-you-mean), or
+        an invalid value.
+    """
+    loader.split_options(options)
 
 
 class RunConfig(BaseModel):

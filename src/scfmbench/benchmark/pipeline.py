@@ -6,14 +6,13 @@ when its inputs are unchanged, so a rerun is near instant.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._version import __version__
-from scfmbench.config import ModelSpec, RunConfig, check_model_options
+from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.backed import BackedData, validate_backed
 from scfmbench.data.splits import Split, SplitSet, labels_hash, load_or_make_splits
 from scfmbench.data.validate import BUILTIN_DATASETS, DataDiagnostics, ValidatedData, load_dataset
@@ -42,6 +41,9 @@ from scfmbench.evaluation.representations import (
 from scfmbench.hashing import hash_array, hash_json
 from scfmbench.registry import did_you_mean
 from scfmbench.stages import StageStore
+
+if TYPE_CHECKING:
+    from scfmbench.models import FoundationModel, LoadContext
 
 logger = logging.getLogger(__name__)
 
@@ -142,33 +144,50 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
     )
 
 
-def load_models(config: RunConfig) -> list[Any]:
-    """Load every requested foundation model (and its random-init control)."""
-    from scfmbench.models import MODELS
+def load_models(config: RunConfig) -> list[FoundationModel]:
+    """Load every requested foundation model (and its random-init control).
 
+    Parameters
+    ----------
+    config
+        The run: ``models`` (each ``NAME[-random]=DIR``), ``model_options``,
+        ``random_controls`` and the run-wide settings of :func:`_loader_options`.
+
+    Returns
+    -------
+    list of FoundationModel
+        Per spec, the model (unless ``NAME-random``), then its random-init control (with
+        ``random_controls`` or ``NAME-random``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown model or option, or an invalid option value.
+    CheckpointError
+        A missing, corrupt or inconsistent checkpoint.
+    """
+    from scfmbench.models import load_model
+
+    context = _loader_options(config)
     models = []
     for spec in config.model_specs:
-        loader = MODELS.get(spec.name)
-        options = _loader_options(loader, config, spec.name)
+        options = config.model_options.get(spec.name)
         if not spec.random_only:
-            models.append(loader(spec.path, random_init=False, **options))
+            models.append(load_model(spec, context, options, random_init=False))
         if spec.random_only or config.random_controls:
-            models.append(loader(spec.path, random_init=True, **options))
+            models.append(load_model(spec, context, options, random_init=True))
     return models
 
 
-def _loader_options(loader, config: RunConfig, name: str) -> dict[str, Any]:
-    """Run-wide options the loader accepts, plus ``model_options[name]`` (checked by name)."""
-    wanted = {
-        "allow_normalized": config.allow_normalized,
-        "gene_column": config.gene_column,
-        "seed": config.seed,
-    }
-    accepted = inspect.signature(loader).parameters
-    options = {k: v for k, v in wanted.items() if k in accepted}
-    extra = dict(config.model_options.get(name, {}))
-    check_model_options(name, loader, extra)
-    return {**options, **extra}
+def _loader_options(config: RunConfig) -> LoadContext:
+    """Return the settings every model loader takes: seed, gene column, allow_normalized."""
+    from scfmbench.models import LoadContext
+
+    return LoadContext(
+        seed=config.seed,
+        gene_column=config.gene_column,
+        allow_normalized=config.allow_normalized,
+    )
 
 
 def model_methods(models: list[Any], config: RunConfig) -> list[Method]:

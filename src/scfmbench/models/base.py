@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,47 @@ from anndata import AnnData
 
 from scfmbench.data.genes import GeneMatch
 from scfmbench.defaults import DEFAULT_SEED
-from scfmbench.evaluation.representations import obsm_key_for
-from scfmbench.registry import Registry
+
+_Built = TypeVar("_Built")
+
+
+def seeded_init(build: Callable[[], _Built], *, seed: int) -> _Built:
+    """Call ``build`` with torch's CPU generator seeded by ``seed``, then restore its state.
+
+    The random-init controls build their networks this way, so the weights depend on the seed
+    alone and the caller's random state is left as it was.
+
+    Parameters
+    ----------
+    build
+        Builds the network (its layers draw their initial weights from the global generator).
+    seed
+        Seed of the weights.
+
+    Returns
+    -------
+    object
+        What ``build`` returns.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def obsm_key_for(model_id: str) -> str:
+    """Where a model's embeddings are written in ``adata.obsm``.
+
+    Parameters
+    ----------
+    model_id
+        ``FoundationModel.model_id``, e.g. ``"geneformer-random"``.
+
+    Returns
+    -------
+    str
+        ``"X_"`` + the id with ``-`` as ``_``: ``geneformer-random`` → ``X_geneformer_random``.
+    """
+    return f"X_{model_id.replace('-', '_')}"
 
 
 @dataclass(frozen=True)
@@ -37,10 +76,12 @@ class TokenizedCells:
 
     @property
     def n_cells(self) -> int:
+        """Number of kept cells."""
         return len(self.offsets) - 1
 
     @property
     def lengths(self) -> np.ndarray:
+        """Tokens per cell, shape (n_cells,)."""
         return np.diff(self.offsets)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -59,6 +100,7 @@ class TokenizedCells:
         dropped: pd.Index | None = None,
         gene_match: GeneMatch | None = None,
     ) -> TokenizedCells:
+        """Build from one token array (and value array) per cell, flattened with offsets."""
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(x) for x in ids])
         flat_ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
@@ -87,6 +129,7 @@ class PaddedBatch:
     values: torch.Tensor | None = None  # (B, L) float
 
     def to(self, device: torch.device | str) -> PaddedBatch:
+        """Return the batch with every tensor on ``device``."""
         return PaddedBatch(
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
@@ -129,10 +172,12 @@ class FoundationModel(ABC):
 
     @property
     def model_id(self) -> str:
+        """The model name, with ``-random`` for the random-init control."""
         return f"{self.name}-random" if self.random_init else self.name
 
     @property
     def obsm_key(self) -> str:
+        """The ``adata.obsm`` key of this model's embeddings (:func:`obsm_key_for`)."""
         return obsm_key_for(self.model_id)
 
     @property
@@ -201,7 +246,7 @@ class FoundationModel(ABC):
     # ---- hooks used by the fine-tuning engine (override in each adapter) ----------------
 
     def layer_modules(self) -> list[torch.nn.Module]:
-        """The encoder layers in order (frozen from the bottom by ``freeze_layers``)."""
+        """Return the encoder layers in order (frozen from the bottom by ``freeze_layers``)."""
         raise NotImplementedError(f"{self.name} does not expose its encoder layers")
 
     def embedding_modules(self) -> list[torch.nn.Module]:
@@ -228,7 +273,3 @@ class FoundationModel(ABC):
     def settings(self) -> dict[str, Any]:
         """Model-side settings that belong in the cache key (override to add more)."""
         return {"model": self.model_id, "checkpoint": self.checkpoint_sha256}
-
-
-MODELS: Registry = Registry("model")
-"""Model loaders: ``MODELS.get("geneformer")(path, random_init=False, **options)``."""

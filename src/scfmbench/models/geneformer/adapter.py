@@ -15,20 +15,25 @@ import shutil
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from anndata import AnnData
+from pydantic import field_validator
 from safetensors import SafetensorError
 from transformers import BertConfig, BertModel
 
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import MODELS, FoundationModel, PaddedBatch, TokenizedCells
-
-if TYPE_CHECKING:
-    from scfmbench.models.geneformer.tokenizer import GeneformerDictionaries, GeneformerTokenizer
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
+from scfmbench.models.geneformer.dictionaries import (
+    DICTS_FLAG,
+    GeneformerDictionaries,
+    find_dictionaries,
+)
+from scfmbench.models.geneformer.tokenizer import GeneformerTokenizer, check_version
+from scfmbench.models.loading import LoadContext, ModelOptions, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ MAX_LISTED_KEYS = 5
 
 
 def read_config(model_dir: Path) -> tuple[BertConfig, dict[str, Any]]:
-    """The model's ``config.json`` as a ``BertConfig`` using SDPA attention, and as read."""
+    """Read the model's ``config.json`` as a ``BertConfig`` using SDPA attention, and as is."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(
@@ -108,8 +113,10 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
-    """Strip the ``module.`` (DDP) and ``bert.`` prefixes and drop the known MLM/classifier
-    head keys (logged)."""
+    """Strip the ``module.`` (DDP) and ``bert.`` prefixes; drop known head keys (logged).
+
+    The dropped keys are those of the MLM and classifier heads and unused buffers.
+    """
     kept: dict[str, torch.Tensor] = {}
     ignored = []
     if state and all(k.startswith("module.") for k in state):  # saved from DDP
@@ -128,7 +135,7 @@ def backbone_state(state: dict[str, torch.Tensor], *, source: Path) -> dict[str,
 
 
 def load_backbone(config: BertConfig, weights: Path) -> BertModel:
-    """A ``BertModel`` with the weights of ``weights``; key mismatches are CheckpointErrors."""
+    """Build a ``BertModel`` with the weights of ``weights`` (key mismatch: CheckpointError)."""
     network = BertModel(config, add_pooling_layer=False)
     state = backbone_state(read_state_dict(weights), source=weights)
     try:
@@ -152,10 +159,8 @@ def load_backbone(config: BertConfig, weights: Path) -> BertModel:
 
 
 def random_backbone(config: BertConfig, *, seed: int) -> BertModel:
-    """The same architecture with seeded random weights (global RNG state is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertModel(config, add_pooling_layer=False)
+    """Build the architecture with seeded random weights (the global RNG state is untouched)."""
+    return seeded_init(lambda: BertModel(config, add_pooling_layer=False), seed=seed)
 
 
 class GeneformerModel(FoundationModel):
@@ -168,6 +173,7 @@ class GeneformerModel(FoundationModel):
     """
 
     name = "geneformer"
+    network: BertModel
     pad_token_id = 0
     default_pooling = "mean"
     poolings: tuple[str, ...] = ("mean", "cls")
@@ -195,30 +201,39 @@ class GeneformerModel(FoundationModel):
 
     @property
     def n_layers(self) -> int:
+        """Number of BERT encoder layers."""
         return int(self.network.config.num_hidden_layers)
 
     @property
     def default_layer(self) -> int:
+        """The second-to-last layer, as the reference ``EmbExtractor``."""
         return self.n_layers - 1
 
     # ---- fine-tuning hooks -----------------------------------------------------------------
 
     @property
     def hidden_size(self) -> int:
+        """BERT hidden size."""
         return int(self.network.config.hidden_size)
 
     def layer_modules(self) -> list[torch.nn.Module]:
+        """Return the BERT encoder layers, bottom first."""
         return list(self.network.encoder.layer)
 
     def embedding_modules(self) -> list[torch.nn.Module]:
+        """Return the BERT embeddings module."""
         return [self.network.embeddings]
 
     def lora_target_modules(self) -> list[str]:
+        """Return the attention projections LoRA wraps."""
         return ["query", "key", "value"]
 
     def save_pretrained(self, directory: Path) -> None:
-        """Write a Hugging Face folder (``config.json`` + ``model.safetensors``) plus the
-        tokenizer's dictionaries, so ``load_geneformer(directory)`` reads it back."""
+        """Write a Hugging Face folder plus the tokenizer's dictionaries.
+
+        ``config.json`` + ``model.safetensors`` and the dictionary pickles, so
+        ``load_geneformer(directory)`` reads it back.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.network.save_pretrained(directory, safe_serialization=True)
@@ -227,6 +242,7 @@ class GeneformerModel(FoundationModel):
         logger.info("geneformer: saved to %s", directory)
 
     def settings(self) -> dict[str, Any]:
+        """Return the cache-key settings plus the version and input size."""
         return {
             **super().settings(),
             "version": self.version,
@@ -273,35 +289,62 @@ class GeneformerModel(FoundationModel):
         return self.pool(self.hidden_states(batch, layer=layer), batch, pooling=pooling)
 
 
-@MODELS.register("geneformer")
+class GeneformerOptions(ModelOptions):
+    """Options of the Geneformer loader (``model_options: {geneformer: {...}}``).
+
+    Attributes
+    ----------
+    dicts : Path, GeneformerDictionaries or None
+        Dictionary folder (``--geneformer-dicts``) or loaded dictionaries; default (``None``):
+        found beside or above the model folder and chosen by ``vocab_size``
+        (:func:`~scfmbench.models.geneformer.dictionaries.find_dictionaries`).
+    version : {"V1", "V2"} or None
+        Overrides the version detected from the dictionaries (default ``None``: detected).
+    """
+
+    dicts: Path | GeneformerDictionaries | None = None
+    version: str | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: str | None) -> str | None:
+        return None if value is None else check_version(value)
+
+
+@register_model("geneformer", GeneformerOptions)
 def load_geneformer(
-    path: str | Path,
-    *,
-    random_init: bool = False,
-    dicts: str | Path | GeneformerDictionaries | None = None,
-    version: str | None = None,
-    allow_normalized: bool = False,
-    gene_column: str | None = None,
-    seed: int = DEFAULT_SEED,
+    path: Path, *, context: LoadContext, options: GeneformerOptions, random_init: bool
 ) -> GeneformerModel:
     """Load a Geneformer checkpoint directory (or its random-init control).
 
-    Args:
-        path: Hugging Face model directory: ``config.json`` + ``model.safetensors`` or
-            ``pytorch_model.bin``.
-        random_init: build the same architecture with random weights seeded by ``seed``
-            (the control; weights are not read, ``model_id`` is ``geneformer-random``).
-        dicts: dictionary directory (``--geneformer-dicts``) or loaded dictionaries; default:
-            found beside or above the model folder and chosen by ``vocab_size``
-            (``scfmbench.models.geneformer.tokenizer.find_dictionaries``).
-        version: ``"V1"`` or ``"V2"`` to override detection from the dictionaries.
-        allow_normalized: tokenize non-count input with a warning instead of failing.
-        gene_column: var column with gene identifiers, e.g. ``"gene_ids"`` (Ensembl IDs).
-        seed: seed of the random-init control.
+    Called through its :class:`~scfmbench.models.loading.ModelLoader`, e.g.
+    ``load_geneformer(path, random_init=True, gene_column="gene_ids", seed=3)``.
 
-    Raises:
-        CheckpointError: missing/corrupt config, weights or dictionaries, or a vocabulary
-            size that does not match the token dictionary.
+    Parameters
+    ----------
+    path
+        Hugging Face model directory: ``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``.
+    context
+        ``gene_column``: var column with gene identifiers, e.g. ``"gene_ids"`` (Ensembl IDs);
+        ``allow_normalized``: tokenize non-count input with a warning instead of failing;
+        ``seed``: seed of the random-init control.
+    options
+        Dictionaries and version (:class:`GeneformerOptions`).
+    random_init
+        Build the same architecture with random weights seeded by ``context.seed`` (the
+        control; weights are not read, ``model_id`` is ``geneformer-random``).
+
+    Returns
+    -------
+    GeneformerModel
+        The model in eval mode on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        Missing/corrupt config, weights or dictionaries, or a vocabulary size that does not
+        match the token dictionary.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -309,19 +352,10 @@ def load_geneformer(
             f"Geneformer model directory {model_dir} does not exist; pass the downloaded "
             "Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."
         )
-    # imported here: the tokenizer module imports scfmbench.models.base
-    from scfmbench.models.geneformer.tokenizer import (
-        DICTS_FLAG,
-        GeneformerDictionaries,
-        GeneformerTokenizer,
-        find_dictionaries,
-    )
-
     config, raw_config = read_config(model_dir)
+    dicts = options.dicts
     if not isinstance(dicts, GeneformerDictionaries):
-        dicts = find_dictionaries(
-            model_dir, vocab_size=config.vocab_size, dicts_dir=None if dicts is None else dicts
-        )
+        dicts = find_dictionaries(model_dir, vocab_size=config.vocab_size, dicts_dir=dicts)
     if config.vocab_size != len(dicts.token_dict):
         raise CheckpointError(
             f"{model_dir / 'config.json'} has vocab_size {config.vocab_size} but "
@@ -330,11 +364,12 @@ def load_geneformer(
         )
     tokenizer = GeneformerTokenizer(
         dicts,
-        version=version,
+        version=options.version,
         max_position_embeddings=config.max_position_embeddings,
-        gene_column=gene_column,
-        allow_normalized=allow_normalized,
+        gene_column=context.gene_column,
+        allow_normalized=context.allow_normalized,
     )
+    seed = context.seed
     if random_init:
         network = random_backbone(config, seed=seed)
         sha = hash_json({"config": raw_config, "seed": seed, "init": "random"})

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scfmbench.errors import CheckpointError
+from scfmbench.models.base import seeded_init
 
 logger = logging.getLogger(__name__)
 
 VERSION_KEYS = {"ce": "cell", "rde": "rde", "gene": "gene"}
 """``version`` option of the reference script → entry of ``models.ckpt``."""
-ENCODER_PREFIXES = ("token_emb.", "pos_emb.", "encoder.")
 DECODER_PREFIXES = ("decoder.", "decoder_embed.", "norm.", "to_final.")
 STATE_PREFIX = "model."
 
@@ -95,7 +95,7 @@ class ScFoundationConfig:
         else:
             wanted = ("hidden_dim", "depth", "heads")
             missing += [f"encoder.{k}" for k in wanted if k not in encoder]
-        if missing:
+        if missing or not isinstance(encoder, Mapping):  # the second implies the first
             raise CheckpointError(
                 f"{source}: the model config lacks {missing} (found keys {sorted(config)[:12]}); "
                 "use the models.ckpt of the scFoundation release."
@@ -119,6 +119,7 @@ class ScFoundationConfig:
         )
 
     def summary(self) -> str:
+        """Return a short description of the architecture for the log."""
         return (
             f"{self.depth} layers, hidden {self.hidden_dim}, {self.heads} heads, "
             f"{self.bin_num} value bins, {self.seq_len} positions"
@@ -232,6 +233,7 @@ class ScFoundationEncoder(nn.Module):
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer layers."""
         return self.config.depth
 
     def forward(
@@ -239,11 +241,16 @@ class ScFoundationEncoder(nn.Module):
     ) -> Tensor:
         """Token states (B, L, hidden) after ``layer`` encoder layers (default: all + norm).
 
-        Args:
-            values: (B, L) expression values (non-zero genes, then T and S).
-            positions: (B, L) gene positions (0..seq_len - 1; padding may use ``seq_len``).
-            attention_mask: (B, L) bool, True for real tokens.
-            layer: 0 = embeddings, ``n_layers`` = final output.
+        Parameters
+        ----------
+        values
+            (B, L) expression values (non-zero genes, then T and S).
+        positions
+            (B, L) gene positions (0..seq_len - 1; padding may use ``seq_len``).
+        attention_mask
+            (B, L) bool, True for real tokens.
+        layer
+            0 = embeddings, ``n_layers`` = final output.
         """
         states = self.layer_states(values, positions, attention_mask, up_to=layer)
         return deque(states, maxlen=1)[0]
@@ -262,10 +269,8 @@ class ScFoundationEncoder(nn.Module):
 
 
 def random_encoder(config: ScFoundationConfig, *, seed: int) -> ScFoundationEncoder:
-    """A network with PyTorch's default initialisation, seeded without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ScFoundationEncoder(config)
+    """Build a network with PyTorch's default initialisation, seeded without touching global RNG."""
+    return seeded_init(lambda: ScFoundationEncoder(config), seed=seed)
 
 
 # --------------------------------------------------------------------------------------

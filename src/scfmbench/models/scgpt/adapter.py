@@ -6,7 +6,6 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ from scfmbench._atomic import write_json, write_with
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import MODELS, FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
+from scfmbench.models.loading import LoadContext, ModelOptions, register_model
 from scfmbench.models.scgpt.network import (
     ScGPTConfig,
     TransformerModel,
@@ -37,15 +37,29 @@ EMBEDDING_KEY = "encoder.embedding.weight"
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
-@dataclass(frozen=True)
-class ScGPTOptions:
-    """Tokenizer and pooling options of :class:`ScGPTModel` (see :func:`load_scgpt`)."""
+class ScGPTOptions(ModelOptions):
+    """Options of the scGPT loader (``model_options: {scgpt: {...}}``).
 
-    gene_column: str | None = None
-    max_seq_len: int | None = None  # None: args.json
-    n_bins: int | None = None  # None: args.json
+    Attributes
+    ----------
+    max_seq_len : int or None
+        Longest input incl. ``<cls>``; default (``None``): ``args.json`` (1200).
+    n_bins : int or None
+        Value bins; default (``None``): ``args.json`` (51).
+    normalize : bool
+        normalize_total + log1p before binning (default ``True``; does not change the bins).
+    l2_normalize : bool
+        L2-normalize cell embeddings, as the reference does (default ``True``).
+    n_classes : int or None
+        Add a fresh ``cls_decoder`` with this many classes when the checkpoint has none or one
+        with another number of outputs (for fine-tuning; default ``None``: keep it).
+    """
+
+    max_seq_len: int | None = None
+    n_bins: int | None = None
     normalize: bool = True
     l2_normalize: bool = True
+    n_classes: int | None = None
 
 
 class ScGPTModel(FoundationModel):
@@ -56,6 +70,7 @@ class ScGPTModel(FoundationModel):
     """
 
     name = "scgpt"
+    network: TransformerModel
     default_pooling = "cls"
     poolings = ("cls", "mean")
 
@@ -69,6 +84,7 @@ class ScGPTModel(FoundationModel):
         checkpoint_sha256: str,
         random_init: bool = False,
         options: ScGPTOptions | None = None,
+        gene_column: str | None = None,
     ) -> None:
         options = options or ScGPTOptions()
         self.network = network
@@ -77,7 +93,7 @@ class ScGPTModel(FoundationModel):
         self.model_dir = model_dir
         self.checkpoint_sha256 = checkpoint_sha256
         self.random_init = random_init
-        self.gene_column = options.gene_column
+        self.gene_column = gene_column
         self.max_seq_len = int(options.max_seq_len or args.get("max_seq_len", 1200))
         self.n_bins = int(options.n_bins or args.get("n_bins", 51))
         self.normalize = options.normalize
@@ -93,10 +109,12 @@ class ScGPTModel(FoundationModel):
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer encoder layers."""
         return self.network.n_layers
 
     @property
     def default_layer(self) -> int:
+        """The last layer, as the reference ``embed_data``."""
         return self.network.n_layers
 
     def tokenize(self, adata: AnnData, *, seed: int = DEFAULT_SEED) -> TokenizedCells:
@@ -151,10 +169,11 @@ class ScGPTModel(FoundationModel):
 
     @property
     def hidden_size(self) -> int:
+        """Width of the ``<cls>`` embedding (``embsize``)."""
         return self.network.config.embsize
 
     def layer_modules(self) -> list[torch.nn.Module]:
-        """The encoder layers, bottom first."""
+        """Return the encoder layers, bottom first."""
         return list(self.network.transformer_encoder.layers)
 
     def embedding_modules(self) -> list[torch.nn.Module]:
@@ -174,13 +193,19 @@ class ScGPTModel(FoundationModel):
         ]
 
     def make_classifier_head(self, n_classes: int) -> torch.nn.Module:
-        """scGPT's ``ClsDecoder`` (``n_layers_cls`` from args.json), attached as
-        ``network.cls_decoder`` so that :meth:`save_pretrained` stores it with official names."""
+        """Attach scGPT's ``ClsDecoder`` (``n_layers_cls`` from args.json) and return it.
+
+        It becomes ``network.cls_decoder``, so :meth:`save_pretrained` stores it with the
+        official names.
+        """
         return self.network.add_cls_decoder(n_classes)
 
     def save_pretrained(self, directory: Path) -> None:
-        """Write ``best_model.pt`` (flash-attention key layout, as released), ``args.json`` and
-        ``vocab.json``; :func:`load_scgpt` and the reference loader read the folder back."""
+        """Write ``best_model.pt``, ``args.json`` and ``vocab.json``.
+
+        The weights use the flash-attention key layout, as released; :func:`load_scgpt` and
+        the reference loader read the folder back.
+        """
         directory = Path(directory)
         state = to_flash_layout({k: v.detach().cpu() for k, v in self.network.state_dict().items()})
         write_with(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
@@ -192,6 +217,7 @@ class ScGPTModel(FoundationModel):
         logger.info("scgpt: saved %d tensors to %s", len(state), directory)
 
     def settings(self) -> dict[str, Any]:
+        """Return the cache-key settings plus input length, bins and L2 normalization."""
         return {
             **super().settings(),
             "max_length": self.max_seq_len,
@@ -259,42 +285,43 @@ def _require(model_dir: Path, filename: str) -> Path:
 
 
 def _random_network(config: ScGPTConfig, *, seed: int) -> TransformerModel:
-    """A network with the reference initialisation, seeded without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TransformerModel(config)
+    """Build a network with the reference initialisation, seeded without touching global RNG."""
+    return seeded_init(lambda: TransformerModel(config), seed=seed)
 
 
-@MODELS.register("scgpt")
+@register_model("scgpt", ScGPTOptions)
 def load_scgpt(
-    path: Path | str,
-    *,
-    random_init: bool = False,
-    gene_column: str | None = None,
-    max_seq_len: int | None = None,
-    n_bins: int | None = None,
-    normalize: bool = True,
-    l2_normalize: bool = True,
-    n_classes: int | None = None,
-    seed: int = DEFAULT_SEED,
+    path: Path, *, context: LoadContext, options: ScGPTOptions, random_init: bool
 ) -> ScGPTModel:
     """Load a scGPT checkpoint folder (``best_model.pt``, ``args.json``, ``vocab.json``).
 
-    Args:
-        path: the model folder, e.g. ``scGPT_human/``.
-        random_init: same architecture and tokenizer, randomly initialised weights (seeded by
-            ``seed``); ``best_model.pt`` is not needed. Model id ``scgpt-random``.
-        gene_column: ``adata.var`` column with gene symbols; default ``var_names``.
-        max_seq_len: longest input incl. ``<cls>``; default ``args.json`` (1200).
-        n_bins: value bins; default ``args.json`` (51).
-        normalize: normalize_total + log1p before binning (does not change the bins).
-        l2_normalize: L2-normalize cell embeddings, as the reference does.
-        n_classes: add a fresh ``cls_decoder`` with this many classes when the checkpoint has
-            none or one with another number of outputs (for fine-tuning).
+    Called through its :class:`~scfmbench.models.loading.ModelLoader`, e.g.
+    ``load_scgpt(folder, random_init=True, seed=3, max_seq_len=600)``.
 
-    Raises:
-        CheckpointError: a file is missing, corrupt or does not match the others.
+    Parameters
+    ----------
+    path
+        The model folder, e.g. ``scGPT_human/``.
+    context
+        ``gene_column``: ``adata.var`` column with gene symbols (default ``var_names``);
+        ``seed``: seed of the random-init control.
+    options
+        Tokenizer, pooling and head options (:class:`ScGPTOptions`).
+    random_init
+        Same architecture and tokenizer, randomly initialised weights (seeded by
+        ``context.seed``); ``best_model.pt`` is not needed. Model id ``scgpt-random``.
+
+    Returns
+    -------
+    ScGPTModel
+        The model in eval mode on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        A file is missing, corrupt or does not match the others.
     """
+    seed = context.seed
     model_dir = Path(path).expanduser()
     args = _read_json(_require(model_dir, ARGS_FILE), what="model arguments")
     vocab = load_scgpt_vocab(_require(model_dir, VOCAB_FILE))
@@ -324,6 +351,7 @@ def load_scgpt(
         network = TransformerModel(config)
         load_checkpoint_state(network, state, source=str(weights))
         sha = hash_file(weights)
+    n_classes = options.n_classes
     if n_classes is not None and n_classes > 1 and network.config.n_cls != n_classes:
         network.add_cls_decoder(n_classes)  # e.g. the pretrained one-output head
     return ScGPTModel(
@@ -333,5 +361,6 @@ def load_scgpt(
         model_dir=model_dir,
         checkpoint_sha256=sha,
         random_init=random_init,
-        options=ScGPTOptions(gene_column, max_seq_len, n_bins, normalize, l2_normalize),
+        options=options,
+        gene_column=context.gene_column,
     )

@@ -107,6 +107,7 @@ class GeneEncoder(nn.Module):
         self.enc_norm = nn.LayerNorm(d_model)
 
     def forward(self, ids: Tensor) -> Tensor:
+        """Embed and normalize gene ids: (B, L) → (B, L, d_model)."""
         return self.enc_norm(self.embedding(ids))
 
 
@@ -123,6 +124,7 @@ class ContinuousValueEncoder(nn.Module):
         self.max_value = max_value
 
     def forward(self, values: Tensor) -> Tensor:
+        """Encode values (clamped at ``max_value``): (B, L) → (B, L, d_model)."""
         x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
         x = self.linear2(self.activation(self.linear1(x)))
         return self.dropout(self.norm(x))
@@ -177,6 +179,7 @@ class EncoderLayer(nn.Module):
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
     def forward(self, x: Tensor, attend: Tensor | None = None) -> Tensor:
+        """Run one layer on (B, L, d_model); ``attend`` (B, L) is True for real tokens."""
         if self.pre_norm:  # as scGPT's flash layer: the normed input replaces the residual
             x = self.norm1(x)
             x = x + self.dropout1(self.self_attn(x, attend))
@@ -215,6 +218,7 @@ class ExprDecoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Predict expression per token: (B, L, d_model) → ``{"pred": (B, L)}``."""
         out = {"pred": self.fc(x).squeeze(-1)}
         if self.explicit_zero_prob:
             out["zero_probs"] = torch.sigmoid(self.zero_logit(x).squeeze(-1))
@@ -232,6 +236,7 @@ class ClsDecoder(nn.Module):
         self.out_layer = nn.Linear(d_model, n_cls)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class logits of cell embeddings: (B, d_model) → (B, n_cls)."""
         for layer in self._decoder:
             x = layer(x)
         return self.out_layer(x)
@@ -250,6 +255,7 @@ class MVCDecoder(nn.Module):
             self.W_zero_logit = nn.Linear(d_model, d_in)
 
     def forward(self, cell_emb: Tensor, gene_embs: Tensor) -> dict[str, Tensor]:
+        """Predict gene expression from the cell embedding and gene embeddings."""
         query = self.query_activation(self.gene2query(gene_embs))
         out = {"pred": torch.bmm(self.W(query), cell_emb.unsqueeze(2)).squeeze(2)}
         if self.explicit_zero_prob:
@@ -284,6 +290,7 @@ class TransformerModel(nn.Module):
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer encoder layers."""
         return self.config.nlayers
 
     def add_cls_decoder(self, n_cls: int) -> ClsDecoder:
@@ -302,11 +309,16 @@ class TransformerModel(nn.Module):
     ) -> Tensor:
         """Hidden states (B, L, embsize) after ``output_layer`` encoder layers (default: all).
 
-        Args:
-            input_ids: token ids (B, L).
-            values: binned values (B, L); ``<cls>`` and padding carry ``pad_value``.
-            attend: (B, L) bool, True for real tokens; None when nothing is padded.
-            output_layer: 0 returns the input embeddings (gene + value encoding).
+        Parameters
+        ----------
+        input_ids
+            Token ids (B, L).
+        values
+            Binned values (B, L); ``<cls>`` and padding carry ``pad_value``.
+        attend
+            (B, L) bool, True for real tokens; None when nothing is padded.
+        output_layer
+            0 returns the input embeddings (gene + value encoding).
         """
         n = self.n_layers if output_layer is None else output_layer
         if not 0 <= n <= self.n_layers:
@@ -351,9 +363,11 @@ MVC_QUERY_STYLES = "masked-value decoder in the 'concat query' or 'sum query' st
 
 
 def split_ignored(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
-    """Separate the keys listed in ``IGNORED_KEYS`` (and an ``mvc_decoder`` of the reference's
-    query styles, which has no ``W``: only the "inner product" style is built here);
-    returns (kept, {reason: keys})."""
+    """Separate the keys listed in ``IGNORED_KEYS``; return (kept, {reason: keys}).
+
+    Also separated: an ``mvc_decoder`` of the reference's query styles, which has no ``W``
+    (only the "inner product" style is built here).
+    """
     kept: dict[str, Tensor] = {}
     ignored: dict[str, list[str]] = {}
     query_style_mvc = "mvc_decoder.W.weight" not in state
@@ -402,8 +416,10 @@ def load_checkpoint_state(
 
     Keys in ``IGNORED_KEYS`` are dropped and logged. Returns the dropped keys by reason.
 
-    Raises:
-        CheckpointError: listing the first missing / unexpected keys or mismatched shapes.
+    Raises
+    ------
+    CheckpointError
+        Listing the first missing / unexpected keys or mismatched shapes.
     """
     converted = to_torch_layout(state)
     if len(converted) != len(state):
@@ -459,7 +475,7 @@ def load_checkpoint_state(
 
 
 def unused_heads(model: TransformerModel) -> list[str]:
-    """The loaded modules the cell embedding does not use (decoders, flag encoder)."""
+    """List the loaded modules the cell embedding does not use (decoders, flag encoder)."""
     heads = [
         f"{name} ({model.config.n_cls} outputs)" if name == "cls_decoder" else name
         for name in ("decoder", "cls_decoder", "mvc_decoder", "flag_encoder")

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -34,9 +34,7 @@ from scfmbench.data.validate import check_finite, classify_matrix, to_csr
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.hashing import hash_json
-
-if TYPE_CHECKING:
-    from scfmbench.models.base import TokenizedCells
+from scfmbench.models.base import TokenizedCells
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +50,11 @@ def load_scgpt_vocab(path: Path | str) -> dict[str, int]:
 
     Missing special tokens get the next free ids, in that order, as the reference does.
 
-    Raises:
-        CheckpointError: the file is missing, not JSON, or not a {str: int} mapping with
-            unique ids.
+    Raises
+    ------
+    CheckpointError
+        The file is missing, not JSON, or not a {str: int} mapping with
+        unique ids.
     """
     path = Path(path)
     if not path.is_file():
@@ -124,13 +124,20 @@ def bin_csr(
 ) -> np.ndarray:
     """Bin the non-zero ``values`` of each CSR row into 1..n_bins-1 (scGPT's rule).
 
-    Args:
-        indptr: CSR row pointer of shape (n_cells + 1,).
-        values: the stored values of shape (nnz,), all > 0, in CSR order.
-        n_bins: number of bins including the zero bin (51 for scGPT_human).
-        uniforms: the tie-breaking draws in [0, 1), one per value in CSR order.
+    Parameters
+    ----------
+    indptr
+        CSR row pointer of shape (n_cells + 1,).
+    values
+        The stored values of shape (nnz,), all > 0, in CSR order.
+    n_bins
+        Number of bins including the zero bin (51 for scGPT_human).
+    uniforms
+        The tie-breaking draws in [0, 1), one per value in CSR order.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         int64 bins of shape (nnz,).
     """
     if n_bins < 3:
@@ -167,31 +174,12 @@ def bin_csr(
     return np.ceil(uniforms * (right - left) + left).astype(np.int64)
 
 
-def bin_values(values: np.ndarray, *, n_bins: int = SCGPT_N_BINS, seed: int = 0) -> np.ndarray:
-    """Bin one cell's expression vector (zeros stay 0); see :func:`bin_csr` for the rule.
-
-    Returns:
-        int64 array of the same shape as ``values``.
-    """
-    values = np.asarray(values)
-    if values.ndim != 1:
-        raise DataError(f"bin_values expects one cell (1-D), got shape {values.shape}.")
-    if (values < 0).any():
-        raise DataError("bin_values got negative values; bin raw or normalized expression.")
-    nonzero = np.flatnonzero(values)
-    out = np.zeros(values.shape, dtype=np.int64)
-    out[nonzero] = bin_csr(
-        np.array([0, len(nonzero)]),
-        values[nonzero],
-        n_bins=n_bins,
-        uniforms=np.random.default_rng(seed).random(len(nonzero)),
-    )
-    return out
-
-
 def cell_generator(seed: int, name: str) -> np.random.Generator:
-    """The random generator of one cell: seeded by ``seed`` and the cell's name, so a cell's
-    draws do not depend on which other cells (or chunks, or processes) it is tokenized with."""
+    """Return the random generator of one cell, seeded by ``seed`` and the cell's name.
+
+    A cell's draws do not depend on which other cells (or chunks, or processes) it is
+    tokenized with.
+    """
     key = int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, key])
 
@@ -232,28 +220,38 @@ def tokenize_scgpt(
 ) -> TokenizedCells:
     """Tokenize ``adata.X`` for scGPT: ``<cls>`` then the cell's non-zero genes in var order.
 
-    Args:
-        adata: cells × genes, raw counts or normalized (not scaled) in ``X``.
-        vocab: token → id, with ``<cls>`` (see :func:`load_scgpt_vocab`).
-        gene_column: ``adata.var`` column holding gene symbols, or ``"var_names"``; default:
-            resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
-        n_bins: number of value bins including the zero bin.
-        max_seq_len: longest sequence, ``<cls>`` included; longer cells keep ``<cls>`` and a
-            seeded random subset of their genes (still in var order).
-        pad_value: value of the ``<cls>`` token.
-        normalize: apply normalize_total (1e4) + log1p first, as the annotation recipe does;
-            the bins are the same either way.
-        seed: seeds the tie-breaking and the subset sampling, together with each cell's name
-            (:func:`cell_generator`): a cell gets the same tokens in any batch of cells.
-        min_overlap: minimum fraction of genes found in the vocabulary.
+    Parameters
+    ----------
+    adata
+        Cells × genes, raw counts or normalized (not scaled) in ``X``.
+    vocab
+        Token → id, with ``<cls>`` (see :func:`load_scgpt_vocab`).
+    gene_column
+        ``adata.var`` column holding gene symbols, or ``"var_names"``; default:
+        resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
+    n_bins
+        Number of value bins including the zero bin.
+    max_seq_len
+        Longest sequence, ``<cls>`` included; longer cells keep ``<cls>`` and a
+        seeded random subset of their genes (still in var order).
+    pad_value
+        Value of the ``<cls>`` token.
+    normalize
+        Apply normalize_total (1e4) + log1p first, as the annotation recipe does;
+        the bins are the same either way.
+    seed
+        Seeds the tie-breaking and the subset sampling, together with each cell's name
+        (:func:`cell_generator`): a cell gets the same tokens in any batch of cells.
+    min_overlap
+        Minimum fraction of genes found in the vocabulary.
 
-    Returns:
+    Returns
+    -------
+    TokenizedCells
         TokenizedCells with ``input_ids`` (token ids), ``values`` (``pad_value`` for
         ``<cls>``, bins 1..n_bins-1 for genes) and the gene match; cells without any
         expressed vocabulary gene are listed in ``dropped``.
     """
-    from scfmbench.models.base import TokenizedCells  # here: scfmbench.embed imports this module
-
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be ≥ 2 (<cls> + one gene), got {max_seq_len}.")
     if "<cls>" not in vocab:
@@ -263,7 +261,10 @@ def tokenize_scgpt(
         )
     kind = _check_expression(adata.X, where="adata.X")
     source = resolve_gene_identifiers(
-        adata.var, vocabulary_kind="symbol", model="scgpt", gene_column=gene_column
+        cast(pd.DataFrame, adata.var),  # in-memory AnnData
+        vocabulary_kind="symbol",
+        model="scgpt",
+        gene_column=gene_column,
     )
     keys = source.keys
     matrix = to_csr(adata.X, np.float64)
@@ -290,8 +291,8 @@ def tokenize_scgpt(
     takes: list[np.ndarray] = []
     n_sampled = 0
     for row in np.flatnonzero(has_genes):
-        lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
-        rng = cell_generator(seed, adata.obs_names[row])
+        lo, hi = int(matrix.indptr[row]), int(matrix.indptr[row + 1])
+        rng = cell_generator(seed, str(adata.obs_names[row]))
         uniforms[lo:hi] = rng.random(hi - lo)
         take = np.arange(lo, hi)
         if hi - lo + 1 > max_seq_len:
@@ -299,8 +300,9 @@ def tokenize_scgpt(
             n_sampled += 1
         takes.append(take)
     bins = np.empty(matrix.nnz, dtype=np.int64)
-    for lo in range(0, matrix.shape[0], BIN_BLOCK_CELLS):  # bounds bin_csr's temporaries
-        hi = min(lo + BIN_BLOCK_CELLS, matrix.shape[0])
+    n_cells = len(matrix.indptr) - 1
+    for lo in range(0, n_cells, BIN_BLOCK_CELLS):  # bounds bin_csr's temporaries
+        hi = min(lo + BIN_BLOCK_CELLS, n_cells)
         a, b = matrix.indptr[lo], matrix.indptr[hi]
         bins[a:b] = bin_csr(
             matrix.indptr[lo : hi + 1] - a, matrix.data[a:b], n_bins=n_bins, uniforms=uniforms[a:b]

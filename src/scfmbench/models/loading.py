@@ -1,0 +1,277 @@
+"""How a model is named, configured and loaded: the run context, declared options, ``MODELS``.
+
+Every model registers one :class:`ModelLoader` under its name with :func:`register_model`: the
+function that builds the model and the pydantic model of the options it takes. A loader never
+sees a keyword it did not declare; run-wide settings reach it through one :class:`LoadContext`.
+:func:`load_model` is the one place a parsed ``NAME[-random]=DIR`` becomes a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.errors import ConfigError
+from scfmbench.models.base import FoundationModel
+from scfmbench.registry import Registry, did_you_mean
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Run-wide settings that every loader takes.
+
+    Attributes
+    ----------
+    seed : int
+        Seed of a random-init control's weights (default ``DEFAULT_SEED``, 42). Tokenizers
+        that sample take their seed at tokenization instead.
+    gene_column : str or None
+        ``adata.var`` column with the gene identifiers, or ``"var_names"``; ``None`` (default):
+        resolved by content (``scfmbench.data.genes.resolve_gene_identifiers``).
+    allow_normalized : bool
+        Tokenize non-count input with a warning instead of refusing it (default ``False``).
+    """
+
+    seed: int = DEFAULT_SEED
+    gene_column: str | None = None
+    allow_normalized: bool = False
+
+
+CONTEXT_FIELDS = tuple(f.name for f in dataclasses.fields(LoadContext))
+"""Names of the :class:`LoadContext` fields; ``model_options`` may set them for one model."""
+
+
+class ModelOptions(BaseModel):
+    """Base of every model's declared options: frozen, and an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class ModelSource(Protocol):
+    """What :func:`load_model` reads of a parsed model spec (``config.ModelSpec``)."""
+
+    @property
+    def name(self) -> str:
+        """Registered model name, e.g. ``"geneformer"``."""
+        ...
+
+    @property
+    def path(self) -> Path:
+        """Checkpoint folder or file."""
+        ...
+
+    @property
+    def random_only(self) -> bool:
+        """Whether only the random-init control was asked for."""
+        ...
+
+
+OptionsT = TypeVar("OptionsT", bound=ModelOptions)
+ModelT = TypeVar("ModelT", bound=FoundationModel, covariant=True)
+_OptionsIn = TypeVar("_OptionsIn", bound=ModelOptions, contravariant=True)
+
+
+class Build(Protocol[_OptionsIn, ModelT]):
+    """The function a model registers: checkpoint path, context and options to a model."""
+
+    def __call__(
+        self, path: Path, *, context: LoadContext, options: _OptionsIn, random_init: bool
+    ) -> ModelT:
+        """Build the model (or its random-init control) from ``path``."""
+        ...
+
+
+class ModelLoader(Generic[OptionsT, ModelT]):
+    """A registered model: its name, its declared options and the function that builds it.
+
+    Parameters
+    ----------
+    name
+        Registered name (``MODELS.get(name)`` returns this loader).
+    options
+        The model's options: a :class:`ModelOptions` subclass.
+    build
+        Called as ``build(path, context=..., options=..., random_init=...)``.
+
+    Examples
+    --------
+    In Python, the loader is also called directly with context fields and options as keywords:
+    ``load_scgpt(folder, random_init=True, seed=3, max_seq_len=600)``.
+    """
+
+    def __init__(self, name: str, options: type[OptionsT], build: Build[OptionsT, ModelT]) -> None:
+        self.name = name
+        self.options = options
+        self.build = build
+        self.__doc__ = build.__doc__
+        self.__wrapped__ = build
+
+    def __repr__(self) -> str:
+        """``ModelLoader('geneformer', GeneformerOptions)``."""
+        return f"ModelLoader({self.name!r}, {self.options.__name__})"
+
+    @property
+    def option_names(self) -> list[str]:
+        """The declared options, then the context fields ``model_options`` may override."""
+        return [*self.options.model_fields, *CONTEXT_FIELDS]
+
+    def split_options(
+        self, values: Mapping[str, Any] | None, context: LoadContext | None = None
+    ) -> tuple[LoadContext, OptionsT]:
+        """Check ``values`` (``model_options[name]``) and split them into context and options.
+
+        Parameters
+        ----------
+        values
+            Option name → value; keys that are :class:`LoadContext` fields override the run's
+            setting for this model only. ``None``: no options.
+        context
+            The run's context (default: ``LoadContext()``).
+
+        Returns
+        -------
+        tuple of (LoadContext, options)
+            The context for this model and the validated declared options.
+
+        Raises
+        ------
+        ConfigError
+            An option the model does not declare (with a did-you-mean), or an invalid value.
+        """
+        values = dict(values or {})
+        valid = self.option_names
+        for key in values:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown option {key!r} for model {self.name!r}; choose from {valid}."
+                    + did_you_mean(key, valid)
+                )
+        overrides = {k: values.pop(k) for k in CONTEXT_FIELDS if k in values}
+        context = dataclasses.replace(context or LoadContext(), **overrides)
+        try:
+            return context, self.options.model_validate(values)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise ConfigError(
+                f"option {where!r} of model {self.name!r}: {problem['msg']} "
+                f"(got {problem.get('input')!r})."
+            ) from None
+
+    def load(
+        self,
+        path: str | Path,
+        context: LoadContext | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        random_init: bool = False,
+    ) -> ModelT:
+        """Build the model from ``path`` with the run's ``context`` and this model's options.
+
+        Parameters
+        ----------
+        path
+            Checkpoint folder (or file, where the model takes one).
+        context
+            Run-wide settings (default: ``LoadContext()``).
+        options
+            ``model_options[name]``: declared options and per-model context overrides.
+        random_init
+            Build the random-init control (seeded by ``context.seed``) instead.
+
+        Returns
+        -------
+        FoundationModel
+            The loaded model, in eval mode on the CPU.
+
+        Raises
+        ------
+        ConfigError
+            An unknown option or an invalid value.
+        CheckpointError
+            A missing, corrupt or inconsistent checkpoint (raised by the model's builder).
+        """
+        context, declared = self.split_options(options, context)
+        return self.build(Path(path), context=context, options=declared, random_init=random_init)
+
+    def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:
+        """Load with keywords: :class:`LoadContext` fields and the model's declared options.
+
+        Same as ``load(path, options=values, random_init=random_init)``.
+        """
+        return self.load(path, options=values, random_init=random_init)
+
+
+MODELS: Registry[ModelLoader[Any, FoundationModel]] = Registry("model")
+"""Registered models: ``MODELS.get("scgpt")`` is the :class:`ModelLoader` of scGPT."""
+
+
+def register_model(
+    name: str, options: type[OptionsT]
+) -> Callable[[Build[OptionsT, ModelT]], ModelLoader[OptionsT, ModelT]]:
+    """Register ``build`` in :data:`MODELS` with its declared ``options`` (a decorator).
+
+    Parameters
+    ----------
+    name
+        The model's name on the command line (``NAME=DIR``).
+    options
+        The :class:`ModelOptions` subclass of the options the model takes.
+
+    Returns
+    -------
+    callable
+        A decorator that returns the registered :class:`ModelLoader` in place of ``build``.
+    """
+
+    def decorator(build: Build[OptionsT, ModelT]) -> ModelLoader[OptionsT, ModelT]:
+        loader = ModelLoader(name, options, build)
+        MODELS.register(name)(loader)
+        return loader
+
+    return decorator
+
+
+def load_model(
+    spec: ModelSource,
+    context: LoadContext,
+    options: Mapping[str, Any] | None = None,
+    *,
+    random_init: bool | None = None,
+) -> FoundationModel:
+    """Load the model that ``spec`` names: the only place a model spec becomes a model.
+
+    Parameters
+    ----------
+    spec
+        A parsed ``NAME[-random]=DIR`` (``config.ModelSpec``): ``name``, ``path``,
+        ``random_only``.
+    context
+        Run-wide settings: seed, gene column, allow-normalized.
+    options
+        ``model_options[spec.name]`` (default: none).
+    random_init
+        Load the random-init control; default: ``spec.random_only``.
+
+    Returns
+    -------
+    FoundationModel
+        The model, or its random-init control (``model_id`` ends in ``-random``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown model name or option (with a did-you-mean), or an invalid option value.
+    CheckpointError
+        The checkpoint is missing, corrupt or inconsistent.
+    """
+    loader = MODELS.get(spec.name)
+    if random_init is None:
+        random_init = spec.random_only
+    return loader.load(spec.path, context, options, random_init=random_init)
