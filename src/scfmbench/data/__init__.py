@@ -2,8 +2,9 @@
 backed (out-of-memory) reading and the train/validation/test splits."""
 
 from scfmbench.data.backed import validate_backed
+from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import load_or_make_splits, make_splits
-from scfmbench.data.validate import ValidatedData, load_dataset, validate
+from scfmbench.data.validate import ValidatedData, validate
 
 __all__ = [
     "ValidatedData",

@@ -24,21 +24,22 @@ from tqdm.auto import tqdm
 
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import identifier_sources
-from scfmbench.data.validate import (
+from scfmbench.data.io import check_h5ad_file, unreadable_h5ad
+from scfmbench.data.matrix import (
     KIND_NAMES,
-    DataDiagnostics,
     check_finite,
-    check_h5ad_file,
-    check_unique_cells,
     classify_matrix,
+    find_expression,
+    to_csr,
+    with_var_columns,
+)
+from scfmbench.data.validate import (
+    DataDiagnostics,
+    check_unique_cells,
     drop_filter_pass,
     filter_cells,
-    find_expression,
     record_matrix,
     resolve_label_key,
-    to_csr,
-    unreadable_h5ad,
-    with_var_columns,
 )
 from scfmbench.errors import DataError, ScfmbenchError
 

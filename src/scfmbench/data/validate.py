@@ -1,67 +1,24 @@
-"""Load/validate stage: find the raw counts, check values and labels, drop with warnings."""
+"""Validate stage: check cells and labels, pick the expression matrix, drop empty,
+unlabelled and filtered cells and rare classes with warnings, and record what was found."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import anndata
-import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import detect_identifier_type, identifier_sources
-from scfmbench.errors import CountsRequiredError, DataError, SchemaError
+from scfmbench.data.matrix import KIND_NAMES, find_expression, to_csr
+from scfmbench.errors import DataError, SchemaError
 from scfmbench.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
-
-INTEGER_TOLERANCE = 1e-3
-MAX_SAMPLED_VALUES = 5_000_000
-
-MATRIX_KINDS = ("counts", "corrected", "normalized", "lognorm", "scaled")
-LOG_SCALE_MAX = 50.0
-"""Non-integer values whose maximum is at most this are taken as log-scale (log1p of CP10k
-tops out near 10, log2 of CPM near 20; counts and count-like values of any real matrix
-exceed it)."""
-CONSTANT_TOTAL_SPREAD = 1e-3
-"""Per-cell totals whose range is within this fraction of their median count as constant:
-the matrix is already depth-normalized (e.g. ``sc.pp.normalize_total`` without log1p)."""
-CORRECTION_TOOLS = "SoupX, CellBender, DecontX or STARsolo EM multi-mapper"
-KIND_NAMES = {
-    "counts": "raw integer counts",
-    "corrected": "count-like non-integer values (per-cell totals vary, as in ambient-corrected "
-    f"counts from {CORRECTION_TOOLS})",
-    "normalized": "depth-normalized values (non-integer, the same total in every cell)",
-    "lognorm": f"log-normalized values (log-scale: non-integer, max ≤ {LOG_SCALE_MAX:g})",
-    "scaled": "scaled values (negative numbers)",
-}
-"""What each matrix kind means, as validate, metrics.json and the report word it."""
-
-
-def _nonzero_values(matrix) -> np.ndarray:
-    """The stored values of a sparse matrix, or the nonzero values of a dense one."""
-    if sp.issparse(matrix):
-        return np.asarray(matrix.data)
-    values = np.asarray(matrix).ravel()
-    return values[values != 0]
-
-
-def to_csr(matrix, dtype=None) -> sp.csr_matrix:
-    """``matrix`` as CSR (``dtype`` if given) with one index dtype: files written by other
-    tools may pair int64 ``indptr`` with int32 ``indices``, which scipy's routines refuse."""
-    csr = sp.csr_matrix(matrix, dtype=dtype)
-    if csr.indptr.dtype != csr.indices.dtype:
-        csr = sp.csr_matrix(
-            (csr.data, csr.indices.astype(np.int64), csr.indptr.astype(np.int64)), shape=csr.shape
-        )
-    return csr
 
 
 def check_unique_cells(obs_names: pd.Index, *, where: str) -> None:
@@ -86,225 +43,6 @@ def check_unique_cells(obs_names: pd.Index, *, where: str) -> None:
             f"{where} has {int(obs_names.duplicated().sum())} duplicated cell names "
             "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
         )
-
-
-def check_finite(matrix, *, where: str) -> None:
-    """Raise DataError when ``matrix`` holds NaN or infinite values."""
-    values = _nonzero_values(matrix)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        n_nan = int(np.isnan(values).sum())
-        n_inf = int(bad.sum()) - n_nan
-        raise DataError(
-            f"{where} contains {n_nan} NaN and {n_inf} infinite values; "
-            "replace them (e.g. with 0 for missing counts) or drop the affected cells/genes."
-        )
-
-
-def classify_matrix(matrix) -> str:
-    """Classify an expression matrix by what its values are.
-
-    Parameters
-    ----------
-    matrix
-        Cells × genes, sparse or dense; a sample of at most ``MAX_SAMPLED_VALUES`` stored
-        values is judged, per-cell totals over every value.
-
-    Returns
-    -------
-    str
-        ``"scaled"`` when any value is negative; ``"counts"`` when every value is an integer
-        (within ``INTEGER_TOLERANCE``); else ``"lognorm"`` when the maximum is at most
-        ``LOG_SCALE_MAX``; else ``"normalized"`` when every non-empty cell has the same total
-        (within ``CONSTANT_TOTAL_SPREAD``); else ``"corrected"``: count-like non-integer
-        values whose totals vary with sequencing depth (ambient-corrected or EM counts),
-        which the baselines depth-normalize like counts. One non-empty cell has no spread to
-        judge and counts as ``"corrected"``.
-    """
-    values = _nonzero_values(matrix)
-    if values.size > MAX_SAMPLED_VALUES:
-        values = values[:: values.size // MAX_SAMPLED_VALUES + 1]
-    if values.size == 0:
-        return "counts"
-    if values.min() < 0:
-        return "scaled"
-    if np.all(np.abs(values - np.round(values)) < INTEGER_TOLERANCE):
-        return "counts"
-    if values.max() <= LOG_SCALE_MAX:
-        return "lognorm"
-    totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
-    totals = totals[totals > 0]
-    if len(totals) > 1 and np.ptp(totals) <= CONSTANT_TOTAL_SPREAD * np.median(totals):
-        return "normalized"
-    return "corrected"
-
-
-def require_counts(matrix, *, model: str, allow_normalized: bool = False, where: str = "X") -> str:
-    """Check that a count-based model gets raw counts; return the detected matrix kind.
-
-    Count-like non-integer values (``"corrected"``: ambient-corrected or EM counts) are used
-    as counts with a warning naming the correction tools; the published models were trained
-    on integer UMI counts.
-
-    Raises:
-        CountsRequiredError: for depth-normalized, log-scale or scaled values, unless
-            ``allow_normalized`` (then a warning is issued and scaled data still fails).
-    """
-    kind = classify_matrix(matrix)
-    if kind == "counts":
-        return kind
-    if kind == "corrected":
-        warnings.warn(corrected_counts_warning(model, where), stacklevel=2)
-        return kind
-    described = KIND_NAMES[kind]
-    if kind != "scaled" and allow_normalized:
-        warnings.warn(
-            f"{model} expects raw counts but {where} holds {described}; proceeding because "
-            "allow_normalized is set — results are not comparable to the published model.",
-            stacklevel=2,
-        )
-        return kind
-    raise CountsRequiredError(
-        f"{model} needs raw integer counts but {where} holds {described}; pass the raw counts "
-        "(X, layers['counts'] or .raw)"
-        + (" or set --allow-normalized to proceed anyway." if kind != "scaled" else ".")
-    )
-
-
-def corrected_counts_warning(model: str, where: str) -> str:
-    """The warning a count-based model gives for count-like non-integer values."""
-    return (
-        f"{model}: {where} holds {KIND_NAMES['corrected']}; using them as counts — the model "
-        "was trained on integer UMI counts, so for published behaviour pass the uncorrected "
-        "counts (e.g. layers['counts'])."
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-
-BUILTIN_DATASETS = {"pbmc68k_reduced": "bulk_labels"}
-"""Built-in dataset names and their default label column."""
-
-
-def load_dataset(source: str | Path | AnnData) -> AnnData:
-    """Read an ``.h5ad`` file, an AnnData zarr store or a built-in dataset (``pbmc68k_reduced``).
-
-    Raises
-    ------
-    DataError
-        The path is missing, unreadable, or another format (loom, 10x ``.h5``, plain HDF5);
-        the message names the reader to convert it with.
-    """
-    if isinstance(source, AnnData):
-        return source
-    name = str(source)
-    if name in BUILTIN_DATASETS:
-        import scanpy as sc
-
-        return sc.datasets.pbmc68k_reduced()
-    path = Path(name)
-    fmt = data_format(path)
-    try:
-        return anndata.read_zarr(path) if fmt == "zarr" else anndata.read_h5ad(path)
-    except Exception as exc:  # h5py/zarr/anndata raise many types for damaged files
-        raise unreadable_h5ad(name, exc) from None
-
-
-def check_h5ad_file(name: str | Path) -> Path:
-    """The path ``name`` of an ``.h5ad`` file that can be read chunk by chunk.
-
-    Raises
-    ------
-    DataError
-        As :func:`data_format`, and for a zarr store (read in memory only).
-    """
-    path = Path(name)
-    if data_format(path) == "zarr":
-        raise DataError(
-            f"{str(name)!r} is an AnnData zarr store; streaming (--backed, torchrun) reads "
-            "HDF5 .h5ad files only: drop --backed, or convert it with "
-            "`anndata.read_zarr(path).write_h5ad('data.h5ad')`."
-        )
-    return path
-
-
-def data_format(path: Path) -> Literal["h5ad", "zarr"]:
-    """Which AnnData on-disk format ``path`` holds, recognised by content, not by its name.
-
-    Returns
-    -------
-    ``"h5ad"`` for an HDF5 file with AnnData's ``obs``/``var`` groups, ``"zarr"`` for a
-    directory holding a zarr store (``.zgroup`` or ``zarr.json``).
-
-    Raises
-    ------
-    DataError
-        The path is missing; a directory that is not a zarr store; not HDF5; truncated; a
-        loom file (``scanpy.read_loom``); a 10x Cell Ranger ``.h5`` matrix
-        (``scanpy.read_10x_h5``); an HDF5 file without AnnData's groups.
-    """
-    name = str(path)
-    if not path.exists():
-        raise DataError(
-            f"data file {name!r} does not exist; pass an .h5ad path or a built-in name "
-            f"({', '.join(BUILTIN_DATASETS)})."
-        )
-    if path.is_dir():
-        if (path / ".zgroup").exists() or (path / "zarr.json").exists():
-            return "zarr"
-        raise DataError(
-            f"{name!r} is a directory but not an AnnData zarr store (no .zgroup or zarr.json); "
-            "pass the .h5ad file itself."
-        )
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
-    if magic != b"\x89HDF\r\n\x1a\n":
-        raise DataError(
-            f"{name!r} is not an .h5ad file (no HDF5 signature); write it with "
-            "anndata's `adata.write_h5ad(path)` or scanpy's `sc.write`."
-        )
-    try:
-        with h5py.File(path, "r") as handle:
-            groups = {key: handle[key] for key in handle}
-            found = _foreign_hdf5_format(groups)
-    except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
-        raise unreadable_h5ad(name, exc) from None
-    if found is not None:
-        kind, reader = found
-        raise DataError(
-            f"{name!r} is {kind}, not an .h5ad file; convert it with "
-            f"`{reader}(path).write_h5ad('data.h5ad')` and pass the new file."
-        )
-    if "obs" not in groups or "var" not in groups:
-        raise DataError(
-            f"{name!r} is an HDF5 file without AnnData's obs and var groups (found "
-            f"{sorted(groups)[:8]}); write the data with anndata's `adata.write_h5ad(path)`."
-        )
-    return "h5ad"
-
-
-def _foreign_hdf5_format(groups: dict) -> tuple[str, str] | None:
-    """(description, scanpy reader) when top-level HDF5 ``groups`` are loom or 10x layouts."""
-    if {"matrix", "row_attrs", "col_attrs"} <= groups.keys():
-        return "a loom file", "scanpy.read_loom"
-    matrix = groups.get("matrix")
-    if isinstance(matrix, h5py.Group) and {"barcodes", "indptr", "features"} <= matrix.keys():
-        return "a 10x Cell Ranger feature-barcode matrix (v3 .h5)", "scanpy.read_10x_h5"
-    for group in groups.values():  # Cell Ranger v2: one group per genome
-        if isinstance(group, h5py.Group) and {"barcodes", "indptr", "genes"} <= group.keys():
-            return "a 10x Cell Ranger gene-barcode matrix (v2 .h5)", "scanpy.read_10x_h5"
-    return None
-
-
-def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
-    """The DataError for an ``.h5ad`` file that h5py/anndata cannot read."""
-    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    return DataError(
-        f"cannot read {str(name)!r} as .h5ad ({type(exc).__name__}: {reason}); the file is "
-        "truncated or corrupt — re-export it with `adata.write_h5ad`."
-    )
 
 
 FILTER_PASS = "filter_pass"
@@ -448,69 +186,6 @@ class ValidatedData:
     @property
     def has_counts(self) -> bool:
         return self.diagnostics.matrix_kind == "counts"
-
-
-def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]]:
-    """(name, matrix, var) for every place counts may live, in order of preference."""
-    out = []
-    if "counts" in adata.layers:
-        out.append(("layers['counts']", adata.layers["counts"], adata.var))
-    out.append(("X", adata.X, adata.var))
-    if adata.raw is not None:
-        out.append(("raw.X", adata.raw.X, raw_var(adata)))
-    return out
-
-
-def raw_var(adata: AnnData) -> pd.DataFrame:
-    """``adata.raw.var`` plus the ``adata.var`` columns it lacks (see ``with_var_columns``)."""
-    return with_var_columns(adata.raw.var, adata.var)
-
-
-def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
-    """``raw_var`` plus the columns of ``var`` it lacks, matched by gene name (genes only in
-    ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE file
-    usually live in ``var`` while the counts live in ``raw.X``."""
-    out = raw_var.copy()
-    extra = [c for c in var.columns if c not in out.columns]
-    if extra and var.index.is_unique:
-        out = out.join(var[extra], how="left")
-    return out
-
-
-def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
-    """Pick the matrix to use: raw counts first, then count-like (corrected) values, else the
-    first non-negative matrix.
-
-    Returns (source name, matrix, var frame, kind). Raises DataError for NaN/inf or when
-    only scaled (negative) values exist.
-    """
-    candidates = _candidate_matrices(adata)
-    kinds = []
-    for name, matrix, var in candidates:
-        if matrix is None:
-            continue
-        check_finite(matrix, where=f"adata.{name}")
-        kind = classify_matrix(matrix)
-        kinds.append((name, matrix, var, kind))
-        if kind == "counts":
-            return name, matrix, var, kind
-    for preferred in (("corrected",), ("normalized", "lognorm")):
-        for name, matrix, var, kind in kinds:
-            if kind in preferred:
-                return name, matrix, var, kind
-    found = ", ".join(f"{n}: {k}" for n, _, _, k in kinds)
-    raise DataError(
-        f"no usable expression matrix: every candidate has negative values ({found}); "
-        "provide raw counts in X, layers['counts'] or .raw."
-    )
-
-
-def expression_view(adata: AnnData) -> AnnData:
-    """All cells with the preferred expression matrix (raw counts when present) as CSR X."""
-    source, matrix, var, kind = find_expression(adata)
-    view = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
-    view.uns["scfmbench"] = {"matrix_source": source, "matrix_kind": kind}
-    return view
 
 
 def suggest_label_columns(obs: pd.DataFrame) -> list[str]:

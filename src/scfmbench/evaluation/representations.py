@@ -9,90 +9,18 @@ gene × gene covariance accumulated chunk by chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
-from anndata import AnnData
 from threadpoolctl import threadpool_limits
 
-from scfmbench.data.validate import to_csr
+from scfmbench.data.cells import CellRows, InMemoryCells, lognorm_chunks, row_indices
 from scfmbench.registry import Registry
 
 CLIP_SCALED = 10.0
-IN_MEMORY_CHUNK = 8192
-
-
-def lognormalize(matrix: sp.csr_matrix, *, kind: str, target_sum: float = 1e4) -> sp.csr_matrix:
-    """normalize_total(1e4) + log1p for counts and count-like (``corrected``) values; log1p
-    for depth-normalized; unchanged for lognorm."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    if kind in ("counts", "corrected"):
-        totals = np.asarray(matrix.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        matrix = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ matrix)
-    if kind in ("counts", "corrected", "normalized"):
-        matrix.data = np.log1p(matrix.data)
-    return matrix
-
-
-# --------------------------------------------------------------------------------------
-# Where rows come from
-# --------------------------------------------------------------------------------------
-
-
-class CellRows(Protocol):
-    """Rows of an expression matrix, read a chunk at a time."""
-
-    obs_names: pd.Index
-    n_vars: int
-
-    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """For row indices ``rows``: (positions in ``rows``, CSR float32 of those rows)."""
-        ...
-
-
-@dataclass
-class InMemoryCells:
-    """A CSR matrix in memory, served in chunks of ``chunk_size`` rows."""
-
-    matrix: sp.csr_matrix
-    obs_names: pd.Index
-    chunk_size: int = IN_MEMORY_CHUNK
-
-    @classmethod
-    def from_adata(cls, adata: AnnData) -> InMemoryCells:
-        return cls(to_csr(adata.X, np.float32), pd.Index(adata.obs_names))
-
-    @property
-    def n_vars(self) -> int:
-        return self.matrix.shape[1]
-
-    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        for start in range(0, len(rows), self.chunk_size):
-            positions = np.arange(start, min(start + self.chunk_size, len(rows)))
-            yield positions, self.matrix[rows[positions]]
-
-
-def row_indices(cells: CellRows, names: pd.Index) -> np.ndarray:
-    """Row numbers of the cells ``names`` (all must exist)."""
-    rows = cells.obs_names.get_indexer(names)
-    if (rows < 0).any():
-        raise KeyError(f"{int((rows < 0).sum())} cells are not in the data")
-    return rows
-
-
-def lognorm_chunks(
-    cells: CellRows, rows: np.ndarray, kind: str
-) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """Log-normalized chunks of ``rows`` (see :func:`lognormalize`)."""
-    for positions, chunk in cells.row_chunks(rows):
-        yield positions, lognormalize(chunk, kind=kind)
-
 
 # --------------------------------------------------------------------------------------
 # Highly variable genes from per-gene sums

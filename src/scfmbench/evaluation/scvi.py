@@ -17,15 +17,11 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
 
+from scfmbench.data.cells import CellRows, row_indices
 from scfmbench.errors import ConfigError, CountsRequiredError
-from scfmbench.evaluation.representations import (
-    CellRows,
-    GeneMoments,
-    SplitFeatures,
-    row_indices,
-    select_hvg,
-)
+from scfmbench.evaluation.representations import GeneMoments, SplitFeatures, select_hvg
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +40,28 @@ QUIET_LOGGERS = (
     "lightning.fabric.utilities.seed",
 )
 """Loggers of scvi-tools and Lightning that report every fit (seed, devices, stopping)."""
+
+
+class ScviOptions(BaseModel):
+    """Settings of the scVI baseline (``scvi`` in ``baselines``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_latent: int = Field(10, ge=1, description="Latent dimensions (the probed features).")
+    n_hidden: int = Field(128, ge=1, description="Units per hidden layer.")
+    n_layers: int = Field(1, ge=1, description="Hidden layers of encoder and decoder.")
+    max_epochs: int = Field(
+        15, ge=1, description="Most training epochs (early stopping on the val cells' ELBO)."
+    )
+    patience: int = Field(
+        5, ge=1, description="Epochs without a better validation ELBO before stopping."
+    )
+    batch_size: int = Field(128, ge=2, description="Cells per training batch.")
+    transductive: bool = Field(
+        False,
+        description="Also train on the test cells (unlabelled); the default never shows them "
+        "to scVI and embeds them with the trained encoder.",
+    )
 
 
 def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
@@ -124,7 +142,7 @@ def scvi_features(
         Seed of the weights, the minibatch order and the sampling during training.
     scvi : ScviOptions, optional
         ``n_latent``, ``n_hidden``, ``n_layers``, ``max_epochs``, ``patience``,
-        ``batch_size``, ``transductive`` (defaults of :class:`scfmbench.config.ScviOptions`).
+        ``batch_size``, ``transductive`` (defaults of :class:`ScviOptions`).
 
     Returns
     -------
@@ -137,8 +155,6 @@ def scvi_features(
     CountsRequiredError
         When the data are not raw counts.
     """
-    from scfmbench.config import ScviOptions
-
     options = scvi if scvi is not None else ScviOptions()
     if kind != "counts":
         raise CountsRequiredError(

@@ -41,7 +41,8 @@ from scfmbench.data.genes import (
     resolve_gene_identifiers,
     strip_version,
 )
-from scfmbench.data.validate import check_finite, filter_pass_mask, require_counts, to_csr
+from scfmbench.data.matrix import check_finite, require_counts, to_csr
+from scfmbench.data.validate import filter_pass_mask
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
 from scfmbench.models.base import TokenizedCells

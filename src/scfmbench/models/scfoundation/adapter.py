@@ -39,7 +39,7 @@ from anndata import AnnData
 from torch import nn
 
 from scfmbench.data.genes import GeneIdentifiers, match_genes, resolve_gene_identifiers
-from scfmbench.data.validate import (
+from scfmbench.data.matrix import (
     check_finite,
     classify_matrix,
     corrected_counts_warning,

@@ -1,0 +1,67 @@
+"""Cells of an expression matrix read a chunk of rows at a time: the ``CellRows`` source
+every baseline representation reads, in memory (:class:`InMemoryCells`) or streamed from an
+``.h5ad`` file (:class:`scfmbench.data.backed.BackedCells`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from scfmbench.data.matrix import lognormalize, to_csr
+
+IN_MEMORY_CHUNK = 8192
+
+
+class CellRows(Protocol):
+    """Rows of an expression matrix, read a chunk at a time."""
+
+    obs_names: pd.Index
+    n_vars: int
+
+    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """For row indices ``rows``: (positions in ``rows``, CSR float32 of those rows)."""
+        ...
+
+
+@dataclass
+class InMemoryCells:
+    """A CSR matrix in memory, served in chunks of ``chunk_size`` rows."""
+
+    matrix: sp.csr_matrix
+    obs_names: pd.Index
+    chunk_size: int = IN_MEMORY_CHUNK
+
+    @classmethod
+    def from_adata(cls, adata: AnnData) -> InMemoryCells:
+        return cls(to_csr(adata.X, np.float32), pd.Index(adata.obs_names))
+
+    @property
+    def n_vars(self) -> int:
+        return self.matrix.shape[1]
+
+    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        for start in range(0, len(rows), self.chunk_size):
+            positions = np.arange(start, min(start + self.chunk_size, len(rows)))
+            yield positions, self.matrix[rows[positions]]
+
+
+def row_indices(cells: CellRows, names: pd.Index) -> np.ndarray:
+    """Row numbers of the cells ``names`` (all must exist)."""
+    rows = cells.obs_names.get_indexer(names)
+    if (rows < 0).any():
+        raise KeyError(f"{int((rows < 0).sum())} cells are not in the data")
+    return rows
+
+
+def lognorm_chunks(
+    cells: CellRows, rows: np.ndarray, kind: str
+) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """Log-normalized chunks of ``rows`` (see :func:`lognormalize`)."""
+    for positions, chunk in cells.row_chunks(rows):
+        yield positions, lognormalize(chunk, kind=kind)
