@@ -58,7 +58,8 @@ def keep_xla_code() -> None:
         return
     import jax
 
-    if jax.config.jax_compilation_cache_dir:  # the user's own choice wins
+    cache_dir = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
+    if cache_dir:  # the user's own choice wins
         return
     jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -78,7 +79,7 @@ def keep_umap_code() -> None:
         module = importlib.import_module(module_name)
         for name in names:
             kernel = getattr(module, name, None)
-            if hasattr(kernel, "enable_caching"):
+            if kernel is not None and hasattr(kernel, "enable_caching"):
                 try:
                     kernel.enable_caching()
                 except Exception as exc:  # noqa: BLE001  (a cache is optional)

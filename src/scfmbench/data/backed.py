@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import anndata
 import h5py
@@ -53,6 +54,11 @@ H5_LOCATIONS = {
 }
 
 
+def _read_frame(elem: Any) -> pd.DataFrame:
+    """Read the ``obs`` or ``var`` data frame stored at HDF5 element ``elem``."""
+    return cast(pd.DataFrame, anndata.io.read_elem(elem))
+
+
 class H5adCells:
     """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
 
@@ -71,9 +77,9 @@ class H5adCells:
         self.path = check_h5ad_file(path)
         try:
             self.file = h5py.File(self.path, "r")
-            self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
+            self.obs = _read_frame(self.file["obs"])
             self.vars = {
-                var: anndata.io.read_elem(self.file[var])
+                var: _read_frame(self.file[var])
                 for _, var in H5_LOCATIONS.values()
                 if var in self.file
             }
@@ -159,7 +165,7 @@ class H5adCells:
                 "reads cells in chunks and needs CSR or dense rows: rewrite the file with "
                 "`adata.X = adata.X.tocsr()` (likewise layers/raw), or pass --no-backed."
             )
-        return to_csr(anndata.io.sparse_dataset(elem)[start:stop], np.float32)
+        return to_csr(anndata.io.sparse_dataset(cast(h5py.Group, elem))[start:stop], np.float32)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells ``start:stop`` of the chosen matrix (CSR float32), unchecked."""
@@ -326,7 +332,7 @@ def _validate(
     bar = tqdm(starts, desc="validate", unit="chunk", disable=not progress)
     for start in bar:
         stop = min(start + chunk_size, reader.n_obs)
-        matrix = reader.chunk(start, stop).X
+        matrix = cast(sp.csr_matrix, reader.chunk(start, stop).X)
         totals[start:stop] = np.asarray(matrix.sum(axis=1)).ravel()
         for part in (matrix.data, matrix.indices, matrix.indptr):
             digest.update(np.ascontiguousarray(part).tobytes())
@@ -341,7 +347,10 @@ def _validate(
     )
     keep = np.zeros(reader.n_obs, dtype=bool)
     keep[np.flatnonzero(passing)[kept]] = True
-    digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
+    hashed = pd.util.hash_pandas_object(  # pyright: ignore[reportAttributeAccessIssue]
+        labels.astype(str), index=True
+    )
+    digest.update(hashed.to_numpy().tobytes())
     logger.info(
         "validated %d cells × %d genes on disk, %d classes; %s from adata.%s; %s identifiers",
         diag.n_cells,

@@ -22,7 +22,11 @@ class CellRows(Protocol):
     """Rows of an expression matrix, read a chunk at a time."""
 
     obs_names: pd.Index
-    n_vars: int
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes (columns)."""
+        ...
 
     def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """For row indices ``rows``: (positions in ``rows``, CSR float32 of those rows)."""
@@ -43,7 +47,7 @@ class InMemoryCells:
 
     @property
     def n_vars(self) -> int:
-        return self.matrix.shape[1]
+        return self.matrix.shape[1]  # pyright: ignore[reportOptionalSubscript]
 
     def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         for start in range(0, len(rows), self.chunk_size):

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -47,16 +48,16 @@ def content_kind(values: Iterable[object]) -> str | None:
     not an Ensembl ID and not a number, with at least 90% of the values distinct (so category
     columns such as ``feature_biotype`` are not taken for gene names).
     """
-    values = pd.Series(list(values), dtype=object)
-    if values.empty:
+    series = pd.Series(list(values), dtype=object)
+    if series.empty:
         return None
-    text = values.astype(str).str.strip()
-    usable = values.notna() & ~text.str.lower().isin({"", "nan", "none"})
-    n = len(values)
+    text = series.astype(str).str.strip()
+    usable = series.notna() & ~text.str.lower().isin({"", "nan", "none"})
+    n = len(series)
     if text[usable].str.upper().str.match(ENSEMBL_RE).sum() >= DETECT_FRACTION * n:
         return "ensembl"
-    numeric = pd.to_numeric(text, errors="coerce").notna()
-    is_text = values.map(lambda v: isinstance(v, str)) & usable & ~numeric
+    numeric = cast(pd.Series, pd.to_numeric(text, errors="coerce")).notna()
+    is_text = series.map(lambda v: isinstance(v, str)) & usable & ~numeric
     is_text &= ~text.str.upper().str.match(ENSEMBL_RE)
     if is_text.sum() >= DETECT_FRACTION * n and text[is_text].nunique() >= DETECT_FRACTION * n:
         return "symbol"

@@ -106,9 +106,10 @@ def data_format(path: Path) -> Literal["h5ad", "zarr"]:
             f"`{reader}(path).write_h5ad('data.h5ad')` and pass the new file."
         )
     if "obs" not in groups or "var" not in groups:
+        found = sorted(map(str, groups))[:8]
         raise DataError(
             f"{name!r} is an HDF5 file without AnnData's obs and var groups (found "
-            f"{sorted(groups)[:8]}); write the data with anndata's `adata.write_h5ad(path)`."
+            f"{found}); write the data with anndata's `adata.write_h5ad(path)`."
         )
     return "h5ad"
 

@@ -5,6 +5,7 @@ live, and the one normalize + log1p every baseline reads."""
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,7 @@ def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]
 
 def raw_var(adata: AnnData) -> pd.DataFrame:
     """``adata.raw.var`` plus the ``adata.var`` columns it lacks (see ``with_var_columns``)."""
-    return with_var_columns(adata.raw.var, adata.var)
+    return with_var_columns(adata.raw.var, cast(pd.DataFrame, adata.var))
 
 
 def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
@@ -217,6 +218,8 @@ def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
 def expression_view(adata: AnnData) -> AnnData:
     """All cells with the preferred expression matrix (raw counts when present) as CSR X."""
     source, matrix, var, kind = find_expression(adata)
-    view = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
+    view = AnnData(
+        X=to_csr(matrix, np.float32), obs=cast(pd.DataFrame, adata.obs).copy(), var=var.copy()
+    )
     view.uns["scfmbench"] = {"matrix_source": source, "matrix_kind": kind}
     return view

@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,7 @@ def check_stratifiable(labels: pd.Series, *, n_folds: int | None = None) -> pd.S
     """
     need = max(3, n_folds or 0)
     sizes = labels.astype(str).value_counts().sort_index()
-    too_small = sizes[sizes < need]
+    too_small = sizes.loc[sizes < need]
     if len(too_small):
         listed = ", ".join(
             f"{k!r} has {v} cell{'s' if v != 1 else ''}" for k, v in too_small.items()
@@ -146,7 +147,12 @@ def stratified_split(
         parts["val"].append(members[n_test : n_test + n_val])
         parts["train"].append(members[n_test + n_val :])
     index = {name: labels.index[np.sort(np.concatenate(parts[name]))] for name in SET_NAMES}
-    return Split(seed=seed, **index)
+    return Split(
+        seed=seed,
+        train=cast(pd.Index, index["train"]),
+        val=cast(pd.Index, index["val"]),
+        test=cast(pd.Index, index["test"]),
+    )
 
 
 def check_design(design: str, n_splits: int, n_repeats: int) -> None:
@@ -216,9 +222,9 @@ def cv_folds(
             folds.append(
                 Split(
                     seed=fold_seed,
-                    train=labels.index[train_rows],
-                    val=labels.index[val_rows],
-                    test=labels.index[np.sort(test)],
+                    train=cast(pd.Index, labels.index[train_rows]),
+                    val=cast(pd.Index, labels.index[val_rows]),
+                    test=cast(pd.Index, labels.index[np.sort(test)]),
                     repeat=repeat,
                     fold=i,
                 )
@@ -295,7 +301,7 @@ def make_splits(
     return SplitSet(
         splits=splits,
         data_hash=labels_hash(labels),
-        fractions=tuple(fractions),
+        fractions=cast(tuple[float, float, float], tuple(fractions)),
         design=design,
         n_repeats=n_repeats,
     )
@@ -354,7 +360,16 @@ def load_splits(directory: Path, labels: pd.Series) -> SplitSet:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         sets = {name: pd.Index(table.loc[table["set"] == name, "cell"]) for name in SET_NAMES}
         repeat, fold = folds.get(str(seed), (None, None))
-        splits.append(Split(seed=int(seed), **sets, repeat=repeat, fold=fold))
+        splits.append(
+            Split(
+                seed=int(seed),
+                train=sets["train"],
+                val=sets["val"],
+                test=sets["test"],
+                repeat=repeat,
+                fold=fold,
+            )
+        )
     return SplitSet(
         splits=tuple(splits),
         data_hash=index["data_hash"],

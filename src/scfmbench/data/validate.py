@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import anndata
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.data.feature_selection import all_highly_variable
@@ -106,7 +108,7 @@ def is_missing_label(value) -> bool:
     return str(value).strip().lower() in MISSING_LABELS
 
 
-def label_key_of(label: str) -> str:
+def label_key_of(label: object) -> str:
     """The form two labels must share to count as the same class spelled differently:
     whitespace trimmed and collapsed, case folded (``"B "``, ``"b"`` → ``"b"``)."""
     return " ".join(str(label).split()).casefold()
@@ -166,7 +168,7 @@ class ValidatedData:
 
     @property
     def obs(self) -> pd.DataFrame:
-        return self.adata.obs
+        return cast(pd.DataFrame, self.adata.obs)
 
     @property
     def model_input(self) -> AnnData:
@@ -179,13 +181,9 @@ class ValidatedData:
             warnings.simplefilter("ignore", UserWarning)  # non-unique var_names, on purpose
             return AnnData(
                 X=self.adata.X,
-                obs=self.adata.obs,
-                var=self.adata.var.set_axis(self.original_var_names),
+                obs=self.obs,
+                var=cast(pd.DataFrame, self.adata.var).set_axis(self.original_var_names),
             )
-
-    @property
-    def has_counts(self) -> bool:
-        return self.diagnostics.matrix_kind == "counts"
 
 
 def suggest_label_columns(obs: pd.DataFrame) -> list[str]:
@@ -234,20 +232,23 @@ def validate(
             "of each — check that the right file was given."
         )
     check_unique_cells(adata.obs_names, where=name)
-    label_key = resolve_label_key(adata.obs, label_key)
+    obs = cast(pd.DataFrame, adata.obs)
+    label_key = resolve_label_key(obs, label_key)
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
-    data = AnnData(X=to_csr(matrix, np.float32), obs=adata.obs.copy(), var=var.copy())
+    data = AnnData(X=to_csr(matrix, np.float32), obs=obs.copy(), var=var.copy())
     original = data.var_names.copy()
-    diag.gene_sources = identifier_sources(data.var)
-    data.var_names = record_matrix(diag, source=source, kind=kind, var_names=data.var_names)
-    passing = drop_filter_pass(data.obs, diag)
+    diag.gene_sources = identifier_sources(cast(pd.DataFrame, data.var))
+    data.var_names = record_matrix(  # pyright: ignore[reportAttributeAccessIssue]
+        diag, source=source, kind=kind, var_names=data.var_names
+    )
+    passing = drop_filter_pass(cast(pd.DataFrame, data.obs), diag)
     if not passing.all():
         data = data[passing].copy()
 
-    empty = np.asarray(data.X.sum(axis=1)).ravel() <= 0
+    empty = np.asarray(cast(sp.csr_matrix, data.X).sum(axis=1)).ravel() <= 0
     keep, labels = filter_cells(
-        data.obs,
+        cast(pd.DataFrame, data.obs),
         label_key=label_key,
         empty=empty,
         min_cells_per_class=min_cells_per_class,
@@ -362,7 +363,7 @@ def filter_cells(
                 "merge them with --merge-similar-labels (merge_similar_labels: true)",
             )
     sizes = pd.Series(text[keep]).value_counts()
-    rare = sizes[sizes < min_cells_per_class]
+    rare = sizes.loc[sizes < min_cells_per_class]
     if len(rare):
         diag.dropped_classes = {str(k): int(v) for k, v in rare.items()}
         listed = ", ".join(f"{k} ({v})" for k, v in rare.items())

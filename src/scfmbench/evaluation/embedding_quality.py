@@ -111,7 +111,7 @@ def embedding_quality(
     clock = _Clock(timings)
     with clock("neighbors_s"):
         neighbours = nearest_neighbors(matrix, min(N_NEIGHBORS, n_cells))
-        graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, neighbours.n_neighbors))
+        graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, int(neighbours.n_neighbors)))
     with clock("graph_s"):
         graph.knn_graph_connectivities  # noqa: B018  (cached property: timed on its own)
     with clock("leiden_s"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from sklearn.metrics import (
@@ -66,9 +67,13 @@ def classification_metrics(
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
     labels = list(classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
+    scores = precision_recall_fscore_support(
+        y_true,
+        y_pred,
+        labels=labels,
+        zero_division=0,  # pyright: ignore[reportArgumentType]
     )
+    precision, recall, f1, support = cast(tuple[np.ndarray, ...], scores)
     per_class = {
         c: {
             "precision": float(p),
@@ -85,13 +90,19 @@ def classification_metrics(
         y_pred,
         labels=averaged if present_only else labels,
         average="macro",
-        zero_division=0,
+        zero_division=0,  # pyright: ignore[reportArgumentType]
     )
     return ClassificationMetrics(
         accuracy=float(accuracy_score(y_true, y_pred)),
         macro_f1=float(macro),
         weighted_f1=float(
-            f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
+            f1_score(
+                y_true,
+                y_pred,
+                labels=labels,
+                average="weighted",
+                zero_division=0,  # pyright: ignore[reportArgumentType]
+            )
         ),
         balanced_accuracy=float(present.mean()) if len(present) else 0.0,
         per_class=per_class,

@@ -10,6 +10,7 @@ gene × gene covariance accumulated chunk by chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,7 @@ def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
     log_mean = np.log1p(mean)
     bins = pd.cut(log_mean, bins=20)
     frame = pd.DataFrame({"d": log_disp, "bin": bins})
-    stats = frame.groupby("bin", observed=True)["d"].agg(["mean", "std"])
+    stats = cast(pd.DataFrame, frame.groupby("bin", observed=True)["d"].agg(["mean", "std"]))
     bin_mean = stats["mean"].reindex(frame["bin"]).to_numpy()
     bin_std = stats["std"].reindex(frame["bin"]).to_numpy()
     # a bin with one gene has no spread: scanpy sets its normalized dispersion to 1
@@ -99,8 +100,9 @@ def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
 
 def highly_variable_genes(lognorm: sp.csr_matrix, *, n_top: int) -> np.ndarray:
     """:func:`select_hvg` on an in-memory log-normalized matrix."""
-    cells = InMemoryCells(sp.csr_matrix(lognorm), pd.RangeIndex(lognorm.shape[0]))
-    moments = GeneMoments.of(cells, np.arange(lognorm.shape[0]), kind="lognorm")
+    n_cells = lognorm.shape[0]  # pyright: ignore[reportOptionalSubscript]
+    cells = InMemoryCells(sp.csr_matrix(lognorm), pd.RangeIndex(n_cells))
+    moments = GeneMoments.of(cells, np.arange(n_cells), kind="lognorm")
     return select_hvg(moments, n_top=n_top)
 
 

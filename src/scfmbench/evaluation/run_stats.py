@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -150,15 +150,15 @@ def design_from_run(run: dict) -> Design:
 def small_classes(table: pd.DataFrame, classes: list[str]) -> list[str]:
     """Classes with fewer than ``MIN_TEST_CELLS`` test cells in some split."""
     first = table[table["method"] == table["method"].iloc[0]]
-    counts = first.groupby("split")["true"].value_counts().unstack(fill_value=0)
+    counts = cast(pd.DataFrame, first.groupby("split")["true"].value_counts().unstack(fill_value=0))
     counts = counts.reindex(columns=classes, fill_value=0)
     return [c for c in classes if counts[c].min() < MIN_TEST_CELLS]
 
 
 def _sets(table: pd.DataFrame, method: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rows = table[table["method"] == method]
+    rows = cast(pd.DataFrame, table[table["method"] == method])
     return {
-        split: (group["true"].to_numpy(dtype=str), group["pred"].to_numpy(dtype=str))
+        cast(str, split): (group["true"].to_numpy(dtype=str), group["pred"].to_numpy(dtype=str))
         for split, group in rows.groupby("split", sort=False)
     }
 

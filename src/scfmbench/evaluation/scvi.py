@@ -13,6 +13,7 @@ import logging
 import random
 import warnings
 from contextlib import contextmanager
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -47,18 +48,20 @@ class ScviOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    n_latent: int = Field(10, ge=1, description="Latent dimensions (the probed features).")
-    n_hidden: int = Field(128, ge=1, description="Units per hidden layer.")
-    n_layers: int = Field(1, ge=1, description="Hidden layers of encoder and decoder.")
+    n_latent: int = Field(default=10, ge=1, description="Latent dimensions (the probed features).")
+    n_hidden: int = Field(default=128, ge=1, description="Units per hidden layer.")
+    n_layers: int = Field(default=1, ge=1, description="Hidden layers of encoder and decoder.")
     max_epochs: int = Field(
-        15, ge=1, description="Most training epochs (early stopping on the val cells' ELBO)."
+        default=15,
+        ge=1,
+        description="Most training epochs (early stopping on the val cells' ELBO).",
     )
     patience: int = Field(
-        5, ge=1, description="Epochs without a better validation ELBO before stopping."
+        default=5, ge=1, description="Epochs without a better validation ELBO before stopping."
     )
-    batch_size: int = Field(128, ge=2, description="Cells per training batch.")
+    batch_size: int = Field(default=128, ge=2, description="Cells per training batch.")
     transductive: bool = Field(
-        False,
+        default=False,
         description="Also train on the test cells (unlabelled); the default never shows them "
         "to scVI and embeds them with the trained encoder.",
     )
@@ -73,10 +76,10 @@ def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_m
         positions.append(where)
     if not parts:
         return sp.csr_matrix((0, len(genes)), dtype=np.float32)
-    stacked = sp.vstack(parts, format="csr")
+    stacked = cast(sp.csr_matrix, sp.vstack(parts, format="csr"))
     order = np.empty(len(rows), dtype=np.int64)
     order[np.concatenate(positions)] = np.arange(len(rows))
-    return stacked[order]
+    return cast(sp.csr_matrix, stacked[order])
 
 
 @contextmanager
@@ -170,7 +173,8 @@ def scvi_features(
         model, epochs = _train(
             count_rows(cells, fit_rows, genes), [len(r) for r in fitted], options, seed
         )
-        latent = model.get_latent_representation(give_mean=True).astype(np.float32)
+        latent = cast(np.ndarray, model.get_latent_representation(give_mean=True))
+        latent = latent.astype(np.float32)
         bounds = np.cumsum([0, *map(len, sets)])
         train, val = latent[: bounds[1]], latent[bounds[1] : bounds[2]]
         if options.transductive:
@@ -189,10 +193,11 @@ def scvi_features(
 def _adata(counts: sp.csr_matrix):
     from anndata import AnnData
 
-    counts = counts.toarray() if counts.shape[0] * counts.shape[1] <= DENSE_LIMIT else counts
-    names = pd.Index([f"c{i}" for i in range(counts.shape[0])])
-    genes = pd.Index([f"g{j}" for j in range(counts.shape[1])])
-    return AnnData(X=counts, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
+    n_cells, n_genes = counts.shape  # pyright: ignore[reportGeneralTypeIssues]
+    matrix = counts.toarray() if n_cells * n_genes <= DENSE_LIMIT else counts
+    names = pd.Index([f"c{i}" for i in range(n_cells)])
+    genes = pd.Index([f"g{j}" for j in range(n_genes)])
+    return AnnData(X=matrix, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
 
 
 def _train(counts: sp.csr_matrix, sizes: list[int], options, seed: int):
@@ -235,7 +240,7 @@ def _train(counts: sp.csr_matrix, sizes: list[int], options, seed: int):
 
 def _embed_unseen(model, counts: sp.csr_matrix) -> np.ndarray:
     """Latent means of cells scVI was not trained on, through its encoder."""
-    if counts.shape[0] == 0:
+    if counts.shape[0] == 0:  # pyright: ignore[reportOptionalSubscript]
         return np.zeros((0, model.module.n_latent), dtype=np.float32)
     query = _adata(counts)
     return model.get_latent_representation(adata=query, give_mean=True).astype(np.float32)

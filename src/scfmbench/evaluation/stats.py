@@ -25,6 +25,7 @@ class is never resampled away. All resampling uses ``numpy.random.default_rng(se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -351,7 +352,7 @@ def method_intervals(
     classes: list[str],
     n_boot: int = N_BOOTSTRAP,
     seed: int = 0,
-    small: list[str] = (),
+    small: Sequence[str] = (),
 ) -> dict[str, Estimate]:
     """95% intervals of one method's accuracy, macro F1 and balanced accuracy (and macro F1
     without the ``small`` classes) over the design's test sets.
@@ -399,7 +400,13 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
         ]
     )
     b, c = int(table[0, 1]), int(table[1, 0])
-    p = 1.0 if b + c == 0 else float(mcnemar(table, exact=True).pvalue)
+    p = (
+        1.0
+        if b + c == 0
+        else float(
+            mcnemar(table, exact=True).pvalue  # pyright: ignore[reportAttributeAccessIssue]
+        )
+    )
     return {"p": p, "b": b, "c": c}
 
 
@@ -449,8 +456,8 @@ def paired_comparison(
         coded.append((true, [a, b]))
         test = mcnemar_exact(a == true, b == true)
         per_split[name] = test["p"]
-        b_total += test["b"]
-        c_total += test["c"]
+        b_total += int(test["b"])
+        c_total += int(test["c"])
     scored = score_sets(
         coded,
         k,
@@ -492,4 +499,5 @@ def holm(p_values: list[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values (statsmodels)."""
     if not p_values:
         return []
-    return [float(p) for p in multipletests(p_values, method="holm")[1]]
+    adjusted = multipletests(p_values, method="holm")[1]
+    return [float(p) for p in adjusted]  # pyright: ignore[reportOptionalIterable]
