@@ -1,6 +1,9 @@
-"""Cells of an expression matrix read a chunk of rows at a time: the ``CellRows`` source
-every baseline representation reads, in memory (:class:`InMemoryCells`) or streamed from an
-``.h5ad`` file (:class:`scfmbench.data.backed.BackedCells`)."""
+"""Cells of an expression matrix, read a chunk of rows at a time.
+
+``CellRows`` is the source every baseline representation reads: in memory
+(:class:`InMemoryCells`) or streamed from an ``.h5ad`` file
+(:class:`scfmbench.data.backed.BackedCells`).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class CellRows(Protocol):
         ...
 
     def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """For row indices ``rows``: (positions in ``rows``, CSR float32 of those rows)."""
+        """Yield (positions in ``rows``, CSR float32 of those rows) chunk by chunk."""
         ...
 
 
@@ -43,20 +46,29 @@ class InMemoryCells:
 
     @classmethod
     def from_adata(cls, adata: AnnData) -> InMemoryCells:
+        """Serve ``adata.X`` (as CSR float32) with ``adata.obs_names``."""
         return cls(to_csr(adata.X, np.float32), pd.Index(adata.obs_names))
 
     @property
     def n_vars(self) -> int:
+        """Number of genes (columns)."""
         return self.matrix.shape[1]  # pyright: ignore[reportOptionalSubscript]
 
     def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Yield (positions in ``rows``, CSR float32 of those rows), ``chunk_size`` at a time."""
         for start in range(0, len(rows), self.chunk_size):
             positions = np.arange(start, min(start + self.chunk_size, len(rows)))
             yield positions, self.matrix[rows[positions]]
 
 
 def row_indices(cells: CellRows, names: pd.Index) -> np.ndarray:
-    """Row numbers of the cells ``names`` (all must exist)."""
+    """Return the row numbers of the cells ``names``.
+
+    Raises
+    ------
+    KeyError
+        Some of ``names`` are not in ``cells``.
+    """
     rows = cells.obs_names.get_indexer(names)
     if (rows < 0).any():
         raise KeyError(f"{int((rows < 0).sum())} cells are not in the data")
@@ -66,6 +78,6 @@ def row_indices(cells: CellRows, names: pd.Index) -> np.ndarray:
 def lognorm_chunks(
     cells: CellRows, rows: np.ndarray, kind: str
 ) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """Log-normalized chunks of ``rows`` (see :func:`lognormalize`)."""
+    """Yield log-normalized chunks of ``rows`` (see :func:`lognormalize`)."""
     for positions, chunk in cells.row_chunks(rows):
         yield positions, lognormalize(chunk, kind=kind)

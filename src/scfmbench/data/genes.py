@@ -81,6 +81,7 @@ class GeneIdentifiers:
     looked_at: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        """Return the source and why it was chosen, in words (``var['gene_ids'] (ensembl, …)``)."""
         where = VAR_NAMES if self.column == VAR_NAMES else f"var[{self.column!r}]"
         return f"{where} ({self.kind}, {self.reason})"
 
@@ -108,17 +109,26 @@ def resolve_gene_identifiers(
     (``ENSG00000141510.17``) are removed; symbols are kept as written (each reference matches
     them case-sensitively).
 
-    Args:
-        var: the data's ``adata.var`` (index = var_names).
-        vocabulary_kind: ``"ensembl"`` or ``"symbol"``.
-        model: model name for messages.
-        gene_column: an explicit choice (``--gene-column``).
+    Parameters
+    ----------
+    var
+        The data's ``adata.var`` (index = var_names).
+    vocabulary_kind
+        ``"ensembl"`` or ``"symbol"``.
+    model
+        Model name for messages.
+    gene_column
+        An explicit choice (``--gene-column``).
 
-    Returns:
-        GeneIdentifiers with one key per row of ``var``.
+    Returns
+    -------
+    GeneIdentifiers
+        With one key per row of ``var``.
 
-    Raises:
-        SchemaError: ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
+    Raises
+    ------
+    SchemaError
+        ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
     """
     from scfmbench.errors import SchemaError
     from scfmbench.registry import did_you_mean
@@ -166,8 +176,14 @@ def resolve_gene_identifiers(
 
 
 def identifier_sources(var: pd.DataFrame) -> dict[str, str | None]:
-    """Where a model of each vocabulary kind finds its identifiers by default:
-    ``{"ensembl": column or None, "symbol": column or None}`` (``"var_names"`` for the index)."""
+    """Return where a model of each vocabulary kind finds its identifiers by default.
+
+    Returns
+    -------
+    dict
+        ``{"ensembl": column or None, "symbol": column or None}`` (``"var_names"`` for the
+        index).
+    """
     found: dict[str, str | None] = {}
     for kind in KNOWN_COLUMNS:
         source = resolve_gene_identifiers(var, vocabulary_kind=kind, model="")
@@ -199,9 +215,11 @@ class GeneMatch:
 
     @property
     def fraction(self) -> float:
+        """Fraction of the data's genes found in the vocabulary (0 without genes)."""
         return self.n_matched / self.n_total if self.n_total else 0.0
 
     def summary(self) -> str:
+        """Return one line: matched genes, their source and the fraction of counts covered."""
         source = ""
         if self.gene_column is not None:
             where = VAR_NAMES if self.gene_column == VAR_NAMES else f"var[{self.gene_column!r}]"
@@ -212,6 +230,7 @@ class GeneMatch:
         )
 
     def to_dict(self) -> dict:
+        """Return the match as metrics.json records it (without ``positions``)."""
         return {
             "model": self.model,
             "identifier_type": self.identifier_type,

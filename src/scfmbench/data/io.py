@@ -1,5 +1,8 @@
-"""Reading a dataset: ``.h5ad`` files, AnnData zarr stores and the built-in datasets, with
-file checks that name the reader for other formats (loom, 10x ``.h5``)."""
+"""Reading a dataset: ``.h5ad`` files, AnnData zarr stores and the built-in datasets.
+
+The file checks recognise other formats (loom, 10x ``.h5``, plain HDF5) by content and name
+the reader to convert them with.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,16 @@ BUILTIN_DATASETS = {"pbmc68k_reduced": "bulk_labels"}
 
 def load_dataset(source: str | Path | AnnData) -> AnnData:
     """Read an ``.h5ad`` file, an AnnData zarr store or a built-in dataset (``pbmc68k_reduced``).
+
+    Parameters
+    ----------
+    source
+        A path, a built-in name (:data:`BUILTIN_DATASETS`), or an AnnData (returned as is).
+
+    Returns
+    -------
+    AnnData
+        The dataset, in memory.
 
     Raises
     ------
@@ -41,7 +54,7 @@ def load_dataset(source: str | Path | AnnData) -> AnnData:
 
 
 def check_h5ad_file(name: str | Path) -> Path:
-    """The path ``name`` of an ``.h5ad`` file that can be read chunk by chunk.
+    """Return the path ``name`` of an ``.h5ad`` file that can be read chunk by chunk.
 
     Raises
     ------
@@ -59,12 +72,13 @@ def check_h5ad_file(name: str | Path) -> Path:
 
 
 def data_format(path: Path) -> Literal["h5ad", "zarr"]:
-    """Which AnnData on-disk format ``path`` holds, recognised by content, not by its name.
+    """Tell which AnnData on-disk format ``path`` holds, by content, not by its name.
 
     Returns
     -------
-    ``"h5ad"`` for an HDF5 file with AnnData's ``obs``/``var`` groups, ``"zarr"`` for a
-    directory holding a zarr store (``.zgroup`` or ``zarr.json``).
+    str
+        ``"h5ad"`` for an HDF5 file with AnnData's ``obs``/``var`` groups, ``"zarr"`` for a
+        directory holding a zarr store (``.zgroup`` or ``zarr.json``).
 
     Raises
     ------
@@ -115,7 +129,7 @@ def data_format(path: Path) -> Literal["h5ad", "zarr"]:
 
 
 def _foreign_hdf5_format(groups: dict) -> tuple[str, str] | None:
-    """(description, scanpy reader) when top-level HDF5 ``groups`` are loom or 10x layouts."""
+    """Return (description, scanpy reader) when HDF5 ``groups`` are a loom or 10x layout."""
     if {"matrix", "row_attrs", "col_attrs"} <= groups.keys():
         return "a loom file", "scanpy.read_loom"
     matrix = groups.get("matrix")
@@ -128,7 +142,7 @@ def _foreign_hdf5_format(groups: dict) -> tuple[str, str] | None:
 
 
 def unreadable_h5ad(name: str | Path, exc: Exception) -> DataError:
-    """The DataError for an ``.h5ad`` file that h5py/anndata cannot read."""
+    """Return the DataError for an ``.h5ad`` file that h5py/anndata cannot read."""
     reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     return DataError(
         f"cannot read {str(name)!r} as .h5ad ({type(exc).__name__}: {reason}); the file is "

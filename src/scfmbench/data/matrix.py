@@ -1,6 +1,9 @@
-"""The expression matrix: CSR conversion, finite checks, what kind of values it holds
-(raw counts, corrected, normalized, log-normalized or scaled), where in an AnnData the counts
-live, and the one normalize + log1p every baseline reads."""
+"""The expression matrix: CSR conversion, finite checks, count detection and log-normalizing.
+
+What kind of values a matrix holds (raw counts, corrected, normalized, log-normalized or
+scaled), where in an AnnData the counts live, and the one normalize + log1p every baseline
+reads.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ KIND_NAMES = {
 
 
 def _nonzero_values(matrix) -> np.ndarray:
-    """The stored values of a sparse matrix, or the nonzero values of a dense one."""
+    """Return the stored values of a sparse matrix, or the nonzero values of a dense one."""
     if sp.issparse(matrix):
         return np.asarray(matrix.data)
     values = np.asarray(matrix).ravel()
@@ -45,8 +48,23 @@ def _nonzero_values(matrix) -> np.ndarray:
 
 
 def to_csr(matrix, dtype=None) -> sp.csr_matrix:
-    """``matrix`` as CSR (``dtype`` if given) with one index dtype: files written by other
-    tools may pair int64 ``indptr`` with int32 ``indices``, which scipy's routines refuse."""
+    """Convert ``matrix`` to CSR with one index dtype.
+
+    Files written by other tools may pair int64 ``indptr`` with int32 ``indices``, which
+    scipy's routines refuse; such a matrix gets int64 for both.
+
+    Parameters
+    ----------
+    matrix
+        Cells × genes, sparse or dense.
+    dtype
+        Value dtype of the result (default: that of ``matrix``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Of the shape of ``matrix``.
+    """
     csr = sp.csr_matrix(matrix, dtype=dtype)
     if csr.indptr.dtype != csr.indices.dtype:
         csr = sp.csr_matrix(
@@ -56,7 +74,20 @@ def to_csr(matrix, dtype=None) -> sp.csr_matrix:
 
 
 def check_finite(matrix, *, where: str) -> None:
-    """Raise DataError when ``matrix`` holds NaN or infinite values."""
+    """Raise DataError when ``matrix`` holds NaN or infinite values.
+
+    Parameters
+    ----------
+    matrix
+        Cells × genes, sparse or dense.
+    where
+        What the matrix is, for the message (e.g. ``"adata.X"``).
+
+    Raises
+    ------
+    DataError
+        Naming the number of NaN and infinite values.
+    """
     values = _nonzero_values(matrix)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -113,9 +144,28 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
     as counts with a warning naming the correction tools; the published models were trained
     on integer UMI counts.
 
-    Raises:
-        CountsRequiredError: for depth-normalized, log-scale or scaled values, unless
-            ``allow_normalized`` (then a warning is issued and scaled data still fails).
+    Parameters
+    ----------
+    matrix
+        Cells × genes, sparse or dense.
+    model
+        The model's name, for messages.
+    allow_normalized
+        Use depth-normalized or log-scale values with a warning instead of failing
+        (default False).
+    where
+        What the matrix is, for messages (default ``"X"``).
+
+    Returns
+    -------
+    str
+        The matrix kind (see :func:`classify_matrix`).
+
+    Raises
+    ------
+    CountsRequiredError
+        For depth-normalized, log-scale or scaled values, unless ``allow_normalized`` (then a
+        warning is issued and scaled data still fails).
     """
     kind = classify_matrix(matrix)
     if kind == "counts":
@@ -139,7 +189,7 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
 
 
 def corrected_counts_warning(model: str, where: str) -> str:
-    """The warning a count-based model gives for count-like non-integer values."""
+    """Return the warning a count-based model gives for count-like non-integer values."""
     return (
         f"{model}: {where} holds {KIND_NAMES['corrected']}; using them as counts — the model "
         "was trained on integer UMI counts, so for published behaviour pass the uncorrected "
@@ -148,8 +198,26 @@ def corrected_counts_warning(model: str, where: str) -> str:
 
 
 def lognormalize(matrix: sp.csr_matrix, *, kind: str, target_sum: float = 1e4) -> sp.csr_matrix:
-    """normalize_total(1e4) + log1p for counts and count-like (``corrected``) values; log1p
-    for depth-normalized; unchanged for lognorm."""
+    """Log-normalize ``matrix`` as scanpy's ``normalize_total`` + ``log1p`` do.
+
+    Counts and count-like (``corrected``) values are scaled to ``target_sum`` per cell, then
+    log1p'd; depth-normalized values are only log1p'd; log-normalized values are returned
+    unchanged (as a float32 copy). A cell without counts stays all zero.
+
+    Parameters
+    ----------
+    matrix
+        Cells × genes, sparse.
+    kind
+        The matrix kind (see :func:`classify_matrix`).
+    target_sum
+        Total of every cell after scaling (default 1e4).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32, of the shape of ``matrix``; the input is not modified.
+    """
     matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
     if kind in ("counts", "corrected"):
         totals = np.asarray(matrix.sum(axis=1)).ravel()
@@ -172,14 +240,16 @@ def _candidate_matrices(adata: AnnData) -> list[tuple[str, object, pd.DataFrame]
 
 
 def raw_var(adata: AnnData) -> pd.DataFrame:
-    """``adata.raw.var`` plus the ``adata.var`` columns it lacks (see ``with_var_columns``)."""
+    """Return ``adata.raw.var`` plus the ``adata.var`` columns it lacks (``with_var_columns``)."""
     return with_var_columns(adata.raw.var, cast(pd.DataFrame, adata.var))
 
 
 def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
-    """``raw_var`` plus the columns of ``var`` it lacks, matched by gene name (genes only in
-    ``raw`` get missing values): the gene-identifier columns of a Seurat or CELLxGENE file
-    usually live in ``var`` while the counts live in ``raw.X``."""
+    """Return ``raw_var`` plus the columns of ``var`` it lacks, matched by gene name.
+
+    Genes only in ``raw`` get missing values. The gene-identifier columns of a Seurat or
+    CELLxGENE file usually live in ``var`` while the counts live in ``raw.X``.
+    """
     out = raw_var.copy()
     extra = [c for c in var.columns if c not in out.columns]
     if extra and var.index.is_unique:
@@ -188,11 +258,19 @@ def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
-    """Pick the matrix to use: raw counts first, then count-like (corrected) values, else the
-    first non-negative matrix.
+    """Pick the matrix to use: raw counts first, then count-like values, else non-negative.
 
-    Returns (source name, matrix, var frame, kind). Raises DataError for NaN/inf or when
-    only scaled (negative) values exist.
+    The candidates are ``layers['counts']``, ``X`` and ``raw.X``, in that order.
+
+    Returns
+    -------
+    tuple
+        (source name, matrix, var frame, kind).
+
+    Raises
+    ------
+    DataError
+        A candidate holds NaN/inf, or only scaled (negative) values exist.
     """
     candidates = _candidate_matrices(adata)
     kinds = []
@@ -216,7 +294,10 @@ def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
 
 
 def expression_view(adata: AnnData) -> AnnData:
-    """All cells with the preferred expression matrix (raw counts when present) as CSR X."""
+    """Return all cells with the preferred matrix (raw counts when present) as CSR float32 X.
+
+    ``uns["scfmbench"]`` records ``matrix_source`` and ``matrix_kind``.
+    """
     source, matrix, var, kind = find_expression(adata)
     view = AnnData(
         X=to_csr(matrix, np.float32), obs=cast(pd.DataFrame, adata.obs).copy(), var=var.copy()

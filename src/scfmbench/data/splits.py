@@ -49,8 +49,7 @@ class Split:
 
     @property
     def title(self) -> str:
-        """``"seed 42"``, ``"fold 1 (repeat 1)"`` or ``"held out: 101"`` for figures and logs
-        (1-based)."""
+        """``"seed 42"``, ``"fold 1 (repeat 1)"`` or ``"held out: 101"`` (1-based), for figures."""
         if self.group is not None:
             return f"held out: {self.group}"
         if self.fold is None:
@@ -80,6 +79,7 @@ class SplitSet:
 
     @property
     def seeds(self) -> list[int]:
+        """The seed of every split, in order."""
         return [s.seed for s in self.splits]
 
 
@@ -89,6 +89,13 @@ def labels_hash(labels: pd.Series) -> str:
 
 
 def check_fractions(fractions: tuple[float, float, float]) -> None:
+    """Raise SplitError unless ``fractions`` are three positive numbers summing to 1.
+
+    Raises
+    ------
+    SplitError
+        Naming the fractions given and an example.
+    """
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise SplitError(
             f"split fractions must be three positive numbers summing to 1, got {fractions}; "
@@ -279,8 +286,10 @@ def make_splits(
     design: str = "study",
     n_repeats: int = 1,
 ) -> SplitSet:
-    """The splits of a design: ``study`` — K random splits with seeds ``seed .. seed + K - 1``;
-    ``cv`` — :func:`cv_folds` with K = ``n_splits`` and validation fraction ``fractions[1]``.
+    """Make the splits of a design.
+
+    ``study``: K random splits with seeds ``seed .. seed + K - 1``; ``cv``: :func:`cv_folds`
+    with K = ``n_splits`` and validation fraction ``fractions[1]``.
 
     Raises
     ------
@@ -310,9 +319,11 @@ def make_splits(
 def save_splits(
     split_set: SplitSet, directory: Path, labels: pd.Series, *, extra: dict | None = None
 ) -> None:
-    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``
-    (``extra``: more JSON entries for it, e.g. the ``holdout`` settings; a cell in no set has
-    an empty ``set``)."""
+    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``.
+
+    ``extra`` holds more JSON entries for ``splits.json``, e.g. the ``holdout`` settings; a
+    cell in no set has an empty ``set``.
+    """
     directory = Path(directory)
     files = {}
     for split in split_set.splits:
@@ -389,10 +400,14 @@ def load_or_make_splits(
     design: str = "study",
     n_repeats: int = 1,
 ) -> tuple[SplitSet, bool]:
-    """Reuse saved splits when they match data, design, seeds and fractions; else make and save
-    them (every method of a run, and every rerun, reads the same files).
+    """Reuse saved splits when they match data, design, seeds and fractions; else make them.
 
-    Returns (splits, reused).
+    New splits are saved, so every method of a run, and every rerun, reads the same files.
+
+    Returns
+    -------
+    tuple
+        (splits, reused).
     """
     check_design(design, n_splits, n_repeats)
     wanted = list(range(seed, seed + n_splits * n_repeats))

@@ -1,5 +1,8 @@
-"""Validate stage: check cells and labels, pick the expression matrix, drop empty,
-unlabelled and filtered cells and rare classes with warnings, and record what was found."""
+"""Validate stage: check cells and labels, and record what was found.
+
+Picks the expression matrix, drops empty, unlabelled and filtered cells and rare classes
+with warnings, and records every drop in :class:`DataDiagnostics`.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def check_unique_cells(obs_names: pd.Index, *, where: str) -> None:
-    """Raise DataError when ``obs_names`` repeats a cell name (as after ``anndata.concat``
-    without ``obs_names_make_unique()``): cells are looked up by name in splits, features and
-    embeddings, so every name must be unique.
+    """Raise DataError when ``obs_names`` repeats a cell name.
+
+    Repeated names appear after ``anndata.concat`` without ``obs_names_make_unique()``; cells
+    are looked up by name in splits, features and embeddings, so every name must be unique.
 
     Parameters
     ----------
@@ -51,13 +55,15 @@ FILTER_PASS = "filter_pass"
 
 
 def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
-    """``obs["filter_pass"]`` as a boolean mask (None when the column is absent).
+    """Return ``obs["filter_pass"]`` as a boolean mask (None when the column is absent).
 
     The reference Geneformer tokenizer keeps cells whose ``filter_pass`` is 1; the values
     must be booleans or the numbers 0/1.
 
-    Raises:
-        SchemaError: other values, e.g. the strings ``"TRUE"``/``"FALSE"`` written from R.
+    Raises
+    ------
+    SchemaError
+        Other values, e.g. the strings ``"TRUE"``/``"FALSE"`` written from R.
     """
     if FILTER_PASS not in obs.columns:
         return None
@@ -76,8 +82,11 @@ def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
 
 
 def drop_filter_pass(obs: pd.DataFrame, diag: DataDiagnostics) -> np.ndarray:
-    """Cells to keep by ``obs["filter_pass"]`` (all when absent); the drop is recorded in
-    ``diag`` with a warning. It applies to every method, so all are scored on the same cells."""
+    """Return the cells to keep by ``obs["filter_pass"]`` (all when absent).
+
+    The drop is recorded in ``diag`` with a warning. It applies to every method, so all are
+    scored on the same cells.
+    """
     passing = filter_pass_mask(obs)
     if passing is None:
         return np.ones(len(obs), dtype=bool)
@@ -102,21 +111,33 @@ warning), and a transfer label map that maps a label to one of these drops its c
 
 
 def is_missing_label(value) -> bool:
-    """Whether one label is a placeholder (NaN, None or ``MISSING_LABELS``)."""
+    """Tell whether one label is a placeholder (NaN, None or ``MISSING_LABELS``)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return True
     return str(value).strip().lower() in MISSING_LABELS
 
 
 def label_key_of(label: object) -> str:
-    """The form two labels must share to count as the same class spelled differently:
-    whitespace trimmed and collapsed, case folded (``"B "``, ``"b"`` → ``"b"``)."""
+    """Return the form two labels must share to count as one class spelled differently.
+
+    Whitespace is trimmed and collapsed, case folded (``"B "``, ``"b"`` → ``"b"``).
+    """
     return " ".join(str(label).split()).casefold()
 
 
 def similar_label_groups(sizes: pd.Series) -> list[dict[str, int]]:
-    """Groups of labels that differ only by case or whitespace, each ``{label: cells}``
-    (largest first); ``sizes`` is cells per label."""
+    """Group the labels that differ only by case or whitespace.
+
+    Parameters
+    ----------
+    sizes
+        Cells per label.
+
+    Returns
+    -------
+    list of dict
+        One ``{label: cells}`` per group of two or more spellings (largest first).
+    """
     groups: dict[str, dict[str, int]] = {}
     for label, size in sizes.sort_values(ascending=False, kind="stable").items():
         groups.setdefault(label_key_of(label), {})[str(label)] = int(size)
@@ -154,6 +175,7 @@ class DataDiagnostics:
         return KIND_NAMES.get(self.matrix_kind, self.matrix_kind)
 
     def to_dict(self) -> dict:
+        """Return every field plus ``matrix_description``, as metrics.json records them."""
         return {**asdict(self), "matrix_description": self.matrix_description}
 
 
@@ -168,13 +190,16 @@ class ValidatedData:
 
     @property
     def obs(self) -> pd.DataFrame:
+        """The kept cells' ``obs``."""
         return cast(pd.DataFrame, self.adata.obs)
 
     @property
     def model_input(self) -> AnnData:
-        """``adata`` with the file's own gene names: foundation models match their
-        vocabulary on the original identifiers; the unique names (``GENE-1``) are only the
-        baselines' bookkeeping."""
+        """``adata`` with the file's own gene names.
+
+        Foundation models match their vocabulary on the original identifiers; the unique
+        names (``GENE-1``) are only the baselines' bookkeeping.
+        """
         if self.original_var_names is None:
             return self.adata
         with warnings.catch_warnings():
@@ -187,7 +212,7 @@ class ValidatedData:
 
 
 def suggest_label_columns(obs: pd.DataFrame) -> list[str]:
-    """obs columns that look like cell-type labels (categorical/string, 2..n/2 values)."""
+    """Return the obs columns that look like cell-type labels (text, 2..n/2 values)."""
     out = []
     for column in obs.columns:
         series = obs[column]
@@ -208,22 +233,33 @@ def validate(
 ) -> ValidatedData:
     """Check data and labels; drop empty cells, unlabelled cells and rare classes with warnings.
 
-    Args:
-        adata: the input data (not modified).
-        label_key: obs column with cell types; default ``cell_type`` when present.
-        min_cells_per_class: classes with fewer cells are dropped (with a warning).
-        merge_similar_labels: merge labels that differ only by case or whitespace into their
-            most common spelling (default: keep them apart, with a warning listing them).
-        name: what the data is called in error messages (e.g. the file name).
+    Parameters
+    ----------
+    adata
+        The input data, cells × genes (not modified).
+    label_key
+        obs column with cell types (default ``cell_type`` when present).
+    min_cells_per_class
+        Classes with fewer cells are dropped, with a warning (default 10).
+    merge_similar_labels
+        Merge labels that differ only by case or whitespace into their most common spelling
+        (default False: keep them apart, with a warning listing them).
+    name
+        What the data is called in error messages (e.g. the file name).
 
-    Raises:
-        DataError: no cells or genes, duplicated cell names, NaN/inf values, no usable
-            matrix, or no cell left after the drops.
-        SchemaError: the label column is missing, or fewer than 2 classes are left.
+    Returns
+    -------
+    ValidatedData
+        Its ``adata.X`` holds the chosen matrix (raw counts when available) as CSR float32
+        over the kept cells; ``adata.uns["scfmbench"]["diagnostics"]`` records what was found.
 
-    Returns:
-        ValidatedData whose ``adata.X`` holds the chosen matrix (raw counts when available)
-        as CSR float32 and whose ``adata.uns["scfmbench"]["diagnostics"]`` records what was found.
+    Raises
+    ------
+    DataError
+        No cells or genes, duplicated cell names, NaN/inf values, no usable matrix, or no
+        cell left after the drops.
+    SchemaError
+        The label column is missing, or fewer than 2 classes are left.
     """
     diag = DataDiagnostics(n_cells_input=adata.n_obs, n_genes_input=adata.n_vars)
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -277,8 +313,15 @@ def validate(
 def record_matrix(
     diag: DataDiagnostics, *, source: str, kind: str, var_names: pd.Index
 ) -> pd.Index:
-    """Record the chosen matrix and gene identifiers in ``diag`` (warning when it holds no
-    raw counts); returns ``var_names`` made unique (suffix -1, -2, …, with a warning)."""
+    """Record the chosen matrix and gene identifiers in ``diag``.
+
+    Warns when the matrix holds no raw counts.
+
+    Returns
+    -------
+    pandas.Index
+        ``var_names`` made unique (suffix -1, -2, …, with a warning).
+    """
     diag.matrix_source, diag.matrix_kind = source, kind
     diag.count_source = source if kind == "counts" else None
     if kind == "corrected":
@@ -312,17 +355,29 @@ def filter_cells(
     diag: DataDiagnostics,
     merge_similar_labels: bool = False,
 ) -> tuple[np.ndarray, pd.Series]:
-    """Which cells to keep (not ``empty``, labelled, in a class with enough cells) and their
-    labels (categorical, sorted classes); records the drops in ``diag`` with warnings.
+    """Choose the cells to keep and their labels; record the drops in ``diag`` with warnings.
+
+    A cell is kept when it is not ``empty``, is labelled and is in a class with at least
+    ``min_cells_per_class`` cells.
 
     Placeholder labels (:func:`is_missing_label`) count as missing. Labels that differ only
     by case or whitespace are listed in ``diag.similar_labels`` with a warning, and merged
     into their most common spelling (ties: the first in sort order) when
     ``merge_similar_labels``, before rare classes are dropped.
 
-    Raises:
-        DataError: no cell is left.
-        SchemaError: fewer than 2 classes are left.
+    Returns
+    -------
+    keep : numpy.ndarray
+        Boolean mask over the rows of ``obs``.
+    labels : pandas.Series
+        Categorical labels of the kept cells (sorted classes), indexed by cell name.
+
+    Raises
+    ------
+    DataError
+        No cell is left.
+    SchemaError
+        Fewer than 2 classes are left.
     """
     keep = ~np.asarray(empty, dtype=bool)
     if not keep.all():
@@ -396,11 +451,19 @@ def filter_cells(
 
 
 def _most_common(group: dict[str, int]) -> str:
-    """The spelling with the most cells (ties: the first in sort order)."""
+    """Return the spelling with the most cells (ties: the first in sort order)."""
     return min(group, key=lambda label: (-group[label], label))
 
 
 def resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:
+    """Return the label column: ``label_key``, or ``cell_type`` when none is given.
+
+    Raises
+    ------
+    SchemaError
+        No column given and no ``cell_type``, or ``label_key`` is not an obs column; the
+        message lists the columns that look like labels.
+    """
     if label_key is None:
         if "cell_type" in obs.columns:
             return "cell_type"
