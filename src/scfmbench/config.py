@@ -107,7 +107,7 @@ class FinetuneConfig(BaseModel):
         return cls.build({**finetune_section(read_yaml(path), path), **overrides})
 
     def fingerprint(self) -> dict[str, Any]:
-        """The options that change the result (compared on resume)."""
+        """Return the options that change the result (compared on resume)."""
         return self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
 
 
@@ -172,6 +172,7 @@ class ModelSpec:
         return cls(base, Path(path), random_only=name != base)
 
     def __str__(self) -> str:
+        """Return the spec as written: ``NAME[-random]=DIR``."""
         return f"{self.name}{'-random' if self.random_only else ''}={self.path}"
 
 
@@ -396,8 +397,10 @@ class RunConfig(BaseModel):
         return [ModelSpec.parse(spec) for spec in self.models]
 
     def finetune_settings(self) -> FinetuneConfig | None:
-        """The ``finetune`` section with the run's ``seed`` unless the section sets its own
-        (``None`` when fine-tuning is off)."""
+        """Return the ``finetune`` section with the run's ``seed`` unless it sets its own.
+
+        ``None`` when fine-tuning is off.
+        """
         if self.finetune is None or "seed" in self.finetune.model_fields_set:
             return self.finetune
         return self.finetune.model_copy(update={"seed": self.seed})
@@ -427,6 +430,7 @@ class RunConfig(BaseModel):
             raise ConfigError(describe_validation_error(exc)) from None
 
     def to_yaml(self) -> str:
+        """Return the resolved config as YAML (what a run saves as ``config.yaml``)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 

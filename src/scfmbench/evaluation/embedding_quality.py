@@ -1,5 +1,7 @@
-"""Zero-shot quality of an embedding (scib-metrics: clustering, silhouettes, LISI, graph
-connectivity) and UMAP figures."""
+"""Zero-shot quality of an embedding, and UMAP figures.
+
+The scores are scib-metrics': clustering, silhouettes, LISI and graph connectivity.
+"""
 
 from __future__ import annotations
 
@@ -143,8 +145,10 @@ def embedding_quality(
 
 
 class _Clock:
-    """``with clock(key):`` adds the block's wall seconds to ``timings[key]`` (no-op without
-    a dict)."""
+    """``with clock(key):`` adds the block's wall seconds to ``timings[key]``.
+
+    Without a dict it does nothing.
+    """
 
     def __init__(self, timings: dict[str, float] | None) -> None:
         self.timings = timings
@@ -168,7 +172,7 @@ def _has_mixed_label(labels: np.ndarray, batches: np.ndarray) -> bool:
 
 
 def detect_batch_key(obs: pd.DataFrame, batch_key: str | None) -> str | None:
-    """The donor/batch column to colour by: the given one, or a conventional name.
+    """Return the donor/batch column to colour by: the given one, or a conventional name.
 
     Raises
     ------

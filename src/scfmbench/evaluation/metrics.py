@@ -33,6 +33,7 @@ class ClassificationMetrics:
     n_test: int
 
     def to_dict(self) -> dict:
+        """Return the scores as metrics.json records them (the confusion matrix as lists)."""
         return {
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,

@@ -74,7 +74,10 @@ def make_knn(*, seed: int, n_neighbors: int = 15) -> Classifier:
 
 
 def make_majority(*, seed: int) -> Classifier:
-    """Always predicts the most frequent training class: the floor every method must beat."""
+    """Make a classifier that always predicts the most frequent training class.
+
+    It is the floor every method must beat.
+    """
     return DummyClassifier(strategy="most_frequent", random_state=seed)
 
 
@@ -102,6 +105,7 @@ class FittedProbe:
     on_grid_edge: bool = False
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predict the class code (int64) of every row of ``X`` (cells × features)."""
         return np.asarray(self.estimator.predict(X)).astype(np.int64)
 
 

@@ -66,7 +66,7 @@ def _add_column_sums(sums: np.ndarray, lognorm: sp.csr_matrix) -> None:
 
 
 def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
-    """Indices of the ``n_top`` most dispersed genes (Seurat flavour, 20 mean bins).
+    """Select the ``n_top`` most dispersed genes (Seurat flavour, 20 mean bins).
 
     Dispersion = var/mean of expm1 values, log-transformed and z-scored within bins of
     log mean expression, as in ``scanpy.pp.highly_variable_genes(flavor="seurat")``.
@@ -215,8 +215,16 @@ def pca_all_cells(
     seed: int = 0,
     names: pd.Index | None = None,
 ) -> np.ndarray:
-    """HVG → z-score → PCA over all cells (or the cells ``names``), fitted on them: the
-    unsupervised baseline view for figures and scores."""
+    """Fit HVG → z-score → PCA on all cells (or the cells ``names``) and project them.
+
+    This is the unsupervised baseline view for figures and scores.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 of shape (n_cells, n_pcs), rows in the order of ``names`` (default: every
+        cell of ``cells``).
+    """
     from scfmbench.data.splits import Split
 
     everyone = pd.Index(cells.obs_names if names is None else names)
@@ -225,7 +233,7 @@ def pca_all_cells(
 
 
 def no_features(cells: CellRows, split, **_) -> SplitFeatures:
-    """A constant feature: what the majority-class floor sees."""
+    """Return a constant feature: what the majority-class floor sees."""
     return SplitFeatures(
         *(np.zeros((len(c), 1), np.float32) for c in (split.train, split.val, split.test)),
         info={},
@@ -233,8 +241,10 @@ def no_features(cells: CellRows, split, **_) -> SplitFeatures:
 
 
 def scvi_features(cells: CellRows, split, **options) -> SplitFeatures:
-    """scVI latent space (:func:`scfmbench.evaluation.scvi.scvi_features`; imports scvi-tools
-    only when used)."""
+    """Return the scVI latent space (:func:`scfmbench.evaluation.scvi.scvi_features`).
+
+    scvi-tools is imported only when this runs.
+    """
     from scfmbench.evaluation.scvi import scvi_features as fit_scvi
 
     return fit_scvi(cells, split, **options)

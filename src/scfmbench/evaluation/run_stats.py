@@ -142,7 +142,7 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def design_from_run(run: dict) -> Design:
-    """The :class:`~.stats.Design` recorded in ``metrics.json["run"]["design"]``."""
+    """Return the :class:`~.stats.Design` recorded in ``metrics.json["run"]["design"]``."""
     info = run["design"]
     return Design(info["name"], n_folds=info["n_folds"], test_train_ratio=info["test_train_ratio"])
 
@@ -225,17 +225,22 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
 
 
 def validation_score(entry: dict) -> float:
-    """Mean validation macro F1 over splits (what the best baseline and frozen probe are
-    chosen by; the test cells never take part)."""
+    """Return the mean validation macro F1 over splits (``-inf`` without any).
+
+    The best baseline and frozen probe are chosen by it; the test cells never take part.
+    """
     values = [s.get("val_macro_f1") for s in entry["splits"].values()]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else float("-inf")
 
 
 def planned_comparisons(methods: dict[str, dict]) -> list[tuple[str, str, str]]:
-    """(method, against, kind) of every paired test: each method vs the best baseline (by
-    validation macro F1), each pretrained method vs its own random-init control (same probe),
-    and each fine-tuned model vs its best frozen probe (by validation macro F1)."""
+    """List (method, against, kind) of every paired test.
+
+    Each method is compared with the best baseline (by validation macro F1), each pretrained
+    method with its own random-init control (same probe), and each fine-tuned model with its
+    best frozen probe (by validation macro F1).
+    """
     baselines = [n for n, e in methods.items() if e["kind"] == "baseline"]
     best = max(baselines, key=lambda n: validation_score(methods[n])) if baselines else None
     out = []

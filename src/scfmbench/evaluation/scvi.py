@@ -1,5 +1,6 @@
-"""The scVI baseline: a latent space learned from the raw counts (scvi-tools), probed like a
-foundation-model embedding.
+"""The scVI baseline: a latent space learned from the raw counts, probed like an embedding.
+
+scvi-tools learns it; the probes see it as they see a foundation-model embedding.
 
 By default scVI is fitted on the training cells of a split (early stopping on the
 validation cells' ELBO) and the test cells are embedded afterwards by the trained encoder
@@ -68,8 +69,15 @@ class ScviOptions(BaseModel):
 
 
 def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
-    """The raw values of ``rows`` × ``genes`` (CSR float32, rows in the order given), read
-    chunk by chunk, so only these columns are ever held."""
+    """Read the raw values of ``rows`` × ``genes`` chunk by chunk.
+
+    Only these columns are ever held.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32 of shape (len(rows), len(genes)), rows in the order given.
+    """
     parts, positions = [], []
     for where, chunk in cells.row_chunks(rows):
         parts.append(sp.csr_matrix(chunk[:, genes], dtype=np.float32))
@@ -84,8 +92,10 @@ def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_m
 
 @contextmanager
 def _kept_global_state():
-    """scvi-tools seeds Python, NumPy and torch globally and logs every fit: restore the
-    random states, keep its loggers at WARNING and drop its libraries' warnings while it runs.
+    """Keep the global state scvi-tools changes while it runs.
+
+    scvi-tools seeds Python, NumPy and torch globally and logs every fit: the random states
+    are restored, its loggers kept at WARNING and its libraries' warnings dropped.
 
     The fit runs on one torch thread: scVI's layers are small, and several threads on a
     shared CPU made one PBMC3k fit ~8× slower (5 epochs: 5 s on 1 thread, 45 s on 2).
@@ -125,7 +135,7 @@ def scvi_features(
     scvi=None,
     **_,
 ) -> SplitFeatures:
-    """scVI latent means of the train, val and test cells of ``split``.
+    """Return the scVI latent means of the train, val and test cells of ``split``.
 
     The ``n_hvg`` highly variable genes (Seurat flavour) are chosen on the training cells;
     scVI (``scvi.model.SCVI`` with its default zero-inflated negative binomial likelihood, no

@@ -161,8 +161,10 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = LEVEL,
 ) -> dict[str, list[float]]:
-    """Percentile CIs of one test set's accuracy, macro F1 and balanced accuracy
-    (class-stratified bootstrap over its cells: cell sampling only)."""
+    """Return percentile CIs of one test set's accuracy, macro F1 and balanced accuracy.
+
+    The bootstrap is class-stratified over the test set's cells (cell sampling only).
+    """
     true, (pred,) = _codes(y_true, [y_pred], classes)
     scores = _scores(true, pred, len(classes), stratified_samples(true, n_boot=n_boot, seed=seed))
     alpha = (1 - level) / 2
@@ -188,7 +190,7 @@ class Design:
 
     @classmethod
     def of(cls, split_set) -> Design:
-        """The design of a :class:`scfmbench.data.splits.SplitSet`."""
+        """Return the design of a :class:`scfmbench.data.splits.SplitSet`."""
         ratio = float(np.mean([len(s.test) / max(len(s.train), 1) for s in split_set.splits]))
         if split_set.design == "cv":
             name = "cv" if split_set.n_repeats == 1 else "repeated-cv"
@@ -225,8 +227,11 @@ class Estimate:
 
 
 def bootstrap_p(replicates: np.ndarray) -> float:
-    """Two-sided bootstrap p of "true value 0": ``min(1, 2·(k + 1)/(B + 1))`` where k counts
-    the replicates on the smaller side of 0 (never exactly 0; Davison & Hinkley 1997)."""
+    """Return the two-sided bootstrap p of "true value 0" (Davison & Hinkley 1997).
+
+    ``min(1, 2·(k + 1)/(B + 1))`` where k counts the replicates on the smaller side of 0;
+    never exactly 0.
+    """
     n_boot = len(replicates)
     k = min(int(np.sum(replicates <= 0)), int(np.sum(replicates >= 0)))
     return float(min(1.0, 2 * (k + 1) / (n_boot + 1)))
@@ -354,8 +359,10 @@ def method_intervals(
     seed: int = 0,
     small: Sequence[str] = (),
 ) -> dict[str, Estimate]:
-    """95% intervals of one method's accuracy, macro F1 and balanced accuracy (and macro F1
-    without the ``small`` classes) over the design's test sets.
+    """Return 95% intervals of one method's scores over the design's test sets.
+
+    The scores are accuracy, macro F1 and balanced accuracy (and macro F1 without the
+    ``small`` classes).
 
     Parameters
     ----------
