@@ -257,15 +257,35 @@ def match_genes(
 ) -> GeneMatch:
     """Look up every gene key in ``vocab`` and raise GeneMatchError below ``min_overlap``.
 
-    Args:
-        gene_keys: one key per data gene, already converted to the vocabulary's identifier type.
-        vocab: vocabulary mapping key → token id.
-        model: model name for messages.
-        gene_totals: summed counts per gene, for the fraction of counts covered.
-        identifier_type: identifier type of the user's genes (for the error hint).
-        expected_type: identifier type the vocabulary uses (``"ensembl"`` or ``"symbol"``).
-        min_overlap: minimum fraction of genes that must match.
-        source: where ``gene_keys`` came from (reported, and named in the error).
+    Parameters
+    ----------
+    gene_keys
+        One key per data gene, already converted to the vocabulary's identifier type.
+    vocab
+        Vocabulary mapping key → token id.
+    model
+        Model name for messages.
+    gene_totals
+        Summed counts per gene, of shape (n_genes,), for the fraction of counts covered
+        (default: the fraction of genes).
+    identifier_type
+        Identifier type of the user's genes (for the error hint; default: detected).
+    expected_type
+        Identifier type the vocabulary uses (``"ensembl"`` or ``"symbol"``).
+    min_overlap
+        Minimum fraction of genes that must match (default ``MIN_OVERLAP``, 0.5).
+    source
+        Where ``gene_keys`` came from (reported, and named in the error).
+
+    Returns
+    -------
+    GeneMatch
+        ``positions`` holds the token id of every data gene, or -1.
+
+    Raises
+    ------
+    GeneMatchError
+        Fewer than ``min_overlap`` of the genes are in the vocabulary.
     """
     keys = [str(k) for k in gene_keys]
     positions = np.fromiter((vocab.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))

@@ -54,16 +54,26 @@ def classification_metrics(
 ) -> ClassificationMetrics:
     """Accuracy, macro/weighted F1, balanced accuracy, per-class scores, confusion matrix.
 
-    Args:
-        y_true: true labels (strings) of shape (n_test,).
-        y_pred: predicted labels (strings) of shape (n_test,); labels outside ``classes``
-            (e.g. ``<unassigned>``) count as wrong.
-        classes: every training class, fixing the order of rows/columns. Macro F1 averages
-            all of them (``f1_score(labels=classes, zero_division=0)``): a class never
-            predicted scores 0, also when it has no test cells. Balanced accuracy is the mean
-            recall over the classes present in ``y_true``.
-        present_only: macro F1 averages only the classes present in ``y_true`` (design
-            ``holdout``: a held-out group need not hold every training class).
+    Parameters
+    ----------
+    y_true
+        True labels (strings) of shape (n_test,).
+    y_pred
+        Predicted labels (strings) of shape (n_test,); labels outside ``classes`` (e.g.
+        ``<unassigned>``) count as wrong.
+    classes
+        Every training class, fixing the order of rows/columns. Macro F1 averages all of them
+        (``f1_score(labels=classes, zero_division=0)``): a class never predicted scores 0,
+        also when it has no test cells. Balanced accuracy is the mean recall over the classes
+        present in ``y_true``.
+    present_only
+        Macro F1 averages only the classes present in ``y_true`` (design ``holdout``: a
+        held-out group need not hold every training class); default False.
+
+    Returns
+    -------
+    ClassificationMetrics
+        Scores in [0, 1]; ``confusion`` of shape (len(classes), len(classes)).
     """
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
