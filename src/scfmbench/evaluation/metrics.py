@@ -45,6 +45,29 @@ class ClassificationMetrics:
         }
 
 
+def averaged_f1(y_true, y_pred, *, labels: list | np.ndarray, average: str = "macro") -> float:
+    """Return scikit-learn's ``f1_score`` over ``labels``; a class never predicted scores 0.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        True and predicted labels, of shape (n_cells,).
+    labels
+        The classes averaged over.
+    average
+        ``"macro"`` (default) or ``"weighted"``.
+    """
+    return float(
+        f1_score(
+            y_true,
+            y_pred,
+            labels=labels,
+            average=average,
+            zero_division=0,  # pyright: ignore[reportArgumentType]
+        )
+    )
+
+
 def classification_metrics(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -96,25 +119,10 @@ def classification_metrics(
     }
     present = recall[support > 0]
     averaged = [c for c, s in zip(labels, support, strict=True) if s > 0]
-    macro = f1_score(
-        y_true,
-        y_pred,
-        labels=averaged if present_only else labels,
-        average="macro",
-        zero_division=0,  # pyright: ignore[reportArgumentType]
-    )
     return ClassificationMetrics(
         accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(macro),
-        weighted_f1=float(
-            f1_score(
-                y_true,
-                y_pred,
-                labels=labels,
-                average="weighted",
-                zero_division=0,  # pyright: ignore[reportArgumentType]
-            )
-        ),
+        macro_f1=averaged_f1(y_true, y_pred, labels=averaged if present_only else labels),
+        weighted_f1=averaged_f1(y_true, y_pred, labels=labels, average="weighted"),
         balanced_accuracy=float(present.mean()) if len(present) else 0.0,
         per_class=per_class,
         confusion=confusion_matrix(y_true, y_pred, labels=labels),

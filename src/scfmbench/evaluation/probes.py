@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from scfmbench.evaluation.metrics import averaged_f1
 from scfmbench.registry import Registry
 
 Classifier = Any
@@ -166,13 +166,5 @@ def _fit_one(name, spec, params, data, labels, seed) -> FittedProbe:
     else:
         estimator.fit(X_train, y_train)
     predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
-    score = float(
-        f1_score(
-            y_val,
-            predicted,
-            labels=labels,
-            average="macro",
-            zero_division=0,  # pyright: ignore[reportArgumentType]
-        )
-    )
+    score = averaged_f1(y_val, predicted, labels=labels)
     return FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)

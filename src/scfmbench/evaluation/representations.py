@@ -1,9 +1,9 @@
 """Baseline representations, fitted on the training cells of each split only (no leakage).
 
-Every representation reads the expression matrix in row chunks through a ``CellRows``
-source — an in-memory matrix (:class:`InMemoryCells`) or an ``.h5ad`` file on disk
-(:class:`scfmbench.data.backed.BackedCells`) — so the same code serves both, and the full
-matrix is never needed: the HVG choice and the PCA are fitted from per-gene sums and a
+Every representation reads the expression matrix in row chunks through a
+:class:`scfmbench.data.cells.CellRows` source — an in-memory matrix or an ``.h5ad`` file on
+disk (:class:`scfmbench.data.backed.BackedCells`) — so the same code serves both, and the
+full matrix is never needed: the HVG choice and the PCA are fitted from per-gene sums and a
 gene × gene covariance accumulated chunk by chunk.
 """
 
@@ -18,7 +18,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from scfmbench.data.cells import CellRows, InMemoryCells, lognorm_chunks, row_indices
+from scfmbench.data.cells import CellRows, lognorm_chunks, row_indices
 from scfmbench.registry import Registry
 
 CLIP_SCALED = 10.0
@@ -96,14 +96,6 @@ def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
     normalized = np.nan_to_num(normalized, nan=-np.inf)
     order = np.argsort(-normalized, kind="stable")
     return np.sort(order[:n_top])
-
-
-def highly_variable_genes(lognorm: sp.csr_matrix, *, n_top: int) -> np.ndarray:
-    """:func:`select_hvg` on an in-memory log-normalized matrix."""
-    n_cells = lognorm.shape[0]  # pyright: ignore[reportOptionalSubscript]
-    cells = InMemoryCells(sp.csr_matrix(lognorm), pd.RangeIndex(n_cells))
-    moments = GeneMoments.of(cells, np.arange(n_cells), kind="lognorm")
-    return select_hvg(moments, n_top=n_top)
 
 
 # --------------------------------------------------------------------------------------

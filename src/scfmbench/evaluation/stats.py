@@ -120,11 +120,6 @@ def _scores(
     return out
 
 
-def bootstrap_samples(n: int, *, n_boot: int, seed: int) -> np.ndarray:
-    """Plain bootstrap: (n_boot, n) indices drawn with replacement from ``range(n)``."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
 def stratified_samples(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
     """Class-stratified bootstrap: each class's cells are resampled among themselves.
 
@@ -150,28 +145,6 @@ def stratified_samples(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarra
     if not columns:
         return np.zeros((n_boot, 0), dtype=np.int64)
     return np.concatenate(columns, axis=1)
-
-
-def bootstrap_ci(
-    y_true,
-    y_pred,
-    *,
-    classes: list[str],
-    n_boot: int = N_BOOTSTRAP,
-    seed: int = 0,
-    level: float = LEVEL,
-) -> dict[str, list[float]]:
-    """Return percentile CIs of one test set's accuracy, macro F1 and balanced accuracy.
-
-    The bootstrap is class-stratified over the test set's cells (cell sampling only).
-    """
-    true, (pred,) = _codes(y_true, [y_pred], classes)
-    scores = _scores(true, pred, len(classes), stratified_samples(true, n_boot=n_boot, seed=seed))
-    alpha = (1 - level) / 2
-    return {
-        m: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
-        for m, v in scores.items()
-    }
 
 
 @dataclass(frozen=True)
