@@ -24,9 +24,10 @@ from scfmbench._version import __version__
 from scfmbench.config import RunConfig
 from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.io import load_dataset
+from scfmbench.data.labels import is_missing_label
 from scfmbench.data.matrix import lognormalize
 from scfmbench.data.splits import Split, stratified_split
-from scfmbench.data.validate import ValidatedData, is_missing_label, validate
+from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.errors import ConfigError, SchemaError
 
 logger = logging.getLogger(__name__)

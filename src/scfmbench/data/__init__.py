@@ -1,7 +1,7 @@
 """Reading and checking a labelled dataset.
 
 File formats (:mod:`~scfmbench.data.io`), the expression matrix and count detection
-(:mod:`~scfmbench.data.matrix`), validation (:mod:`~scfmbench.data.validate`), gene
+(:mod:`~scfmbench.data.matrix`), labels, validation (:mod:`~scfmbench.data.validate`), gene
 identifiers, cells read in chunks (:mod:`~scfmbench.data.cells`), backed (out-of-memory)
 reading and the train/validation/test splits.
 """

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import identifier_sources
 from scfmbench.data.io import check_h5ad_file, unreadable_h5ad
+from scfmbench.data.labels import resolve_label_key
 from scfmbench.data.matrix import (
     KIND_NAMES,
     check_finite,
@@ -40,7 +41,6 @@ from scfmbench.data.validate import (
     drop_filter_pass,
     filter_cells,
     record_matrix,
-    resolve_label_key,
 )
 from scfmbench.errors import DataError, ScfmbenchError
 

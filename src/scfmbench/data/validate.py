@@ -19,9 +19,14 @@ from anndata import AnnData
 
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import detect_identifier_type, identifier_sources
+from scfmbench.data.labels import (
+    is_missing_label,
+    most_common_spelling,
+    resolve_label_key,
+    similar_label_groups,
+)
 from scfmbench.data.matrix import KIND_NAMES, find_expression, to_csr
 from scfmbench.errors import DataError, SchemaError
-from scfmbench.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -100,50 +105,6 @@ def drop_filter_pass(obs: pd.DataFrame, diag: DataDiagnostics) -> np.ndarray:
     return passing
 
 
-# --------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------
-
-MISSING_LABELS = {"", "nan", "none", "na", "n/a", "null", "unknown", "unassigned"}
-"""Placeholder labels, compared after stripping whitespace and ignoring case: a cell whose
-label is NaN/None or one of these has no cell type; it is dropped from ``obs`` labels (with a
-warning), and a transfer label map that maps a label to one of these drops its cells."""
-
-
-def is_missing_label(value) -> bool:
-    """Tell whether one label is a placeholder (NaN, None or ``MISSING_LABELS``)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return True
-    return str(value).strip().lower() in MISSING_LABELS
-
-
-def label_key_of(label: object) -> str:
-    """Return the form two labels must share to count as one class spelled differently.
-
-    Whitespace is trimmed and collapsed, case folded (``"B "``, ``"b"`` → ``"b"``).
-    """
-    return " ".join(str(label).split()).casefold()
-
-
-def similar_label_groups(sizes: pd.Series) -> list[dict[str, int]]:
-    """Group the labels that differ only by case or whitespace.
-
-    Parameters
-    ----------
-    sizes
-        Cells per label.
-
-    Returns
-    -------
-    list of dict
-        One ``{label: cells}`` per group of two or more spellings (largest first).
-    """
-    groups: dict[str, dict[str, int]] = {}
-    for label, size in sizes.sort_values(ascending=False, kind="stable").items():
-        groups.setdefault(label_key_of(label), {})[str(label)] = int(size)
-    return [group for _, group in sorted(groups.items()) if len(group) > 1]
-
-
 @dataclass
 class DataDiagnostics:
     """Everything the validate stage found; copied into metrics.json and the report."""
@@ -209,18 +170,6 @@ class ValidatedData:
                 obs=self.obs,
                 var=cast(pd.DataFrame, self.adata.var).set_axis(self.original_var_names),
             )
-
-
-def suggest_label_columns(obs: pd.DataFrame) -> list[str]:
-    """Return the obs columns that look like cell-type labels (text, 2..n/2 values)."""
-    out = []
-    for column in obs.columns:
-        series = obs[column]
-        if isinstance(series.dtype, pd.CategoricalDtype) or series.dtype == object:
-            n_unique = series.nunique(dropna=True)
-            if 2 <= n_unique <= max(2, len(series) // 2):
-                out.append(str(column))
-    return out
 
 
 def validate(
@@ -360,7 +309,7 @@ def filter_cells(
     A cell is kept when it is not ``empty``, is labelled and is in a class with at least
     ``min_cells_per_class`` cells.
 
-    Placeholder labels (:func:`is_missing_label`) count as missing. Labels that differ only
+    Placeholder labels (:func:`.labels.is_missing_label`) count as missing. Labels that differ only
     by case or whitespace are listed in ``diag.similar_labels`` with a warning, and merged
     into their most common spelling (ties: the first in sort order) when
     ``merge_similar_labels``, before rare classes are dropped.
@@ -404,10 +353,10 @@ def filter_cells(
         listed = "; ".join(", ".join(f"{k!r} ({v})" for k, v in group.items()) for group in groups)
         if merge_similar_labels:
             diag.merged_labels = {
-                spelling: _most_common(group)
+                spelling: most_common_spelling(group)
                 for group in groups
                 for spelling in group
-                if spelling != _most_common(group)
+                if spelling != most_common_spelling(group)
             }
             text = np.array([diag.merged_labels.get(t, t) for t in text], dtype=object)
             _warn(diag, f"merged labels that differ only by case or whitespace: {listed}")
@@ -448,36 +397,6 @@ def filter_cells(
     diag.classes = {str(k): int(v) for k, v in classes.items()}
     diag.n_cells = int(keep.sum())
     return keep, kept_labels
-
-
-def _most_common(group: dict[str, int]) -> str:
-    """Return the spelling with the most cells (ties: the first in sort order)."""
-    return min(group, key=lambda label: (-group[label], label))
-
-
-def resolve_label_key(obs: pd.DataFrame, label_key: str | None) -> str:
-    """Return the label column: ``label_key``, or ``cell_type`` when none is given.
-
-    Raises
-    ------
-    SchemaError
-        No column given and no ``cell_type``, or ``label_key`` is not an obs column; the
-        message lists the columns that look like labels.
-    """
-    if label_key is None:
-        if "cell_type" in obs.columns:
-            return "cell_type"
-        raise SchemaError(
-            f"no label column given and adata.obs has no 'cell_type'; columns that look like "
-            f"labels: {suggest_label_columns(obs)[:8]}. Pass --label-key."
-        )
-    if label_key not in obs.columns:
-        raise SchemaError(
-            f"adata.obs has no column {label_key!r}; columns that look like labels: "
-            f"{suggest_label_columns(obs)[:8]}. Pass --label-key with one of those."
-            + did_you_mean(label_key, [str(c) for c in obs.columns])
-        )
-    return label_key
 
 
 def _warn(diag: DataDiagnostics, message: str) -> None:
