@@ -193,7 +193,7 @@ TRAIN_SIZE_ALL = "all"
 
 
 def normalize_train_sizes(values: Any) -> list[int | str]:
-    """Sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
+    """Return the sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
 
     Parameters
     ----------

@@ -132,7 +132,7 @@ def scvi_features(
     kind: str,
     n_hvg: int = 2000,
     seed: int = 0,
-    scvi=None,
+    scvi: ScviOptions | None = None,
     **_,
 ) -> SplitFeatures:
     """Return the scVI latent means of the train, val and test cells of ``split``.
@@ -210,7 +210,7 @@ def _adata(counts: sp.csr_matrix):
     return AnnData(X=matrix, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
 
 
-def _train(counts: sp.csr_matrix, sizes: list[int], options, seed: int):
+def _train(counts: sp.csr_matrix, sizes: list[int], options: ScviOptions, seed: int):
     """Fit scVI on ``counts`` (rows: the sets of ``sizes``; the second is validation)."""
     import scvi as scvi_tools
 
