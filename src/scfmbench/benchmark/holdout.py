@@ -40,6 +40,7 @@ from scfmbench.data.splits import (
 from scfmbench.errors import ConfigError, SchemaError, SplitError
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
+from scfmbench.report.coverage import fold_lines
 
 logger = logging.getLogger(__name__)
 
@@ -329,24 +330,6 @@ def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
         for line in fold_lines(fold):
             logger.warning(line)
     return split_set, reused
-
-
-def fold_lines(fold: dict[str, Any]) -> list[str]:
-    """One line per class a held-out fold cannot score (dropped test cells, via the transfer
-    wording) or trains without testing (left out of that fold's macro F1)."""
-    from scfmbench.benchmark.transfer import coverage_lines
-
-    where = f"held out {fold['group']}"
-    lines = coverage_lines(
-        where, {"test_classes_not_in_train": fold.get("test_classes_not_in_train") or {}}
-    )
-    absent = fold.get("train_classes_without_test") or {}
-    if absent:
-        lines.append(
-            f"{where}: {len(absent)} training class(es) have no test cells and are left out of "
-            f"this fold's macro F1 ({', '.join(map(repr, absent))})"
-        )
-    return lines
 
 
 def random_split_block(

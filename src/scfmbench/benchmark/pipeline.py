@@ -804,8 +804,9 @@ def _score_view(
 ) -> dict:
     """Zero-shot scores (and UMAPs) of one view; ``steps`` gets the seconds of each part
     (``view_s``: the HVG-PCA of the scored cells, then the scores' parts, ``umap_s``)."""
-    from scfmbench.evaluation.embedding_quality import embedding_quality, write_embedding_figures
+    from scfmbench.evaluation.embedding_quality import embedding_quality
     from scfmbench.evaluation.representations import pca_all_cells
+    from scfmbench.report.figures import write_embedding_figures
 
     labels = data.labels
     start = time.perf_counter()

@@ -29,6 +29,7 @@ from scfmbench.data.matrix import lognormalize
 from scfmbench.data.splits import Split, stratified_split
 from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.report.coverage import coverage_lines
 
 logger = logging.getLogger(__name__)
 
@@ -197,35 +198,6 @@ def prepare_transfer(
         coverage=coverage,
     )
     return data, a, b
-
-
-def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[str]:
-    """One line per gap in a direction's label coverage (empty when the map covers all).
-
-    ``coverage`` is :attr:`TransferData.coverage`; counts are cells per class.
-    """
-
-    def listed(counts: dict[str, int]) -> str:
-        return ", ".join(f"{k!r} {v}" for k, v in counts.items())
-
-    lines = []
-    if coverage.get("train_classes_without_test"):
-        found = coverage["train_classes_without_test"]
-        lines.append(
-            f"{direction}: {len(found)} training class(es) have no test cells, so they are "
-            f"trained but never scored (training cells: {listed(found)}); map them to null "
-            "to leave them out"
-        )
-    for key, what in (
-        ("test_dropped_by_map", "mapped to null by the label map"),
-        ("test_classes_not_in_train", "of classes the training data lacks"),
-    ):
-        if coverage.get(key):
-            lines.append(
-                f"{direction}: dropped {sum(coverage[key].values())} test cells {what} "
-                f"({listed(coverage[key])})"
-            )
-    return lines
 
 
 def check_transfer_feature_selection(

@@ -15,12 +15,15 @@ from scfmbench.report.tables import (
     Section,
     Table,
     interval,
+    is_control,
+    mean_sd,
+    method_label,
     num,
     render_html,
     render_markdown,
     text,
 )
-from scfmbench.report.write import is_control, load_run, mean_sd, method_label
+from scfmbench.report.write import load_run
 
 logger = logging.getLogger(__name__)
 
