@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scfmbench.data.validate import to_csr
+from scfmbench.data.matrix import to_csr
 from scfmbench.models.geneformer.ranking import TARGET_SUM, GeneMapping
 
 

@@ -11,12 +11,12 @@ from sklearn.decomposition import PCA
 
 from scfmbench.benchmark.pipeline import run
 from scfmbench.data.backed import validate_backed
+from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.splits import stratified_split
 from scfmbench.data.validate import validate
 from scfmbench.evaluation.representations import (
     CLIP_SCALED,
     GeneMoments,
-    InMemoryCells,
     hvg_features,
     pca_features,
     select_hvg,

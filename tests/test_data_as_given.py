@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scfmbench.data.validate import classify_matrix, require_counts
+from scfmbench.data.matrix import classify_matrix, require_counts
 from tests.conftest import run_cli_in_process
 
 N_CELLS = 400

@@ -19,7 +19,8 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from scfmbench.data.validate import expression_view, validate
+from scfmbench.data.matrix import expression_view
+from scfmbench.data.validate import validate
 from scfmbench.models import MODELS
 from scfmbench.models.scgpt.network import ScGPTConfig, TransformerModel, to_flash_layout
 from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab

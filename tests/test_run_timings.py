@@ -67,8 +67,9 @@ def test_pca_eigendecomposition_runs_on_one_blas_thread(monkeypatch):
     import scipy.linalg
     from threadpoolctl import threadpool_info
 
+    from scfmbench.data.cells import InMemoryCells
     from scfmbench.data.splits import Split
-    from scfmbench.evaluation.representations import InMemoryCells, pca_features
+    from scfmbench.evaluation.representations import pca_features
 
     threads: list[int] = []
     eigh = scipy.linalg.eigh
@@ -87,7 +88,8 @@ def test_pca_eigendecomposition_runs_on_one_blas_thread(monkeypatch):
     assert threads and set(threads) == {1}
 
     # oracle: the same HVG z-scores, a full numpy eigendecomposition of their covariance
-    from scfmbench.evaluation.representations import GeneMoments, lognormalize, select_hvg
+    from scfmbench.data.matrix import lognormalize
+    from scfmbench.evaluation.representations import GeneMoments, select_hvg
 
     moments = GeneMoments.of(cells, np.arange(70), kind="counts")
     genes = select_hvg(moments, n_top=30)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import scfmbench
-from scfmbench.config import ScviOptions
+from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.splits import stratified_split
-from scfmbench.evaluation.representations import InMemoryCells
+from scfmbench.evaluation.scvi import ScviOptions
 from tests.test_pipeline import run_cli
 
 FAST = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4, "batch_size": 16}

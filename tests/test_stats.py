@@ -6,7 +6,6 @@ from sklearn.metrics import accuracy_score, f1_score
 from scfmbench.evaluation.stats import (
     Design,
     _scores,
-    bootstrap_ci,
     bootstrap_p,
     design_estimate,
     holm,
@@ -14,6 +13,7 @@ from scfmbench.evaluation.stats import (
     paired_comparison,
     stratified_samples,
 )
+from tests._bootstrap import bootstrap_ci
 
 
 def test_mcnemar_hand_made_table():

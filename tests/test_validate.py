@@ -8,7 +8,8 @@ import scipy.sparse as sp
 
 from scfmbench import DataError, SchemaError, validate
 from scfmbench.data.genes import detect_identifier_type
-from scfmbench.data.validate import classify_matrix, load_dataset
+from scfmbench.data.io import load_dataset
+from scfmbench.data.matrix import classify_matrix
 from tests.conftest import run_cli_in_process
 
 

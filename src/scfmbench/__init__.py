@@ -11,8 +11,8 @@ from scfmbench._version import __version__
 from scfmbench.benchmark.pipeline import RunResult, run  # noqa: E402
 from scfmbench.benchmark.transfer import transfer  # noqa: E402
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig  # noqa: E402
+from scfmbench.data import ValidatedData, load_dataset, validate  # noqa: E402
 from scfmbench.data.splits import load_or_make_splits, make_splits  # noqa: E402
-from scfmbench.data.validate import ValidatedData, load_dataset, validate  # noqa: E402
 from scfmbench.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

@@ -1,5 +1,6 @@
-"""Keep the code that numba (UMAP's fuzzy graph and layout) and XLA (scib-metrics) compile
-on first use, so that a fresh process does not compile it again.
+"""Keep the code numba and XLA compile on first use, so a fresh process does not compile it again.
+
+numba compiles UMAP's fuzzy graph and layout, XLA the scib-metrics scores.
 
 Compiling is a large share of a small run: on PBMC3k the zero-shot scores and the UMAP of
 one view took 11.6 CPU s in a fresh process, 3.8 CPU s with the compiled code kept. The
@@ -32,7 +33,7 @@ _done: set[str] = set()
 
 
 def cache_root() -> Path | None:
-    """The cache folder, or None when turned off or not writable."""
+    """Return the cache folder, or None when turned off or not writable."""
     setting = os.environ.get(ENV, "")
     if setting.lower() in ("off", "0", "false", "no"):
         return None
@@ -58,7 +59,8 @@ def keep_xla_code() -> None:
         return
     import jax
 
-    if jax.config.jax_compilation_cache_dir:  # the user's own choice wins
+    cache_dir = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
+    if cache_dir:  # the user's own choice wins
         return
     jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -78,7 +80,7 @@ def keep_umap_code() -> None:
         module = importlib.import_module(module_name)
         for name in names:
             kernel = getattr(module, name, None)
-            if hasattr(kernel, "enable_caching"):
+            if kernel is not None and hasattr(kernel, "enable_caching"):
                 try:
                     kernel.enable_caching()
                 except Exception as exc:  # noqa: BLE001  (a cache is optional)

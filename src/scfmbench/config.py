@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,34 +19,13 @@ from pydantic import (
 
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
+from scfmbench.evaluation.scvi import ScviOptions
 from scfmbench.registry import did_you_mean
 
 DEFAULT_BASELINES = ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority", "scvi"]
 EMBEDDING_BASELINES = ("scvi",)
 """Baseline representations probed like a model embedding: a bare name in ``baselines``
 means that representation with every probe of ``probes``."""
-
-
-class ScviOptions(BaseModel):
-    """Settings of the scVI baseline (``scvi`` in ``baselines``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    n_latent: int = Field(10, ge=1, description="Latent dimensions (the probed features).")
-    n_hidden: int = Field(128, ge=1, description="Units per hidden layer.")
-    n_layers: int = Field(1, ge=1, description="Hidden layers of encoder and decoder.")
-    max_epochs: int = Field(
-        15, ge=1, description="Most training epochs (early stopping on the val cells' ELBO)."
-    )
-    patience: int = Field(
-        5, ge=1, description="Epochs without a better validation ELBO before stopping."
-    )
-    batch_size: int = Field(128, ge=2, description="Cells per training batch.")
-    transductive: bool = Field(
-        False,
-        description="Also train on the test cells (unlabelled); the default never shows them "
-        "to scVI and embeds them with the trained encoder.",
-    )
 
 
 # Fields that do not change the result; a resumed run may change them.
@@ -126,7 +106,7 @@ class FinetuneConfig(BaseModel):
         return cls.build({**finetune_section(read_yaml(path), path), **overrides})
 
     def fingerprint(self) -> dict[str, Any]:
-        """The options that change the result (compared on resume)."""
+        """Return the options that change the result (compared on resume)."""
         return self.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
 
 
@@ -191,6 +171,7 @@ class ModelSpec:
         return cls(base, Path(path), random_only=name != base)
 
     def __str__(self) -> str:
+        """Return the spec as written: ``NAME[-random]=DIR``."""
         return f"{self.name}{'-random' if self.random_only else ''}={self.path}"
 
 
@@ -214,6 +195,49 @@ def check_model_options(name: str, loader: Any, options: dict[str, Any]) -> None
         an invalid value.
     """
     loader.split_options(options)
+
+
+TRAIN_SIZE_ALL = "all"
+"""The ``train_sizes`` entry that means every training cell (the run's own fit)."""
+
+
+def normalize_train_sizes(values: Any) -> list[int | str]:
+    """Return the sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
+
+    Parameters
+    ----------
+    values : str or sequence of int/str
+        ``"1,5,all"`` or ``[1, 5, "all"]``; numbers as whole numbers ≥ 1 (``"5"`` or ``5``).
+
+    Returns
+    -------
+    list
+        e.g. ``[1, 5, "all"]``.
+
+    Raises
+    ------
+    ValueError
+        An empty list, or an item that is neither ``all`` nor a whole number ≥ 1.
+    """
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("train sizes must be a list such as 1,5,10,25,50,all")
+    sizes: set[int] = set()
+    with_all = False
+    for item in items:
+        value = item.strip().lower() if isinstance(item, str) else item
+        if value == TRAIN_SIZE_ALL:
+            with_all = True
+            continue
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"train size {item!r} is not a whole number ≥ 1 or 'all' (labelled cells per "
+                "class); use e.g. --train-sizes 1,5,10,25,50,all"
+            )
+        sizes.add(value)
+    return [*sorted(sizes), *([TRAIN_SIZE_ALL] if with_all else [])]
 
 
 class RunConfig(BaseModel):
@@ -352,8 +376,6 @@ class RunConfig(BaseModel):
     @field_validator("train_sizes", mode="before")
     @classmethod
     def _check_train_sizes(cls, value: Any) -> Any:
-        from scfmbench.benchmark.label_efficiency import normalize_train_sizes
-
         return None if value is None else normalize_train_sizes(value)
 
     @field_validator("models")
@@ -384,8 +406,10 @@ class RunConfig(BaseModel):
         return [ModelSpec.parse(spec) for spec in self.models]
 
     def finetune_settings(self) -> FinetuneConfig | None:
-        """The ``finetune`` section with the run's ``seed`` unless the section sets its own
-        (``None`` when fine-tuning is off)."""
+        """Return the ``finetune`` section with the run's ``seed`` unless it sets its own.
+
+        ``None`` when fine-tuning is off.
+        """
         if self.finetune is None or "seed" in self.finetune.model_fields_set:
             return self.finetune
         return self.finetune.model_copy(update={"seed": self.seed})
@@ -415,6 +439,7 @@ class RunConfig(BaseModel):
             raise ConfigError(describe_validation_error(exc)) from None
 
     def to_yaml(self) -> str:
+        """Return the resolved config as YAML (what a run saves as ``config.yaml``)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 
 def hash_bytes(*chunks: bytes) -> str:
+    """Return the SHA-256 hex digest of ``chunks``, concatenated."""
     h = hashlib.sha256()
     for chunk in chunks:
         h.update(chunk)
@@ -34,11 +35,12 @@ def hash_array(array: np.ndarray | sp.spmatrix) -> str:
 
 
 def hash_json(obj: Any) -> str:
-    """SHA-256 of a JSON-serializable object with sorted keys."""
+    """Return the SHA-256 hex digest of a JSON-serializable object with sorted keys."""
     return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
 def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
+    """Return the SHA-256 hex digest of a file, read ``chunk_size`` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_size):
@@ -47,4 +49,5 @@ def hash_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
 
 
 def hash_strings(values) -> str:
+    """Return the SHA-256 hex digest of ``values`` as text, joined by the unit separator."""
     return hash_bytes("\x1f".join(map(str, values)).encode())

@@ -25,7 +25,13 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``."""
+        """Return a decorator that registers its object under ``name``.
+
+        Raises
+        ------
+        ValueError
+            ``name`` is registered twice.
+        """
 
         def decorator(obj: T) -> T:
             if name in self._entries:
@@ -46,7 +52,9 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
+        """Return the registered names, sorted."""
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        """Tell whether ``name`` is registered."""
         return name in self._entries

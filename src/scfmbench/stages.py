@@ -16,7 +16,7 @@ SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe version of a method or stage name (``pca+logreg`` → ``pca+logreg``)."""
+    """Return a file-name-safe method or stage name (``pca+logreg`` → ``pca__logreg``)."""
     return SAFE_NAME.sub("_", name.replace("+", "__"))
 
 
@@ -32,7 +32,7 @@ class StageStore:
         return self.root / f"{safe_name(name)}.json"
 
     def load(self, name: str, key: str) -> Any | None:
-        """The stored payload of stage ``name`` if it was made from inputs ``key``."""
+        """Return the stored payload of stage ``name`` if it was made from inputs ``key``."""
         path = self._path(name)
         if not path.exists():
             return None
@@ -43,12 +43,16 @@ class StageStore:
         return record.get("payload") if record.get("key") == key else None
 
     def save(self, name: str, key: str, payload: Any) -> None:
+        """Store ``payload`` of stage ``name`` as made from inputs ``key`` (atomically)."""
         write_json(self._path(name), {"key": key, "payload": payload})
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Add the block's wall seconds to stage ``name`` (and its process CPU seconds, less
-        sensitive to other work on a shared machine, as ``cpu_seconds``)."""
+        """Add the block's wall seconds to stage ``name``.
+
+        Its process CPU seconds, less sensitive to other work on a shared machine, are added
+        as ``cpu_seconds``.
+        """
         start, cpu = time.perf_counter(), time.process_time()
         try:
             yield

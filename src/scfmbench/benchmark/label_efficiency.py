@@ -20,7 +20,6 @@ cells, with the fold's own validation cells (which tune the probe) and test cell
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -48,45 +47,6 @@ COMPACT_WIDTH = 256
 FIGURE = "figures/label_efficiency.png"
 
 TrainSize = int | str
-
-
-def normalize_train_sizes(values: Any) -> list[TrainSize]:
-    """Sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
-
-    Parameters
-    ----------
-    values : str or sequence of int/str
-        ``"1,5,all"`` or ``[1, 5, "all"]``; numbers as whole numbers ≥ 1 (``"5"`` or ``5``).
-
-    Returns
-    -------
-    list
-        e.g. ``[1, 5, "all"]``.
-
-    Raises
-    ------
-    ValueError
-        An empty list, or an item that is neither ``all`` nor a whole number ≥ 1.
-    """
-    items = values.split(",") if isinstance(values, str) else values
-    if not isinstance(items, list | tuple) or not items:
-        raise ValueError("train sizes must be a list such as 1,5,10,25,50,all")
-    sizes: set[int] = set()
-    with_all = False
-    for item in items:
-        value = item.strip().lower() if isinstance(item, str) else item
-        if value == ALL:
-            with_all = True
-            continue
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"train size {item!r} is not a whole number ≥ 1 or 'all' (labelled cells per "
-                "class); use e.g. --train-sizes 1,5,10,25,50,all"
-            )
-        sizes.add(value)
-    return [*sorted(sizes), *([ALL] if with_all else [])]
 
 
 def nested_subsets(

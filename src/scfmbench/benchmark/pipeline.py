@@ -24,8 +24,10 @@ from scfmbench._atomic import write_json, write_npy, write_text, write_with
 from scfmbench._version import __version__
 from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.backed import BackedData, validate_backed
+from scfmbench.data.cells import CellRows, InMemoryCells
+from scfmbench.data.io import BUILTIN_DATASETS, load_dataset
 from scfmbench.data.splits import Split, SplitSet, labels_hash, load_or_make_splits
-from scfmbench.data.validate import BUILTIN_DATASETS, DataDiagnostics, ValidatedData, load_dataset
+from scfmbench.data.validate import DataDiagnostics, ValidatedData
 from scfmbench.data.validate import validate as validate_data
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import ConfigError, ScfmbenchError
@@ -33,8 +35,6 @@ from scfmbench.evaluation.metrics import HEADLINE_METRICS, classification_metric
 from scfmbench.evaluation.probes import PROBES, fit_probe
 from scfmbench.evaluation.representations import (
     REPRESENTATIONS,
-    CellRows,
-    InMemoryCells,
     SplitFeatures,
     embedding_features,
 )
@@ -1280,7 +1280,8 @@ def embed_dataset(
         all_highly_variable,
         check_feature_selection,
     )
-    from scfmbench.data.validate import check_unique_cells, expression_view
+    from scfmbench.data.matrix import expression_view
+    from scfmbench.data.validate import check_unique_cells
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
     from scfmbench.embed.stream import should_stream
 

@@ -22,10 +22,13 @@ from anndata import AnnData
 from scfmbench._atomic import write_json, write_text
 from scfmbench._version import __version__
 from scfmbench.config import RunConfig
+from scfmbench.data.cells import InMemoryCells
+from scfmbench.data.io import load_dataset
+from scfmbench.data.labels import is_missing_label
+from scfmbench.data.matrix import lognormalize
 from scfmbench.data.splits import Split, stratified_split
-from scfmbench.data.validate import ValidatedData, is_missing_label, load_dataset, validate
+from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.errors import ConfigError, SchemaError
-from scfmbench.evaluation.representations import InMemoryCells, lognormalize
 from scfmbench.report.coverage import coverage_lines
 
 logger = logging.getLogger(__name__)

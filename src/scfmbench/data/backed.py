@@ -1,7 +1,7 @@
 """Out-of-core data: read and validate an ``.h5ad`` file chunk by chunk without loading it.
 
 ``H5adCells`` reads row chunks of the expression matrix straight from the file (h5py);
-``validate_backed`` runs the checks of :func:`scfmbench.data.validate.validate` over those chunks
+``validate_backed`` runs the checks of :func:`scfmbench.data.validate.validate` over the chunks
 and returns a :class:`BackedData` whose ``cells`` serve the feature builders one chunk at a
 time, so ``scfmbench run --backed`` never holds the expression matrix in memory.
 """
@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import anndata
 import h5py
@@ -24,21 +25,22 @@ from tqdm.auto import tqdm
 
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import identifier_sources
-from scfmbench.data.validate import (
+from scfmbench.data.io import check_h5ad_file, unreadable_h5ad
+from scfmbench.data.labels import resolve_label_key
+from scfmbench.data.matrix import (
     KIND_NAMES,
-    DataDiagnostics,
     check_finite,
-    check_h5ad_file,
-    check_unique_cells,
     classify_matrix,
+    find_expression,
+    to_csr,
+    with_var_columns,
+)
+from scfmbench.data.validate import (
+    DataDiagnostics,
+    check_unique_cells,
     drop_filter_pass,
     filter_cells,
-    find_expression,
     record_matrix,
-    resolve_label_key,
-    to_csr,
-    unreadable_h5ad,
-    with_var_columns,
 )
 from scfmbench.errors import DataError, ScfmbenchError
 
@@ -52,27 +54,34 @@ H5_LOCATIONS = {
 }
 
 
+def _read_frame(elem: Any) -> pd.DataFrame:
+    """Read the ``obs`` or ``var`` data frame stored at HDF5 element ``elem``."""
+    return cast(pd.DataFrame, anndata.io.read_elem(elem))
+
+
 class H5adCells:
     """Row-chunk reader for the expression matrix of an ``.h5ad`` file (CSR or dense).
 
-    Considers the candidates :func:`scfmbench.data.validate.find_expression` considers, in its
+    Considers the candidates :func:`scfmbench.data.matrix.find_expression` considers, in its
     order (``layers['counts']``, ``X``, ``raw.X``; an absent ``X`` or one written as an empty
     dataset with ``encoding-type: null`` is skipped) and picks as it does (raw counts first),
     judged on the first chunk; ``obs`` and ``var`` are read whole, the matrix only chunk by
     chunk.
 
-    Raises:
-        DataError: duplicated cell names, no cells, no candidate matrix, a matrix in an
-            encoding that cannot be read by rows, or the legacy (anndata < 0.7) layout.
+    Raises
+    ------
+    DataError
+        Duplicated cell names, no cells, no candidate matrix, a matrix in an encoding that
+        cannot be read by rows, or the legacy (anndata < 0.7) layout.
     """
 
     def __init__(self, path: Path, *, chunk_size: int) -> None:
         self.path = check_h5ad_file(path)
         try:
             self.file = h5py.File(self.path, "r")
-            self.obs: pd.DataFrame = anndata.io.read_elem(self.file["obs"])
+            self.obs = _read_frame(self.file["obs"])
             self.vars = {
-                var: anndata.io.read_elem(self.file[var])
+                var: _read_frame(self.file[var])
                 for _, var in H5_LOCATIONS.values()
                 if var in self.file
             }
@@ -93,7 +102,7 @@ class H5adCells:
         logger.info("%s: streaming adata.%s (%s)", self.path.name, self.source, self.kind)
 
     def candidates(self) -> list[str]:
-        """The candidate matrices this file holds (``H5_LOCATIONS`` names), in order."""
+        """Return the candidate matrices this file holds (``H5_LOCATIONS`` names), in order."""
         out = []
         for source, (location, var) in H5_LOCATIONS.items():
             elem = self.file.get(location)
@@ -128,8 +137,11 @@ class H5adCells:
         return source, kind
 
     def _check_layout(self) -> None:
-        """DataError for the legacy anndata (< 0.7) layout: structured-array obs/var and a
-        sparse X group marked only with ``h5sparse_format``."""
+        """Raise DataError for the legacy anndata (< 0.7) layout.
+
+        That layout has structured-array obs/var and a sparse X group marked only with
+        ``h5sparse_format``.
+        """
         obs, matrix = self.file["obs"], self.file.get("X")
         legacy = isinstance(obs, h5py.Dataset) or (
             isinstance(matrix, h5py.Group)
@@ -145,6 +157,7 @@ class H5adCells:
             )
 
     def close(self) -> None:
+        """Close the file."""
         self.file.close()
 
     def _read(self, location: str, start: int, stop: int) -> sp.csr_matrix:
@@ -158,18 +171,20 @@ class H5adCells:
                 "reads cells in chunks and needs CSR or dense rows: rewrite the file with "
                 "`adata.X = adata.X.tocsr()` (likewise layers/raw), or pass --no-backed."
             )
-        return to_csr(anndata.io.sparse_dataset(elem)[start:stop], np.float32)
+        return to_csr(anndata.io.sparse_dataset(cast(h5py.Group, elem))[start:stop], np.float32)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells ``start:stop`` of the chosen matrix (CSR float32), unchecked."""
         return self._read(self.location, start, stop)
 
     def chunk(self, start: int, stop: int) -> AnnData:
-        """Cells ``start:stop`` as an in-memory AnnData (CSR float32 X), checked.
+        """Return cells ``start:stop`` as an in-memory AnnData (CSR float32 X), checked.
 
-        Raises:
-            DataError: NaN/inf values, or values of another kind than the first chunk's
-                (e.g. negative, or normalized after raw counts).
+        Raises
+        ------
+        DataError
+            NaN/inf values, or values of another kind than the first chunk's (e.g. negative,
+            or normalized after raw counts).
         """
         matrix = self.rows(start, stop)
         where = f"adata.{self.source} of cells {start}-{stop - 1} in {self.path.name}"
@@ -197,9 +212,11 @@ NON_INTEGER_KINDS = {"corrected", "normalized", "lognorm"}
 
 
 def _same_matrix(kind: str, first: str, matrix: sp.csr_matrix) -> bool:
-    """Whether a chunk of ``kind`` can come from a matrix whose first chunk is ``first``: an
-    all-integer chunk is fine in non-negative data (e.g. only zeros and ones), and a chunk
-    of fewer than ``SMALL_CHUNK`` non-empty cells may look like any non-integer kind."""
+    """Tell whether a chunk of ``kind`` can come from a matrix whose first chunk is ``first``.
+
+    An all-integer chunk is fine in non-negative data (e.g. only zeros and ones), and a chunk
+    of fewer than ``SMALL_CHUNK`` non-empty cells may look like any non-integer kind.
+    """
     if kind == "counts":
         return first != "scaled"
     small = int((matrix.getnnz(axis=1) > 0).sum()) < SMALL_CHUNK
@@ -213,8 +230,10 @@ def _same_matrix(kind: str, first: str, matrix: sp.csr_matrix) -> bool:
 
 @dataclass
 class BackedCells:
-    """The validated cells of an ``.h5ad`` file as ``CellRows``: row ``i`` is file row
-    ``file_rows[i]``; rows are read ``chunk_size`` file rows at a time."""
+    """The validated cells of an ``.h5ad`` file as ``CellRows``.
+
+    Row ``i`` is file row ``file_rows[i]``; rows are read ``chunk_size`` file rows at a time.
+    """
 
     reader: H5adCells
     file_rows: np.ndarray
@@ -224,9 +243,14 @@ class BackedCells:
 
     @property
     def n_vars(self) -> int:
+        """Number of genes (columns)."""
         return len(self.reader.var)
 
     def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Yield (positions in ``rows``, CSR float32 of those rows), reading the file in order.
+
+        Rows are grouped by the file chunk they lie in, so every chunk is read once.
+        """
         wanted = self.file_rows[np.asarray(rows, dtype=np.int64)]
         order = np.argsort(wanted, kind="stable")
         ordered = wanted[order]
@@ -256,9 +280,11 @@ class BackedData:
 
     @property
     def file_rows(self) -> np.ndarray:
+        """File row of every kept cell, in order."""
         return self.cells.file_rows
 
     def close(self) -> None:
+        """Close the file."""
         self.cells.reader.close()
 
 
@@ -271,7 +297,7 @@ def validate_backed(
     progress: bool = True,
     merge_similar_labels: bool = False,
 ) -> BackedData:
-    """:func:`scfmbench.data.validate.validate` for a file that stays on disk.
+    """Validate an ``.h5ad`` file that stays on disk, as :func:`.validate.validate` does.
 
     One pass over the file in chunks of ``chunk_size`` cells checks every value (NaN/inf,
     the same kind of values as the first chunk), finds cells without counts and hashes the
@@ -279,12 +305,27 @@ def validate_backed(
     :func:`scfmbench.data.validate.filter_cells` (placeholders missing; ``merge_similar_labels``
     merges labels that differ only by case or whitespace).
 
-    Returns:
-        BackedData; close it (``.close()``) when done.
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    label_key, min_cells_per_class, merge_similar_labels
+        As :func:`scfmbench.data.validate.validate`.
+    chunk_size
+        Cells read at a time (default 2048).
+    progress
+        Show a progress bar (default True).
 
-    Raises:
-        DataError / SchemaError: as :func:`scfmbench.data.validate.validate`, and for files the
-            streaming reader cannot read by rows (see :class:`H5adCells`).
+    Returns
+    -------
+    BackedData
+        Close it (``.close()``) when done.
+
+    Raises
+    ------
+    DataError, SchemaError
+        As :func:`scfmbench.data.validate.validate`, and for files the streaming reader
+        cannot read by rows (see :class:`H5adCells`).
     """
     reader = H5adCells(Path(path), chunk_size=chunk_size)
     try:
@@ -325,7 +366,7 @@ def _validate(
     bar = tqdm(starts, desc="validate", unit="chunk", disable=not progress)
     for start in bar:
         stop = min(start + chunk_size, reader.n_obs)
-        matrix = reader.chunk(start, stop).X
+        matrix = cast(sp.csr_matrix, reader.chunk(start, stop).X)
         totals[start:stop] = np.asarray(matrix.sum(axis=1)).ravel()
         for part in (matrix.data, matrix.indices, matrix.indptr):
             digest.update(np.ascontiguousarray(part).tobytes())
@@ -340,7 +381,10 @@ def _validate(
     )
     keep = np.zeros(reader.n_obs, dtype=bool)
     keep[np.flatnonzero(passing)[kept]] = True
-    digest.update(pd.util.hash_pandas_object(labels.astype(str), index=True).to_numpy().tobytes())
+    hashed = pd.util.hash_pandas_object(  # pyright: ignore[reportAttributeAccessIssue]
+        labels.astype(str), index=True
+    )
+    digest.update(hashed.to_numpy().tobytes())
     logger.info(
         "validated %d cells × %d genes on disk, %d classes; %s from adata.%s; %s identifiers",
         diag.n_cells,

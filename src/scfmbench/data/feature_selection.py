@@ -1,5 +1,6 @@
-"""Count matrices that hold only a feature-selected subset of genes (e.g. 2,000 highly
-variable genes), and the models that refuse them.
+"""Feature-selected count matrices (a subset of the genes) and the models that refuse them.
+
+A feature-selected subset is e.g. 2,000 highly variable genes.
 
 A matrix looks feature-selected when it has fewer than ``FEATURE_SELECTED_GENES`` genes, or
 when every gene is flagged in ``var["highly_variable"]`` (``sc.pp.highly_variable_genes``
@@ -46,9 +47,11 @@ COUNT_MATRIX = "the count matrix (adata.{source})"
 
 
 def matrix_facts(diagnostics) -> dict:
-    """``n_genes``, ``all_hvg`` and ``where`` of the matrix a run's models read, from its
-    :class:`scfmbench.data.validate.DataDiagnostics` (keyword arguments of
-    :func:`check_feature_selection` and :func:`validate_problem`)."""
+    """Return ``n_genes``, ``all_hvg`` and ``where`` of the matrix a run's models read.
+
+    They are read from its :class:`scfmbench.data.validate.DataDiagnostics`, as keyword
+    arguments of :func:`check_feature_selection` and :func:`validate_problem`.
+    """
     return {
         "n_genes": diagnostics.n_genes,
         "all_hvg": diagnostics.all_highly_variable,
@@ -99,14 +102,19 @@ def feature_selection(n_genes: int, all_hvg: bool) -> str | None:
 
 
 def model_name(spec: str) -> str:
-    """The registered model a spec, name or model id stands for: ``"geneformer=./gf"``,
-    ``"geneformer-random"`` and ``"geneformer"`` all give ``"geneformer"``."""
+    """Return the registered model a spec, name or model id stands for.
+
+    ``"geneformer=./gf"``, ``"geneformer-random"`` and ``"geneformer"`` all give
+    ``"geneformer"``.
+    """
     return spec.split("=", 1)[0].strip().removesuffix("-random")
 
 
 def rank_based(models: Iterable[str]) -> list[str]:
-    """The rank- or bin-based models (``RANK_BASED_MODELS``) among ``models`` (specs, names
-    or model ids), each once, in order."""
+    """Return the rank- or bin-based models (``RANK_BASED_MODELS``) among ``models``.
+
+    ``models`` are specs, names or model ids; each model is listed once, in order.
+    """
     found = []
     for spec in models:
         name = model_name(spec)
@@ -116,7 +124,7 @@ def rank_based(models: Iterable[str]) -> list[str]:
 
 
 def refusal(where: str, found: str, models: list[str]) -> str:
-    """The one-line message refusing a feature-selected matrix for rank-based ``models``."""
+    """Return the one-line message refusing a feature-selected matrix for rank-based models."""
     doing = " and ".join(RANK_BASED_MODELS[m] for m in models)
     pretrained = "it was" if len(models) == 1 else "they were"
     return (
@@ -171,9 +179,12 @@ def check_feature_selection(
 def validate_problem(
     models: list[str], *, n_genes: int, all_hvg: bool, allow: bool, where: str
 ) -> str | None:
-    """The line ``scfmbench validate`` lists under problems for a feature-selected matrix
-    (None when it is not): the refusal ``run`` would give the named ``models``, the warning
-    they would run with under ``allow``, or, with no model named, which models refuse it."""
+    """Return the line ``scfmbench validate`` lists under problems for a feature-selected matrix.
+
+    It is the refusal ``run`` would give the named ``models``, the warning they would run
+    with under ``allow``, or, with no model named, which models refuse it; None when the
+    matrix is not feature-selected.
+    """
     found = feature_selection(n_genes, all_hvg)
     if found is None:
         return None
@@ -199,8 +210,10 @@ def validate_problem(
 
 
 def feature_selection_warning(model: str, n_genes: int, all_hvg: bool) -> str | None:
-    """The warning beside a model's scores on a feature-selected matrix (None otherwise):
-    for a rank- or bin-based model it says that ``--allow-feature-selected`` let it run."""
+    """Return the warning beside a model's scores on a feature-selected matrix (else None).
+
+    For a rank- or bin-based model it says that ``--allow-feature-selected`` let it run.
+    """
     found = feature_selection(n_genes, all_hvg)
     if found is None:
         return None

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -47,16 +48,16 @@ def content_kind(values: Iterable[object]) -> str | None:
     not an Ensembl ID and not a number, with at least 90% of the values distinct (so category
     columns such as ``feature_biotype`` are not taken for gene names).
     """
-    values = pd.Series(list(values), dtype=object)
-    if values.empty:
+    series = pd.Series(list(values), dtype=object)
+    if series.empty:
         return None
-    text = values.astype(str).str.strip()
-    usable = values.notna() & ~text.str.lower().isin({"", "nan", "none"})
-    n = len(values)
+    text = series.astype(str).str.strip()
+    usable = series.notna() & ~text.str.lower().isin({"", "nan", "none"})
+    n = len(series)
     if text[usable].str.upper().str.match(ENSEMBL_RE).sum() >= DETECT_FRACTION * n:
         return "ensembl"
-    numeric = pd.to_numeric(text, errors="coerce").notna()
-    is_text = values.map(lambda v: isinstance(v, str)) & usable & ~numeric
+    numeric = cast(pd.Series, pd.to_numeric(text, errors="coerce")).notna()
+    is_text = series.map(lambda v: isinstance(v, str)) & usable & ~numeric
     is_text &= ~text.str.upper().str.match(ENSEMBL_RE)
     if is_text.sum() >= DETECT_FRACTION * n and text[is_text].nunique() >= DETECT_FRACTION * n:
         return "symbol"
@@ -80,6 +81,7 @@ class GeneIdentifiers:
     looked_at: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        """Return the source and why it was chosen, in words (``var['gene_ids'] (ensembl, …)``)."""
         where = VAR_NAMES if self.column == VAR_NAMES else f"var[{self.column!r}]"
         return f"{where} ({self.kind}, {self.reason})"
 
@@ -107,17 +109,26 @@ def resolve_gene_identifiers(
     (``ENSG00000141510.17``) are removed; symbols are kept as written (each reference matches
     them case-sensitively).
 
-    Args:
-        var: the data's ``adata.var`` (index = var_names).
-        vocabulary_kind: ``"ensembl"`` or ``"symbol"``.
-        model: model name for messages.
-        gene_column: an explicit choice (``--gene-column``).
+    Parameters
+    ----------
+    var
+        The data's ``adata.var`` (index = var_names).
+    vocabulary_kind
+        ``"ensembl"`` or ``"symbol"``.
+    model
+        Model name for messages.
+    gene_column
+        An explicit choice (``--gene-column``).
 
-    Returns:
-        GeneIdentifiers with one key per row of ``var``.
+    Returns
+    -------
+    GeneIdentifiers
+        With one key per row of ``var``.
 
-    Raises:
-        SchemaError: ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
+    Raises
+    ------
+    SchemaError
+        ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
     """
     from scfmbench.errors import SchemaError
     from scfmbench.registry import did_you_mean
@@ -165,8 +176,14 @@ def resolve_gene_identifiers(
 
 
 def identifier_sources(var: pd.DataFrame) -> dict[str, str | None]:
-    """Where a model of each vocabulary kind finds its identifiers by default:
-    ``{"ensembl": column or None, "symbol": column or None}`` (``"var_names"`` for the index)."""
+    """Return where a model of each vocabulary kind finds its identifiers by default.
+
+    Returns
+    -------
+    dict
+        ``{"ensembl": column or None, "symbol": column or None}`` (``"var_names"`` for the
+        index).
+    """
     found: dict[str, str | None] = {}
     for kind in KNOWN_COLUMNS:
         source = resolve_gene_identifiers(var, vocabulary_kind=kind, model="")
@@ -198,9 +215,11 @@ class GeneMatch:
 
     @property
     def fraction(self) -> float:
+        """Fraction of the data's genes found in the vocabulary (0 without genes)."""
         return self.n_matched / self.n_total if self.n_total else 0.0
 
     def summary(self) -> str:
+        """Return one line: matched genes, their source and the fraction of counts covered."""
         source = ""
         if self.gene_column is not None:
             where = VAR_NAMES if self.gene_column == VAR_NAMES else f"var[{self.gene_column!r}]"
@@ -211,6 +230,7 @@ class GeneMatch:
         )
 
     def to_dict(self) -> dict:
+        """Return the match as metrics.json records it (without ``positions``)."""
         return {
             "model": self.model,
             "identifier_type": self.identifier_type,
@@ -237,15 +257,35 @@ def match_genes(
 ) -> GeneMatch:
     """Look up every gene key in ``vocab`` and raise GeneMatchError below ``min_overlap``.
 
-    Args:
-        gene_keys: one key per data gene, already converted to the vocabulary's identifier type.
-        vocab: vocabulary mapping key → token id.
-        model: model name for messages.
-        gene_totals: summed counts per gene, for the fraction of counts covered.
-        identifier_type: identifier type of the user's genes (for the error hint).
-        expected_type: identifier type the vocabulary uses (``"ensembl"`` or ``"symbol"``).
-        min_overlap: minimum fraction of genes that must match.
-        source: where ``gene_keys`` came from (reported, and named in the error).
+    Parameters
+    ----------
+    gene_keys
+        One key per data gene, already converted to the vocabulary's identifier type.
+    vocab
+        Vocabulary mapping key → token id.
+    model
+        Model name for messages.
+    gene_totals
+        Summed counts per gene, of shape (n_genes,), for the fraction of counts covered
+        (default: the fraction of genes).
+    identifier_type
+        Identifier type of the user's genes (for the error hint; default: detected).
+    expected_type
+        Identifier type the vocabulary uses (``"ensembl"`` or ``"symbol"``).
+    min_overlap
+        Minimum fraction of genes that must match (default ``MIN_OVERLAP``, 0.5).
+    source
+        Where ``gene_keys`` came from (reported, and named in the error).
+
+    Returns
+    -------
+    GeneMatch
+        ``positions`` holds the token id of every data gene, or -1.
+
+    Raises
+    ------
+    GeneMatchError
+        Fewer than ``min_overlap`` of the genes are in the vocabulary.
     """
     keys = [str(k) for k in gene_keys]
     positions = np.fromiter((vocab.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))

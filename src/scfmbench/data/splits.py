@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -48,8 +49,7 @@ class Split:
 
     @property
     def title(self) -> str:
-        """``"seed 42"``, ``"fold 1 (repeat 1)"`` or ``"held out: 101"`` for figures and logs
-        (1-based)."""
+        """``"seed 42"``, ``"fold 1 (repeat 1)"`` or ``"held out: 101"`` (1-based), for figures."""
         if self.group is not None:
             return f"held out: {self.group}"
         if self.fold is None:
@@ -79,6 +79,7 @@ class SplitSet:
 
     @property
     def seeds(self) -> list[int]:
+        """The seed of every split, in order."""
         return [s.seed for s in self.splits]
 
 
@@ -88,6 +89,13 @@ def labels_hash(labels: pd.Series) -> str:
 
 
 def check_fractions(fractions: tuple[float, float, float]) -> None:
+    """Raise SplitError unless ``fractions`` are three positive numbers summing to 1.
+
+    Raises
+    ------
+    SplitError
+        Naming the fractions given and an example.
+    """
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise SplitError(
             f"split fractions must be three positive numbers summing to 1, got {fractions}; "
@@ -106,7 +114,7 @@ def check_stratifiable(labels: pd.Series, *, n_folds: int | None = None) -> pd.S
     """
     need = max(3, n_folds or 0)
     sizes = labels.astype(str).value_counts().sort_index()
-    too_small = sizes[sizes < need]
+    too_small = sizes.loc[sizes < need]
     if len(too_small):
         listed = ", ".join(
             f"{k!r} has {v} cell{'s' if v != 1 else ''}" for k, v in too_small.items()
@@ -146,7 +154,12 @@ def stratified_split(
         parts["val"].append(members[n_test : n_test + n_val])
         parts["train"].append(members[n_test + n_val :])
     index = {name: labels.index[np.sort(np.concatenate(parts[name]))] for name in SET_NAMES}
-    return Split(seed=seed, **index)
+    return Split(
+        seed=seed,
+        train=cast(pd.Index, index["train"]),
+        val=cast(pd.Index, index["val"]),
+        test=cast(pd.Index, index["test"]),
+    )
 
 
 def check_design(design: str, n_splits: int, n_repeats: int) -> None:
@@ -216,9 +229,9 @@ def cv_folds(
             folds.append(
                 Split(
                     seed=fold_seed,
-                    train=labels.index[train_rows],
-                    val=labels.index[val_rows],
-                    test=labels.index[np.sort(test)],
+                    train=cast(pd.Index, labels.index[train_rows]),
+                    val=cast(pd.Index, labels.index[val_rows]),
+                    test=cast(pd.Index, labels.index[np.sort(test)]),
                     repeat=repeat,
                     fold=i,
                 )
@@ -273,8 +286,10 @@ def make_splits(
     design: str = "study",
     n_repeats: int = 1,
 ) -> SplitSet:
-    """The splits of a design: ``study`` — K random splits with seeds ``seed .. seed + K - 1``;
-    ``cv`` — :func:`cv_folds` with K = ``n_splits`` and validation fraction ``fractions[1]``.
+    """Make the splits of a design.
+
+    ``study``: K random splits with seeds ``seed .. seed + K - 1``; ``cv``: :func:`cv_folds`
+    with K = ``n_splits`` and validation fraction ``fractions[1]``.
 
     Raises
     ------
@@ -295,7 +310,7 @@ def make_splits(
     return SplitSet(
         splits=splits,
         data_hash=labels_hash(labels),
-        fractions=tuple(fractions),
+        fractions=cast(tuple[float, float, float], tuple(fractions)),
         design=design,
         n_repeats=n_repeats,
     )
@@ -304,9 +319,11 @@ def make_splits(
 def save_splits(
     split_set: SplitSet, directory: Path, labels: pd.Series, *, extra: dict | None = None
 ) -> None:
-    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``
-    (``extra``: more JSON entries for it, e.g. the ``holdout`` settings; a cell in no set has
-    an empty ``set``)."""
+    """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``.
+
+    ``extra`` holds more JSON entries for ``splits.json``, e.g. the ``holdout`` settings; a
+    cell in no set has an empty ``set``.
+    """
     directory = Path(directory)
     files = {}
     for split in split_set.splits:
@@ -354,7 +371,16 @@ def load_splits(directory: Path, labels: pd.Series) -> SplitSet:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         sets = {name: pd.Index(table.loc[table["set"] == name, "cell"]) for name in SET_NAMES}
         repeat, fold = folds.get(str(seed), (None, None))
-        splits.append(Split(seed=int(seed), **sets, repeat=repeat, fold=fold))
+        splits.append(
+            Split(
+                seed=int(seed),
+                train=sets["train"],
+                val=sets["val"],
+                test=sets["test"],
+                repeat=repeat,
+                fold=fold,
+            )
+        )
     return SplitSet(
         splits=tuple(splits),
         data_hash=index["data_hash"],
@@ -374,10 +400,14 @@ def load_or_make_splits(
     design: str = "study",
     n_repeats: int = 1,
 ) -> tuple[SplitSet, bool]:
-    """Reuse saved splits when they match data, design, seeds and fractions; else make and save
-    them (every method of a run, and every rerun, reads the same files).
+    """Reuse saved splits when they match data, design, seeds and fractions; else make them.
 
-    Returns (splits, reused).
+    New splits are saved, so every method of a run, and every rerun, reads the same files.
+
+    Returns
+    -------
+    tuple
+        (splits, reused).
     """
     check_design(design, n_splits, n_repeats)
     wanted = list(range(seed, seed + n_splits * n_repeats))

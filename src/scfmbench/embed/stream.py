@@ -31,7 +31,7 @@ from scfmbench import errors
 from scfmbench._atomic import atomic_path
 from scfmbench.data.backed import H5adCells
 from scfmbench.data.genes import GeneMatch
-from scfmbench.data.validate import (
+from scfmbench.data.io import (
     BUILTIN_DATASETS,
     check_h5ad_file,
     data_format,

@@ -1,6 +1,8 @@
-"""Scoring a representation: baseline representations (fit on training cells, then
-transform), probes, classification metrics, paired statistics and zero-shot embedding
-quality."""
+"""Scoring a representation.
+
+Baseline representations (fit on training cells, then transform), probes, classification
+metrics, paired statistics and zero-shot embedding quality.
+"""
 
 from scfmbench.evaluation.metrics import classification_metrics, delta
 from scfmbench.evaluation.probes import PROBES, FittedProbe, fit_probe

@@ -1,5 +1,7 @@
-"""Zero-shot quality of an embedding (scib-metrics: clustering, silhouettes, LISI, graph
-connectivity)."""
+"""Zero-shot quality of an embedding.
+
+The scores are scib-metrics': clustering, silhouettes, LISI and graph connectivity.
+"""
 
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def embedding_quality(
     clock = _Clock(timings)
     with clock("neighbors_s"):
         neighbours = nearest_neighbors(matrix, min(N_NEIGHBORS, n_cells))
-        graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, neighbours.n_neighbors))
+        graph = neighbours.subset_neighbors(min(N_NEIGHBORS_GRAPH, int(neighbours.n_neighbors)))
     with clock("graph_s"):
         graph.knn_graph_connectivities  # noqa: B018  (cached property: timed on its own)
     with clock("leiden_s"):
@@ -142,8 +144,10 @@ def embedding_quality(
 
 
 class _Clock:
-    """``with clock(key):`` adds the block's wall seconds to ``timings[key]`` (no-op without
-    a dict)."""
+    """``with clock(key):`` adds the block's wall seconds to ``timings[key]``.
+
+    Without a dict it does nothing.
+    """
 
     def __init__(self, timings: dict[str, float] | None) -> None:
         self.timings = timings
@@ -167,7 +171,7 @@ def _has_mixed_label(labels: np.ndarray, batches: np.ndarray) -> bool:
 
 
 def detect_batch_key(obs: pd.DataFrame, batch_key: str | None) -> str | None:
-    """The donor/batch column to colour by: the given one, or a conventional name.
+    """Return the donor/batch column to colour by: the given one, or a conventional name.
 
     Raises
     ------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from sklearn.metrics import (
@@ -64,6 +65,7 @@ class ClassificationMetrics:
     n_test: int
 
     def to_dict(self) -> dict:
+        """Return the scores as metrics.json records them (the confusion matrix as lists)."""
         return {
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
@@ -75,6 +77,29 @@ class ClassificationMetrics:
         }
 
 
+def averaged_f1(y_true, y_pred, *, labels: list | np.ndarray, average: str = "macro") -> float:
+    """Return scikit-learn's ``f1_score`` over ``labels``; a class never predicted scores 0.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        True and predicted labels, of shape (n_cells,).
+    labels
+        The classes averaged over.
+    average
+        ``"macro"`` (default) or ``"weighted"``.
+    """
+    return float(
+        f1_score(
+            y_true,
+            y_pred,
+            labels=labels,
+            average=average,
+            zero_division=0,  # pyright: ignore[reportArgumentType]
+        )
+    )
+
+
 def classification_metrics(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -84,23 +109,37 @@ def classification_metrics(
 ) -> ClassificationMetrics:
     """Accuracy, macro/weighted F1, balanced accuracy, per-class scores, confusion matrix.
 
-    Args:
-        y_true: true labels (strings) of shape (n_test,).
-        y_pred: predicted labels (strings) of shape (n_test,); labels outside ``classes``
-            (e.g. ``<unassigned>``) count as wrong.
-        classes: every training class, fixing the order of rows/columns. Macro F1 averages
-            all of them (``f1_score(labels=classes, zero_division=0)``): a class never
-            predicted scores 0, also when it has no test cells. Balanced accuracy is the mean
-            recall over the classes present in ``y_true``.
-        present_only: macro F1 averages only the classes present in ``y_true`` (design
-            ``holdout``: a held-out group need not hold every training class).
+    Parameters
+    ----------
+    y_true
+        True labels (strings) of shape (n_test,).
+    y_pred
+        Predicted labels (strings) of shape (n_test,); labels outside ``classes`` (e.g.
+        ``<unassigned>``) count as wrong.
+    classes
+        Every training class, fixing the order of rows/columns. Macro F1 averages all of them
+        (``f1_score(labels=classes, zero_division=0)``): a class never predicted scores 0,
+        also when it has no test cells. Balanced accuracy is the mean recall over the classes
+        present in ``y_true``.
+    present_only
+        Macro F1 averages only the classes present in ``y_true`` (design ``holdout``: a
+        held-out group need not hold every training class); default False.
+
+    Returns
+    -------
+    ClassificationMetrics
+        Scores in [0, 1]; ``confusion`` of shape (len(classes), len(classes)).
     """
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
     labels = list(classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
+    scores = precision_recall_fscore_support(
+        y_true,
+        y_pred,
+        labels=labels,
+        zero_division=0,  # pyright: ignore[reportArgumentType]
     )
+    precision, recall, f1, support = cast(tuple[np.ndarray, ...], scores)
     per_class = {
         c: {
             "precision": float(p),
@@ -112,19 +151,10 @@ def classification_metrics(
     }
     present = recall[support > 0]
     averaged = [c for c, s in zip(labels, support, strict=True) if s > 0]
-    macro = f1_score(
-        y_true,
-        y_pred,
-        labels=averaged if present_only else labels,
-        average="macro",
-        zero_division=0,
-    )
     return ClassificationMetrics(
         accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(macro),
-        weighted_f1=float(
-            f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
-        ),
+        macro_f1=averaged_f1(y_true, y_pred, labels=averaged if present_only else labels),
+        weighted_f1=averaged_f1(y_true, y_pred, labels=labels, average="weighted"),
         balanced_accuracy=float(present.mean()) if len(present) else 0.0,
         per_class=per_class,
         confusion=confusion_matrix(y_true, y_pred, labels=labels),

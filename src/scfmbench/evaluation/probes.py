@@ -14,16 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from scfmbench.evaluation.metrics import averaged_f1
 from scfmbench.registry import Registry
+
+Classifier = Any
+"""A scikit-learn-style classifier with ``fit(X, y)`` and ``predict(X)`` (a pipeline, an
+``XGBClassifier``, a ``KNeighborsClassifier``): scikit-learn declares no common type for it."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ logger = logging.getLogger(__name__)
 class ProbeSpec:
     """A probe factory and the hyper-parameter grid tuned on the validation set."""
 
-    factory: Callable[..., ClassifierMixin]
+    factory: Callable[..., Classifier]
     grid: tuple[dict[str, Any], ...] = ({},)
     uses_validation_for_early_stopping: bool = False
 
@@ -40,14 +44,14 @@ class ProbeSpec:
 PROBES: Registry = Registry("probe")
 
 
-def make_logreg(*, seed: int, C: float = 1.0) -> ClassifierMixin:
+def make_logreg(*, seed: int, C: float = 1.0) -> Classifier:
     """Standardized features + L2 logistic regression (lbfgs, multinomial)."""
     return make_pipeline(
         StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)
     )
 
 
-def make_xgboost(*, seed: int, n_estimators: int = 300, max_depth: int = 6) -> ClassifierMixin:
+def make_xgboost(*, seed: int, n_estimators: int = 300, max_depth: int = 6) -> Classifier:
     """Gradient-boosted trees (hist), early-stopped on the validation set."""
     from xgboost import XGBClassifier
 
@@ -63,14 +67,17 @@ def make_xgboost(*, seed: int, n_estimators: int = 300, max_depth: int = 6) -> C
     )  # classes, e.g. a held-out-group fold that trains on two)
 
 
-def make_knn(*, seed: int, n_neighbors: int = 15) -> ClassifierMixin:
+def make_knn(*, seed: int, n_neighbors: int = 15) -> Classifier:
     """k-nearest neighbours on cosine distance."""
     del seed  # deterministic
     return KNeighborsClassifier(n_neighbors=n_neighbors, metric="cosine", algorithm="brute")
 
 
-def make_majority(*, seed: int) -> ClassifierMixin:
-    """Always predicts the most frequent training class: the floor every method must beat."""
+def make_majority(*, seed: int) -> Classifier:
+    """Make a classifier that always predicts the most frequent training class.
+
+    It is the floor every method must beat.
+    """
     return DummyClassifier(strategy="most_frequent", random_state=seed)
 
 
@@ -92,12 +99,13 @@ class FittedProbe:
     """The chosen estimator, its parameters and its validation macro F1."""
 
     name: str
-    estimator: ClassifierMixin
+    estimator: Classifier
     params: dict[str, Any]
     val_macro_f1: float
     on_grid_edge: bool = False
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predict the class code (int64) of every row of ``X`` (cells × features)."""
         return np.asarray(self.estimator.predict(X)).astype(np.int64)
 
 
@@ -158,5 +166,5 @@ def _fit_one(name, spec, params, data, labels, seed) -> FittedProbe:
     else:
         estimator.fit(X_train, y_train)
     predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
-    score = float(f1_score(y_val, predicted, labels=labels, average="macro", zero_division=0))
+    score = averaged_f1(y_val, predicted, labels=labels)
     return FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)

@@ -1,98 +1,27 @@
 """Baseline representations, fitted on the training cells of each split only (no leakage).
 
-Every representation reads the expression matrix in row chunks through a ``CellRows``
-source — an in-memory matrix (:class:`InMemoryCells`) or an ``.h5ad`` file on disk
-(:class:`scfmbench.data.backed.BackedCells`) — so the same code serves both, and the full
-matrix is never needed: the HVG choice and the PCA are fitted from per-gene sums and a
+Every representation reads the expression matrix in row chunks through a
+:class:`scfmbench.data.cells.CellRows` source — an in-memory matrix or an ``.h5ad`` file on
+disk (:class:`scfmbench.data.backed.BackedCells`) — so the same code serves both, and the
+full matrix is never needed: the HVG choice and the PCA are fitted from per-gene sums and a
 gene × gene covariance accumulated chunk by chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
-from anndata import AnnData
 from threadpoolctl import threadpool_limits
 
-from scfmbench.data.validate import to_csr
+from scfmbench.data.cells import CellRows, lognorm_chunks, row_indices
 from scfmbench.registry import Registry
 
 CLIP_SCALED = 10.0
-IN_MEMORY_CHUNK = 8192
-
-
-def lognormalize(matrix: sp.csr_matrix, *, kind: str, target_sum: float = 1e4) -> sp.csr_matrix:
-    """normalize_total(1e4) + log1p for counts and count-like (``corrected``) values; log1p
-    for depth-normalized; unchanged for lognorm."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    if kind in ("counts", "corrected"):
-        totals = np.asarray(matrix.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        matrix = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ matrix)
-    if kind in ("counts", "corrected", "normalized"):
-        matrix.data = np.log1p(matrix.data)
-    return matrix
-
-
-# --------------------------------------------------------------------------------------
-# Where rows come from
-# --------------------------------------------------------------------------------------
-
-
-class CellRows(Protocol):
-    """Rows of an expression matrix, read a chunk at a time."""
-
-    obs_names: pd.Index
-    n_vars: int
-
-    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """For row indices ``rows``: (positions in ``rows``, CSR float32 of those rows)."""
-        ...
-
-
-@dataclass
-class InMemoryCells:
-    """A CSR matrix in memory, served in chunks of ``chunk_size`` rows."""
-
-    matrix: sp.csr_matrix
-    obs_names: pd.Index
-    chunk_size: int = IN_MEMORY_CHUNK
-
-    @classmethod
-    def from_adata(cls, adata: AnnData) -> InMemoryCells:
-        return cls(to_csr(adata.X, np.float32), pd.Index(adata.obs_names))
-
-    @property
-    def n_vars(self) -> int:
-        return self.matrix.shape[1]
-
-    def row_chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        for start in range(0, len(rows), self.chunk_size):
-            positions = np.arange(start, min(start + self.chunk_size, len(rows)))
-            yield positions, self.matrix[rows[positions]]
-
-
-def row_indices(cells: CellRows, names: pd.Index) -> np.ndarray:
-    """Row numbers of the cells ``names`` (all must exist)."""
-    rows = cells.obs_names.get_indexer(names)
-    if (rows < 0).any():
-        raise KeyError(f"{int((rows < 0).sum())} cells are not in the data")
-    return rows
-
-
-def lognorm_chunks(
-    cells: CellRows, rows: np.ndarray, kind: str
-) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """Log-normalized chunks of ``rows`` (see :func:`lognormalize`)."""
-    for positions, chunk in cells.row_chunks(rows):
-        yield positions, lognormalize(chunk, kind=kind)
-
 
 # --------------------------------------------------------------------------------------
 # Highly variable genes from per-gene sums
@@ -137,7 +66,7 @@ def _add_column_sums(sums: np.ndarray, lognorm: sp.csr_matrix) -> None:
 
 
 def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
-    """Indices of the ``n_top`` most dispersed genes (Seurat flavour, 20 mean bins).
+    """Select the ``n_top`` most dispersed genes (Seurat flavour, 20 mean bins).
 
     Dispersion = var/mean of expm1 values, log-transformed and z-scored within bins of
     log mean expression, as in ``scanpy.pp.highly_variable_genes(flavor="seurat")``.
@@ -156,7 +85,7 @@ def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
     log_mean = np.log1p(mean)
     bins = pd.cut(log_mean, bins=20)
     frame = pd.DataFrame({"d": log_disp, "bin": bins})
-    stats = frame.groupby("bin", observed=True)["d"].agg(["mean", "std"])
+    stats = cast(pd.DataFrame, frame.groupby("bin", observed=True)["d"].agg(["mean", "std"]))
     bin_mean = stats["mean"].reindex(frame["bin"]).to_numpy()
     bin_std = stats["std"].reindex(frame["bin"]).to_numpy()
     # a bin with one gene has no spread: scanpy sets its normalized dispersion to 1
@@ -167,13 +96,6 @@ def select_hvg(moments: GeneMoments, *, n_top: int) -> np.ndarray:
     normalized = np.nan_to_num(normalized, nan=-np.inf)
     order = np.argsort(-normalized, kind="stable")
     return np.sort(order[:n_top])
-
-
-def highly_variable_genes(lognorm: sp.csr_matrix, *, n_top: int) -> np.ndarray:
-    """:func:`select_hvg` on an in-memory log-normalized matrix."""
-    cells = InMemoryCells(sp.csr_matrix(lognorm), pd.RangeIndex(lognorm.shape[0]))
-    moments = GeneMoments.of(cells, np.arange(lognorm.shape[0]), kind="lognorm")
-    return select_hvg(moments, n_top=n_top)
 
 
 # --------------------------------------------------------------------------------------
@@ -285,8 +207,16 @@ def pca_all_cells(
     seed: int = 0,
     names: pd.Index | None = None,
 ) -> np.ndarray:
-    """HVG → z-score → PCA over all cells (or the cells ``names``), fitted on them: the
-    unsupervised baseline view for figures and scores."""
+    """Fit HVG → z-score → PCA on all cells (or the cells ``names``) and project them.
+
+    This is the unsupervised baseline view for figures and scores.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 of shape (n_cells, n_pcs), rows in the order of ``names`` (default: every
+        cell of ``cells``).
+    """
     from scfmbench.data.splits import Split
 
     everyone = pd.Index(cells.obs_names if names is None else names)
@@ -295,7 +225,7 @@ def pca_all_cells(
 
 
 def no_features(cells: CellRows, split, **_) -> SplitFeatures:
-    """A constant feature: what the majority-class floor sees."""
+    """Return a constant feature: what the majority-class floor sees."""
     return SplitFeatures(
         *(np.zeros((len(c), 1), np.float32) for c in (split.train, split.val, split.test)),
         info={},
@@ -303,8 +233,10 @@ def no_features(cells: CellRows, split, **_) -> SplitFeatures:
 
 
 def scvi_features(cells: CellRows, split, **options) -> SplitFeatures:
-    """scVI latent space (:func:`scfmbench.evaluation.scvi.scvi_features`; imports scvi-tools
-    only when used)."""
+    """Return the scVI latent space (:func:`scfmbench.evaluation.scvi.scvi_features`).
+
+    scvi-tools is imported only when this runs.
+    """
     from scfmbench.evaluation.scvi import scvi_features as fit_scvi
 
     return fit_scvi(cells, split, **options)
@@ -315,11 +247,6 @@ REPRESENTATIONS.register("hvg")(hvg_features)
 REPRESENTATIONS.register("pca")(pca_features)
 REPRESENTATIONS.register("none")(no_features)
 REPRESENTATIONS.register("scvi")(scvi_features)
-
-
-def obsm_key_for(model_id: str) -> str:
-    """Where a model's embeddings live: ``geneformer-random`` → ``obsm['X_geneformer_random']``."""
-    return f"X_{model_id.replace('-', '_')}"
 
 
 def embedding_features(matrix: np.ndarray, obs_names: pd.Index, split) -> SplitFeatures:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -142,7 +142,7 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def design_from_run(run: dict) -> Design:
-    """The :class:`~.stats.Design` recorded in ``metrics.json["run"]["design"]``."""
+    """Return the :class:`~.stats.Design` recorded in ``metrics.json["run"]["design"]``."""
     info = run["design"]
     return Design(info["name"], n_folds=info["n_folds"], test_train_ratio=info["test_train_ratio"])
 
@@ -150,15 +150,15 @@ def design_from_run(run: dict) -> Design:
 def small_classes(table: pd.DataFrame, classes: list[str]) -> list[str]:
     """Classes with fewer than ``MIN_TEST_CELLS`` test cells in some split."""
     first = table[table["method"] == table["method"].iloc[0]]
-    counts = first.groupby("split")["true"].value_counts().unstack(fill_value=0)
+    counts = cast(pd.DataFrame, first.groupby("split")["true"].value_counts().unstack(fill_value=0))
     counts = counts.reindex(columns=classes, fill_value=0)
     return [c for c in classes if counts[c].min() < MIN_TEST_CELLS]
 
 
 def _sets(table: pd.DataFrame, method: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rows = table[table["method"] == method]
+    rows = cast(pd.DataFrame, table[table["method"] == method])
     return {
-        split: (group["true"].to_numpy(dtype=str), group["pred"].to_numpy(dtype=str))
+        cast(str, split): (group["true"].to_numpy(dtype=str), group["pred"].to_numpy(dtype=str))
         for split, group in rows.groupby("split", sort=False)
     }
 
@@ -225,17 +225,22 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
 
 
 def validation_score(entry: dict) -> float:
-    """Mean validation macro F1 over splits (what the best baseline and frozen probe are
-    chosen by; the test cells never take part)."""
+    """Return the mean validation macro F1 over splits (``-inf`` without any).
+
+    The best baseline and frozen probe are chosen by it; the test cells never take part.
+    """
     values = [s.get("val_macro_f1") for s in entry["splits"].values()]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else float("-inf")
 
 
 def planned_comparisons(methods: dict[str, dict]) -> list[tuple[str, str, str]]:
-    """(method, against, kind) of every paired test: each method vs the best baseline (by
-    validation macro F1), each pretrained method vs its own random-init control (same probe),
-    and each fine-tuned model vs its best frozen probe (by validation macro F1)."""
+    """List (method, against, kind) of every paired test.
+
+    Each method is compared with the best baseline (by validation macro F1), each pretrained
+    method with its own random-init control (same probe), and each fine-tuned model with its
+    best frozen probe (by validation macro F1).
+    """
     baselines = [n for n, e in methods.items() if e["kind"] == "baseline"]
     best = max(baselines, key=lambda n: validation_score(methods[n])) if baselines else None
     out = []

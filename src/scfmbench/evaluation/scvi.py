@@ -1,5 +1,6 @@
-"""The scVI baseline: a latent space learned from the raw counts (scvi-tools), probed like a
-foundation-model embedding.
+"""The scVI baseline: a latent space learned from the raw counts, probed like an embedding.
+
+scvi-tools learns it; the probes see it as they see a foundation-model embedding.
 
 By default scVI is fitted on the training cells of a split (early stopping on the
 validation cells' ELBO) and the test cells are embedded afterwards by the trained encoder
@@ -13,19 +14,16 @@ import logging
 import random
 import warnings
 from contextlib import contextmanager
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
 
+from scfmbench.data.cells import CellRows, row_indices
 from scfmbench.errors import ConfigError, CountsRequiredError
-from scfmbench.evaluation.representations import (
-    CellRows,
-    GeneMoments,
-    SplitFeatures,
-    row_indices,
-    select_hvg,
-)
+from scfmbench.evaluation.representations import GeneMoments, SplitFeatures, select_hvg
 
 logger = logging.getLogger(__name__)
 
@@ -46,25 +44,58 @@ QUIET_LOGGERS = (
 """Loggers of scvi-tools and Lightning that report every fit (seed, devices, stopping)."""
 
 
+class ScviOptions(BaseModel):
+    """Settings of the scVI baseline (``scvi`` in ``baselines``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_latent: int = Field(default=10, ge=1, description="Latent dimensions (the probed features).")
+    n_hidden: int = Field(default=128, ge=1, description="Units per hidden layer.")
+    n_layers: int = Field(default=1, ge=1, description="Hidden layers of encoder and decoder.")
+    max_epochs: int = Field(
+        default=15,
+        ge=1,
+        description="Most training epochs (early stopping on the val cells' ELBO).",
+    )
+    patience: int = Field(
+        default=5, ge=1, description="Epochs without a better validation ELBO before stopping."
+    )
+    batch_size: int = Field(default=128, ge=2, description="Cells per training batch.")
+    transductive: bool = Field(
+        default=False,
+        description="Also train on the test cells (unlabelled); the default never shows them "
+        "to scVI and embeds them with the trained encoder.",
+    )
+
+
 def count_rows(cells: CellRows, rows: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
-    """The raw values of ``rows`` × ``genes`` (CSR float32, rows in the order given), read
-    chunk by chunk, so only these columns are ever held."""
+    """Read the raw values of ``rows`` × ``genes`` chunk by chunk.
+
+    Only these columns are ever held.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32 of shape (len(rows), len(genes)), rows in the order given.
+    """
     parts, positions = [], []
     for where, chunk in cells.row_chunks(rows):
         parts.append(sp.csr_matrix(chunk[:, genes], dtype=np.float32))
         positions.append(where)
     if not parts:
         return sp.csr_matrix((0, len(genes)), dtype=np.float32)
-    stacked = sp.vstack(parts, format="csr")
+    stacked = cast(sp.csr_matrix, sp.vstack(parts, format="csr"))
     order = np.empty(len(rows), dtype=np.int64)
     order[np.concatenate(positions)] = np.arange(len(rows))
-    return stacked[order]
+    return cast(sp.csr_matrix, stacked[order])
 
 
 @contextmanager
 def _kept_global_state():
-    """scvi-tools seeds Python, NumPy and torch globally and logs every fit: restore the
-    random states, keep its loggers at WARNING and drop its libraries' warnings while it runs.
+    """Keep the global state scvi-tools changes while it runs.
+
+    scvi-tools seeds Python, NumPy and torch globally and logs every fit: the random states
+    are restored, its loggers kept at WARNING and its libraries' warnings dropped.
 
     The fit runs on one torch thread: scVI's layers are small, and several threads on a
     shared CPU made one PBMC3k fit ~8× slower (5 epochs: 5 s on 1 thread, 45 s on 2).
@@ -101,10 +132,10 @@ def scvi_features(
     kind: str,
     n_hvg: int = 2000,
     seed: int = 0,
-    scvi=None,
+    scvi: ScviOptions | None = None,
     **_,
 ) -> SplitFeatures:
-    """scVI latent means of the train, val and test cells of ``split``.
+    """Return the scVI latent means of the train, val and test cells of ``split``.
 
     The ``n_hvg`` highly variable genes (Seurat flavour) are chosen on the training cells;
     scVI (``scvi.model.SCVI`` with its default zero-inflated negative binomial likelihood, no
@@ -124,7 +155,7 @@ def scvi_features(
         Seed of the weights, the minibatch order and the sampling during training.
     scvi : ScviOptions, optional
         ``n_latent``, ``n_hidden``, ``n_layers``, ``max_epochs``, ``patience``,
-        ``batch_size``, ``transductive`` (defaults of :class:`scfmbench.config.ScviOptions`).
+        ``batch_size``, ``transductive`` (defaults of :class:`ScviOptions`).
 
     Returns
     -------
@@ -137,8 +168,6 @@ def scvi_features(
     CountsRequiredError
         When the data are not raw counts.
     """
-    from scfmbench.config import ScviOptions
-
     options = scvi if scvi is not None else ScviOptions()
     if kind != "counts":
         raise CountsRequiredError(
@@ -154,7 +183,8 @@ def scvi_features(
         model, epochs = _train(
             count_rows(cells, fit_rows, genes), [len(r) for r in fitted], options, seed
         )
-        latent = model.get_latent_representation(give_mean=True).astype(np.float32)
+        latent = cast(np.ndarray, model.get_latent_representation(give_mean=True))
+        latent = latent.astype(np.float32)
         bounds = np.cumsum([0, *map(len, sets)])
         train, val = latent[: bounds[1]], latent[bounds[1] : bounds[2]]
         if options.transductive:
@@ -173,13 +203,14 @@ def scvi_features(
 def _adata(counts: sp.csr_matrix):
     from anndata import AnnData
 
-    counts = counts.toarray() if counts.shape[0] * counts.shape[1] <= DENSE_LIMIT else counts
-    names = pd.Index([f"c{i}" for i in range(counts.shape[0])])
-    genes = pd.Index([f"g{j}" for j in range(counts.shape[1])])
-    return AnnData(X=counts, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
+    n_cells, n_genes = counts.shape  # pyright: ignore[reportGeneralTypeIssues]
+    matrix = counts.toarray() if n_cells * n_genes <= DENSE_LIMIT else counts
+    names = pd.Index([f"c{i}" for i in range(n_cells)])
+    genes = pd.Index([f"g{j}" for j in range(n_genes)])
+    return AnnData(X=matrix, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
 
 
-def _train(counts: sp.csr_matrix, sizes: list[int], options, seed: int):
+def _train(counts: sp.csr_matrix, sizes: list[int], options: ScviOptions, seed: int):
     """Fit scVI on ``counts`` (rows: the sets of ``sizes``; the second is validation)."""
     import scvi as scvi_tools
 
@@ -219,7 +250,7 @@ def _train(counts: sp.csr_matrix, sizes: list[int], options, seed: int):
 
 def _embed_unseen(model, counts: sp.csr_matrix) -> np.ndarray:
     """Latent means of cells scVI was not trained on, through its encoder."""
-    if counts.shape[0] == 0:
+    if counts.shape[0] == 0:  # pyright: ignore[reportOptionalSubscript]
         return np.zeros((0, model.module.n_latent), dtype=np.float32)
     query = _adata(counts)
     return model.get_latent_representation(adata=query, give_mean=True).astype(np.float32)

@@ -25,6 +25,7 @@ class is never resampled away. All resampling uses ``numpy.random.default_rng(se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,11 +120,6 @@ def _scores(
     return out
 
 
-def bootstrap_samples(n: int, *, n_boot: int, seed: int) -> np.ndarray:
-    """Plain bootstrap: (n_boot, n) indices drawn with replacement from ``range(n)``."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
 def stratified_samples(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
     """Class-stratified bootstrap: each class's cells are resampled among themselves.
 
@@ -151,26 +147,6 @@ def stratified_samples(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarra
     return np.concatenate(columns, axis=1)
 
 
-def bootstrap_ci(
-    y_true,
-    y_pred,
-    *,
-    classes: list[str],
-    n_boot: int = N_BOOTSTRAP,
-    seed: int = 0,
-    level: float = LEVEL,
-) -> dict[str, list[float]]:
-    """Percentile CIs of one test set's accuracy, macro F1 and balanced accuracy
-    (class-stratified bootstrap over its cells: cell sampling only)."""
-    true, (pred,) = _codes(y_true, [y_pred], classes)
-    scores = _scores(true, pred, len(classes), stratified_samples(true, n_boot=n_boot, seed=seed))
-    alpha = (1 - level) / 2
-    return {
-        m: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
-        for m, v in scores.items()
-    }
-
-
 @dataclass(frozen=True)
 class Design:
     """How the test sets of a run relate: drives the variance formula.
@@ -187,7 +163,7 @@ class Design:
 
     @classmethod
     def of(cls, split_set) -> Design:
-        """The design of a :class:`scfmbench.data.splits.SplitSet`."""
+        """Return the design of a :class:`scfmbench.data.splits.SplitSet`."""
         ratio = float(np.mean([len(s.test) / max(len(s.train), 1) for s in split_set.splits]))
         if split_set.design == "cv":
             name = "cv" if split_set.n_repeats == 1 else "repeated-cv"
@@ -224,8 +200,11 @@ class Estimate:
 
 
 def bootstrap_p(replicates: np.ndarray) -> float:
-    """Two-sided bootstrap p of "true value 0": ``min(1, 2·(k + 1)/(B + 1))`` where k counts
-    the replicates on the smaller side of 0 (never exactly 0; Davison & Hinkley 1997)."""
+    """Return the two-sided bootstrap p of "true value 0" (Davison & Hinkley 1997).
+
+    ``min(1, 2·(k + 1)/(B + 1))`` where k counts the replicates on the smaller side of 0;
+    never exactly 0.
+    """
     n_boot = len(replicates)
     k = min(int(np.sum(replicates <= 0)), int(np.sum(replicates >= 0)))
     return float(min(1.0, 2 * (k + 1) / (n_boot + 1)))
@@ -351,10 +330,12 @@ def method_intervals(
     classes: list[str],
     n_boot: int = N_BOOTSTRAP,
     seed: int = 0,
-    small: list[str] = (),
+    small: Sequence[str] = (),
 ) -> dict[str, Estimate]:
-    """95% intervals of one method's accuracy, macro F1 and balanced accuracy (and macro F1
-    without the ``small`` classes) over the design's test sets.
+    """Return 95% intervals of one method's scores over the design's test sets.
+
+    The scores are accuracy, macro F1 and balanced accuracy (and macro F1 without the
+    ``small`` classes).
 
     Parameters
     ----------
@@ -399,7 +380,13 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
         ]
     )
     b, c = int(table[0, 1]), int(table[1, 0])
-    p = 1.0 if b + c == 0 else float(mcnemar(table, exact=True).pvalue)
+    p = (
+        1.0
+        if b + c == 0
+        else float(
+            mcnemar(table, exact=True).pvalue  # pyright: ignore[reportAttributeAccessIssue]
+        )
+    )
     return {"p": p, "b": b, "c": c}
 
 
@@ -449,8 +436,8 @@ def paired_comparison(
         coded.append((true, [a, b]))
         test = mcnemar_exact(a == true, b == true)
         per_split[name] = test["p"]
-        b_total += test["b"]
-        c_total += test["c"]
+        b_total += int(test["b"])
+        c_total += int(test["c"])
     scored = score_sets(
         coded,
         k,
@@ -492,4 +479,5 @@ def holm(p_values: list[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values (statsmodels)."""
     if not p_values:
         return []
-    return [float(p) for p in multipletests(p_values, method="holm")[1]]
+    adjusted = multipletests(p_values, method="holm")[1]
+    return [float(p) for p in adjusted]  # pyright: ignore[reportOptionalIterable]

@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfmbench.data.genes import ENSEMBL_RE, detect_identifier_type, strip_version
-from scfmbench.data.validate import to_csr
+from scfmbench.data.matrix import to_csr
 from scfmbench.errors import CheckpointError
 from scfmbench.models.geneformer.dictionaries import DICTS_FLAG, GeneformerDictionaries
 

@@ -27,7 +27,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.data.genes import GeneIdentifiers, GeneMatch, match_genes, resolve_gene_identifiers
-from scfmbench.data.validate import check_finite, filter_pass_mask, require_counts, to_csr
+from scfmbench.data.matrix import check_finite, require_counts, to_csr
+from scfmbench.data.validate import filter_pass_mask
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.models.base import TokenizedCells
 from scfmbench.models.geneformer.dictionaries import DICTS_FLAG, GeneformerDictionaries

@@ -36,7 +36,7 @@ from anndata import AnnData
 from pydantic import field_validator
 
 from scfmbench.data.genes import GeneIdentifiers, match_genes, resolve_gene_identifiers
-from scfmbench.data.validate import (
+from scfmbench.data.matrix import (
     check_finite,
     classify_matrix,
     corrected_counts_warning,

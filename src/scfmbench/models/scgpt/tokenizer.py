@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from scfmbench.data.genes import match_genes, resolve_gene_identifiers
-from scfmbench.data.validate import check_finite, classify_matrix, to_csr
+from scfmbench.data.matrix import check_finite, classify_matrix, to_csr
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, DataError
 from scfmbench.hashing import hash_json
