@@ -24,7 +24,7 @@ from scfmbench.errors import ConfigError
 
 
 def field_default(field: str, config: type[BaseModel] = RunConfig) -> Any:
-    """The default of field ``field`` of a configuration model.
+    """Return the default of field ``field`` of a configuration model.
 
     Parameters
     ----------
@@ -381,7 +381,7 @@ CompareFolder = Annotated[
 
 
 def api_default(function: Callable[..., Any], parameter: str) -> Any:
-    """The default of keyword ``parameter`` of the API ``function`` a command calls.
+    """Return the default of keyword ``parameter`` of ``function``, the API of a command.
 
     Parameters
     ----------

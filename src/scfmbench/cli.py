@@ -495,8 +495,9 @@ def main() -> None:
     except KeyboardInterrupt:
         raise _interrupted() from None
     except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        if isinstance(exc, _usage_error_types()) and hasattr(exc, "show"):
-            exc.show()
+        show = getattr(exc, "show", None)
+        if isinstance(exc, _usage_error_types()) and callable(show):
+            show()
             raise SystemExit(getattr(exc, "exit_code", 2)) from None
         if isinstance(exc, _abort_types()):
             if isinstance(exc.__context__, KeyboardInterrupt):
