@@ -1,7 +1,8 @@
 """Command-line interface (typer): flags → the Python API → printed results.
 
-Every ScfmbenchError is printed as one line (``error: …``) with exit code 2. Options that
-several commands share are declared once in :mod:`scfmbench._cli_options`.
+Every option is declared once in :mod:`scfmbench._cli_options` (commands that share a flag
+share its declaration; help texts read their defaults from the configuration). Every
+ScfmbenchError is printed as one line (``error: …``) with exit code 2.
 """
 
 from __future__ import annotations
@@ -17,10 +18,25 @@ import typer
 
 from scfmbench import _cli_options as opt
 from scfmbench._cli_options import api_default, field_default
-from scfmbench.benchmark.pipeline import embed_dataset
+from scfmbench.benchmark.pipeline import (
+    baseline_methods,
+    embed_dataset,
+    open_run_data,
+    resolve_config,
+)
+from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
-from scfmbench.config import RunConfig
+from scfmbench.benchmark.transfer import transfer_markdown
+from scfmbench.config import ModelSpec, RunConfig
+from scfmbench.data.backed import BackedData
+from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
+from scfmbench.data.splits import check_fractions, check_stratifiable
+from scfmbench.embed.stream import env_rank
 from scfmbench.errors import ScfmbenchError
+from scfmbench.finetune.train import finetune_dataset
+from scfmbench.models import MODELS
+from scfmbench.report.compare import compare_runs
+from scfmbench.report.write import markdown_table, results_table, write_report
 
 app = typer.Typer(
     add_completion=False,
@@ -88,9 +104,6 @@ def run(
     quiet: opt.Quiet = False,
 ) -> None:
     """Benchmark baselines (and foundation models) on one labelled dataset."""
-    from scfmbench.benchmark.pipeline import run as run_pipeline
-    from scfmbench.report.write import markdown_table, results_table
-
     _setup_logging(quiet)
     overrides = opt.given(
         data=data,
@@ -128,7 +141,7 @@ def run(
         overrides["model_options"] = opt.model_options_with(
             base.model_options if base is not None else {}, [], geneformer_dicts
         )
-    result = run_pipeline(config=base, progress=not quiet, **overrides)
+    result = run_benchmark(config=base, progress=not quiet, **overrides)
     typer.echo(markdown_table(results_table(result.metrics)))
     typer.echo(f"\nrun directory: {result.run_dir}")
 
@@ -187,13 +200,7 @@ def _check_dataset(
     Also lists under ``diagnostics.warnings`` what the named models (``model``, else the
     configuration's) would refuse about a feature-selected count matrix.
     """
-    from scfmbench.benchmark.pipeline import baseline_methods, open_run_data, resolve_config
-    from scfmbench.config import ModelSpec
-    from scfmbench.data.backed import BackedData
-    from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
-    from scfmbench.data.splits import check_fractions, check_stratifiable
     from scfmbench.evaluation.embedding_quality import detect_batch_key
-    from scfmbench.models import MODELS
 
     resolved = resolve_config(data, base, settings)
     check_fractions(resolved.fractions)
@@ -260,8 +267,6 @@ def embed(
     Under torchrun (torchrun --nproc_per_node N -m scfmbench embed ...) every process embeds
     a share of the cells and rank 0 writes OUT (see docs/scale.md).
     """
-    from scfmbench.embed.stream import env_rank
-
     main_rank = env_rank() == 0
     _setup_logging(quiet or not main_rank)
     key, n_cells = embed_dataset(
@@ -315,8 +320,6 @@ def transfer(
     quiet: opt.Quiet = False,
 ) -> None:
     """Train every method on one dataset and score it on another (both directions)."""
-    from scfmbench.benchmark.transfer import transfer_markdown
-
     _setup_logging(quiet)
     base = _load_config(config)
     model_options = opt.model_options_with(
@@ -370,9 +373,6 @@ def finetune(
 
     Multi-GPU: torchrun --nproc_per_node N -m scfmbench finetune …
     """
-    from scfmbench.embed.stream import env_rank
-    from scfmbench.finetune.train import finetune_dataset
-
     _setup_logging(quiet)
     chosen = {
         "seed": seed,
@@ -411,8 +411,6 @@ def finetune(
 @app.command()
 def report(run_dir: opt.RunDirArgument, quiet: opt.Quiet = False) -> None:
     """Write RUN_DIR/report.html (self-contained) and refresh RUN_DIR/report.md."""
-    from scfmbench.report.write import write_report
-
     _setup_logging(quiet)
     html = write_report(run_dir)
     typer.echo(f"wrote {html} and {html.with_name('report.md')}")
@@ -426,7 +424,6 @@ def stats(run_dir: opt.RunDirArgument, quiet: opt.Quiet = False) -> None:
     any differs from metrics.json.
     """
     from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, check_statistics
-    from scfmbench.report.write import markdown_table, results_table
 
     _setup_logging(quiet)
     recomputed, diff = check_statistics(run_dir)
@@ -446,8 +443,6 @@ def compare(
     run_dirs: opt.RunDirsArgument, out: opt.CompareFolder = None, quiet: opt.Quiet = False
 ) -> None:
     """Tabulate runs side by side (methods × runs: accuracy, macro F1) as Markdown and HTML."""
-    from scfmbench.report.compare import compare_runs
-
     _setup_logging(quiet)
     html = compare_runs(run_dirs, out=out)
     typer.echo(f"wrote {html} and {html.with_name('compare.md')}")
