@@ -31,6 +31,7 @@ from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.backed import BackedData
 from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
 from scfmbench.data.splits import check_fractions, check_stratifiable
+from scfmbench.data.validate import DataDiagnostics
 from scfmbench.embed.stream import env_rank
 from scfmbench.errors import ScfmbenchError
 from scfmbench.finetune.train import finetune_dataset
@@ -194,8 +195,8 @@ def validate(
 
 def _check_dataset(
     data: str, base: RunConfig | None, settings: dict[str, Any], model: list[str] | None
-) -> Any:
-    """Every check `run` makes before its first stage, on ``data``; the diagnostics.
+) -> DataDiagnostics:
+    """Make every check `run` makes before its first stage on ``data``; its diagnostics.
 
     Also lists under ``diagnostics.warnings`` what the named models (``model``, else the
     configuration's) would refuse about a feature-selected count matrix.
