@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scfmbench import classification_metrics, delta
+from scfmbench.evaluation.metrics import classification_metrics, delta
 
 
 def test_hand_made_example():

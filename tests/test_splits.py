@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from scfmbench import SplitError, make_splits
-from scfmbench.data.splits import load_or_make_splits, load_splits, stratified_split
+from scfmbench import SplitError
+from scfmbench.data.splits import load_or_make_splits, load_splits, make_splits, stratified_split
 
 
 def labels_of(sizes: dict[str, int]) -> pd.Series:

@@ -1,19 +1,25 @@
-"""scfmbench: how much does a single-cell foundation model add on your data?
+"""scfmbench: measure how much a single-cell foundation model adds on your data.
 
-Python API (the CLI is a thin layer over it)::
+The public Python API; the command line (:mod:`scfmbench.cli`) is a thin layer over it::
 
     import scfmbench
+
     result = scfmbench.run("pbmc3k.h5ad", label_key="cell_type", n_splits=5)
     result.table
+
+Everything else lives in the packages by noun: :mod:`scfmbench.data`,
+:mod:`scfmbench.models`, :mod:`scfmbench.embed` (also reachable here as ``scfmbench.embed``,
+e.g. ``scfmbench.embed.embed_h5ad``), :mod:`scfmbench.evaluation`, :mod:`scfmbench.finetune`,
+:mod:`scfmbench.benchmark` and :mod:`scfmbench.report`.
 """
 
+from scfmbench import embed
 from scfmbench._version import __version__
-from scfmbench.benchmark.pipeline import RunResult, run  # noqa: E402
-from scfmbench.benchmark.transfer import transfer  # noqa: E402
-from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig  # noqa: E402
-from scfmbench.data import ValidatedData, load_dataset, validate  # noqa: E402
-from scfmbench.data.splits import load_or_make_splits, make_splits  # noqa: E402
-from scfmbench.errors import (  # noqa: E402
+from scfmbench.benchmark.pipeline import run
+from scfmbench.benchmark.transfer import transfer
+from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig
+from scfmbench.data import load_dataset, validate
+from scfmbench.errors import (
     CheckpointError,
     ConfigError,
     CountsRequiredError,
@@ -24,10 +30,9 @@ from scfmbench.errors import (  # noqa: E402
     SchemaError,
     SplitError,
 )
-from scfmbench.evaluation.metrics import classification_metrics, delta  # noqa: E402
-from scfmbench.report.compare import compare_runs  # noqa: E402
-from scfmbench.report.manifest import write_manifest  # noqa: E402
-from scfmbench.report.write import write_report  # noqa: E402
+from scfmbench.report.compare import compare_runs
+from scfmbench.report.manifest import write_manifest
+from scfmbench.report.write import write_report
 
 __all__ = [
     "CheckpointError",
@@ -39,18 +44,13 @@ __all__ = [
     "ModelSpec",
     "RunConfig",
     "RunDirError",
-    "RunResult",
     "SchemaError",
     "ScfmbenchError",
     "SplitError",
-    "ValidatedData",
     "__version__",
-    "classification_metrics",
     "compare_runs",
-    "delta",
+    "embed",
     "load_dataset",
-    "load_or_make_splits",
-    "make_splits",
     "run",
     "transfer",
     "validate",
