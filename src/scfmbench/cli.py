@@ -232,7 +232,8 @@ def validate(
     --config) would refuse about the data, such as a feature-selected count matrix, is listed
     under problems.
     """
-    from scfmbench.benchmark.pipeline import baseline_methods, open_run_data, resolve_config
+    from scfmbench.benchmark.methods import baseline_methods
+    from scfmbench.benchmark.pipeline import open_run_data, resolve_config
     from scfmbench.config import ModelSpec, RunConfig
     from scfmbench.data.backed import BackedData
     from scfmbench.data.splits import check_fractions, check_stratifiable
@@ -362,7 +363,7 @@ def embed(
     Under torchrun (torchrun --nproc_per_node N -m scfmbench embed ...) every process embeds
     a share of the cells and rank 0 writes OUT (see docs/scale.md).
     """
-    from scfmbench.benchmark.pipeline import embed_dataset
+    from scfmbench.benchmark.commands import embed_dataset
     from scfmbench.embed.stream import env_rank
 
     main_rank = env_rank() == 0
@@ -532,8 +533,8 @@ def finetune(
 
     import yaml
 
+    from scfmbench.benchmark.commands import finetune_dataset
     from scfmbench.errors import ConfigError
-    from scfmbench.finetune.train import finetune_dataset
 
     _setup_logging(quiet)
     chosen = {
@@ -652,8 +653,9 @@ def stats(
 ) -> None:
     """Recompute every score, interval and test of RUN_DIR/metrics.json from
     RUN_DIR/predictions.tsv.gz and say whether they match (exit 1 when not)."""
-    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, check_statistics
+    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE
     from scfmbench.report.write import markdown_table, results_table
+    from scfmbench.results import check_statistics
 
     _setup_logging(quiet)
     recomputed, diff = check_statistics(run_dir)

@@ -28,6 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scfmbench.benchmark.document import build_metrics
+from scfmbench.benchmark.finetuning import finetune_models
+from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.predict import ProbeInputs, predict_all
+from scfmbench.benchmark.rundata import RunData, random_splits
+from scfmbench.config import RunConfig
 from scfmbench.data.splits import (
     Split,
     SplitSet,
@@ -40,6 +46,7 @@ from scfmbench.data.splits import (
 from scfmbench.errors import ConfigError, SchemaError, SplitError
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
+from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +300,9 @@ def load_or_make_holdout(
     return split_set, info, False
 
 
-def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
+def holdout_splits(
+    directory: Path, data: RunData, config: RunConfig
+) -> tuple[SplitSet, bool]:
     """The run's held-out folds (``config.holdout_key`` and groups), saved in ``directory``.
 
     Parameters
@@ -350,12 +359,12 @@ def fold_lines(fold: dict[str, Any]) -> list[str]:
 
 
 def random_split_block(
-    inputs,
-    data,
+    inputs: ProbeInputs,
+    data: RunData,
     *,
-    methods: list,
-    models: list,
-    model_info: dict,
+    methods: list[Method],
+    models: list[Any],
+    model_info: dict[str, dict[str, Any]],
     reference: str,
     metrics: dict[str, Any],
     run_dir: Path,
@@ -367,23 +376,15 @@ def random_split_block(
 
     Fine-tuned methods are fine-tuned again on the random splits (``RUN/random_split/
     finetune/``); every other method reuses the run's embeddings and cells (``inputs``, a
-    :class:`scfmbench.benchmark.pipeline.ProbeInputs`).
+    :class:`scfmbench.benchmark.predict.ProbeInputs`).
     """
-    from scfmbench.benchmark.pipeline import (
-        _predict_all,
-        build_metrics,
-        finetune_models,
-        random_splits,
-    )
-    from scfmbench.stages import StageStore
-
     config = inputs.config
     folder = run_dir / RANDOM_SPLIT_DIR
     stages = StageStore(folder)
     labels = data.labels
     split_set = random_splits(folder / "splits", labels, config)
     scored = [m for m in methods if m.probe != "finetune"]
-    predictions = _predict_all(inputs, split_set, scored, stages, progress)
+    predictions = predict_all(inputs, split_set, scored, stages, progress)
     if models and config.finetune is not None:
         finetune_models(
             config,

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from scfmbench._atomic import write_text
-from scfmbench.errors import RunDirError
 from scfmbench.evaluation.metrics import delta
 from scfmbench.hashing import hash_json
 from scfmbench.report.tables import (
@@ -35,6 +34,7 @@ from scfmbench.report.tables import (
     render_markdown,
     text,
 )
+from scfmbench.results import read_config, read_metrics
 from scfmbench.stages import StageStore, safe_name
 
 logger = logging.getLogger(__name__)
@@ -57,33 +57,9 @@ METRIC_LABEL = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``metrics.json`` and (when present) ``config.yaml`` of a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(
-            f"run directory {run_dir} does not exist; pass a folder that "
-            "`scfmbench run` wrote (runs/<name>)"
-        )
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir} has no metrics.json; run `scfmbench run` first")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(
-            f"{path} is not valid JSON ({exc}); rerun `scfmbench run` to rewrite it"
-        ) from None
-    if not isinstance(metrics, dict) or "methods" not in metrics or "run" not in metrics:
-        raise RunDirError(
-            f"{path} has no 'run'/'methods' entries; rerun `scfmbench run` to rewrite it"
-        )
-    config = None
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        import yaml
-
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return metrics, config
+    """``metrics.json`` (:func:`scfmbench.results.read_metrics`) and (when present)
+    ``config.yaml`` of a run directory; raises RunDirError as the reader does."""
+    return read_metrics(run_dir).to_dict(), read_config(run_dir)
 
 
 # --------------------------------------------------------------------------- cells
