@@ -1,6 +1,8 @@
-"""The ``metrics.json`` document of a run or a transfer: its one schema version, its typed
-records, the one writer and the one reader (which upgrades older schema versions), and the
-recomputation of a run's statistics from its predictions table (``scfmbench stats``).
+"""The ``metrics.json`` document of a run or a transfer.
+
+Its one schema version, its typed records, the one writer and the one reader (which upgrades
+older schema versions), and the recomputation of a run's statistics from its predictions
+table (``scfmbench stats``).
 
 The layout of the document is given in the README (``metrics.json``); this module types its
 header and its method entries and keeps the other sections as the mappings they are.
@@ -103,7 +105,7 @@ class MethodEntry:
 
     @classmethod
     def from_dict(cls, name: str, entry: dict[str, Any]) -> MethodEntry:
-        """The entry ``name`` of a current-schema document.
+        """Read the entry ``name`` of a current-schema document.
 
         Raises
         ------
@@ -123,7 +125,7 @@ class MethodEntry:
         return cls(**{**known, "kind": cast(MethodKind, kind)}, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """The entry as written to ``metrics.json`` (unset optional fields left out)."""
+        """Return the entry as written to ``metrics.json`` (unset optional fields left out)."""
         out: dict[str, Any] = {}
         for key in _ENTRY_ORDER:
             value = getattr(self, key)
@@ -169,7 +171,7 @@ class MetricsDocument:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> MetricsDocument:
-        """The document of a current-schema mapping (see :func:`upgrade` for older ones).
+        """Read a current-schema mapping (see :func:`upgrade` for older ones).
 
         Raises
         ------
@@ -194,7 +196,7 @@ class MetricsDocument:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The document as written to ``metrics.json``."""
+        """Return the document as written to ``metrics.json``."""
         out: dict[str, Any] = {}
         for key in ("schema_version", "scfmbench_version"):
             if getattr(self, key) is not None:
@@ -209,8 +211,7 @@ class MetricsDocument:
 
 
 def document_header() -> dict[str, str]:
-    """The first two keys of every document written: ``schema_version`` and
-    ``scfmbench_version``."""
+    """Return the first two keys of every document: schema and scfmbench versions."""
     return {"schema_version": SCHEMA_VERSION, "scfmbench_version": __version__}
 
 
@@ -236,8 +237,11 @@ def write_metrics(run_dir: Path, doc: MetricsDocument | dict[str, Any]) -> Path:
 
 
 def _inferred_kind(name: str, entry: dict[str, Any]) -> str:
-    """The kind of an old entry without one: a fine-tuned or frozen-model method when it
-    names a model, a control when that model is a random-init one, else a baseline."""
+    """Infer the kind of an old entry that records none.
+
+    A fine-tuned or frozen-model method when it names a model, a control when that model is
+    a random-init one, else a baseline.
+    """
     model = entry.get("model")
     if not model:
         return "baseline"
@@ -247,8 +251,10 @@ def _inferred_kind(name: str, entry: dict[str, Any]) -> str:
 
 
 def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` with what a current reader relies on filled in (the one place that knows the
-    older schema versions 1.0 and 2.0, whose method entries may lack ``model`` or ``kind``).
+    """Fill in what a current reader relies on in an older document.
+
+    The one place that knows the older schema versions 1.0 and 2.0, whose method entries may
+    lack ``model`` or ``kind``.
 
     A missing ``model`` is the part of the method name before ``+`` for every kind but
     ``baseline``; a missing ``kind`` follows from the model (:func:`_inferred_kind`). The
@@ -270,7 +276,7 @@ def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> MetricsDocument:
-    """The ``metrics.json`` of a run (or transfer) folder, older schemas upgraded.
+    """Read the ``metrics.json`` of a run (or transfer) folder, older schemas upgraded.
 
     Parameters
     ----------
@@ -311,7 +317,7 @@ def read_metrics(run_dir: Path) -> MetricsDocument:
 
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
-    """The run's saved ``config.yaml`` as a mapping (None when the folder has none)."""
+    """Read the run's saved ``config.yaml`` (None when the folder has none)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None

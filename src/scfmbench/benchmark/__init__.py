@@ -1,5 +1,8 @@
-"""Running a benchmark: the within-dataset run, held-out-group and label-efficiency designs,
-cross-dataset transfer, and the stage cache that lets an interrupted run resume."""
+"""Running a benchmark.
+
+The within-dataset run, the held-out-group and label-efficiency designs, cross-dataset
+transfer, and the stage cache that lets an interrupted run resume.
+"""
 
 from scfmbench.benchmark.pipeline import RunResult, run
 

@@ -6,10 +6,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
-from scfmbench.benchmark.output import check_writable
+from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import load_models, resolve_run, run_splits
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
 from scfmbench.data.validate import load_dataset, validate
@@ -99,11 +101,6 @@ def embed_dataset(
         Feature-selected counts for geneformer or scgpt without ``allow_feature_selected``,
         or data the model refuses.
     """
-    from scfmbench.data.feature_selection import (
-        COUNT_MATRIX,
-        all_highly_variable,
-        check_feature_selection,
-    )
     from scfmbench.data.validate import check_unique_cells, expression_view
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
     from scfmbench.embed.stream import should_stream
@@ -125,30 +122,7 @@ def embed_dataset(
     stream = should_stream(data, backed=backed)
     if stream and out is None:
         raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
-    if stream:  # refuse the data before loading the model, as in memory
-        from scfmbench.data.backed import H5adCells
-
-        reader = H5adCells(Path(data), chunk_size=chunk_size)
-        reader.close()
-        source, genes = reader.source, reader.var
-    if not stream:
-        adata = load_dataset(data)
-        check_unique_cells(
-            adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
-        )
-        counts = expression_view(adata)
-        source, genes = counts.uns["scfmbench"]["matrix_source"], counts.var
-    allowed = check_feature_selection(
-        [model],
-        n_genes=len(genes),
-        all_hvg=all_highly_variable(genes),
-        allow=allow_feature_selected,
-        where=COUNT_MATRIX.format(source=source),
-    )
-    if allowed is not None:
-        warnings.warn(allowed, stacklevel=2)
-    (foundation,) = load_models(settings)
-    options = {
+    options: dict[str, Any] = {
         "seed": seed,
         "layer": layer,
         "pooling": pooling,
@@ -159,15 +133,31 @@ def embed_dataset(
         "progress": progress,
         "chunk_size": chunk_size,
     }
-    if stream:
+    if stream and out is not None and not isinstance(data, AnnData):  # never an AnnData
+        from scfmbench.data.backed import H5adCells
+
+        # refuse the data before loading the model, as in memory
+        reader = H5adCells(Path(data), chunk_size=chunk_size)
+        reader.close()
+        genes = reader.var  # read whole from the file: a DataFrame
+        _check_feature_selection(model, reader.source, genes, allow_feature_selected)  # pyright: ignore[reportArgumentType]
+        (foundation,) = load_models(settings)
         streamed = embed_h5ad(data, foundation, out=out, **options)
         return streamed.key, streamed.n_embedded
+    adata = load_dataset(data)
+    check_unique_cells(
+        adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
+    )
+    counts = expression_view(adata)
+    source = counts.uns["scfmbench"]["matrix_source"]
+    allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
+    (foundation,) = load_models(settings)
     result = embed(counts, foundation, **options)
     key = foundation.obsm_key
     if out is not None:
         out = Path(out)
         if out.suffix == ".npy":
-            write_npy(out, counts.obsm[key])
+            write_npy(out, np.asarray(counts.obsm[key]))
         else:
             adata.obsm[key] = counts.obsm[key]
             adata.uns[f"{key}_info"] = {
@@ -187,6 +177,32 @@ def embed_dataset(
     return key, len(result.obs_names)
 
 
+def _check_feature_selection(
+    model: str, source: str, genes: pd.DataFrame, allow: bool
+) -> str | None:
+    """Refuse (or, with ``allow``, warn about) ``model`` on a feature-selected count matrix.
+
+    Returns the warning when allowed (see
+    :func:`scfmbench.data.feature_selection.check_feature_selection`).
+    """
+    from scfmbench.data.feature_selection import (
+        COUNT_MATRIX,
+        all_highly_variable,
+        check_feature_selection,
+    )
+
+    allowed = check_feature_selection(
+        [model],
+        n_genes=len(genes),
+        all_hvg=all_highly_variable(genes),
+        allow=allow,
+        where=COUNT_MATRIX.format(source=source),
+    )
+    if allowed is not None:
+        warnings.warn(allowed, stacklevel=3)  # the caller of embed_dataset
+    return allowed
+
+
 def finetune_dataset(
     data: str | Path | AnnData,
     *,
@@ -197,7 +213,10 @@ def finetune_dataset(
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[Path, list[FinetuneResult]]:
-    """The API behind ``scfmbench finetune``: validate, reuse/make the run's splits, fine-tune.
+    """Fine-tune models on a dataset: the API behind ``scfmbench finetune``.
+
+    Validates the data, reuses or makes the run's splits, then fine-tunes every model on
+    every split.
 
     Parameters
     ----------
@@ -235,14 +254,16 @@ def finetune_dataset(
     }
     overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
     run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
-    config = run_config.finetune_settings() or FinetuneConfig()  # the section is set above
+    config = run_config.finetune_settings()
+    if config is None:  # not reached: the section is set above
+        config = FinetuneConfig.model_validate({})
     validated = validate(
         adata,
         label_key=run_config.label_key,
         min_cells_per_class=run_config.min_cells_per_class,
         merge_similar_labels=run_config.merge_similar_labels,
     )
-    run_dir = Path(run_config.out) / run_config.name
+    run_dir = run_directory(run_config)
     split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
     results = [
         finetune_in_run(

@@ -1,5 +1,8 @@
-"""The metrics document of a run: per method and split what its probe chose, the statistics
-computed from the per-cell predictions table, and the warnings on what a score means."""
+"""The metrics document of a run.
+
+Per method and split what its probe chose, the statistics computed from the per-cell
+predictions table, and the warnings on what a score means.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ MIN_COUNT_COVERAGE = 0.8
 
 @dataclass(frozen=True)
 class MatrixFacts:
-    """What :func:`score_warnings` reads of a dataset: the matrix kind, the genes a model
-    saw and whether every gene is flagged highly variable (a transfer's shared genes)."""
+    """What :func:`score_warnings` reads of a dataset.
+
+    The matrix kind, the genes a model saw and whether every gene is flagged highly variable
+    (in a transfer: the shared genes).
+    """
 
     matrix_kind: str | None
     n_genes: int
@@ -46,7 +52,7 @@ def build_metrics(
     reference: str,
     model_info: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The metrics.json document and the per-cell predictions table it is computed from.
+    """Build the metrics.json document and the per-cell predictions table it comes from.
 
     Parameters
     ----------

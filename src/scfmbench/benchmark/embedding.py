@@ -1,5 +1,8 @@
-"""The run's embeddings: one pass per model (cached, or streamed to disk), a probe on every
-layer, and the zero-shot scores and UMAPs of each embedding and of the HVG-PCA view."""
+"""The run's embeddings.
+
+One pass per model (cached, or streamed to disk), a probe on every layer, and the zero-shot
+scores and UMAPs of each embedding and of the HVG-PCA view.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +32,16 @@ MAX_SCORED_CELLS = 20_000
 
 @dataclass
 class ModelEmbedding:
-    """One model's embedding of the run's cells, rows in the order of ``labels`` (NaN rows
-    for cells without a vocabulary gene), and its ``metrics.json`` diagnostics entry."""
+    """One model's embedding of the run's cells and its diagnostics.
+
+    Attributes
+    ----------
+    matrix : numpy.ndarray
+        (n_cells, dim), rows in the order of ``labels`` (NaN rows for cells without a
+        vocabulary gene).
+    info : dict
+        The model's ``metrics.json`` diagnostics entry.
+    """
 
     matrix: np.ndarray
     info: dict[str, Any]
@@ -77,11 +88,11 @@ def embed_cells(
         "n_dropped_cells": int(len(result.dropped)),
         "from_cache": result.from_cache,
     }
-    return ModelEmbedding(matrix=cells.obsm.pop(key), info=info)
+    return ModelEmbedding(matrix=np.asarray(cells.obsm.pop(key)), info=info)
 
 
 def _embedding_info(result) -> dict[str, Any]:
-    """The ``metrics.json`` entry of an ``Embeddings`` or ``StreamedEmbeddings`` result."""
+    """Return the ``metrics.json`` entry of an ``Embeddings`` or ``StreamedEmbeddings``."""
     return {
         "checkpoint_sha256": result.checkpoint_sha256,
         "layer": result.layer,
@@ -203,8 +214,11 @@ def layerwise_probing(
 
 
 def scored_cells(labels: pd.Series, *, seed: int) -> np.ndarray:
-    """Rows used for the zero-shot scores and UMAPs: all cells, or a seeded sample of
-    ``MAX_SCORED_CELLS`` (kNN and UMAP grow faster than linearly in the number of cells)."""
+    """Pick the rows the zero-shot scores and UMAPs use.
+
+    All cells, or a seeded sample of ``MAX_SCORED_CELLS`` (kNN and UMAP grow faster than
+    linearly in the number of cells).
+    """
     if len(labels) <= MAX_SCORED_CELLS:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -221,8 +235,11 @@ def embedding_scores(
     data_hash: str,
     run_dir: Path,
 ) -> dict:
-    """Zero-shot scores (:func:`~.embedding_quality.embedding_quality`) and UMAPs of the
-    HVG-PCA view and of every embedding, on the cells of :func:`scored_cells`."""
+    """Score the HVG-PCA view and every embedding zero-shot, and draw their UMAPs.
+
+    Scores are those of :func:`scfmbench.evaluation.embedding_quality.embedding_quality`, on
+    the cells of :func:`scored_cells`; each view's are cached as a stage.
+    """
     from scfmbench.evaluation.embedding_quality import detect_batch_key
 
     labels = data.labels
@@ -269,8 +286,11 @@ def _score_view(
     run_dir: Path,
     steps: dict[str, float],
 ) -> dict:
-    """Zero-shot scores (and UMAPs) of one view; ``steps`` gets the seconds of each part
-    (``view_s``: the HVG-PCA of the scored cells, then the scores' parts, ``umap_s``)."""
+    """Score one view zero-shot (and draw its UMAPs).
+
+    ``steps`` gets the seconds of each part (``view_s``: the HVG-PCA of the scored cells,
+    then the scores' parts, ``umap_s``).
+    """
     from scfmbench.evaluation.embedding_quality import embedding_quality, write_embedding_figures
 
     labels = data.labels
@@ -284,7 +304,7 @@ def _score_view(
             n_hvg=config.n_hvg,
             n_pcs=config.n_pcs,
             seed=config.seed,
-            names=labels.index[rows],
+            names=labels.index.take(rows),
         )
     steps["view_s"] = round(time.perf_counter() - start, 3)
     payload = embedding_quality(

@@ -61,6 +61,8 @@ def finetune_models(
     from scfmbench.finetune.train import finetune_in_run
 
     settings = config.finetune_settings()
+    if settings is None:  # no finetune section: nothing to fine-tune
+        return []
     results = []
     for model in models:
         for split in split_set.splits:

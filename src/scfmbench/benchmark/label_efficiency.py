@@ -130,16 +130,22 @@ def nested_subsets(
         members = np.flatnonzero(values == cls)
         rank[members[rng.permutation(len(members))]] = np.arange(len(members))
     return {
-        size: train_labels.index if size == ALL else train_labels.index[rank < size]
+        size: train_labels.index.take(np.flatnonzero(rank < size))
+        if isinstance(size, int)
+        else train_labels.index  # "all"
         for size in sizes
     }
 
 
 class CompactFeatures(dict):
-    """Receives the run's baseline features per (representation, fold seed) and keeps only
-    those of at most ``COMPACT_WIDTH`` columns (PCA, scVI: costly to refit, small to hold)."""
+    """The run's baseline features per (representation, fold seed) that the sweep keeps.
+
+    Only those of at most ``COMPACT_WIDTH`` columns are kept (PCA, scVI: costly to refit,
+    small to hold).
+    """
 
     def __setitem__(self, key: tuple[str, int], feats: SplitFeatures) -> None:
+        """Keep ``feats`` when they are at most ``COMPACT_WIDTH`` columns wide."""
         if feats.train.shape[1] <= COMPACT_WIDTH:
             super().__setitem__(key, feats)
 
@@ -168,8 +174,10 @@ def _sweep_one(
     grid: tuple[dict[str, Any], ...] | None,
     full: Prediction,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Fit ``method`` on every numeric size and draw of one fold (a subset equal to the whole
-    training set, or to a subset already fitted, reuses that fit)."""
+    """Fit ``method`` on every numeric size and draw of one fold.
+
+    A subset equal to the whole training set, or to a subset already fitted, reuses that fit.
+    """
     fitted: dict[str, dict] = {}
     out: dict[str, list[dict]] = {}
     feats = None
@@ -211,7 +219,7 @@ def label_efficiency(
     run_dir: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The ``metrics.json["label_efficiency"]`` block of a run (and its figure).
+    """Build the ``metrics.json["label_efficiency"]`` block of a run (and its figure).
 
     Parameters
     ----------
@@ -240,7 +248,7 @@ def label_efficiency(
         per_draw}}}} and ``figure``.
     """
     config, labels = inputs.config, inputs.labels
-    sizes = list(config.train_sizes)
+    sizes: list[TrainSize] = list(config.train_sizes or [])
     numeric = [s for s in sizes if s != ALL]
     draws = list(range(config.train_size_seeds))
     swept = [m for m in methods if m.probe != "finetune"]
@@ -411,8 +419,11 @@ def size_estimate(
 
 
 def figure_positions(block: dict[str, Any]) -> tuple[list[float], list[str]]:
-    """x positions (labelled cells per class, log axis) and tick labels of the sizes; ``all``
-    sits at the mean training cells per class, at least twice the largest numeric size."""
+    """Return the x positions (labelled cells per class, log axis) and tick labels of sizes.
+
+    ``all`` sits at the mean training cells per class, at least twice the largest numeric
+    size.
+    """
     numeric = [s for s in block["sizes"] if s != ALL]
     x = [float(s) for s in numeric]
     ticks = [str(s) for s in numeric]

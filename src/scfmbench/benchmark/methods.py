@@ -44,7 +44,7 @@ class Method:
 
 
 def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
-    """The baselines of ``config``; a bare ``scvi`` becomes ``scvi+<probe>`` for every probe.
+    """Return the baselines of ``config``; a bare ``scvi`` is ``scvi+<probe>`` per probe.
 
     scVI needs raw counts: on other data (``matrix_kind`` not ``"counts"``; ``None`` =
     unknown, e.g. the log-normalized data of a transfer) it is left out of the default

@@ -12,7 +12,7 @@ from scfmbench.errors import ConfigError
 from scfmbench.report.manifest import write_manifest
 from scfmbench.report.write import write_report
 
-__all__ = ["check_writable", "finish_run_directory", "holds_finished_work"]
+__all__ = ["check_writable", "finish_run_directory", "holds_finished_work", "run_directory"]
 
 
 def check_writable(path: Path) -> None:
@@ -54,6 +54,19 @@ def check_writable(path: Path) -> None:
             f"cannot write to {str(folder)!r} ({reason}); choose another "
             "output location with --out."
         )
+
+
+def run_directory(config: RunConfig) -> Path:
+    """Return the run's folder, ``config.out / config.name``.
+
+    Raises
+    ------
+    ConfigError
+        The run has no name (:func:`~.pipeline.resolve_config` gives every run one).
+    """
+    if config.name is None:
+        raise ConfigError("the run has no name; pass --name NAME.")
+    return Path(config.out) / config.name
 
 
 def holds_finished_work(run_dir: Path) -> bool:

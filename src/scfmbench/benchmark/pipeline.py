@@ -30,7 +30,12 @@ from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.holdout import holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
-from scfmbench.benchmark.output import check_writable, finish_run_directory, holds_finished_work
+from scfmbench.benchmark.output import (
+    check_writable,
+    finish_run_directory,
+    holds_finished_work,
+    run_directory,
+)
 from scfmbench.benchmark.predict import ProbeInputs, predict_all
 from scfmbench.benchmark.rundata import (
     IN_MEMORY,
@@ -42,7 +47,7 @@ from scfmbench.benchmark.rundata import (
 from scfmbench.config import RunConfig, check_model_options
 from scfmbench.data.backed import BackedData, validate_backed
 from scfmbench.data.splits import SplitSet
-from scfmbench.data.validate import BUILTIN_DATASETS, DataDiagnostics, load_dataset
+from scfmbench.data.validate import BUILTIN_DATASETS, DataDiagnostics, ValidatedData, load_dataset
 from scfmbench.data.validate import validate as validate_data
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS
@@ -116,7 +121,7 @@ def _loader_options(loader, config: RunConfig, name: str) -> dict[str, Any]:
 def resolve_run(
     data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
 ) -> tuple[RunConfig, AnnData]:
-    """The run configuration and the loaded dataset."""
+    """Return the run configuration and the loaded dataset."""
     resolved = resolve_config(data, config, overrides)
     return resolved, data if isinstance(data, AnnData) else load_dataset(resolved.data)
 
@@ -144,8 +149,11 @@ def resolve_config(
 
 
 def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress: bool) -> RunData:
-    """Validate the run's data: in memory, or streamed from disk when ``config.backed`` (or,
-    when unset, for ``.h5ad`` files over 1 GiB)."""
+    """Validate the run's data.
+
+    In memory, or streamed from disk when ``config.backed`` (or, when unset, for ``.h5ad``
+    files over 1 GiB).
+    """
     from scfmbench.embed.stream import env_world_size, should_stream
 
     if env_world_size() > 1:
@@ -194,7 +202,8 @@ def run(
             and streams it ``chunk_size`` cells at a time, with the same results.
         progress: show progress bars.
 
-    Returns:
+    Returns
+    -------
         RunResult with ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
         ``splits/``, ``metrics.json``, ``results.md`` and ``figures/`` (and, when streamed,
         the embeddings of every cell in ``embeddings/``).
@@ -222,7 +231,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
             f"reference method {reference!r} is not in this run; choose from "
             f"{[m.name for m in methods]}.{did_you_mean(reference, [m.name for m in methods])}"
         )
-    run_dir = Path(config.out) / config.name
+    run_dir = run_directory(config)
     check_writable(run_dir)
     created = not run_dir.exists()
     try:
@@ -242,8 +251,9 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
 
 
 def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics) -> str | None:
-    """Refuse the run's models on a feature-selected count matrix (see
-    :func:`scfmbench.data.feature_selection.check_feature_selection`); with
+    """Refuse the run's models on a feature-selected count matrix.
+
+    See :func:`scfmbench.data.feature_selection.check_feature_selection`; with
     ``config.allow_feature_selected`` log and return the warning instead.
 
     Raises
@@ -302,7 +312,8 @@ def _execute(
         inputs, split_set, methods, stages, progress, keep_features=kept_features
     )
     finetuned = []
-    if models and config.finetune is not None:
+    # a streamed run cannot be fine-tuned: open_run_data refuses it
+    if models and config.finetune is not None and isinstance(validated, ValidatedData):
         with stages.timed("finetune"):
             finetuned = finetune_models(
                 config,
@@ -379,9 +390,11 @@ def _execute(
 
 
 def run_splits(run_dir: Path, data: RunData, config: RunConfig) -> SplitSet:
-    """The run's splits, in ``run_dir/splits``: one fold per held-out group when
-    ``config.holdout_key`` (or a group list) is set (:func:`~.holdout.holdout_splits`),
-    else the random-split design (:func:`~.rundata.random_splits`).
+    """Return the run's splits, saved in ``run_dir/splits``.
+
+    One fold per held-out group when ``config.holdout_key`` (or a group list) is set
+    (:func:`~.holdout.holdout_splits`), else the random-split design
+    (:func:`~.rundata.random_splits`).
 
     Raises
     ------

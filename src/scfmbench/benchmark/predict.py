@@ -1,5 +1,6 @@
-"""Fitting each method's probe on its features and predicting the test cells, with the
-prediction cache that lets a rerun skip every finished fit.
+"""Fitting each method's probe on its features and predicting the test cells.
+
+The prediction cache lets a rerun skip every finished fit.
 
 A :class:`Prediction` is what one method predicts on one split; the run, the held-out
 comparison's random splits, the label-efficiency sweep and a transfer all make them here.
@@ -82,7 +83,7 @@ class Prediction:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Prediction:
-        """The prediction of a saved payload (the prediction cache, a fine-tuning's)."""
+        """Read a saved payload (the prediction cache's, or a fine-tuning's)."""
         return cls(
             cells=list(payload["cells"]),
             predicted=list(payload["pred"]),
@@ -95,8 +96,10 @@ class Prediction:
         )
 
     def to_payload(self) -> dict[str, Any]:
-        """The JSON payload saved in the prediction cache and read by
-        :func:`scfmbench.evaluation.run_stats.predictions_table`."""
+        """Return the JSON payload of the prediction cache.
+
+        :func:`scfmbench.evaluation.run_stats.predictions_table` reads it too.
+        """
         return {
             "cells": self.cells,
             "pred": self.predicted,
@@ -116,12 +119,12 @@ class Prediction:
 
 
 def payloads(predictions: Predictions) -> dict[tuple[str, int], dict[str, Any]]:
-    """The payload of every prediction (what the predictions table is built from)."""
+    """Return the payload of every prediction (what the predictions table is built from)."""
     return {key: prediction.to_payload() for key, prediction in predictions.items()}
 
 
 def probe_grid(probe: str, config: RunConfig) -> tuple[dict[str, Any], ...] | None:
-    """The grid a probe is tuned over in this run.
+    """Return the grid a probe is tuned over in this run.
 
     Parameters
     ----------
@@ -180,7 +183,7 @@ def fit_and_predict_features(
     y_val = labels.loc[split.val].map(code_of).to_numpy(dtype=np.int64)
     keep_train = ~np.isnan(feats.train).any(axis=1)
     keep_val = ~np.isnan(feats.val).any(axis=1)
-    keep_test = ~np.isnan(feats.test).any(axis=1)
+    keep_test = np.asarray(~np.isnan(feats.test).any(axis=1))
     trained = np.unique(y_train[keep_train])  # a held-out-group fold may lack some classes
     fitted = fit_probe(
         method.probe,
@@ -211,15 +214,20 @@ def fit_and_predict_features(
 def _probabilities(
     fitted: FittedProbe, X: np.ndarray, keep: np.ndarray, n_classes: int, trained: np.ndarray
 ) -> list[list[float] | None] | None:
-    """Class probabilities of the test cells (None rows for unassigned cells), or None when
-    the probe has no ``predict_proba``; columns follow the run's classes (``trained``: the
-    run's class code of each class the probe was fitted on, 0 for the others)."""
+    """Return the class probabilities of the test cells.
+
+    None rows for unassigned cells, or None when the probe has no ``predict_proba``; columns
+    follow the run's classes (``trained``: the run's class code of each class the probe was
+    fitted on, 0 for the others).
+    """
     estimator = fitted.estimator
     if not hasattr(estimator, "predict_proba"):
         return None
     values = np.zeros((int(keep.sum()), n_classes))
-    columns = trained[np.asarray(estimator.classes_, dtype=np.int64)]
-    values[:, columns] = estimator.predict_proba(X[keep])
+    # sklearn declares neither on ClassifierMixin
+    classes = estimator.classes_  # pyright: ignore[reportAttributeAccessIssue]
+    columns = trained[np.asarray(classes, dtype=np.int64)]
+    values[:, columns] = estimator.predict_proba(X[keep])  # pyright: ignore[reportAttributeAccessIssue]
     rows: list[list[float] | None] = [None] * len(keep)
     for row, value in zip(np.flatnonzero(keep), values, strict=True):
         rows[row] = [round(float(v), 6) for v in value]
@@ -249,7 +257,7 @@ def _features(
 
 
 def _representation_options(method: Method, config: RunConfig) -> dict[str, Any]:
-    """Settings that only one representation reads (part of its predictions' cache key)."""
+    """Return settings only one representation reads (part of its predictions' cache key)."""
     if method.representation == "scvi":
         return {"scvi": config.scvi.model_dump()}
     return {}
@@ -257,8 +265,10 @@ def _representation_options(method: Method, config: RunConfig) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class ProbeInputs:
-    """What every probe of a run is fitted on: the same for the run's own splits, the
-    random splits of a held-out-group run and the label-efficiency sweep.
+    """What every probe of a run is fitted on.
+
+    The same for the run's own splits, the random splits of a held-out-group run and the
+    label-efficiency sweep.
 
     Attributes
     ----------
@@ -291,9 +301,11 @@ class ProbeInputs:
         return _features(method, self.cells, self.matrices, split, self.config, self.kind)
 
     def cache_key(self, method: Method, split: Split, **extra: Any) -> str:
-        """Key of ``method``'s saved predictions on ``split``: data, split cells, method,
-        representation settings, embedding and probe grid (``extra``: what else they
-        depend on, e.g. the label-efficiency sizes)."""
+        """Return the key of ``method``'s saved predictions on ``split``.
+
+        It covers the data, split cells, method, representation settings, embedding and
+        probe grid (``extra``: what else they depend on, e.g. the label-efficiency sizes).
+        """
         config = self.config
         return hash_json(
             {

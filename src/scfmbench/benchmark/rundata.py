@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 
@@ -23,7 +24,7 @@ RunData = ValidatedData | BackedData
 
 
 def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> SplitSet:
-    """The splits of ``config``'s random-split design, reused or made and saved.
+    """Return the splits of ``config``'s random-split design, reused or made and saved.
 
     Parameters
     ----------
@@ -56,12 +57,14 @@ def random_splits(directory: Path, labels: pd.Series, config: RunConfig) -> Spli
 
 
 def run_cells(data: RunData) -> CellRows:
-    """The expression rows of the run's cells (read chunk by chunk when streamed)."""
-    return data.cells if isinstance(data, BackedData) else InMemoryCells.from_adata(data.adata)
+    """Return the expression rows of the run's cells (read chunk by chunk when streamed)."""
+    cells = data.cells if isinstance(data, BackedData) else InMemoryCells.from_adata(data.adata)
+    return cast(CellRows, cells)  # CellRows declares n_vars an attribute, the readers a property
 
 
 def data_fingerprint(data: RunData) -> str:
-    """A hash of the run's expression values and labels (keys the cached stages)."""
+    """Hash the run's expression values and labels (the key of the cached stages)."""
     if isinstance(data, BackedData):
         return data.content_hash
-    return hash_json([hash_array(data.adata.X), labels_hash(data.labels)])
+    matrix = data.adata.X  # CSR after validation; anndata types X more widely
+    return hash_json([hash_array(matrix), labels_hash(data.labels)])  # pyright: ignore[reportArgumentType]

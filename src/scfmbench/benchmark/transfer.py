@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from scfmbench.config import RunConfig
 from scfmbench.data.splits import Split
 from scfmbench.data.validate import ValidatedData, load_dataset, validate
 from scfmbench.errors import SchemaError
-from scfmbench.evaluation.representations import InMemoryCells
+from scfmbench.evaluation.representations import CellRows, InMemoryCells
 from scfmbench.evaluation.run_stats import (
     PREDICTIONS_FILE,
     method_statistics,
@@ -99,7 +99,8 @@ def transfer(
     are in ``transfer.directions[...]["comparisons"]``; per-cell predictions of every seed
     in ``predictions.tsv.gz`` (with a ``direction`` column).
 
-    Returns:
+    Returns
+    -------
         The document written to ``<out>/<name>/metrics.json`` whose ``transfer.matrix``
         is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
     """
@@ -147,8 +148,9 @@ def transfer(
                 model_genes.setdefault(f"{model_id} ({dataset})", info)
         classes = list(prepared.labels.cat.categories)
         code_of = {c: k for k, c in enumerate(classes)}
-        cells = InMemoryCells.from_adata(prepared.combined)
-        matrices = {m.model_id: prepared.combined.obsm[m.obsm_key] for m in models}
+        # CellRows declares n_vars an attribute, the readers a property
+        cells = cast(CellRows, InMemoryCells.from_adata(prepared.combined))
+        matrices = {m.model_id: np.asarray(prepared.combined.obsm[m.obsm_key]) for m in models}
         seeds = range(cfg.seed, cfg.seed + cfg.n_splits)
         splits = [prepared.split] + [
             training_split(prepared, seed=s, fractions=cfg.fractions) for s in seeds[1:]
@@ -222,7 +224,9 @@ def transfer_statistics(
     *,
     seed: int,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
-    """Per method: mean scores over training seeds with 95% intervals (design ``transfer``),
+    """Score every method of one transfer direction.
+
+    Per method: mean scores over training seeds with 95% intervals (design ``transfer``),
     the per-seed scores, and the paired comparisons on the target cells.
 
     Returns
@@ -314,7 +318,8 @@ def _embed_models(
 ) -> dict[str, list[dict]]:
     """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm.
 
-    Returns:
+    Returns
+    -------
         Per model id, the embedding record of each dataset (layer, pooling, gene match).
     """
     from scfmbench.embed import embed
@@ -344,7 +349,19 @@ def _embed_models(
     return records
 
 
-def transfer_markdown(doc: dict) -> str:
+def transfer_markdown(doc: dict[str, Any]) -> str:
+    """Render ``transfer.md``: label coverage, then per direction its scores and tests.
+
+    Parameters
+    ----------
+    doc : dict
+        A transfer's ``metrics.json`` document.
+
+    Returns
+    -------
+    str
+        Markdown text.
+    """
     lines = ["# scfmbench cross-dataset transfer", ""]
     gaps = [
         line

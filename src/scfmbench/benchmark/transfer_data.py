@@ -1,5 +1,7 @@
-"""The data of a cross-dataset transfer: label maps, harmonized labels, the genes both
-datasets share, the combined log-normalized matrix and the training split.
+"""The data of a cross-dataset transfer.
+
+Label maps, harmonized labels, the genes both datasets share, the combined log-normalized
+matrix and the training split.
 
 Labels are harmonized through a mapping (source label → shared label, or null to drop) and
 genes are intersected; the models see each dataset's counts restricted to the shared genes.
@@ -56,7 +58,9 @@ BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
 
 
 def load_label_map(spec: str | Path) -> dict[str, str | None]:
-    """A built-in map name or a YAML file of ``source label: shared label`` (null drops).
+    """Read a label map: a built-in name or a YAML file of ``source label: shared label``.
+
+    A label mapped to null drops its cells.
 
     A shared label that is a placeholder (``NaN``, empty, ``nan``, ``None``, ``NA``,
     ``unknown``, ``unassigned``: :data:`scfmbench.data.validate.MISSING_LABELS`) drops its cells
@@ -79,10 +83,13 @@ def load_label_map(spec: str | Path) -> dict[str, str | None]:
 
 
 def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
-    """Map labels to shared labels; cells mapped to null (or to a placeholder such as
-    ``"unknown"``, see :func:`load_label_map`) are dropped (index shrinks).
+    """Map labels to shared labels.
 
-    Raises:
+    Cells mapped to null (or to a placeholder such as ``"unknown"``, see
+    :func:`load_label_map`) are dropped (index shrinks).
+
+    Raises
+    ------
         SchemaError: listing every label that the mapping does not mention.
     """
     values = labels.astype(str)
@@ -93,12 +100,12 @@ def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str
             "(map to null to drop those cells)."
         )
     shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
-    return shared[shared.notna()].astype(str)
+    return shared.loc[shared.notna()].astype(str)
 
 
 def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
     """Cells per source label that the label map dropped (``labels`` minus ``shared``)."""
-    lost = labels[~labels.index.isin(shared.index)].astype(str)
+    lost = labels.loc[~labels.index.isin(shared.index)].astype(str)
     return {str(k): int(v) for k, v in lost.value_counts().sort_index().items()}
 
 
@@ -123,7 +130,7 @@ def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) ->
     data.obs_names = prefix + data.obs_names.astype(str)
     if v.original_var_names is not None:
         original = pd.Series(v.original_var_names, index=v.adata.var_names)
-        data.var_names = pd.Index(original[genes].to_numpy())
+        data.var_names = pd.Index(original.loc[genes].to_numpy())  # pyright: ignore[reportAttributeAccessIssue]  # anndata types var_names as Sequence[str]
     return data
 
 
@@ -151,7 +158,7 @@ def prepare_transfer(
             f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
             "fix the label map."
         )
-    extra = test_labels[~test_labels.isin(train_classes)]
+    extra = test_labels.loc[~test_labels.isin(train_classes)]
     dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
     train_sizes = train_labels.value_counts()
     coverage = {
@@ -162,7 +169,7 @@ def prepare_transfer(
         "test_classes_not_in_train": dict(sorted(dropped.items())),
         "train_dropped_by_map": dropped_by_map(train.labels, train_labels),
     }
-    test_labels = test_labels[test_labels.isin(train_classes)]
+    test_labels = test_labels.loc[test_labels.isin(train_classes)]
     genes = train.adata.var_names.intersection(test.adata.var_names, sort=False)
     if len(genes) == 0:
         raise SchemaError(
@@ -173,13 +180,13 @@ def prepare_transfer(
     b = _restrict(test, test_labels.index, genes, "test:")
     lognorm = sp.vstack(
         [
-            lognormalize(a.X, kind=train.diagnostics.matrix_kind),
-            lognormalize(b.X, kind=test.diagnostics.matrix_kind),
+            lognormalize(a.X, kind=train.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]  # validated X is CSR
+            lognormalize(b.X, kind=test.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]
         ]
     ).tocsr()
     combined = AnnData(
         X=lognorm,
-        obs=pd.DataFrame(index=[*a.obs_names, *b.obs_names]),
+        obs=pd.DataFrame(index=pd.Index([*a.obs_names, *b.obs_names])),
         var=pd.DataFrame(index=genes),
     )
     labels = pd.Series(
@@ -204,11 +211,12 @@ def prepare_transfer(
 def check_transfer_feature_selection(
     datasets: list[tuple[str, ValidatedData]], cfg: RunConfig
 ) -> None:
-    """Refuse geneformer and scgpt on the counts the models see in a transfer (both datasets
-    restricted to their shared genes) when they are feature-selected: fewer than 5,000
-    shared genes, or every gene of one dataset flagged highly variable (see
-    :mod:`scfmbench.data.feature_selection`). With ``cfg.allow_feature_selected`` the warning is
-    logged and added to both datasets' diagnostics instead.
+    """Refuse geneformer and scgpt on feature-selected counts in a transfer.
+
+    The counts are both datasets restricted to their shared genes; feature-selected: fewer
+    than 5,000 shared genes, or every gene of one dataset flagged highly variable (see
+    :mod:`scfmbench.data.feature_selection`). With ``cfg.allow_feature_selected`` the warning
+    is logged and added to both datasets' diagnostics instead.
 
     Raises
     ------
