@@ -351,8 +351,7 @@ def holdout_splits(directory: Path, data: RunData, config: RunConfig) -> tuple[S
 
 def fold_lines(fold: dict[str, Any]) -> list[str]:
     """One line per class a held-out fold cannot score (dropped test cells, via the transfer
-    wording) or trains without testing (left out of that fold's macro F1).
-    """
+    wording) or trains without testing (left out of that fold's macro F1)."""
     from scfmbench.benchmark.transfer import coverage_lines
 
     where = f"held out {fold['group']}"
