@@ -66,7 +66,17 @@ SKLEARN_WORKING_MEMORY_MB = 256
 
 @dataclass
 class RunResult:
-    """What ``run`` returns: the run directory, the metrics document and a summary table."""
+    """What ``run`` returns: the run directory, the metrics document and a summary table.
+
+    Attributes
+    ----------
+    run_dir : pathlib.Path
+        The run folder.
+    metrics : dict
+        The ``metrics.json`` document (see :class:`scfmbench.results.MetricsDocument`).
+    diagnostics : DataDiagnostics
+        What validation found in the data.
+    """
 
     run_dir: Path
     metrics: dict[str, Any]
@@ -194,19 +204,34 @@ def run(
 ) -> RunResult:
     """Benchmark cell-type classification on ``data`` and write the run directory.
 
-    Args:
-        data: an ``.h5ad`` path, a built-in name (``"pbmc68k_reduced"``) or an AnnData.
-        config: a RunConfig; keyword ``overrides`` (e.g. ``label_key="cell_type"``,
-            ``n_splits=5``, ``models=["geneformer=./gf"]``) replace its fields;
-            ``backed=True`` (default for ``.h5ad`` files over 1 GiB) keeps the file on disk
-            and streams it ``chunk_size`` cells at a time, with the same results.
-        progress: show progress bars.
+    Parameters
+    ----------
+    data : str, pathlib.Path, AnnData or None
+        An ``.h5ad`` path, a built-in name (``"pbmc68k_reduced"``) or an AnnData (default:
+        ``config.data``).
+    config : RunConfig, optional
+        The run's settings (default: every field's default).
+    progress : bool
+        Show progress bars (default True).
+    **overrides
+        RunConfig fields that replace those of ``config`` (e.g. ``label_key="cell_type"``,
+        ``n_splits=5``, ``models=["geneformer=./gf"]``); ``backed=True`` (default for
+        ``.h5ad`` files over 1 GiB) keeps the file on disk and streams it ``chunk_size``
+        cells at a time, with the same results.
 
     Returns
     -------
-        RunResult with ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
+    RunResult
+        With ``run_dir`` (``config.out / config.name``) holding ``config.yaml``,
         ``splits/``, ``metrics.json``, ``results.md`` and ``figures/`` (and, when streamed,
         the embeddings of every cell in ``embeddings/``).
+
+    Raises
+    ------
+    ConfigError
+        Bad settings, an unknown model, probe or reference, or an unwritable output folder.
+    SchemaError, DataError, SplitError
+        Data without the label column, data a model refuses, or classes too small to split.
     """
     config = resolve_config(data, config, overrides)
     validated = open_run_data(data, config, progress)

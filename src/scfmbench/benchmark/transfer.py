@@ -99,10 +99,36 @@ def transfer(
     are in ``transfer.directions[...]["comparisons"]``; per-cell predictions of every seed
     in ``predictions.tsv.gz`` (with a ``direction`` column).
 
+    Parameters
+    ----------
+    train, test : str, pathlib.Path or AnnData
+        The two datasets (``.h5ad`` paths, built-in names or AnnData objects).
+    label_map : str, pathlib.Path or dict
+        A built-in map name, a YAML file or a mapping ``source label → shared label`` (None
+        drops the label's cells); default ``"pbmc3k_kang2018"``.
+    label_key_train, label_key_test : str, optional
+        The label column of each dataset (default: detected).
+    both_directions : bool
+        Also train on ``test`` and score on ``train`` (default True).
+    config : RunConfig, optional
+        The run's settings; ``overrides`` replace its fields.
+    progress : bool
+        Show progress bars (default True).
+    **overrides
+        RunConfig fields (``out``, ``name``, ``models``, ``n_splits``, ``seed``, …).
+
     Returns
     -------
-        The document written to ``<out>/<name>/metrics.json`` whose ``transfer.matrix``
+    dict
+        The document written to ``<out>/<name>/metrics.json``, whose ``transfer.matrix``
         is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings or label map, or an unwritable output folder.
+    SchemaError
+        A side without its label column, labels the map lacks, or no shared labels or genes.
     """
     values = config.model_dump() if config is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -320,6 +346,7 @@ def _embed_models(
 
     Returns
     -------
+    dict
         Per model id, the embedding record of each dataset (layer, pooling, gene match).
     """
     from scfmbench.embed import embed
