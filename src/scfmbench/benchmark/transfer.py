@@ -107,7 +107,7 @@ def transfer(
         A built-in map name, a YAML file or a mapping ``source label → shared label`` (None
         drops the label's cells); default ``"pbmc3k_kang2018"``.
     label_key_train, label_key_test : str, optional
-        The label column of each dataset (default: detected).
+        The label column of each dataset (default: ``cell_type``).
     both_directions : bool
         Also train on ``test`` and score on ``train`` (default True).
     config : RunConfig, optional
