@@ -420,7 +420,7 @@ def test_transfer_coverage_on_stderr_and_report(clean, clean_file, kang_path, tm
 
 
 def test_transfer_coverage_of_dropped_test_cells():
-    from scfmbench.benchmark.transfer import coverage_lines
+    from scfmbench.report.coverage import coverage_lines
 
     lines = coverage_lines(
         "a->b",

@@ -52,9 +52,7 @@ LAYERS = [
 
 PENDING = {  # being split or re-layered; strict xfail: remove an entry once it passes
     "test_imports_point_down[scfmbench.config]",
-    "test_imports_point_down[scfmbench.evaluation.embedding_quality]",
     "test_imports_point_down[scfmbench.evaluation.scvi]",
-    "test_imports_point_down[scfmbench.report.write]",
     "test_module_size[scfmbench.cli]",
     "test_module_size[scfmbench.data.validate]",
     "test_module_size[scfmbench.embed.engine]",
@@ -62,7 +60,6 @@ PENDING = {  # being split or re-layered; strict xfail: remove an entry once it 
     "test_module_size[scfmbench.finetune.train]",
     "test_module_size[scfmbench.models.geneformer.tokenizer]",
     "test_module_size[scfmbench.models.scfoundation.adapter]",
-    "test_module_size[scfmbench.report.write]",
     "test_no_import_cycles",
 }
 

@@ -515,7 +515,7 @@ def test_compare_html_in_browser(browser, run_dir, enriched_dir, tmp_path):
 
 
 def test_per_class_recall_marks_rare_classes(run_dir):
-    from scfmbench.report.write import per_class_table
+    from scfmbench.report.classification import per_class_table
 
     metrics = _metrics(run_dir)
     metrics["diagnostics"]["classes"] = {"type_0": 100, "type_1": 100, "type_2": 4}

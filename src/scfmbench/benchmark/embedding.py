@@ -291,7 +291,8 @@ def _score_view(
     ``steps`` gets the seconds of each part (``view_s``: the HVG-PCA of the scored cells,
     then the scores' parts, ``umap_s``).
     """
-    from scfmbench.evaluation.embedding_quality import embedding_quality, write_embedding_figures
+    from scfmbench.evaluation.embedding_quality import embedding_quality
+    from scfmbench.report.figures import write_embedding_figures
 
     labels = data.labels
     start = time.perf_counter()

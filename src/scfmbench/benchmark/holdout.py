@@ -47,6 +47,7 @@ from scfmbench.data.validate import ValidatedData
 from scfmbench.errors import ConfigError, SchemaError, SplitError
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
+from scfmbench.report.coverage import fold_lines
 from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
@@ -347,24 +348,6 @@ def holdout_splits(directory: Path, data: RunData, config: RunConfig) -> tuple[S
         for line in fold_lines(fold):
             logger.warning(line)
     return split_set, reused
-
-
-def fold_lines(fold: dict[str, Any]) -> list[str]:
-    """One line per class a held-out fold cannot score (dropped test cells, via the transfer
-    wording) or trains without testing (left out of that fold's macro F1)."""
-    from scfmbench.benchmark.transfer import coverage_lines
-
-    where = f"held out {fold['group']}"
-    lines = coverage_lines(
-        where, {"test_classes_not_in_train": fold.get("test_classes_not_in_train") or {}}
-    )
-    absent = fold.get("train_classes_without_test") or {}
-    if absent:
-        lines.append(
-            f"{where}: {len(absent)} training class(es) have no test cells and are left out of "
-            f"this fold's macro F1 ({', '.join(map(repr, absent))})"
-        )
-    return lines
 
 
 def random_split_block(

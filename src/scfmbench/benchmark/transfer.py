@@ -44,38 +44,12 @@ from scfmbench.evaluation.run_stats import (
     write_predictions,
 )
 from scfmbench.evaluation.stats import Design
+from scfmbench.report.coverage import coverage_lines
 from scfmbench.results import document_header, write_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[str]:
-    """One line per gap in a direction's label coverage (empty when the map covers all).
-
-    ``coverage`` is :attr:`TransferData.coverage`; counts are cells per class.
-    """
-
-    def listed(counts: dict[str, int]) -> str:
-        return ", ".join(f"{k!r} {v}" for k, v in counts.items())
-
-    lines = []
-    if coverage.get("train_classes_without_test"):
-        found = coverage["train_classes_without_test"]
-        lines.append(
-            f"{direction}: {len(found)} training class(es) have no test cells, so they are "
-            f"trained but never scored (training cells: {listed(found)}); map them to null "
-            "to leave them out"
-        )
-    for key, what in (
-        ("test_dropped_by_map", "mapped to null by the label map"),
-        ("test_classes_not_in_train", "of classes the training data lacks"),
-    ):
-        if coverage.get(key):
-            lines.append(
-                f"{direction}: dropped {sum(coverage[key].values())} test cells {what} "
-                f"({listed(coverage[key])})"
-            )
-    return lines
 
 
 def transfer(
@@ -444,7 +418,6 @@ def _interval_text(ci) -> str:
 __all__ = [
     "BUILTIN_LABEL_MAPS",
     "TransferData",
-    "coverage_lines",
     "harmonize",
     "load_label_map",
     "prepare_transfer",

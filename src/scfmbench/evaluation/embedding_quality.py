@@ -1,12 +1,11 @@
 """Zero-shot quality of an embedding (scib-metrics: clustering, silhouettes, LISI, graph
-connectivity) and UMAP figures."""
+connectivity)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -191,30 +190,3 @@ def detect_batch_key(obs: pd.DataFrame, batch_key: str | None) -> str | None:
         if column in obs.columns and 1 < obs[column].nunique() < len(obs):
             return column
     return None
-
-
-def write_embedding_figures(
-    name: str,
-    matrix: np.ndarray,
-    labels: np.ndarray,
-    figures: Path,
-    *,
-    seed: int,
-    batches: np.ndarray | None = None,
-    batch_key: str | None = None,
-) -> dict[str, str]:
-    """UMAP of one embedding coloured by label (and by batch); returns relative paths."""
-    from scfmbench.report.figures import plot_embedding, umap_coordinates
-    from scfmbench.stages import safe_name
-
-    keep = ~np.isnan(matrix).any(axis=1)
-    coords = umap_coordinates(matrix[keep], seed=seed)
-    out = {}
-    path = Path(figures) / f"umap_{safe_name(name)}.png"
-    plot_embedding(coords, np.asarray(labels)[keep], path, title=f"{name} — cell type")
-    out["umap_png"] = f"figures/{path.name}"
-    if batches is not None and batch_key is not None:
-        path = Path(figures) / f"umap_{safe_name(name)}_{safe_name(batch_key)}.png"
-        plot_embedding(coords, np.asarray(batches)[keep], path, title=f"{name} — {batch_key}")
-        out["umap_batch_png"] = f"figures/{path.name}"
-    return out

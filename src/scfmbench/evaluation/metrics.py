@@ -16,6 +16,38 @@ HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy")
 
 
 @dataclass(frozen=True)
+class ReportedMetric:
+    """How the report shows one of :data:`HEADLINE_METRICS`.
+
+    Parameters
+    ----------
+    key : str
+        The metric's key in ``metrics.json`` summaries (e.g. ``"macro_f1"``).
+    label : str
+        Its column header (``"macro F1"``).
+    short : str
+        Its name inside compound headers (``"F1"`` in ``"Δabs F1"``).
+    primary : bool
+        Shown with its 95% interval and its gain over the reference method, and compared
+        between frozen and fine-tuned models; otherwise only its mean ± sd.
+    """
+
+    key: str
+    label: str
+    short: str
+    primary: bool
+
+
+REPORTED_METRICS = (
+    ReportedMetric("accuracy", "accuracy", "acc", primary=True),
+    ReportedMetric("macro_f1", "macro F1", "F1", primary=True),
+    ReportedMetric("weighted_f1", "weighted F1", "weighted F1", primary=False),
+    ReportedMetric("balanced_accuracy", "balanced accuracy", "balanced acc", primary=False),
+)
+"""The report's metrics, in column order: one per :data:`HEADLINE_METRICS`."""
+
+
+@dataclass(frozen=True)
 class ClassificationMetrics:
     """Scores of one method on one test set.
 

@@ -1,5 +1,8 @@
-"""Writing what a run found: the HTML report, results.md, the verdict, figures, run
-comparison and the reproducibility manifest."""
+"""Writing what a run found.
+
+The HTML report, results.md, the verdict, figures, run comparison and the reproducibility
+manifest.
+"""
 
 from scfmbench.report.compare import compare_runs
 from scfmbench.report.manifest import write_manifest

@@ -15,12 +15,14 @@ from scfmbench.report.tables import (
     Section,
     Table,
     interval,
+    is_control,
+    mean_sd,
+    method_label,
     num,
     render_html,
     render_markdown,
     text,
 )
-from scfmbench.report.write import is_control, mean_sd, method_label
 from scfmbench.results import read_config, read_metrics
 
 logger = logging.getLogger(__name__)

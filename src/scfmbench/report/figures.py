@@ -1,7 +1,8 @@
-"""Figures: confusion matrices and UMAPs (matplotlib, Agg backend, written atomically)."""
+"""Figures of a run: confusion matrices, forest plot, UMAPs and curves (matplotlib, Agg, atomic)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import matplotlib
@@ -9,11 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from scfmbench._atomic import atomic_path  # noqa: E402
+from scfmbench.stages import safe_name  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -22,7 +25,22 @@ def _save(fig, path: Path) -> None:
 def plot_confusion(
     matrix: np.ndarray, labels: list[str], path: Path, *, title: str, normalize: bool = True
 ) -> None:
-    """Confusion matrix (rows = true class); row-normalized colours, counts in the cells."""
+    """Plot a confusion matrix: row-normalized colours, counts in the cells.
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (n_classes, n_classes)
+        Cell counts; ``matrix[i, j]``: cells of true class ``labels[i]`` predicted as
+        ``labels[j]``.
+    labels : list of str
+        The class names, in the matrix's order.
+    path : Path
+        The PNG to write (atomically).
+    title : str
+        The figure's title.
+    normalize : bool, default True
+        Colour by the fraction of each true class (else by the counts).
+    """
     matrix = np.asarray(matrix, dtype=float)
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
     size = 2.5 + 0.45 * len(labels)
@@ -37,7 +55,8 @@ def plot_confusion(
         for j in range(len(labels)):
             if matrix[i, j]:
                 colour = "white" if shown[i, j] > 0.5 else "black"
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=colour)
+                count = str(int(matrix[i, j]))
+                ax.text(j, i, count, ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "")
     _save(fig, path)
 
@@ -52,8 +71,25 @@ def plot_forest(
     xlabel: str,
     title: str,
 ) -> None:
-    """Forest plot: one row per label (first on top), a point at ``values[i]`` with its
-    interval as a horizontal bar, a vertical line at 0; significant rows filled, others hollow.
+    """Draw a forest plot: one row per label (first on top) and a vertical line at 0.
+
+    Each row is a point at ``values[i]`` with ``intervals[i]`` as a horizontal bar (none when
+    None); significant rows are filled and marked ``*``, the others hollow.
+
+    Parameters
+    ----------
+    labels : list of str
+        One per row.
+    values : list of float
+        The point of each row.
+    intervals : list of (float, float) or None
+        Each row's interval.
+    significant : list of bool
+        Whether each row is significant.
+    path : Path
+        The PNG to write (atomically).
+    xlabel, title : str
+        The x axis's label and the figure's title.
     """
     n = len(labels)
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * n))
@@ -81,7 +117,19 @@ def plot_forest(
 
 
 def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title: str) -> None:
-    """2-D scatter (e.g. UMAP) coloured by a categorical annotation."""
+    """Plot a 2-D scatter (e.g. UMAP) coloured by a categorical annotation.
+
+    Parameters
+    ----------
+    coords : ndarray, shape (n_cells, 2)
+        The points.
+    groups : ndarray, shape (n_cells,)
+        Each cell's group (shown as strings, one colour and legend entry each).
+    path : Path
+        The PNG to write (atomically).
+    title : str
+        The figure's title.
+    """
     groups = np.asarray(groups, dtype=str)
     names = sorted(set(groups))
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
@@ -107,7 +155,22 @@ def plot_embedding(coords: np.ndarray, groups: np.ndarray, path: Path, *, title:
 
 
 def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    """UMAP of a feature matrix through scanpy's neighbors (exact) + umap (seeded)."""
+    """Compute the UMAP of a feature matrix with scanpy's neighbors (exact) and umap.
+
+    Parameters
+    ----------
+    features : ndarray, shape (n_cells, n_features)
+        The representation (cast to float32).
+    seed : int
+        Seeds both the neighbour graph and the layout.
+    n_neighbors : int, default 15
+        Neighbours per cell.
+
+    Returns
+    -------
+    ndarray, shape (n_cells, 2)
+        The UMAP coordinates.
+    """
     import anndata
     import scanpy as sc
 
@@ -126,7 +189,17 @@ def umap_coordinates(features: np.ndarray, *, seed: int, n_neighbors: int = 15) 
 
 
 def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
-    """Macro F1 (and accuracy) of a probe against layer index."""
+    """Plot the test macro F1 (and accuracy) of a probe against the layer index.
+
+    Parameters
+    ----------
+    rows : list of dict
+        One per layer: ``layer``, ``macro_f1`` and ``accuracy``.
+    path : Path
+        The PNG to write (atomically).
+    title : str
+        The figure's title.
+    """
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(layers, [r["macro_f1"] for r in rows], marker="o", label="macro F1")
@@ -144,7 +217,20 @@ def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
 def plot_learning_curve(
     epochs: list[dict], path: Path, *, title: str, best_epoch: int | None = None
 ) -> None:
-    """Train/val loss (left) and val macro F1 / accuracy (right) per fine-tuning epoch."""
+    """Plot train/val loss (left) and val macro F1 / accuracy (right) per fine-tuning epoch.
+
+    Parameters
+    ----------
+    epochs : list of dict
+        One per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_macro_f1`` and
+        ``val_accuracy``.
+    path : Path
+        The PNG to write (atomically).
+    title : str
+        The figure's title.
+    best_epoch : int, optional
+        Marked with a dotted line in both panels.
+    """
     x = [e["epoch"] for e in epochs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(x, [e["train_loss"] for e in epochs], marker="o", label="train")
@@ -171,12 +257,26 @@ def plot_label_efficiency(
     path: Path,
     *,
     title: str,
-    dashed: set[str] = frozenset(),
+    dashed: Collection[str] = frozenset(),
 ) -> None:
-    """Test macro F1 against labelled cells per class (log x axis): one line per method
-    (``dashed`` ones, e.g. random-init controls, dashed) with its 95% CI as a band.
+    """Plot test macro F1 against labelled cells per class (log x axis), one line per method.
 
-    ``curves[method]`` holds one ``{"mean", "ci95": [lo, hi]}`` per position of ``x``.
+    Each line carries its 95% CI as a band.
+
+    Parameters
+    ----------
+    x : list of float
+        The sizes (labelled training cells per class), one per position.
+    ticks : list of str
+        The tick label of each position (e.g. ``"all"`` for the full training set).
+    curves : dict of str to list of dict
+        Per method, one ``{"mean", "ci95": [lo, hi]}`` per position of ``x``.
+    path : Path
+        The PNG to write (atomically).
+    title : str
+        The figure's title.
+    dashed : collection of str, default frozenset()
+        Methods drawn dashed (e.g. random-init controls).
     """
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
@@ -204,3 +304,53 @@ def plot_label_efficiency(
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def write_embedding_figures(
+    name: str,
+    matrix: np.ndarray,
+    labels: np.ndarray,
+    figures: Path,
+    *,
+    seed: int,
+    batches: np.ndarray | None = None,
+    batch_key: str | None = None,
+) -> dict[str, str]:
+    """Draw the UMAP of one embedding coloured by label (and by batch).
+
+    Cells with a NaN in their row (no embedding) are left out.
+
+    Parameters
+    ----------
+    name : str
+        The embedding's name (the figure titles; file names through ``safe_name``).
+    matrix : ndarray, shape (n_cells, n_dims)
+        The embedding.
+    labels : ndarray, shape (n_cells,)
+        Each cell's label.
+    figures : Path
+        The run's ``figures`` folder.
+    seed : int
+        Seeds the UMAP (:func:`umap_coordinates`).
+    batches : ndarray, shape (n_cells,), optional
+        Each cell's batch; with ``batch_key``, a second figure coloured by it.
+    batch_key : str, optional
+        The batch column's name.
+
+    Returns
+    -------
+    dict of str to str
+        ``umap_png`` (and ``umap_batch_png``): the figures' paths relative to the run
+        folder, ``figures/umap_<name>[_<batch_key>].png``.
+    """
+    keep = ~np.isnan(matrix).any(axis=1)
+    coords = umap_coordinates(matrix[keep], seed=seed)
+    out = {}
+    path = Path(figures) / f"umap_{safe_name(name)}.png"
+    plot_embedding(coords, np.asarray(labels)[keep], path, title=f"{name} — cell type")
+    out["umap_png"] = f"figures/{path.name}"
+    if batches is not None and batch_key is not None:
+        path = Path(figures) / f"umap_{safe_name(name)}_{safe_name(batch_key)}.png"
+        plot_embedding(coords, np.asarray(batches)[keep], path, title=f"{name} — {batch_key}")
+        out["umap_batch_png"] = f"figures/{path.name}"
+    return out

@@ -38,8 +38,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def package_versions() -> dict[str, str | None]:
-    """Version of each package in ``PACKAGES`` (None when not installed); scfmbench's own is
-    the imported package's ``__version__``."""
+    """Return the version of each package in ``PACKAGES`` (None when not installed).
+
+    scfmbench's own is the imported package's ``__version__``.
+    """
     from scfmbench._version import __version__
 
     versions: dict[str, str | None] = {"scfmbench": __version__}
@@ -57,7 +59,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict[str, Any] | None:
-    """``{"commit", "dirty"}`` of the checkout scfmbench is imported from, or None."""
+    """Return ``{"commit", "dirty"}`` of the checkout scfmbench is imported from, or None."""
     package_dir = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -102,7 +104,7 @@ def _ram_bytes() -> int | None:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU model, logical cores, RAM and the CUDA GPU (when torch sees one)."""
+    """Return the CPU model, logical cores, RAM and the CUDA GPU (when torch sees one)."""
     gpu = None
     try:
         import torch
@@ -122,7 +124,7 @@ def hardware() -> dict[str, Any]:
 
 
 def _checkpoint_entry(value: str) -> dict[str, Any]:
-    """A checkpoint given as a SHA-256, a weights file or a model folder (its weight files)."""
+    """Hash a checkpoint given as a SHA-256, a weights file or a model folder (its weights)."""
     if SHA256.match(value.lower()):
         return {"source": None, "sha256": value.lower()}
     path = Path(value)
@@ -164,15 +166,34 @@ def write_manifest(
     seeds: list[int],
     checkpoints: Mapping[str, str],
 ) -> Path:
-    """Write ``run_dir/manifest.json`` and return its path.
+    """Write ``run_dir/manifest.json``: what produced the run and hashes of its inputs.
 
-    Args:
-        config: the resolved ``RunConfig`` (or a mapping); its JSON hash is recorded beside
-            the SHA-256 of ``config.yaml``.
-        data_path_or_none: the data file (hashed), a built-in dataset name, or None for an
-            in-memory AnnData.
-        seeds: split seeds.
-        checkpoints: model id → weights file, model folder, or an already computed SHA-256.
+    It records the scfmbench version and git commit, Python, package versions, hardware,
+    seeds, and the SHA-256 of the data file, the split files, each checkpoint and the config.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (its ``splits/`` and ``config.yaml`` are hashed when present).
+    config : RunConfig or mapping
+        The resolved configuration; its JSON hash is recorded beside the SHA-256 of
+        ``config.yaml``.
+    data_path_or_none : str or Path or None
+        The data file (hashed), a built-in dataset name, or None for an in-memory AnnData.
+    seeds : list of int
+        The split seeds.
+    checkpoints : mapping of str to str
+        Model id → weights file, model folder, or an already computed SHA-256.
+
+    Returns
+    -------
+    Path
+        ``run_dir / "manifest.json"``.
+
+    Raises
+    ------
+    TypeError
+        When ``config`` is neither a ``RunConfig`` nor a mapping.
     """
     run_dir = Path(run_dir)
     data: dict[str, Any] = {"path": None, "sha256": None}

@@ -390,7 +390,7 @@ def forest_table(metrics: dict[str, Any]) -> Table | None:
     rows = forest_rows(metrics)
     if not rows:
         return None
-    from scfmbench.report.write import p_cell
+    from scfmbench.report.tables import p_cell
 
     table = Table(
         "forest",
