@@ -50,21 +50,9 @@ __all__ = [
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Read a run directory's ``metrics.json`` and (when present) ``config.yaml``.
 
-    Parameters
-    ----------
-    run_dir : pathlib.Path
-        A folder written by ``scfmbench run`` or ``scfmbench transfer``.
-
-    Returns
-    -------
-    (dict, dict or None)
-        The document (:func:`scfmbench.results.read_metrics`, older schemas upgraded) and
-        the saved configuration.
-
-    Raises
-    ------
-    RunDirError
-        The folder does not exist, or has no valid ``metrics.json``.
+    The document as :func:`scfmbench.results.read_metrics` reads it (older schemas
+    upgraded; RunDirError for a missing folder or an unreadable document), as a mapping, and
+    the saved configuration (None without one).
     """
     return read_metrics(run_dir).to_dict(), read_config(run_dir)
 
