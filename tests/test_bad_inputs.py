@@ -156,7 +156,7 @@ def test_unwritable_output_dir(tmp_path):  # pragma: no cover - CI runs as root
 
 def test_unwritable_output_dir_message(tmp_path, monkeypatch):
     import scfmbench
-    from scfmbench.benchmark.pipeline import check_writable
+    from scfmbench.benchmark.output import check_writable
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(scfmbench.ConfigError, match="cannot write to .*choose another"):

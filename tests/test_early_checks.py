@@ -121,6 +121,7 @@ def test_bad_model_option_fails_before_the_data(make_scgpt_dir, not_h5ad, tmp_pa
 
 def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, monkeypatch):
     """Both commands tokenize with one default seed (scGPT's binning breaks ties at random)."""
+    import scfmbench.benchmark.commands as commands
     import scfmbench.benchmark.pipeline as pipeline
 
     folder = make_scgpt_dir()
@@ -157,7 +158,7 @@ def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, m
     )
     for seed, same in ((DEFAULT_SEED, True), (0, False)):
         out = tmp_path / f"embed_{seed}.npy"
-        pipeline.embed_dataset(
+        commands.embed_dataset(
             str(path),
             model=f"scgpt={folder}",
             out=out,
@@ -167,7 +168,7 @@ def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, m
         )
         assert np.array_equal(np.load(out), seen["scgpt"]) is same
     default = tmp_path / "embed_default.npy"
-    pipeline.embed_dataset(
+    commands.embed_dataset(
         str(path), model=f"scgpt={folder}", out=default, allow_feature_selected=True, progress=False
     )
     np.testing.assert_array_equal(np.load(default), seen["scgpt"])

@@ -246,7 +246,9 @@ def test_full_counts_in_raw_are_not_feature_selected():
 
 
 def test_yaml_field_allows_with_a_warning(tmp_path):
-    from scfmbench.benchmark.pipeline import Method, check_run_feature_selection, score_warnings
+    from scfmbench.benchmark.document import score_warnings
+    from scfmbench.benchmark.methods import Method
+    from scfmbench.benchmark.pipeline import check_run_feature_selection
     from scfmbench.config import RunConfig
     from scfmbench.data.validate import validate
 

@@ -218,7 +218,8 @@ def donor_adata() -> ad.AnnData:
 
 def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
     from scfmbench.benchmark.pipeline import run
-    from scfmbench.evaluation.run_stats import check_statistics, read_predictions
+    from scfmbench.evaluation.run_stats import read_predictions
+    from scfmbench.results import check_statistics
 
     adata = donor_adata()
     options = {

@@ -77,16 +77,18 @@ def test_bad_train_sizes_are_refused(bad):
 def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
     tmp_path, tiny_adata, monkeypatch
 ):
-    import scfmbench.benchmark.pipeline as pipeline
+    import scfmbench.benchmark.label_efficiency as sweep_module
+    import scfmbench.benchmark.predict as predict
 
     calls = []
-    original = pipeline._fit_and_predict_features
+    original = predict.fit_and_predict_features
 
     def spy(method, feats, labels, split, *args, **kwargs):
         calls.append((method.name, split.seed, split, feats.train.shape[0]))
         return original(method, feats, labels, split, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_fit_and_predict_features", spy)
+    monkeypatch.setattr(predict, "fit_and_predict_features", spy)
+    monkeypatch.setattr(sweep_module, "fit_and_predict_features", spy)
     baselines = ["hvg+logreg", "pca+logreg", "majority"]
 
     # tiny data, 2 folds: 8 training cells per class, so size 9 is capped at the whole set

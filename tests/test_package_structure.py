@@ -51,9 +51,6 @@ LAYERS = [
 
 
 PENDING = {  # being split or re-layered; strict xfail: remove an entry once it passes
-    "test_imports_point_down[scfmbench.finetune.train]",
-    "test_module_size[scfmbench.benchmark.pipeline]",
-    "test_module_size[scfmbench.benchmark.transfer]",
     "test_module_size[scfmbench.embed.engine]",
     "test_module_size[scfmbench.embed.stream]",
     "test_module_size[scfmbench.finetune.train]",

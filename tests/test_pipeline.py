@@ -211,7 +211,8 @@ def test_each_baseline_representation_is_built_once_per_split(tmp_path, tiny_ada
 def test_score_warnings_travel_with_model_methods():
     from types import SimpleNamespace
 
-    from scfmbench.benchmark.pipeline import Method, score_warnings
+    from scfmbench.benchmark.document import score_warnings
+    from scfmbench.benchmark.methods import Method
 
     config = RunConfig.build({"allow_normalized": True})
     diagnostics = SimpleNamespace(matrix_kind="lognorm", n_genes=2000, all_highly_variable=False)
@@ -237,7 +238,7 @@ def test_score_warnings_travel_with_model_methods():
 
 
 def test_logreg_grid_follows_design_and_config():
-    from scfmbench.benchmark.pipeline import probe_grid
+    from scfmbench.benchmark.predict import probe_grid
     from scfmbench.evaluation.probes import PROBES
 
     wide = [p["C"] for p in PROBES.get("logreg").grid]

@@ -8,8 +8,9 @@ import json
 import pytest
 
 import scfmbench
-from scfmbench.evaluation.run_stats import check_statistics, design_warnings
+from scfmbench.evaluation.run_stats import design_warnings
 from scfmbench.report.write import write_report
+from scfmbench.results import check_statistics
 
 FEW_FOLDS = (
     "only 2 folds: each 95% interval rests on 2 fold scores and uses Student t with K − 1 = 1 "

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 import scfmbench.embed.stream as stream
-from scfmbench.benchmark.pipeline import embed_dataset
+from scfmbench.benchmark.commands import embed_dataset
 from scfmbench.embed import embed_tokens, parse_batch_size
 from scfmbench.errors import ConfigError, DataError
 from scfmbench.models import TokenizedCells

@@ -219,7 +219,8 @@ def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
     import pandas as pd
 
     import scfmbench
-    from scfmbench.evaluation.run_stats import check_statistics, read_predictions
+    from scfmbench.evaluation.run_stats import read_predictions
+    from scfmbench.results import check_statistics
 
     result = scfmbench.run(
         tiny_adata, out=tmp_path, name="p", n_splits=3, progress=False, figures=False
@@ -312,7 +313,7 @@ def test_planned_comparisons_pair_controls_and_fine_tuned_models():
 
 def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
     import scfmbench
-    from scfmbench.evaluation.run_stats import check_statistics
+    from scfmbench.results import check_statistics
 
     result = scfmbench.run(
         tiny_adata,

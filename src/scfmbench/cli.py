@@ -18,12 +18,9 @@ import typer
 
 from scfmbench import _cli_options as opt
 from scfmbench._cli_options import api_default, field_default
-from scfmbench.benchmark.pipeline import (
-    baseline_methods,
-    embed_dataset,
-    open_run_data,
-    resolve_config,
-)
+from scfmbench.benchmark.commands import embed_dataset, finetune_dataset
+from scfmbench.benchmark.methods import baseline_methods
+from scfmbench.benchmark.pipeline import open_run_data, resolve_config
 from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
 from scfmbench.benchmark.transfer import transfer_markdown
@@ -34,7 +31,6 @@ from scfmbench.data.splits import check_fractions, check_stratifiable
 from scfmbench.data.validate import DataDiagnostics
 from scfmbench.embed.stream import env_rank
 from scfmbench.errors import ScfmbenchError
-from scfmbench.finetune.train import finetune_dataset
 from scfmbench.models import MODELS
 from scfmbench.report.compare import compare_runs
 from scfmbench.report.write import markdown_table, results_table, write_report
@@ -424,7 +420,8 @@ def stats(run_dir: opt.RunDirArgument, quiet: opt.Quiet = False) -> None:
     Every score, interval and test is recomputed from the per-cell predictions; exit 1 when
     any differs from metrics.json.
     """
-    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, check_statistics
+    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE
+    from scfmbench.results import check_statistics
 
     _setup_logging(quiet)
     recomputed, diff = check_statistics(run_dir)

@@ -28,6 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scfmbench.benchmark.document import build_metrics
+from scfmbench.benchmark.finetuning import finetune_models
+from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.predict import ProbeInputs, predict_all
+from scfmbench.benchmark.rundata import RunData, random_splits
+from scfmbench.config import RunConfig
 from scfmbench.data.splits import (
     Split,
     SplitSet,
@@ -37,10 +43,12 @@ from scfmbench.data.splits import (
     load_splits,
     save_splits,
 )
+from scfmbench.data.validate import ValidatedData
 from scfmbench.errors import ConfigError, SchemaError, SplitError
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
 from scfmbench.report.coverage import fold_lines
+from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +65,13 @@ MACRO_F1_NOTE = (
 def check_holdout_options(
     key: str | None, train_groups: list[str] | None, test_groups: list[str] | None
 ) -> None:
-    """Raise ConfigError for group lists without a column, one list without the other, or
-    a value in both lists."""
+    """Check the held-out-group options.
+
+    Raises
+    ------
+    ConfigError
+        Group lists without a column, one list without the other, or a value in both lists.
+    """
     if key is None:
         if train_groups or test_groups:
             raise ConfigError(
@@ -85,7 +98,7 @@ def check_holdout_options(
 
 
 def group_labels(obs: pd.DataFrame, labels: pd.Series, key: str) -> pd.Series:
-    """The group (as a string) of every run cell, index = ``labels.index``.
+    """Return the group (as a string) of every run cell, index = ``labels.index``.
 
     Parameters
     ----------
@@ -209,9 +222,9 @@ def holdout_folds(
         folds.append(
             Split(
                 seed=fold_seed,
-                train=labels.index[train_rows],
-                val=labels.index[val_rows],
-                test=labels.index[np.sort(target[trained])],
+                train=labels.index.take(train_rows),
+                val=labels.index.take(val_rows),
+                test=labels.index.take(np.sort(target[trained])),
                 repeat=0,
                 fold=i,
                 group=name,
@@ -242,8 +255,10 @@ def load_or_make_holdout(
     train_groups: list[str] | None = None,
     test_groups: list[str] | None = None,
 ) -> tuple[SplitSet, dict[str, dict[str, Any]], bool]:
-    """Reuse the held-out folds saved in ``directory`` when made from the same cells, labels,
-    groups and settings; else make them (:func:`holdout_folds`) and save them there.
+    """Reuse the held-out folds saved in ``directory``, or make and save them.
+
+    Saved folds are reused when made from the same cells, labels, groups and settings; else
+    they are made (:func:`holdout_folds`) and saved there.
 
     ``splits.json`` records the settings and the per-fold ``info`` under ``holdout``.
 
@@ -284,7 +299,7 @@ def load_or_make_holdout(
     split_set = SplitSet(
         splits=folds,
         data_hash=labels_hash(labels),
-        fractions=tuple(fractions),
+        fractions=(fractions[0], fractions[1], fractions[2]),
         design=DESIGN,
         n_repeats=1,
     )
@@ -294,8 +309,8 @@ def load_or_make_holdout(
     return split_set, info, False
 
 
-def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
-    """The run's held-out folds (``config.holdout_key`` and groups), saved in ``directory``.
+def holdout_splits(directory: Path, data: RunData, config: RunConfig) -> tuple[SplitSet, bool]:
+    """Return the run's held-out folds (``config.holdout_key`` and groups), saved there.
 
     Parameters
     ----------
@@ -315,8 +330,11 @@ def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
     ConfigError, SchemaError, SplitError
         See :func:`check_holdout_options`, :func:`group_labels`, :func:`holdout_folds`.
     """
-    check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
-    groups = group_labels(data.obs, data.labels, config.holdout_key)
+    key = config.holdout_key
+    check_holdout_options(key, config.train_groups, config.test_groups)
+    if key is None:
+        raise ConfigError("held-out folds need --holdout-key COL (an obs column of groups).")
+    groups = group_labels(data.obs, data.labels, key)
     split_set, info, reused = load_or_make_holdout(
         directory,
         data.labels,
@@ -333,41 +351,36 @@ def holdout_splits(directory: Path, data, config) -> tuple[SplitSet, bool]:
 
 
 def random_split_block(
-    inputs,
-    data,
+    inputs: ProbeInputs,
+    data: RunData,
     *,
-    methods: list,
-    models: list,
-    model_info: dict,
+    methods: list[Method],
+    models: list[Any],
+    model_info: dict[str, dict[str, Any]],
     reference: str,
     metrics: dict[str, Any],
     run_dir: Path,
     progress: bool,
 ) -> dict[str, Any]:
-    """``metrics.json["holdout"]``: the folds, and per method the random-split macro F1 (the
-    run's ``design``, scored on the same embeddings under ``RUN/random_split/``), the
-    held-out macro F1 (from ``metrics["methods"]``) with their 95% intervals, and the drop.
+    """Build ``metrics.json["holdout"]``: the random-split design beside the held-out folds.
+
+    It holds the folds, and per method the random-split macro F1 (the run's ``design``,
+    scored on the same embeddings under ``RUN/random_split/``), the held-out macro F1 (from
+    ``metrics["methods"]``) with their 95% intervals, and the drop.
 
     Fine-tuned methods are fine-tuned again on the random splits (``RUN/random_split/
     finetune/``); every other method reuses the run's embeddings and cells (``inputs``, a
-    :class:`scfmbench.benchmark.pipeline.ProbeInputs`).
+    :class:`scfmbench.benchmark.predict.ProbeInputs`).
     """
-    from scfmbench.benchmark.pipeline import (
-        _predict_all,
-        build_metrics,
-        finetune_models,
-        random_splits,
-    )
-    from scfmbench.stages import StageStore
-
     config = inputs.config
     folder = run_dir / RANDOM_SPLIT_DIR
     stages = StageStore(folder)
     labels = data.labels
     split_set = random_splits(folder / "splits", labels, config)
     scored = [m for m in methods if m.probe != "finetune"]
-    predictions = _predict_all(inputs, split_set, scored, stages, progress)
-    if models and config.finetune is not None:
+    predictions = predict_all(inputs, split_set, scored, stages, progress)
+    # a streamed run cannot be fine-tuned: open_run_data refuses it
+    if models and config.finetune is not None and isinstance(data, ValidatedData):
         finetune_models(
             config,
             data.model_input,

@@ -20,14 +20,24 @@ cells, with the fold's own validation cells (which tune the probe) and test cell
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.predict import (
+    Prediction,
+    Predictions,
+    ProbeInputs,
+    fit_and_predict_features,
+    probe_grid,
+)
+from scfmbench.data.splits import Split, SplitSet
 from scfmbench.evaluation.representations import SplitFeatures
 from scfmbench.evaluation.stats import (
     INTERVAL_METHODS,
@@ -37,6 +47,7 @@ from scfmbench.evaluation.stats import (
     design_estimate,
 )
 from scfmbench.hashing import hash_json
+from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +90,22 @@ def nested_subsets(
         members = np.flatnonzero(values == cls)
         rank[members[rng.permutation(len(members))]] = np.arange(len(members))
     return {
-        size: train_labels.index if size == ALL else train_labels.index[rank < size]
+        size: train_labels.index.take(np.flatnonzero(rank < size))
+        if isinstance(size, int)
+        else train_labels.index  # "all"
         for size in sizes
     }
 
 
 class CompactFeatures(dict):
-    """Receives the run's baseline features per (representation, fold seed) and keeps only
-    those of at most ``COMPACT_WIDTH`` columns (PCA, scVI: costly to refit, small to hold)."""
+    """The run's baseline features per (representation, fold seed) that the sweep keeps.
+
+    Only those of at most ``COMPACT_WIDTH`` columns are kept (PCA, scVI: costly to refit,
+    small to hold).
+    """
 
     def __setitem__(self, key: tuple[str, int], feats: SplitFeatures) -> None:
+        """Keep ``feats`` when they are at most ``COMPACT_WIDTH`` columns wide."""
         if feats.train.shape[1] <= COMPACT_WIDTH:
             super().__setitem__(key, feats)
 
@@ -97,22 +114,30 @@ def _subset_features(feats: SplitFeatures, train: pd.Index, subset: pd.Index) ->
     return replace(feats, train=feats.train[train.get_indexer(subset)])
 
 
-def _record(payload: dict, n_train: int) -> dict:
+def _record(prediction: Prediction, n_train: int) -> dict[str, Any]:
     return {
-        "pred": payload["pred"],
-        "params": payload["params"],
-        "val_macro_f1": payload["val_macro_f1"],
+        "pred": prediction.predicted,
+        "params": prediction.params,
+        "val_macro_f1": prediction.val_macro_f1,
         "n_train": int(n_train),
     }
 
 
 def _sweep_one(
-    method, split, subsets, feats_of, labels, code_of, classes, grid, full_payload
-) -> dict[str, list[dict]]:
-    """Fit ``method`` on every numeric size and draw of one fold (a subset equal to the whole
-    training set, or to a subset already fitted, reuses that fit)."""
-    from scfmbench.benchmark.pipeline import _fit_and_predict_features
+    method: Method,
+    split: Split,
+    subsets: dict[int, dict[TrainSize, pd.Index]],
+    feats_of: Callable[[], SplitFeatures],
+    labels: pd.Series,
+    code_of: dict[str, int],
+    classes: list[str],
+    grid: tuple[dict[str, Any], ...] | None,
+    full: Prediction,
+) -> dict[str, list[dict[str, Any]]]:
+    """Fit ``method`` on every numeric size and draw of one fold.
 
+    A subset equal to the whole training set, or to a subset already fitted, reuses that fit.
+    """
     fitted: dict[str, dict] = {}
     out: dict[str, list[dict]] = {}
     feats = None
@@ -123,12 +148,12 @@ def _sweep_one(
         for by_size in subsets.values():
             subset = by_size[size]
             if len(subset) == len(split.train):
-                runs.append(_record(full_payload, len(subset)))
+                runs.append(_record(full, len(subset)))
                 continue
             key = hash_json(list(subset))
             if key not in fitted:
                 feats = feats if feats is not None else feats_of()
-                payload = _fit_and_predict_features(
+                prediction = fit_and_predict_features(
                     method,
                     _subset_features(feats, split.train, subset),
                     labels,
@@ -137,37 +162,37 @@ def _sweep_one(
                     classes,
                     grid=grid,
                 )
-                fitted[key] = _record(payload, len(subset))
+                fitted[key] = _record(prediction, len(subset))
             runs.append(fitted[key])
         out[str(size)] = runs
     return out
 
 
 def label_efficiency(
-    inputs,
-    split_set,
-    methods: list,
-    predictions: dict,
-    stages,
+    inputs: ProbeInputs,
+    split_set: SplitSet,
+    methods: list[Method],
+    predictions: Predictions,
+    stages: StageStore,
     *,
-    features: dict | None = None,
-    run_dir=None,
+    features: dict[tuple[str, int], SplitFeatures] | None = None,
+    run_dir: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The ``metrics.json["label_efficiency"]`` block of a run (and its figure).
+    """Build the ``metrics.json["label_efficiency"]`` block of a run (and its figure).
 
     Parameters
     ----------
-    inputs : scfmbench.benchmark.pipeline.ProbeInputs
+    inputs : scfmbench.benchmark.predict.ProbeInputs
         The run's cells, embeddings and labels; of its ``config``, ``train_sizes``
         (labelled cells per class, ``"all"``) and ``train_size_seeds`` (draws per fold) are
         read, with the settings every probe and representation reads.
     split_set, stages
-        As in :func:`scfmbench.benchmark.pipeline._predict_all`.
+        As in :func:`scfmbench.benchmark.predict.predict_all`.
     methods : list of Method
         The run's methods; fine-tuned ones are left out.
     predictions : dict
-        The run's payloads ``{(method, fold seed): payload}``: the ``all`` size.
+        The run's predictions ``{(method, fold seed): Prediction}``: the ``all`` size.
     features : dict, optional
         Baseline features ``{(representation, fold seed): SplitFeatures}`` kept from the
         run's own fits (:class:`CompactFeatures`); others are rebuilt once per fold.
@@ -182,10 +207,8 @@ def label_efficiency(
         ``methods`` {name: {kind, sizes: {size: {mean, ci95, se, df, per_split,
         per_draw}}}} and ``figure``.
     """
-    from scfmbench.benchmark.pipeline import probe_grid
-
     config, labels = inputs.config, inputs.labels
-    sizes = list(config.train_sizes)
+    sizes: list[TrainSize] = list(config.train_sizes or [])
     numeric = [s for s in sizes if s != ALL]
     draws = list(range(config.train_size_seeds))
     swept = [m for m in methods if m.probe != "finetune"]
@@ -356,8 +379,11 @@ def size_estimate(
 
 
 def figure_positions(block: dict[str, Any]) -> tuple[list[float], list[str]]:
-    """x positions (labelled cells per class, log axis) and tick labels of the sizes; ``all``
-    sits at the mean training cells per class, at least twice the largest numeric size."""
+    """Return the x positions (labelled cells per class, log axis) and tick labels of sizes.
+
+    ``all`` sits at the mean training cells per class, at least twice the largest numeric
+    size.
+    """
     numeric = [s for s in block["sizes"] if s != ALL]
     x = [float(s) for s in numeric]
     ticks = [str(s) for s in numeric]

@@ -9,226 +9,46 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-import yaml
 from anndata import AnnData
 
-from scfmbench._atomic import write_json, write_text
-from scfmbench._version import __version__
+from scfmbench._atomic import write_text
+from scfmbench.benchmark.document import MatrixFacts, score_warnings
+from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
+from scfmbench.benchmark.output import check_writable
+from scfmbench.benchmark.pipeline import load_models
+from scfmbench.benchmark.predict import Prediction, fit_and_predict, payloads
+from scfmbench.benchmark.transfer_data import (
+    BUILTIN_LABEL_MAPS,
+    TransferData,
+    check_transfer_feature_selection,
+    harmonize,
+    load_label_map,
+    prepare_transfer,
+    training_split,
+)
 from scfmbench.config import RunConfig
-from scfmbench.data.cells import InMemoryCells
+from scfmbench.data.cells import CellRows, InMemoryCells
 from scfmbench.data.io import load_dataset
-from scfmbench.data.labels import is_missing_label
-from scfmbench.data.matrix import lognormalize
-from scfmbench.data.splits import Split, stratified_split
+from scfmbench.data.splits import Split
 from scfmbench.data.validate import ValidatedData, validate
-from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.errors import SchemaError
+from scfmbench.evaluation.run_stats import (
+    PREDICTIONS_FILE,
+    method_statistics,
+    predictions_table,
+    write_predictions,
+)
+from scfmbench.evaluation.stats import Design
 from scfmbench.report.coverage import coverage_lines
+from scfmbench.results import document_header, write_metrics
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
-    # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
-    "pbmc3k_kang2018": {
-        "Naive CD4 T": "CD4 T",
-        "Memory CD4 T": "CD4 T",
-        "CD8 T": "CD8 T",
-        "B": "B",
-        "CD14+ Mono": "CD14+ Mono",
-        "FCGR3A+ Mono": "FCGR3A+ Mono",
-        "NK": None,
-        "DC": None,
-        "Platelet": None,
-        "CD4 T cells": "CD4 T",
-        "CD8 T cells": "CD8 T",
-        "B cells": "B",
-        "CD14+ Monocytes": "CD14+ Mono",
-        "FCGR3A+ Monocytes": "FCGR3A+ Mono",
-    }
-}
-
-
-def load_label_map(spec: str | Path) -> dict[str, str | None]:
-    """A built-in map name or a YAML file of ``source label: shared label`` (null drops).
-
-    A shared label that is a placeholder (``NaN``, empty, ``nan``, ``None``, ``NA``,
-    ``unknown``, ``unassigned``: :data:`scfmbench.data.validate.MISSING_LABELS`) drops its cells
-    like null, the rule ``obs`` labels follow.
-    """
-    if str(spec) in BUILTIN_LABEL_MAPS:
-        return dict(BUILTIN_LABEL_MAPS[str(spec)])
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(
-            f"label map {str(spec)!r} is neither a file nor a built-in map "
-            f"({', '.join(BUILTIN_LABEL_MAPS)}); pass a YAML file of 'source label: shared label'."
-        )
-    mapping = yaml.safe_load(path.read_text())
-    if not isinstance(mapping, dict):
-        raise ConfigError(
-            f"label map {str(path)!r} must be a mapping 'source label: shared label'."
-        )
-    return {str(k): (None if is_missing_label(v) else str(v)) for k, v in mapping.items()}
-
-
-def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
-    """Map labels to shared labels; cells mapped to null (or to a placeholder such as
-    ``"unknown"``, see :func:`load_label_map`) are dropped (index shrinks).
-
-    Raises:
-        SchemaError: listing every label that the mapping does not mention.
-    """
-    values = labels.astype(str)
-    unmapped = sorted(set(values) - set(mapping))
-    if unmapped:
-        raise SchemaError(
-            f"labels of {dataset} not in the label map: {unmapped}; add them to the map "
-            "(map to null to drop those cells)."
-        )
-    shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
-    return shared[shared.notna()].astype(str)
-
-
-def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
-    """Cells per source label that the label map dropped (``labels`` minus ``shared``)."""
-    lost = labels[~labels.index.isin(shared.index)].astype(str)
-    return {str(k): int(v) for k, v in lost.value_counts().sort_index().items()}
-
-
-@dataclass
-class TransferData:
-    """A train/test pair on shared genes and shared labels, ready for the probes."""
-
-    combined: AnnData  # lognorm X over shared genes; obs_names prefixed "train:"/"test:"
-    labels: pd.Series  # shared labels of all combined cells
-    split: Split  # train/val from the training dataset, test = every test-dataset cell
-    n_shared_genes: int
-    dropped_test_classes: dict[str, int]
-    coverage: dict[str, dict[str, int]]
-    """What the label map leaves out, cells per class: ``train_classes_without_test``
-    (training cells of classes no test cell has), ``test_dropped_by_map`` and
-    ``train_dropped_by_map`` (source labels mapped to null) and ``test_classes_not_in_train``."""
-
-
-def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
-    """Cells ``keep`` × ``genes``, with the file's own gene names (what the models match)."""
-    data = v.adata[keep, genes].copy()
-    data.obs_names = prefix + data.obs_names.astype(str)
-    if v.original_var_names is not None:
-        original = pd.Series(v.original_var_names, index=v.adata.var_names)
-        data.var_names = pd.Index(original[genes].to_numpy())
-    return data
-
-
-def prepare_transfer(
-    train: ValidatedData,
-    test: ValidatedData,
-    mapping: dict[str, str | None],
-    *,
-    names: tuple[str, str],
-    seed: int,
-    fractions: tuple[float, float, float],
-) -> tuple[TransferData, AnnData, AnnData]:
-    """Harmonize labels, intersect genes and build the combined matrix and split.
-
-    Returns the TransferData plus the count matrices of both datasets (shared genes,
-    prefixed cell names) for model embeddings.
-    """
-    train_labels = harmonize(train.labels, mapping, dataset=names[0])
-    test_labels = harmonize(test.labels, mapping, dataset=names[1])
-    train_classes = set(train_labels)
-    shared = train_classes & set(test_labels)
-    if not shared:
-        raise SchemaError(
-            f"{names[1]} shares no labels with {names[0]} after harmonization "
-            f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
-            "fix the label map."
-        )
-    extra = test_labels[~test_labels.isin(train_classes)]
-    dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
-    train_sizes = train_labels.value_counts()
-    coverage = {
-        "train_classes_without_test": {
-            str(k): int(train_sizes[k]) for k in sorted(train_classes - set(test_labels))
-        },
-        "test_dropped_by_map": dropped_by_map(test.labels, test_labels),
-        "test_classes_not_in_train": dict(sorted(dropped.items())),
-        "train_dropped_by_map": dropped_by_map(train.labels, train_labels),
-    }
-    test_labels = test_labels[test_labels.isin(train_classes)]
-    genes = train.adata.var_names.intersection(test.adata.var_names, sort=False)
-    if len(genes) == 0:
-        raise SchemaError(
-            f"{names[0]} and {names[1]} share no gene names; use the same identifier type in "
-            "both var_names (e.g. symbols)."
-        )
-    a = _restrict(train, train_labels.index, genes, "train:")
-    b = _restrict(test, test_labels.index, genes, "test:")
-    lognorm = sp.vstack(
-        [
-            lognormalize(a.X, kind=train.diagnostics.matrix_kind),
-            lognormalize(b.X, kind=test.diagnostics.matrix_kind),
-        ]
-    ).tocsr()
-    combined = AnnData(
-        X=lognorm,
-        obs=pd.DataFrame(index=[*a.obs_names, *b.obs_names]),
-        var=pd.DataFrame(index=genes),
-    )
-    labels = pd.Series(
-        pd.Categorical(
-            [*train_labels.to_numpy(), *test_labels.to_numpy()], categories=sorted(train_classes)
-        ),
-        index=combined.obs_names,
-    )
-    inner = stratified_split(labels.iloc[: a.n_obs], seed=seed, fractions=fractions)
-    split = Split(seed=seed, train=inner.train, val=inner.val, test=pd.Index(b.obs_names))
-    data = TransferData(
-        combined=combined,
-        labels=labels,
-        split=split,
-        n_shared_genes=int(len(genes)),
-        dropped_test_classes=dropped,
-        coverage=coverage,
-    )
-    return data, a, b
-
-
-def check_transfer_feature_selection(
-    datasets: list[tuple[str, ValidatedData]], cfg: RunConfig
-) -> None:
-    """Refuse geneformer and scgpt on the counts the models see in a transfer (both datasets
-    restricted to their shared genes) when they are feature-selected: fewer than 5,000
-    shared genes, or every gene of one dataset flagged highly variable (see
-    :mod:`scfmbench.data.feature_selection`). With ``cfg.allow_feature_selected`` the warning is
-    logged and added to both datasets' diagnostics instead.
-
-    Raises
-    ------
-    DataError
-        A feature-selected matrix for a rank- or bin-based model, without the flag.
-    """
-    from scfmbench.data.feature_selection import check_feature_selection
-
-    (name_a, data_a), (name_b, data_b) = datasets
-    shared = data_a.adata.var_names.intersection(data_b.adata.var_names)
-    allowed = check_feature_selection(
-        cfg.models,
-        n_genes=len(shared),
-        all_hvg=data_a.diagnostics.all_highly_variable or data_b.diagnostics.all_highly_variable,
-        allow=cfg.allow_feature_selected,
-        where=f"the count matrix of {name_a} and {name_b} restricted to their shared genes",
-    )
-    if allowed is not None:
-        logger.warning("warning: %s", allowed)
-        for _, data in datasets:
-            data.diagnostics.warnings.append(allowed)
 
 
 def transfer(
@@ -252,18 +72,37 @@ def transfer(
     are in ``transfer.directions[...]["comparisons"]``; per-cell predictions of every seed
     in ``predictions.tsv.gz`` (with a ``direction`` column).
 
-    Returns:
-        The document written to ``<out>/<name>/metrics.json`` whose ``transfer.matrix``
-        is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
-    """
-    from scfmbench.benchmark.pipeline import (
-        baseline_methods,
-        check_writable,
-        fit_and_predict,
-        load_models,
-        model_methods,
-    )
+    Parameters
+    ----------
+    train, test : str, pathlib.Path or AnnData
+        The two datasets (``.h5ad`` paths, built-in names or AnnData objects).
+    label_map : str, pathlib.Path or dict
+        A built-in map name, a YAML file or a mapping ``source label → shared label`` (None
+        drops the label's cells); default ``"pbmc3k_kang2018"``.
+    label_key_train, label_key_test : str, optional
+        The label column of each dataset (default: ``cell_type``).
+    both_directions : bool
+        Also train on ``test`` and score on ``train`` (default True).
+    config : RunConfig, optional
+        The run's settings; ``overrides`` replace its fields.
+    progress : bool
+        Show progress bars (default True).
+    **overrides
+        RunConfig fields (``out``, ``name``, ``models``, ``n_splits``, ``seed``, …).
 
+    Returns
+    -------
+    dict
+        The document written to ``<out>/<name>/metrics.json``, whose ``transfer.matrix``
+        is ``{train: {test: {method: {accuracy, macro_f1, weighted_f1, n_test, ...}}}}``.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings or label map, or an unwritable output folder.
+    SchemaError
+        A side without its label column, labels the map lacks, or no shared labels or genes.
+    """
     values = config.model_dump() if config is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = RunConfig.build(values)
@@ -308,8 +147,9 @@ def transfer(
                 model_genes.setdefault(f"{model_id} ({dataset})", info)
         classes = list(prepared.labels.cat.categories)
         code_of = {c: k for k, c in enumerate(classes)}
-        cells = InMemoryCells.from_adata(prepared.combined)
-        matrices = {m.model_id: prepared.combined.obsm[m.obsm_key] for m in models}
+        # CellRows declares n_vars an attribute, the readers a property
+        cells = cast(CellRows, InMemoryCells.from_adata(prepared.combined))
+        matrices = {m.model_id: np.asarray(prepared.combined.obsm[m.obsm_key]) for m in models}
         seeds = range(cfg.seed, cfg.seed + cfg.n_splits)
         splits = [prepared.split] + [
             training_split(prepared, seed=s, fractions=cfg.fractions) for s in seeds[1:]
@@ -350,8 +190,7 @@ def transfer(
         for line in coverage_lines(f"{name_a}->{name_b}", prepared.coverage):
             logger.warning("warning: %s", line)
     doc = {
-        "schema_version": "2.0",
-        "scfmbench_version": __version__,
+        **document_header(),
         "run": {
             "name": run_dir.name,
             "kind": "transfer",
@@ -367,9 +206,7 @@ def transfer(
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
-    write_json(run_dir / "metrics.json", doc)
-    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
-
+    write_metrics(run_dir, doc)
     write_predictions(pd.concat(tables, ignore_index=True), run_dir / PREDICTIONS_FILE)
     write_text(run_dir / "transfer.md", transfer_markdown(doc))
     from scfmbench.report.write import write_report
@@ -378,17 +215,17 @@ def transfer(
     return doc
 
 
-def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
-    """Another stratified train/val split of the training dataset (same target cells)."""
-    n_train = len(prepared.labels) - len(prepared.split.test)
-    inner = stratified_split(prepared.labels.iloc[:n_train], seed=seed, fractions=fractions)
-    return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
-
-
 def transfer_statistics(
-    methods: list, predictions: dict, labels: pd.Series, splits: list[Split], *, seed: int
-) -> tuple[dict[str, dict], list[dict], pd.DataFrame]:
-    """Per method: mean scores over training seeds with 95% intervals (design ``transfer``),
+    methods: list[Method],
+    predictions: dict[tuple[str, int], Prediction],
+    labels: pd.Series,
+    splits: list[Split],
+    *,
+    seed: int,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
+    """Score every method of one transfer direction.
+
+    Per method: mean scores over training seeds with 95% intervals (design ``transfer``),
     the per-seed scores, and the paired comparisons on the target cells.
 
     Returns
@@ -398,12 +235,9 @@ def transfer_statistics(
         ``balanced_accuracy`` (means over seeds), ``n_test``, ``kind``, ``summary`` (with
         ``ci95``) and ``seeds`` (each seed's scores).
     """
-    from types import SimpleNamespace
-
-    from scfmbench.evaluation.run_stats import method_statistics, predictions_table
-    from scfmbench.evaluation.stats import Design
-
-    table = predictions_table(predictions, labels, SimpleNamespace(splits=splits), methods)
+    table = predictions_table(
+        payloads(predictions), labels, SimpleNamespace(splits=splits), methods
+    )
     doc = {
         "run": {
             "classes": list(labels.cat.categories),
@@ -420,7 +254,7 @@ def transfer_statistics(
                 "probe": m.probe,
                 "model": m.model,
                 "splits": {
-                    str(s.seed): {"val_macro_f1": predictions[(m.name, s.seed)]["val_macro_f1"]}
+                    str(s.seed): {"val_macro_f1": predictions[(m.name, s.seed)].val_macro_f1}
                     for s in splits
                 },
             }
@@ -442,8 +276,8 @@ def transfer_statistics(
 
 
 def add_score_warnings(
-    results: dict[str, dict],
-    methods: list,
+    results: dict[str, dict[str, Any]],
+    methods: list[Method],
     cfg: RunConfig,
     pair: tuple[tuple[str, ValidatedData], tuple[str, ValidatedData]],
     n_shared_genes: int,
@@ -451,20 +285,16 @@ def add_score_warnings(
 ) -> None:
     """Put each model method's score warnings in ``results[method]["warnings"]``.
 
-    The warnings are those of a run (:func:`~.pipeline.score_warnings`), judged for
+    The warnings are those of a run (:func:`~.document.score_warnings`), judged for
     each dataset of the ``pair`` on the shared genes the model saw, each prefixed by the
     dataset(s) it concerns (``"pbmc3k, kang: only 1267 genes …"``).
     """
-    from types import SimpleNamespace
-
-    from scfmbench.benchmark.pipeline import score_warnings
-
     for method in methods:
         if method.model is None:
             continue
         found: dict[str, list[str]] = {}
         for (name, data), info in zip(pair, embedded[method.model], strict=True):
-            facts = SimpleNamespace(
+            facts = MatrixFacts(
                 matrix_kind=data.diagnostics.matrix_kind,
                 n_genes=n_shared_genes,
                 all_highly_variable=data.diagnostics.all_highly_variable,
@@ -487,7 +317,9 @@ def _embed_models(
 ) -> dict[str, list[dict]]:
     """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm.
 
-    Returns:
+    Returns
+    -------
+    dict
         Per model id, the embedding record of each dataset (layer, pooling, gene match).
     """
     from scfmbench.embed import embed
@@ -517,7 +349,19 @@ def _embed_models(
     return records
 
 
-def transfer_markdown(doc: dict) -> str:
+def transfer_markdown(doc: dict[str, Any]) -> str:
+    """Render ``transfer.md``: label coverage, then per direction its scores and tests.
+
+    Parameters
+    ----------
+    doc : dict
+        A transfer's ``metrics.json`` document.
+
+    Returns
+    -------
+    str
+        Markdown text.
+    """
     lines = ["# scfmbench cross-dataset transfer", ""]
     gaps = [
         line
@@ -570,4 +414,12 @@ def _interval_text(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
 
 
-__all__ = ["BUILTIN_LABEL_MAPS", "harmonize", "load_label_map", "prepare_transfer", "transfer"]
+__all__ = [
+    "BUILTIN_LABEL_MAPS",
+    "TransferData",
+    "harmonize",
+    "load_label_map",
+    "prepare_transfer",
+    "transfer",
+    "transfer_markdown",
+]

@@ -8,7 +8,6 @@ of that table, the class list and the design, so ``scfmbench stats RUN_DIR`` rec
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -18,7 +17,6 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from scfmbench._atomic import write_with
-from scfmbench.errors import RunDirError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.evaluation.stats import (
     INTERVAL_METHODS,
@@ -325,83 +323,3 @@ def _comparisons(doc: dict, sets: dict, design: Design, *, seed: int) -> None:
                 },
             }
     doc["comparisons"] = comparisons
-
-
-def recompute(run_dir: Path) -> dict[str, Any]:
-    """Recompute the statistics of ``run_dir/metrics.json`` from its predictions table.
-
-    Returns the recomputed metrics document (same keys as the stored one).
-
-    Raises
-    ------
-    RunDirError
-        ``metrics.json`` or ``predictions.tsv.gz`` is missing, or the table lacks a method.
-    """
-    run_dir = Path(run_dir)
-    metrics_path, table_path = run_dir / "metrics.json", run_dir / PREDICTIONS_FILE
-    for path in (metrics_path, table_path):
-        if not path.exists():
-            raise RunDirError(
-                f"{path} does not exist; point `scfmbench stats` at a finished run directory "
-                "(written by scfmbench run, schema 2.0 or later)."
-            )
-    doc = json.loads(metrics_path.read_text())
-    if doc.get("run", {}).get("kind") == "transfer":
-        raise RunDirError(
-            f"{run_dir} is a transfer run; `scfmbench stats` recomputes runs of `scfmbench run` "
-            "only (a transfer's statistics are in its metrics.json['transfer'], its per-cell "
-            f"predictions in {PREDICTIONS_FILE})."
-        )
-    table = read_predictions(table_path)
-    missing = sorted(set(doc["methods"]) - set(table["method"]))
-    if missing:
-        raise RunDirError(f"{table_path} has no predictions for {missing}; rerun the benchmark.")
-    return method_statistics(doc, table, seed=doc["run"]["stats_seed"])
-
-
-STATISTICS_KEYS = ("methods", "comparisons")
-
-
-def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9) -> list[str]:
-    """Paths (``methods.pca+logreg.summary.macro_f1.ci95[0]``) where two documents differ;
-    numbers within ``tol`` (absolute) count as equal."""
-    if isinstance(stored, dict) and isinstance(recomputed, dict):
-        out = []
-        for key in sorted(set(stored) | set(recomputed), key=str):
-            where = f"{path}.{key}" if path else str(key)
-            if key not in stored or key not in recomputed:
-                out.append(where)
-            else:
-                out += differences(stored[key], recomputed[key], where, tol=tol)
-        return out
-    if isinstance(stored, list) and isinstance(recomputed, list):
-        if len(stored) != len(recomputed):
-            return [path]
-        out = []
-        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
-            out += differences(a, b, f"{path}[{i}]", tol=tol)
-        return out
-    numbers = (int, float)
-    if (
-        isinstance(stored, numbers)
-        and isinstance(recomputed, numbers)
-        and not isinstance(stored, bool)
-        and not isinstance(recomputed, bool)
-    ):
-        if np.isnan(stored) and np.isnan(recomputed):
-            return []
-        return [] if abs(stored - recomputed) <= tol else [path]
-    return [] if stored == recomputed else [path]
-
-
-def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """(recomputed document, paths under ``methods``/``comparisons``/``run`` that differ from
-    the stored ``metrics.json``)."""
-    recomputed = recompute(run_dir)  # checks that both files exist
-    stored = json.loads((Path(run_dir) / "metrics.json").read_text())
-    diff = []
-    for key in (*STATISTICS_KEYS, "run"):
-        diff += differences(stored.get(key), recomputed.get(key), key)
-    if stored.get("schema_version", "2.0") == "2.0":  # schema 2.1 added these annotations
-        diff = [d for d in diff if d != "run.warnings" and not d.endswith(".constant_within_class")]
-    return recomputed, diff

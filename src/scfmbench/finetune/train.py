@@ -36,7 +36,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path, write_json
-from scfmbench.config import FinetuneConfig, RunConfig, finetune_section, read_yaml
+from scfmbench.config import FinetuneConfig
 from scfmbench.data.splits import Split
 from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.embed.engine import collate, length_sorted_batches
@@ -407,64 +407,6 @@ def metrics_section(results: list[FinetuneResult]) -> dict[str, dict[str, Any]]:
         )
         entry["splits"][str(result.split_seed)] = result.to_dict()
     return out
-
-
-def finetune_dataset(
-    data: str | Path | AnnData,
-    *,
-    models: list[str],
-    config_file: Path | None = None,
-    run_overrides: dict[str, Any] | None = None,
-    finetune_overrides: dict[str, Any] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> tuple[Path, list[FinetuneResult]]:
-    """The API behind ``scfmbench finetune``: validate, reuse/make the run's splits, fine-tune.
-
-    Args:
-        data: an ``.h5ad`` path, a built-in name or an AnnData.
-        models: ``NAME=DIR`` specs (``NAME-random=DIR`` for the random-init control).
-        config_file: run YAML; top-level keys are RunConfig fields (label_key, out, name,
-            seed, fractions, n_splits, …), the ``finetune:`` section holds FinetuneConfig.
-        run_overrides / finetune_overrides: values that win over the YAML.
-
-    Returns:
-        (run directory, one FinetuneResult per model and split); each result lives in
-        ``RUN/finetune/<model_id>/seed<S>/``.
-    """
-    from scfmbench.benchmark.pipeline import load_models, resolve_run, run_splits
-
-    loaded = read_yaml(config_file) if config_file is not None else {}
-    loaded["finetune"] = {
-        **finetune_section(loaded, config_file),
-        **(finetune_overrides or {}),
-    }
-    overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
-    run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
-    config = run_config.finetune_settings() or FinetuneConfig()  # the section is set above
-    validated = validate(
-        adata,
-        label_key=run_config.label_key,
-        min_cells_per_class=run_config.min_cells_per_class,
-        merge_similar_labels=run_config.merge_similar_labels,
-    )
-    run_dir = Path(run_config.out) / run_config.name
-    split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
-    results = [
-        finetune_in_run(
-            validated.model_input,  # the file's own gene names
-            validated.labels,
-            model,
-            split,
-            config=config,
-            run_dir=run_dir,
-            resume=resume,
-            progress=progress,
-        )
-        for model in load_models(run_config)
-        for split in split_set.splits
-    ]
-    return run_dir, results
 
 
 def load_head(best_dir: Path, model: FoundationModel) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -974,7 +916,6 @@ __all__ = [
     "FinetuneResult",
     "epoch_batches",
     "finetune",
-    "finetune_dataset",
     "finetune_in_run",
     "load_head",
     "metrics_section",

@@ -23,7 +23,7 @@ from scfmbench.report.tables import (
     render_markdown,
     text,
 )
-from scfmbench.report.write import load_run
+from scfmbench.results import read_config, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def compare_runs(run_dirs: Sequence[Path], *, out: Path | None = None) -> Path:
     if not run_dirs:
         raise RunDirError("no run directories given; pass one or more runs/<name> folders")
     dirs = [Path(d) for d in run_dirs]
-    loaded = [load_run(d) for d in dirs]
+    loaded = [(read_metrics(d).to_dict(), read_config(d)) for d in dirs]
     labels = _labels(
         dirs, [m["run"].get("name", d.name) for d, (m, _) in zip(dirs, loaded, strict=True)]
     )

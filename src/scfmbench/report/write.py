@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from scfmbench._atomic import write_text
-from scfmbench.errors import RunDirError
 from scfmbench.hashing import hash_json
 from scfmbench.report.classification import (
     confusion_section,
@@ -29,6 +28,7 @@ from scfmbench.report.provenance import data_section, methods_section, timings_s
 from scfmbench.report.studies import holdout_section, label_efficiency_section, transfer_section
 from scfmbench.report.tables import Section, markdown_table, render_html, render_markdown
 from scfmbench.report.verdict import forest_section, verdict_section, write_forest_figure
+from scfmbench.results import read_config, read_metrics
 from scfmbench.stages import StageStore, safe_name
 
 logger = logging.getLogger(__name__)
@@ -48,33 +48,13 @@ __all__ = [
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``metrics.json`` and (when present) ``config.yaml`` of a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(
-            f"run directory {run_dir} does not exist; pass a folder that "
-            "`scfmbench run` wrote (runs/<name>)"
-        )
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir} has no metrics.json; run `scfmbench run` first")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(
-            f"{path} is not valid JSON ({exc}); rerun `scfmbench run` to rewrite it"
-        ) from None
-    if not isinstance(metrics, dict) or "methods" not in metrics or "run" not in metrics:
-        raise RunDirError(
-            f"{path} has no 'run'/'methods' entries; rerun `scfmbench run` to rewrite it"
-        )
-    config = None
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        import yaml
+    """Read a run directory's ``metrics.json`` and (when present) ``config.yaml``.
 
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return metrics, config
+    The document as :func:`scfmbench.results.read_metrics` reads it (older schemas
+    upgraded; RunDirError for a missing folder or an unreadable document), as a mapping, and
+    the saved configuration (None without one).
+    """
+    return read_metrics(run_dir).to_dict(), read_config(run_dir)
 
 
 # --------------------------------------------------------------------------- sections

@@ -1,0 +1,284 @@
+"""The APIs behind the ``scfmbench embed`` and ``scfmbench finetune`` commands."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from scfmbench._atomic import write_npy, write_with
+from scfmbench.benchmark.output import check_writable, run_directory
+from scfmbench.benchmark.pipeline import load_models, resolve_run, run_splits
+from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
+from scfmbench.data.io import load_dataset
+from scfmbench.data.validate import validate
+from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from scfmbench.finetune.train import FinetuneResult
+
+__all__ = ["embed_dataset", "finetune_dataset"]
+
+
+def embed_dataset(
+    data: str | Path | AnnData,
+    *,
+    model: str,
+    out: Path | None = None,
+    layer: int | None = None,
+    pooling: str | None = None,
+    batch_size: int | str = 32,
+    device: str = "auto",
+    precision: str = "float32",
+    cache_dir: Path | None = None,
+    allow_normalized: bool = False,
+    gene_column: str | None = None,
+    progress: bool = True,
+    chunk_size: int = 2048,
+    model_options: dict[str, Any] | None = None,
+    backed: bool | None = None,
+    seed: int = DEFAULT_SEED,
+    allow_feature_selected: bool = False,
+) -> tuple[str, int]:
+    """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.
+
+    The model and its options are checked before the data are read.
+
+    Parameters
+    ----------
+    data : str, pathlib.Path or AnnData
+        An ``.h5ad`` path, a built-in name or an AnnData (raw counts).
+    model : str
+        ``NAME=DIR`` (``NAME-random=DIR`` for the random-init control).
+    out : pathlib.Path, optional
+        ``.npy`` (the (n_obs, dim) matrix, NaN rows for cells without tokens) or ``.h5ad``
+        (a copy of the data with ``obsm['X_<model>']``); default None: nothing is written.
+    layer, pooling : optional
+        Layer (0 = the token embeddings) and pooling; default: the model's own.
+    batch_size : int or "auto"
+        Cells per batch (default 32), or ``"auto"`` (start large, halve on out-of-memory).
+    device, precision : str
+        ``auto``/``cpu``/``cuda[:i]`` and ``float32``/``bfloat16``/``float16``.
+    cache_dir : pathlib.Path, optional
+        Embedding cache folder.
+    allow_normalized : bool
+        Let the model embed normalized input (default False: refused).
+    gene_column : str, optional
+        ``var`` column with the gene identifiers (default: detected).
+    progress : bool
+        Show progress bars (default True).
+    chunk_size : int
+        Cells read per chunk when streamed (default 2048).
+    model_options : dict, optional
+        Options of the model's loader.
+    backed : bool, optional
+        Stream the ``.h5ad`` file chunk by chunk (``chunk_size`` cells) instead of loading it
+        (see :func:`scfmbench.embed.embed_h5ad`); default: stream files above 1 GiB and under
+        torchrun (``WORLD_SIZE > 1``, cells sharded by rank, rank 0 writes).
+    seed : int
+        Seed of tokenization (scGPT's sampling of long cells and tie-breaking) and of a
+        ``NAME-random`` control's weights; the same default as ``scfmbench run``, so both
+        commands give the same embedding.
+    allow_feature_selected : bool
+        Let geneformer or scgpt embed a feature-selected count matrix (fewer than 5,000
+        genes, or every gene flagged highly variable) with a warning (default False: refused
+        before the model is loaded).
+
+    Returns
+    -------
+    (str, int)
+        The obsm key and the number of embedded cells.
+
+    Raises
+    ------
+    ConfigError
+        A bad model spec or option, an unwritable ``out``, or streaming without ``out``.
+    DataError
+        Feature-selected counts for geneformer or scgpt without ``allow_feature_selected``,
+        or data the model refuses.
+    """
+    from scfmbench.data.matrix import expression_view
+    from scfmbench.data.validate import check_unique_cells
+    from scfmbench.embed import embed, embed_h5ad, parse_batch_size
+    from scfmbench.embed.stream import should_stream
+
+    batch_size = parse_batch_size(batch_size)
+    spec = ModelSpec.parse(model)
+    settings = RunConfig.build(
+        {
+            "models": [model],
+            "random_controls": False,
+            "seed": seed,
+            "allow_normalized": allow_normalized,
+            "gene_column": gene_column,
+            "model_options": {spec.name: dict(model_options)} if model_options else {},
+        }
+    )
+    if out is not None:
+        check_writable(Path(out))
+    stream = should_stream(data, backed=backed)
+    if stream and out is None:
+        raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
+    options: dict[str, Any] = {
+        "seed": seed,
+        "layer": layer,
+        "pooling": pooling,
+        "batch_size": batch_size,
+        "device": device,
+        "precision": precision,
+        "cache_dir": cache_dir,
+        "progress": progress,
+        "chunk_size": chunk_size,
+    }
+    if stream and out is not None and not isinstance(data, AnnData):  # never an AnnData
+        from scfmbench.data.backed import H5adCells
+
+        # refuse the data before loading the model, as in memory
+        reader = H5adCells(Path(data), chunk_size=chunk_size)
+        reader.close()
+        genes = reader.var  # read whole from the file: a DataFrame
+        _check_feature_selection(model, reader.source, genes, allow_feature_selected)  # pyright: ignore[reportArgumentType]
+        (foundation,) = load_models(settings)
+        streamed = embed_h5ad(data, foundation, out=out, **options)
+        return streamed.key, streamed.n_embedded
+    adata = load_dataset(data)
+    check_unique_cells(
+        adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
+    )
+    counts = expression_view(adata)
+    source = counts.uns["scfmbench"]["matrix_source"]
+    allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
+    (foundation,) = load_models(settings)
+    result = embed(counts, foundation, **options)
+    key = foundation.obsm_key
+    if out is not None:
+        out = Path(out)
+        if out.suffix == ".npy":
+            write_npy(out, np.asarray(counts.obsm[key]))
+        else:
+            adata.obsm[key] = counts.obsm[key]
+            adata.uns[f"{key}_info"] = {
+                "model": foundation.model_id,
+                "layer": result.layer,
+                "pooling": result.pooling,
+                "checkpoint_sha256": result.checkpoint_sha256,
+                "dropped_cells": list(map(str, result.dropped)),
+                **({"warnings": [allowed]} if allowed is not None else {}),
+                "genes": {
+                    k: v
+                    for k, v in (result.gene_match.to_dict() if result.gene_match else {}).items()
+                    if v is not None and v != []
+                },
+            }
+            write_with(out, lambda tmp: adata.write_h5ad(tmp))
+    return key, len(result.obs_names)
+
+
+def _check_feature_selection(
+    model: str, source: str, genes: pd.DataFrame, allow: bool
+) -> str | None:
+    """Refuse (or, with ``allow``, warn about) ``model`` on a feature-selected count matrix.
+
+    Returns the warning when allowed (see
+    :func:`scfmbench.data.feature_selection.check_feature_selection`).
+    """
+    from scfmbench.data.feature_selection import (
+        COUNT_MATRIX,
+        all_highly_variable,
+        check_feature_selection,
+    )
+
+    allowed = check_feature_selection(
+        [model],
+        n_genes=len(genes),
+        all_hvg=all_highly_variable(genes),
+        allow=allow,
+        where=COUNT_MATRIX.format(source=source),
+    )
+    if allowed is not None:
+        warnings.warn(allowed, stacklevel=3)  # the caller of embed_dataset
+    return allowed
+
+
+def finetune_dataset(
+    data: str | Path | AnnData,
+    *,
+    models: list[str],
+    config_file: Path | None = None,
+    run_overrides: dict[str, Any] | None = None,
+    finetune_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Path, list[FinetuneResult]]:
+    """Fine-tune models on a dataset: the API behind ``scfmbench finetune``.
+
+    Validates the data, reuses or makes the run's splits, then fine-tunes every model on
+    every split.
+
+    Parameters
+    ----------
+    data : str, pathlib.Path or AnnData
+        An ``.h5ad`` path, a built-in name or an AnnData.
+    models : list of str
+        ``NAME=DIR`` specs (``NAME-random=DIR`` for the random-init control).
+    config_file : pathlib.Path, optional
+        Run YAML; top-level keys are RunConfig fields (label_key, out, name, seed, fractions,
+        n_splits, …), the ``finetune:`` section holds FinetuneConfig.
+    run_overrides, finetune_overrides : dict, optional
+        Values that win over the YAML.
+    resume : bool
+        Continue an interrupted fine-tuning from its last saved epoch (default False).
+    progress : bool
+        Show progress bars (default True).
+
+    Returns
+    -------
+    (pathlib.Path, list of FinetuneResult)
+        The run directory and one result per model and split; each result lives in
+        ``RUN/finetune/<model_id>/seed<S>/``.
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        Bad settings, labels or splits (found before any model is trained).
+    """
+    from scfmbench.finetune.train import finetune_in_run
+
+    loaded = read_yaml(config_file) if config_file is not None else {}
+    loaded["finetune"] = {
+        **finetune_section(loaded, config_file),
+        **(finetune_overrides or {}),
+    }
+    overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
+    run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
+    config = run_config.finetune_settings()
+    if config is None:  # not reached: the section is set above
+        config = FinetuneConfig.model_validate({})
+    validated = validate(
+        adata,
+        label_key=run_config.label_key,
+        min_cells_per_class=run_config.min_cells_per_class,
+        merge_similar_labels=run_config.merge_similar_labels,
+    )
+    run_dir = run_directory(run_config)
+    split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
+    results = [
+        finetune_in_run(
+            validated.model_input,  # the file's own gene names
+            validated.labels,
+            model,
+            split,
+            config=config,
+            run_dir=run_dir,
+            resume=resume,
+            progress=progress,
+        )
+        for model in load_models(run_config)
+        for split in split_set.splits
+    ]
+    return run_dir, results

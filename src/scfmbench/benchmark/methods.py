@@ -1,0 +1,152 @@
+"""The methods of a run: each baseline representation and each model paired with a probe."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from scfmbench.config import DEFAULT_BASELINES, EMBEDDING_BASELINES, RunConfig
+from scfmbench.errors import ConfigError
+from scfmbench.evaluation.probes import PROBES
+from scfmbench.evaluation.representations import REPRESENTATIONS
+from scfmbench.results import MethodKind
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Method", "baseline_methods", "expand_baselines", "model_methods"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A representation paired with a probe, e.g. ``pca+xgboost`` or ``geneformer+logreg``.
+
+    Attributes
+    ----------
+    name : str
+        The method's name in ``metrics.json`` (``<representation>+<probe>``, or
+        ``majority``).
+    representation : str
+        A baseline representation (``hvg``, ``pca``, ``scvi``, ``none``) or a model id.
+    probe : str
+        A registered probe, or ``finetune`` for an end-to-end fine-tuned model.
+    kind : MethodKind
+        ``baseline``, ``frozen``, ``control`` or ``finetuned``.
+    model : str or None
+        The model id of a foundation-model method (None for a baseline).
+    """
+
+    name: str
+    representation: str
+    probe: str
+    kind: MethodKind
+    model: str | None = None
+
+
+def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
+    """Return the baselines of ``config``; a bare ``scvi`` is ``scvi+<probe>`` per probe.
+
+    scVI needs raw counts: on other data (``matrix_kind`` not ``"counts"``; ``None`` =
+    unknown, e.g. the log-normalized data of a transfer) it is left out of the default
+    baseline list with a log line, and an explicit request raises.
+
+    Parameters
+    ----------
+    config : RunConfig
+        ``baselines`` and ``probes`` are read.
+    matrix_kind : str, optional
+        Kind of the data's matrix (``counts``, ``lognorm``, …; default None: unknown).
+
+    Returns
+    -------
+    list of Method
+        In the order of ``config.baselines``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown representation or probe, or scvi asked for on data without counts.
+    """
+    for probe in config.probes:  # used by models and scvi: refuse a typo with or without them
+        PROBES.get(probe)
+    methods = []
+    for item in expand_baselines(config, matrix_kind):
+        if item == "majority":
+            methods.append(Method("majority", "none", "majority", "baseline"))
+            continue
+        representation, probe = item.split("+", 1)
+        REPRESENTATIONS.get(representation)
+        PROBES.get(probe)
+        methods.append(Method(item, representation, probe, "baseline"))
+    return methods
+
+
+def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
+    """``config.baselines`` with ``scvi`` spelled out as ``scvi+<probe>``.
+
+    Parameters
+    ----------
+    config : RunConfig
+        ``baselines`` and ``probes`` are read.
+    matrix_kind : str or None
+        Kind of the data's matrix; scvi is kept only on ``counts`` (see
+        :func:`baseline_methods`).
+
+    Returns
+    -------
+    list of str
+        Baseline method names.
+
+    Raises
+    ------
+    ConfigError
+        scvi asked for explicitly on data without counts.
+    """
+    items = []
+    for item in config.baselines:
+        if item in EMBEDDING_BASELINES:
+            items += [f"{item}+{probe}" for probe in config.probes]
+        else:
+            items.append(item)
+    scvi = [i for i in items if i.split("+", 1)[0] == "scvi"]
+    if not scvi or matrix_kind == "counts":
+        return items
+    if config.baselines == DEFAULT_BASELINES:
+        logger.info("scvi baseline skipped: it needs raw counts (the data are %s)", matrix_kind)
+        return [i for i in items if i not in scvi]
+    raise ConfigError(
+        f"baseline {scvi[0]!r} needs raw integer counts but the data are "
+        f"{matrix_kind or 'not counts'}; give the counts, or remove scvi from `baselines` "
+        "(--no-scvi)."
+    )
+
+
+def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
+    """One method per loaded model and probe of ``config`` (``control`` for random init).
+
+    Parameters
+    ----------
+    models : list of FoundationModel
+        The run's loaded models (``model_id``, ``random_init``).
+    config : RunConfig
+        ``probes`` is read.
+
+    Returns
+    -------
+    list of Method
+        ``<model_id>+<probe>``, models in order, probes in order within each.
+
+    Raises
+    ------
+    ConfigError
+        An unknown probe.
+    """
+    methods = []
+    for model in models:
+        kind: MethodKind = "control" if model.random_init else "frozen"
+        for probe in config.probes:
+            PROBES.get(probe)
+            methods.append(
+                Method(f"{model.model_id}+{probe}", model.model_id, probe, kind, model.model_id)
+            )
+    return methods

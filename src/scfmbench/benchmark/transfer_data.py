@@ -1,0 +1,248 @@
+"""The data of a cross-dataset transfer.
+
+Label maps, harmonized labels, the genes both datasets share, the combined log-normalized
+matrix and the training split.
+
+Labels are harmonized through a mapping (source label → shared label, or null to drop) and
+genes are intersected; the models see each dataset's counts restricted to the shared genes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import scipy.sparse as sp
+import yaml
+from anndata import AnnData
+
+from scfmbench.config import RunConfig
+from scfmbench.data.labels import is_missing_label
+from scfmbench.data.matrix import lognormalize
+from scfmbench.data.splits import Split, stratified_split
+from scfmbench.data.validate import ValidatedData
+from scfmbench.errors import ConfigError, SchemaError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_LABEL_MAPS",
+    "TransferData",
+    "check_transfer_feature_selection",
+    "harmonize",
+    "load_label_map",
+    "prepare_transfer",
+    "training_split",
+]
+
+BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
+    # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
+    "pbmc3k_kang2018": {
+        "Naive CD4 T": "CD4 T",
+        "Memory CD4 T": "CD4 T",
+        "CD8 T": "CD8 T",
+        "B": "B",
+        "CD14+ Mono": "CD14+ Mono",
+        "FCGR3A+ Mono": "FCGR3A+ Mono",
+        "NK": None,
+        "DC": None,
+        "Platelet": None,
+        "CD4 T cells": "CD4 T",
+        "CD8 T cells": "CD8 T",
+        "B cells": "B",
+        "CD14+ Monocytes": "CD14+ Mono",
+        "FCGR3A+ Monocytes": "FCGR3A+ Mono",
+    }
+}
+
+
+def load_label_map(spec: str | Path) -> dict[str, str | None]:
+    """Read a label map: a built-in name or a YAML file of ``source label: shared label``.
+
+    A label mapped to null drops its cells.
+
+    A shared label that is a placeholder (``NaN``, empty, ``nan``, ``None``, ``NA``,
+    ``unknown``, ``unassigned``: :data:`scfmbench.data.validate.MISSING_LABELS`) drops its cells
+    like null, the rule ``obs`` labels follow.
+    """
+    if str(spec) in BUILTIN_LABEL_MAPS:
+        return dict(BUILTIN_LABEL_MAPS[str(spec)])
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(
+            f"label map {str(spec)!r} is neither a file nor a built-in map "
+            f"({', '.join(BUILTIN_LABEL_MAPS)}); pass a YAML file of 'source label: shared label'."
+        )
+    mapping = yaml.safe_load(path.read_text())
+    if not isinstance(mapping, dict):
+        raise ConfigError(
+            f"label map {str(path)!r} must be a mapping 'source label: shared label'."
+        )
+    return {str(k): (None if is_missing_label(v) else str(v)) for k, v in mapping.items()}
+
+
+def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
+    """Map labels to shared labels.
+
+    Cells mapped to null (or to a placeholder such as ``"unknown"``, see
+    :func:`load_label_map`) are dropped (index shrinks).
+
+    Raises
+    ------
+        SchemaError: listing every label that the mapping does not mention.
+    """
+    values = labels.astype(str)
+    unmapped = sorted(set(values) - set(mapping))
+    if unmapped:
+        raise SchemaError(
+            f"labels of {dataset} not in the label map: {unmapped}; add them to the map "
+            "(map to null to drop those cells)."
+        )
+    shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
+    return shared.loc[shared.notna()].astype(str)
+
+
+def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
+    """Cells per source label that the label map dropped (``labels`` minus ``shared``)."""
+    lost = labels.loc[~labels.index.isin(shared.index)].astype(str)
+    return {str(k): int(v) for k, v in lost.value_counts().sort_index().items()}
+
+
+@dataclass
+class TransferData:
+    """A train/test pair on shared genes and shared labels, ready for the probes."""
+
+    combined: AnnData  # lognorm X over shared genes; obs_names prefixed "train:"/"test:"
+    labels: pd.Series  # shared labels of all combined cells
+    split: Split  # train/val from the training dataset, test = every test-dataset cell
+    n_shared_genes: int
+    dropped_test_classes: dict[str, int]
+    coverage: dict[str, dict[str, int]]
+    """What the label map leaves out, cells per class: ``train_classes_without_test``
+    (training cells of classes no test cell has), ``test_dropped_by_map`` and
+    ``train_dropped_by_map`` (source labels mapped to null) and ``test_classes_not_in_train``."""
+
+
+def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
+    """Cells ``keep`` × ``genes``, with the file's own gene names (what the models match)."""
+    data = v.adata[keep, genes].copy()
+    data.obs_names = prefix + data.obs_names.astype(str)
+    if v.original_var_names is not None:
+        original = pd.Series(v.original_var_names, index=v.adata.var_names)
+        data.var_names = pd.Index(original.loc[genes].to_numpy())  # pyright: ignore[reportAttributeAccessIssue]  # anndata types var_names as Sequence[str]
+    return data
+
+
+def prepare_transfer(
+    train: ValidatedData,
+    test: ValidatedData,
+    mapping: dict[str, str | None],
+    *,
+    names: tuple[str, str],
+    seed: int,
+    fractions: tuple[float, float, float],
+) -> tuple[TransferData, AnnData, AnnData]:
+    """Harmonize labels, intersect genes and build the combined matrix and split.
+
+    Returns the TransferData plus the count matrices of both datasets (shared genes,
+    prefixed cell names) for model embeddings.
+    """
+    train_labels = harmonize(train.labels, mapping, dataset=names[0])
+    test_labels = harmonize(test.labels, mapping, dataset=names[1])
+    train_classes = set(train_labels)
+    shared = train_classes & set(test_labels)
+    if not shared:
+        raise SchemaError(
+            f"{names[1]} shares no labels with {names[0]} after harmonization "
+            f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
+            "fix the label map."
+        )
+    extra = test_labels.loc[~test_labels.isin(train_classes)]
+    dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
+    train_sizes = train_labels.value_counts()
+    coverage = {
+        "train_classes_without_test": {
+            str(k): int(train_sizes[k]) for k in sorted(train_classes - set(test_labels))
+        },
+        "test_dropped_by_map": dropped_by_map(test.labels, test_labels),
+        "test_classes_not_in_train": dict(sorted(dropped.items())),
+        "train_dropped_by_map": dropped_by_map(train.labels, train_labels),
+    }
+    test_labels = test_labels.loc[test_labels.isin(train_classes)]
+    genes = train.adata.var_names.intersection(test.adata.var_names, sort=False)
+    if len(genes) == 0:
+        raise SchemaError(
+            f"{names[0]} and {names[1]} share no gene names; use the same identifier type in "
+            "both var_names (e.g. symbols)."
+        )
+    a = _restrict(train, train_labels.index, genes, "train:")
+    b = _restrict(test, test_labels.index, genes, "test:")
+    lognorm = sp.vstack(
+        [
+            lognormalize(a.X, kind=train.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]  # validated X is CSR
+            lognormalize(b.X, kind=test.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]
+        ]
+    ).tocsr()
+    combined = AnnData(
+        X=lognorm,
+        obs=pd.DataFrame(index=pd.Index([*a.obs_names, *b.obs_names])),
+        var=pd.DataFrame(index=genes),
+    )
+    labels = pd.Series(
+        pd.Categorical(
+            [*train_labels.to_numpy(), *test_labels.to_numpy()], categories=sorted(train_classes)
+        ),
+        index=combined.obs_names,
+    )
+    inner = stratified_split(labels.iloc[: a.n_obs], seed=seed, fractions=fractions)
+    split = Split(seed=seed, train=inner.train, val=inner.val, test=pd.Index(b.obs_names))
+    data = TransferData(
+        combined=combined,
+        labels=labels,
+        split=split,
+        n_shared_genes=int(len(genes)),
+        dropped_test_classes=dropped,
+        coverage=coverage,
+    )
+    return data, a, b
+
+
+def check_transfer_feature_selection(
+    datasets: list[tuple[str, ValidatedData]], cfg: RunConfig
+) -> None:
+    """Refuse geneformer and scgpt on feature-selected counts in a transfer.
+
+    The counts are both datasets restricted to their shared genes; feature-selected: fewer
+    than 5,000 shared genes, or every gene of one dataset flagged highly variable (see
+    :mod:`scfmbench.data.feature_selection`). With ``cfg.allow_feature_selected`` the warning
+    is logged and added to both datasets' diagnostics instead.
+
+    Raises
+    ------
+    DataError
+        A feature-selected matrix for a rank- or bin-based model, without the flag.
+    """
+    from scfmbench.data.feature_selection import check_feature_selection
+
+    (name_a, data_a), (name_b, data_b) = datasets
+    shared = data_a.adata.var_names.intersection(data_b.adata.var_names)
+    allowed = check_feature_selection(
+        cfg.models,
+        n_genes=len(shared),
+        all_hvg=data_a.diagnostics.all_highly_variable or data_b.diagnostics.all_highly_variable,
+        allow=cfg.allow_feature_selected,
+        where=f"the count matrix of {name_a} and {name_b} restricted to their shared genes",
+    )
+    if allowed is not None:
+        logger.warning("warning: %s", allowed)
+        for _, data in datasets:
+            data.diagnostics.warnings.append(allowed)
+
+
+def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
+    """Another stratified train/val split of the training dataset (same target cells)."""
+    n_train = len(prepared.labels) - len(prepared.split.test)
+    inner = stratified_split(prepared.labels.iloc[:n_train], seed=seed, fractions=fractions)
+    return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
