@@ -1,5 +1,7 @@
-"""End-to-end fine-tuning of a foundation model with a classification head (full, frozen
-layers, or LoRA), with atomic per-epoch checkpoints so an interrupted run resumes."""
+"""End-to-end fine-tuning of a foundation model with a classification head.
+
+Full, with frozen layers, or LoRA; atomic per-epoch checkpoints let an interrupted run resume.
+"""
 
 from scfmbench.finetune.train import FinetuneResult, finetune, finetune_dataset, load_head
 
