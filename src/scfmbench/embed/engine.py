@@ -415,17 +415,7 @@ def embed(
     DataError
         Duplicate cell names, or no cell has tokens.
     """
-    options = EmbedOptions(
-        layer=layer,
-        pooling=pooling,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        device=device,
-        precision=precision,
-        seed=seed,
-        chunk_size=chunk_size,
-        all_layers=all_layers,
-    )
+    options = EmbedOptions.pick(locals())  # the settings among the arguments, checked
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
     check_unique_cells(adata.obs_names, where="the data")
     if tokens is None:

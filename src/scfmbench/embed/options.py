@@ -9,6 +9,7 @@ pooling, batch size, token budget, device, precision, seed, chunk size, all-laye
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,6 +151,22 @@ class EmbedOptions:
         object.__setattr__(self, "batch_size", parse_batch_size(self.batch_size))
         check_precision(self.precision)
         check_chunk_size(self.chunk_size)
+
+    @classmethod
+    def pick(cls, values: Mapping[str, Any]) -> EmbedOptions:
+        """Build the options from the entries of ``values`` named like its fields.
+
+        Parameters
+        ----------
+        values : mapping
+            E.g. the keyword arguments of ``embed`` (other entries are ignored).
+
+        Returns
+        -------
+        EmbedOptions
+            The checked options.
+        """
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
     def replace(self, **changes: Any) -> EmbedOptions:
         """Return a copy with ``changes`` applied (and checked).

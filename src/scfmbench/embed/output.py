@@ -20,7 +20,7 @@ from scfmbench.data.backed import H5adCells
 logger = logging.getLogger(__name__)
 
 
-class NpyRows:
+class _NpyRows:
     """An (n_obs, dim) float32 ``.npy`` file filled chunk by chunk via small memmaps.
 
     Parameters
@@ -37,15 +37,7 @@ class NpyRows:
         del header
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (n, dim) at row ``start``.
-
-        Parameters
-        ----------
-        start : int
-            First row.
-        rows : numpy.ndarray
-            float32 rows of shape (n, dim).
-        """
+        """Write ``rows`` (n, dim) at row ``start`` through a memmap of just those rows."""
         view = np.memmap(
             self.path,
             mode="r+",
@@ -58,16 +50,10 @@ class NpyRows:
         del view
 
     def close(self, info: dict[str, Any] | None) -> None:
-        """Nothing to add: ``.npy`` holds only the matrix.
-
-        Parameters
-        ----------
-        info : dict or None
-            Ignored.
-        """
+        """Nothing to add: ``.npy`` holds only the matrix."""
 
 
-class H5adRows:
+class _H5adRows:
     """A copy of the input ``.h5ad`` with ``obsm[key]`` written chunk by chunk (h5py).
 
     Parameters
@@ -97,25 +83,11 @@ class H5adRows:
         self.rows.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (n, dim) at row ``start``.
-
-        Parameters
-        ----------
-        start : int
-            First row.
-        rows : numpy.ndarray
-            float32 rows of shape (n, dim).
-        """
+        """Write ``rows`` (n, dim) into ``obsm[key]`` at row ``start``."""
         self.rows[start : start + len(rows)] = rows
 
     def close(self, info: dict[str, Any] | None) -> None:
-        """Write ``uns['<key>_info']`` (unless ``info`` is None, after a failure) and close.
-
-        Parameters
-        ----------
-        info : dict or None
-            The entry to write; None skips it.
-        """
+        """Write ``uns['<key>_info']`` (unless ``info`` is None, after a failure) and close."""
         if info is None:
             self.file.close()
             return
@@ -160,7 +132,7 @@ class Output:
 
     def __init__(self, tmp: Path, cells: H5adCells, *, out: Path, key: str) -> None:
         self.tmp, self.cells, self.out, self.key = tmp, cells, out, key
-        self.writer: NpyRows | H5adRows | None = None
+        self.writer: _NpyRows | _H5adRows | None = None
         self.pending: list[tuple[int, int]] = []  # token-less chunks before the writer exists
 
     def write(self, start: int, stop: int, rows: np.ndarray | None) -> None:
@@ -179,9 +151,9 @@ class Output:
                 return
             n_obs, dim = self.cells.n_obs, rows.shape[1]
             if self.out.suffix == ".npy":
-                self.writer = NpyRows(self.tmp, n_obs=n_obs, dim=dim)
+                self.writer = _NpyRows(self.tmp, n_obs=n_obs, dim=dim)
             else:
-                self.writer = H5adRows(
+                self.writer = _H5adRows(
                     self.tmp, source=self.cells.path, n_obs=n_obs, dim=dim, key=self.key
                 )
             for lo, hi in self.pending:

@@ -252,17 +252,8 @@ def embed_h5ad(
     DataError
         The file is unreadable or no cell has an expressed vocabulary gene.
     """
-    options = EmbedOptions(
-        layer=layer,
-        pooling=pooling,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        device=device,
-        precision=precision,
-        seed=seed,
-        chunk_size=chunk_size,
-        all_layers=all_layers and cache_dir is not None,
-    )
+    options = EmbedOptions.pick(locals())  # the settings among the arguments, checked
+    options = options.replace(all_layers=all_layers and cache_dir is not None)
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
     out = Path(out)
     if out.suffix not in (".npy", ".h5ad"):

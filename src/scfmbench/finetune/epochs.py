@@ -116,18 +116,12 @@ def epoch_batches(
 
     Parameters
     ----------
-    lengths : numpy.ndarray
-        Tokens per cell, shape (n_cells,).
-    batch_size : int
-        Most cells per batch.
+    lengths, batch_size, max_tokens, max_attention
+        As for :func:`scfmbench.embed.length_sorted_batches`.
     seed : int
         Seed of the shuffles.
     epoch : int
         Epoch number (1-based); each epoch has its own order.
-    max_tokens : int or None, default None
-        Most padded tokens per batch.
-    max_attention : int or None, default None
-        Most attention scores per head per batch.
 
     Returns
     -------
