@@ -3,6 +3,15 @@
 Full, with frozen layers, or LoRA; atomic per-epoch checkpoints let an interrupted run resume.
 """
 
-from scfmbench.finetune.train import FinetuneResult, finetune, finetune_dataset, load_head
+from scfmbench.finetune.checkpoint import load_head
+from scfmbench.finetune.result import FinetuneResult, metrics_section
+from scfmbench.finetune.train import finetune, finetune_dataset, finetune_in_run
 
-__all__ = ["FinetuneResult", "finetune", "finetune_dataset", "load_head"]
+__all__ = [
+    "FinetuneResult",
+    "finetune",
+    "finetune_dataset",
+    "finetune_in_run",
+    "load_head",
+    "metrics_section",
+]
