@@ -15,17 +15,23 @@ import torch
 from scfmbench.embed import embed_tokens, length_sorted_batches
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests/_padded.py: the pad-to-max loop compared against
+from tests._padded import embed_padded_to_max, pad_width  # noqa: E402
+
 SHARED = REPO.parent / "shared"
 PBMC3K = SHARED / "data" / "pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def timed_embedding(model, tokens, *, pooling: str, **options) -> tuple[np.ndarray, float, float]:
-    """Embeddings, wall seconds and process CPU seconds (less sensitive to a shared CPU)."""
+def timed_embedding(
+    model, tokens, *, pooling: str, loop=embed_tokens, **options
+) -> tuple[np.ndarray, float, float]:
+    """Embeddings, wall seconds and process CPU seconds (less sensitive to a shared CPU).
+
+    ``loop``: ``embed_tokens`` (length-sorted dynamic batches) or ``embed_padded_to_max``.
+    """
     wall, cpu = time.perf_counter(), time.process_time()
-    out = embed_tokens(
-        model, tokens, layer=model.default_layer, pooling=pooling, progress=False, **options
-    )
+    out = loop(model, tokens, layer=model.default_layer, pooling=pooling, progress=False, **options)
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -100,16 +106,16 @@ def flop_report(
     """
     report: dict = {}
     capacity, forward_s = {}, {}
-    for name, extra in (("dynamic", {}), ("pad_to_max", {"pad_to_max": True})):
+    for name, loop in (("dynamic", embed_tokens), ("pad_to_max", embed_padded_to_max)):
         with Instrumented(model) as clock:
             report[name], wall, cpu = timed_embedding(
-                model, tokens, pooling=pooling, batch_size=batch_size, **options, **extra
+                model, tokens, pooling=pooling, batch_size=batch_size, loop=loop, **options
             )
         capacity[name], forward_s[name] = clock.capacity, clock.forward_s
         report[f"seconds_{name}"], report[f"cpu_seconds_{name}"] = wall - clock.mm_s, cpu
     layers = model.default_layer % (model.n_layers + 1)
     flops = forward_flops(tokens.lengths, n_layers=layers, hidden=hidden, ffn=ffn)
-    width = max(int(tokens.lengths.max()), int(model.settings().get("max_length", 0)))
+    width = pad_width(model, tokens)
     dynamic = padded_tokens(tokens.lengths, batch_size=batch_size, width=None)
     padded = padded_tokens(tokens.lengths, batch_size=batch_size, width=width)
     report |= {

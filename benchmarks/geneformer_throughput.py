@@ -32,7 +32,12 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from _common import Instrumented, forward_flops, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    Instrumented,
+    embed_padded_to_max,
+    forward_flops,
+    write_results,
+)
 from tests._reference_geneformer import tokenize_loop  # noqa: E402
 
 from scfmbench.embed import embed, embed_tokens  # noqa: E402
@@ -106,19 +111,19 @@ def batching(
     tokens = model.tokenize(adata)
     size = model.tokenizer.model_input_size
     pad_batch = max(1, max_tokens // size) if max_tokens else batch_size
-    run = dict(layer=model.default_layer, pooling="mean", progress=False)
+    run = dict(layer=model.default_layer, pooling="mean", progress=False, device="cpu")
     strategies = {
-        "dynamic": dict(batch_size=batch_size, max_tokens=max_tokens),
-        "pad_to_max": dict(batch_size=pad_batch, pad_to_max=True),
+        "dynamic": (embed_tokens, dict(batch_size=batch_size, max_tokens=max_tokens)),
+        "pad_to_max": (embed_padded_to_max, dict(batch_size=pad_batch)),
     }
     wall = dict.fromkeys(strategies, float("inf"))
     cost = dict.fromkeys(strategies, float("inf"))
     out = {}
     for _ in range(rounds):
-        for name, options in strategies.items():
+        for name, (loop, options) in strategies.items():
             with Instrumented(model) as clock:
                 start = time.perf_counter()
-                out[name] = embed_tokens(model, tokens, **run, **options)
+                out[name] = loop(model, tokens, **run, **options)
                 wall[name] = min(wall[name], time.perf_counter() - start - clock.mm_s)
             cost[name] = min(cost[name], clock.capacity)
     if not np.allclose(out["dynamic"], out["pad_to_max"], rtol=1e-3, atol=1e-4):
@@ -156,7 +161,14 @@ def overhead_and_flops(
         data = adata.copy()
         with Instrumented(model) as clock:
             start = time.perf_counter()
-            embed(data, model, batch_size=batch_size, max_tokens=max_tokens, progress=False)
+            embed(
+                data,
+                model,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                device="cpu",
+                progress=False,
+            )
             total = time.perf_counter() - start - clock.mm_s
         measured.append((clock.forward_s, total, clock.capacity))
     forward_s, pipe_s, capacity = min(measured)
@@ -232,7 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name} use a random subset of {size} of the {adata.n_obs} cells")
     options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens)
     embed_tokens(  # warm-up
-        model, model.tokenize(subsets["(c, d)"][:4]), layer=1, pooling="mean", progress=False
+        model,
+        model.tokenize(subsets["(c, d)"][:4]),
+        layer=1,
+        pooling="mean",
+        device="cpu",
+        progress=False,
     )
     results |= batching(model, subsets["(b)"], **options, rounds=args.rounds)
     results |= overhead_and_flops(model, subsets["(c, d)"], **options, rounds=args.rounds)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import scfmbench.embed.cache as cache
 import scfmbench.embed.engine as engine
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.embed import collate, embed, embed_tokens
@@ -157,9 +158,7 @@ def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
     monkeypatch.setattr(engine, "ALL_LAYERS_MAX_BYTES", 1)
     first = embed(adata, model, layer=1, cache_dir=tmp_path, all_layers=True, progress=False)
     settings = model.tokenize(adata).settings
-    key = engine.cache_key(
-        model, adata, settings, pooling=first.pooling, seed=DEFAULT_SEED, layer=1
-    )
+    key = cache.cache_key(model, adata, settings, pooling=first.pooling, seed=DEFAULT_SEED, layer=1)
     assert sorted(p.name for p in tmp_path.glob("*.npy")) == [f"{key}.npy"]  # layer 1 only
 
 
@@ -226,7 +225,7 @@ def test_cache_reuse_says_where_the_embedding_came_from(
     caplog.clear()
     with caplog.at_level("INFO", logger="scfmbench.embed.engine"):
         embed(adata, model, layer=1, cache_dir=tmp_path, progress=False)
-        monkeypatch.setattr(engine, "_WRITTEN_HERE", {})  # as a later process sees the cache
+        monkeypatch.setattr(cache, "_WRITTEN_HERE", {})  # as a later process sees the cache
         embed(adata, model, layer=2, cache_dir=tmp_path, progress=False)
     lines = [r.getMessage()[: r.getMessage().rindex(" (")] for r in caplog.records]
     assert lines == [

@@ -377,11 +377,11 @@ def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
 
 
 def test_best_epoch_ties_on_validation_f1_go_to_the_lower_validation_loss():
-    from scfmbench.finetune.train import _LoopState
+    from scfmbench.finetune.epochs import LoopState
 
-    loop = _LoopState()
+    loop = LoopState()
     for epoch, f1, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.7), (4, 0.8, 0.75)]:
         loop.update({"epoch": epoch, "val_macro_f1": f1, "val_loss": loss}, patience=None)
     assert loop.best_epoch == 3 and loop.bad_epochs == 2  # F1 last rose at epoch 2
-    restored = _LoopState.from_dict({k: v for k, v in loop.to_dict().items() if k != "best_loss"})
+    restored = LoopState.from_dict({k: v for k, v in loop.to_dict().items() if k != "best_loss"})
     assert restored.best_epoch == 3  # checkpoints written before the tie-break still load

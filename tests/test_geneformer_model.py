@@ -20,6 +20,7 @@ from tests._geneformer_factory import (
     real_config,
     write_checkpoint,
 )
+from tests._padded import embed_padded_to_max
 
 PBMC3K = "data/pbmc3k_seurat_labels_2638x13714_counts.h5ad"
 
@@ -86,9 +87,7 @@ def test_dynamic_batching_equals_pad_to_max(v2_dir, pbmc):
     model = load_geneformer(v2_dir[0], gene_column="gene_ids")
     tokens = model.tokenize(pbmc[:6])
     dynamic = embed_tokens(model, tokens, layer=1, pooling="mean", batch_size=4, progress=False)
-    padded = embed_tokens(
-        model, tokens, layer=1, pooling="mean", batch_size=4, pad_to_max=True, progress=False
-    )
+    padded = embed_padded_to_max(model, tokens, layer=1, pooling="mean", batch_size=4)
     np.testing.assert_allclose(dynamic, padded, rtol=1e-4, atol=1e-5)
 
 

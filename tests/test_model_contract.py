@@ -21,13 +21,10 @@ import pytest
 import torch
 from anndata import AnnData
 
+from scfmbench.config import FinetuneConfig
 from scfmbench.embed import collate, embed, embed_tokens
 from scfmbench.errors import ConfigError
-from scfmbench.finetune.train import (
-    FinetuneConfig,
-    _apply_trainability,
-    _enable_gradient_checkpointing,
-)
+from scfmbench.finetune.model import apply_trainability, enable_gradient_checkpointing
 from scfmbench.models import MODELS, FoundationModel, TokenizedCells
 from scfmbench.models.scfoundation.tokenizer import read_gene_index
 from scfmbench.models.scgpt.tokenizer import load_scgpt_vocab
@@ -359,7 +356,7 @@ def test_freezing_embeddings_and_first_layer(model, tokens):
     tuned = copy.deepcopy(model)
     config = FinetuneConfig(freeze_embeddings=True, freeze_layers=1)
     head = tuned.make_classifier_head(3)
-    assert _apply_trainability(tuned, config) is None
+    assert apply_trainability(tuned, config) is None
     frozen = _parameter_ids([*tuned.embedding_modules(), tuned.layer_modules()[0]])
     trained = _parameter_ids(tuned.layer_modules()[1:])
     _train_step(tuned, tokens, head)
@@ -374,13 +371,13 @@ def test_freezing_embeddings_and_first_layer(model, tokens):
         if id(p) in trained
     )
     with pytest.raises(ConfigError, match=f"freeze_layers=3 but .* has {N_LAYERS} layers"):
-        _apply_trainability(copy.deepcopy(model), FinetuneConfig(freeze_layers=3))
+        apply_trainability(copy.deepcopy(model), FinetuneConfig(freeze_layers=3))
 
 
 def test_lora_adapters_train_merge_and_save(name, model, tokens, cells, pretrained, tmp_path):
     tuned = copy.deepcopy(model)
     head = tuned.make_classifier_head(3)
-    tuner = _apply_trainability(tuned, FinetuneConfig(lora=True, lora_r=2))
+    tuner = apply_trainability(tuned, FinetuneConfig(lora=True, lora_r=2))
     trainable = [n for n, p in tuned.network.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     for layer in tuned.layer_modules():  # every encoder layer gets adapters
@@ -409,8 +406,8 @@ def test_gradient_checkpointing_as_declared(model, tokens, case, caplog):
     inner = [m for m in tuned.layer_modules()[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
     calls = []
     inner.register_forward_hook(lambda *_: calls.append(1))
-    with caplog.at_level(logging.WARNING, logger="scfmbench.finetune.train"):
-        _enable_gradient_checkpointing(tuned.network)
+    with caplog.at_level(logging.WARNING, logger="scfmbench.finetune.model"):
+        enable_gradient_checkpointing(tuned.network)
     _train_step(tuned, tokens, head)
     if case.gradient_checkpointing:
         assert len(calls) == 2 and not caplog.records

@@ -51,10 +51,6 @@ LAYERS = [
 
 
 PENDING = {  # being split or re-layered; strict xfail: remove an entry once it passes
-    "test_module_size[scfmbench.embed.engine]",
-    "test_module_size[scfmbench.embed.stream]",
-    "test_module_size[scfmbench.finetune.train]",
-    "test_no_import_cycles",
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import scfmbench.embed.output as stream_output
 import scfmbench.embed.stream as stream
 from scfmbench.benchmark.commands import embed_dataset
 from scfmbench.embed import embed_tokens, parse_batch_size
@@ -417,7 +418,9 @@ def test_h5ad_rows_are_anndata_readable(tmp_path, tiny_adata):
     with h5py.File(source, "a") as f:
         for group in ("obsm", "uns"):
             del f[group]
-    writer = stream._H5adRows(tmp_path / "out.h5ad", source=source, n_obs=60, dim=3, key="X_t")
+    writer = stream_output._H5adRows(
+        tmp_path / "out.h5ad", source=source, n_obs=60, dim=3, key="X_t"
+    )
     writer.write(0, np.ones((40, 3), np.float32))
     writer.write(40, np.full((20, 3), np.nan, np.float32))
     writer.close({"model": "t", "dropped_cells": ["cell59"]})

@@ -27,6 +27,7 @@ from scfmbench.models.scfoundation.tokenizer import (
     read_gene_index,
     tokenize_scfoundation,
 )
+from tests._padded import embed_padded_to_max
 from tests._scfoundation_factory import GENES, HIDDEN, counts_adata, write_checkpoint
 from tests.conftest import require_shared
 
@@ -249,9 +250,7 @@ def test_deterministic_and_batch_independent(tiny_model, small_adata, tmp_path):
     b = embed_tokens(tiny_model, tokens, layer=2, pooling="all", batch_size=1, progress=False)
     np.testing.assert_array_equal(a, b)
     batched = embed_tokens(tiny_model, tokens, layer=2, pooling="all", batch_size=7, progress=False)
-    padded = embed_tokens(
-        tiny_model, tokens, layer=2, pooling="all", batch_size=4, pad_to_max=True, progress=False
-    )
+    padded = embed_padded_to_max(tiny_model, tokens, layer=2, pooling="all", batch_size=4)
     np.testing.assert_allclose(batched, a, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(padded, a, rtol=1e-4, atol=1e-5)
     first = embed(small_adata.copy(), tiny_model, cache_dir=tmp_path, progress=False)

@@ -21,6 +21,7 @@ from scfmbench.models.scgpt.network import (
     to_flash_layout,
     to_torch_layout,
 )
+from tests._padded import embed_padded_to_max
 from tests._scgpt_fixtures import *  # noqa: F403  (the scgpt_* fixtures)
 from tests._scgpt_fixtures import TINY_ARGS, make_tiny_adata
 
@@ -137,21 +138,18 @@ def test_padding_does_not_change_embeddings(make_scgpt_dir, tiny_adata):
     model = load_scgpt(make_scgpt_dir())
     tokens = model.tokenize(tiny_adata)
     one_by_one = embed_tokens(model, tokens, layer=2, pooling="cls", batch_size=1, progress=False)
-    for pad_to_max in (False, True):
-        batched = embed_tokens(
+    for embed_batches in (embed_tokens, embed_padded_to_max):
+        batched = embed_batches(
             model,
             tokens,
             layer=2,
             pooling="mean",
             batch_size=8,
-            pad_to_max=pad_to_max,
             progress=False,
         )
         singles = embed_tokens(model, tokens, layer=2, pooling="mean", batch_size=1, progress=False)
         np.testing.assert_allclose(batched, singles, rtol=1e-4, atol=1e-5)
-    padded = embed_tokens(
-        model, tokens, layer=2, pooling="cls", batch_size=16, pad_to_max=True, progress=False
-    )
+    padded = embed_padded_to_max(model, tokens, layer=2, pooling="cls", batch_size=16)
     np.testing.assert_allclose(padded, one_by_one, rtol=1e-4, atol=1e-5)
 
 

@@ -1,155 +1,60 @@
-"""Shared embedding engine: length-sorted dynamic batching, inference, caching, progress.
+"""The embedding engine: tokenized cells in, pooled embeddings out, for any model.
 
-Every foundation model goes through ``embed_tokens`` / ``embed``; models only supply
-``tokenize`` and ``encode``.
+Every foundation model goes through :func:`embed_tokens` / :func:`embed`; models only
+supply ``tokenize`` and ``encode``. Here: the inference loop over length-sorted batches
+(with out-of-memory back-off for ``batch_size="auto"``), layer and pooling resolution, the
+all-layer pass and chunked, resumable embedding through the cache.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from scfmbench._atomic import write_json, write_npy
 from scfmbench.data.validate import check_unique_cells
-from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.embed.batching import (
+    AUTO_BATCH_SIZE,
+    AUTO_MAX_TOKENS,
+    batch_at,
+    collate,
+    halve_batch,
+    is_out_of_memory,
+    slice_tokens,
+)
+from scfmbench.embed.cache import EmbeddingCache, cache_key
+from scfmbench.embed.distributed import resolve_device
+from scfmbench.embed.options import (
+    EMBED_DEFAULTS,
+    BatchSize,
+    EmbedOptions,
+    check_precision,
+    parse_batch_size,
+)
 from scfmbench.errors import ConfigError, DataError
-from scfmbench.hashing import hash_array, hash_bytes, hash_file, hash_json, hash_strings
-from scfmbench.models.base import Embeddings, FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.base import Embeddings, FoundationModel, TokenizedCells
 
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# batch_size="auto" starts with AUTO_BATCH_SIZE cells and at most AUTO_MAX_TOKENS padded
-# tokens per batch (or max_tokens when given), and halves on out-of-memory
-AUTO_BATCH_SIZE = 256
-AUTO_MAX_TOKENS = 65_536
-
-BatchSize = int | Literal["auto"]
 # all_layers keeps every layer's (cells, dim) float32 matrix in memory; above this it embeds
 # only the requested layer (each other layer then costs its own pass)
 ALL_LAYERS_MAX_BYTES = 4 * 2**30
 
 
-def parse_batch_size(value: int | str) -> BatchSize:
-    """``"auto"``, a positive int, or its string form (``"64"``) → ``"auto"`` or the int."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        size = 0
-    if isinstance(value, bool) or size < 1 or str(size) != str(value).strip():
-        raise ConfigError(
-            f"batch size must be a positive integer or 'auto', got {value!r}; "
-            "e.g. --batch-size 32 or --batch-size auto."
-        )
-    return size
-
-
-def _batch_at(
-    order: np.ndarray,
-    lengths: np.ndarray,
-    start: int,
-    *,
-    batch_size: int,
-    max_tokens: int | None,
-    max_attention: int | None = None,
-) -> np.ndarray:
-    """The batch that starts at ``order[start]``: ≤ batch_size cells, ≤ max_tokens padded
-    tokens, ≤ max_attention attention scores per head (cells × longest²)."""
-    longest = max(int(lengths[order[start]]), 1)
-    size = batch_size
-    if max_tokens is not None:
-        size = max(1, min(size, max_tokens // longest))
-    if max_attention is not None:
-        size = max(1, min(size, max_attention // longest**2))
-    return order[start : start + size]
-
-
-def length_sorted_batches(
-    lengths: np.ndarray,
-    *,
-    batch_size: int,
-    max_tokens: int | None = None,
-    max_attention: int | None = None,
-) -> list[np.ndarray]:
-    """Group cell indices into batches of similar length, longest first.
-
-    A batch holds at most ``batch_size`` cells and, if given, at most ``max_tokens``
-    padded tokens (``len(batch) * longest``) and ``max_attention`` attention scores per
-    head (``len(batch) * longest²``, what attention memory grows with). Sorting is stable,
-    so equal lengths keep input order and the batching is deterministic.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}.")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        batch = _batch_at(
-            order,
-            lengths,
-            start,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            max_attention=max_attention,
-        )
-        batches.append(batch)
-        start += len(batch)
-    return batches
-
-
-def collate(
-    tokens: TokenizedCells,
-    indices: np.ndarray,
-    *,
-    pad_token_id: int,
-    pad_value: float = 0.0,
-    pad_to: int | None = None,
-) -> PaddedBatch:
-    """Pad the cells ``indices`` to their longest sequence (or to ``pad_to``)."""
-    lengths = tokens.lengths[indices]
-    width = int(pad_to if pad_to is not None else max(int(lengths.max()), 1))
-    ids = np.full((len(indices), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(indices), width), dtype=bool)
-    values = None
-    if tokens.values is not None:
-        values = np.full((len(indices), width), pad_value, dtype=np.float32)
-    for row, cell in enumerate(indices):
-        lo, hi = tokens.offsets[cell], tokens.offsets[cell + 1]
-        n = hi - lo
-        ids[row, :n] = tokens.input_ids[lo:hi]
-        mask[row, :n] = True
-        if values is not None:
-            values[row, :n] = tokens.values[lo:hi]
-    return PaddedBatch(
-        input_ids=torch.from_numpy(ids),
-        attention_mask=torch.from_numpy(mask),
-        values=None if values is None else torch.from_numpy(values),
-    )
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA's OutOfMemoryError and for RuntimeErrors saying "out of memory"."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
+def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 / float16 autocast on CUDA; no autocast otherwise."""
+    check_precision(precision)
+    if precision in AUTOCAST_DTYPES and device.type == "cuda":
+        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    return nullcontext()
 
 
 @torch.inference_mode()
@@ -159,11 +64,10 @@ def embed_tokens(
     *,
     layer: int,
     pooling: str,
-    batch_size: BatchSize = 32,
-    max_tokens: int | None = None,
-    device: str | None = "cpu",
-    precision: str = "float32",
-    pad_to_max: bool = False,
+    batch_size: BatchSize = EMBED_DEFAULTS.batch_size,
+    max_tokens: int | None = EMBED_DEFAULTS.max_tokens,
+    device: str | None = EMBED_DEFAULTS.device,
+    precision: str = EMBED_DEFAULTS.precision,
     out: np.ndarray | None = None,
     progress: bool = True,
     bar: tqdm | None = None,
@@ -171,67 +75,77 @@ def embed_tokens(
 ) -> np.ndarray:
     """Embed every tokenized cell; rows come back in input order.
 
-    Returns (n_cells, dim) float32 for ``layer``, or, with ``layers``, (len(layers),
-    n_cells, dim): every listed layer pooled from the same single forward pass per batch
-    (``layer`` is then ignored).
+    Cells run in batches of similar length, longest first.
 
-    Args:
-        batch_size: cells per batch, or ``"auto"``: start at ``AUTO_BATCH_SIZE`` cells (at
-            most ``max_tokens`` or ``AUTO_MAX_TOKENS`` padded tokens) and, when a batch runs
-            out of memory, halve the batch size and retry it; only a single cell that does
-            not fit raises.
-        pad_to_max: pad every batch to the model's longest input, in input order (the naive
-            strategy, kept for benchmarks).
-        out: optional preallocated (n_cells, dim) array (with ``layers``: (len(layers),
-            n_cells, dim)), e.g. an ``np.memmap`` to stream results to disk.
-        bar: an outer progress bar to advance instead of opening a new one.
+    Parameters
+    ----------
+    model : FoundationModel
+        The model (its network is moved to ``device`` and put in eval mode).
+    tokens : TokenizedCells
+        The tokenized cells.
+    layer : int
+        Layer to pool (ignored with ``layers``).
+    pooling : str
+        One of ``model.poolings``.
+    batch_size : int or "auto", default 32
+        Cells per batch, or ``"auto"``: start at ``AUTO_BATCH_SIZE`` cells (at most
+        ``max_tokens`` or ``AUTO_MAX_TOKENS`` padded tokens) and, when a batch runs out of
+        memory, halve the batch size and retry it; only a single cell that does not fit
+        raises.
+    max_tokens : int or None, default None
+        Most padded tokens per batch.
+    device : str or None, default "auto"
+        See :func:`resolve_device`.
+    precision : str, default "float32"
+        ``float32``, or ``bfloat16`` / ``float16`` autocast on CUDA.
+    out : numpy.ndarray or None, default None
+        Optional preallocated (n_cells, dim) array (with ``layers``: (len(layers),
+        n_cells, dim)), e.g. an ``np.memmap`` to stream results to disk.
+    progress : bool, default True
+        Show a progress bar (when ``bar`` is None).
+    bar : tqdm or None, default None
+        An outer progress bar to advance instead of opening a new one.
+    layers : sequence of int or None, default None
+        Pool every listed layer from the same single forward pass per batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 of shape (n_cells, dim) for ``layer``, or (len(layers), n_cells, dim).
+
+    Raises
+    ------
+    ConfigError
+        An invalid batch size or precision, or (``"auto"``) one cell alone does not fit.
     """
     batch_size = parse_batch_size(batch_size)
     auto = batch_size == "auto"
+    size = AUTO_BATCH_SIZE if batch_size == "auto" else batch_size
     if auto:
-        batch_size = AUTO_BATCH_SIZE
         max_tokens = AUTO_MAX_TOKENS if max_tokens is None else max_tokens
     torch_device = resolve_device(device)
+    autocast = _autocast(precision, torch_device)
     network = model.network.to(torch_device).eval()
     lengths = tokens.lengths
-    if pad_to_max:
-        order = np.arange(tokens.n_cells)
-        pad_to = int(lengths.max()) if tokens.n_cells else 1
-        pad_to = max(pad_to, int(model.settings().get("max_length", pad_to)))
-    else:
-        order = np.argsort(-lengths, kind="stable")
-        pad_to = None
-    autocast = nullcontext()
-    if precision in AUTOCAST_DTYPES and torch_device.type == "cuda":
-        autocast = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
-    elif precision not in ("float32", *AUTOCAST_DTYPES):
-        raise ConfigError(f"unknown precision {precision!r}; choose float32, bfloat16 or float16.")
+    order = np.argsort(-lengths, kind="stable")
     own_bar = bar is None
-    if own_bar:
+    if bar is None:
         bar = tqdm(
             total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
         )
     start = 0
     with autocast:
         while start < len(order):
-            if pad_to_max:
-                indices = order[start : start + batch_size]
-            else:
-                indices = _batch_at(
-                    order, lengths, start, batch_size=batch_size, max_tokens=max_tokens
-                )
+            indices = batch_at(order, lengths, start, batch_size=size, max_tokens=max_tokens)
             try:
-                pooled = _encode(
-                    model, tokens, indices, layers or [layer], pooling, pad_to, torch_device
-                )
+                pooled = _encode(model, tokens, indices, layers or [layer], pooling, torch_device)
             except RuntimeError as exc:
                 if not (auto and is_out_of_memory(exc)):
                     raise
-                batch_size = _halve_batch(model, tokens, indices, torch_device)
+                size = halve_batch(model, tokens, indices, torch_device)
                 continue
             if out is None:
-                out = np.zeros((len(pooled), tokens.n_cells, pooled.shape[2]), dtype=np.float32)
-                out = out if layers is not None else out[0]
+                out = _allocate(pooled, tokens.n_cells, stacked=layers is not None)
             if layers is None:
                 out[indices] = pooled[0]
             else:
@@ -246,19 +160,24 @@ def embed_tokens(
     return out
 
 
+def _allocate(pooled: np.ndarray, n_cells: int, *, stacked: bool) -> np.ndarray:
+    """Zeros for every cell, shaped like the first batch: (layers, cells, dim) or (cells, dim)."""
+    out = np.zeros((len(pooled), n_cells, pooled.shape[2]), dtype=np.float32)
+    return out if stacked else out[0]
+
+
 def _encode(
     model: FoundationModel,
     tokens: TokenizedCells,
     indices: np.ndarray,
     layers: Sequence[int],
     pooling: str,
-    pad_to: int | None,
     device: torch.device,
 ) -> np.ndarray:
     """Pooled float32 embeddings (len(layers), B, dim) of the cells ``indices`` (one batch)."""
-    batch = collate(
-        tokens, indices, pad_token_id=model.pad_token_id, pad_value=model.pad_value, pad_to=pad_to
-    ).to(device)
+    batch = collate(tokens, indices, pad_token_id=model.pad_token_id, pad_value=model.pad_value).to(
+        device
+    )
     if len(layers) == 1:
         pooled = model.encode(batch, layer=layers[0], pooling=pooling)[None]
     else:
@@ -266,77 +185,52 @@ def _encode(
     return pooled.float().cpu().numpy()
 
 
-def _halve_batch(
-    model: FoundationModel, tokens: TokenizedCells, indices: np.ndarray, device: torch.device
-) -> int:
-    """After an out-of-memory batch: free the cache and return the next (halved) batch size."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if len(indices) == 1:
-        n_tokens = int(tokens.lengths[indices[0]])
-        raise ConfigError(
-            f"{model.model_id}: one cell ({tokens.obs_names[indices[0]]!r}, {n_tokens} tokens) "
-            f"alone runs out of memory on {device}; use a device with more memory, "
-            "--precision bfloat16, or a shorter max_seq_len (--option max_seq_len=…)."
-        )
-    size = len(indices) // 2
-    logger.warning(
-        "%s: out of memory with %d cells per batch on %s; retrying with %d",
-        model.model_id,
-        len(indices),
-        device,
-        size,
+def embed_layers(
+    model: FoundationModel,
+    tokens: TokenizedCells,
+    options: EmbedOptions,
+    layers: Sequence[int],
+    *,
+    progress: bool,
+    bar: tqdm | None = None,
+) -> np.ndarray:
+    """:func:`embed_tokens` of ``layers`` with ``options`` (its pooling resolved).
+
+    Parameters
+    ----------
+    model : FoundationModel
+        The model.
+    tokens : TokenizedCells
+        The tokenized cells.
+    options : EmbedOptions
+        Settings; ``pooling`` must be resolved (see :func:`resolve_layer_pooling`).
+    layers : sequence of int
+        Layers pooled from one forward pass.
+    progress : bool
+        Show a progress bar (when ``bar`` is None).
+    bar : tqdm or None, default None
+        An outer progress bar to advance.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 of shape (len(layers), n_cells, dim).
+    """
+    if options.pooling is None:
+        raise ValueError("embed_layers needs a resolved pooling")
+    return embed_tokens(
+        model,
+        tokens,
+        layer=layers[0],
+        layers=layers,
+        pooling=options.pooling,
+        batch_size=options.batch_size,
+        max_tokens=options.max_tokens,
+        device=options.device,
+        precision=options.precision,
+        progress=progress,
+        bar=bar,
     )
-    return size
-
-
-_WRITTEN_HERE: dict[Path, int] = {}
-"""Cache entries written by this process: entry path → number of layers in the pass that
-wrote it (so a reuse can say whether it comes from this run or from an earlier one)."""
-
-
-class EmbeddingCache:
-    """Embeddings on disk under a content key; entries carry a checksum and are verified."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def written_here(self, key: str) -> int | None:
-        """Layers of the pass in this process that wrote ``key`` (None: an earlier process)."""
-        return _WRITTEN_HERE.get(self._paths(key)[0].resolve())
-
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.npy", self.root / f"{key}.json"
-
-    def get(self, key: str, obs_names: pd.Index) -> np.ndarray | None:
-        array_path, meta_path = self._paths(key)
-        if not (array_path.exists() and meta_path.exists()):
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("sha256") != hash_file(array_path):
-                raise ValueError("checksum mismatch")
-            if meta.get("obs_hash") != hash_strings(obs_names):
-                raise ValueError("cells differ")
-            return np.load(array_path, allow_pickle=False)
-        except (ValueError, OSError, json.JSONDecodeError) as exc:
-            logger.warning("embedding cache entry %s is unusable (%s); recomputing", key[:12], exc)
-            return None
-
-    def drop_parts(self, key: str) -> None:
-        """Remove the chunk files of ``key`` once the whole entry is saved."""
-        for path in self.root.glob(f"{key}.part*"):
-            path.unlink(missing_ok=True)
-
-    def put(
-        self, key: str, matrix: np.ndarray, obs_names: pd.Index, info: dict, *, n_layers: int = 1
-    ) -> None:
-        """Save ``matrix`` under ``key``; ``n_layers``: layers of the pass that computed it."""
-        array_path, meta_path = self._paths(key)
-        write_npy(array_path, matrix)
-        meta = {"sha256": hash_file(array_path), "obs_hash": hash_strings(obs_names), **info}
-        write_json(meta_path, meta)
-        _WRITTEN_HERE[array_path.resolve()] = n_layers
 
 
 def _log_reuse(model_id: str, layer: int, pooling: str, n_layers: int | None, key: str) -> None:
@@ -350,32 +244,20 @@ def _log_reuse(model_id: str, layer: int, pooling: str, n_layers: int | None, ke
     logger.info("%s: %s (%s)", model_id, message, key[:12])
 
 
-def slice_tokens(tokens: TokenizedCells, start: int, stop: int) -> TokenizedCells:
-    """Cells ``start:stop`` of a TokenizedCells, offsets rebased to 0."""
-    lo, hi = int(tokens.offsets[start]), int(tokens.offsets[stop])
-    return TokenizedCells(
-        input_ids=tokens.input_ids[lo:hi],
-        offsets=tokens.offsets[start : stop + 1] - lo,
-        obs_names=tokens.obs_names[start:stop],
-        settings=tokens.settings,
-        values=None if tokens.values is None else tokens.values[lo:hi],
-    )
-
-
 def _embed_in_chunks(
-    model,
+    model: FoundationModel,
     tokens: TokenizedCells,
     cache: EmbeddingCache | None,
     key: str,
     *,
-    chunk_size: int,
+    options: EmbedOptions,
+    layers: Sequence[int],
     progress: bool,
-    **options,
 ) -> np.ndarray:
     """Embed chunk by chunk, reusing chunks a previous (interrupted) call already saved."""
+    chunk_size = options.chunk_size
     if cache is None or tokens.n_cells <= chunk_size:
-        return embed_tokens(model, tokens, progress=progress, **options)
-    axis = 0 if options.get("layers") is None else 1
+        return embed_layers(model, tokens, options, layers, progress=progress)
     bar = tqdm(
         total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
     )
@@ -388,36 +270,46 @@ def _embed_in_chunks(
         if matrix is not None:
             logger.info("%s: reusing finished chunk of cells %d-%d", model.model_id, start, stop)
         if matrix is None:
-            matrix = embed_tokens(model, chunk, bar=bar, **options)
+            matrix = embed_layers(model, chunk, options, layers, progress=progress, bar=bar)
             cache.put(part_key, matrix, chunk.obs_names, {"part_of": key})
         else:
             bar.update(stop - start)
         parts.append(matrix)
     bar.close()
-    return np.concatenate(parts, axis=axis)
-
-
-def cache_key(model: FoundationModel, adata: AnnData, tokens_settings: dict, **options) -> str:
-    """Key = model (checkpoint hash) + data hash + tokenizer settings + layer/pooling/…"""
-    data_hash = hash_bytes(
-        hash_array(adata.X).encode(),
-        hash_strings(adata.obs_names).encode(),
-        hash_strings(adata.var_names).encode(),
-    )
-    return hash_json(
-        {"model": model.settings(), "data": data_hash, "tokenizer": tokens_settings, **options}
-    )
+    return np.concatenate(parts, axis=1)
 
 
 def resolve_layer_pooling(
-    model: FoundationModel, *, layer: int | None, pooling: str | None
+    model: FoundationModel, *, layer: int | None, pooling: str | None, what: str = "layer"
 ) -> tuple[int, str]:
-    """The model's defaults for ``None``; ConfigError for a layer or pooling it lacks."""
+    """Return the layer and pooling to use: the model's defaults for ``None``.
+
+    Parameters
+    ----------
+    model : FoundationModel
+        The model.
+    layer : int or None
+        0..``n_layers`` or a negative index (-1 = last); None: ``model.default_layer``.
+    pooling : str or None
+        One of ``model.poolings``; None: ``model.default_pooling``.
+    what : str, default "layer"
+        How the layer is named in the error message.
+
+    Returns
+    -------
+    tuple of (int, str)
+        The layer (as given, not wrapped) and the pooling.
+
+    Raises
+    ------
+    ConfigError
+        A layer out of range, or a pooling the model lacks.
+    """
     layer = model.default_layer if layer is None else layer
     pooling = pooling or model.default_pooling
-    if not 0 <= layer <= model.n_layers and not -model.n_layers - 1 <= layer < 0:
+    if not -model.n_layers - 1 <= layer <= model.n_layers:
         raise ConfigError(
-            f"layer {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
+            f"{what} {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
             f"choose 0..{model.n_layers} or a negative index."
         )
     if pooling not in model.poolings:
@@ -428,7 +320,22 @@ def resolve_layer_pooling(
 
 
 def require_cells(tokens: TokenizedCells, model: FoundationModel, *, n_obs: int) -> None:
-    """DataError when the tokenizer kept no cell (nothing would be embedded)."""
+    """Refuse tokens in which no cell is left (nothing would be embedded).
+
+    Parameters
+    ----------
+    tokens : TokenizedCells
+        The tokenizer's output.
+    model : FoundationModel
+        The model (for the message).
+    n_obs : int
+        Cells given to the tokenizer.
+
+    Raises
+    ------
+    DataError
+        The tokenizer kept no cell of ``n_obs`` > 0.
+    """
     if tokens.n_cells == 0 and n_obs > 0:
         raise DataError(
             f"{model.model_id} can embed none of the {n_obs} cells: every cell has no counts "
@@ -450,19 +357,19 @@ def embed(
     adata: AnnData,
     model: FoundationModel,
     *,
-    layer: int | None = None,
-    pooling: str | None = None,
-    batch_size: BatchSize = 32,
-    max_tokens: int | None = None,
-    device: str | None = "cpu",
-    precision: str = "float32",
+    layer: int | None = EMBED_DEFAULTS.layer,
+    pooling: str | None = EMBED_DEFAULTS.pooling,
+    batch_size: BatchSize = EMBED_DEFAULTS.batch_size,
+    max_tokens: int | None = EMBED_DEFAULTS.max_tokens,
+    device: str = EMBED_DEFAULTS.device,
+    precision: str = EMBED_DEFAULTS.precision,
     cache_dir: Path | None = None,
-    seed: int = DEFAULT_SEED,
+    seed: int = EMBED_DEFAULTS.seed,
     key_added: str | None = None,
     progress: bool = True,
-    chunk_size: int = 2048,
+    chunk_size: int = EMBED_DEFAULTS.chunk_size,
     tokens: TokenizedCells | None = None,
-    all_layers: bool = False,
+    all_layers: bool = EMBED_DEFAULTS.all_layers,
 ) -> Embeddings:
     """Tokenize and embed ``adata`` (raw counts in ``X``) with ``model``.
 
@@ -472,21 +379,52 @@ def embed(
 
     With a ``cache_dir``, cells are embedded in chunks of ``chunk_size`` and every finished
     chunk is saved (checksummed) at once, so an interrupted run resumes from the last
-    finished chunk. Pass ``tokens`` (from ``model.tokenize(adata, seed=seed)``) to skip
-    tokenizing again, e.g. when embedding several layers.
+    finished chunk.
 
-    Returns:
-        Embeddings for the kept cells. Also writes ``adata.obsm[key_added or model.obsm_key]``
-        of shape (n_obs, dim); cells the tokenizer dropped get NaN rows.
+    Parameters
+    ----------
+    adata : AnnData
+        Raw counts in ``X``; unique cell names.
+    model : FoundationModel
+        A loaded foundation model.
+    layer, pooling, batch_size, max_tokens, device, precision, seed, chunk_size, all_layers
+        Embedding settings; see :class:`EmbedOptions` for their meaning and defaults
+        (:data:`EMBED_DEFAULTS`). ``embed(adata, model, **options.as_kwargs())`` embeds
+        with an ``EmbedOptions``.
+    cache_dir : Path or None, default None
+        Embedding cache folder (None: no cache).
+    key_added : str or None, default None
+        ``obsm`` key to write (None: ``model.obsm_key``, e.g. ``X_geneformer``).
+    progress : bool, default True
+        Show a progress bar.
+    tokens : TokenizedCells or None, default None
+        ``model.tokenize(adata, seed=seed)`` when already at hand (skips tokenizing again,
+        e.g. when embedding several layers).
+
+    Returns
+    -------
+    Embeddings
+        The (n_kept, dim) float32 embeddings of the cells the tokenizer kept. Also writes
+        ``adata.obsm[key_added or model.obsm_key]`` of shape (n_obs, dim); cells the
+        tokenizer dropped get NaN rows.
+
+    Raises
+    ------
+    ConfigError
+        A layer, pooling, batch size, precision or chunk size that is invalid.
+    DataError
+        Duplicate cell names, or no cell has tokens.
     """
+    options = EmbedOptions.pick(locals())  # the settings among the arguments, checked
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
     check_unique_cells(adata.obs_names, where="the data")
     if tokens is None:
         tokens = model.tokenize(adata, seed=seed)
     require_cells(tokens, model, n_obs=adata.n_obs)
     depth = layer % (model.n_layers + 1)
+    options = options.replace(layer=depth, pooling=pooling)
 
-    def key_of(**what) -> str:
+    def key_of(**what: Any) -> str:
         return cache_key(model, adata, tokens.settings, pooling=pooling, seed=seed, **what)
 
     key = key_of(layer=depth)
@@ -507,19 +445,7 @@ def embed(
         layers = list(range(model.n_layers + 1)) if all_layers else [depth]
         pass_key = key_of(layers=layers)  # chunks of this pass hold (len(layers), cells, dim)
         stacked = _embed_in_chunks(
-            model,
-            tokens,
-            cache,
-            pass_key,
-            chunk_size=chunk_size,
-            layer=depth,
-            layers=layers,
-            pooling=pooling,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            device=device,
-            precision=precision,
-            progress=progress,
+            model, tokens, cache, pass_key, options=options, layers=layers, progress=progress
         )
         matrix = stacked[layers.index(depth)]
         if cache:
@@ -532,7 +458,7 @@ def embed(
                     n_layers=len(layers),
                 )
             cache.drop_parts(pass_key)
-    else:
+    elif cache is not None:
         _log_reuse(model.model_id, depth, pooling, cache.written_here(key), key)
     full = np.full((adata.n_obs, matrix.shape[1]), np.nan, dtype=np.float32)
     full[adata.obs_names.get_indexer(tokens.obs_names)] = matrix

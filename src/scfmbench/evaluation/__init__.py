@@ -4,6 +4,7 @@ Baseline representations (fit on training cells, then transform), probes, classi
 metrics, paired statistics and zero-shot embedding quality.
 """
 
+from scfmbench.evaluation import scvi  # noqa: F401  (registers the "scvi" representation)
 from scfmbench.evaluation.metrics import classification_metrics, delta
 from scfmbench.evaluation.probes import PROBES, FittedProbe, fit_probe
 

@@ -232,21 +232,11 @@ def no_features(cells: CellRows, split, **_) -> SplitFeatures:
     )
 
 
-def scvi_features(cells: CellRows, split, **options) -> SplitFeatures:
-    """Return the scVI latent space (:func:`scfmbench.evaluation.scvi.scvi_features`).
-
-    scvi-tools is imported only when this runs.
-    """
-    from scfmbench.evaluation.scvi import scvi_features as fit_scvi
-
-    return fit_scvi(cells, split, **options)
-
-
 REPRESENTATIONS: Registry = Registry("representation")
 REPRESENTATIONS.register("hvg")(hvg_features)
 REPRESENTATIONS.register("pca")(pca_features)
 REPRESENTATIONS.register("none")(no_features)
-REPRESENTATIONS.register("scvi")(scvi_features)
+# "scvi" is registered by scfmbench.evaluation.scvi (imported by the package's face)
 
 
 def embedding_features(matrix: np.ndarray, obs_names: pd.Index, split) -> SplitFeatures:

@@ -23,7 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scfmbench.data.cells import CellRows, row_indices
 from scfmbench.errors import ConfigError, CountsRequiredError
-from scfmbench.evaluation.representations import GeneMoments, SplitFeatures, select_hvg
+from scfmbench.evaluation.representations import (
+    REPRESENTATIONS,
+    GeneMoments,
+    SplitFeatures,
+    select_hvg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +130,7 @@ def _kept_global_state():
             logging.getLogger(name).setLevel(level)
 
 
+@REPRESENTATIONS.register("scvi")
 def scvi_features(
     cells: CellRows,
     split,

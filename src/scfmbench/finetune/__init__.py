@@ -1,6 +1,16 @@
-"""End-to-end fine-tuning of a foundation model with a classification head (full, frozen
-layers, or LoRA), with atomic per-epoch checkpoints so an interrupted run resumes."""
+"""End-to-end fine-tuning of a foundation model with a classification head.
 
-from scfmbench.finetune.train import FinetuneResult, finetune, load_head
+Full, with frozen layers, or LoRA; atomic per-epoch checkpoints let an interrupted run resume.
+"""
 
-__all__ = ["FinetuneResult", "finetune", "load_head"]
+from scfmbench.finetune.checkpoint import load_head
+from scfmbench.finetune.result import FinetuneResult, metrics_section
+from scfmbench.finetune.train import finetune, finetune_in_run
+
+__all__ = [
+    "FinetuneResult",
+    "finetune",
+    "finetune_in_run",
+    "load_head",
+    "metrics_section",
+]
