@@ -17,7 +17,12 @@ from pydantic import (
     field_validator,
 )
 
-from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+)
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.evaluation.scvi import ScviOptions
 from scfmbench.registry import did_you_mean
@@ -336,8 +341,8 @@ class RunConfig(BaseModel):
         "var['highly_variable']), with a warning beside their scores.",
     )
     gene_column: str | None = Field(None, description="var column with gene identifiers.")
-    batch_size: int = Field(32, ge=1, description="Cells per embedding batch.")
-    device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Cells per embedding batch.")
+    device: str = Field(DEFAULT_DEVICE, description="cpu, cuda, cuda:N or auto.")
     figures: bool = Field(True, description="Write confusion-matrix and UMAP figures.")
     layerwise: bool = Field(
         True, description="Probe every layer of each foundation model (logreg, first split)."
@@ -350,7 +355,9 @@ class RunConfig(BaseModel):
         description="Keep the .h5ad on disk and stream it in chunks (null: for files over 1 GiB).",
     )
     chunk_size: int = Field(
-        2048, ge=1, description="Cells read, tokenized and embedded at a time when streaming."
+        DEFAULT_CHUNK_SIZE,
+        ge=1,
+        description="Cells read, tokenized and embedded at a time when streaming.",
     )
     train_sizes: list[int | Literal["all"]] | None = Field(
         None,

@@ -3,3 +3,12 @@
 DEFAULT_SEED = 42
 """The seed of splits, probes, random-init controls, tokenization and fine-tuning unless set
 (the study's seed); every command and function defaults to it."""
+
+DEFAULT_BATCH_SIZE = 32
+"""Cells per embedding batch."""
+DEFAULT_DEVICE = "auto"
+"""Where models run: a GPU when one is present, else the CPU."""
+DEFAULT_PRECISION = "float32"
+"""Embedding precision (bfloat16 and float16 autocast on CUDA only)."""
+DEFAULT_CHUNK_SIZE = 2048
+"""Cells read, tokenized and embedded at a time when streaming a file."""

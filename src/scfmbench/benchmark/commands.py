@@ -16,7 +16,7 @@ from scfmbench.benchmark.pipeline import load_models, resolve_run, run_splits
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
 from scfmbench.data.io import load_dataset
 from scfmbench.data.validate import validate
-from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.embed import EMBED_DEFAULTS
 from scfmbench.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,17 +32,17 @@ def embed_dataset(
     out: Path | None = None,
     layer: int | None = None,
     pooling: str | None = None,
-    batch_size: int | str = 32,
-    device: str = "auto",
-    precision: str = "float32",
+    batch_size: int | str = EMBED_DEFAULTS.batch_size,
+    device: str = EMBED_DEFAULTS.device,
+    precision: str = EMBED_DEFAULTS.precision,
     cache_dir: Path | None = None,
     allow_normalized: bool = False,
     gene_column: str | None = None,
     progress: bool = True,
-    chunk_size: int = 2048,
+    chunk_size: int = EMBED_DEFAULTS.chunk_size,
     model_options: dict[str, Any] | None = None,
     backed: bool | None = None,
-    seed: int = DEFAULT_SEED,
+    seed: int = EMBED_DEFAULTS.seed,
     allow_feature_selected: bool = False,
 ) -> tuple[str, int]:
     """Embed every cell of ``data`` with ``model`` (``NAME=DIR``) and optionally save it.

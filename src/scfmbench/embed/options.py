@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from scfmbench.defaults import DEFAULT_SEED
+from scfmbench.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    DEFAULT_SEED,
+)
 from scfmbench.errors import ConfigError
 
 BatchSize = int | Literal["auto"]
@@ -138,12 +144,12 @@ class EmbedOptions:
 
     layer: int | None = None
     pooling: str | None = None
-    batch_size: BatchSize = 32
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
     max_tokens: int | None = None
-    device: str = "auto"
-    precision: str = "float32"
+    device: str = DEFAULT_DEVICE
+    precision: str = DEFAULT_PRECISION
     seed: int = DEFAULT_SEED
-    chunk_size: int = 2048
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     all_layers: bool = False
 
     def __post_init__(self) -> None:

@@ -56,12 +56,16 @@ def _listed(value: Any) -> str:
 
 
 def is_transfer(metrics: dict) -> bool:
+    """Return whether ``metrics`` is a transfer run's document (``run.kind == "transfer"``)."""
     return metrics["run"].get("kind") == "transfer"
 
 
 def transfer_table(runs: list[tuple[str, Path, dict, dict | None]]) -> Table:
-    """Per direction (train → target) and method, each transfer run's target macro F1 (mean
-    over training seeds) and its 95% interval; "—" where a run lacks that direction/method."""
+    """Tabulate the transfer runs: one row per direction (train → target) and method.
+
+    Each cell is a run's target macro F1 (mean over training seeds) and its 95% interval;
+    "—" where a run lacks that direction or method.
+    """
     rows: dict[tuple[str, str], dict[str, dict]] = {}
     kinds: dict[str, dict] = {}
     for label, _, metrics, _ in runs:
@@ -89,7 +93,9 @@ def transfer_table(runs: list[tuple[str, Path, dict, dict | None]]) -> Table:
 
 
 def compare_tables(runs: list[tuple[str, Path, dict, dict | None]]) -> list[Section]:
-    """The methods × runs table of ``scfmbench run`` runs, the direction × method table of
+    """Build the comparison's tables.
+
+    The methods × runs table of ``scfmbench run`` runs, the direction × method table of
     ``scfmbench transfer`` runs, and a table of each run's data and key configuration.
 
     A transfer run is scored on another dataset's cells, a run on held-out folds of its own
@@ -106,7 +112,7 @@ def compare_tables(runs: list[tuple[str, Path, dict, dict | None]]) -> list[Sect
 
 
 def _methods_section(runs: list, transfers: list) -> list[Section]:
-    """The methods × runs table of within-dataset runs (with a note naming transfer runs)."""
+    """Tabulate within-dataset runs: methods × runs (with a note naming transfer runs)."""
     methods: dict[str, str] = {}
     for _, _, metrics, _ in runs:
         for name, entry in metrics["methods"].items():

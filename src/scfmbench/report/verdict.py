@@ -1,4 +1,4 @@
-"""The answer a report leads with: does each foundation model beat the best baseline?
+"""The answer a report leads with: does each foundation model beat the best baseline.
 
 Everything here is computed from ``metrics.json`` alone: the paired tests of every method
 against the best baseline (chosen on validation macro F1) and against its random-init control,
@@ -94,8 +94,11 @@ def _ci(value: Any) -> tuple[float, float] | None:
 
 
 def best_baseline(metrics: dict[str, Any]) -> str | None:
-    """The baseline every method is tested against (``run.best_baseline``; for runs that do
-    not record it, the baseline named in the methods' ``significance``)."""
+    """Return the baseline every method is tested against.
+
+    That is ``run.best_baseline``; for runs that do not record it, the baseline named in the
+    methods' ``significance``.
+    """
     best = metrics["run"].get("best_baseline")
     if best is None:
         best = next(
@@ -110,8 +113,11 @@ def best_baseline(metrics: dict[str, Any]) -> str | None:
 
 
 def paired_tests(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every paired comparison of the run (``metrics["comparisons"]``), plus a ``vs best
-    baseline`` entry for any method whose ``significance`` has none there (schema 1.0)."""
+    """Return every paired comparison of the run (``metrics["comparisons"]``).
+
+    Plus a ``vs best baseline`` entry for any method whose ``significance`` has none there
+    (schema 1.0).
+    """
     found = list(metrics.get("comparisons") or [])
     seen = {(c.get("method"), c.get("against")) for c in found}
     for name, entry in metrics["methods"].items():
@@ -130,7 +136,7 @@ def _find(tests: list[dict], method: str, kind: str) -> dict[str, Any] | None:
 def _line(
     subject: str, method: str, target: str, against: str | None, kind: str, test: dict | None
 ) -> VerdictLine:
-    """The sentence for one paired test of ``method`` (``subject`` in words) vs ``target``."""
+    """Word one paired test of ``method`` (``subject`` in words) vs ``target``."""
     if test is None or not is_number(test.get("p_holm")) or not is_number(test.get("f1_diff")):
         return VerdictLine(
             method,
@@ -200,7 +206,7 @@ def _best_baseline_line(metrics: dict[str, Any], best: str) -> VerdictLine:
 
 
 def verdict_lines(metrics: dict[str, Any]) -> list[VerdictLine]:
-    """The verdict of a run, one sentence per claim, from its ``metrics.json``.
+    """Return the verdict of a run, one sentence per claim, from its ``metrics.json``.
 
     First the best baseline (chosen on validation macro F1) with its test macro F1 and 95%
     interval. Then, for each foundation model in run order: its best frozen probe (the probe
@@ -271,9 +277,12 @@ def verdict_lines(metrics: dict[str, Any]) -> list[VerdictLine]:
 
 
 def caveat_line(metrics: dict[str, Any]) -> str | None:
-    """What the design lets the intervals and p-values claim, in one line (None: nothing to
-    add): the study design's intervals hold within its splits only; a held-out-group design
-    tests under domain shift; few test sets give wide intervals and coarse p-values."""
+    """Say what the design lets the intervals and p-values claim, in one line.
+
+    The study design's intervals hold within its splits only; a held-out-group design tests
+    under domain shift; few test sets give wide intervals and coarse p-values. None when
+    there is nothing to add.
+    """
     run = metrics["run"]
     design = (run.get("design") or {}).get("name", "study")
     n_sets = len(run.get("seeds") or [])
@@ -341,8 +350,11 @@ def _row_label(row: ForestRow) -> str:
 
 
 def write_forest_figure(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore) -> None:
-    """Draw ``figures/forest_macro_f1.png`` (skipped when the run has no tests against a
-    baseline, or when the same rows were drawn before)."""
+    """Draw ``figures/forest_macro_f1.png``.
+
+    Skipped when the run has no tests against a baseline, or when the same rows were drawn
+    before.
+    """
     from scfmbench.hashing import hash_json
     from scfmbench.report.figures import plot_forest
 
@@ -370,7 +382,7 @@ def write_forest_figure(run_dir: Path, metrics: dict[str, Any], *, stages: Stage
 
 
 def verdict_section(metrics: dict[str, Any]) -> list[Section]:
-    """The report's first section: the verdict sentences and the design caveats."""
+    """Build the report's first section: the verdict sentences and the design caveats."""
     lines = verdict_lines(metrics)
     if not lines:
         return []
@@ -386,7 +398,7 @@ def verdict_section(metrics: dict[str, Any]) -> list[Section]:
 
 
 def forest_table(metrics: dict[str, Any]) -> Table | None:
-    """The forest plot's numbers: one row per method, in the plot's order."""
+    """Tabulate the forest plot's numbers: one row per method, in the plot's order."""
     rows = forest_rows(metrics)
     if not rows:
         return None
@@ -411,7 +423,7 @@ def forest_table(metrics: dict[str, Any]) -> Table | None:
 
 
 def forest_section(metrics: dict[str, Any], run_dir: Path | None = None) -> list[Section]:
-    """The report's second section: the forest plot (when drawn) and its table."""
+    """Build the report's second section: the forest plot (when drawn) and its table."""
     table = forest_table(metrics)
     if table is None:
         return []
