@@ -13,12 +13,10 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy")
-
 
 @dataclass(frozen=True)
 class ReportedMetric:
-    """How the report shows one of :data:`HEADLINE_METRICS`.
+    """One headline metric and how the report shows it.
 
     Parameters
     ----------
@@ -45,7 +43,9 @@ REPORTED_METRICS = (
     ReportedMetric("weighted_f1", "weighted F1", "weighted F1", primary=False),
     ReportedMetric("balanced_accuracy", "balanced accuracy", "balanced acc", primary=False),
 )
-"""The report's metrics, in column order: one per :data:`HEADLINE_METRICS`."""
+"""The headline metrics, in the report's column order: the one list of them."""
+HEADLINE_METRICS = tuple(metric.key for metric in REPORTED_METRICS)
+"""Their keys in ``metrics.json`` summaries, in the same order."""
 
 
 @dataclass(frozen=True)
