@@ -12,26 +12,18 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from scfmbench import _cli_options as opt
 from scfmbench._cli_options import api_default, field_default
-from scfmbench.benchmark.commands import embed_dataset, finetune_dataset
-from scfmbench.benchmark.methods import baseline_methods
-from scfmbench.benchmark.pipeline import open_run_data, resolve_config
+from scfmbench.benchmark.commands import check_dataset, embed_dataset, finetune_dataset
 from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
 from scfmbench.benchmark.transfer import transfer_markdown
-from scfmbench.config import ModelSpec, RunConfig
-from scfmbench.data.backed import BackedData
-from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
-from scfmbench.data.splits import check_fractions, check_stratifiable
-from scfmbench.data.validate import DataDiagnostics
+from scfmbench.config import RunConfig
 from scfmbench.embed.stream import env_rank
 from scfmbench.errors import ScfmbenchError
-from scfmbench.models import MODELS
 from scfmbench.report.compare import compare_runs
 from scfmbench.report.write import markdown_table, results_table, write_report
 
@@ -170,7 +162,7 @@ def validate(
         backed=backed,
         allow_feature_selected=allow_feature_selected,
     )
-    diag = _check_dataset(data, _load_config(config), settings, model)
+    diag = check_dataset(data, _load_config(config), models=model, **settings)
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return
@@ -187,39 +179,6 @@ def validate(
         *[f"  - {w}" for w in diag.warnings],
     ]
     typer.echo("\n".join(lines))
-
-
-def _check_dataset(
-    data: str, base: RunConfig | None, settings: dict[str, Any], model: list[str] | None
-) -> DataDiagnostics:
-    """Make every check `run` makes before its first stage on ``data``; its diagnostics.
-
-    Also lists under ``diagnostics.warnings`` what the named models (``model``, else the
-    configuration's) would refuse about a feature-selected count matrix.
-    """
-    from scfmbench.evaluation.embedding_quality import detect_batch_key
-
-    resolved = resolve_config(data, base, settings)
-    check_fractions(resolved.fractions)
-    baseline_methods(resolved)  # unknown representations / probes, as run refuses them
-    models = list(model or resolved.models)  # NAME or NAME=DIR
-    for spec in models:  # unknown models (and missing folders), as run refuses them
-        if "=" in spec:
-            ModelSpec.parse(spec)
-        else:
-            MODELS.get(model_name(spec))
-    checked = open_run_data(data, resolved, progress=False)
-    if isinstance(checked, BackedData):
-        checked.close()
-    detect_batch_key(checked.obs, resolved.batch_key)  # a misspelt batch_key, as run refuses it
-    check_stratifiable(
-        checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
-    )
-    diag = checked.diagnostics
-    problem = validate_problem(models, allow=resolved.allow_feature_selected, **matrix_facts(diag))
-    if problem is not None:
-        diag.warnings.append(problem)
-    return diag
 
 
 def _gene_source_lines(sources: dict[str, str | None]) -> list[str]:

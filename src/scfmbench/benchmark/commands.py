@@ -1,4 +1,4 @@
-"""The APIs behind the ``scfmbench embed`` and ``scfmbench finetune`` commands."""
+"""The APIs behind the ``scfmbench validate``, ``embed`` and ``finetune`` commands."""
 
 from __future__ import annotations
 
@@ -11,18 +11,87 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
+from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
-from scfmbench.benchmark.pipeline import load_models, resolve_run, run_splits
+from scfmbench.benchmark.pipeline import (
+    load_models,
+    open_run_data,
+    resolve_config,
+    resolve_run,
+    run_splits,
+)
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
+from scfmbench.data.backed import BackedData
+from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
 from scfmbench.data.io import load_dataset
-from scfmbench.data.validate import validate
+from scfmbench.data.splits import check_fractions, check_stratifiable
+from scfmbench.data.validate import DataDiagnostics, validate
 from scfmbench.embed import EMBED_DEFAULTS
 from scfmbench.errors import ConfigError
+from scfmbench.models import MODELS
 
 if TYPE_CHECKING:
     from scfmbench.finetune.train import FinetuneResult
 
-__all__ = ["embed_dataset", "finetune_dataset"]
+__all__ = ["check_dataset", "embed_dataset", "finetune_dataset"]
+
+
+def check_dataset(
+    data: str | Path,
+    config: RunConfig | None = None,
+    *,
+    models: list[str] | None = None,
+    **settings: Any,
+) -> DataDiagnostics:
+    """Make every check ``run`` makes before its first stage; the API behind ``validate``.
+
+    Parameters
+    ----------
+    data : str or pathlib.Path
+        An ``.h5ad`` path or a built-in dataset name.
+    config : RunConfig, optional
+        A loaded configuration (``--config``); ``settings`` win over it.
+    models : list of str, optional
+        ``NAME`` or ``NAME=DIR`` of the models the data are meant for (default: the
+        configuration's ``models``).
+    **settings
+        RunConfig fields, e.g. ``label_key``, ``min_cells_per_class``, ``backed``.
+
+    Returns
+    -------
+    DataDiagnostics
+        What validation found; ``warnings`` also lists what the named models would refuse
+        about a feature-selected count matrix.
+
+    Raises
+    ------
+    ScfmbenchError
+        Whatever ``run`` would refuse with the same settings (an unknown model, method or
+        column, a class too small to stratify, unreadable data), with its one-line message.
+    """
+    from scfmbench.evaluation.embedding_quality import detect_batch_key
+
+    resolved = resolve_config(data, config, settings)
+    check_fractions(resolved.fractions)
+    baseline_methods(resolved)  # unknown representations / probes, as run refuses them
+    named = list(models or resolved.models)  # NAME or NAME=DIR
+    for spec in named:  # unknown models (and missing folders), as run refuses them
+        if "=" in spec:
+            ModelSpec.parse(spec)
+        else:
+            MODELS.get(model_name(spec))
+    checked = open_run_data(data, resolved, progress=False)
+    if isinstance(checked, BackedData):
+        checked.close()
+    detect_batch_key(checked.obs, resolved.batch_key)  # a misspelt batch_key, as run refuses it
+    check_stratifiable(
+        checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
+    )
+    diag = checked.diagnostics
+    problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
+    if problem is not None:
+        diag.warnings.append(problem)
+    return diag
 
 
 def embed_dataset(
