@@ -1,8 +1,7 @@
 """The ``metrics.json`` document of a run or a transfer.
 
-Its one schema version, its typed records, the one writer and the one reader (which upgrades
-older schema versions), and the recomputation of a run's statistics from its predictions
-table (``scfmbench stats``).
+Its one schema version, its typed records, the one writer and the one reader, and the
+recomputation of a run's statistics from its predictions table (``scfmbench stats``).
 
 The layout of the document is given in the README (``metrics.json``); this module types its
 header and its method entries and keeps the other sections as the mappings they are.
@@ -42,8 +41,6 @@ SCHEMA_VERSION = "2.1"
 """Schema version of every ``metrics.json`` written (runs and transfers)."""
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
-OLD_SCHEMAS = ("1.0", "2.0")
-"""Versions :func:`read_metrics` upgrades (2.0 to 2.1: see the README)."""
 
 MethodKind = Literal["baseline", "frozen", "control", "finetuned"]
 """What a method is: a baseline, a probe on a frozen pretrained model, the same on its
@@ -146,7 +143,7 @@ class MetricsDocument:
     methods : dict
         Method name → :class:`MethodEntry`, in run order (empty for a transfer).
     schema_version, scfmbench_version : str or None
-        As recorded (an upgraded document keeps the version it was written with).
+        As recorded (a 1.0 or 2.0 document keeps the version it was written with).
     diagnostics : dict, optional
         The data's (and models') diagnostics.
     comparisons : list of dict, optional
@@ -171,7 +168,7 @@ class MetricsDocument:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> MetricsDocument:
-        """Read a current-schema mapping (see :func:`upgrade` for older ones).
+        """Read a parsed ``metrics.json`` (schema 1.0, 2.0 or 2.1).
 
         Raises
         ------
@@ -236,47 +233,11 @@ def write_metrics(run_dir: Path, doc: MetricsDocument | dict[str, Any]) -> Path:
     return path
 
 
-def _inferred_kind(name: str, entry: dict[str, Any]) -> str:
-    """Infer the kind of an old entry that records none.
-
-    A fine-tuned or frozen-model method when it names a model, a control when that model is
-    a random-init one, else a baseline.
-    """
-    model = entry.get("model")
-    if not model:
-        return "baseline"
-    if model.endswith("-random"):
-        return "control"
-    return "finetuned" if entry.get("probe") == "finetune" else "frozen"
-
-
-def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
-    """Fill in what a current reader relies on in an older document.
-
-    The one place that knows the older schema versions 1.0 and 2.0, whose method entries may
-    lack ``model`` or ``kind``.
-
-    A missing ``model`` is the part of the method name before ``+`` for every kind but
-    ``baseline``; a missing ``kind`` follows from the model (:func:`_inferred_kind`). The
-    recorded ``schema_version`` is kept.
-    """
-    methods = doc.get("methods")
-    if not isinstance(methods, dict):
-        return doc
-    upgraded = {}
-    for name, entry in methods.items():
-        if isinstance(entry, dict) and ("model" not in entry or "kind" not in entry):
-            entry = dict(entry)
-            if "model" not in entry:
-                base = name.split("+", 1)[0]
-                entry["model"] = None if entry.get("kind", "baseline") == "baseline" else base
-            entry.setdefault("kind", _inferred_kind(name, entry))
-        upgraded[name] = entry
-    return {**doc, "methods": upgraded}
-
-
 def read_metrics(run_dir: Path) -> MetricsDocument:
-    """Read the ``metrics.json`` of a run (or transfer) folder, older schemas upgraded.
+    """Read the ``metrics.json`` of a run (or transfer) folder.
+
+    Every schema written so far (1.0, 2.0, 2.1) records each method's ``kind`` and ``model``;
+    the sections 2.1 added are optional fields, so all three read as they are.
 
     Parameters
     ----------
@@ -311,7 +272,7 @@ def read_metrics(run_dir: Path) -> MetricsDocument:
     try:
         if not isinstance(raw, dict):
             raise ValueError("no 'run'/'methods' entries")
-        return MetricsDocument.from_dict(upgrade(raw))
+        return MetricsDocument.from_dict(raw)
     except ValueError as exc:
         raise RunDirError(f"{path} has {exc}; rerun `scfmbench run` to rewrite it") from None
 

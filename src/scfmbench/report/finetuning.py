@@ -11,10 +11,6 @@ from scfmbench.report.tables import Section, Table, figure_if_exists, method_cel
 from scfmbench.stages import safe_name
 
 
-def _model_of(name: str, entry: dict[str, Any]) -> str:
-    return entry.get("model") or name.split("+", 1)[0]
-
-
 def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
     """Tabulate each fine-tuned model beside its frozen probes: Δ = fine-tuned − frozen.
 
@@ -32,9 +28,9 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
     """
     methods = metrics["methods"]
     tuned = {
-        _model_of(n, e): (n, e)
+        e["model"]: (n, e)
         for n, e in methods.items()
-        if e.get("kind") == "finetuned" or n.endswith(("+finetune", "+finetuned"))
+        if e["kind"] == "finetuned"
     }
     tuned_names = {n for n, _ in tuned.values()}
     columns = ["model", "frozen method"]
@@ -46,7 +42,7 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
             if (
                 entry.get("kind") not in ("frozen", "control")
                 or name in tuned_names
-                or _model_of(name, entry) != model
+                or entry["model"] != model
             ):
                 continue
             row = [text(model), method_cell(name, entry)]
