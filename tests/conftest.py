@@ -11,6 +11,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+# runs fit their probes in this process unless a test asks for workers (`n_jobs`): a
+# monkeypatched function is only seen here, and tiny runs gain nothing from worker start-up
+os.environ.setdefault("LOKY_MAX_CPU_COUNT", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 

@@ -77,17 +77,17 @@ def test_bad_train_sizes_are_refused(bad):
 def test_sweep_refits_every_probe_on_the_subsets_with_the_runs_val_and_test(
     tmp_path, tiny_adata, monkeypatch
 ):
+    import scfmbench.benchmark.fitting as fitting
     import scfmbench.benchmark.label_efficiency as sweep_module
-    import scfmbench.benchmark.predict as predict
 
     calls = []
-    original = predict.fit_and_predict_features
+    original = fitting.fit_and_predict_features
 
     def spy(method, feats, labels, split, *args, **kwargs):
         calls.append((method.name, split.seed, split, feats.train.shape[0]))
         return original(method, feats, labels, split, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "fit_and_predict_features", spy)
+    monkeypatch.setattr(fitting, "fit_and_predict_features", spy)
     monkeypatch.setattr(sweep_module, "fit_and_predict_features", spy)
     baselines = ["hvg+logreg", "pca+logreg", "majority"]
 

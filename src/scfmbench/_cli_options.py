@@ -264,6 +264,7 @@ AlsoFinetune = Annotated[
     ),
 ]
 ChunkSize = Annotated[int | None, typer.Option(help=field_help("chunk_size"))]
+NJobs = Annotated[int | None, typer.Option(help=field_help("n_jobs"))]
 NoScvi = Annotated[
     bool,
     typer.Option("--no-scvi", help="Leave the scVI baseline out (its training is the slow part)."),

@@ -87,6 +87,7 @@ def run(
     finetune: opt.AlsoFinetune = False,
     backed: opt.Backed = None,
     chunk_size: opt.ChunkSize = None,
+    n_jobs: opt.NJobs = None,
     no_scvi: opt.NoScvi = False,
     train_sizes: opt.TrainSizes = None,
     train_size_seeds: opt.TrainSizeSeeds = None,
@@ -117,6 +118,7 @@ def run(
         batch_size=batch_size,
         backed=backed,
         chunk_size=chunk_size,
+        n_jobs=n_jobs,
         train_sizes=train_sizes,
         train_size_seeds=train_size_seeds,
     )

@@ -359,6 +359,11 @@ class RunConfig(BaseModel):
         ge=1,
         description="Cells read, tokenized and embedded at a time when streaming.",
     )
+    n_jobs: int = Field(
+        -1,
+        description="Processes that fit the probes (each split and representation is one "
+        "job): -1 every CPU core, 1 this process only; the results do not depend on it.",
+    )
     train_sizes: list[int | Literal["all"]] | None = Field(
         None,
         description="Label efficiency: labelled training cells per class to refit every probe "
@@ -368,6 +373,13 @@ class RunConfig(BaseModel):
     train_size_seeds: int = Field(
         3, ge=1, description="Random draws of the labelled cells per fold and size."
     )
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _check_n_jobs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("n_jobs must be a number of processes (1, 2, …) or -1 for every core.")
+        return value
 
     @field_validator("baselines")
     @classmethod

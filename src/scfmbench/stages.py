@@ -27,6 +27,8 @@ class StageStore:
         self.root = Path(run_dir) / "stages"
         self.timings: dict[str, float] = {}
         self.details: dict[str, dict[str, float]] = {}
+        self.worker_cpu_seconds = 0.0
+        """CPU seconds spent by worker processes (added with :meth:`add`)."""
 
     def _path(self, name: str) -> Path:
         return self.root / f"{safe_name(name)}.json"
@@ -63,6 +65,13 @@ class StageStore:
                 entry.get("cpu_seconds", 0.0) + time.process_time() - cpu, 3
             )
             entry["peak_rss_mb"] = peak_rss_mb()
+
+    def add(self, name: str, seconds: float, cpu_seconds: float) -> None:
+        """Add wall and CPU seconds spent on stage ``name`` in another process (a worker)."""
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        entry = self.details.setdefault(name, {})
+        entry["cpu_seconds"] = round(entry.get("cpu_seconds", 0.0) + cpu_seconds, 3)
+        self.worker_cpu_seconds += cpu_seconds
 
     def note(self, name: str, **info: float) -> None:
         """Attach numbers (e.g. ``n_cells``) to a timed stage for the report."""

@@ -30,8 +30,9 @@ import pandas as pd
 
 from scfmbench.benchmark.document import build_metrics
 from scfmbench.benchmark.finetuning import finetune_models
+from scfmbench.benchmark.fitting import predict_all
 from scfmbench.benchmark.methods import Method
-from scfmbench.benchmark.predict import ProbeInputs, predict_all
+from scfmbench.benchmark.predict import ProbeInputs
 from scfmbench.benchmark.rundata import RunData, random_splits
 from scfmbench.config import RunConfig
 from scfmbench.data.splits import (

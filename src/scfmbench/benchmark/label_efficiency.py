@@ -188,7 +188,7 @@ def label_efficiency(
         (labelled cells per class, ``"all"``) and ``train_size_seeds`` (draws per fold) are
         read, with the settings every probe and representation reads.
     split_set, stages
-        As in :func:`scfmbench.benchmark.predict.predict_all`.
+        As in :func:`scfmbench.benchmark.fitting.predict_all`.
     methods : list of Method
         The run's methods; fine-tuned ones are left out.
     predictions : dict

@@ -26,6 +26,7 @@ from scfmbench.benchmark.embedding import (
     layerwise_probing,
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
+from scfmbench.benchmark.fitting import predict_all
 from scfmbench.benchmark.holdout import holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
@@ -35,7 +36,7 @@ from scfmbench.benchmark.output import (
     holds_finished_work,
     run_directory,
 )
-from scfmbench.benchmark.predict import ProbeInputs, predict_all
+from scfmbench.benchmark.predict import ProbeInputs
 from scfmbench.benchmark.rundata import (
     IN_MEMORY,
     RunData,
@@ -418,7 +419,8 @@ def _execute(
         config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
     )
     stages.timings["total"] = time.perf_counter() - started
-    stages.note("total", cpu_seconds=round(time.process_time() - started_cpu, 3))
+    cpu_seconds = time.process_time() - started_cpu + stages.worker_cpu_seconds
+    stages.note("total", cpu_seconds=round(cpu_seconds, 3))
     metrics["timings"] = stages.summary()
     write_metrics(run_dir, metrics)
     from scfmbench.report.write import write_results_markdown

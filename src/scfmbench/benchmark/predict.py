@@ -8,23 +8,20 @@ comparison's random splits, the label-efficiency sweep and a transfer all make t
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from scfmbench.benchmark.methods import Method
 from scfmbench.config import RunConfig
 from scfmbench.data.cells import CellRows
-from scfmbench.data.splits import Split, SplitSet
+from scfmbench.data.splits import Split
 from scfmbench.evaluation.metrics import ClassificationMetrics, classification_metrics
 from scfmbench.evaluation.probes import PROBES, STUDY_LOGREG_C_GRID, FittedProbe, fit_probe
 from scfmbench.evaluation.representations import REPRESENTATIONS, SplitFeatures, embedding_features
 from scfmbench.hashing import hash_json
-from scfmbench.stages import StageStore
 
 __all__ = [
     "UNASSIGNED",
@@ -32,7 +29,6 @@ __all__ = [
     "ProbeInputs",
     "fit_and_predict",
     "fit_and_predict_features",
-    "predict_all",
     "probe_grid",
 ]
 
@@ -316,83 +312,6 @@ class ProbeInputs:
                 **extra,
             }
         )
-
-
-def predict_all(
-    inputs: ProbeInputs,
-    split_set: SplitSet,
-    methods: list[Method],
-    stages: StageStore,
-    progress: bool,
-    keep_features: dict[tuple[str, int], SplitFeatures] | None = None,
-) -> Predictions:
-    """Train each method's probe on each split (or reuse the saved predictions).
-
-    A baseline representation is built once per split and kept only until the last method
-    of that split that uses it (pca+logreg and pca+xgboost share one PCA); every one built
-    is also handed to ``keep_features[(representation, split seed)]`` when given.
-
-    Parameters
-    ----------
-    inputs : ProbeInputs
-        The run's cells, embeddings, labels and settings.
-    split_set : SplitSet
-        The splits to fit on.
-    methods : list of Method
-        The methods (fine-tuned ones excluded: they are not probes).
-    stages : StageStore
-        The cache (``predict_<method>_seed<S>``) and timings.
-    progress : bool
-        Show a progress bar.
-    keep_features : dict, optional
-        Receives the baseline features built.
-
-    Returns
-    -------
-    dict
-        ``{(method name, split seed): Prediction}``.
-    """
-    classes = list(inputs.labels.cat.categories)
-    code_of = {c: i for i, c in enumerate(classes)}
-    out: Predictions = {}
-    jobs = [(m, s) for s in split_set.splits for m in methods]
-    uses_left = Counter((m.representation, s.seed) for m, s in jobs if m.model is None)
-    built: dict[tuple[str, int], SplitFeatures] = {}
-    bar = tqdm(jobs, desc="probes", unit="fit", disable=not progress)
-    for method, split in bar:
-        bar.set_postfix_str(f"{method.name} seed {split.seed}")
-        key = inputs.cache_key(method, split)
-        stage = f"predict_{method.name}_seed{split.seed}"
-        payload = stages.load(stage, key)
-        shared = (method.representation, split.seed) if method.model is None else None
-        if payload is not None:
-            prediction = Prediction.from_payload(payload)
-        else:
-            feats = built.get(shared) if shared is not None else None
-            if feats is None:
-                with stages.timed(f"features:{method.representation}"):
-                    feats = inputs.features(method, split)
-            with stages.timed(f"probe:{method.name}"):
-                prediction = fit_and_predict_features(
-                    method,
-                    feats,
-                    inputs.labels,
-                    split,
-                    code_of,
-                    classes,
-                    grid=probe_grid(method.probe, inputs.config),
-                )
-            stages.save(stage, key, prediction.to_payload())
-            if shared is not None:
-                built[shared] = feats
-                if keep_features is not None:
-                    keep_features[shared] = feats
-        out[(method.name, split.seed)] = prediction
-        if shared is not None:
-            uses_left[shared] -= 1
-            if uses_left[shared] == 0:
-                built.pop(shared, None)
-    return out
 
 
 def fit_and_predict(

@@ -160,6 +160,15 @@ class H5adCells:
         """Close the file."""
         self.file.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the open file (a worker process opens its own)."""
+        return {name: value for name, value in self.__dict__.items() if name != "file"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the reader and open the file again, read-only."""
+        self.__dict__.update(state)
+        self.file = h5py.File(self.path, "r")
+
     def _read(self, location: str, start: int, stop: int) -> sp.csr_matrix:
         elem = self.file[location]
         if isinstance(elem, h5py.Dataset):

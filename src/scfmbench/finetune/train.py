@@ -303,8 +303,6 @@ def finetune_in_run(
     )
 
 
-
-
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",

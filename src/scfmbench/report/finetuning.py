@@ -27,11 +27,7 @@ def frozen_vs_finetuned_table(metrics: dict[str, Any]) -> Table | None:
         and relative gains. None when no method was fine-tuned.
     """
     methods = metrics["methods"]
-    tuned = {
-        e["model"]: (n, e)
-        for n, e in methods.items()
-        if e["kind"] == "finetuned"
-    }
+    tuned = {e["model"]: (n, e) for n, e in methods.items() if e["kind"] == "finetuned"}
     tuned_names = {n for n, _ in tuned.values()}
     columns = ["model", "frozen method"]
     columns += [f"{who} {m.short}" for who in ("frozen", "fine-tuned") for m in PRIMARY]

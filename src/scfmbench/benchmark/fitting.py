@@ -1,0 +1,265 @@
+"""Fitting every method's probe on every split, in this process or in worker processes.
+
+The fits of a run fall into independent groups: one per split and baseline representation
+(the methods that share it, e.g. pca+logreg and pca+xgboost, share its features) and one per
+split and model probe. Each group runs on one thread (BLAS, OpenMP and torch), so ``n_jobs``
+worker processes
+(joblib's loky backend, as scikit-learn's ``n_jobs``) fit several groups at once with
+results identical to a run in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import cast
+
+import joblib
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.predict import (
+    Prediction,
+    Predictions,
+    ProbeInputs,
+    fit_and_predict_features,
+    probe_grid,
+)
+from scfmbench.data.backed import BackedCells
+from scfmbench.data.splits import Split, SplitSet
+from scfmbench.evaluation.representations import SplitFeatures
+from scfmbench.stages import StageStore
+
+__all__ = ["fit_workers", "predict_all"]
+
+HEAVY_FIRST = {"scvi": 0, "hvg": 1}
+"""Order in which groups are handed to the workers (lower first; the rest after, model
+embeddings before the other baselines): the costliest first, so that no worker is left with
+a long fit at the end."""
+
+
+@dataclass(frozen=True)
+class FitGroup:
+    """The methods of one split that share one representation (their fits run together).
+
+    Attributes
+    ----------
+    split : Split
+        The split fitted on.
+    methods : list of Method
+        Methods whose predictions are not cached yet, in the run's order.
+    keys : list of str
+        Each method's prediction-cache key.
+    """
+
+    split: Split
+    methods: list[Method]
+    keys: list[str]
+
+    @property
+    def rank(self) -> int:
+        """Position in the hand-out order (see :data:`HEAVY_FIRST`)."""
+        method = self.methods[0]
+        if method.model is not None:
+            return len(HEAVY_FIRST)
+        return HEAVY_FIRST.get(method.representation, len(HEAVY_FIRST) + 1)
+
+
+@dataclass
+class GroupResult:
+    """What fitting one :class:`FitGroup` returns to the parent process."""
+
+    group: FitGroup
+    predictions: list[Prediction]
+    timings: dict[str, tuple[float, float]]
+    features: SplitFeatures | None
+
+
+def fit_workers(n_jobs: int, n_groups: int) -> int:
+    """Return how many processes fit ``n_groups`` groups with ``n_jobs`` (1: this process).
+
+    Parameters
+    ----------
+    n_jobs : int
+        As scikit-learn's: a positive count, or -1 for every usable CPU core
+        (:func:`joblib.cpu_count`: affinity, cgroup quota and ``LOKY_MAX_CPU_COUNT``
+        respected), -2 for all but one, and so on.
+    n_groups : int
+        Independent groups left to fit.
+
+    Returns
+    -------
+    int
+        At least 1, at most ``n_groups``.
+    """
+    cores = joblib.cpu_count()
+    wanted = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+    return max(1, min(wanted, n_groups))
+
+
+def _fit_group(
+    inputs: ProbeInputs,
+    group: FitGroup,
+    classes: list[str],
+    keep_features: bool,
+    stages: StageStore | None = None,
+) -> GroupResult:
+    """Build the group's representation once and fit / predict each of its methods.
+
+    Times go to ``stages`` (this process), or, in a worker, back with the result. BLAS and
+    OpenMP run on one thread, here as in a worker, so that the sums inside (e.g. of
+    scikit-learn's logistic loss) are added in the same order and the results do not
+    depend on ``n_jobs`` or on the machine's cores.
+    """
+    with threadpool_limits(limits=1):
+        return _fit_group_on_one_thread(inputs, group, classes, keep_features, stages)
+
+
+def _fit_group_on_one_thread(
+    inputs: ProbeInputs,
+    group: FitGroup,
+    classes: list[str],
+    keep_features: bool,
+    stages: StageStore | None,
+) -> GroupResult:
+    timer = StageStore(inputs.config.out) if stages is None else stages  # only its clocks
+    code_of = {c: i for i, c in enumerate(classes)}
+    first = group.methods[0]
+    with timer.timed(f"features:{first.representation}"):
+        feats = inputs.features(first, group.split)
+    predictions = []
+    for method in group.methods:
+        with timer.timed(f"probe:{method.name}"):
+            predictions.append(
+                fit_and_predict_features(
+                    method,
+                    feats,
+                    inputs.labels,
+                    group.split,
+                    code_of,
+                    classes,
+                    grid=probe_grid(method.probe, inputs.config),
+                )
+            )
+    timings = {
+        name: (seconds, timer.details[name]["cpu_seconds"])
+        for name, seconds in timer.timings.items()
+        if stages is None
+    }
+    kept = feats if keep_features and first.model is None else None
+    return GroupResult(group, predictions, timings, kept)
+
+
+def _groups(
+    inputs: ProbeInputs,
+    split_set: SplitSet,
+    methods: list[Method],
+    stages: StageStore,
+    out: Predictions,
+) -> list[FitGroup]:
+    """Fill ``out`` with the cached predictions; return the groups left to fit."""
+    pending: dict[tuple[str, int], FitGroup] = {}
+    for split in split_set.splits:
+        for method in methods:
+            key = inputs.cache_key(method, split)
+            payload = stages.load(f"predict_{method.name}_seed{split.seed}", key)
+            if payload is not None:
+                out[(method.name, split.seed)] = Prediction.from_payload(payload)
+                continue
+            # a baseline representation is built once for its methods; a model's probes
+            # share nothing costly (its embedding is only sliced), so each fits alone
+            shared = method.name if method.model else f"baseline:{method.representation}"
+            group = pending.setdefault((shared, split.seed), FitGroup(split, [], []))
+            group.methods.append(method)
+            group.keys.append(key)
+    return sorted(pending.values(), key=lambda g: g.rank)
+
+
+def _results(
+    inputs: ProbeInputs,
+    groups: list[FitGroup],
+    classes: list[str],
+    keep: bool,
+    workers: int,
+    stages: StageStore,
+) -> Iterator[GroupResult]:
+    """Fit the groups, yielding each result as it is done (in ``workers`` processes if > 1)."""
+    if workers == 1:
+        for group in groups:
+            yield _fit_group(inputs, group, classes, keep, stages)
+        return
+    if isinstance(inputs.cells, BackedCells):  # no progress bars from the workers
+        inputs = dataclasses.replace(
+            inputs, cells=dataclasses.replace(inputs.cells, progress=False)
+        )
+    parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
+    for result in parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups):
+        yield cast(GroupResult, result)
+
+
+def predict_all(
+    inputs: ProbeInputs,
+    split_set: SplitSet,
+    methods: list[Method],
+    stages: StageStore,
+    progress: bool,
+    keep_features: dict[tuple[str, int], SplitFeatures] | None = None,
+) -> Predictions:
+    """Train each method's probe on each split (or reuse the saved predictions).
+
+    A baseline representation is built once per split for every method that uses it
+    (pca+logreg and pca+xgboost share one PCA). With ``inputs.config.n_jobs`` other than 1
+    the groups run in that many worker processes, each result saved as soon as it is done
+    (an interrupted run keeps them); the predictions are the same for every ``n_jobs``.
+    The ``features:``/``probe:`` timings then hold the workers' seconds, summed, and stage
+    ``probes`` the wall time of them all.
+
+    Parameters
+    ----------
+    inputs : ProbeInputs
+        The run's cells, embeddings, labels and settings (``config.n_jobs``).
+    split_set : SplitSet
+        The splits to fit on.
+    methods : list of Method
+        The methods (fine-tuned ones excluded: they are not probes).
+    stages : StageStore
+        The cache (``predict_<method>_seed<S>``) and timings (``features:<representation>``
+        and ``probe:<method>``, worker time included).
+    progress : bool
+        Show a progress bar.
+    keep_features : dict, optional
+        Receives every baseline representation built, at ``(representation, split seed)``.
+
+    Returns
+    -------
+    dict
+        ``{(method name, split seed): Prediction}``, splits in order, methods in order.
+    """
+    classes = list(inputs.labels.cat.categories)
+    done: Predictions = {}
+    groups = _groups(inputs, split_set, methods, stages, done)
+    n_fits = sum(len(group.methods) for group in groups)
+    workers = fit_workers(inputs.config.n_jobs, len(groups))
+    results = _results(inputs, groups, classes, keep_features is not None, workers, stages)
+    bar = tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress)
+    with bar, stages.timed("probes") if workers > 1 else nullcontext():
+        for result in results:
+            group = result.group
+            for method, key, prediction in zip(
+                group.methods, group.keys, result.predictions, strict=True
+            ):
+                stage = f"predict_{method.name}_seed{group.split.seed}"
+                stages.save(stage, key, prediction.to_payload())
+                done[(method.name, group.split.seed)] = prediction
+            for name, (seconds, cpu_seconds) in result.timings.items():
+                stages.add(name, seconds, cpu_seconds)
+            if keep_features is not None and result.features is not None:
+                keep_features[(group.methods[0].representation, group.split.seed)] = result.features
+            bar.update(len(group.methods))
+            bar.set_postfix_str(f"{group.methods[-1].name} seed {group.split.seed}")
+    if workers > 1:
+        stages.note("probes", workers=workers)
+    return {(m.name, s.seed): done[(m.name, s.seed)] for s in split_set.splits for m in methods}

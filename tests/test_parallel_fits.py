@@ -1,0 +1,169 @@
+"""Probe fits in worker processes (`n_jobs`): the same predictions as in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import anndata as ad
+import joblib
+import pytest
+
+import scfmbench
+from scfmbench.benchmark.fitting import fit_workers
+from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, read_predictions
+
+SMALL_SCVI = {"max_epochs": 2, "patience": 2}
+
+
+@pytest.fixture(scope="module")
+def pbmc_subset(pbmc3k_path):
+    # every 4th cell: all 9 classes, enough for 3-fold cross-validation
+    return ad.read_h5ad(pbmc3k_path)[::4].copy()
+
+
+def _run(data, out, name, **options):
+    return scfmbench.run(data, out=out, name=name, progress=False, figures=False, **options)
+
+
+def test_workers_fit_the_same_predictions_as_one_process(tmp_path, pbmc_subset):
+    options = {
+        "baselines": ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority", "scvi"],
+        "n_splits": 3,
+        "scvi": SMALL_SCVI,
+    }
+    alone = _run(pbmc_subset, tmp_path, "one", n_jobs=1, **options)
+    pooled = _run(pbmc_subset, tmp_path, "two", n_jobs=2, **options)
+    assert pooled.metrics["methods"] == alone.metrics["methods"]
+    assert pooled.metrics["embeddings"] == alone.metrics["embeddings"]
+    first = read_predictions(alone.run_dir / PREDICTIONS_FILE)
+    second = read_predictions(pooled.run_dir / PREDICTIONS_FILE)
+    assert first.equals(second)
+    assert len(first) == 7 * pooled.diagnostics.n_cells  # 3 folds test every cell once
+
+    timings = pooled.metrics["timings"]
+    assert timings["probes"]["workers"] == 2
+    assert "probes" not in alone.metrics["timings"]
+    # the workers' CPU time is in the stages that ran there and in the total
+    for stage in ("features:scvi", "features:pca", "probe:hvg+logreg", "probe:scvi+knn"):
+        assert timings[stage]["cpu_seconds"] > 0, stage
+    fitted = sum(
+        e["cpu_seconds"] for n, e in timings.items() if n.startswith(("features:", "probe:"))
+    )
+    assert timings["total"]["cpu_seconds"] >= fitted
+    assert timings["probes"]["cpu_seconds"] < fitted  # the parent only waited
+
+
+def test_streamed_run_with_workers_equals_in_memory_run(tmp_path, pbmc_subset):
+    path = tmp_path / "subset.h5ad"
+    pbmc_subset.write_h5ad(path)
+    options = {"baselines": ["hvg+logreg", "pca+logreg"], "n_splits": 2}
+    memory = _run(path, tmp_path, "memory", n_jobs=1, backed=False, **options)
+    streamed = _run(path, tmp_path, "streamed", n_jobs=2, backed=True, chunk_size=97, **options)
+    assert streamed.metrics["timings"]["probes"]["workers"] == 2
+    assert streamed.metrics["methods"] == memory.metrics["methods"]
+
+
+def test_label_efficiency_reuses_features_built_by_workers(tmp_path, pbmc_subset):
+    options = {
+        "baselines": ["pca+logreg", "majority"],
+        "n_splits": 2,
+        "train_sizes": [5, "all"],
+        "train_size_seeds": 1,
+    }
+    alone = _run(pbmc_subset, tmp_path, "one", n_jobs=1, **options)
+    pooled = _run(pbmc_subset, tmp_path, "two", n_jobs=2, **options)
+    assert pooled.metrics["label_efficiency"] == alone.metrics["label_efficiency"]
+    # the sweep refitted on the PCA the workers built instead of computing it again
+    assert "label_efficiency:features" not in pooled.metrics["timings"]
+    assert "label_efficiency:features" not in alone.metrics["timings"]
+    assert pooled.metrics["timings"]["features:pca"]["cpu_seconds"] > 0
+
+
+def test_fit_workers_follows_scikit_learn_n_jobs():
+    cores = joblib.cpu_count()
+    assert fit_workers(1, 20) == 1
+    assert fit_workers(3, 2) == 2  # never more workers than groups
+    assert fit_workers(4, 20) == 4
+    assert fit_workers(-1, 100) == cores
+    assert fit_workers(-2, 100) == max(cores - 1, 1)
+    assert fit_workers(-1, 0) == 1
+
+
+def test_n_jobs_zero_is_refused_with_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "scfmbench", "run", "--data", "pbmc68k_reduced", "--n-jobs", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "n_jobs" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_with_workers_keeps_finished_fits_and_resumes(tmp_path, pbmc_subset):
+    """Ctrl-C reaches the run and its workers (one process group); the fits already
+    returned are kept, no worker outlives the run, and a rerun fits only the others."""
+    data = tmp_path / "subset.h5ad"
+    pbmc_subset.write_h5ad(data)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "baselines: [scvi, pca+logreg, majority]\n"
+        "scvi: {max_epochs: 25, patience: 25}\nfigures: false\nn_splits: 2\n"
+    )
+    args = [
+        "run", "--data", str(data), "--label-key", "cell_type", "--config", str(config),
+        "--out", str(tmp_path / "runs"), "--name", "r", "--n-jobs", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "LOKY_MAX_CPU_COUNT": "2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scfmbench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    stages = tmp_path / "runs" / "r" / "stages"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if stages.exists() and any(stages.glob("predict_*.json")):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted; finished stages are kept and a rerun resumes"
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a worker process outlived the interrupted run")
+    kept = {p.name: p.stat().st_mtime_ns for p in stages.glob("predict_*.json")}
+    assert 0 < len(kept) < 2 * 5  # 2 folds × (3 scvi probes + 2 baselines)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scfmbench", *args], capture_output=True, text=True, env=env,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for name, mtime in kept.items():  # reused, not fitted again
+        assert (stages / name).stat().st_mtime_ns == mtime, name
+    metrics = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {
+        "scvi+logreg", "scvi+xgboost", "scvi+knn", "pca+logreg", "majority",
+    }  # fmt: skip
