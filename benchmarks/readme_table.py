@@ -79,81 +79,69 @@ def _met(value: float, target: float) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _key_row(name: str, doc: dict, key: str, benchmark: str, value: str, target: str) -> list[Row]:
+    """One row for ``doc[key]`` (none when absent), figure and target formatted by ``value``
+    and ``target`` (e.g. ``"{:.2f}×"``, ``"≥ {:g}×"``; target "—" when ``targets`` lacks it)."""
+    figure, goal = doc.get(key), doc.get("targets", {}).get(key)
+    if not _number(figure):
+        return []
+    goal_text = target.format(goal) if _number(goal) else "—"
+    return [Row(benchmark, value.format(figure), goal_text, (name,))]
+
+
 def geneformer_rows(docs: Docs) -> list[Row]:
     """Tokenizer and embedding ratios of ``geneformer_throughput.py``."""
     name = "geneformer_throughput.json"
     doc = docs.get(name)
     if doc is None:
         return []
-    targets = doc.get("targets", {})
-    rows = []
-    speedup = doc.get("tokenize_speedup")
-    if _number(speedup):
-        rows.append(
-            Row(
-                "Geneformer tokenizer vs per-cell loop (PBMC3k, identical tokens)",
-                f"{speedup:.1f}×",
-                _at_least(targets.get("tokenize_speedup"), "×"),
-                (name,),
-            )
-        )
-    speedup = doc.get("embed_speedup_vs_pad_to_max")
-    if _number(speedup):
-        rows.append(
-            Row(
-                "Geneformer embedding, length-sorted dynamic batches vs pad-to-max (6L shape)",
-                f"{speedup:.2f}×",
-                _at_least(targets.get("embed_speedup_vs_pad_to_max"), "×"),
-                (name,),
-            )
-        )
-    overhead = doc.get("pipeline_overhead_fraction")
-    if _number(overhead):
-        target = targets.get("pipeline_overhead_fraction")
-        rows.append(
-            Row(
-                "Geneformer `embed()` overhead over the bare forward",
-                f"{overhead:.1%}",
-                f"≤ {target:.0%}" if _number(target) else "—",
-                (name,),
-            )
-        )
-    rows += flop_rows("Geneformer", name, doc)
-    return rows
+    return [
+        *_key_row(
+            name,
+            doc,
+            "tokenize_speedup",
+            "Geneformer tokenizer vs per-cell loop (PBMC3k, identical tokens)",
+            "{:.1f}×",
+            "≥ {:g}×",
+        ),
+        *_key_row(
+            name,
+            doc,
+            "embed_speedup_vs_pad_to_max",
+            "Geneformer embedding, length-sorted dynamic batches vs pad-to-max (6L shape)",
+            "{:.2f}×",
+            "≥ {:g}×",
+        ),
+        *_key_row(
+            name,
+            doc,
+            "pipeline_overhead_fraction",
+            "Geneformer `embed()` overhead over the bare forward",
+            "{:.1%}",
+            "≤ {:.0%}",
+        ),
+        *flop_rows("Geneformer", name, doc),
+    ]
 
 
 def flop_rows(model: str, name: str, doc: dict) -> list[Row]:
     """FLOP fraction and speed-up / padding-waste bound of ``flop_report`` (when recorded)."""
-    targets = doc.get("targets", {})
-    rows = []
     key = "flop_utilization" if "flop_utilization" in doc else "flop_fraction"
-    fraction = doc.get(key)
-    if _number(fraction):
-        rows.append(
-            Row(
-                f"{model} forward FLOP rate / plain fp32 matmul rate",
-                f"{fraction:.2f}",
-                _at_least(targets.get(key), ""),
-                (name,),
-            )
-        )
-    share = doc.get("speedup_fraction_of_bound")
+    rows = _key_row(
+        name, doc, key, f"{model} forward FLOP rate / plain fp32 matmul rate", "{:.2f}", "≥ {:g}"
+    )
     speedup, bound = doc.get("speedup_vs_pad_to_max"), doc.get("padding_waste_bound")
-    if _number(share) and _number(speedup) and _number(bound):
-        rows.append(
-            Row(
-                f"{model} matmul-equivalent speed-up over pad-to-max / padding-waste bound "
-                f"({speedup:.2f}× / {bound:.2f}×)",
-                f"{share:.2f}",
-                _at_least(targets.get("speedup_fraction_of_bound"), ""),
-                (name,),
-            )
+    if _number(speedup) and _number(bound):
+        rows += _key_row(
+            name,
+            doc,
+            "speedup_fraction_of_bound",
+            f"{model} matmul-equivalent speed-up over pad-to-max / padding-waste bound "
+            f"({speedup:.2f}× / {bound:.2f}×)",
+            "{:.2f}",
+            "≥ {:g}",
         )
     return rows
-
-
-def _at_least(target, unit: str) -> str:
-    return f"≥ {target:g}{unit}" if _number(target) else "—"
 
 
 def scgpt_rows(docs: Docs) -> list[Row]:
@@ -211,17 +199,15 @@ def finetune_rows(docs: Docs) -> list[Row]:
     ]
 
 
-def embed_scaling_rows(docs: Docs) -> list[Row]:
-    """Peak RSS of the streaming ``embed``, largest vs smallest size (``run_all.py``)."""
-    name = "scaling.json"
-    sizes = docs.get(name, {}).get("sizes", [])
+def _rss_growth_rows(name: str, what: str, sizes: list[dict]) -> list[Row]:
+    """Peak RSS at the largest size / at the smallest, against the ≤ 1.5× target."""
     if len(sizes) < 2:
         return []
     small, large = sizes[0], sizes[-1]
+    cells = f"{_cells(large['n_cells'])} vs {_cells(small['n_cells'])} cells"
     return [
         Row(
-            f"streaming `embed` peak RSS, {_cells(large['n_cells'])} vs "
-            f"{_cells(small['n_cells'])} cells",
+            what.format(cells=cells),
             f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}×",
             TARGET_RSS_GROWTH,
             (name,),
@@ -229,23 +215,23 @@ def embed_scaling_rows(docs: Docs) -> list[Row]:
     ]
 
 
+def embed_scaling_rows(docs: Docs) -> list[Row]:
+    """Peak RSS of the streaming ``embed``, largest vs smallest size (``run_all.py``)."""
+    name = "scaling.json"
+    sizes = docs.get(name, {}).get("sizes", [])
+    return _rss_growth_rows(name, "streaming `embed` peak RSS, {cells}", sizes)
+
+
 def run_scaling_rows(docs: Docs) -> list[Row]:
     """Peak RSS of ``run --backed`` across sizes, and in memory vs streamed (``run_all.py``)."""
     name = "run_scaling.json"
     runs = docs.get(name, {}).get("runs", [])
     backed = [r for r in runs if r.get("mode") == "backed"]
-    rows = []
-    if len(backed) > 1:
-        small, large = backed[0], backed[-1]
-        rows.append(
-            Row(
-                f"streaming `run --backed` peak RSS, {_cells(large['n_cells'])} vs "
-                f"{_cells(small['n_cells'])} cells (PCA baseline + tiny scGPT, logreg)",
-                f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}×",
-                TARGET_RSS_GROWTH,
-                (name,),
-            )
-        )
+    rows = _rss_growth_rows(
+        name,
+        "streaming `run --backed` peak RSS, {cells} (PCA baseline + tiny scGPT, logreg)",
+        backed,
+    )
     streamed = {r["n_cells"]: r["peak_rss_mb"] for r in backed}
     both = [r for r in runs if r.get("mode") == "memory" and r["n_cells"] in streamed]
     if both:

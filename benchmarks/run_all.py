@@ -14,7 +14,8 @@
    memory (``--no-backed``), each in a fresh process: wall time and peak RSS.
 
 Writes ``benchmarks/results/scaling.json``, ``benchmarks/results/run_scaling.json`` and
-``benchmarks/results.md``.
+``benchmarks/results.md``, then rewrites the README's benchmark table from the JSON
+(``benchmarks/readme_table.py``).
 
     python benchmarks/run_all.py                                  # 10k, 50k, 200k cells
     python benchmarks/run_all.py --sizes 2000 5000 --skip-throughput   # a quick run
