@@ -303,6 +303,7 @@ def _run_cost_label(what: str, doc: dict, part_name: str) -> str:
 
 
 def _run_cost_part(docs: Docs, name: str, part_name: str) -> dict | None:
+    """``stages[part_name]`` of ``docs[name]`` when it records wall and CPU seconds."""
     part = docs.get(name, {}).get("stages", {}).get(part_name)
     if part is None or not (_number(part.get("wall_s")) and _number(part.get("cpu_s"))):
         return None
@@ -365,9 +366,10 @@ def model_cost_rows(docs: Docs) -> list[Row]:
     name = "run_cost.json"
     doc = docs.get(name, {})
     ratio = doc.get("ratio_run_vs_baselines_plus_bare_embedding")
-    stages = doc.get("stages", {})
-    if not _number(ratio) or not {"baselines", "bare", "model"} <= set(stages):
+    parts = {part: _run_cost_part(docs, name, part) for part in ("baselines", "bare", "model")}
+    if not _number(ratio) or None in parts.values():
         return []
+    stages = doc["stages"]
     model = doc.get("model", {})
     shape = (
         f"{model['layers']} layers, hidden {model['hidden']}; "

@@ -138,3 +138,12 @@ def test_bad_readme_or_json_is_a_one_line_error_with_exit_2(tmp_path, capsys):
     assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: scaling.json is not valid JSON (") and err.count("\n") == 1
+
+
+def test_a_result_file_that_is_absent_gives_no_rows():
+    docs = read_results()
+    assert all(family({}) == [] for family in ROW_FAMILIES)
+    for name in docs:  # the table without each file: its rows go, the others stay
+        rest = {other: doc for other, doc in docs.items() if other != name}
+        rows = [row for family in ROW_FAMILIES for row in family(rest)]
+        assert all(name not in row.sources for row in rows)
