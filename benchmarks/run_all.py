@@ -14,7 +14,8 @@
    memory (``--no-backed``), each in a fresh process: wall time and peak RSS.
 
 Writes ``benchmarks/results/scaling.json``, ``benchmarks/results/run_scaling.json`` and
-``benchmarks/results.md``.
+``benchmarks/results.md``, then rewrites the README's benchmark table from the JSON
+(``benchmarks/readme_table.py``).
 
     python benchmarks/run_all.py                                  # 10k, 50k, 200k cells
     python benchmarks/run_all.py --sizes 2000 5000 --skip-throughput   # a quick run
@@ -38,6 +39,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import readme_table  # benchmarks/readme_table.py, next to this script
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -537,6 +539,7 @@ def main() -> None:
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out}")
+    readme_table.main([])  # the README's table from the same JSON
 
 
 if __name__ == "__main__":
