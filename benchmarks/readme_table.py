@@ -279,12 +279,20 @@ def label_efficiency_rows(docs: Docs) -> list[Row]:
 
 
 def _run_cost_value(part: dict) -> str:
-    """'830.4 s wall, 99.4 s CPU (scVI 425.0 s wall, 51.0 s CPU)' from one ``stages`` part."""
+    """'830.4 s wall, 99.4 s CPU (scVI 425.0 s wall, 51.0 s CPU)' from one ``stages`` part.
+
+    ``cpu_s`` includes the probes' worker processes (``workers_cpu_s``); with workers, the
+    stage wall seconds are the workers' summed, so only scVI's CPU seconds are shown.
+    """
     value = f"{part['wall_s']:.1f} s wall, {part['cpu_s']:.1f} s CPU"
-    if _number(part.get("workers_cpu_s")):
-        value += f" + {part['workers_cpu_s']:.1f} s CPU in workers"
+    in_workers = part.get("workers_cpu_s")
+    if _number(in_workers) and in_workers > 0:
+        value += f", {in_workers:.1f} s of it in the probes' worker processes"
     scvi = (part.get("timings") or {}).get("features:scvi", {})
-    if _number(scvi.get("seconds")):
+    if _number(in_workers) and in_workers > 0:
+        if _number(scvi.get("cpu_seconds")):
+            value += f" (scVI {scvi['cpu_seconds']:.1f} s CPU)"
+    elif _number(scvi.get("seconds")):
         value += f" (scVI {scvi['seconds']:.1f} s wall"
         if _number(scvi.get("cpu_seconds")):
             value += f", {scvi['cpu_seconds']:.1f} s CPU"
