@@ -13,12 +13,10 @@ e.g. ``scfmbench.embed.embed_h5ad``), :mod:`scfmbench.evaluation`, :mod:`scfmben
 :mod:`scfmbench.benchmark` and :mod:`scfmbench.report`.
 """
 
-from scfmbench import embed
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from scfmbench._version import __version__
-from scfmbench.benchmark.pipeline import run
-from scfmbench.benchmark.transfer import transfer
-from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig
-from scfmbench.data import load_dataset, validate
 from scfmbench.errors import (
     CheckpointError,
     ConfigError,
@@ -30,9 +28,48 @@ from scfmbench.errors import (
     SchemaError,
     SplitError,
 )
-from scfmbench.report.compare import compare_runs
-from scfmbench.report.manifest import write_manifest
-from scfmbench.report.write import write_report
+
+if TYPE_CHECKING:
+    from scfmbench import embed
+    from scfmbench.benchmark.pipeline import run
+    from scfmbench.benchmark.transfer import transfer
+    from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig
+    from scfmbench.data import load_dataset, validate
+    from scfmbench.report.compare import compare_runs
+    from scfmbench.report.manifest import write_manifest
+    from scfmbench.report.write import write_report
+
+LAZY = {
+    "embed": "scfmbench.embed",
+    "run": "scfmbench.benchmark.pipeline",
+    "transfer": "scfmbench.benchmark.transfer",
+    "FinetuneConfig": "scfmbench.config",
+    "ModelSpec": "scfmbench.config",
+    "RunConfig": "scfmbench.config",
+    "load_dataset": "scfmbench.data",
+    "validate": "scfmbench.data",
+    "compare_runs": "scfmbench.report.compare",
+    "write_manifest": "scfmbench.report.manifest",
+    "write_report": "scfmbench.report.write",
+}
+"""The API's names and their modules, imported on first use (PEP 562): ``import scfmbench``
+and the worker processes that fit probes stay light (no torch or transformers until a model
+is used)."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` of the public API from its module on first access."""
+    if name not in LAZY:
+        raise AttributeError(f"module 'scfmbench' has no attribute {name!r}")
+    module = importlib.import_module(LAZY[name])
+    value = module if module.__name__ == f"scfmbench.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY))
+
 
 __all__ = [
     "CheckpointError",

@@ -5,7 +5,28 @@ transfer (:mod:`scfmbench.benchmark.transfer`), and the APIs behind the ``embed`
 ``finetune`` commands.
 """
 
-from scfmbench.benchmark.commands import embed_dataset, finetune_dataset
-from scfmbench.benchmark.pipeline import RunResult, run
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scfmbench.benchmark.commands import embed_dataset, finetune_dataset
+    from scfmbench.benchmark.pipeline import RunResult, run
 
 __all__ = ["RunResult", "embed_dataset", "finetune_dataset", "run"]
+
+LAZY = {
+    "RunResult": "scfmbench.benchmark.pipeline",
+    "run": "scfmbench.benchmark.pipeline",
+    "embed_dataset": "scfmbench.benchmark.commands",
+    "finetune_dataset": "scfmbench.benchmark.commands",
+}
+"""Imported on first use: a probe-fitting worker imports only what it needs (PEP 562)."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its module on first access."""
+    if name not in LAZY:
+        raise AttributeError(f"module 'scfmbench.benchmark' has no attribute {name!r}")
+    value = getattr(importlib.import_module(LAZY[name]), name)
+    globals()[name] = value
+    return value
