@@ -246,10 +246,19 @@ def planned_comparisons(methods: dict[str, dict]) -> list[tuple[str, str, str]]:
         out += [(n, best, "vs best baseline") for n in methods if n != best]
     for name, entry in methods.items():
         model = entry.get("model")
-        if not model or model.endswith("-random"):
+        if not model or entry["kind"] == "control":
             continue
-        control = name.replace(model, f"{model}-random", 1)
-        if control in methods:
+        control = next(
+            (
+                n
+                for n, e in methods.items()
+                if e["kind"] == "control"
+                and e.get("model") == f"{model}-random"
+                and e["probe"] == entry["probe"]
+            ),
+            None,
+        )
+        if control is not None:
             out.append((name, control, "vs random-init control"))
     for name, entry in methods.items():
         if entry["probe"] != "finetune":
