@@ -66,12 +66,17 @@ class StageStore:
             )
             entry["peak_rss_mb"] = peak_rss_mb()
 
-    def add(self, name: str, seconds: float, cpu_seconds: float) -> None:
-        """Add wall and CPU seconds spent on stage ``name`` in another process (a worker)."""
+    def add(self, name: str, seconds: float, cpu_seconds: float, *, worker: bool = True) -> None:
+        """Add wall and CPU seconds spent on stage ``name``.
+
+        By default they were spent in another process (a worker), whose CPU seconds are also
+        added to :attr:`worker_cpu_seconds`; ``worker=False``: in this one.
+        """
         self.timings[name] = self.timings.get(name, 0.0) + seconds
         entry = self.details.setdefault(name, {})
         entry["cpu_seconds"] = round(entry.get("cpu_seconds", 0.0) + cpu_seconds, 3)
-        self.worker_cpu_seconds += cpu_seconds
+        if worker:
+            self.worker_cpu_seconds += cpu_seconds
 
     def note(self, name: str, **info: float) -> None:
         """Attach numbers (e.g. ``n_cells``) to a timed stage for the report."""

@@ -11,8 +11,8 @@ results identical to a run in one process.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import nullcontext
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -186,18 +186,20 @@ def _results(
     workers: int,
     stages: StageStore,
 ) -> Iterator[GroupResult]:
-    """Fit the groups, yielding each result as it is done (in ``workers`` processes if > 1)."""
+    """Return the groups' results, each as it is done.
+
+    With ``workers`` > 1 the worker processes start on the groups now and go on while this
+    process does other work; in this process each group is fitted as the iterator is read.
+    """
     if workers == 1:
-        for group in groups:
-            yield _fit_group(inputs, group, classes, keep, stages)
-        return
+        return (_fit_group(inputs, group, classes, keep, stages) for group in groups)
     if isinstance(inputs.cells, BackedCells):  # no progress bars from the workers
         inputs = dataclasses.replace(
             inputs, cells=dataclasses.replace(inputs.cells, progress=False)
         )
     parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
-    for result in parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups):
-        yield cast(GroupResult, result)
+    done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups)
+    return (cast(GroupResult, result) for result in done)
 
 
 def predict_all(
@@ -207,6 +209,7 @@ def predict_all(
     stages: StageStore,
     progress: bool,
     keep_features: dict[tuple[str, int], SplitFeatures] | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> Predictions:
     """Train each method's probe on each split (or reuse the saved predictions).
 
@@ -215,7 +218,8 @@ def predict_all(
     the groups run in that many worker processes, each result saved as soon as it is done
     (an interrupted run keeps them); the predictions are the same for every ``n_jobs``.
     The ``features:``/``probe:`` timings then hold the workers' seconds, summed, and stage
-    ``probes`` the wall time of them all.
+    ``probes`` the wall time from the workers' start to the last fit (``meanwhile``
+    included).
 
     Parameters
     ----------
@@ -232,6 +236,10 @@ def predict_all(
         Show a progress bar.
     keep_features : dict, optional
         Receives every baseline representation built, at ``(representation, split seed)``.
+    meanwhile : callable, optional
+        Other work of the run, independent of the fits, done in this process while the
+        workers fit (before the fits when they run here). Fits the workers finish in the
+        meantime are saved when it returns.
 
     Returns
     -------
@@ -243,9 +251,13 @@ def predict_all(
     groups = _groups(inputs, split_set, methods, stages, done)
     n_fits = sum(len(group.methods) for group in groups)
     workers = fit_workers(inputs.config.n_jobs, len(groups))
+    started, cpu = time.perf_counter(), time.process_time()
     results = _results(inputs, groups, classes, keep_features is not None, workers, stages)
-    bar = tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress)
-    with bar, stages.timed("probes") if workers > 1 else nullcontext():
+    if meanwhile is not None:
+        before = time.process_time()
+        meanwhile()
+        cpu += time.process_time() - before  # not the fits' time: its own stages time it
+    with tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress) as bar:
         for result in results:
             group = result.group
             for method, key, prediction in zip(
@@ -261,5 +273,7 @@ def predict_all(
             bar.update(len(group.methods))
             bar.set_postfix_str(f"{group.methods[-1].name} seed {group.split.seed}")
     if workers > 1:
+        elapsed = time.perf_counter() - started
+        stages.add("probes", elapsed, time.process_time() - cpu, worker=False)
         stages.note("probes", workers=workers)
     return {(m.name, s.seed): done[(m.name, s.seed)] for s in split_set.splits for m in methods}

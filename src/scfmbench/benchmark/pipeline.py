@@ -354,8 +354,23 @@ def _execute(
     inputs = ProbeInputs(config, cells, matrices, matrix_hashes, labels, data_hash, kind)
 
     kept_features = CompactFeatures() if config.train_sizes else None
+    scores: dict[str, Any] = {}
+
+    def score_embeddings() -> None:  # zero-shot scores, independent of the probes
+        scores.update(
+            embedding_scores(
+                config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
+            )
+        )
+
     predictions = predict_all(
-        inputs, split_set, methods, stages, progress, keep_features=kept_features
+        inputs,
+        split_set,
+        methods,
+        stages,
+        progress,
+        keep_features=kept_features,
+        meanwhile=score_embeddings,
     )
     finetuned = []
     # a streamed run cannot be fine-tuned: open_run_data refuses it
@@ -415,9 +430,7 @@ def _execute(
             metrics["layers"] = layerwise_probing(
                 config, validated, models, split_set.splits[0], run_dir, stages, progress
             )
-    metrics["embeddings"] = embedding_scores(
-        config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
-    )
+    metrics["embeddings"] = scores
     stages.timings["total"] = time.perf_counter() - started
     cpu_seconds = time.process_time() - started_cpu + stages.worker_cpu_seconds
     stages.note("total", cpu_seconds=round(cpu_seconds, 3))
