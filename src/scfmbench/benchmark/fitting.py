@@ -3,9 +3,8 @@
 The fits of a run fall into independent groups: one per split and baseline representation
 (the methods that share it, e.g. pca+logreg and pca+xgboost, share its features) and one per
 split and model probe. Each group runs on one thread (BLAS, OpenMP and torch), so ``n_jobs``
-worker processes
-(joblib's loky backend, as scikit-learn's ``n_jobs``) fit several groups at once with
-results identical to a run in one process.
+worker processes (joblib's loky backend, as scikit-learn's ``n_jobs``) fit several groups at
+once with results identical to a run in one process.
 """
 
 from __future__ import annotations

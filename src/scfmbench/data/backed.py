@@ -161,8 +161,14 @@ class H5adCells:
         self.file.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the open file (a worker process opens its own)."""
-        return {name: value for name, value in self.__dict__.items() if name != "file"}
+        """Pickle without the open file (a worker process opens its own).
+
+        ``obs`` keeps its columns but no rows: a worker reads matrix rows only, and an
+        atlas's ``obs`` is large.
+        """
+        state = {name: value for name, value in self.__dict__.items() if name != "file"}
+        state["obs"] = self.obs.iloc[:0]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the reader and open the file again, read-only."""
