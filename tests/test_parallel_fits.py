@@ -11,6 +11,7 @@ import time
 
 import anndata as ad
 import joblib
+import psutil
 import pytest
 
 import scfmbench
@@ -84,14 +85,22 @@ def test_label_efficiency_reuses_features_built_by_workers(tmp_path, pbmc_subset
     assert pooled.metrics["timings"]["features:pca"]["cpu_seconds"] > 0
 
 
-def test_fit_workers_follows_scikit_learn_n_jobs():
-    cores = joblib.cpu_count()
+def test_fit_workers_follows_scikit_learn_n_jobs(monkeypatch):
+    monkeypatch.setattr(joblib, "cpu_count", lambda: 8)
     assert fit_workers(1, 20) == 1
     assert fit_workers(3, 2) == 2  # never more workers than groups
     assert fit_workers(4, 20) == 4
-    assert fit_workers(-1, 100) == cores
-    assert fit_workers(-2, 100) == max(cores - 1, 1)
+    assert fit_workers(-1, 100) == 8
+    assert fit_workers(-2, 100) == 7
+    assert fit_workers(-9, 100) == 1
     assert fit_workers(-1, 0) == 1
+    # every core unless the features would not fit in half the available memory; an
+    # explicit count is used as given
+    available = psutil.virtual_memory().available
+    assert fit_workers(-1, 100, bytes_per_group=1e3) == 8
+    assert fit_workers(-1, 100, bytes_per_group=available / 6.5) == 3
+    assert fit_workers(-1, 100, bytes_per_group=available) == 1
+    assert fit_workers(3, 100, bytes_per_group=available) == 3
 
 
 def test_n_jobs_zero_is_refused_with_one_line(tmp_path):
@@ -167,3 +176,24 @@ def test_ctrl_c_with_workers_keeps_finished_fits_and_resumes(tmp_path, pbmc_subs
     assert set(metrics["methods"]) == {
         "scvi+logreg", "scvi+xgboost", "scvi+knn", "pca+logreg", "majority",
     }  # fmt: skip
+
+
+def test_group_bytes_bounds_the_widest_representation():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from scfmbench.benchmark.fitting import FitGroup, group_bytes
+    from scfmbench.benchmark.methods import Method
+
+    inputs = SimpleNamespace(
+        config=SimpleNamespace(n_hvg=2000),
+        labels=[0] * 1000,
+        matrices={"gf": np.zeros((1000, 3000), dtype=np.float32)},
+    )
+    majority = FitGroup(None, [Method("majority", "none", "majority", "baseline")], ["k"])
+    pca = FitGroup(None, [Method("pca+logreg", "pca", "logreg", "baseline")], ["k"])
+    model = FitGroup(None, [Method("gf+logreg", "gf", "logreg", "frozen", "gf")], ["k"])
+    assert group_bytes(inputs, [majority]) == 1 * 1000 * 8 * 3
+    assert group_bytes(inputs, [majority, pca]) == 2000 * 1000 * 8 * 3
+    assert group_bytes(inputs, [pca, model]) == 3000 * 1000 * 8 * 3

@@ -77,7 +77,12 @@ class GroupResult:
     features: SplitFeatures | None
 
 
-def fit_workers(n_jobs: int, n_groups: int) -> int:
+MEMORY_SHARE = 0.5
+"""Share of the machine's available memory the workers' features may take when ``n_jobs``
+is negative (every core): fewer workers than cores when one group's features are large."""
+
+
+def fit_workers(n_jobs: int, n_groups: int, bytes_per_group: float = 0.0) -> int:
     """Return how many processes fit ``n_groups`` groups with ``n_jobs`` (1: this process).
 
     Parameters
@@ -88,15 +93,43 @@ def fit_workers(n_jobs: int, n_groups: int) -> int:
         respected), -2 for all but one, and so on.
     n_groups : int
         Independent groups left to fit.
+    bytes_per_group : float, default 0
+        Memory one group's features may take (:func:`group_bytes`). With a negative
+        ``n_jobs`` the workers' total stays under :data:`MEMORY_SHARE` of the available
+        memory (:func:`psutil.virtual_memory`); a positive ``n_jobs`` is used as given.
 
     Returns
     -------
     int
         At least 1, at most ``n_groups``.
     """
-    cores = joblib.cpu_count()
-    wanted = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+    if n_jobs > 0:
+        wanted = n_jobs
+    else:
+        wanted = max(joblib.cpu_count() + 1 + n_jobs, 1)
+        if bytes_per_group > 0:
+            import psutil
+
+            room = MEMORY_SHARE * psutil.virtual_memory().available
+            wanted = min(wanted, int(room // bytes_per_group))
     return max(1, min(wanted, n_groups))
+
+
+def group_bytes(inputs: ProbeInputs, groups: list[FitGroup]) -> float:
+    """Return a bound on the memory of the largest group's features, in bytes.
+
+    The widest representation (``n_hvg`` genes for hvg, pca and scvi, which hold the HVG
+    values of every cell before reducing them; an embedding's width) × the run's cells ×
+    8 bytes × 3 (the float64 copies a probe makes).
+    """
+    widths = [1]
+    for group in groups:
+        method = group.methods[0]
+        if method.model is not None:
+            widths.append(inputs.matrices[method.model].shape[1])
+        elif method.representation != "none":
+            widths.append(inputs.config.n_hvg)
+    return float(max(widths) * len(inputs.labels) * 8 * 3)
 
 
 def _fit_group(
@@ -249,7 +282,7 @@ def predict_all(
     done: Predictions = {}
     groups = _groups(inputs, split_set, methods, stages, done)
     n_fits = sum(len(group.methods) for group in groups)
-    workers = fit_workers(inputs.config.n_jobs, len(groups))
+    workers = fit_workers(inputs.config.n_jobs, len(groups), group_bytes(inputs, groups))
     started, cpu = time.perf_counter(), time.process_time()
     results = _results(inputs, groups, classes, keep_features is not None, workers, stages)
     if meanwhile is not None:
