@@ -83,7 +83,10 @@ def test_sigkill_during_finetuning_resumes(tmp_path, pbmc3k_path, shared_dir):
 
     from tests._geneformer_factory import write_checkpoint
 
-    model_dir, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    # inputs capped at 128 tokens: an epoch takes seconds instead of ~half a minute
+    model_dir, _ = write_checkpoint(
+        tmp_path / "gf", shared_dir, version="V2", max_position_embeddings=128
+    )
     data = tmp_path / "cells.h5ad"
     ad.read_h5ad(pbmc3k_path)[::10].copy().write_h5ad(data)
 

@@ -13,6 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.conftest import run_cli_in_process
+
 
 def scfmbench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -135,7 +137,12 @@ def test_hdf5_without_anndata_groups(tmp_path):
     )
 
 
-def test_zarr_store_runs_like_the_h5ad_file(subset, tmp_path):
+def test_zarr_store_runs_like_the_h5ad_file(subset, tmp_path, capsys):
+    def in_process(*args: str) -> subprocess.CompletedProcess:
+        """The CLI in this process: five interpreter starts would take most of the test."""
+        code, out, err = run_cli_in_process(list(args), capsys)
+        return subprocess.CompletedProcess(args, code, out, err)
+
     h5ad = tmp_path / "clean.h5ad"
     subset.write_h5ad(h5ad)
     store = tmp_path / "store.h5ad"  # a zarr directory with a misleading suffix
@@ -145,13 +152,13 @@ def test_zarr_store_runs_like_the_h5ad_file(subset, tmp_path):
         "n_splits: 1\ndesign: study\nbaselines: [pca+logreg, majority]\nfigures: false\n"
     )
 
-    checks = [scfmbench("validate", str(p), "--label-key", "cell_type") for p in (h5ad, store)]
+    checks = [in_process("validate", str(p), "--label-key", "cell_type") for p in (h5ad, store)]
     assert [c.returncode for c in checks] == [0, 0], checks[1].stderr
     assert checks[1].stdout.replace(str(store), "X") == checks[0].stdout.replace(str(h5ad), "X")
 
     metrics = []
     for path, name in ((h5ad, "h5ad"), (store, "zarr")):
-        done = scfmbench(
+        done = in_process(
             "run", "--data", str(path), "--label-key", "cell_type", "--config", str(config),
             "--out", str(tmp_path / "runs"), "--name", name, "-q",
         )  # fmt: skip
@@ -160,7 +167,7 @@ def test_zarr_store_runs_like_the_h5ad_file(subset, tmp_path):
     assert metrics[1]["methods"] == metrics[0]["methods"]
     assert metrics[1]["diagnostics"] == metrics[0]["diagnostics"]
 
-    streamed = scfmbench("validate", str(store), "--backed")
+    streamed = in_process("validate", str(store), "--backed")
     assert streamed.returncode == 2
     assert "is an AnnData zarr store; streaming (--backed, torchrun) reads HDF5 .h5ad" in (
         streamed.stderr

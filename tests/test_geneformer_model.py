@@ -232,15 +232,21 @@ def test_finetuning_hooks_and_save_pretrained_round_trip(v2_dir, pbmc, tmp_path)
     np.testing.assert_array_equal(before, after)
 
 
-def test_run_with_finetuning_side_by_side(v2_dir, pbmc3k_path, tmp_path):
+def test_run_with_finetuning_side_by_side(shared_dir, pbmc3k_path, tmp_path):
     import scfmbench
 
+    # inputs capped at 128 tokens (each cell's top-ranked genes): fine-tuning time grows with
+    # the input length (attention with its square), ~800 tokens per PBMC3k cell uncapped
+    model_dir, _ = write_checkpoint(
+        tmp_path / "gf", shared_dir, version="V2", weights="bin", head="cls",
+        max_position_embeddings=128,
+    )  # fmt: skip
     cells = ad.read_h5ad(pbmc3k_path)[::8].copy()
     result = scfmbench.run(
         cells,
         out=tmp_path,
         name="ft",
-        models=[f"geneformer={v2_dir[0]}"],
+        models=[f"geneformer={model_dir}"],
         baselines=["majority"],
         probes=["logreg"],
         layerwise=False,

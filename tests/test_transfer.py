@@ -74,6 +74,8 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
     import subprocess
     import sys
 
+    config = tmp_path / "one_seed.yaml"  # one training seed: the default five fit 5x the models
+    config.write_text("n_splits: 1\n")
     done = subprocess.run(
         [
             sys.executable,
@@ -88,6 +90,8 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
             str(tmp_path),
             "--name",
             "pk",
+            "--config",
+            str(config),
             "-q",
         ],
         capture_output=True,
