@@ -42,6 +42,16 @@ def geneformer(tmp_path_factory, shared_dir):
     return load_geneformer(folder), network
 
 
+@pytest.fixture(scope="module")
+def geneformer_short(tmp_path_factory, shared_dir):
+    """The same network with inputs capped at 128 tokens, for the runs of 240 cells."""
+    folder = tmp_path_factory.mktemp("gf_short")
+    write_geneformer(
+        folder, shared_dir, version="V2", num_hidden_layers=3, max_position_embeddings=128
+    )
+    return load_geneformer(folder)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_geneformer_every_layer_equals_hf_hidden_states(geneformer, pbmc3k, pooling):
     model, network = geneformer
@@ -167,11 +177,11 @@ def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
 
 @pytest.mark.parametrize("backed", [False, True])
 def test_run_with_layerwise_probing_embeds_each_cell_once(
-    geneformer, pbmc3k, tmp_path, monkeypatch, backed
+    geneformer_short, pbmc3k, tmp_path, monkeypatch, backed
 ):
     from scfmbench.benchmark.pipeline import run
 
-    model, _ = geneformer
+    model = geneformer_short
     adata = pbmc3k[:240].copy()
     data = adata
     if backed:

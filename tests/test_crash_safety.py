@@ -33,6 +33,8 @@ def embed_cmd(data, model_dir, out, cache):
         "8",
         "--device",
         "cpu",
+        "--option",
+        "max_seq_len=256",  # at most 256 genes a cell keeps the six chunks quick
     ]
 
 

@@ -347,7 +347,10 @@ def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp
     from scfmbench.evaluation.run_stats import read_predictions
     from tests._geneformer_factory import write_checkpoint
 
-    model_dir, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    # inputs capped at 128 tokens: six quick fine-tunings
+    model_dir, _ = write_checkpoint(
+        tmp_path / "gf", shared_dir, version="V2", max_position_embeddings=128
+    )
     kang = ad.read_h5ad(kang_path)
     cells = kang[np.sort(np.random.default_rng(1).choice(kang.n_obs, 160, replace=False))].copy()
     result = run(

@@ -57,7 +57,8 @@ def _embed(data, model_dir, out, **options):
 
 
 def test_streaming_matches_in_memory_and_writes_h5ad(tmp_path, subset, make_scgpt_dir, caplog):
-    model_dir = make_scgpt_dir()
+    # at most 256 genes a cell: quick, and every cell's genes are drawn at random
+    model_dir = make_scgpt_dir(max_seq_len=256)
     _embed(subset, model_dir, tmp_path / "memory.npy", backed=False)
     memory = np.load(tmp_path / "memory.npy")
     key, n = _embed(subset, model_dir, tmp_path / "one_chunk.npy", backed=True, chunk_size=240)
@@ -312,6 +313,7 @@ def test_torchrun_cli_finetune_equals_single_process(tmp_path, pbmc3k_sess, shar
         version="V2",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        max_position_embeddings=128,  # inputs of 128 tokens: quick epochs on 2 CPU processes
     )
     data = tmp_path / "cells.h5ad"
     pbmc3k_sess[::8].copy().write_h5ad(data)
