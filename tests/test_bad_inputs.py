@@ -105,7 +105,7 @@ def with_donor():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_cli(case, tmp_path):
+def test_bad_input_cli(case, tmp_path, capsys):
     make, extra, message = CASES[case]
     data = make(tmp_path / "data.h5ad")
     (tmp_path / "cfg1.yaml").write_text("min_cells_per_class: 1\n")
@@ -115,28 +115,14 @@ def test_bad_input_cli(case, tmp_path):
     extra = [configs.get(a, a) for a in extra]
     out = tmp_path / "runs"
     name = [] if "--name" in extra else ["--name", "r"]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scfmbench",
-            "run",
-            "--data",
-            data,
-            "--out",
-            str(out),
-            "-q",
-            *name,
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # cli.main in this process (an interpreter start per case would take most of the test)
+    code, _, stderr = run_cli_in_process(
+        ["run", "--data", data, "--out", str(out), "-q", *name, *extra], capsys
     )
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == 2, done.stderr
-    assert len(errors) == 1 and message in errors[0], done.stderr
-    assert "Traceback" not in done.stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
     assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
 
 

@@ -93,7 +93,7 @@ FOREIGN = {
     [("loom", "validate"), ("10x-v3", "validate"), ("10x-v2", "validate"), ("loom", "run"),
      ("10x-v3", "embed")],
 )  # fmt: skip
-def test_foreign_format_named_with_its_reader(kind, command, subset, tmp_path):
+def test_foreign_format_named_with_its_reader(kind, command, subset, tmp_path, capsys):
     write, what, reader = FOREIGN[kind]
     data = tmp_path / "data.h5ad"
     write(subset, data)
@@ -105,11 +105,11 @@ def test_foreign_format_named_with_its_reader(kind, command, subset, tmp_path):
         "run": ["run", "--data", str(data), "--out", str(out)],
         "embed": ["embed", str(data), "--model", f"scgpt={empty}", "--out", str(out / "e.npy")],
     }[command]
-    done = scfmbench(*args)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, done.stderr
+    code, _, stderr = run_cli_in_process(args, capsys)  # cli.main in this process
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
     assert f"'{data}' {what}, not an .h5ad file; convert it with `" in errors[0]
     assert reader in errors[0]
     assert not out.exists()

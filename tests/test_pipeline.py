@@ -146,19 +146,17 @@ def test_cli_end_to_end(tmp_path):
         (["run", "--model", "genformer=x"], "unknown model 'genformer'"),
     ],
 )
-def test_cli_errors_are_one_line(tmp_path, args, message):
+def test_cli_errors_are_one_line(tmp_path, args, message, capsys, monkeypatch):
+    from tests.conftest import run_cli_in_process
+
     (tmp_path / "notes.txt").write_text("not data")
-    done = (
-        run_cli(
-            *args, "--out", str(tmp_path / "runs") if args[0] == "run" else "--json", cwd=tmp_path
-        )
-        if args[0] == "run"
-        else run_cli(*args, cwd=tmp_path)
-    )
-    assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
+    monkeypatch.chdir(tmp_path)  # cli.main in this process: no interpreter start per case
+    extra = ["--out", str(tmp_path / "runs")] if args[0] == "run" else []
+    code, _, stderr = run_cli_in_process([*args, *extra], capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()
 
 
