@@ -387,10 +387,12 @@ def test_transfer_coverage_on_stderr_and_report(clean, clean_file, kang_path, tm
     kang = ad.read_h5ad(kang_path)[::4].copy()
     kang_file = write(kang, tmp_path / "kang.h5ad")
     (tmp_path / "map.yaml").write_text(TRANSFER_MAP)
+    (tmp_path / "one_seed.yaml").write_text("n_splits: 1\n")  # coverage is the same for any seed
     done = subprocess.run(
         [sys.executable, "-m", "scfmbench", "transfer", "--train", str(clean_file)]
         + ["--test", str(kang_file), "--labels", str(tmp_path / "map.yaml"), "--one-way"]
-        + ["--out", str(tmp_path / "runs"), "--name", "t", "-q"],
+        + ["--out", str(tmp_path / "runs"), "--name", "t", "-q"]
+        + ["--config", str(tmp_path / "one_seed.yaml")],
         capture_output=True,
         text=True,
         timeout=600,
