@@ -170,3 +170,25 @@ def test_umap_of_more_than_8192_cells():
     big = rng.normal(size=(8200, 5)).astype(np.float32)
     coords = umap_coordinates(big, seed=0)
     assert coords.shape == (8200, 2) and np.isfinite(coords).all()
+
+
+def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata):
+    """torch and transformers take seconds to import: the CLI and a run without a model (and
+    without scVI, which trains with torch) never load them."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "tiny.h5ad"
+    tiny_adata.write_h5ad(data)
+    code = (
+        "import sys\n"
+        "from scfmbench.cli import app\n"
+        "heavy = ('torch', 'transformers')\n"
+        "assert not [m for m in heavy if m in sys.modules], 'import'\n"
+        f"app(['run', '--data', {str(data)!r}, '--out', {str(tmp_path)!r}, '--no-scvi',\n"
+        "     '--n-splits', '2', '--quiet'], standalone_mode=False)\n"
+        "print('loaded', [m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "loaded []"

@@ -18,8 +18,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import scfmbench.embed.launch as launch
 import scfmbench.embed.output as stream_output
-import scfmbench.embed.stream as stream
 from scfmbench.benchmark.commands import embed_dataset
 from scfmbench.embed import embed_tokens, parse_batch_size
 from scfmbench.errors import ConfigError, DataError
@@ -233,21 +233,21 @@ def test_streaming_chunk_without_tokens_gets_nan_rows(tmp_path, make_scgpt_dir):
 def test_backed_default_and_conflicts(tmp_path, monkeypatch, tiny_adata):
     data = tmp_path / "x.h5ad"
     tiny_adata.write_h5ad(data)
-    assert not stream.should_stream(data, backed=None)
-    monkeypatch.setattr(stream, "BACKED_THRESHOLD_BYTES", 4)
-    assert stream.should_stream(data, backed=None)
-    assert not stream.should_stream(data, backed=False)
-    assert not stream.should_stream(tiny_adata, backed=None)
+    assert not launch.should_stream(data, backed=None)
+    monkeypatch.setattr(launch, "BACKED_THRESHOLD_BYTES", 4)
+    assert launch.should_stream(data, backed=None)
+    assert not launch.should_stream(data, backed=False)
+    assert not launch.should_stream(tiny_adata, backed=None)
     with pytest.raises(ConfigError, match="got an in-memory AnnData; write it"):
-        stream.should_stream(tiny_adata, backed=True)
+        launch.should_stream(tiny_adata, backed=True)
     with pytest.raises(DataError, match="does not exist"):
-        stream.should_stream(tmp_path / "missing.h5ad", backed=True)
+        launch.should_stream(tmp_path / "missing.h5ad", backed=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert stream.should_stream(data, backed=None)
+    assert launch.should_stream(data, backed=None)
     with pytest.raises(ConfigError, match="drop --no-backed"):
-        stream.should_stream(data, backed=False)
+        launch.should_stream(data, backed=False)
     with pytest.raises(ConfigError, match="got 'pbmc68k_reduced'"):
-        stream.should_stream("pbmc68k_reduced", backed=None)
+        launch.should_stream("pbmc68k_reduced", backed=None)
 
 
 # --------------------------------------------------------------------------------------

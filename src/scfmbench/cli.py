@@ -22,7 +22,7 @@ from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
 from scfmbench.benchmark.transfer import transfer_markdown
 from scfmbench.config import RunConfig
-from scfmbench.embed.stream import env_rank
+from scfmbench.embed.launch import env_rank
 from scfmbench.errors import ScfmbenchError
 from scfmbench.report.compare import compare_runs
 from scfmbench.report.write import markdown_table, results_table, write_report

@@ -26,9 +26,8 @@ from scfmbench.data.feature_selection import matrix_facts, model_name, validate_
 from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import check_fractions, check_stratifiable
 from scfmbench.data.validate import DataDiagnostics, validate
-from scfmbench.embed import EMBED_DEFAULTS
+from scfmbench.embed.options import EMBED_DEFAULTS
 from scfmbench.errors import ConfigError
-from scfmbench.models import MODELS
 
 if TYPE_CHECKING:
     from scfmbench.finetune.train import FinetuneResult
@@ -75,6 +74,8 @@ def check_dataset(
     check_fractions(resolved.fractions)
     baseline_methods(resolved)  # unknown representations / probes, as run refuses them
     named = list(models or resolved.models)  # NAME or NAME=DIR
+    if named:
+        from scfmbench.models import MODELS  # torch and transformers: only when a model is named
     for spec in named:  # unknown models (and missing folders), as run refuses them
         if "=" in spec:
             ModelSpec.parse(spec)
@@ -174,7 +175,7 @@ def embed_dataset(
     from scfmbench.data.matrix import expression_view
     from scfmbench.data.validate import check_unique_cells
     from scfmbench.embed import embed, embed_h5ad, parse_batch_size
-    from scfmbench.embed.stream import should_stream
+    from scfmbench.embed.launch import should_stream
 
     batch_size = parse_batch_size(batch_size)
     spec = ModelSpec.parse(model)

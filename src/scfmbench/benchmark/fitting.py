@@ -77,6 +77,8 @@ class GroupResult:
     features: SplitFeatures | None
 
 
+IDLE_WORKER_TIMEOUT_S = 1
+"""Seconds an idle worker waits for more fits before it exits (joblib's default: 300)."""
 MEMORY_SHARE = 0.5
 """Share of the machine's available memory the workers' features may take when ``n_jobs``
 is negative (every core): fewer workers than cores when one group's features are large."""
@@ -229,8 +231,10 @@ def _results(
         inputs = dataclasses.replace(
             inputs, cells=dataclasses.replace(inputs.cells, progress=False)
         )
-    parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
-    done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups)
+    # idle workers leave after a second, so that their exit overlaps the run's remaining work
+    with joblib.parallel_config(backend="loky", idle_worker_timeout=IDLE_WORKER_TIMEOUT_S):
+        parallel = joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
+        done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups)
     return (cast(GroupResult, result) for result in done)
 
 

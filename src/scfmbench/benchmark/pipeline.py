@@ -125,6 +125,8 @@ def load_models(config: RunConfig) -> list[FoundationModel]:
     CheckpointError
         A missing, corrupt or inconsistent checkpoint.
     """
+    if not config.model_specs:
+        return []  # a baseline-only run never loads torch or transformers
     from scfmbench.models import load_model
 
     context = _loader_options(config)
@@ -185,7 +187,7 @@ def open_run_data(data: str | Path | AnnData | None, config: RunConfig, progress
     In memory, or streamed from disk when ``config.backed`` (or, when unset, for ``.h5ad``
     files over 1 GiB).
     """
-    from scfmbench.embed.stream import env_world_size, should_stream
+    from scfmbench.embed.launch import env_world_size, should_stream
 
     if env_world_size() > 1:
         raise ConfigError(

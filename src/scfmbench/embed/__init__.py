@@ -6,12 +6,17 @@ The models themselves (adapters, networks, tokenizers) live in :mod:`scfmbench.m
 Every embedding setting and its default is in :class:`EmbedOptions` (:data:`EMBED_DEFAULTS`).
 """
 
-from scfmbench.embed.batching import collate, length_sorted_batches
-from scfmbench.embed.cache import EmbeddingCache
-from scfmbench.embed.distributed import env_rank, env_world_size, resolve_device
-from scfmbench.embed.engine import embed, embed_tokens, resolve_layer_pooling
-from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions, parse_batch_size
-from scfmbench.embed.stream import StreamedEmbeddings, embed_h5ad, should_stream
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scfmbench.embed.batching import collate, length_sorted_batches
+    from scfmbench.embed.cache import EmbeddingCache
+    from scfmbench.embed.distributed import resolve_device
+    from scfmbench.embed.engine import embed, embed_tokens, resolve_layer_pooling
+    from scfmbench.embed.launch import env_rank, env_world_size, should_stream
+    from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions, parse_batch_size
+    from scfmbench.embed.stream import StreamedEmbeddings, embed_h5ad
 
 __all__ = [
     "EMBED_DEFAULTS",
@@ -31,3 +36,33 @@ __all__ = [
     "resolve_layer_pooling",
     "should_stream",
 ]
+
+LAZY = {
+    "collate": "scfmbench.embed.batching",
+    "length_sorted_batches": "scfmbench.embed.batching",
+    "EmbeddingCache": "scfmbench.embed.cache",
+    "resolve_device": "scfmbench.embed.distributed",
+    "env_rank": "scfmbench.embed.launch",
+    "env_world_size": "scfmbench.embed.launch",
+    "should_stream": "scfmbench.embed.launch",
+    "embed": "scfmbench.embed.engine",
+    "embed_tokens": "scfmbench.embed.engine",
+    "resolve_layer_pooling": "scfmbench.embed.engine",
+    "EMBED_DEFAULTS": "scfmbench.embed.options",
+    "BatchSize": "scfmbench.embed.options",
+    "EmbedOptions": "scfmbench.embed.options",
+    "parse_batch_size": "scfmbench.embed.options",
+    "StreamedEmbeddings": "scfmbench.embed.stream",
+    "embed_h5ad": "scfmbench.embed.stream",
+}
+"""Imported on first use (PEP 562): the command line and a run without a model read the
+light modules (options, launch) without loading torch."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its module on first access."""
+    if name not in LAZY:
+        raise AttributeError(f"module 'scfmbench.embed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from scfmbench import errors
+from scfmbench.embed.launch import env_world_size
 from scfmbench.errors import ScfmbenchError
 
 
@@ -58,28 +59,6 @@ class DistContext:
     def is_main(self) -> bool:
         """Whether this is rank 0 (which writes the output)."""
         return self.rank == 0
-
-
-def env_world_size() -> int:
-    """``WORLD_SIZE`` as set by torchrun / accelerate.
-
-    Returns
-    -------
-    int
-        The number of processes (1 when unset).
-    """
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def env_rank() -> int:
-    """``RANK`` as set by torchrun / accelerate.
-
-    Returns
-    -------
-    int
-        This process's rank (0 when unset).
-    """
-    return int(os.environ.get("RANK", "0"))
 
 
 @contextmanager

@@ -19,21 +19,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path
 from scfmbench.data.backed import H5adCells
 from scfmbench.data.genes import GeneMatch
-from scfmbench.data.io import BUILTIN_DATASETS, check_h5ad_file, data_format
 from scfmbench.embed.cache import EmbeddingCache, cache_key
-from scfmbench.embed.distributed import (
-    DistContext,
-    distributed,
-    env_rank,
-    env_world_size,
-    exchange,
-)
+from scfmbench.embed.distributed import DistContext, distributed, exchange
 from scfmbench.embed.engine import embed_layers, resolve_layer_pooling
 from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions
 from scfmbench.embed.output import Output, remove_leftovers
@@ -42,7 +34,6 @@ from scfmbench.models.base import FoundationModel
 
 logger = logging.getLogger(__name__)
 
-BACKED_THRESHOLD_BYTES = 1 << 30
 """``backed=None`` streams files larger than this (1 GiB)."""
 
 
@@ -373,53 +364,4 @@ def _stream(
     return result
 
 
-def should_stream(data: Any, *, backed: bool | None) -> bool:
-    """Whether ``embed_dataset`` and ``run`` stream ``data`` chunk by chunk.
-
-    ``backed`` when given, else under torchrun or for ``.h5ad`` files larger than
-    ``BACKED_THRESHOLD_BYTES``.
-
-    Parameters
-    ----------
-    data : AnnData, str or Path
-        An in-memory AnnData, a built-in dataset name or a file path.
-    backed : bool or None
-        Stream (True), load (False), or decide (None).
-
-    Returns
-    -------
-    bool
-        Whether to stream.
-
-    Raises
-    ------
-    ConfigError
-        Streaming asked (or torchrun) for an in-memory AnnData or a built-in dataset, or
-        ``backed=False`` under torchrun.
-    DataError
-        The file is missing, a directory or not HDF5.
-    """
-    distributed_run = env_world_size() > 1
-    if isinstance(data, AnnData) or str(data) in BUILTIN_DATASETS:
-        if backed or distributed_run:
-            raise ConfigError(
-                "streaming (--backed) and torchrun read an .h5ad file chunk by chunk, got "
-                f"{'an in-memory AnnData' if isinstance(data, AnnData) else repr(str(data))}; "
-                "write it with adata.write_h5ad and pass the path, or drop --backed/torchrun."
-            )
-        return False
-    path = Path(data)
-    if data_format(path) == "zarr" and not backed and not distributed_run:
-        return False  # zarr stores are read in memory
-    path = check_h5ad_file(path)
-    if backed is None:
-        return distributed_run or path.stat().st_size > BACKED_THRESHOLD_BYTES
-    if not backed and distributed_run:
-        raise ConfigError(
-            "distributed embedding (WORLD_SIZE > 1) streams the file chunk by chunk; "
-            "drop --no-backed."
-        )
-    return backed
-
-
-__all__ = ["StreamedEmbeddings", "embed_h5ad", "env_rank", "env_world_size", "should_stream"]
+__all__ = ["StreamedEmbeddings", "embed_h5ad"]

@@ -104,12 +104,15 @@ def _ram_bytes() -> int | None:
 
 
 def hardware() -> dict[str, Any]:
-    """Return the CPU model, logical cores, RAM and the CUDA GPU (when torch sees one)."""
+    """Return the CPU model, logical cores, RAM and the CUDA GPU (when torch sees one).
+
+    The GPU is asked of torch only when the run loaded it (a model or scVI): a run without
+    one used the CPU alone, and importing torch would add seconds to it.
+    """
     gpu = None
     try:
-        import torch
-
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             gpu = torch.cuda.get_device_name(0)
     except Exception as exc:  # noqa: BLE001 - a broken torch must not stop the manifest
         logger.debug("no GPU information: %s", exc)
