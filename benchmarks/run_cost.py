@@ -167,7 +167,8 @@ def stage(
         "wall_s": wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "workers_cpu_s": workers.ru_utime + workers.ru_stime,
-        "workers_peak_rss_mb": workers.ru_maxrss / 1024,
+        # as each worker measured it (the children's ru_maxrss also counts forks such as git's)
+        "workers_peak_rss_mb": info.get("timings", {}).get("probes", {}).get("workers_peak_rss_mb"),
         **info,
     }
 
@@ -217,7 +218,7 @@ def print_part(name: str, row: dict) -> None:
         f"{name:9s} {row['cpu_s']:8.1f} CPU s {row['wall_s']:8.1f} wall s "
         f"peak RSS {row['peak_rss_mb']:7.0f} MB  load {load}"
     )
-    if row.get("workers_cpu_s"):
+    if row.get("workers_peak_rss_mb"):
         print(
             f"{'':9s} of which {row['workers_cpu_s']:.1f} CPU s in the probes' worker "
             f"processes (largest worker's peak RSS {row['workers_peak_rss_mb']:.0f} MB)"

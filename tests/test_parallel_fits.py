@@ -48,6 +48,7 @@ def test_workers_fit_the_same_predictions_as_one_process(tmp_path, pbmc_subset):
 
     timings = pooled.metrics["timings"]
     assert timings["probes"]["workers"] == 2
+    assert 100 < timings["probes"]["workers_peak_rss_mb"] < 10_000  # each worker's own RSS
     assert "probes" not in alone.metrics["timings"]
     # the workers' CPU time is in the stages that ran there and in the total
     for stage in ("features:scvi", "features:pca", "probe:hvg+logreg", "probe:scvi+knn"):

@@ -30,7 +30,7 @@ from scfmbench.benchmark.predict import (
 from scfmbench.data.backed import BackedCells
 from scfmbench.data.splits import Split, SplitSet
 from scfmbench.evaluation.representations import SplitFeatures
-from scfmbench.stages import StageStore
+from scfmbench.stages import StageStore, peak_rss_mb
 
 __all__ = ["fit_workers", "predict_all"]
 
@@ -75,6 +75,8 @@ class GroupResult:
     predictions: list[Prediction]
     timings: dict[str, tuple[float, float]]
     features: SplitFeatures | None
+    peak_rss_mb: float = 0.0
+    """The worker's peak resident memory so far (0 when fitted in the run's process)."""
 
 
 IDLE_WORKER_TIMEOUT_S = 1
@@ -184,7 +186,7 @@ def _fit_group_on_one_thread(
         if stages is None
     }
     kept = feats if keep_features and first.model is None else None
-    return GroupResult(group, predictions, timings, kept)
+    return GroupResult(group, predictions, timings, kept, peak_rss_mb() if stages is None else 0.0)
 
 
 def _groups(
@@ -293,9 +295,11 @@ def predict_all(
         before = time.process_time()
         meanwhile()
         cpu += time.process_time() - before  # not the fits' time: its own stages time it
+    workers_peak = 0.0
     with tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress) as bar:
         for result in results:
             group = result.group
+            workers_peak = max(workers_peak, result.peak_rss_mb)
             for method, key, prediction in zip(
                 group.methods, group.keys, result.predictions, strict=True
             ):
@@ -311,5 +315,5 @@ def predict_all(
     if workers > 1:
         elapsed = time.perf_counter() - started
         stages.add("probes", elapsed, time.process_time() - cpu, worker=False)
-        stages.note("probes", workers=workers)
+        stages.note("probes", workers=workers, workers_peak_rss_mb=workers_peak)
     return {(m.name, s.seed): done[(m.name, s.seed)] for s in split_set.splits for m in methods}
