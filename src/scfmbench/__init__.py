@@ -13,9 +13,9 @@ e.g. ``scfmbench.embed.embed_h5ad``), :mod:`scfmbench.evaluation`, :mod:`scfmben
 :mod:`scfmbench.benchmark` and :mod:`scfmbench.report`.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from scfmbench._lazy import lazy_attributes
 from scfmbench._version import __version__
 from scfmbench.errors import (
     CheckpointError,
@@ -57,18 +57,7 @@ and the worker processes that fit probes stay light (no torch or transformers un
 is used)."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import ``name`` of the public API from its module on first access."""
-    if name not in LAZY:
-        raise AttributeError(f"module 'scfmbench' has no attribute {name!r}")
-    module = importlib.import_module(LAZY[name])
-    value = module if module.__name__ == f"scfmbench.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, LAZY)
 
 
 __all__ = [

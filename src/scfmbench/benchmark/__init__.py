@@ -5,8 +5,9 @@ transfer (:mod:`scfmbench.benchmark.transfer`), and the APIs behind the ``embed`
 ``finetune`` commands.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scfmbench._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from scfmbench.benchmark.commands import embed_dataset, finetune_dataset
@@ -23,10 +24,4 @@ LAZY = {
 """Imported on first use: a probe-fitting worker imports only what it needs (PEP 562)."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its module on first access."""
-    if name not in LAZY:
-        raise AttributeError(f"module 'scfmbench.benchmark' has no attribute {name!r}")
-    value = getattr(importlib.import_module(LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, LAZY)

@@ -6,8 +6,9 @@ The models themselves (adapters, networks, tokenizers) live in :mod:`scfmbench.m
 Every embedding setting and its default is in :class:`EmbedOptions` (:data:`EMBED_DEFAULTS`).
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scfmbench._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from scfmbench.embed.batching import collate, length_sorted_batches
@@ -59,10 +60,4 @@ LAZY = {
 light modules (options, launch) without loading torch."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its module on first access."""
-    if name not in LAZY:
-        raise AttributeError(f"module 'scfmbench.embed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, LAZY)
