@@ -192,3 +192,21 @@ def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "loaded []"
+
+
+def test_ctrl_c_waits_for_the_end_of_a_deferred_block():
+    """Compiled code (numba's LLVM) is not cut short: the interrupt comes after the block."""
+    import os
+    import signal
+
+    from scfmbench.stages import deferred_interrupt
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        steps.append("block finished")
+    assert steps == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with deferred_interrupt():  # no Ctrl-C: nothing raised
+        steps.append("quiet")
+    assert steps == ["block finished", "quiet"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +93,28 @@ class StageStore:
                 entry["cells_per_s"] = round(entry["n_cells"] / seconds, 2)
             out[name] = entry
         return out
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+
+    For compiled code that an interrupt must not cut short: a KeyboardInterrupt raised while
+    numba's LLVM compiles UMAP's kernels was swallowed (the run went on) or crashed the
+    process (SIGSEGV). The block finishes, then the run stops as after any Ctrl-C, keeping its
+    finished stages. Outside the main thread (no signal handlers there) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def peak_rss_mb() -> float:

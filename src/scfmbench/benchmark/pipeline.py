@@ -56,7 +56,7 @@ from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
 from scfmbench.hashing import hash_array
 from scfmbench.registry import did_you_mean
 from scfmbench.results import write_metrics
-from scfmbench.stages import StageStore
+from scfmbench.stages import StageStore, deferred_interrupt
 
 if TYPE_CHECKING:
     from scfmbench.models import FoundationModel, LoadContext
@@ -359,11 +359,12 @@ def _execute(
     scores: dict[str, Any] = {}
 
     def score_embeddings() -> None:  # zero-shot scores, independent of the probes
-        scores.update(
-            embedding_scores(
-                config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
+        with deferred_interrupt():  # numba and XLA compile here: Ctrl-C waits for the end
+            scores.update(
+                embedding_scores(
+                    config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
+                )
             )
-        )
 
     predictions = predict_all(
         inputs,
