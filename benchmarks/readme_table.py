@@ -286,10 +286,9 @@ def _run_cost_value(part: dict) -> str:
     """
     value = f"{part['wall_s']:.1f} s wall, {part['cpu_s']:.1f} s CPU"
     in_workers = part.get("workers_cpu_s")
-    if _number(in_workers) and in_workers > 0:
-        value += f", {in_workers:.1f} s of it in the probes' worker processes"
     scvi = (part.get("timings") or {}).get("features:scvi", {})
     if _number(in_workers) and in_workers > 0:
+        value += f", {in_workers:.1f} s of it in the probes' worker processes"
         if _number(scvi.get("cpu_seconds")):
             value += f" (scVI {scvi['cpu_seconds']:.1f} s CPU)"
     elif _number(scvi.get("seconds")):

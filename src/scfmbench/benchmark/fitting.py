@@ -180,13 +180,19 @@ def _fit_group_on_one_thread(
                     grid=probe_grid(method.probe, inputs.config),
                 )
             )
+    kept = feats if keep_features and first.model is None else None
+    if stages is not None:  # timed on the run's own store
+        return GroupResult(group, predictions, {}, kept)
     timings = {
         name: (seconds, timer.details[name]["cpu_seconds"])
         for name, seconds in timer.timings.items()
-        if stages is None
     }
-    kept = feats if keep_features and first.model is None else None
-    return GroupResult(group, predictions, timings, kept, peak_rss_mb() if stages is None else 0.0)
+    return GroupResult(group, predictions, timings, kept, peak_rss_mb())
+
+
+def prediction_stage(method: Method, split: Split) -> str:
+    """Name of the stage that keeps ``method``'s predictions on ``split``."""
+    return f"predict_{method.name}_seed{split.seed}"
 
 
 def _groups(
@@ -201,7 +207,7 @@ def _groups(
     for split in split_set.splits:
         for method in methods:
             key = inputs.cache_key(method, split)
-            payload = stages.load(f"predict_{method.name}_seed{split.seed}", key)
+            payload = stages.load(prediction_stage(method, split), key)
             if payload is not None:
                 out[(method.name, split.seed)] = Prediction.from_payload(payload)
                 continue
@@ -303,8 +309,7 @@ def predict_all(
             for method, key, prediction in zip(
                 group.methods, group.keys, result.predictions, strict=True
             ):
-                stage = f"predict_{method.name}_seed{group.split.seed}"
-                stages.save(stage, key, prediction.to_payload())
+                stages.save(prediction_stage(method, group.split), key, prediction.to_payload())
                 done[(method.name, group.split.seed)] = prediction
             for name, (seconds, cpu_seconds) in result.timings.items():
                 stages.add(name, seconds, cpu_seconds)
