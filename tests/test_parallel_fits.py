@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 import scfmbench
-from scfmbench.benchmark.fitting import fit_workers
+from scfmbench.benchmark.fitting import FitGroup, fit_workers
+from scfmbench.benchmark.methods import Method
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, read_predictions
 
 SMALL_SCVI = {"max_epochs": 2, "patience": 2}
@@ -202,3 +203,29 @@ def test_group_bytes_bounds_the_widest_representation():
     assert group_bytes(inputs, [majority]) == 1 * 1000 * 8 * 3
     assert group_bytes(inputs, [majority, pca]) == 2000 * 1000 * 8 * 3
     assert group_bytes(inputs, [pca, model]) == 3000 * 1000 * 8 * 3
+
+
+def test_groups_are_handed_out_costliest_first():
+    def group(representation, probe, model=None):
+        method = Method(f"{representation}+{probe}", representation, probe, "baseline", model)
+        return FitGroup(split=None, methods=[method], keys=[""])  # type: ignore[arg-type]
+
+    groups = [
+        group("none", "majority"),
+        group("gf", "logreg", model="gf"),
+        group("pca", "logreg"),
+        group("hvg", "logreg"),
+        group("gf", "xgboost", model="gf"),
+        group("scvi", "logreg"),
+        group("gf", "knn", model="gf"),
+    ]
+    order = [g.methods[0].name for g in sorted(groups, key=lambda g: g.rank)]
+    assert order == [
+        "scvi+logreg",
+        "gf+xgboost",
+        "hvg+logreg",
+        "gf+logreg",
+        "gf+knn",
+        "none+majority",
+        "pca+logreg",
+    ]

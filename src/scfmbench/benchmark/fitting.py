@@ -34,10 +34,11 @@ from scfmbench.stages import StageStore, peak_rss_mb
 
 __all__ = ["fit_workers", "predict_all"]
 
-HEAVY_FIRST = {"scvi": 0, "hvg": 1}
-"""Order in which groups are handed to the workers (lower first; the rest after, model
-embeddings before the other baselines): the costliest first, so that no worker is left with
-a long fit at the end."""
+HEAVY_FIRST = ("scvi", "model+xgboost", "hvg")
+"""Order in which groups are handed to the workers: these first, in this order (a baseline
+representation, or ``model+<probe>`` for a probe of any model's embedding), then the other
+model probes, then the other baselines. The costliest go first, so that no worker is left
+with a long fit at the end."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class FitGroup:
     def rank(self) -> int:
         """Position in the hand-out order (see :data:`HEAVY_FIRST`)."""
         method = self.methods[0]
-        if method.model is not None:
-            return len(HEAVY_FIRST)
-        return HEAVY_FIRST.get(method.representation, len(HEAVY_FIRST) + 1)
+        kind = method.representation if method.model is None else f"model+{method.probe}"
+        if kind in HEAVY_FIRST:
+            return HEAVY_FIRST.index(kind)
+        return len(HEAVY_FIRST) + (method.model is None)
 
 
 @dataclass
