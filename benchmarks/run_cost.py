@@ -4,7 +4,7 @@ model against what it cannot avoid.
 Run from the repository root::
 
     python benchmarks/run_cost.py [--parts baselines resample bare model] [--n-cells N]
-        [--resample-cells 50000] [--no-scvi] [--layers 4] [--hidden 256]
+        [--resample-cells 50000] [--no-scvi] [--layers 6] [--hidden 256]
 
 Each part runs in a fresh process (so every one starts cold and reports its own peak RSS),
 timed in process CPU seconds (less sensitive to other work on a shared machine than wall
@@ -22,7 +22,8 @@ time), with the machine's 1-minute load average before and after:
   figures. Target: model ≤ 1.3 × (baselines + bare).
 
 The model is a Geneformer of the V1 (gc30M) dictionaries and real vocabulary with
-``--layers`` layers of width ``--hidden`` and random weights. ``--no-scvi`` leaves the scVI
+``--layers`` layers of width ``--hidden`` and random weights; the defaults (6 layers of width
+256, 4 heads, feed-forward 512) are the shape of the released gf-6L-30M-i2048. ``--no-scvi`` leaves the scVI
 baseline out of every run. Writes ``benchmarks/results/run_cost.json``.
 """
 
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--n-jobs", type=int, default=None, help="processes fitting the probes (default: run's)"
     )
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--layers", type=int, default=6, help="default: 6, the released V1 (gf-6L-30M) shape"
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--shared", type=Path, default=REPO_ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/run_cost.json")

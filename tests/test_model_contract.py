@@ -414,3 +414,19 @@ def test_gradient_checkpointing_as_declared(model, tokens, case, caplog):
     else:  # trained without it, and the log says so
         assert len(calls) == 1
         assert "has no gradient_checkpointing_enable" in caplog.text
+
+
+def test_masked_mean_is_the_mean_over_kept_tokens():
+    import torch
+
+    from scfmbench.models.base import masked_mean
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 7, 5, generator=generator)
+    keep = torch.rand(4, 7, generator=generator) > 0.4
+    keep[2] = False  # a cell with no kept token
+    pooled = masked_mean(hidden, keep)
+    for row in range(4):
+        kept = [hidden[row, t] for t in range(7) if keep[row, t]]
+        expected = torch.stack(kept).mean(0) if kept else torch.zeros(5)
+        torch.testing.assert_close(pooled[row], expected)

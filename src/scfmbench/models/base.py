@@ -42,6 +42,17 @@ def seeded_init(build: Callable[[], _Built], *, seed: int) -> _Built:
         return build()
 
 
+def masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over the tokens ``keep`` marks: (B, L, D), (B, L) → (B, D).
+
+    One batched matrix product (no (B, L, D) temporary, so pooling every layer of a pass
+    costs little); a row with no kept token gives zeros.
+    """
+    weights = keep.to(hidden.dtype)
+    total = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
+    return total / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+
 def obsm_key_for(model_id: str) -> str:
     """Where a model's embeddings are written in ``adata.obsm``.
 

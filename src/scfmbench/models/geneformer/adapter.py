@@ -26,7 +26,13 @@ from transformers import BertConfig, BertModel
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
+from scfmbench.models.base import (
+    FoundationModel,
+    PaddedBatch,
+    TokenizedCells,
+    masked_mean,
+    seeded_init,
+)
 from scfmbench.models.geneformer.dictionaries import (
     DICTS_FLAG,
     GeneformerDictionaries,
@@ -281,8 +287,7 @@ class GeneformerModel(FoundationModel):
         genes = batch.attention_mask & ~torch.isin(
             batch.input_ids, self._special_ids.to(batch.input_ids.device)
         )
-        weights = genes.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_mean(hidden, genes)
 
     def encode(self, batch: PaddedBatch, *, layer: int, pooling: str) -> torch.Tensor:
         """Cell embeddings (B, hidden): mean over gene tokens, or the ``<cls>`` position."""

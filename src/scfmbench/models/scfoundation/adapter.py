@@ -23,7 +23,7 @@ from torch import nn
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells
+from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, masked_mean
 from scfmbench.models.loading import LoadContext, register_model
 from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
@@ -73,8 +73,7 @@ def pool_tokens(
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     genes = (columns.unsqueeze(0) < (lengths - 2).unsqueeze(1)).unsqueeze(-1)
     gene_max = hidden.masked_fill(~genes, float("-inf")).amax(dim=1)
-    weights = genes.to(hidden.dtype)
-    gene_mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    gene_mean = masked_mean(hidden, genes.squeeze(-1))
     return torch.cat([s_token, t_token, gene_max, gene_mean], dim=1)
 
 

@@ -17,7 +17,13 @@ from scfmbench._atomic import write_json, write_with
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
-from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, seeded_init
+from scfmbench.models.base import (
+    FoundationModel,
+    PaddedBatch,
+    TokenizedCells,
+    masked_mean,
+    seeded_init,
+)
 from scfmbench.models.loading import LoadContext, ModelOptions, register_model
 from scfmbench.models.scgpt.network import (
     ScGPTConfig,
@@ -153,8 +159,7 @@ class ScGPTModel(FoundationModel):
         elif pooling == "mean":
             genes = batch.attention_mask.clone()
             genes[:, 0] = False  # exclude <cls>
-            weights = genes.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            pooled = masked_mean(hidden, genes)
         else:
             raise ConfigError(
                 f"pooling {pooling!r} is not available for scgpt; choose from {self.poolings}."
