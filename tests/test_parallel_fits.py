@@ -15,9 +15,14 @@ import psutil
 import pytest
 
 import scfmbench
-from scfmbench.benchmark.fitting import FitGroup, fit_workers
-from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.fitting import FitGroup, KeptFeatures, fit_workers, predict_all
+from scfmbench.benchmark.methods import Method, baseline_methods
+from scfmbench.benchmark.predict import ProbeInputs
+from scfmbench.config import RunConfig
+from scfmbench.data.cells import InMemoryCells
+from scfmbench.data.splits import make_splits
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, read_predictions
+from scfmbench.stages import StageStore
 
 SMALL_SCVI = {"max_epochs": 2, "patience": 2}
 
@@ -85,6 +90,33 @@ def test_label_efficiency_reuses_features_built_by_workers(tmp_path, pbmc_subset
     assert "label_efficiency:features" not in pooled.metrics["timings"]
     assert "label_efficiency:features" not in alone.metrics["timings"]
     assert pooled.metrics["timings"]["features:pca"]["cpu_seconds"] > 0
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_only_features_of_the_kept_width_come_back(tmp_path, pbmc_subset, n_jobs):
+    """The width is tested where the features are built: hvg's 2,000 columns never leave a
+    worker when at most 50 are kept, pca's 50 do."""
+    config = RunConfig(
+        out=tmp_path, baselines=["hvg+logreg", "pca+logreg", "majority"], n_jobs=n_jobs
+    )
+    labels = pbmc_subset.obs["cell_type"].astype("category")
+    inputs = ProbeInputs(
+        config, InMemoryCells.from_adata(pbmc_subset), {}, {}, labels, "data", "counts"
+    )
+    split_set = make_splits(labels, n_splits=2, design="cv")
+    kept = KeptFeatures(max_width=50)
+    stages = StageStore(tmp_path / f"run{n_jobs}")
+    predict_all(inputs, split_set, baseline_methods(config, "counts"), stages, False, kept)
+    assert sorted(kept) == sorted((r, s.seed) for r in ("pca", "none") for s in split_set.splits)
+    assert {feats.train.shape[1] for feats in kept.values()} == {50, 0}
+    every = KeptFeatures()
+    stages = StageStore(tmp_path / f"again{n_jobs}")
+    predict_all(inputs, split_set, baseline_methods(config, "counts"), stages, False, every)
+    assert {(r, feats.train.shape[1]) for (r, _), feats in every.items()} == {
+        ("pca", 50),
+        ("hvg", 2000),
+        ("none", 0),
+    }
 
 
 def test_fit_workers_follows_scikit_learn_n_jobs(monkeypatch):

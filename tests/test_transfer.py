@@ -108,3 +108,29 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
     assert backward["hvg+logreg"]["accuracy"] > 0.85
     assert forward["hvg+logreg"]["n_test"] == 1556
     assert f"train {pbmc} → test {kang}" in done.stdout
+
+
+def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, monkeypatch):
+    import scfmbench.benchmark.fitting as fitting
+
+    pbmc = ad.read_h5ad(pbmc3k_path)[::4].copy()
+    kang = ad.read_h5ad(kang_path)[::4].copy()
+    options = {
+        "baselines": ["hvg+logreg", "pca+logreg", "pca+knn", "majority"],
+        "n_splits": 2,
+        "both_directions": False,
+        "progress": False,
+        "figures": False,
+    }
+    one = transfer(pbmc, kang, out=tmp_path, name="one", n_jobs=1, **options)
+    two = transfer(pbmc, kang, out=tmp_path, name="two", n_jobs=2, **options)
+    assert two["transfer"]["matrix"] == one["transfer"]["matrix"]
+    saved = list((tmp_path / "two" / "directions").glob("*/stages/predict_*.json"))
+    assert len(saved) == 4 * 2  # every method on both training seeds
+
+    def refit(*args, **kwargs):
+        raise AssertionError("a saved fit was fitted again")
+
+    monkeypatch.setattr(fitting, "fit_and_predict_features", refit)
+    again = transfer(pbmc, kang, out=tmp_path, name="two", n_jobs=1, **options)
+    assert again["transfer"]["matrix"] == two["transfer"]["matrix"]

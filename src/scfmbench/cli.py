@@ -273,6 +273,7 @@ def transfer(
     device: opt.Device = None,
     batch_size: opt.BatchSize = None,
     min_cells_per_class: opt.MinCellsPerClass = None,
+    n_jobs: opt.NJobs = None,
     geneformer_dicts: opt.GeneformerDicts = None,
     option: opt.ModelLoaderOptions = None,
     quiet: opt.Quiet = False,
@@ -303,6 +304,7 @@ def transfer(
             device=device,
             batch_size=batch_size,
             min_cells_per_class=min_cells_per_class,
+            n_jobs=n_jobs,
             model_options=model_options or None,
         ),
     )

@@ -10,6 +10,7 @@ once with results identical to a run in one process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,13 +33,25 @@ from scfmbench.data.splits import Split, SplitSet
 from scfmbench.evaluation.representations import SplitFeatures
 from scfmbench.stages import StageStore, peak_rss_mb
 
-__all__ = ["fit_workers", "predict_all"]
+__all__ = ["KeptFeatures", "fit_workers", "predict_all"]
 
 HEAVY_FIRST = ("scvi", "model+xgboost", "hvg")
 """Order in which groups are handed to the workers: these first, in this order (a baseline
 representation, or ``model+<probe>`` for a probe of any model's embedding), then the other
 model probes, then the other baselines. The costliest go first, so that no worker is left
 with a long fit at the end."""
+
+
+class KeptFeatures(dict[tuple[str, int], SplitFeatures]):
+    """Baseline features a run keeps for a later stage, at (representation, split seed).
+
+    Only representations of at most ``max_width`` columns (None: any width) are kept. The
+    width is tested where the features are built, so that a worker sends back only those kept.
+    """
+
+    def __init__(self, max_width: int | None = None) -> None:
+        super().__init__()
+        self.max_width = max_width
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,7 @@ def _fit_group(
     inputs: ProbeInputs,
     group: FitGroup,
     classes: list[str],
-    keep_features: bool,
+    keep_width: float,
     stages: StageStore | None = None,
 ) -> GroupResult:
     """Build the group's representation once and fit / predict each of its methods.
@@ -150,17 +163,18 @@ def _fit_group(
     Times go to ``stages`` (this process), or, in a worker, back with the result. BLAS and
     OpenMP run on one thread, here as in a worker, so that the sums inside (e.g. of
     scikit-learn's logistic loss) are added in the same order and the results do not
-    depend on ``n_jobs`` or on the machine's cores.
+    depend on ``n_jobs`` or on the machine's cores. A baseline representation of at most
+    ``keep_width`` columns comes back with the predictions (0: none).
     """
     with threadpool_limits(limits=1):
-        return _fit_group_on_one_thread(inputs, group, classes, keep_features, stages)
+        return _fit_group_on_one_thread(inputs, group, classes, keep_width, stages)
 
 
 def _fit_group_on_one_thread(
     inputs: ProbeInputs,
     group: FitGroup,
     classes: list[str],
-    keep_features: bool,
+    keep_width: float,
     stages: StageStore | None,
 ) -> GroupResult:
     timer = StageStore(inputs.config.out) if stages is None else stages  # only its clocks
@@ -182,7 +196,7 @@ def _fit_group_on_one_thread(
                     grid=probe_grid(method.probe, inputs.config),
                 )
             )
-    kept = feats if keep_features and first.model is None else None
+    kept = feats if first.model is None and feats.train.shape[1] <= keep_width else None
     if stages is not None:  # timed on the run's own store
         return GroupResult(group, predictions, {}, kept)
     timings = {
@@ -226,7 +240,7 @@ def _results(
     inputs: ProbeInputs,
     groups: list[FitGroup],
     classes: list[str],
-    keep: bool,
+    keep_width: float,
     workers: int,
     stages: StageStore,
 ) -> Iterator[GroupResult]:
@@ -236,7 +250,7 @@ def _results(
     process does other work; in this process each group is fitted as the iterator is read.
     """
     if workers == 1:
-        return (_fit_group(inputs, group, classes, keep, stages) for group in groups)
+        return (_fit_group(inputs, group, classes, keep_width, stages) for group in groups)
     if isinstance(inputs.cells, BackedCells):  # no progress bars from the workers
         inputs = dataclasses.replace(
             inputs, cells=dataclasses.replace(inputs.cells, progress=False)
@@ -244,7 +258,7 @@ def _results(
     # idle workers leave after a second, so that their exit overlaps the run's remaining work
     with joblib.parallel_config(backend="loky", idle_worker_timeout=IDLE_WORKER_TIMEOUT_S):
         parallel = joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
-        done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep) for g in groups)
+        done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep_width) for g in groups)
     return (cast(GroupResult, result) for result in done)
 
 
@@ -254,7 +268,7 @@ def predict_all(
     methods: list[Method],
     stages: StageStore,
     progress: bool,
-    keep_features: dict[tuple[str, int], SplitFeatures] | None = None,
+    keep_features: KeptFeatures | None = None,
     meanwhile: Callable[[], object] | None = None,
 ) -> Predictions:
     """Train each method's probe on each split (or reuse the saved predictions).
@@ -280,8 +294,8 @@ def predict_all(
         and ``probe:<method>``, worker time included).
     progress : bool
         Show a progress bar.
-    keep_features : dict, optional
-        Receives every baseline representation built, at ``(representation, split seed)``.
+    keep_features : KeptFeatures, optional
+        Receives the baseline representations built of at most its ``max_width`` columns.
     meanwhile : callable, optional
         Other work of the run, independent of the fits, done in this process while the
         workers fit (before the fits when they run here). Fits the workers finish in the
@@ -298,7 +312,10 @@ def predict_all(
     n_fits = sum(len(group.methods) for group in groups)
     workers = fit_workers(inputs.config.n_jobs, len(groups), group_bytes(inputs, groups))
     started, cpu = time.perf_counter(), time.process_time()
-    results = _results(inputs, groups, classes, keep_features is not None, workers, stages)
+    keep_width: float = 0.0  # none kept
+    if keep_features is not None:
+        keep_width = math.inf if keep_features.max_width is None else keep_features.max_width
+    results = _results(inputs, groups, classes, keep_width, workers, stages)
     if meanwhile is not None:
         before = time.process_time()
         meanwhile()

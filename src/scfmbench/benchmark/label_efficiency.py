@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from scfmbench.benchmark.fitting import KeptFeatures
 from scfmbench.benchmark.methods import Method
 from scfmbench.benchmark.predict import (
     Prediction,
@@ -97,17 +98,15 @@ def nested_subsets(
     }
 
 
-class CompactFeatures(dict):
+class CompactFeatures(KeptFeatures):
     """The run's baseline features per (representation, fold seed) that the sweep keeps.
 
     Only those of at most ``COMPACT_WIDTH`` columns are kept (PCA, scVI: costly to refit,
     small to hold).
     """
 
-    def __setitem__(self, key: tuple[str, int], feats: SplitFeatures) -> None:
-        """Keep ``feats`` when they are at most ``COMPACT_WIDTH`` columns wide."""
-        if feats.train.shape[1] <= COMPACT_WIDTH:
-            super().__setitem__(key, feats)
+    def __init__(self) -> None:
+        super().__init__(max_width=COMPACT_WIDTH)
 
 
 def _subset_features(feats: SplitFeatures, train: pd.Index, subset: pd.Index) -> SplitFeatures:

@@ -27,7 +27,6 @@ __all__ = [
     "UNASSIGNED",
     "Prediction",
     "ProbeInputs",
-    "fit_and_predict",
     "fit_and_predict_features",
     "probe_grid",
 ]
@@ -312,39 +311,3 @@ class ProbeInputs:
                 **extra,
             }
         )
-
-
-def fit_and_predict(
-    method: Method,
-    cells: CellRows,
-    matrices: dict[str, np.ndarray],
-    labels: pd.Series,
-    split: Split,
-    config: RunConfig,
-    kind: str,
-    code_of: dict[str, int],
-    classes: list[str],
-) -> Prediction:
-    """Build the method's features for ``split`` and fit / predict its probe.
-
-    Parameters
-    ----------
-    method, labels, split, code_of, classes
-        As in :func:`fit_and_predict_features`.
-    cells : CellRows
-        The cells the baselines' features are built from.
-    matrices : dict
-        Model id → (n_cells, dim) embedding.
-    config : RunConfig
-        Representation and probe settings.
-    kind : str
-        Matrix kind of ``cells``.
-
-    Returns
-    -------
-    Prediction
-    """
-    feats = _features(method, cells, matrices, split, config, kind)
-    return fit_and_predict_features(
-        method, feats, labels, split, code_of, classes, grid=probe_grid(method.probe, config)
-    )

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,10 +19,11 @@ from anndata import AnnData
 
 from scfmbench._atomic import write_text
 from scfmbench.benchmark.document import MatrixFacts, score_warnings
+from scfmbench.benchmark.fitting import predict_all
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
 from scfmbench.benchmark.output import check_writable
 from scfmbench.benchmark.pipeline import load_models
-from scfmbench.benchmark.predict import Prediction, fit_and_predict, payloads
+from scfmbench.benchmark.predict import Prediction, ProbeInputs, payloads
 from scfmbench.benchmark.transfer_data import (
     BUILTIN_LABEL_MAPS,
     TransferData,
@@ -33,9 +34,9 @@ from scfmbench.benchmark.transfer_data import (
     training_split,
 )
 from scfmbench.config import RunConfig
-from scfmbench.data.cells import CellRows, InMemoryCells
+from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.io import load_dataset
-from scfmbench.data.splits import Split
+from scfmbench.data.splits import Split, SplitSet, labels_hash
 from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.errors import SchemaError
 from scfmbench.evaluation.run_stats import (
@@ -45,10 +46,15 @@ from scfmbench.evaluation.run_stats import (
     write_predictions,
 )
 from scfmbench.evaluation.stats import Design
+from scfmbench.hashing import hash_array, hash_json
 from scfmbench.report.coverage import coverage_lines
 from scfmbench.results import document_header, write_metrics
+from scfmbench.stages import StageStore, safe_name
 
 logger = logging.getLogger(__name__)
+
+DIRECTIONS_DIR = "directions"
+"""Folder of a transfer run holding each direction's saved fits (``<train>_to_<test>/stages``)."""
 
 
 def transfer(
@@ -146,29 +152,26 @@ def transfer(
             for dataset, info in zip((name_a, name_b), per_dataset, strict=True):
                 model_genes.setdefault(f"{model_id} ({dataset})", info)
         classes = list(prepared.labels.cat.categories)
-        code_of = {c: k for k, c in enumerate(classes)}
-        # CellRows declares n_vars an attribute, the readers a property
-        cells = cast(CellRows, InMemoryCells.from_adata(prepared.combined))
+        cells = InMemoryCells.from_adata(prepared.combined)
         matrices = {m.model_id: np.asarray(prepared.combined.obsm[m.obsm_key]) for m in models}
         seeds = range(cfg.seed, cfg.seed + cfg.n_splits)
         splits = [prepared.split] + [
             training_split(prepared, seed=s, fractions=cfg.fractions) for s in seeds[1:]
         ]
-        predictions = {
-            (method.name, split.seed): fit_and_predict(
-                method,
-                cells,
-                matrices,
-                prepared.labels,
-                split,
-                cfg,
-                "lognorm",
-                code_of,
-                classes,
-            )
-            for split in splits
-            for method in methods
-        }
+        data_hash = hash_json([hash_array(cells.matrix), labels_hash(prepared.labels)])
+        inputs = ProbeInputs(
+            cfg,
+            cells,
+            matrices,
+            {model_id: hash_array(matrix) for model_id, matrix in matrices.items()},
+            prepared.labels,
+            data_hash,
+            "lognorm",
+        )
+        # each direction keeps its fits apart, so an interrupted transfer resumes
+        stages = StageStore(run_dir / DIRECTIONS_DIR / safe_name(f"{name_a}_to_{name_b}"))
+        split_set = SplitSet(tuple(splits), data_hash, cfg.fractions)
+        predictions = predict_all(inputs, split_set, methods, stages, progress)
         results, comparisons, table = transfer_statistics(
             methods, predictions, prepared.labels, splits, seed=cfg.seed
         )
