@@ -108,14 +108,14 @@ def test_only_features_of_the_kept_width_come_back(tmp_path, pbmc_subset, n_jobs
     stages = StageStore(tmp_path / f"run{n_jobs}")
     predict_all(inputs, split_set, baseline_methods(config, "counts"), stages, False, kept)
     assert sorted(kept) == sorted((r, s.seed) for r in ("pca", "none") for s in split_set.splits)
-    assert {feats.train.shape[1] for feats in kept.values()} == {50, 0}
+    assert {feats.train.shape[1] for feats in kept.values()} == {50, 1}  # none: a constant
     every = KeptFeatures()
     stages = StageStore(tmp_path / f"again{n_jobs}")
     predict_all(inputs, split_set, baseline_methods(config, "counts"), stages, False, every)
     assert {(r, feats.train.shape[1]) for (r, _), feats in every.items()} == {
         ("pca", 50),
         ("hvg", 2000),
-        ("none", 0),
+        ("none", 1),
     }
 
 
