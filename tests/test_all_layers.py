@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -242,3 +243,48 @@ def test_cache_reuse_says_where_the_embedding_came_from(
         f"{model.model_id}: reusing layer 1 (cls pooling) from this run's all-layer pass",
         f"{model.model_id}: layer 2 (cls pooling) loaded from cache (computed by an earlier run)",
     ]
+
+
+# ---- chunks of the length order: the batches of one pass ---------------------------------
+
+
+def test_take_tokens_gathers_cells_in_the_order_asked():
+    from scfmbench.embed.batching import take_tokens
+    from scfmbench.models.base import TokenizedCells
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 50, n) for n in (3, 0, 5, 1, 4)]
+    values = [rng.random(len(x)).astype(np.float32) for x in ids]
+    tokens = TokenizedCells.from_lists(
+        ids, obs_names=pd.Index(list("abcde")), settings={"s": 1}, values=values
+    )
+    taken = take_tokens(tokens, np.array([4, 0, 2, 1]))
+    assert list(taken.obs_names) == ["e", "a", "c", "b"]
+    assert taken.lengths.tolist() == [4, 3, 5, 0]
+    for i, row in enumerate([4, 0, 2, 1]):
+        np.testing.assert_array_equal(taken.cell(i)[0], ids[row])
+        np.testing.assert_array_equal(taken.cell(i)[1], values[row])
+    assert taken.settings == {"s": 1}
+
+
+def test_chunked_pass_makes_the_batches_of_one_pass(
+    geneformer_short, pbmc3k, tmp_path, monkeypatch
+):
+    model = geneformer_short
+    adata = pbmc3k[:40].copy()
+    batches: list[list[str]] = []
+    encode = engine._encode
+
+    def recorded(model, tokens, indices, *args):
+        batches.append(sorted(tokens.obs_names[indices]))
+        return encode(model, tokens, indices, *args)
+
+    monkeypatch.setattr(engine, "_encode", recorded)
+    options = {"batch_size": 4, "progress": False, "all_layers": True}
+    whole = embed(adata.copy(), model, cache_dir=tmp_path / "one", chunk_size=1000, **options)
+    one_pass, batches[:] = list(batches), []
+    chunked = embed(adata.copy(), model, cache_dir=tmp_path / "chunks", chunk_size=12, **options)
+    assert batches == one_pass  # 12 cells a chunk, 4 a batch: the same batches, in order
+    assert len(batches) == 10
+    np.testing.assert_array_equal(chunked.matrix, whole.matrix)
+    assert list(chunked.obs_names) == list(whole.obs_names)

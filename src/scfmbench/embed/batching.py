@@ -163,28 +163,33 @@ def collate(
     )
 
 
-def slice_tokens(tokens: TokenizedCells, start: int, stop: int) -> TokenizedCells:
-    """Cells ``start:stop`` of a TokenizedCells, offsets rebased to 0.
+def take_tokens(tokens: TokenizedCells, rows: np.ndarray) -> TokenizedCells:
+    """Take the cells ``rows`` of a TokenizedCells, in that order, offsets rebased to 0.
 
     Parameters
     ----------
     tokens : TokenizedCells
         The tokenized cells.
-    start, stop : int
-        Cell range (``stop`` exclusive).
+    rows : numpy.ndarray
+        Integer positions of the cells to take.
 
     Returns
     -------
     TokenizedCells
-        The cells of the range, sharing the settings.
+        The cells ``rows``, sharing the settings.
     """
-    lo, hi = int(tokens.offsets[start]), int(tokens.offsets[stop])
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = tokens.lengths[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # position of every taken token in the flat arrays: its cell's start + its rank in the cell
+    flat = np.repeat(tokens.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
     return TokenizedCells(
-        input_ids=tokens.input_ids[lo:hi],
-        offsets=tokens.offsets[start : stop + 1] - lo,
-        obs_names=tokens.obs_names[start:stop],
+        input_ids=tokens.input_ids[flat],
+        offsets=offsets,
+        obs_names=tokens.obs_names[rows],
         settings=tokens.settings,
-        values=None if tokens.values is None else tokens.values[lo:hi],
+        values=None if tokens.values is None else tokens.values[flat],
     )
 
 

@@ -27,7 +27,7 @@ from scfmbench.embed.batching import (
     collate,
     halve_batch,
     is_out_of_memory,
-    slice_tokens,
+    take_tokens,
 )
 from scfmbench.embed.cache import EmbeddingCache, cache_key
 from scfmbench.embed.distributed import resolve_device
@@ -254,29 +254,43 @@ def _embed_in_chunks(
     layers: Sequence[int],
     progress: bool,
 ) -> np.ndarray:
-    """Embed chunk by chunk, reusing chunks a previous (interrupted) call already saved."""
+    """Embed chunk by chunk, reusing chunks a previous (interrupted) call already saved.
+
+    Chunks are consecutive cells of the length order (longest first), so the batches are
+    those of one pass over all cells: chunks in the cells' own order would each hold short
+    and long cells, and pad more (2% more FLOPs on PBMC3k).
+    """
     chunk_size = options.chunk_size
     if cache is None or tokens.n_cells <= chunk_size:
         return embed_layers(model, tokens, options, layers, progress=progress)
     bar = tqdm(
         total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
     )
-    parts = []
+    order = np.argsort(-tokens.lengths, kind="stable")
+    out: np.ndarray | None = None
     for start in range(0, tokens.n_cells, chunk_size):
         stop = min(start + chunk_size, tokens.n_cells)
-        chunk = slice_tokens(tokens, start, stop)
-        part_key = f"{key}.part{start:09d}-{stop:09d}"
+        rows = order[start:stop]
+        chunk = take_tokens(tokens, rows)
+        part_key = f"{key}.part{start:09d}-{stop:09d}.by-length"
         matrix = cache.get(part_key, chunk.obs_names)
         if matrix is not None:
-            logger.info("%s: reusing finished chunk of cells %d-%d", model.model_id, start, stop)
-        if matrix is None:
+            logger.info(
+                "%s: reusing finished chunk of cells %d-%d (longest first)",
+                model.model_id,
+                start,
+                stop,
+            )
+            bar.update(stop - start)
+        else:
             matrix = embed_layers(model, chunk, options, layers, progress=progress, bar=bar)
             cache.put(part_key, matrix, chunk.obs_names, {"part_of": key})
-        else:
-            bar.update(stop - start)
-        parts.append(matrix)
+        if out is None:
+            out = np.empty((matrix.shape[0], tokens.n_cells, matrix.shape[2]), np.float32)
+        out[:, rows] = matrix
     bar.close()
-    return np.concatenate(parts, axis=1)
+    assert out is not None  # more cells than one chunk
+    return out
 
 
 def resolve_layer_pooling(
