@@ -408,6 +408,39 @@ def model_cost_rows(docs: Docs) -> list[Row]:
     return rows
 
 
+def probe_cost_rows(docs: Docs) -> list[Row]:
+    """The xgboost probe at 64 against 256 histogram bins and the kNN probe's unit-length
+    Euclidean search against the cosine one (``probe_cost.py``)."""
+    name = "probe_cost.json"
+    doc = docs.get(name, {})
+    rows = []
+    for view, width in (("pca50", 50), ("pca256", 256)):
+        row = doc.get("xgboost", {}).get(view, {}).get("64", {})
+        if not all(_number(row.get(k)) for k in ("speedup_vs_256", "delta_mean_vs_256")):
+            continue
+        rows.append(
+            Row(
+                f"xgboost probe, 64 vs 256 histogram bins, PBMC3k {width} HVG PCs, 5 folds: CPU "
+                f"speed-up (Δ mean test macro F1 {row['delta_mean_vs_256']:+.4f})",
+                f"{row['speedup_vs_256']:.2f}×",
+                "—",
+                (name,),
+            )
+        )
+    knn = doc.get("knn", {}).get("15", {})
+    if _number(knn.get("speedup")) and _number(knn.get("equal_predictions")):
+        rows.append(
+            Row(
+                "kNN probe (k = 15), unit-length Euclidean vs cosine brute-force search, 40k "
+                f"training cells: CPU speed-up (equal predictions {knn['equal_predictions']:.4f})",
+                f"{knn['speedup']:.1f}×",
+                "—",
+                (name,),
+            )
+        )
+    return rows
+
+
 ROW_FAMILIES: tuple[Callable[[Docs], list[Row]], ...] = (
     geneformer_rows,
     scgpt_rows,
@@ -419,6 +452,7 @@ ROW_FAMILIES: tuple[Callable[[Docs], list[Row]], ...] = (
     baselines_cost_rows,
     resample_cost_rows,
     model_cost_rows,
+    probe_cost_rows,
 )
 
 

@@ -23,8 +23,8 @@ time), with the machine's 1-minute load average before and after:
 
 The model is a Geneformer of the V1 (gc30M) dictionaries and real vocabulary with
 ``--layers`` layers of width ``--hidden`` and random weights; the defaults (6 layers of width
-256, 4 heads, feed-forward 512) are the shape of the released gf-6L-30M-i2048. ``--no-scvi`` leaves the scVI
-baseline out of every run. Writes ``benchmarks/results/run_cost.json``.
+256, 4 heads, feed-forward 512) are the shape of the released gf-6L-30M-i2048. ``--no-scvi``
+leaves the scVI baseline out of every run. Writes ``benchmarks/results/run_cost.json``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from readme_table import (  # noqa: E402
     geneformer_rows,
     generated_readme,
     main,
+    probe_cost_rows,
     read_results,
 )
 
@@ -59,6 +60,24 @@ def test_geneformer_row_builder_on_a_hand_made_result():
         "| Geneformer `embed()` overhead over the bare forward | 2.5% | ≤ 15% | " + link + " |",
     ]  # no FLOP row: the file has no flop_utilization
     assert geneformer_rows({}) == []  # file absent: no rows, no error
+
+
+def test_probe_cost_rows_read_the_64_bin_rows_and_the_k15_knn_row():
+    doc = {
+        "xgboost": {
+            "pca50": {"64": {"speedup_vs_256": 2.331, "delta_mean_vs_256": -0.0022}},
+            "pca256": {"256": {"speedup_vs_256": 1.0, "delta_mean_vs_256": 0.0}},
+        },
+        "knn": {"15": {"speedup": 7.36, "equal_predictions": 0.9996}},
+    }
+    rows = probe_cost_rows({"probe_cost.json": doc})
+    assert [(row.value, row.sources) for row in rows] == [
+        ("2.33×", ("probe_cost.json",)),
+        ("7.4×", ("probe_cost.json",)),
+    ]  # pca256 has no 64-bin entry: no row
+    assert "50 HVG PCs" in rows[0].benchmark and "-0.0022" in rows[0].benchmark
+    assert "equal predictions 0.9996" in rows[1].benchmark
+    assert probe_cost_rows({}) == []
 
 
 def test_baseline_run_row_says_met_or_not_from_the_wall_time_and_reads_optional_keys():

@@ -55,9 +55,9 @@ XGBOOST_MAX_BIN = 64
 """Histogram bins per feature of the xgboost probe (xgboost's own default is 256).
 
 A probe fits a few thousand cells, and the split search over 256 bins of every embedding
-dimension took most of its time: 64 bins fit 2.5-2.9x faster. On PBMC3k (5 folds, 50 and 256
-HVG principal components) the mean test macro F1 moved by -0.002 and -0.005 against 256 bins,
-within the spread of the folds (0.02-0.04); see ``benchmarks/results.md``."""
+dimension took most of its time: 64 bins fit 2.3-2.5x faster. On PBMC3k (5 folds, 50 and 256
+HVG principal components) the mean test macro F1 moved by -0.002 and -0.0045 against 256 bins,
+while single folds spread over 0.05 (``benchmarks/probe_cost.py``)."""
 
 
 def make_xgboost(*, seed: int, n_estimators: int = 300, max_depth: int = 6) -> Classifier:
