@@ -87,6 +87,17 @@ def kang_path() -> Path:
     return require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts: SIGINT back to its default action.
+
+    A shell without job control starts background commands with SIGINT ignored, and a
+    Python child then ignores Ctrl-C too (it installs its handler only over the default).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli_in_process(args: list[str], capsys) -> tuple[int, str, str]:
     """Run ``scfmbench ARGS`` through ``cli.main`` in this process; (exit code, out, err)."""
     import sys

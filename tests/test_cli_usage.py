@@ -11,6 +11,8 @@ import time
 import anndata as ad
 import pytest
 
+from tests.conftest import default_sigint
+
 COMMANDS = ["run", "validate", "embed", "finetune", "transfer", "report", "compare"]
 
 # (arguments, the line click prints)
@@ -91,6 +93,7 @@ def test_sigint_keeps_finished_stages_and_resumes(tmp_path, pbmc3k_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     splits_file = run_dir / "splits" / "splits.json"
     deadline = time.time() + 300

@@ -23,6 +23,7 @@ from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.splits import make_splits
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, read_predictions
 from scfmbench.stages import StageStore
+from tests.conftest import default_sigint
 
 SMALL_SCVI = {"max_epochs": 2, "patience": 2}
 
@@ -177,6 +178,7 @@ def test_ctrl_c_with_workers_keeps_finished_fits_and_resumes(tmp_path, pbmc_subs
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     stages = tmp_path / "runs" / "r" / "stages"
     deadline = time.time() + 600
