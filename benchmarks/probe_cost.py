@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/probe_cost.py [--shared ../shared]
+    python benchmarks/probe_cost.py [--shared DIR]
 
 - ``xgboost``: the probe's settings (300 rounds, depth 6, learning rate 0.1, early stopping
   after 20 rounds on the validation cells, one thread) with 256 histogram bins (xgboost's
