@@ -34,8 +34,6 @@ from scfmbench.models.base import FoundationModel
 
 logger = logging.getLogger(__name__)
 
-"""``backed=None`` streams files larger than this (1 GiB)."""
-
 
 @dataclass(frozen=True)
 class StreamedEmbeddings:

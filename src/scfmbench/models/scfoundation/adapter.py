@@ -71,9 +71,9 @@ def pool_tokens(
     s_token = hidden[rows, lengths - 1]
     t_token = hidden[rows, lengths - 2]
     columns = torch.arange(hidden.shape[1], device=hidden.device)
-    genes = (columns.unsqueeze(0) < (lengths - 2).unsqueeze(1)).unsqueeze(-1)
-    gene_max = hidden.masked_fill(~genes, float("-inf")).amax(dim=1)
-    gene_mean = masked_mean(hidden, genes.squeeze(-1))
+    genes = columns.unsqueeze(0) < (lengths - 2).unsqueeze(1)  # (B, L)
+    gene_max = hidden.masked_fill(~genes.unsqueeze(-1), float("-inf")).amax(dim=1)
+    gene_mean = masked_mean(hidden, genes)
     return torch.cat([s_token, t_token, gene_max, gene_mean], dim=1)
 
 
