@@ -202,12 +202,22 @@ def test_ctrl_c_waits_for_the_end_of_a_deferred_block():
     from scfmbench.stages import deferred_interrupt
 
     steps = []
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the tests run in the background
-    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
-        os.kill(os.getpid(), signal.SIGINT)
-        steps.append("block finished")
-    assert steps == ["block finished"]
-    assert signal.getsignal(signal.SIGINT) is before
-    with deferred_interrupt():  # no Ctrl-C: nothing raised
-        steps.append("quiet")
-    assert steps == ["block finished", "quiet"]
+    # Python's own handler, also where the tests run with SIGINT ignored (in the background)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("block finished")
+        assert steps == ["block finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with deferred_interrupt():  # no Ctrl-C: nothing raised
+            steps.append("quiet")
+        assert steps == ["block finished", "quiet"]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with deferred_interrupt():  # an ignored SIGINT stays ignored
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("ignored")
+        assert steps == ["block finished", "quiet", "ignored"]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -102,9 +102,11 @@ def deferred_interrupt() -> Iterator[None]:
     For compiled code that an interrupt must not cut short: a KeyboardInterrupt raised while
     numba's LLVM compiles UMAP's kernels was swallowed (the run went on) or crashed the
     process (SIGSEGV). The block finishes, then the run stops as after any Ctrl-C, keeping its
-    finished stages. Outside the main thread (no signal handlers there) it does nothing.
+    finished stages. Outside the main thread (no signal handlers there), or where SIGINT is
+    ignored (a background job of a shell without job control), it does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     received: list[int] = []
