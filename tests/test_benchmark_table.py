@@ -17,6 +17,7 @@ from readme_table import (  # noqa: E402
     geneformer_rows,
     generated_readme,
     main,
+    model_cost_rows,
     probe_cost_rows,
     read_results,
 )
@@ -78,6 +79,38 @@ def test_probe_cost_rows_read_the_64_bin_rows_and_the_k15_knn_row():
     assert "50 HVG PCs" in rows[0].benchmark and "-0.0022" in rows[0].benchmark
     assert "equal predictions 0.9996" in rows[1].benchmark
     assert probe_cost_rows({}) == []
+
+
+def test_model_cost_rows_compare_the_run_with_both_bare_passes():
+    def part(wall, cpu):
+        return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": 1.0}
+
+    doc = {
+        "stages": {
+            "baselines": {**part(50.0, 100.0), "n_cells": 2638},
+            "bare": part(300.0, 600.0),
+            "bare-all": part(350.0, 700.0),
+            "model": part(500.0, 1000.0),
+        },
+        "model": {"layers": 6, "hidden": 256},
+        "ratio_run_vs_baselines_plus_bare_embedding": 1000 / 700,
+        "ratio_run_vs_baselines_plus_bare_embedding_wall": 500 / 350,
+        "ratio_run_vs_baselines_plus_bare_embedding_all_layers": 1000 / 800,
+        "ratio_run_vs_baselines_plus_bare_embedding_all_layers_wall": 500 / 400,
+        "target": 1.3,
+    }
+    rows = model_cost_rows({"run_cost.json": doc})
+    assert [(row.value, row.target) for row in rows] == [
+        ("1.43×", "≤ 1.3×: not met"),
+        ("1.43×", "≤ 1.3×: not met"),
+        ("1.25×", "≤ 1.3×: met"),
+        ("1.25×", "≤ 1.3×: met"),
+    ]
+    assert "to the default layer, wall s 500.0 / 350.0" in rows[0].benchmark
+    assert "through every layer, process CPU s 1000.0 / 800.0" in rows[3].benchmark
+    assert "6 layers, hidden 256; 2,638 PBMC3k cells" in rows[3].benchmark
+    del doc["stages"]["bare-all"]  # measured without the all-layer pass: its rows go
+    assert len(model_cost_rows({"run_cost.json": doc})) == 2
 
 
 def test_baseline_run_row_says_met_or_not_from_the_wall_time_and_reads_optional_keys():

@@ -8,6 +8,7 @@ from scfmbench.evaluation.stats import (
     _scores,
     bootstrap_p,
     design_estimate,
+    draw_counts,
     holm,
     mcnemar_exact,
     paired_comparison,
@@ -94,8 +95,12 @@ def test_scores_match_sklearn_over_all_training_classes():
     true = rng.integers(0, 3, 50)  # class D has no test cells
     pred = np.where(rng.random(50) < 0.7, true, rng.integers(0, 5, 50))  # 4 = unassigned
     samples = stratified_samples(true, n_boot=20, seed=1)
+    draws = draw_counts(true, n_boot=20, seed=1)
+    assert draws.shape == (20, 50) and (draws.sum(axis=1) == 50).all()
+    for row, idx in zip(draws, samples, strict=True):  # the same cells, counted
+        assert row.tolist() == np.bincount(idx, minlength=50).tolist()
     keep = np.array([True, True, False, True])
-    got = _scores(true, pred, 4, samples, keep=keep)
+    got = _scores(true, pred, 4, draws, keep=keep)
     for row, idx in enumerate(samples):
         t, p = true[idx], pred[idx]
         assert got["macro_f1"][row] == pytest.approx(
@@ -106,6 +111,7 @@ def test_scores_match_sklearn_over_all_training_classes():
         )
         recalls = [np.mean(p[t == c] == c) for c in np.unique(t)]
         assert got["balanced_accuracy"][row] == pytest.approx(np.mean(recalls))
+        assert got["accuracy"][row] == accuracy_score(t, p)
     assert classes  # D scores 0 (never predicted, no support), as sklearn with labels=
 
 
@@ -167,9 +173,9 @@ def test_cv_interval_covers_a_known_accuracy():
         values, reps = [], []
         for j in range(n_folds):
             t, p = truth[r, fold == j], pred[r, fold == j]
-            samples = stratified_samples(t, n_boot=n_boot, seed=r * n_folds + j)
+            draws = draw_counts(t, n_boot=n_boot, seed=r * n_folds + j)
             values.append(np.mean(t == p))
-            reps.append(_scores(t, p, 3, samples)["accuracy"])
+            reps.append(_scores(t, p, 3, draws)["accuracy"])
         lo, hi = design_estimate(np.array(values), np.stack(reps), Design("cv", n_folds)).ci95
         covered += lo <= 0.8 <= hi
     assert covered / n_rep >= 0.93
@@ -333,3 +339,24 @@ def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
     assert set(comparison["mcnemar_p_per_split"]) == {"42", "43", "44", "45"}
     assert result.metrics["methods"]["majority"]["summary"]["macro_f1"]["df"] == 3
     assert check_statistics(result.run_dir)[1] == []
+
+
+def test_draw_counts_are_kept_and_read_only(monkeypatch):
+    import scfmbench.evaluation.stats as stats
+
+    monkeypatch.setattr(stats, "_DRAWS", type(stats._DRAWS)())
+    monkeypatch.setattr(stats, "DRAWS_KEPT", 2)
+    true = np.repeat([0, 1, 2], [30, 5, 1])
+    first = draw_counts(true, n_boot=50, seed=3)
+    assert draw_counts(true, n_boot=50, seed=3) is first  # kept
+    assert first.dtype == np.uint8 and not first.flags.writeable
+    assert (first[:, -1] == 1).all()  # a class of one cell: drawn once in every resample
+    other = draw_counts(true, n_boot=50, seed=4)
+    assert not np.array_equal(other, first)
+    draw_counts(true[:-1], n_boot=50, seed=3)  # a third set pushes the oldest out
+    assert list(stats._DRAWS) == [
+        (true.astype(np.int64).tobytes(), 50, 4),
+        (true[:-1].astype(np.int64).tobytes(), 50, 3),
+    ]
+    again = draw_counts(true, n_boot=50, seed=3)
+    assert again is not first and np.array_equal(again, first)  # recomputed, same draws

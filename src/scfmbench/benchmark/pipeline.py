@@ -358,13 +358,22 @@ def _execute(
     kept_features = CompactFeatures() if config.train_sizes else None
     scores: dict[str, Any] = {}
 
-    def score_embeddings() -> None:  # zero-shot scores, independent of the probes
+    layers: dict[str, list[dict]] = {}
+
+    def beside_the_fits() -> None:  # independent of the probes, done while workers fit
         with deferred_interrupt():  # numba and XLA compile here: Ctrl-C waits for the end
             scores.update(
                 embedding_scores(
                     config, validated, cells, matrices, matrix_hashes, stages, data_hash, run_dir
                 )
             )
+        if models and config.layerwise:  # every layer is in the embedding cache by now
+            with stages.timed("layerwise"):
+                layers.update(
+                    layerwise_probing(
+                        config, validated, models, split_set.splits[0], run_dir, stages, progress
+                    )
+                )
 
     predictions = predict_all(
         inputs,
@@ -373,7 +382,7 @@ def _execute(
         stages,
         progress,
         keep_features=kept_features,
-        meanwhile=score_embeddings,
+        meanwhile=beside_the_fits,
     )
     finetuned = []
     # a streamed run cannot be fine-tuned: open_run_data refuses it
@@ -428,11 +437,8 @@ def _execute(
             from scfmbench.report.write import write_figures
 
             write_figures(run_dir, metrics, stages=stages)
-    if models and config.layerwise:
-        with stages.timed("layerwise"):
-            metrics["layers"] = layerwise_probing(
-                config, validated, models, split_set.splits[0], run_dir, stages, progress
-            )
+    if layers:
+        metrics["layers"] = layers
     metrics["embeddings"] = scores
     stages.timings["total"] = time.perf_counter() - started
     cpu_seconds = time.process_time() - started_cpu + stages.worker_cpu_seconds

@@ -25,6 +25,7 @@ class is never resampled away. All resampling uses ``numpy.random.default_rng(se
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,12 +70,12 @@ def _scores(
     true: np.ndarray,
     pred: np.ndarray,
     k: int,
-    samples: np.ndarray,
+    draws: np.ndarray,
     *,
     keep: np.ndarray | None = None,
     present_only: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Accuracy, macro F1 and balanced accuracy for each row of ``samples`` (cell indices).
+    """Accuracy, macro F1 and balanced accuracy for each row of ``draws`` (cell weights).
 
     Macro F1 averages the F1 of all ``k`` classes (a class never predicted and absent scores
     0), like ``sklearn.metrics.f1_score(labels=classes, average="macro", zero_division=0)``;
@@ -82,12 +83,18 @@ def _scores(
     ``present_only`` (design ``holdout``) only the classes present in the truth. Balanced
     accuracy is the mean recall over the classes present in the truth.
 
+    A resample's counts (true positives, support and predictions per class, correct cells)
+    are its draw counts times per-cell indicators: one matrix product for all resamples.
+    The counts are integers below 2**24, so float32 sums them exactly and the scores equal
+    those of the resampled cells scored one by one.
+
     Parameters
     ----------
     true, pred : numpy.ndarray
         Integer codes, shape (n,); predictions may use code ``k`` for "unassigned".
-    samples : numpy.ndarray
-        Shape (B, n) of indices into the cells.
+    draws : numpy.ndarray
+        Shape (B, n): how many times each cell is drawn in each resample (:func:`draw_counts`;
+        a row of ones scores the cells as they are).
 
     Returns
     -------
@@ -95,27 +102,31 @@ def _scores(
         ``accuracy``, ``macro_f1``, ``balanced_accuracy`` (and ``macro_f1_excl_small`` with
         ``keep``): arrays of shape (B,).
     """
-    t = true[samples]  # (B, n)
-    p = pred[samples]
-    n_boot = samples.shape[0]
-    offsets = (np.arange(n_boot) * (k + 1))[:, None]
-    width = n_boot * (k + 1)
-    tp = np.bincount((t + offsets)[t == p], minlength=width).reshape(n_boot, k + 1)[:, :k]
-    support = np.bincount((t + offsets).ravel(), minlength=width).reshape(n_boot, k + 1)[:, :k]
-    predicted = np.bincount((p + offsets).ravel(), minlength=width).reshape(n_boot, k + 1)[:, :k]
+    n = len(true)
+    exact = np.float32 if n < 2**24 else np.float64
+    cells = np.arange(n)
+    correct = (true == pred).astype(exact)
+    indicators = np.zeros((n, 3 * k + 1), dtype=exact)
+    indicators[cells, true] = correct  # true positives
+    indicators[cells, k + true] = 1  # support
+    called = pred < k
+    indicators[cells[called], 2 * k + pred[called]] = 1  # predicted
+    indicators[:, 3 * k] = correct
+    counts = (draws.astype(exact, copy=False) @ indicators).astype(np.float64)
+    tp, support, predicted = counts[:, :k], counts[:, k : 2 * k], counts[:, 2 * k : 3 * k]
     denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape, dtype=float), where=denom > 0)
-    recall = np.divide(tp, support, out=np.zeros(tp.shape, dtype=float), where=support > 0)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0)
+    recall = np.divide(tp, support, out=np.zeros(tp.shape), where=support > 0)
     present = support > 0
     n_present = np.maximum(present.sum(axis=1), 1)
     out = {
-        "accuracy": (t == p).mean(axis=1),
+        "accuracy": counts[:, 3 * k] / max(n, 1),
         "macro_f1": (f1 * present).sum(axis=1) / n_present if present_only else f1.mean(axis=1),
         "balanced_accuracy": recall.sum(axis=1) / n_present,
     }
     if keep is not None:
         out["macro_f1_excl_small"] = (
-            f1[:, keep].mean(axis=1) if keep.any() else np.full(n_boot, np.nan)
+            f1[:, keep].mean(axis=1) if keep.any() else np.full(len(counts), np.nan)
         )
     return out
 
@@ -145,6 +156,40 @@ def stratified_samples(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarra
     if not columns:
         return np.zeros((n_boot, 0), dtype=np.int64)
     return np.concatenate(columns, axis=1)
+
+
+_DRAWS: OrderedDict[tuple[bytes, int, int], np.ndarray] = OrderedDict()
+DRAWS_KEPT = 64
+"""Draw-count matrices :func:`draw_counts` keeps (the most recently used): every method and
+paired test of a run resamples the same test sets."""
+
+
+def draw_counts(true: np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
+    """How many times each cell is drawn in each resample of :func:`stratified_samples`.
+
+    Every method and comparison of a run resamples the same test sets with the same seeds,
+    so the last ``DRAWS_KEPT`` results are kept (as the smallest unsigned integer type that
+    holds them).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (B, n), unsigned integers; row b sums to n.
+    """
+    key = (np.asarray(true, dtype=np.int64).tobytes(), n_boot, seed)
+    found = _DRAWS.get(key)
+    if found is None:
+        samples = stratified_samples(true, n_boot=n_boot, seed=seed)
+        n = samples.shape[1]
+        flat = (samples + (np.arange(n_boot) * n)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n)
+        found = counts.astype(np.min_scalar_type(int(counts.max(initial=0))))
+        found.flags.writeable = False
+        _DRAWS[key] = found
+        while len(_DRAWS) > DRAWS_KEPT:
+            _DRAWS.popitem(last=False)
+    _DRAWS.move_to_end(key)
+    return found
 
 
 @dataclass(frozen=True)
@@ -309,8 +354,8 @@ def score_sets(
     """
     out = []
     for j, (true, preds) in enumerate(sets):
-        samples = stratified_samples(true, n_boot=n_boot, seed=seed if same_cells else seed + j)
-        full = np.arange(len(true))[None, :]
+        draws = draw_counts(true, n_boot=n_boot, seed=seed if same_cells else seed + j)
+        full = np.ones((1, len(true)), dtype=np.uint8)
         points = [
             {
                 m: float(v[0])
@@ -318,7 +363,7 @@ def score_sets(
             }
             for p in preds
         ]
-        boots = [_scores(true, p, k, samples, keep=keep, present_only=present_only) for p in preds]
+        boots = [_scores(true, p, k, draws, keep=keep, present_only=present_only) for p in preds]
         out.append((points, boots))
     return out
 
