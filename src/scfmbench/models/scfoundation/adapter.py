@@ -58,9 +58,8 @@ def pool_tokens(
     ``all`` → (B, 4D) = [S, T, max over genes, mean over genes]; ``max`` → (B, D) over all
     real tokens.
     """
-    mask = attention_mask.unsqueeze(-1)
     if pooling == "max":
-        return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
+        return _masked_max(hidden, attention_mask)
     if pooling != "all":
         raise ConfigError(
             f"pooling {pooling!r} is not available for scfoundation; choose from "
@@ -72,9 +71,12 @@ def pool_tokens(
     t_token = hidden[rows, lengths - 2]
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     genes = columns.unsqueeze(0) < (lengths - 2).unsqueeze(1)  # (B, L)
-    gene_max = hidden.masked_fill(~genes.unsqueeze(-1), float("-inf")).amax(dim=1)
-    gene_mean = masked_mean(hidden, genes)
-    return torch.cat([s_token, t_token, gene_max, gene_mean], dim=1)
+    return torch.cat([s_token, t_token, _masked_max(hidden, genes), masked_mean(hidden, genes)], 1)
+
+
+def _masked_max(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Maximum of token states over the tokens ``keep`` marks: (B, L, D), (B, L) → (B, D)."""
+    return hidden.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
 
 
 class ScFoundationModel(FoundationModel):
