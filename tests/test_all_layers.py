@@ -180,6 +180,7 @@ def test_all_layers_falls_back_to_one_layer_above_the_memory_cap(
 def test_run_with_layerwise_probing_embeds_each_cell_once(
     geneformer_short, pbmc3k, tmp_path, monkeypatch, backed
 ):
+    from scfmbench.benchmark import pipeline
     from scfmbench.benchmark.pipeline import run
 
     model = geneformer_short
@@ -196,6 +197,23 @@ def test_run_with_layerwise_probing_embeds_each_cell_once(
         return encode(model, tokens, indices, *args)
 
     monkeypatch.setattr(engine, "_encode", counted)
+    # the layer-wise probes run inside the probe stage (beside the workers' fits)
+    fitting, probed_while_fitting = [False], []
+    predict_all, layerwise_probing = pipeline.predict_all, pipeline.layerwise_probing
+
+    def tracked_predict_all(*args, **kwargs):
+        fitting[0] = True
+        try:
+            return predict_all(*args, **kwargs)
+        finally:
+            fitting[0] = False
+
+    def tracked_layerwise_probing(*args, **kwargs):
+        probed_while_fitting.append(fitting[0])
+        return layerwise_probing(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_all", tracked_predict_all)
+    monkeypatch.setattr(pipeline, "layerwise_probing", tracked_layerwise_probing)
     result = run(
         data,
         progress=False,
@@ -211,6 +229,7 @@ def test_run_with_layerwise_probing_embeds_each_cell_once(
         backed=backed,
         chunk_size=100,
     )
+    assert probed_while_fitting == [True]
     layers = result.metrics["layers"]
     assert set(layers) == {"geneformer", "geneformer-random"}
     assert [row["layer"] for row in layers["geneformer"]] == list(range(model.n_layers + 1))
