@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from scfmbench.evaluation.stats import LEVEL, N_BOOTSTRAP, _codes, _scores, draw_counts
+from scfmbench.evaluation.bootstrap import draw_counts, resample_scores
+from scfmbench.evaluation.stats import LEVEL, N_BOOTSTRAP, _codes
 
 
 def bootstrap_ci(
@@ -24,7 +25,7 @@ def bootstrap_ci(
     The bootstrap is class-stratified over the test set's cells (cell sampling only).
     """
     true, (pred,) = _codes(y_true, [y_pred], classes)
-    scores = _scores(true, pred, len(classes), draw_counts(true, n_boot=n_boot, seed=seed))
+    scores = resample_scores(true, pred, len(classes), draw_counts(true, n_boot=n_boot, seed=seed))
     alpha = (1 - level) / 2
     return {
         m: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]

@@ -3,16 +3,14 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
+from scfmbench.evaluation.bootstrap import draw_counts, resample_scores, stratified_samples
 from scfmbench.evaluation.stats import (
     Design,
-    _scores,
     bootstrap_p,
     design_estimate,
-    draw_counts,
     holm,
     mcnemar_exact,
     paired_comparison,
-    stratified_samples,
 )
 from tests._bootstrap import bootstrap_ci
 
@@ -100,7 +98,7 @@ def test_scores_match_sklearn_over_all_training_classes():
     for row, idx in zip(draws, samples, strict=True):  # the same cells, counted
         assert row.tolist() == np.bincount(idx, minlength=50).tolist()
     keep = np.array([True, True, False, True])
-    got = _scores(true, pred, 4, draws, keep=keep)
+    got = resample_scores(true, pred, 4, draws, keep=keep)
     for row, idx in enumerate(samples):
         t, p = true[idx], pred[idx]
         assert got["macro_f1"][row] == pytest.approx(
@@ -175,7 +173,7 @@ def test_cv_interval_covers_a_known_accuracy():
             t, p = truth[r, fold == j], pred[r, fold == j]
             draws = draw_counts(t, n_boot=n_boot, seed=r * n_folds + j)
             values.append(np.mean(t == p))
-            reps.append(_scores(t, p, 3, draws)["accuracy"])
+            reps.append(resample_scores(t, p, 3, draws)["accuracy"])
         lo, hi = design_estimate(np.array(values), np.stack(reps), Design("cv", n_folds)).ci95
         covered += lo <= 0.8 <= hi
     assert covered / n_rep >= 0.93
@@ -342,10 +340,10 @@ def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
 
 
 def test_draw_counts_are_kept_and_read_only(monkeypatch):
-    import scfmbench.evaluation.stats as stats
+    import scfmbench.evaluation.bootstrap as bootstrap
 
-    monkeypatch.setattr(stats, "_DRAWS", type(stats._DRAWS)())
-    monkeypatch.setattr(stats, "DRAWS_KEPT", 2)
+    monkeypatch.setattr(bootstrap, "_DRAWS", type(bootstrap._DRAWS)())
+    monkeypatch.setattr(bootstrap, "DRAWS_KEPT", 2)
     true = np.repeat([0, 1, 2], [30, 5, 1])
     first = draw_counts(true, n_boot=50, seed=3)
     assert draw_counts(true, n_boot=50, seed=3) is first  # kept
@@ -354,7 +352,7 @@ def test_draw_counts_are_kept_and_read_only(monkeypatch):
     other = draw_counts(true, n_boot=50, seed=4)
     assert not np.array_equal(other, first)
     draw_counts(true[:-1], n_boot=50, seed=3)  # a third set pushes the oldest out
-    assert list(stats._DRAWS) == [
+    assert list(bootstrap._DRAWS) == [
         (true.astype(np.int64).tobytes(), 50, 4),
         (true[:-1].astype(np.int64).tobytes(), 50, 3),
     ]

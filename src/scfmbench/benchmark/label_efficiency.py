@@ -354,7 +354,7 @@ def size_estimate(
         ``mean``, ``ci95`` [lo, hi], ``se``, ``df`` (None: bootstrap or normal),
         ``per_split`` {fold: mean over draws}, ``per_draw`` {fold: [macro F1 per draw]}.
     """
-    from scfmbench.evaluation.stats import score_sets
+    from scfmbench.evaluation.bootstrap import score_sets
 
     coded = []
     for truth, preds in sets:
