@@ -1,7 +1,8 @@
 """Scoring a representation.
 
 Baseline representations (fit on training cells, then transform), probes, classification
-metrics, paired statistics and zero-shot embedding quality.
+metrics, class-stratified bootstrap resampling, paired statistics and zero-shot embedding
+quality.
 """
 
 from scfmbench.evaluation import scvi  # noqa: F401  (registers the "scvi" representation)
