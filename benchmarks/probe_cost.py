@@ -54,7 +54,8 @@ def xgboost_bins(features: np.ndarray, codes: np.ndarray) -> dict:
     """Test macro F1 per fold and CPU seconds of the xgboost probe per bin count."""
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold, train_test_split
-    from xgboost import XGBClassifier
+
+    from scfmbench.evaluation.probes import make_xgboost
 
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(features, codes))
     out = {}
@@ -64,16 +65,7 @@ def xgboost_bins(features: np.ndarray, codes: np.ndarray) -> dict:
             train, val = train_test_split(
                 train, test_size=1 / 8, stratify=codes[train], random_state=k
             )
-            probe = XGBClassifier(
-                n_estimators=300,
-                max_depth=6,
-                learning_rate=0.1,
-                tree_method="hist",
-                max_bin=bins,
-                n_jobs=1,
-                random_state=0,
-                early_stopping_rounds=20,
-            )
+            probe = make_xgboost(seed=0).set_params(max_bin=bins)  # the probe, bins changed
             probe.fit(
                 features[train], codes[train], eval_set=[(features[val], codes[val])], verbose=False
             )

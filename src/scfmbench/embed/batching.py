@@ -22,6 +22,22 @@ AUTO_BATCH_SIZE = 256
 AUTO_MAX_TOKENS = 65_536
 
 
+def longest_first(lengths: np.ndarray) -> np.ndarray:
+    """Cell positions by decreasing length, ties in input order: the order cells are batched in.
+
+    Parameters
+    ----------
+    lengths : numpy.ndarray
+        Tokens per cell, shape (n_cells,).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 positions, shape (n_cells,).
+    """
+    return np.argsort(-np.asarray(lengths), kind="stable")
+
+
 def batch_at(
     order: np.ndarray,
     lengths: np.ndarray,
@@ -99,7 +115,7 @@ def length_sorted_batches(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}.")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+    order = longest_first(lengths)
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):

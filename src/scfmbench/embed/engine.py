@@ -27,6 +27,7 @@ from scfmbench.embed.batching import (
     collate,
     halve_batch,
     is_out_of_memory,
+    longest_first,
     take_tokens,
 )
 from scfmbench.embed.cache import EmbeddingCache, cache_key
@@ -127,7 +128,7 @@ def embed_tokens(
     autocast = _autocast(precision, torch_device)
     network = model.network.to(torch_device).eval()
     lengths = tokens.lengths
-    order = np.argsort(-lengths, kind="stable")
+    order = longest_first(lengths)
     own_bar = bar is None
     if bar is None:
         bar = tqdm(
@@ -266,7 +267,7 @@ def _embed_in_chunks(
     bar = tqdm(
         total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
     )
-    order = np.argsort(-tokens.lengths, kind="stable")
+    order = longest_first(tokens.lengths)  # the order embed_tokens batches in
     out: np.ndarray | None = None
     for start in range(0, tokens.n_cells, chunk_size):
         stop = min(start + chunk_size, tokens.n_cells)
