@@ -47,3 +47,42 @@ def test_knn_probe_caps_k_at_the_training_cells():
     fitted = fit_probe("knn", X[[0, 1, 10, 11]], y[[0, 1, 10, 11]], X[2:10], y[2:10], seed=0)
     assert fitted.params == {"n_neighbors": 4}  # 5, 15 and 30 all become the 4 training cells
     assert fitted.estimator[-1].n_neighbors == 4
+
+
+def test_logreg_grid_scales_once_and_matches_one_pipeline_per_c():
+    """The grid shares one fitted scaler; each C's fit equals its own pipeline's, refitted
+    from scratch, and the chosen C is the first best on validation."""
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    from scfmbench.evaluation.probes import LOGREG_C_GRID, make_logreg
+
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, 20))
+    y = rng.integers(0, 3, 400)
+    X = (centres[y] + 2.5 * rng.normal(size=(400, 20))) * rng.uniform(0.5, 20, 20)
+    X = X.astype(np.float32)
+    train, val = slice(0, 300), slice(300, 400)
+    fits = StandardScaler.fit
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return fits(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StandardScaler, "fit", counted)
+        fitted = fit_probe("logreg", X[train], y[train], X[val], y[val], seed=0)
+    assert len(calls) == 1  # once for the 8 values of C
+
+    scores = []
+    for c in LOGREG_C_GRID:
+        oracle = make_logreg(seed=0, C=c).fit(X[train], y[train])
+        scores.append(f1_score(y[val], oracle.predict(X[val]), average="macro"))
+    chosen = LOGREG_C_GRID[int(np.argmax(scores))]
+    assert fitted.params == {"C": chosen}
+    assert fitted.val_macro_f1 == pytest.approx(max(scores), abs=1e-12)
+    oracle = make_logreg(seed=0, C=chosen).fit(X[train], y[train])
+    np.testing.assert_array_equal(fitted.estimator[-1].coef_, oracle[-1].coef_)
+    np.testing.assert_array_equal(fitted.predict(X[val]), oracle.predict(X[val]))
+    assert len(set(scores)) > 1  # the choice is not a tie, so the test can fail

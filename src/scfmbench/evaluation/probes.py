@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from threadpoolctl import threadpool_limits
 
@@ -153,13 +154,23 @@ def fit_probe(
     labels = np.arange(int(max(y_train.max(initial=0), y_val.max(initial=0))) + 1)
     best: FittedProbe | None = None
     best_index = 0
+    grid_params = [_sized(name, params, len(y_train)) for params in spec.grid]
+    estimators = [spec.factory(seed=seed, **params) for params in grid_params]
     # one BLAS thread: lbfgs on a few thousand cells gains nothing from more, and threads
     # contending for shared cores made one logistic-regression fit 25x slower
     with threadpool_limits(limits=1, user_api="blas"):
-        for index, params in enumerate(spec.grid):
-            fitted = _fit_one(name, spec, params, (X_train, y_train, X_val, y_val), labels, seed)
-            if best is None or fitted.val_macro_f1 > best.val_macro_f1:
-                best, best_index = fitted, index
+        prefix = _shared_prefix(estimators)
+        data = (X_train, y_train, X_val, y_val)
+        if prefix is not None:
+            prefix.fit(X_train)
+            data = (prefix.transform(X_train), y_train, prefix.transform(X_val), y_val)
+        for index, (params, estimator) in enumerate(zip(grid_params, estimators, strict=True)):
+            final = estimator if prefix is None else estimator.steps[-1][1]
+            score = _fit_and_score(final, spec, data, labels)
+            if prefix is not None:
+                estimator = Pipeline([*prefix.steps, estimator.steps[-1]])
+            if best is None or score > best.val_macro_f1:
+                best, best_index = FittedProbe(name, estimator, params, score), index
     assert best is not None  # the grid is never empty
     if len(spec.grid) >= 3 and best_index in (0, len(spec.grid) - 1):
         best.on_grid_edge = True
@@ -173,17 +184,40 @@ def fit_probe(
     return best
 
 
-def _fit_one(name, spec, params, data, labels, seed) -> FittedProbe:
-    """Fit one grid point on train and score it on validation (macro F1 over ``labels``)."""
-    X_train, y_train, X_val, y_val = data
+def _sized(name: str, params: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """``params`` with the kNN neighbour count capped at the training cells."""
     params = dict(params)
     if name == "knn":
-        params["n_neighbors"] = min(params["n_neighbors"], len(y_train))
-    estimator = spec.factory(seed=seed, **params)
+        params["n_neighbors"] = min(params["n_neighbors"], n_train)
+    return params
+
+
+def _shared_prefix(estimators: list[Classifier]) -> Pipeline | None:
+    """Return the steps before the classifier, unfitted, when every grid point has the same.
+
+    A grid that changes only the classifier (the C of the logistic regression, the k of the
+    kNN) then fits the scaling once instead of once per grid point. The fitted pipelines are
+    the same: the scaling is fitted on the training cells either way. ``None`` when the
+    estimators are not pipelines or their steps before the classifier differ.
+    """
+    if len(estimators) < 2 or not all(isinstance(e, Pipeline) for e in estimators):
+        return None
+
+    def settings(pipeline: Pipeline) -> list:
+        return [(n, type(t), t.get_params()) for n, t in pipeline.steps[:-1]]
+
+    first = settings(estimators[0])
+    if not first or any(settings(e) != first for e in estimators[1:]):
+        return None
+    return Pipeline([(n, clone(t)) for n, t in estimators[0].steps[:-1]])
+
+
+def _fit_and_score(estimator: Classifier, spec: ProbeSpec, data, labels: np.ndarray) -> float:
+    """Fit ``estimator`` on train and return its validation macro F1 over ``labels``."""
+    X_train, y_train, X_val, y_val = data
     if spec.uses_validation_for_early_stopping:
         estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
     else:
         estimator.fit(X_train, y_train)
     predicted = np.asarray(estimator.predict(X_val)).astype(np.int64)
-    score = averaged_f1(y_val, predicted, labels=labels)
-    return FittedProbe(name=name, estimator=estimator, params=params, val_macro_f1=score)
+    return averaged_f1(y_val, predicted, labels=labels)
