@@ -146,7 +146,8 @@ def fit_probe(
     ``y_*`` are integer class codes ``0..K-1``; every class must occur in ``y_train``.
     Validation macro F1 averages all K classes; the first of equal scores wins. When the
     chosen value is the first or last of a grid of ≥ 3 values, ``on_grid_edge`` is set (the
-    run warns once per method: a wider grid might score better).
+    run warns once per method: a wider grid might score better). When every grid point's
+    pipeline has the same steps before the classifier (the scaling), they are fitted once.
     """
     spec: ProbeSpec = PROBES.get(name)
     if grid is not None:
