@@ -86,3 +86,31 @@ def test_logreg_grid_scales_once_and_matches_one_pipeline_per_c():
     np.testing.assert_array_equal(fitted.estimator[-1].coef_, oracle[-1].coef_)
     np.testing.assert_array_equal(fitted.predict(X[val]), oracle.predict(X[val]))
     assert len(set(scores)) > 1  # the choice is not a tie, so the test can fail
+
+
+def test_grid_shares_no_scaling_when_the_steps_before_the_classifier_differ():
+    """A grid whose pipelines scale differently fits each one as it is: the features shrunk
+    to 1e-6 leave the regularized fit predicting one class, so the second point wins."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from scfmbench.evaluation.probes import PROBES, ProbeSpec
+
+    def factory(*, seed, scale):
+        step = FunctionTransformer(
+            lambda X, factor: X * factor, kw_args={"factor": np.full(3, scale)}
+        )
+        return make_pipeline(step, LogisticRegression(random_state=seed))
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 3)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    PROBES.register("scaled")(ProbeSpec(factory, grid=({"scale": 1e-6}, {"scale": 1.0})))
+    try:
+        fitted = fit_probe("scaled", X[:60], y[:60], X[60:], y[60:], seed=0)
+    finally:
+        PROBES._entries.pop("scaled", None)
+    assert fitted.params == {"scale": 1.0}
+    assert fitted.estimator[0].kw_args["factor"][0] == 1.0
+    assert fitted.val_macro_f1 > 0.8

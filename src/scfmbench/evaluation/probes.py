@@ -208,7 +208,11 @@ def _shared_prefix(estimators: list[Classifier]) -> Pipeline | None:
         return [(n, type(t), t.get_params()) for n, t in pipeline.steps[:-1]]
 
     first = settings(estimators[0])
-    if not first or any(settings(e) != first for e in estimators[1:]):
+    try:
+        differ = any(settings(e) != first for e in estimators[1:])
+    except ValueError:  # a setting that is an array has no single truth value: do not share
+        return None
+    if not first or differ:
         return None
     return Pipeline([(n, clone(t)) for n, t in estimators[0].steps[:-1]])
 
