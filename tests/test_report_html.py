@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -345,8 +346,16 @@ def test_manifest_fields_and_hashes(run_dir, data_path, tmp_path):
     assert doc["checkpoints"]["toyfm"]["sha256"] == hash_file(weights)
     assert doc["checkpoints"]["known"]["sha256"] == "cd" * 32
     assert doc["config"]["sha256"] == hash_file(run_dir / "config.yaml")
+    # the package is imported from a git checkout (an editable install): its commit is named
+    root = Path(scfmbench.__file__).resolve().parents[2]
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
     git = doc["scfmbench"]["git"]
-    assert git is None or len(git["commit"]) == 40
+    if (root / ".git").exists() and head.returncode == 0:
+        assert git is not None and git["commit"] == head.stdout.strip()
+    else:
+        assert git is None
     write_report(run_dir)  # the report shows the manifest's environment
     assert f"python {doc['python']}" in (run_dir / "report.md").read_text()
 

@@ -60,7 +60,7 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit() -> dict[str, Any] | None:
     """Return ``{"commit", "dirty"}`` of the checkout scfmbench is imported from, or None."""
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # src/scfmbench (this file is in report/)
 
     def git(*args: str) -> str | None:
         try:
