@@ -143,3 +143,23 @@ def test_sigkill_during_finetuning_resumes(tmp_path, pbmc3k_path, shared_dir):
     assert got["resumed_from_epoch"] >= 1
     assert got["epochs"] == expected["epochs"]
     assert got["test"] == expected["test"]
+
+
+def test_results_written_atomically_get_the_mode_of_a_new_file(tmp_path):
+    """The temporary file of an atomic write is private (0600); the result follows the
+    umask like any new file, whatever wrote it."""
+    import stat
+
+    from scfmbench._atomic import write_json, write_npy, write_with
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"macro_f1": 0.5})
+        write_npy(tmp_path / "x.npy", np.zeros(3))
+        write_with(tmp_path / "a.txt", lambda path: path.write_text("a"))
+        os.umask(0o077)
+        write_json(tmp_path / "private.json", {})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"metrics.json": 0o644, "x.npy": 0o644, "a.txt": 0o644, "private.json": 0o600}
