@@ -89,6 +89,11 @@ CASES = {
         "no column 'cel_type'; columns that look like labels: ['cell_type']. Pass --label-key "
         "with one of those. Did you mean 'cell_type'?",
     ),
+    "seed_too_large": (
+        lambda p: write(make_tiny_adata(), p),
+        ["--config", "CFG4"],
+        "invalid value for 'seed': Input should be less than or equal to 2147483647",
+    ),
     "batch_key_typo": (
         lambda p: write(with_donor(), p),
         ["--config", "CFG3"],
@@ -96,6 +101,19 @@ CASES = {
         "batch_key to one of those, or drop it to detect one. Did you mean 'donor'?",
     ),
 }
+
+
+@pytest.mark.parametrize("seed", ["-1", "2147483648"])
+def test_seed_out_of_range_is_a_usage_error(seed, tmp_path, capsys):
+    """A seed below 0 or above 2**31 - 1 stops before anything is written."""
+    out = tmp_path / "runs"
+    data = write(make_tiny_adata(), tmp_path / "data.h5ad")
+    code, _, stderr = run_cli_in_process(
+        ["run", "--data", data, "--out", str(out), f"--seed={seed}", "-q"], capsys
+    )
+    assert code == 2
+    assert "Invalid value for '--seed'" in stderr and "Traceback" not in stderr
+    assert not out.exists()
 
 
 def with_donor():
@@ -111,7 +129,8 @@ def test_bad_input_cli(case, tmp_path, capsys):
     (tmp_path / "cfg1.yaml").write_text("min_cells_per_class: 1\n")
     (tmp_path / "cfg2.yaml").write_text("n_split: 2\n")
     (tmp_path / "cfg3.yaml").write_text("batch_key: donr\n")
-    configs = {f"CFG{i}": str(tmp_path / f"cfg{i}.yaml") for i in (1, 2, 3)}
+    (tmp_path / "cfg4.yaml").write_text("seed: 4294967294\n")  # scikit-learn's largest
+    configs = {f"CFG{i}": str(tmp_path / f"cfg{i}.yaml") for i in (1, 2, 3, 4)}
     extra = [configs.get(a, a) for a in extra]
     out = tmp_path / "runs"
     name = [] if "--name" in extra else ["--name", "r"]

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel
 
 from scfmbench.config import FinetuneConfig, RunConfig
+from scfmbench.defaults import MAX_SEED
 from scfmbench.errors import ConfigError
 
 
@@ -196,7 +197,7 @@ RunsFolder = Annotated[Path | None, typer.Option(help=field_help("out"))]
 RunName = Annotated[
     str | None, typer.Option(help=field_help("name", "Run name (default: the data file's stem)."))
 ]
-Seed = Annotated[int | None, typer.Option(help=field_help("seed"))]
+Seed = Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help=field_help("seed"))]
 Models = Annotated[
     list[str] | None,
     typer.Option(
@@ -317,7 +318,9 @@ LoaderOptions = Annotated[
 EmbedSeed = Annotated[
     int,
     typer.Option(
-        help="Seed of tokenization (scGPT) and of a NAME-random control; the run's default."
+        min=0,
+        max=MAX_SEED,
+        help="Seed of tokenization (scGPT) and of a NAME-random control; the run's default.",
     ),
 ]
 

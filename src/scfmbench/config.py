@@ -22,6 +22,7 @@ from scfmbench.defaults import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DEVICE,
     DEFAULT_SEED,
+    MAX_SEED,
 )
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.evaluation.scvi import ScviOptions
@@ -46,6 +47,8 @@ class FinetuneConfig(BaseModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
     seed: int = Field(
         DEFAULT_SEED,
+        ge=0,
+        le=MAX_SEED,
         description="Seed of the head, adapters, data order and dropout (in a run: the run's "
         "seed unless set here).",
     )
@@ -256,7 +259,12 @@ class RunConfig(BaseModel):
     )
     name: str | None = Field(None, description="Run name; the run directory is OUT/NAME.")
     out: Path = Field(Path("runs"), description="Folder that holds run directories.")
-    seed: int = Field(DEFAULT_SEED, description="Seed of the first split and of every model.")
+    seed: int = Field(
+        DEFAULT_SEED,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first split and of every model.",
+    )
     design: Literal["cv", "study"] = Field(
         "cv",
         description="cv: stratified K-fold cross-validation (disjoint test folds, validation "
