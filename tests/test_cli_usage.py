@@ -11,7 +11,7 @@ import time
 import anndata as ad
 import pytest
 
-from tests.conftest import default_sigint
+from tests.conftest import default_sigint, require_shared
 
 COMMANDS = ["run", "validate", "embed", "finetune", "transfer", "report", "compare"]
 
@@ -191,3 +191,32 @@ def test_run_takes_min_cells_per_class(tmp_path, capsys):
     metrics = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
     assert metrics["diagnostics"]["classes"]["Small"] == 3
     assert metrics["diagnostics"]["dropped_classes"] == {}
+
+
+def test_run_name_holding_other_data_is_refused(tmp_path, pbmc3k_path):
+    """A run folder of other data is not resumed: exit 2, one line, the folder untouched."""
+    data = tmp_path / "pbmc300.h5ad"
+    ad.read_h5ad(pbmc3k_path)[::9].copy().write_h5ad(data)  # 294 cells
+    config = tmp_path / "fast.yaml"
+    config.write_text("figures: false\n")
+    kang = require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
+    common = ["--label-key", "cell_type", "--out", str(tmp_path / "runs"), "--name", "pbmc3k_b"]
+    common += ["--config", str(config), "--no-scvi", "-q"]
+    first = scfmbench("run", "--data", str(data), *common, timeout=600)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "runs" / "pbmc3k_b"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+
+    done = scfmbench("run", "--data", str(kang), *common, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"error: {run_dir} holds a run of other data ({data}); give another --name, or "
+        "remove the folder"
+    ), done.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+    # the same command again resumes: every stage reused, nothing refused
+    again = scfmbench("run", "--data", str(data), *common, timeout=600)
+    assert again.returncode == 0, again.stderr

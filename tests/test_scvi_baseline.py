@@ -144,3 +144,25 @@ def test_no_scvi_flag_drops_it_from_the_defaults(tmp_path, tiny_adata):
     assert done.returncode == 0, done.stderr
     methods = json.loads((tmp_path / "n" / "metrics.json").read_text())["methods"]
     assert list(methods) == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+
+
+def test_skipped_scvi_is_recorded_and_reported(tmp_path, pbmc3k_sess, caplog):
+    """On log-normalized data the default scvi baseline is skipped, with a warning and a record."""
+    import scanpy as sc
+
+    adata = pbmc3k_sess[::9].copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    data = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(data)
+    result = scfmbench.run(
+        data, label_key="cell_type", out=tmp_path, name="ln", progress=False, figures=False
+    )
+    reason = "it needs raw counts (the data are lognorm)"
+    doc = json.loads((result.run_dir / "metrics.json").read_text())
+    assert doc["skipped"] == {"scvi": reason}
+    assert not any(name.startswith("scvi") for name in doc["methods"])
+    assert f"scvi skipped: {reason}." in (result.run_dir / "report.md").read_text()
+    assert f"scvi skipped: {reason}." in (result.run_dir / "report.html").read_text()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"scvi baseline skipped: {reason}" in r.getMessage() for r in warnings)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from scfmbench.benchmark.methods import Method
+from scfmbench.benchmark.methods import Method, skipped_baselines
 from scfmbench.benchmark.predict import Predictions, payloads
 from scfmbench.benchmark.rundata import RunData
 from scfmbench.config import RunConfig
@@ -104,6 +104,7 @@ def build_metrics(
             "classes": classes,
         },
         "diagnostics": {**validated.diagnostics.to_dict(), "models": model_info},
+        "skipped": skipped_baselines(config, validated.diagnostics.matrix_kind),
         "methods": {},
     }
     for method in methods:

@@ -14,7 +14,13 @@ from scfmbench.results import MethodKind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Method", "baseline_methods", "expand_baselines", "model_methods"]
+__all__ = [
+    "Method",
+    "baseline_methods",
+    "expand_baselines",
+    "model_methods",
+    "skipped_baselines",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[
 
     scVI needs raw counts: on other data (``matrix_kind`` not ``"counts"``; ``None`` =
     unknown, e.g. the log-normalized data of a transfer) it is left out of the default
-    baseline list with a log line, and an explicit request raises.
+    baseline list with a warning (recorded by :func:`skipped_baselines`), and an explicit
+    request raises.
 
     Parameters
     ----------
@@ -112,13 +119,40 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
     if not scvi or matrix_kind == "counts":
         return items
     if config.baselines == DEFAULT_BASELINES:
-        logger.info("scvi baseline skipped: it needs raw counts (the data are %s)", matrix_kind)
+        reason = skipped_baselines(config, matrix_kind)["scvi"]
+        if matrix_kind is None:  # transfer's data, log-normalized by design: no surprise
+            logger.info("scvi baseline skipped: %s", reason)
+        else:  # a run's data: shown even with -q
+            logger.warning("warning: scvi baseline skipped: %s", reason)
         return [i for i in items if i not in scvi]
     raise ConfigError(
         f"baseline {scvi[0]!r} needs raw integer counts but the data are "
         f"{matrix_kind or 'not counts'}; give the counts, or remove scvi from `baselines` "
         "(--no-scvi)."
     )
+
+
+def skipped_baselines(config: RunConfig, matrix_kind: str | None) -> dict[str, str]:
+    """Return the default baselines a run leaves out, each with the reason.
+
+    Parameters
+    ----------
+    config : RunConfig
+        ``baselines`` is read.
+    matrix_kind : str or None
+        Kind of the data's matrix (see :func:`baseline_methods`).
+
+    Returns
+    -------
+    dict
+        Baseline → reason, e.g. ``{"scvi": "it needs raw counts (the data are lognorm)"}``;
+        empty when every baseline of ``config`` runs.
+    """
+    if "scvi" not in config.baselines or matrix_kind == "counts":
+        return {}
+    if config.baselines != DEFAULT_BASELINES:
+        return {}  # an explicit scvi on such data raises in expand_baselines
+    return {"scvi": f"it needs raw counts (the data are {matrix_kind or 'not counts'})"}
 
 
 def model_methods(models: list[Any], config: RunConfig) -> list[Method]:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+import yaml
+
 from scfmbench.benchmark.rundata import IN_MEMORY
 from scfmbench.config import RunConfig
+from scfmbench.data.splits import labels_hash
 from scfmbench.errors import ConfigError
 from scfmbench.report.manifest import write_manifest
 from scfmbench.report.write import write_report
+from scfmbench.results import read_config
 
-__all__ = ["check_writable", "finish_run_directory", "holds_finished_work", "run_directory"]
+__all__ = [
+    "check_same_data",
+    "check_writable",
+    "finish_run_directory",
+    "holds_finished_work",
+    "run_directory",
+]
 
 
 def check_writable(path: Path) -> None:
@@ -67,6 +79,44 @@ def run_directory(config: RunConfig) -> Path:
     if config.name is None:
         raise ConfigError("the run has no name; pass --name NAME.")
     return Path(config.out) / config.name
+
+
+def check_same_data(run_dir: Path, labels: pd.Series) -> None:
+    """Refuse to resume, in ``run_dir``, a run made on other cells or labels.
+
+    A run folder resumes its finished stages when the same command is rerun; its saved
+    ``splits/splits.json`` records a hash of the cells and labels it was made from. Other
+    data would leave the old run's files beside the new ones, so the run stops before
+    writing anything. Changed settings on the same data are rerun, not refused.
+
+    Parameters
+    ----------
+    run_dir : pathlib.Path
+        The run folder (need not exist).
+    labels : pandas.Series
+        Cell type of each of the new run's cells, indexed by cell name.
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` holds splits of other cells or labels.
+    """
+    index_path = run_dir / "splits" / "splits.json"
+    try:
+        saved = json.loads(index_path.read_text()).get("data_hash")
+    except (OSError, ValueError, AttributeError):
+        return  # no finished splits: nothing to mix with
+    if saved is None or saved == labels_hash(labels):
+        return
+    try:
+        data = read_config(run_dir) or {}
+    except (OSError, yaml.YAMLError):
+        data = {}
+    source = data.get("data") if isinstance(data, dict) else None
+    raise ConfigError(
+        f"{run_dir} holds a run of other data ({source or 'unknown file'}); give another "
+        "--name, or remove the folder"
+    )
 
 
 def holds_finished_work(run_dir: Path) -> bool:

@@ -31,6 +31,7 @@ from scfmbench.benchmark.holdout import holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
 from scfmbench.benchmark.output import (
+    check_same_data,
     check_writable,
     finish_run_directory,
     holds_finished_work,
@@ -281,6 +282,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
         )
     run_dir = run_directory(config)
     check_writable(run_dir)
+    check_same_data(run_dir, validated.labels)
     created = not run_dir.exists()
     try:
         # distance-based steps (kNN probe, kNN consistency) work in blocks of this many MB

@@ -187,6 +187,7 @@ def headline_section(metrics: dict[str, Any]) -> Section:
     """Build "Cell-type classification": the headline and significance tables and a note."""
     section = Section("headline", "Cell-type classification (test set)", tables=[])
     section.tables.append(headline_table(metrics))
+    section.bullets += skipped_bullets(metrics)
     sig = significance_table(metrics)
     if sig is not None:
         section.tables.append(sig)
@@ -209,6 +210,14 @@ def headline_section(metrics: dict[str, Any]) -> Section:
         note += " Controls (random features) show the floor a representation must beat."
     section.note = note
     return section
+
+
+def skipped_bullets(metrics: dict[str, Any]) -> list[str]:
+    """One line per method left out of the run with its reason (``metrics["skipped"]``).
+
+    Returns ``[]`` when nothing was skipped or the document predates the record.
+    """
+    return [f"{name} skipped: {reason}." for name, reason in metrics.get("skipped", {}).items()]
 
 
 def constant_note(methods: dict[str, Any]) -> str:
