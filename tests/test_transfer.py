@@ -3,8 +3,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scfmbench import SchemaError
-from scfmbench.benchmark.transfer import harmonize, load_label_map, transfer
+from scfmbench import ConfigError, RunConfig, SchemaError
+from scfmbench.benchmark.transfer import (
+    SCVI_IN_TRANSFER,
+    harmonize,
+    load_label_map,
+    transfer,
+    transfer_baselines,
+)
 
 
 def test_unmapped_labels_are_listed():
@@ -108,6 +114,27 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
     assert backward["hvg+logreg"]["accuracy"] > 0.85
     assert forward["hvg+logreg"]["n_test"] == 1556
     assert f"train {pbmc} → test {kang}" in done.stdout
+    # the default scvi is left out, and the document says why
+    assert doc["skipped"] == {"scvi": SCVI_IN_TRANSFER}
+    assert not any(name.startswith("scvi") for name in forward)
+
+
+def test_transfer_refuses_an_explicit_scvi_baseline():
+    config = RunConfig(baselines=["pca+logreg", "scvi"])
+    with pytest.raises(ConfigError) as raised:
+        transfer_baselines(config)
+    assert str(raised.value) == (
+        f"the scvi baseline cannot run in a transfer: {SCVI_IN_TRANSFER}; remove scvi from "
+        "`baselines`."
+    )
+    methods, skipped = transfer_baselines(RunConfig())
+    assert [m.name for m in methods] == [
+        "hvg+logreg",
+        "pca+logreg",
+        "pca+xgboost",
+        "majority",
+    ]
+    assert skipped == {"scvi": SCVI_IN_TRANSFER}
 
 
 def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, monkeypatch):

@@ -187,7 +187,10 @@ DataArgument = Annotated[
 ]
 RunDirArgument = Annotated[Path, typer.Argument(help="A run directory written by `scfmbench run`.")]
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or info lines: warnings, errors and results."),
+]
 ConfigFile = Annotated[
     Path | None,
     typer.Option(help="Run YAML (RunConfig keys, and a finetune: section); flags override it."),

@@ -37,8 +37,9 @@ __all__ = [
     "write_metrics",
 ]
 
-SCHEMA_VERSION = "2.1"
-"""Schema version of every ``metrics.json`` written (runs and transfers)."""
+SCHEMA_VERSION = "2.2"
+"""Schema version of every ``metrics.json`` written (runs and transfers); 2.2 added
+``skipped``."""
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 
@@ -149,8 +150,9 @@ class MetricsDocument:
     comparisons : list of dict, optional
         Every paired test of the run.
     sections : dict
-        The other top-level sections, in document order: ``finetune``, ``label_efficiency``,
-        ``holdout``, ``layers``, ``embeddings``, ``transfer``, ``timings``.
+        The other top-level sections, in document order: ``skipped``, ``finetune``,
+        ``label_efficiency``, ``holdout``, ``layers``, ``embeddings``, ``transfer``,
+        ``timings``.
     """
 
     run: dict[str, Any]
@@ -168,7 +170,7 @@ class MetricsDocument:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> MetricsDocument:
-        """Read a parsed ``metrics.json`` (schema 1.0, 2.0 or 2.1).
+        """Read a parsed ``metrics.json`` (schema 1.0, 2.0, 2.1 or 2.2).
 
         Raises
         ------

@@ -33,12 +33,12 @@ from scfmbench.benchmark.transfer_data import (
     prepare_transfer,
     training_split,
 )
-from scfmbench.config import RunConfig
+from scfmbench.config import DEFAULT_BASELINES, RunConfig
 from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import Split, SplitSet, labels_hash
 from scfmbench.data.validate import ValidatedData, validate
-from scfmbench.errors import SchemaError
+from scfmbench.errors import ConfigError, SchemaError
 from scfmbench.evaluation.run_stats import (
     PREDICTIONS_FILE,
     method_statistics,
@@ -54,7 +54,34 @@ from scfmbench.stages import StageStore, safe_name
 logger = logging.getLogger(__name__)
 
 DIRECTIONS_DIR = "directions"
+SCVI_IN_TRANSFER = (
+    "a transfer's baselines are fitted on the log-normalized genes both datasets share, and "
+    "scVI needs raw counts"
+)
 """Folder of a transfer run holding each direction's saved fits (``<train>_to_<test>/stages``)."""
+
+
+def transfer_baselines(cfg: RunConfig) -> tuple[list[Method], dict[str, str]]:
+    """Return the baselines a transfer fits, and those it leaves out with the reason.
+
+    The baselines are fitted on the log-normalized genes both datasets share: the default
+    ``scvi`` is left out (it needs raw counts).
+
+    Raises
+    ------
+    ConfigError
+        ``scvi`` asked for in a ``baselines`` list other than the default.
+    """
+    if "scvi" not in cfg.baselines:
+        return baseline_methods(cfg, "lognorm"), {}
+    if cfg.baselines != DEFAULT_BASELINES:
+        raise ConfigError(
+            f"the scvi baseline cannot run in a transfer: {SCVI_IN_TRANSFER}; remove scvi from "
+            "`baselines`."
+        )
+    logger.info("scvi baseline left out: %s", SCVI_IN_TRANSFER)
+    kept = cfg.model_copy(update={"baselines": [b for b in cfg.baselines if b != "scvi"]})
+    return baseline_methods(kept, "lognorm"), {"scvi": SCVI_IN_TRANSFER}
 
 
 def transfer(
@@ -131,7 +158,7 @@ def transfer(
             ) from None
         datasets.append((name, checked))
     check_transfer_feature_selection(datasets, cfg)
-    methods = baseline_methods(cfg)
+    methods, skipped = transfer_baselines(cfg)
     models = load_models(cfg)
     methods += model_methods(models, cfg)
     run_dir = Path(cfg.out) / (cfg.name or f"transfer_{datasets[0][0]}__{datasets[1][0]}")
@@ -205,6 +232,7 @@ def transfer(
             **{name: v.diagnostics.to_dict() for name, v in datasets},
             "models": model_genes,  # per model and dataset: the genes it matched, and from where
         },
+        "skipped": skipped,
         "methods": {},  # per-dataset runs hold the within-dataset methods
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
