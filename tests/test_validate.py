@@ -177,3 +177,36 @@ def test_validate_cli_refuses_a_misspelt_batch_key(tmp_path, tiny_adata, capsys)
     args = ["validate", str(tmp_path / "d.h5ad"), "--config", str(tmp_path / "c.yaml")]
     code, _, err = run_cli_in_process(args, capsys)
     assert code == 2 and "Did you mean 'donor'?" in err, err
+
+
+def test_a_measurement_is_not_a_label_column():
+    """A per-cell number picked as labels stops at once; integer-coded clusters still pass."""
+    from tests.conftest import make_tiny_adata
+
+    adata = make_tiny_adata(n_per_class=50)  # 150 cells
+    rng = np.random.default_rng(0)
+    adata.obs["nCount_RNA"] = rng.integers(500, 5000, adata.n_obs)
+    with pytest.raises(SchemaError) as raised:
+        quiet_validate(adata, label_key="nCount_RNA")
+    distinct = adata.obs["nCount_RNA"].nunique()
+    assert str(raised.value) == (
+        f"label column 'nCount_RNA' holds numbers with {distinct} distinct values, most on "
+        "fewer than 10 cells: it looks like a measurement, not cell types; pick another "
+        "--label-key."
+    )
+    adata.obs["cluster"] = adata.obs["cell_type"].cat.codes.astype(np.int64)
+    checked = quiet_validate(adata, label_key="cluster")
+    assert sorted(checked.labels.unique()) == ["0", "1", "2"]
+
+
+def test_one_class_left_names_its_size_and_a_fix_that_helps():
+    from tests.conftest import make_tiny_adata
+
+    adata = make_tiny_adata()
+    adata.obs["cell_type"] = "T"
+    with pytest.raises(SchemaError) as raised:
+        quiet_validate(adata)
+    assert str(raised.value) == (
+        "label column 'cell_type' has 1 class after filtering (T: 60 cells); classification "
+        "needs at least 2 — pick another --label-key."
+    )

@@ -333,6 +333,7 @@ def filter_cells(
         diag.dropped_cells_no_counts = int((~keep).sum())
         _warn(diag, f"dropped {int((~keep).sum())} cells with no counts")
     labels = obs[label_key]
+    _check_not_a_measurement(labels[keep], label_key, min_cells_per_class)
     values = labels.astype(object).to_numpy()
     missing = np.fromiter(map(is_missing_label, values), dtype=bool, count=len(values)) & keep
     if missing.any():
@@ -370,7 +371,7 @@ def filter_cells(
     rare = sizes.loc[sizes < min_cells_per_class]
     if len(rare):
         diag.dropped_classes = {str(k): int(v) for k, v in rare.items()}
-        listed = ", ".join(f"{k} ({v})" for k, v in rare.items())
+        listed = _first(f"{k} ({v})" for k, v in rare.items())
         _warn(
             diag,
             f"dropped {len(rare)} class{'es' if len(rare) != 1 else ''} with fewer than "
@@ -386,8 +387,9 @@ def filter_cells(
     if len(classes) < 2:
         raise SchemaError(
             f"label column {label_key!r} has {len(classes)} class after filtering "
-            f"({dict(classes)}); classification needs at least 2 — pick another --label-key "
-            "or lower min_cells_per_class."
+            f"({', '.join(f'{k}: {v} cells' for k, v in classes.items())}); classification "
+            "needs at least 2 — pick another --label-key"
+            + (" or lower min_cells_per_class." if len(rare) else ".")
         )
     kept_labels = pd.Series(
         pd.Categorical(text[keep], categories=sorted(classes.index)),
@@ -397,6 +399,30 @@ def filter_cells(
     diag.classes = {str(k): int(v) for k, v in classes.items()}
     diag.n_cells = int(keep.sum())
     return keep, kept_labels
+
+
+def _check_not_a_measurement(labels: pd.Series, label_key: str, min_cells: int) -> None:
+    """Refuse a numeric column whose typical value is rarer than a class may be.
+
+    A per-cell measurement (``nCount_RNA``, ``percent_mt``) picked as the label column would
+    otherwise become thousands of one-cell classes, all dropped. Integer-coded clusters pass.
+    """
+    if not pd.api.types.is_numeric_dtype(labels) or pd.api.types.is_bool_dtype(labels):
+        return
+    sizes = labels.value_counts()
+    if len(sizes) > 100 and sizes.median() < min_cells:
+        raise SchemaError(
+            f"label column {label_key!r} holds numbers with {len(sizes)} distinct values, most "
+            f"on fewer than {min_cells} cells: it looks like a measurement, not cell types; "
+            "pick another --label-key."
+        )
+
+
+def _first(items, limit: int = 20) -> str:
+    """Join the first ``limit`` of ``items`` with commas, counting the rest."""
+    items = list(items)
+    more = f", … and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _warn(diag: DataDiagnostics, message: str) -> None:
