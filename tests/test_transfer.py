@@ -161,3 +161,13 @@ def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, 
     monkeypatch.setattr(fitting, "fit_and_predict_features", refit)
     again = transfer(pbmc, kang, out=tmp_path, name="two", n_jobs=1, **options)
     assert again["transfer"]["matrix"] == two["transfer"]["matrix"]
+
+
+def test_labels_missing_from_the_default_map_name_it(tiny_adata, tmp_path):
+    with pytest.raises(SchemaError) as raised:
+        transfer(tiny_adata, tiny_adata.copy(), out=tmp_path, progress=False)
+    assert str(raised.value) == (
+        "labels of train not in the label map 'pbmc3k_kang2018': ['type_0', 'type_1', "
+        "'type_2']; add them to a map given with --labels (map to null to drop those cells)."
+    )
+    assert not any(tmp_path.iterdir())

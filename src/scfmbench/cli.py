@@ -48,7 +48,7 @@ def _setup_logging(quiet: bool) -> None:
         stream=sys.stderr,
     )
     warnings.showwarning = _log_warning
-    for noisy in ("numba", "matplotlib", "h5py", "urllib3", "fsspec"):
+    for noisy in ("numba", "matplotlib", "h5py", "urllib3", "fsspec", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

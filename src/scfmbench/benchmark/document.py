@@ -7,6 +7,7 @@ predictions table, and the warnings on what a score means.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +133,7 @@ def build_metrics(
                 method.name,
                 len(edges),
                 len(per_split),
-                ", ".join(str(per_split[s]["params"]) for s in edges[:3]),
+                _settings_counted([per_split[s]["params"] for s in edges]),
             )
     for method in methods:
         found = score_warnings(method, config, validated.diagnostics, model_info)
@@ -197,3 +198,9 @@ def score_warnings(
             "model only"
         )
     return found
+
+
+def _settings_counted(settings: list[dict[str, Any]]) -> str:
+    """``C=1000.0 in 2, C=0.0001 in 1``: each distinct setting with its number of splits."""
+    counts = Counter(", ".join(f"{k}={v}" for k, v in params.items()) for params in settings)
+    return ", ".join(f"{text} in {n}" for text, n in counts.most_common())

@@ -158,6 +158,9 @@ def transfer(
             ) from None
         datasets.append((name, checked))
     check_transfer_feature_selection(datasets, cfg)
+    map_name = None if isinstance(label_map, dict) else str(label_map)
+    for name, checked in datasets:  # before any model loads: a map that misses labels
+        harmonize(checked.labels, mapping, dataset=name, map_name=map_name)
     methods, skipped = transfer_baselines(cfg)
     models = load_models(cfg)
     methods += model_methods(models, cfg)

@@ -83,11 +83,18 @@ def load_label_map(spec: str | Path) -> dict[str, str | None]:
     return {str(k): (None if is_missing_label(v) else str(v)) for k, v in mapping.items()}
 
 
-def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str) -> pd.Series:
+def harmonize(
+    labels: pd.Series,
+    mapping: dict[str, str | None],
+    *,
+    dataset: str,
+    map_name: str | None = None,
+) -> pd.Series:
     """Map labels to shared labels.
 
     Cells mapped to null (or to a placeholder such as ``"unknown"``, see
-    :func:`load_label_map`) are dropped (index shrinks).
+    :func:`load_label_map`) are dropped (index shrinks). ``map_name`` (a built-in map or a
+    file) is named in the error.
 
     Raises
     ------
@@ -96,9 +103,10 @@ def harmonize(labels: pd.Series, mapping: dict[str, str | None], *, dataset: str
     values = labels.astype(str)
     unmapped = sorted(set(values) - set(mapping))
     if unmapped:
+        where = "the label map" if map_name is None else f"the label map {map_name!r}"
         raise SchemaError(
-            f"labels of {dataset} not in the label map: {unmapped}; add them to the map "
-            "(map to null to drop those cells)."
+            f"labels of {dataset} not in {where}: {unmapped}; add them to a map given with "
+            "--labels (map to null to drop those cells)."
         )
     shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
     return shared.loc[shared.notna()].astype(str)
