@@ -3,9 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scfmbench import ConfigError, RunConfig, SchemaError
+from scfmbench import ConfigError, RunConfig, SchemaError, validate
 from scfmbench.benchmark.transfer import (
-    SCVI_IN_TRANSFER,
     harmonize,
     load_label_map,
     transfer,
@@ -114,27 +113,48 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
     assert backward["hvg+logreg"]["accuracy"] > 0.85
     assert forward["hvg+logreg"]["n_test"] == 1556
     assert f"train {pbmc} → test {kang}" in done.stdout
-    # the default scvi is left out, and the document says why
-    assert doc["skipped"] == {"scvi": SCVI_IN_TRANSFER}
-    assert not any(name.startswith("scvi") for name in forward)
+    # both datasets are counts: scVI is trained on the shared genes' counts of the training side
+    assert doc["skipped"] == {}
+    assert forward["scvi+logreg"]["n_test"] == 1556
+    assert backward["scvi+logreg"]["accuracy"] > 0.5
 
 
-def test_transfer_refuses_an_explicit_scvi_baseline():
-    config = RunConfig(baselines=["pca+logreg", "scvi"])
-    with pytest.raises(ConfigError) as raised:
-        transfer_baselines(config)
-    assert str(raised.value) == (
-        f"the scvi baseline cannot run in a transfer: {SCVI_IN_TRANSFER}; remove scvi from "
-        "`baselines`."
+def test_transfer_on_counts_gives_the_baselines_the_same_log_normalized_values(tiny_adata):
+    """Counts on both sides: the combined matrix holds counts, and log-normalizing it per cell
+    gives exactly the matrix built from each side's log-normalized values."""
+    from scfmbench.benchmark.transfer_data import prepare_transfer
+    from scfmbench.data.matrix import lognormalize
+
+    train = validate(tiny_adata, min_cells_per_class=1)
+    test = validate(tiny_adata[::2].copy(), min_cells_per_class=1)
+    mapping = {c: c for c in tiny_adata.obs["cell_type"].unique()}
+    counts, _, _ = prepare_transfer(
+        train, test, mapping, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
     )
-    methods, skipped = transfer_baselines(RunConfig())
-    assert [m.name for m in methods] == [
-        "hvg+logreg",
-        "pca+logreg",
-        "pca+xgboost",
-        "majority",
-    ]
-    assert skipped == {"scvi": SCVI_IN_TRANSFER}
+    assert counts.kind == "counts"
+    test.diagnostics.matrix_kind = "corrected"  # count-like: log-normalized side by side
+    lognorm, _, _ = prepare_transfer(
+        train, test, mapping, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
+    )
+    assert lognorm.kind == "lognorm"
+    by_cell = lognormalize(counts.combined.X, kind="counts")
+    np.testing.assert_array_equal(by_cell.toarray(), lognorm.combined.X.toarray())
+
+
+def test_scvi_in_a_transfer_needs_counts_on_both_sides():
+    kinds = {"pbmc": "counts", "atlas": "lognorm"}
+    with pytest.raises(ConfigError) as raised:
+        transfer_baselines(RunConfig(baselines=["pca+logreg", "scvi"]), kinds)
+    assert str(raised.value) == (
+        "the scvi baseline cannot run in this transfer: it needs raw counts (atlas is "
+        "lognorm); remove scvi from `baselines`."
+    )
+    methods, skipped = transfer_baselines(RunConfig(), kinds)
+    assert [m.name for m in methods] == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
+    assert skipped == {"scvi": "it needs raw counts (atlas is lognorm)"}
+    methods, skipped = transfer_baselines(RunConfig(), {"pbmc": "counts", "kang": "counts"})
+    assert [m.name for m in methods][-3:] == ["scvi+logreg", "scvi+xgboost", "scvi+knn"]
+    assert skipped == {}
 
 
 def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, monkeypatch):

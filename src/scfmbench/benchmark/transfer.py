@@ -54,34 +54,43 @@ from scfmbench.stages import StageStore, safe_name
 logger = logging.getLogger(__name__)
 
 DIRECTIONS_DIR = "directions"
-SCVI_IN_TRANSFER = (
-    "a transfer's baselines are fitted on the log-normalized genes both datasets share, and "
-    "scVI needs raw counts"
-)
-"""Folder of a transfer run holding each direction's saved fits (``<train>_to_<test>/stages``)."""
 
 
-def transfer_baselines(cfg: RunConfig) -> tuple[list[Method], dict[str, str]]:
+def transfer_baselines(
+    cfg: RunConfig, kinds: dict[str, str]
+) -> tuple[list[Method], dict[str, str]]:
     """Return the baselines a transfer fits, and those it leaves out with the reason.
 
-    The baselines are fitted on the log-normalized genes both datasets share: the default
-    ``scvi`` is left out (it needs raw counts).
+    scVI is trained on the raw counts of the genes both datasets share: it runs when both
+    datasets are counts, and the default ``scvi`` is left out otherwise.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        ``baselines`` and ``probes`` are read.
+    kinds : dict of str to str
+        Each dataset's matrix kind (``counts``, ``lognorm``, …), by dataset name.
 
     Raises
     ------
     ConfigError
-        ``scvi`` asked for in a ``baselines`` list other than the default.
+        ``scvi`` asked for in a ``baselines`` list other than the default, on data that are
+        not counts.
     """
+    other = {name: kind for name, kind in kinds.items() if kind != "counts"}
+    if not other:
+        return baseline_methods(cfg, "counts"), {}
     if "scvi" not in cfg.baselines:
         return baseline_methods(cfg, "lognorm"), {}
+    reason = "it needs raw counts (" + ", ".join(f"{n} is {k}" for n, k in other.items()) + ")"
     if cfg.baselines != DEFAULT_BASELINES:
         raise ConfigError(
-            f"the scvi baseline cannot run in a transfer: {SCVI_IN_TRANSFER}; remove scvi from "
-            "`baselines`."
+            f"the scvi baseline cannot run in this transfer: {reason}; remove "
+            "scvi from `baselines`."
         )
-    logger.info("scvi baseline left out: %s", SCVI_IN_TRANSFER)
+    logger.warning("warning: scvi baseline skipped: %s", reason)
     kept = cfg.model_copy(update={"baselines": [b for b in cfg.baselines if b != "scvi"]})
-    return baseline_methods(kept, "lognorm"), {"scvi": SCVI_IN_TRANSFER}
+    return baseline_methods(kept, "lognorm"), {"scvi": reason}
 
 
 def transfer(
@@ -161,7 +170,8 @@ def transfer(
     map_name = None if isinstance(label_map, dict) else str(label_map)
     for name, checked in datasets:  # before any model loads: a map that misses labels
         harmonize(checked.labels, mapping, dataset=name, map_name=map_name)
-    methods, skipped = transfer_baselines(cfg)
+    kinds = {name: checked.diagnostics.matrix_kind for name, checked in datasets}
+    methods, skipped = transfer_baselines(cfg, kinds)
     models = load_models(cfg)
     methods += model_methods(models, cfg)
     run_dir = Path(cfg.out) / (cfg.name or f"transfer_{datasets[0][0]}__{datasets[1][0]}")
@@ -196,7 +206,7 @@ def transfer(
             {model_id: hash_array(matrix) for model_id, matrix in matrices.items()},
             prepared.labels,
             data_hash,
-            "lognorm",
+            prepared.kind,
         )
         # each direction keeps its fits apart, so an interrupted transfer resumes
         stages = StageStore(run_dir / DIRECTIONS_DIR / safe_name(f"{name_a}_to_{name_b}"))

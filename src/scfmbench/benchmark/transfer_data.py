@@ -1,7 +1,7 @@
 """The data of a cross-dataset transfer.
 
-Label maps, harmonized labels, the genes both datasets share, the combined log-normalized
-matrix and the training split.
+Label maps, harmonized labels, the genes both datasets share, the combined matrix (counts
+when both datasets are counts, else log-normalized) and the training split.
 
 Labels are harmonized through a mapping (source label → shared label, or null to drop) and
 genes are intersected; the models see each dataset's counts restricted to the shared genes.
@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import yaml
@@ -122,7 +123,7 @@ def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
 class TransferData:
     """A train/test pair on shared genes and shared labels, ready for the probes."""
 
-    combined: AnnData  # lognorm X over shared genes; obs_names prefixed "train:"/"test:"
+    combined: AnnData  # X over shared genes (of kind ``kind``); obs_names "train:"/"test:"
     labels: pd.Series  # shared labels of all combined cells
     split: Split  # train/val from the training dataset, test = every test-dataset cell
     n_shared_genes: int
@@ -131,6 +132,9 @@ class TransferData:
     """What the label map leaves out, cells per class: ``train_classes_without_test``
     (training cells of classes no test cell has), ``test_dropped_by_map`` and
     ``train_dropped_by_map`` (source labels mapped to null) and ``test_classes_not_in_train``."""
+    kind: str = "lognorm"
+    """``counts`` when both datasets are raw counts (the baselines log-normalize them, and
+    scVI can run), else ``lognorm`` (each dataset log-normalized as its kind requires)."""
 
 
 def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) -> AnnData:
@@ -153,6 +157,11 @@ def prepare_transfer(
     fractions: tuple[float, float, float],
 ) -> tuple[TransferData, AnnData, AnnData]:
     """Harmonize labels, intersect genes and build the combined matrix and split.
+
+    When both datasets are raw counts the combined matrix holds their counts (kind
+    ``counts``); otherwise each is log-normalized as its kind requires (kind ``lognorm``).
+    Either way the baselines see the same log-normalized values: the normalization is per
+    cell.
 
     Returns the TransferData plus the count matrices of both datasets (shared genes,
     prefixed cell names) for model embeddings.
@@ -187,14 +196,19 @@ def prepare_transfer(
         )
     a = _restrict(train, train_labels.index, genes, "train:")
     b = _restrict(test, test_labels.index, genes, "test:")
-    lognorm = sp.vstack(
-        [
-            lognormalize(a.X, kind=train.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]  # validated X is CSR
-            lognormalize(b.X, kind=test.diagnostics.matrix_kind),  # pyright: ignore[reportArgumentType]
-        ]
-    ).tocsr()
+    kinds = (train.diagnostics.matrix_kind, test.diagnostics.matrix_kind)
+    kind = "counts" if kinds == ("counts", "counts") else "lognorm"
+    if kind == "counts":
+        matrix = sp.vstack([a.X, b.X]).tocsr().astype(np.float32)  # pyright: ignore[reportArgumentType, reportCallIssue]  # validated X is CSR
+    else:
+        matrix = sp.vstack(
+            [
+                lognormalize(a.X, kind=kinds[0]),  # pyright: ignore[reportArgumentType]  # validated X is CSR
+                lognormalize(b.X, kind=kinds[1]),  # pyright: ignore[reportArgumentType]
+            ]
+        ).tocsr()
     combined = AnnData(
-        X=lognorm,
+        X=matrix,
         obs=pd.DataFrame(index=pd.Index([*a.obs_names, *b.obs_names])),
         var=pd.DataFrame(index=genes),
     )
@@ -213,6 +227,7 @@ def prepare_transfer(
         n_shared_genes=int(len(genes)),
         dropped_test_classes=dropped,
         coverage=coverage,
+        kind=kind,
     )
     return data, a, b
 

@@ -333,7 +333,7 @@ def filter_cells(
         diag.dropped_cells_no_counts = int((~keep).sum())
         _warn(diag, f"dropped {int((~keep).sum())} cells with no counts")
     labels = obs[label_key]
-    _check_not_a_measurement(labels[keep], label_key, min_cells_per_class)
+    _check_not_a_measurement(pd.Series(labels.to_numpy()[keep]), label_key, min_cells_per_class)
     values = labels.astype(object).to_numpy()
     missing = np.fromiter(map(is_missing_label, values), dtype=bool, count=len(values)) & keep
     if missing.any():
