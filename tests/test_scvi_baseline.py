@@ -166,3 +166,34 @@ def test_skipped_scvi_is_recorded_and_reported(tmp_path, pbmc3k_sess, caplog):
     assert f"scvi skipped: {reason}." in (result.run_dir / "report.html").read_text()
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert any(f"scvi baseline skipped: {reason}" in r.getMessage() for r in warnings)
+
+
+def test_validate_checks_an_explicit_scvi_against_the_data(tmp_path, capsys):
+    """validate with a config naming scvi passes on counts and refuses log-normalized data,
+    as run does."""
+    import scanpy as sc
+
+    from tests.conftest import make_tiny_adata, run_cli_in_process
+
+    config = tmp_path / "scvi.yaml"
+    config.write_text("baselines: [pca+logreg, scvi]\n")
+    counts = make_tiny_adata()
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    code, _, stderr = run_cli_in_process(
+        ["validate", str(tmp_path / "counts.h5ad"), "--config", str(config)], capsys
+    )
+    assert code == 0, stderr
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    counts.write_h5ad(tmp_path / "lognorm.h5ad")
+    code, _, stderr = run_cli_in_process(
+        ["validate", str(tmp_path / "lognorm.h5ad"), "--config", str(config)], capsys
+    )
+    assert code == 2
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: baseline 'scvi+logreg' needs raw integer counts but the data are lognorm"
+        )
+    )

@@ -89,6 +89,7 @@ def check_dataset(
         checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
     )
     diag = checked.diagnostics
+    baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
     if problem is not None:
         diag.warnings.append(problem)

@@ -52,10 +52,9 @@ class Method:
 def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[Method]:
     """Return the baselines of ``config``; a bare ``scvi`` is ``scvi+<probe>`` per probe.
 
-    scVI needs raw counts: on other data (``matrix_kind`` not ``"counts"``; ``None`` =
-    unknown, e.g. the log-normalized data of a transfer) it is left out of the default
-    baseline list with a warning (recorded by :func:`skipped_baselines`), and an explicit
-    request raises.
+    scVI needs raw counts: on other data it is left out of the default baseline list with a
+    warning (recorded by :func:`skipped_baselines`), and an explicit request raises. With
+    ``matrix_kind`` None (the settings checked before the data are read) it is kept.
 
     Parameters
     ----------
@@ -96,7 +95,7 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
     config : RunConfig
         ``baselines`` and ``probes`` are read.
     matrix_kind : str or None
-        Kind of the data's matrix; scvi is kept only on ``counts`` (see
+        Kind of the data's matrix; scvi is kept on ``counts`` and on None (unknown yet; see
         :func:`baseline_methods`).
 
     Returns
@@ -116,14 +115,11 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
         else:
             items.append(item)
     scvi = [i for i in items if i.split("+", 1)[0] == "scvi"]
-    if not scvi or matrix_kind == "counts":
+    if not scvi or matrix_kind in ("counts", None):  # None: decided once the data are read
         return items
     if config.baselines == DEFAULT_BASELINES:
         reason = skipped_baselines(config, matrix_kind)["scvi"]
-        if matrix_kind is None:  # transfer's data, log-normalized by design: no surprise
-            logger.info("scvi baseline skipped: %s", reason)
-        else:  # a run's data: shown even with -q
-            logger.warning("warning: scvi baseline skipped: %s", reason)
+        logger.warning("warning: scvi baseline skipped: %s", reason)  # shown even with -q
         return [i for i in items if i not in scvi]
     raise ConfigError(
         f"baseline {scvi[0]!r} needs raw integer counts but the data are "

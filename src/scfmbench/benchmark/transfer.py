@@ -54,6 +54,7 @@ from scfmbench.stages import StageStore, safe_name
 logger = logging.getLogger(__name__)
 
 DIRECTIONS_DIR = "directions"
+"""Folder of a transfer run holding each direction's saved fits (``<train>_to_<test>/stages``)."""
 
 
 def transfer_baselines(
