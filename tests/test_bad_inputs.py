@@ -89,6 +89,12 @@ CASES = {
         "no column 'cel_type'; columns that look like labels: ['cell_type']. Pass --label-key "
         "with one of those. Did you mean 'cell_type'?",
     ),
+    "one_fold_before_reading": (  # the settings are checked before the (broken) data
+        truncated,
+        ["--n-splits", "1"],
+        "cross-validation needs ≥ 2 folds, got n_splits=1",
+    ),
+    "unknown_probe_before_reading": (truncated, ["--config", "CFG5"], "Did you mean 'logreg'"),
     "seed_too_large": (
         lambda p: write(make_tiny_adata(), p),
         ["--config", "CFG4"],
@@ -130,7 +136,8 @@ def test_bad_input_cli(case, tmp_path, capsys):
     (tmp_path / "cfg2.yaml").write_text("n_split: 2\n")
     (tmp_path / "cfg3.yaml").write_text("batch_key: donr\n")
     (tmp_path / "cfg4.yaml").write_text("seed: 4294967294\n")  # scikit-learn's largest
-    configs = {f"CFG{i}": str(tmp_path / f"cfg{i}.yaml") for i in (1, 2, 3, 4)}
+    (tmp_path / "cfg5.yaml").write_text("probes: [logreg, logrec]\n")
+    configs = {f"CFG{i}": str(tmp_path / f"cfg{i}.yaml") for i in (1, 2, 3, 4, 5)}
     extra = [configs.get(a, a) for a in extra]
     out = tmp_path / "runs"
     name = [] if "--name" in extra else ["--name", "r"]

@@ -14,6 +14,7 @@ from scfmbench._atomic import write_npy, write_with
 from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
+    check_settings,
     load_models,
     open_run_data,
     resolve_config,
@@ -22,9 +23,9 @@ from scfmbench.benchmark.pipeline import (
 )
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
 from scfmbench.data.backed import BackedData
-from scfmbench.data.feature_selection import matrix_facts, model_name, validate_problem
+from scfmbench.data.feature_selection import matrix_facts, validate_problem
 from scfmbench.data.io import load_dataset
-from scfmbench.data.splits import check_fractions, check_stratifiable
+from scfmbench.data.splits import check_stratifiable
 from scfmbench.data.validate import DataDiagnostics, validate
 from scfmbench.embed.options import EMBED_DEFAULTS
 from scfmbench.errors import ConfigError
@@ -71,16 +72,8 @@ def check_dataset(
     from scfmbench.evaluation.embedding_quality import detect_batch_key
 
     resolved = resolve_config(data, config, settings)
-    check_fractions(resolved.fractions)
-    baseline_methods(resolved)  # unknown representations / probes, as run refuses them
     named = list(models or resolved.models)  # NAME or NAME=DIR
-    if named:
-        from scfmbench.models import MODELS  # torch and transformers: only when a model is named
-    for spec in named:  # unknown models (and missing folders), as run refuses them
-        if "=" in spec:
-            ModelSpec.parse(spec)
-        else:
-            MODELS.get(model_name(spec))
+    check_settings(resolved, named)
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()

@@ -45,10 +45,11 @@ from scfmbench.benchmark.rundata import (
     random_splits,
     run_cells,
 )
-from scfmbench.config import RunConfig
+from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.backed import BackedData, validate_backed
+from scfmbench.data.feature_selection import model_name
 from scfmbench.data.io import BUILTIN_DATASETS, load_dataset
-from scfmbench.data.splits import SplitSet
+from scfmbench.data.splits import SplitSet, check_design, check_fractions
 from scfmbench.data.validate import DataDiagnostics, ValidatedData
 from scfmbench.data.validate import validate as validate_data
 from scfmbench.errors import ConfigError, ScfmbenchError
@@ -258,12 +259,38 @@ def run(
         Data without the label column, data a model refuses, or classes too small to split.
     """
     config = resolve_config(data, config, overrides)
+    check_settings(config, list(config.models))
     validated = open_run_data(data, config, progress)
     try:
         return _run_validated(config, validated, progress)
     finally:
         if isinstance(validated, BackedData):
             validated.close()
+
+
+def check_settings(config: RunConfig, models: list[str]) -> None:
+    """Refuse settings a run cannot use before the data are read.
+
+    Checks the split design and fractions, every baseline's representation and probe, and
+    the models named (``NAME`` or ``NAME=DIR``: an unknown model or a missing folder).
+
+    Raises
+    ------
+    SplitError
+        A design, fold count or fractions the splits cannot use.
+    ConfigError
+        An unknown representation, probe or model, or a model folder that does not exist.
+    """
+    check_design(config.design, config.n_splits, config.n_repeats)
+    check_fractions(config.fractions)
+    baseline_methods(config)
+    if models:
+        from scfmbench.models import MODELS  # torch and transformers: only when a model is named
+    for spec in models:
+        if "=" in spec:
+            ModelSpec.parse(spec)
+        else:
+            MODELS.get(model_name(spec))
 
 
 def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
