@@ -11,7 +11,7 @@ import time
 import anndata as ad
 import pytest
 
-from tests.conftest import default_sigint, require_shared
+from tests.conftest import default_sigint, require_shared, run_cli_in_process
 
 COMMANDS = ["run", "validate", "embed", "finetune", "transfer", "report", "compare"]
 
@@ -193,30 +193,29 @@ def test_run_takes_min_cells_per_class(tmp_path, capsys):
     assert metrics["diagnostics"]["dropped_classes"] == {}
 
 
-def test_run_name_holding_other_data_is_refused(tmp_path, pbmc3k_path):
+def test_run_name_holding_other_data_is_refused(tmp_path, pbmc3k_path, capsys):
     """A run folder of other data is not resumed: exit 2, one line, the folder untouched."""
     data = tmp_path / "pbmc300.h5ad"
     ad.read_h5ad(pbmc3k_path)[::9].copy().write_h5ad(data)  # 294 cells
     config = tmp_path / "fast.yaml"
-    config.write_text("figures: false\n")
+    config.write_text("figures: false\nn_jobs: 1\n")
     kang = require_shared("data/kang2018_ifnb_muscat_1556x1267_counts.h5ad")
     common = ["--label-key", "cell_type", "--out", str(tmp_path / "runs"), "--name", "pbmc3k_b"]
     common += ["--config", str(config), "--no-scvi", "-q"]
-    first = scfmbench("run", "--data", str(data), *common, timeout=600)
-    assert first.returncode == 0, first.stderr
+    code, _, stderr = run_cli_in_process(["run", "--data", str(data), *common], capsys)
+    assert code == 0, stderr
     run_dir = tmp_path / "runs" / "pbmc3k_b"
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
 
-    done = scfmbench("run", "--data", str(kang), *common, timeout=600)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1] == (
+    code, _, stderr = run_cli_in_process(["run", "--data", str(kang), *common], capsys)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
         f"error: {run_dir} holds a run of other data ({data}); give another --name, or "
         "remove the folder"
-    ), done.stderr
+    ), stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
     # the same command again resumes: every stage reused, nothing refused
-    again = scfmbench("run", "--data", str(data), *common, timeout=600)
-    assert again.returncode == 0, again.stderr
+    code, _, stderr = run_cli_in_process(["run", "--data", str(data), *common], capsys)
+    assert code == 0, stderr
