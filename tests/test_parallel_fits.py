@@ -263,3 +263,22 @@ def test_groups_are_handed_out_costliest_first():
         "none+majority",
         "pca+logreg",
     ]
+
+
+def test_loky_warning_of_a_worker_timing_out_is_dropped():
+    """A worker that times out as a fit is queued is replaced by loky; its warning (which
+    blames a memory leak) is not shown, and other warnings still are. In a fresh interpreter:
+    pytest resets the warning filters of every test."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, scfmbench.benchmark.fitting\n"
+        "warnings.warn('A worker stopped while some jobs were given to the executor. This can "
+        "be caused by a too short worker timeout or by a memory leak.', UserWarning)\n"
+        "warnings.warn('another warning', UserWarning)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "another warning" in done.stderr
+    assert "A worker stopped" not in done.stderr

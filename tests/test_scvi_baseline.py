@@ -197,3 +197,20 @@ def test_validate_checks_an_explicit_scvi_against_the_data(tmp_path, capsys):
             "error: baseline 'scvi+logreg' needs raw integer counts but the data are lognorm"
         )
     )
+
+
+def test_early_stopping_prints_nothing(tiny_adata, capfd, caplog):
+    """scvi-tools prints why early stopping ended a fit; the run keeps it to its debug log."""
+    import logging
+
+    from scfmbench.evaluation.scvi import scvi_features
+
+    cells = InMemoryCells.from_adata(tiny_adata)
+    split = stratified_split(tiny_adata.obs["cell_type"], seed=0, fractions=(0.6, 0.2, 0.2))
+    with caplog.at_level(logging.DEBUG, logger="scfmbench.evaluation.scvi"):
+        features = scvi_features(
+            cells, split, kind="counts", seed=0, scvi=ScviOptions(max_epochs=200, patience=1)
+        )
+    assert features.info["epochs"] < 200  # early stopping ended the fit
+    assert capfd.readouterr().out == ""
+    assert any("Signaling Trainer to stop" in r.getMessage() for r in caplog.records)

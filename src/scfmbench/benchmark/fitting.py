@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
@@ -96,6 +97,11 @@ class GroupResult:
 
 IDLE_WORKER_TIMEOUT_S = 1
 """Seconds an idle worker waits for more fits before it exits (joblib's default: 300)."""
+# with so short a timeout a worker may exit just as a fit is queued: loky then starts a new
+# worker for it and warns of a "memory leak"; the fits are not affected, so the warning goes
+warnings.filterwarnings(
+    "ignore", message="A worker stopped while some jobs were given to the executor"
+)
 MEMORY_SHARE = 0.5
 """Share of the machine's available memory the workers' features may take when ``n_jobs``
 is negative (every core): fewer workers than cores when one group's features are large."""

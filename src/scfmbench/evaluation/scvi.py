@@ -10,10 +10,11 @@ trains on the test cells too (unlabelled), as integration benchmarks do.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import cast
 
 import numpy as np
@@ -233,6 +234,19 @@ def _train(counts: sp.csr_matrix, sizes: list[int], options: ScviOptions, seed: 
     val_rows = np.arange(bounds[1], bounds[2])
     # a last training batch of 1 cell breaks batch norm: drop it (at most 2 cells an epoch)
     drop_last = 0 < len(train_rows) % options.batch_size < 3
+    # scvi-tools prints why early stopping ended the fit: keep it to the debug log
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        _fit(model, options, train_rows, val_rows, drop_last)
+    if printed.getvalue().strip():
+        logger.debug("scvi: %s", printed.getvalue().strip())
+    # epochs completed (the history stays empty without a logger)
+    epochs = int(model.trainer.current_epoch)  # pyright: ignore[reportAttributeAccessIssue]  # set by model.train
+    return model, epochs
+
+
+def _fit(model, options: ScviOptions, train_rows, val_rows, drop_last: bool) -> None:
+    """``model.train`` on ``train_rows``, early-stopped on the ELBO of ``val_rows``."""
     model.train(
         max_epochs=options.max_epochs,
         accelerator="cpu",
@@ -250,8 +264,6 @@ def _train(counts: sp.csr_matrix, sizes: list[int], options: ScviOptions, seed: 
         logger=False,
         enable_checkpointing=False,
     )
-    epochs = len(model.history.get("elbo_train", [])) if model.history else options.max_epochs
-    return model, epochs
 
 
 def _embed_unseen(model, counts: sp.csr_matrix) -> np.ndarray:
