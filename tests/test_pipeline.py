@@ -48,6 +48,18 @@ def test_rerun_reuses_stages(tmp_path, tiny_adata):
     assert second.metrics["methods"] == first.metrics["methods"]
 
 
+def test_rerun_with_fewer_methods_keeps_only_its_own_figures(tmp_path, tiny_adata):
+    """A method dropped on a rerun in the same folder leaves no figure behind."""
+    options = {"out": tmp_path, "name": "f", "n_splits": 2, "progress": False, "n_jobs": 1}
+    first = scfmbench.run(tiny_adata, baselines=["pca+logreg", "hvg+logreg"], **options)
+    figures = first.run_dir / "figures"
+    drawn = {p.name for p in figures.glob("*.png")}
+    assert {"confusion_hvg__logreg.png", "confusion_pca__logreg.png", "umap_pca.png"} <= drawn
+    second = scfmbench.run(tiny_adata, baselines=["pca+logreg"], **options)
+    assert {p.name for p in figures.glob("*.png")} == drawn - {"confusion_hvg__logreg.png"}
+    assert list(second.metrics["methods"]) == ["pca+logreg"]
+
+
 def test_metrics_schema(tmp_path, tiny_adata, caplog):
     result = scfmbench.run(
         tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False

@@ -461,14 +461,14 @@ def _execute(
                 run_dir=run_dir,
                 progress=progress,
             )
+    if layers:
+        metrics["layers"] = layers
+    metrics["embeddings"] = scores  # before the figures: it names the UMAPs to keep
     if config.figures:
         with stages.timed("figures"):
             from scfmbench.report.write import write_figures
 
             write_figures(run_dir, metrics, stages=stages)
-    if layers:
-        metrics["layers"] = layers
-    metrics["embeddings"] = scores
     stages.timings["total"] = time.perf_counter() - started
     cpu_seconds = time.process_time() - started_cpu + stages.worker_cpu_seconds
     stages.note("total", cpu_seconds=round(cpu_seconds, 3))

@@ -216,3 +216,19 @@ def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore)
             title=f"{name} — test split seed {first_seed}",
         )
         stages.save(f"figure_{path.stem}", key, str(path.name))
+    _remove_stale_figures(figures, metrics)
+
+
+def _remove_stale_figures(figures: Path, metrics: dict[str, Any]) -> None:
+    """Remove the confusion matrices and UMAPs of methods and views this run does not have.
+
+    They were drawn by an earlier run in the same folder with other methods (e.g. before
+    ``--no-scvi``); the report would not show them, but the folder would still hold them.
+    """
+    kept = {f"confusion_{safe_name(name)}.png" for name in metrics["methods"]}
+    for view in (metrics.get("embeddings") or {}).values():
+        kept |= {Path(view[k]).name for k in ("umap_png", "umap_batch_png") if view.get(k)}
+    for pattern in ("confusion_*.png", "umap_*.png"):
+        for path in figures.glob(pattern):
+            if path.name not in kept:
+                path.unlink()
