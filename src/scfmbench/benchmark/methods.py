@@ -115,16 +115,15 @@ def expand_baselines(config: RunConfig, matrix_kind: str | None) -> list[str]:
         else:
             items.append(item)
     scvi = [i for i in items if i.split("+", 1)[0] == "scvi"]
+    skipped = skipped_baselines(config, matrix_kind)
+    if "scvi" in skipped:
+        logger.warning("warning: scvi baseline skipped: %s", skipped["scvi"])  # even with -q
+        return [i for i in items if i not in scvi]
     if not scvi or matrix_kind in ("counts", None):  # None: decided once the data are read
         return items
-    if config.baselines == DEFAULT_BASELINES:
-        reason = skipped_baselines(config, matrix_kind)["scvi"]
-        logger.warning("warning: scvi baseline skipped: %s", reason)  # shown even with -q
-        return [i for i in items if i not in scvi]
     raise ConfigError(
-        f"baseline {scvi[0]!r} needs raw integer counts but the data are "
-        f"{matrix_kind or 'not counts'}; give the counts, or remove scvi from `baselines` "
-        "(--no-scvi)."
+        f"baseline {scvi[0]!r} needs raw integer counts but the data are {matrix_kind}; give "
+        "the counts, or remove scvi from `baselines` (--no-scvi)."
     )
 
 
@@ -136,7 +135,8 @@ def skipped_baselines(config: RunConfig, matrix_kind: str | None) -> dict[str, s
     config : RunConfig
         ``baselines`` is read.
     matrix_kind : str or None
-        Kind of the data's matrix (see :func:`baseline_methods`).
+        Kind of the data's matrix (see :func:`baseline_methods`; None: not read yet, nothing
+        is left out).
 
     Returns
     -------
@@ -144,11 +144,11 @@ def skipped_baselines(config: RunConfig, matrix_kind: str | None) -> dict[str, s
         Baseline → reason, e.g. ``{"scvi": "it needs raw counts (the data are lognorm)"}``;
         empty when every baseline of ``config`` runs.
     """
-    if "scvi" not in config.baselines or matrix_kind == "counts":
+    if "scvi" not in config.baselines or matrix_kind in ("counts", None):
         return {}
     if config.baselines != DEFAULT_BASELINES:
         return {}  # an explicit scvi on such data raises in expand_baselines
-    return {"scvi": f"it needs raw counts (the data are {matrix_kind or 'not counts'})"}
+    return {"scvi": f"it needs raw counts (the data are {matrix_kind})"}
 
 
 def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
