@@ -43,14 +43,16 @@ def padded_tokens(lengths: np.ndarray, *, batch_size: int, width: int | None) ->
     return int(sum(len(b) * lengths[b].max() for b in batches))
 
 
-def forward_flops(lengths: np.ndarray, *, n_layers: int, hidden: int, ffn: int) -> float:
+def forward_flops(
+    lengths: np.ndarray, *, n_layers: int, hidden: int, ffn: int, scores: bool = True
+) -> float:
     """Encoder FLOPs for unpadded sequences: 2·L·(4h² + 2h·ffn) + 4·L²·h per layer.
 
-    The four h×h projections of attention and the two feed-forward matmuls, plus the
-    L×L attention scores and their product with the values, at the cells' real lengths.
+    The four h×h projections of attention and the two feed-forward matmuls, plus (``scores``)
+    the L×L attention scores and their product with the values, at the cells' real lengths.
     """
     lengths = lengths.astype(np.float64)
-    per_layer = 2 * lengths * (4 * hidden**2 + 2 * hidden * ffn) + 4 * lengths**2 * hidden
+    per_layer = 2 * lengths * (4 * hidden**2 + 2 * hidden * ffn) + scores * 4 * lengths**2 * hidden
     return float(per_layer.sum() * n_layers)
 
 

@@ -4,14 +4,18 @@ torchrun. Run through ``benchmarks/gpu_check.sh``.
 On a CUDA card: Geneformer V2-104M, scGPT_human and scFoundation shapes (random weights) embed
 ``--n-cells`` PBMC3k cells in fp32 and bf16; reported per model are cells/s, the forward FLOP
 rate as a fraction of the card's bf16 ``torch.mm`` rate measured in the same process
-(target ≥ 0.4) and the smallest per-cell cosine between bf16 and fp32 embeddings (target
-≥ 0.999); then ``finetune_throughput.py`` (engine vs Hugging Face ``Trainer`` steps/s) and a
-1-process ``torchrun`` of ``scfmbench embed``. Writes
-``benchmarks/results/gpu_check_<card>.json``.
+(target ≥ 0.4), the same with ``--batch-size auto``, and the smallest per-cell cosine between
+bf16 and fp32 embeddings (target ≥ 0.999). To say where the time goes, the bf16 forward is
+also timed alone (batches collated and on the card beforehand, one sync at the end) and
+profiled: CUDA kernel seconds by kind (GEMM, attention, copies, other, with the six costliest
+"other" kernels) and the GEMMs' achieved rate. Then ``finetune_throughput.py`` (engine vs
+Hugging Face ``Trainer`` steps/s, batch 16, every expressed gene up to 2,048) and a 1-process
+``torchrun`` of ``scfmbench embed``. Writes ``benchmarks/results/gpu_check_<card>.json``.
 
 Without CUDA it runs a CI-sized form: two layers per model, a few cells, fp32 only (CPU autocast
-is not used by the engine), the fine-tuning and torchrun parts marked skipped; it writes
-``gpu_check_cpu.json`` (or ``--out``).
+is not used by the engine), two fine-tuning steps per side and the ``torchrun`` embed on the CPU
+(gloo); it writes ``gpu_check_cpu.json`` (or ``--out``). A part that fails is recorded as
+``{"error": …}`` and the others still run; the exit status is 1 if any part failed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from _common import PBMC3K, RESULTS, SHARED, flop_report, forward_flops
 
-from scfmbench.embed import embed_tokens
+from scfmbench.embed import collate, embed_tokens, length_sorted_batches
 from scfmbench.models.geneformer.adapter import load_geneformer
 from scfmbench.models.scfoundation.adapter import ScFoundationModel
 from scfmbench.models.scfoundation.network import (
@@ -106,23 +111,85 @@ def cuda_embedding(model, tokens, *, hidden, ffn, pooling, batch_size) -> dict:
     torch.cuda.synchronize()
     mm_rate = 10 * 2 * size**3 / (time.perf_counter() - start)
     out, seconds = {}, {}
+    embed = partial(embed_tokens, model, tokens, progress=False)
     run = dict(layer=model.default_layer, pooling=pooling, batch_size=batch_size, device="cuda")
     for precision in ("float32", "bfloat16"):
-        embed_tokens(model, tokens, progress=False, precision=precision, **run)  # warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out[precision] = embed_tokens(model, tokens, progress=False, precision=precision, **run)
-        torch.cuda.synchronize()
-        seconds[precision] = time.perf_counter() - start
+        out[precision], seconds[precision] = synced(partial(embed, precision=precision, **run))
+    run["batch_size"] = "auto"  # what docs/scale.md suggests on a card
+    _, seconds["auto"] = synced(partial(embed, precision="bfloat16", **run))
     layers = model.default_layer % (model.n_layers + 1)
     flops = forward_flops(tokens.lengths, n_layers=layers, hidden=hidden, ffn=ffn)
+    linear = forward_flops(tokens.lengths, n_layers=layers, hidden=hidden, ffn=ffn, scores=False)
+    alone, kernels = forward_only(model, tokens, pooling=pooling, batch_size=batch_size)
     return {
         "cells_per_s_fp32": tokens.n_cells / seconds["float32"],
         "cells_per_s_bf16": tokens.n_cells / seconds["bfloat16"],
         "bf16_matmul_tflop_per_s": mm_rate / 1e12,
         "flop_fraction_bf16": flops / seconds["bfloat16"] / mm_rate,
+        "flop_fraction_bf16_batch_auto": flops / seconds["auto"] / mm_rate,
+        "flop_fraction_bf16_forward_only": flops / alone / mm_rate,
+        "kernel_seconds": kernels,
+        "gemm_tflop_per_s": linear / kernels["gemm"] / 1e12 if kernels["gemm"] else None,
         "bf16_cosine_min": cosine_min(out["float32"], out["bfloat16"]),
     }
+
+
+KERNEL_KINDS = {
+    "gemm": re.compile(r"gemm|cutlass|nvjet|xmma", re.I),
+    "attention": re.compile(r"fmha|flash|attention|efficient", re.I),
+    "copy": re.compile(r"memcpy|memset", re.I),
+}
+
+
+def forward_only(model, tokens, *, pooling: str, batch_size: int) -> tuple[float, dict]:
+    """The bf16 forward alone: batches collated and on the card first, one sync at the end.
+
+    Returns its seconds (the engine's cost less collation, copies and per-batch syncs), and
+    the CUDA kernel seconds of a profiled pass by kind (``gemm``, ``attention``, ``copy``,
+    ``other``), with ``busy``: their sum over the profiled pass's wall time.
+    """
+    batches = [
+        collate(tokens, rows, pad_token_id=model.pad_token_id, pad_value=model.pad_value).to("cuda")
+        for rows in length_sorted_batches(tokens.lengths, batch_size=batch_size)
+    ]
+    network = model.network.to("cuda").eval()
+
+    def one_pass() -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for batch in batches:
+                model.encode(batch, layer=model.default_layer, pooling=pooling)
+
+    _, seconds = synced(one_pass)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        start = time.perf_counter()
+        one_pass()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    other: dict[str, float] = {}
+    for event in profile.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, rx in KERNEL_KINDS.items() if rx.search(event.name)), "other")
+        kernels[kind] += event.time_range.elapsed_us() / 1e6
+        if kind == "other":
+            name = event.name[:80]
+            other[name] = other.get(name, 0.0) + event.time_range.elapsed_us() / 1e6
+    kernels["busy"] = sum(kernels.values()) / wall
+    kernels["top_other"] = dict(sorted(other.items(), key=lambda kv: -kv[1])[:6])
+    del network
+    return seconds, kernels
+
+
+def synced(work):
+    """``work()``'s result and seconds on the card, after one warm-up call."""
+    work()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = work()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - start
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,27 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name, build in MODELS.items():
-            model, hidden, ffn, pooling = build(tmp, depth=depth)
-            tokens = model.tokenize(adata)
-            entry = {"layers": model.n_layers, "hidden": hidden, "ffn": ffn, "pooling": pooling}
-            if cuda:
-                entry |= cuda_embedding(
-                    model, tokens, hidden=hidden, ffn=ffn, pooling=pooling, batch_size=batch_size
-                )
-            else:
-                report = flop_report(
-                    model, tokens, hidden=hidden, ffn=ffn, pooling=pooling, batch_size=batch_size
-                )
-                entry |= {k: v for k, v in report.items() if not isinstance(v, np.ndarray)} | {
-                    "bf16": "skipped: the engine uses autocast on CUDA only"
-                }
+            entry = guarded(embedding, build, tmp, adata, depth=depth, batch_size=batch_size)
             result["models"][name] = entry
             print(f"{name}: {json.dumps(entry)}", flush=True)
-        if cuda:
-            result["finetune"] = finetune_vs_trainer(tmp)
-            result["torchrun_embed"] = torchrun_embed(tmp, adata)
-        else:
-            result["finetune"] = result["torchrun_embed"] = "skipped: needs CUDA"
+        result["finetune"] = guarded(finetune_vs_trainer, tmp, cuda=cuda)
+        print(f"finetune: {json.dumps(result['finetune'])}", flush=True)
+        result["torchrun_embed"] = guarded(torchrun_embed, tmp, adata, cuda=cuda)
+        print(f"torchrun_embed: {json.dumps(result['torchrun_embed'])}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["targets"] = TARGETS
     slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
@@ -180,35 +233,74 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['seconds']:.0f} s)")
+    parts = [*result["models"].values(), result["finetune"], result["torchrun_embed"]]
+    if any("error" in part for part in parts):
+        raise SystemExit("some parts failed: see their 'error' in " + str(out))
     return result
 
 
-def finetune_vs_trainer(tmp: Path) -> dict:
-    """``finetune_throughput.py`` on the card (20 steps, one run per side)."""
+def guarded(part, *args, **kwargs) -> dict:
+    """``part(*args, **kwargs)``, or ``{"error": …}`` if it raised, so the other parts still run."""
+    try:
+        return part(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, exit status 1 at the end
+        return {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+
+
+def embedding(build, tmp: Path, adata: ad.AnnData, *, depth: int | None, batch_size: int) -> dict:
+    """One model's shape, and its embedding figures on the card (or the CPU FLOP report)."""
+    model, hidden, ffn, pooling = build(tmp, depth=depth)
+    tokens = model.tokenize(adata)
+    entry = {"layers": model.n_layers, "hidden": hidden, "ffn": ffn, "pooling": pooling}
+    run = dict(hidden=hidden, ffn=ffn, pooling=pooling, batch_size=batch_size)
+    if torch.cuda.is_available():
+        return entry | cuda_embedding(model, tokens, **run)
+    report = flop_report(model, tokens, **run)
+    return (
+        entry
+        | {k: v for k, v in report.items() if not isinstance(v, np.ndarray)}
+        | {"bf16": "skipped: the engine uses autocast on CUDA only"}
+    )
+
+
+def finetune_vs_trainer(tmp: Path, *, cuda: bool) -> dict:
+    """``finetune_throughput.py``, one run per side.
+
+    On the card: 20 steps of batch 16 on cells of up to 2,048 genes (Geneformer's input size,
+    every expressed gene). On the CPU: 2 steps of batch 4 on cells of up to 32 genes.
+    """
     out = tmp / "finetune.json"
     command = [sys.executable, str(REPO / "benchmarks/finetune_throughput.py")]
-    command += ["--steps", "20", "--repeats", "1", "--out", str(out)]
+    command += ["--repeats", "1", "--out", str(out), "--data", str(PBMC3K)]
+    if cuda:
+        command += ["--steps", "20", "--batch-size", "16", "--max-length", "2048"]
+        command += ["--length-scale", "1"]
+    else:
+        command += ["--steps", "2", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}
     return json.loads(out.read_text())
 
 
-def torchrun_embed(tmp: Path, adata: ad.AnnData) -> dict:
-    """``torchrun --nproc_per_node 1 -m scfmbench embed`` on the card (Geneformer V2 shape)."""
+def torchrun_embed(tmp: Path, adata: ad.AnnData, *, cuda: bool) -> dict:
+    """``torchrun --nproc_per_node 1 -m scfmbench embed`` (Geneformer V2 shape, random weights).
+
+    On the card with NCCL, on the CPU with gloo.
+    """
     data, emb = tmp / "cells.h5ad", tmp / "emb.npy"
     adata.write_h5ad(data)
-    command = ["torchrun", "--nproc_per_node", "1", "-m", "scfmbench", "embed", str(data)]
-    command += ["--model", f"geneformer={tmp / 'Geneformer-V2-104M'}", "--out", str(emb)]
-    command += ["--device", "cuda", "--backed", "-q"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+    command = [*torchrun, "-m", "scfmbench", "embed", str(data), "--out", str(emb)]
+    command += ["--model", f"geneformer-random={tmp / 'Geneformer-V2-104M'}"]
+    command += ["--device", "cuda" if cuda else "cpu", "--backed", "-q"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     entry = {"returncode": done.returncode, "seconds": seconds}
-    if done.returncode == 0:
-        entry["shape"] = list(np.load(emb, mmap_mode="r").shape)
-    else:
-        entry["stderr"] = done.stderr[-2000:]
+    if done.returncode != 0:
+        raise RuntimeError(f"exit status {done.returncode}: {done.stderr[-2000:]}")
+    entry["shape"] = list(np.load(emb, mmap_mode="r").shape)
     return entry
 
 

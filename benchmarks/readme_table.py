@@ -183,15 +183,27 @@ def scfoundation_rows(docs: Docs) -> list[Row]:
     return rows + flop_rows("scFoundation", name, doc)
 
 
+def _finetune_ratio(doc: dict) -> tuple[str, float] | None:
+    """The engine's training cells/s (or, in older files, steps/s) over the ``Trainer``'s."""
+    for key, unit in (
+        ("cells_per_s_ratio_vs_trainer", "training cells/s"),
+        ("steps_per_s_ratio_vs_trainer", "steps/s"),
+    ):
+        if _number(doc.get(key)):
+            return unit, doc[key]
+    return None
+
+
 def finetune_rows(docs: Docs) -> list[Row]:
-    """Fine-tuning steps/s against the Hugging Face ``Trainer`` (``finetune_throughput.py``)."""
+    """Fine-tuning speed against the Hugging Face ``Trainer`` (``finetune_throughput.py``)."""
     name = "finetune_throughput.json"
-    ratio = docs.get(name, {}).get("steps_per_s_ratio_vs_trainer")
-    if not _number(ratio):
+    found = _finetune_ratio(docs.get(name, {}))
+    if not found:
         return []
+    unit, ratio = found
     return [
         Row(
-            "fine-tuning steps/s vs Hugging Face `Trainer` (same model, data, batch)",
+            f"fine-tuning {unit} vs Hugging Face `Trainer` (same model, data, batch)",
             f"{ratio:.2f}×",
             TARGET_FINETUNE_VS_TRAINER,
             (name,),
@@ -448,6 +460,66 @@ def probe_cost_rows(docs: Docs) -> list[Row]:
     return rows
 
 
+RELEASED = {
+    "geneformer": "Geneformer V2-104M",
+    "scgpt": "scGPT_human",
+    "scfoundation": "scFoundation",
+}
+
+
+def gpu_rows(docs: Docs) -> list[Row]:
+    """``gpu_check.sh`` on a CUDA card (``gpu_check_<card>.json``, the CPU form left out): per
+    model the bf16 FLOP fraction of the card's bf16 ``torch.mm`` rate and the smallest bf16 vs
+    fp32 per-cell cosine, then fine-tuning against the ``Trainer`` on the card."""
+    rows = []
+    for name, doc in sorted(docs.items()):
+        if not name.startswith("gpu_check_") or doc.get("card", "cpu") == "cpu":
+            continue
+        card, targets = doc["card"], doc.get("targets", {})
+        cells = f"{doc['n_cells']:,} PBMC3k cells" if _number(doc.get("n_cells")) else "PBMC3k"
+        for model, entry in doc.get("models", {}).items():
+            shape = f"{RELEASED.get(model, model)} shape, random weights, {cells}"
+            fraction, cosine = entry.get("flop_fraction_bf16"), entry.get("bf16_cosine_min")
+            goal = targets.get("flop_fraction_gpu")
+            if _number(fraction) and _number(goal):
+                met = "met" if fraction >= goal else "not met"
+                rows.append(
+                    Row(
+                        f"{card}: bf16 forward FLOP rate / the card's bf16 `torch.mm` rate "
+                        f"({shape})",
+                        f"{fraction:.2f}",
+                        f"≥ {goal:g}: {met}",
+                        (name,),
+                    )
+                )
+            goal = targets.get("bf16_cosine_min")
+            if _number(cosine) and _number(goal):
+                met = "met" if cosine >= goal else "not met"
+                rows.append(
+                    Row(
+                        f"{card}: bf16 vs fp32 embeddings, smallest per-cell cosine ({shape})",
+                        f"{cosine:.5f}",
+                        f"≥ {goal:g}: {met}",
+                        (name,),
+                    )
+                )
+        finetune = doc.get("finetune", {})
+        found = _finetune_ratio(finetune)
+        if found:
+            unit, ratio = found
+            rows.append(
+                Row(
+                    f"{card}: fine-tuning {unit} vs Hugging Face `Trainer` (batch "
+                    f"{finetune.get('batch_size')}, cells of up to {finetune.get('max_length')} "
+                    "genes)",
+                    f"{ratio:.2f}×",
+                    TARGET_FINETUNE_VS_TRAINER,
+                    (name,),
+                )
+            )
+    return rows
+
+
 ROW_FAMILIES: tuple[Callable[[Docs], list[Row]], ...] = (
     geneformer_rows,
     scgpt_rows,
@@ -460,6 +532,7 @@ ROW_FAMILIES: tuple[Callable[[Docs], list[Row]], ...] = (
     resample_cost_rows,
     model_cost_rows,
     probe_cost_rows,
+    gpu_rows,
 )
 
 

@@ -16,6 +16,7 @@ from readme_table import (  # noqa: E402
     baselines_cost_rows,
     geneformer_rows,
     generated_readme,
+    gpu_rows,
     main,
     model_cost_rows,
     probe_cost_rows,
@@ -61,6 +62,52 @@ def test_geneformer_row_builder_on_a_hand_made_result():
         "| Geneformer `embed()` overhead over the bare forward | 2.5% | ≤ 15% | " + link + " |",
     ]  # no FLOP row: the file has no flop_utilization
     assert geneformer_rows({}) == []  # file absent: no rows, no error
+
+
+def test_gpu_rows_judge_each_model_against_the_targets_and_skip_the_cpu_form():
+    doc = {
+        "card": "Card X",
+        "n_cells": 1024,
+        "targets": {"flop_fraction_gpu": 0.4, "bf16_cosine_min": 0.999},
+        "models": {
+            "geneformer": {"flop_fraction_bf16": 0.41, "bf16_cosine_min": 0.9989},
+            "scgpt": {"error": "RuntimeError: boom"},
+        },
+        "finetune": {
+            "cells_per_s_ratio_vs_trainer": 1.5,
+            "steps_per_s_ratio_vs_trainer": 1.7,
+            "batch_size": 16,
+            "max_length": 2048,
+        },
+    }
+    cpu = {"card": "cpu", "models": {"geneformer": {"flop_fraction": 0.6}}}
+    docs = {"gpu_check_card_x.json": doc, "gpu_check_cpu.json": cpu}
+    rows = [(row.benchmark, row.value, row.target, row.sources) for row in gpu_rows(docs)]
+    shape = "(Geneformer V2-104M shape, random weights, 1,024 PBMC3k cells)"
+    source = ("gpu_check_card_x.json",)
+    assert rows == [
+        (
+            f"Card X: bf16 forward FLOP rate / the card's bf16 `torch.mm` rate {shape}",
+            "0.41",
+            "≥ 0.4: met",
+            source,
+        ),
+        (
+            f"Card X: bf16 vs fp32 embeddings, smallest per-cell cosine {shape}",
+            "0.99890",
+            "≥ 0.999: not met",
+            source,
+        ),
+        (
+            "Card X: fine-tuning training cells/s vs Hugging Face `Trainer` (batch 16, cells of "
+            "up to "
+            "2048 genes)",
+            "1.50×",
+            "≥ 1.0",
+            source,
+        ),
+    ]  # the failed scgpt part and the CPU form give no rows
+    assert gpu_rows({"gpu_check_cpu.json": cpu}) == []
 
 
 def test_probe_cost_rows_read_the_64_bin_rows_and_the_k15_knn_row():
