@@ -9,8 +9,9 @@ bf16 and fp32 embeddings (target ≥ 0.999). To say where the time goes, the bf1
 also timed alone (batches collated and on the card beforehand, one sync at the end) and
 profiled: CUDA kernel seconds by kind (GEMM, attention, copies, other, with the six costliest
 "other" kernels) and the GEMMs' achieved rate. Then ``finetune_throughput.py`` (engine vs
-Hugging Face ``Trainer`` steps/s, batch 16, every expressed gene up to 2,048) and a 1-process
-``torchrun`` of ``scfmbench embed``. Writes ``benchmarks/results/gpu_check_<card>.json``.
+Hugging Face ``Trainer`` training cells/s, batch 16, every expressed gene up to 2,048) and a
+1-process ``torchrun`` of ``scfmbench embed``. Writes
+``benchmarks/results/gpu_check_<card>.json``.
 
 Without CUDA it runs a CI-sized form: two layers per model, a few cells, fp32 only (CPU autocast
 is not used by the engine), two fine-tuning steps per side and the ``torchrun`` embed on the CPU
