@@ -211,8 +211,8 @@ def test_run_name_holding_other_data_is_refused(tmp_path, pbmc3k_path, capsys):
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        f"error: {run_dir} holds a run of other data ({data}); give another --name, or "
-        "remove the folder"
+        f"error: {run_dir} holds a run of other cells or labels ({data}, label key "
+        "'cell_type'); give another --name, or remove the folder"
     ), stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 

@@ -172,3 +172,144 @@ def test_embed_and_run_give_the_same_scgpt_embedding(make_scgpt_dir, tmp_path, m
         str(path), model=f"scgpt={folder}", out=default, allow_feature_selected=True, progress=False
     )
     np.testing.assert_array_equal(np.load(default), seen["scgpt"])
+
+
+def test_a_model_named_twice_is_refused_before_the_data(tmp_path, not_h5ad, capsys):
+    twice = [f"geneformer={tmp_path}", f"geneformer-random={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^model 'geneformer-random' comes from both"):
+        RunConfig.build({"models": twice})
+    with pytest.raises(ConfigError, match=r"^model 'scgpt' comes from both"):
+        RunConfig.build({"models": [f"scgpt={tmp_path}", f"scgpt={tmp_path}"]})
+    # without the automatic control the pair names two different models
+    config = RunConfig.build({"models": twice, "random_controls": False})
+    assert [str(spec) for spec in config.model_specs] == twice
+    args = ["run", "--data", str(not_h5ad), "--out", str(tmp_path / "runs")]
+    code, _, err = run_cli_in_process([*args, "--model", twice[1], "--model", twice[1]], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: model 'geneformer-random' comes from both '{twice[1]}' and '{twice[1]}'; name "
+        "each model once (NAME=DIR adds its random-init control NAME-random itself, unless the "
+        "config sets random_controls: false)."
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "shown"), [([-1], "[-1.0]"), ([], "[]"), ([0.1, float("inf")], "[0.1, inf]")]
+)
+def test_logreg_c_must_be_positive_finite_values(values, shown):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.build({"logreg_c": values})
+    assert str(caught.value).startswith(
+        "invalid value for 'logreg_c': Value error, logreg_c must list positive, finite C values "
+        f"(e.g. [0.01, 0.1, 1]), got {shown}."
+    )
+    assert RunConfig.build({"logreg_c": [0.01, 1]}).logreg_c == [0.01, 1.0]
+
+
+def test_device_is_checked_in_form_and_against_this_machine(tmp_path, not_h5ad, capsys):
+    import torch
+
+    from scfmbench.embed.distributed import resolve_device
+    from scfmbench.embed.options import EmbedOptions, check_device
+
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        assert check_device(good) == good
+    for bad in ("cudaa", "gpu", "cuda:", "CPU", "cuda:x"):
+        with pytest.raises(ConfigError, match=rf"unknown device '{bad}'; choose cpu, cuda"):
+            check_device(bad)
+        with pytest.raises(ConfigError, match=rf"unknown device '{bad}'"):
+            EmbedOptions(device=bad)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=rf"this machine's PyTorch sees {count} CUDA GPU"):
+        resolve_device(f"cuda:{count}")
+    assert resolve_device("cpu") == torch.device("cpu")
+    # the command line: one line, exit 2, before the data are read and nothing written; a
+    # baseline-only run checks the form only (it runs no model)
+    args = ["run", "--data", str(not_h5ad), "--out", str(tmp_path / "runs"), "--device", "gpu"]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 2 and "unknown device 'gpu'" in err and "broken" not in err, err
+    for device, message in (("cudaa", "unknown device 'cudaa'"), (f"cuda:{count}", "sees")):
+        args = ["run", "--data", str(not_h5ad), "--out", str(tmp_path / "runs"), "--model"]
+        args += [f"scgpt-random={tmp_path}", "--device", device]
+        code, _, err = run_cli_in_process(args, capsys)
+        assert code == 2 and message in err and "broken" not in err, err
+        assert len(err.strip().splitlines()) == 1
+        args = ["embed", str(not_h5ad), "--model", f"scgpt-random={tmp_path}"]
+        args += ["--out", str(tmp_path / "e.npy"), "--device", device]
+        code, _, err = run_cli_in_process(args, capsys)
+        assert code == 2 and message in err and "broken" not in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "e.npy").exists()
+
+
+def test_embed_refuses_an_output_that_is_not_npy_or_h5ad(tmp_path, not_h5ad, capsys):
+    out = tmp_path / "e.csv"
+    args = ["embed", str(not_h5ad), "--model", f"scgpt-random={tmp_path}", "--out", str(out)]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: output '{out}' must end in .npy or .h5ad; e.g. --out emb.npy."
+    ]
+    assert not out.exists()
+
+
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, not_h5ad, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("seed: 3\nn_splits: [3\n")
+    args = ["run", "--data", str(not_h5ad), "--config", str(config), "--out", str(tmp_path)]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: config file '{config}' is not valid YAML at line 3, column 1: ")
+    assert line.endswith("; fix that line.")
+
+
+def test_geneformer_messages_name_the_command_line_fix(tmp_path):
+    from scfmbench.models.geneformer.adapter import find_weights, load_geneformer
+
+    with pytest.raises(CheckpointError) as caught:
+        find_weights(tmp_path)
+    assert "use the random-init control (--model geneformer-random=DIR;" in str(caught.value)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"directory {file} is a file, not a folder;"):
+        load_geneformer(file)
+
+
+def test_a_failed_rerun_leaves_the_finished_run_as_it_was(make_scgpt_dir, tmp_path, capsys):
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    data = tmp_path / "tiny.h5ad"
+    labelled_adata().write_h5ad(data)
+    common = ["--data", str(data), "--out", str(tmp_path / "runs"), "--name", "r", "--no-scvi"]
+    common += ["--n-splits", "2", "-q"]
+    code, _, err = run_cli_in_process(["run", *common], capsys)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "r"
+    saved = (run_dir / "config.yaml").read_text()
+    metrics = (run_dir / "metrics.json").read_text()
+    model = ["--model", f"scgpt-random={make_scgpt_dir(weights=False)}", "--gene-column", "nope"]
+    model += ["--allow-feature-selected"]
+    code, _, err = run_cli_in_process(["run", *common, *model], capsys)
+    assert code == 2 and "adata.var has no column 'nope'" in err, err
+    assert (run_dir / "config.yaml").read_text() == saved  # not the failed run's settings
+    assert (run_dir / "metrics.json").read_text() == metrics
+
+
+def test_half_precision_on_the_cpu_is_logged_once(caplog):
+    import logging
+
+    import torch
+
+    from scfmbench.embed import engine
+
+    engine._note_float32.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="scfmbench.embed.engine"):
+        for _ in range(3):
+            with engine._autocast("bfloat16", torch.device("cpu")):
+                assert not torch.is_autocast_enabled("cpu")
+        with engine._autocast("float32", torch.device("cpu")):
+            pass
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: precision bfloat16 applies on a CUDA GPU only; embedding in float32 on cpu"
+    ]

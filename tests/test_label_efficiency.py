@@ -12,8 +12,7 @@ from sklearn.metrics import f1_score
 import scfmbench
 from scfmbench import ConfigError, RunConfig
 from scfmbench.benchmark.label_efficiency import ALL, nested_subsets
-from scfmbench.config import normalize_train_sizes
-from scfmbench.data.splits import load_splits
+from scfmbench.data.splits import load_splits, normalize_train_sizes
 
 from .conftest import make_tiny_adata, run_cli_in_process
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,8 +15,10 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
+from scfmbench.data.splits import normalize_train_sizes
 from scfmbench.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -205,49 +207,6 @@ def check_model_options(name: str, loader: Any, options: dict[str, Any]) -> None
     loader.split_options(options)
 
 
-TRAIN_SIZE_ALL = "all"
-"""The ``train_sizes`` entry that means every training cell (the run's own fit)."""
-
-
-def normalize_train_sizes(values: Any) -> list[int | str]:
-    """Return the sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
-
-    Parameters
-    ----------
-    values : str or sequence of int/str
-        ``"1,5,all"`` or ``[1, 5, "all"]``; numbers as whole numbers ≥ 1 (``"5"`` or ``5``).
-
-    Returns
-    -------
-    list
-        e.g. ``[1, 5, "all"]``.
-
-    Raises
-    ------
-    ValueError
-        An empty list, or an item that is neither ``all`` nor a whole number ≥ 1.
-    """
-    items = values.split(",") if isinstance(values, str) else values
-    if not isinstance(items, list | tuple) or not items:
-        raise ValueError("train sizes must be a list such as 1,5,10,25,50,all")
-    sizes: set[int] = set()
-    with_all = False
-    for item in items:
-        value = item.strip().lower() if isinstance(item, str) else item
-        if value == TRAIN_SIZE_ALL:
-            with_all = True
-            continue
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"train size {item!r} is not a whole number ≥ 1 or 'all' (labelled cells per "
-                "class); use e.g. --train-sizes 1,5,10,25,50,all"
-            )
-        sizes.add(value)
-    return [*sorted(sizes), *([TRAIN_SIZE_ALL] if with_all else [])]
-
-
 class RunConfig(BaseModel):
     """Everything that determines a run's results (the resolved copy is saved as config.yaml)."""
 
@@ -412,6 +371,34 @@ class RunConfig(BaseModel):
             ModelSpec.parse(spec)
         return value
 
+    @field_validator("logreg_c")
+    @classmethod
+    def _check_logreg_c(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or not all(0 < c < math.inf for c in value)):
+            raise ValueError(
+                f"logreg_c must list positive, finite C values (e.g. [0.01, 0.1, 1]), got {value}."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_model_ids(self) -> RunConfig:
+        """Refuse a model named twice: it would be embedded and compared with itself."""
+        named: dict[str, ModelSpec] = {}
+        for spec in self.model_specs:
+            ids = [] if spec.random_only else [spec.name]
+            if spec.random_only or self.random_controls:
+                ids.append(f"{spec.name}-random")
+            for model_id in ids:
+                if model_id in named:
+                    raise ValueError(
+                        f"model {model_id!r} comes from both {str(named[model_id])!r} and "
+                        f"{str(spec)!r}; name each model once (NAME=DIR adds its random-init "
+                        "control NAME-random itself, unless the config sets "
+                        "random_controls: false)."
+                    )
+                named[model_id] = spec
+        return self
+
     @field_validator("model_options")
     @classmethod
     def _check_model_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -478,7 +465,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({exc}).") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix that line."
+        ) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
     return loaded
@@ -511,6 +503,8 @@ def describe_validation_error(
             f"unknown {what} {key!r}.{did_you_mean(key, valid)}"
             f" Valid {what.split()[-1]}s: {', '.join(valid)}."
         )
+    if not loc:  # a check across keys (a model validator): its own message says it all
+        return str(error["msg"]).removeprefix("Value error, ")
     found = f"{error['msg']} (got {error.get('input')!r})."
     return (
         f"invalid value for {key!r}: {found}"

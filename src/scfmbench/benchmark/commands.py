@@ -161,7 +161,8 @@ def embed_dataset(
     Raises
     ------
     ConfigError
-        A bad model spec or option, an unwritable ``out``, or streaming without ``out``.
+        A bad model spec or option, a device this machine does not have, an ``out`` that is
+        not ``.npy`` / ``.h5ad`` or not writable, or streaming without ``out``.
     DataError
         Feature-selected counts for geneformer or scgpt without ``allow_feature_selected``,
         or data the model refuses.
@@ -183,8 +184,12 @@ def embed_dataset(
             "model_options": {spec.name: dict(model_options)} if model_options else {},
         }
     )
+    from scfmbench.embed.distributed import resolve_device
+    from scfmbench.embed.output import check_output_file
+
+    resolve_device(device)  # a device this machine does not have, before the data are read
     if out is not None:
-        check_writable(Path(out))
+        check_writable(check_output_file(out))
     stream = should_stream(data, backed=backed)
     if stream and out is None:
         raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")

@@ -112,10 +112,13 @@ def check_same_data(run_dir: Path, labels: pd.Series) -> None:
         data = read_config(run_dir) or {}
     except (OSError, yaml.YAMLError):
         data = {}
-    source = data.get("data") if isinstance(data, dict) else None
+    data = data if isinstance(data, dict) else {}
+    saved = str(data.get("data") or "unknown file")
+    if data.get("label_key"):
+        saved += f", label key {data['label_key']!r}"
     raise ConfigError(
-        f"{run_dir} holds a run of other data ({source or 'unknown file'}); give another "
-        "--name, or remove the folder"
+        f"{run_dir} holds a run of other cells or labels ({saved}); give another --name, or "
+        "remove the folder"
     )
 
 

@@ -52,6 +52,7 @@ from scfmbench.data.io import BUILTIN_DATASETS, load_dataset
 from scfmbench.data.splits import SplitSet, check_design, check_fractions
 from scfmbench.data.validate import DataDiagnostics, ValidatedData
 from scfmbench.data.validate import validate as validate_data
+from scfmbench.embed.options import check_device
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
@@ -279,13 +280,18 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
     SplitError
         A design, fold count or fractions the splits cannot use.
     ConfigError
-        An unknown representation, probe or model, or a model folder that does not exist.
+        An unknown representation, probe, model or device, a model folder that does not
+        exist, or (with models) a GPU this machine does not have.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
+    check_device(config.device)  # the form; a GPU the machine lacks only matters with models
     baseline_methods(config)
     if models:
+        from scfmbench.embed.distributed import resolve_device
         from scfmbench.models import MODELS  # torch and transformers: only when a model is named
+
+        resolve_device(config.device)  # a GPU this machine does not have
     for spec in models:
         if "=" in spec:
             ModelSpec.parse(spec)
@@ -311,14 +317,18 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
     check_writable(run_dir)
     check_same_data(run_dir, validated.labels)
     created = not run_dir.exists()
+    saved_config = run_dir / "config.yaml"
+    previous_config = None if created or not saved_config.is_file() else saved_config.read_text()
     try:
         # distance-based steps (kNN probe, kNN consistency) work in blocks of this many MB
         with sklearn.config_context(working_memory=SKLEARN_WORKING_MEMORY_MB):
             return _execute(config, validated, methods, models, reference, run_dir, progress)
     except ScfmbenchError:
-        # bad input found late: leave nothing half-written
+        # bad input found late: leave nothing half-written, and a finished run as it was
         if created and run_dir.exists():
             shutil.rmtree(run_dir)
+        elif previous_config is not None:
+            write_text(saved_config, previous_config)
         raise
     except KeyboardInterrupt:
         # interrupted: keep every finished stage so that a rerun resumes

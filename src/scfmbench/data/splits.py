@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -434,3 +435,46 @@ def load_or_make_splits(
     )
     save_splits(split_set, directory, labels)
     return split_set, False
+
+
+TRAIN_SIZE_ALL = "all"
+"""The ``train_sizes`` entry that means every training cell (the run's own fit)."""
+
+
+def normalize_train_sizes(values: Any) -> list[int | str]:
+    """Return the sorted, de-duplicated labelled-cells-per-class sizes, ``"all"`` last.
+
+    Parameters
+    ----------
+    values : str or sequence of int/str
+        ``"1,5,all"`` or ``[1, 5, "all"]``; numbers as whole numbers ≥ 1 (``"5"`` or ``5``).
+
+    Returns
+    -------
+    list
+        e.g. ``[1, 5, "all"]``.
+
+    Raises
+    ------
+    ValueError
+        An empty list, or an item that is neither ``all`` nor a whole number ≥ 1.
+    """
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError("train sizes must be a list such as 1,5,10,25,50,all")
+    sizes: set[int] = set()
+    with_all = False
+    for item in items:
+        value = item.strip().lower() if isinstance(item, str) else item
+        if value == TRAIN_SIZE_ALL:
+            with_all = True
+            continue
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"train size {item!r} is not a whole number ≥ 1 or 'all' (labelled cells per "
+                "class); use e.g. --train-sizes 1,5,10,25,50,all"
+            )
+        sizes.add(value)
+    return [*sorted(sizes), *([TRAIN_SIZE_ALL] if with_all else [])]

@@ -16,7 +16,8 @@ import torch
 
 from scfmbench import errors
 from scfmbench.embed.launch import env_world_size
-from scfmbench.errors import ScfmbenchError
+from scfmbench.embed.options import check_device
+from scfmbench.errors import ConfigError, ScfmbenchError
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -31,10 +32,24 @@ def resolve_device(device: str | None) -> torch.device:
     -------
     torch.device
         The device.
+
+    Raises
+    ------
+    ConfigError
+        Not a device setting, or a GPU this machine does not have.
     """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    torch_device = torch.device(check_device(device))
+    if torch_device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (torch_device.index or 0) >= count:
+            found = f"{count} CUDA GPU{'s' if count != 1 else ''}"
+            raise ConfigError(
+                f"device {device!r}: this machine's PyTorch sees {found}; use --device cpu "
+                "or auto" + (f", or cuda:0 … cuda:{count - 1}." if count else ".")
+            )
+    return torch_device
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ all-layer pass and chunked, resumable embedding through the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -51,11 +52,22 @@ ALL_LAYERS_MAX_BYTES = 4 * 2**30
 
 
 def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
-    """bfloat16 / float16 autocast on CUDA; no autocast otherwise."""
+    """bfloat16 / float16 autocast on CUDA; no autocast otherwise (logged once)."""
     check_precision(precision)
     if precision in AUTOCAST_DTYPES and device.type == "cuda":
         return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    if precision in AUTOCAST_DTYPES:
+        _note_float32(precision, device.type)
     return nullcontext()
+
+
+@functools.cache
+def _note_float32(precision: str, device_type: str) -> None:
+    logger.warning(
+        "warning: precision %s applies on a CUDA GPU only; embedding in float32 on %s",
+        precision,
+        device_type,
+    )
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ pooling, batch size, token budget, device, precision, seed, chunk size, all-laye
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -83,6 +84,36 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""Accepted ``device`` settings: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+
+def check_device(device: str) -> str:
+    """Return ``device`` if it is a device setting :data:`DEVICE_PATTERN` accepts.
+
+    The form only: whether this machine has that GPU is checked when the device is resolved
+    (:func:`scfmbench.embed.distributed.resolve_device`).
+
+    Parameters
+    ----------
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns
+    -------
+    str
+        ``device`` unchanged.
+
+    Raises
+    ------
+    ConfigError
+        Any other value.
+    """
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto.")
+    return device
+
+
 def check_chunk_size(chunk_size: int) -> int:
     """Return ``chunk_size`` if it is at least 1.
 
@@ -139,7 +170,7 @@ class EmbedOptions:
     Raises
     ------
     ConfigError
-        An invalid batch size, precision or chunk size.
+        An invalid batch size, precision, device or chunk size.
     """
 
     layer: int | None = None
@@ -156,6 +187,7 @@ class EmbedOptions:
         """Check the values; read a string ``batch_size``."""
         object.__setattr__(self, "batch_size", parse_batch_size(self.batch_size))
         check_precision(self.precision)
+        check_device(self.device)
         check_chunk_size(self.chunk_size)
 
     @classmethod

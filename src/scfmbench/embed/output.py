@@ -16,8 +16,26 @@ import h5py
 import numpy as np
 
 from scfmbench.data.backed import H5adCells
+from scfmbench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = (".npy", ".h5ad")
+"""The embedding files ``embed`` writes: the matrix, or a copy of the data with ``obsm``."""
+
+
+def check_output_file(out: str | Path) -> Path:
+    """Return ``out`` as a path if it ends in one of :data:`OUTPUT_SUFFIXES`.
+
+    Raises
+    ------
+    ConfigError
+        Any other suffix (e.g. ``.csv``, which would get an HDF5 file).
+    """
+    out = Path(out)
+    if out.suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"output {str(out)!r} must end in .npy or .h5ad; e.g. --out emb.npy.")
+    return out
 
 
 class _NpyRows:

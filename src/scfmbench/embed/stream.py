@@ -28,8 +28,8 @@ from scfmbench.embed.cache import EmbeddingCache, cache_key
 from scfmbench.embed.distributed import DistContext, distributed, exchange
 from scfmbench.embed.engine import embed_layers, resolve_layer_pooling
 from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions
-from scfmbench.embed.output import Output, remove_leftovers
-from scfmbench.errors import ConfigError, DataError, ScfmbenchError
+from scfmbench.embed.output import Output, check_output_file, remove_leftovers
+from scfmbench.errors import DataError, ScfmbenchError
 from scfmbench.models.base import FoundationModel
 
 logger = logging.getLogger(__name__)
@@ -244,9 +244,7 @@ def embed_h5ad(
     options = EmbedOptions.pick(locals())  # the settings among the arguments, checked
     options = options.replace(all_layers=all_layers and cache_dir is not None)
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
-    out = Path(out)
-    if out.suffix not in (".npy", ".h5ad"):
-        raise ConfigError(f"output {str(out)!r} must end in .npy or .h5ad; e.g. --out emb.npy.")
+    out = check_output_file(out)
     key = key_added or model.obsm_key
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     with distributed(device) as (ctx, device_name):

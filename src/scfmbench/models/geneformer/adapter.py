@@ -82,7 +82,8 @@ def find_weights(model_dir: Path) -> Path:
             return model_dir / name
     raise CheckpointError(
         f"no weights in {model_dir} (looked for {' and '.join(WEIGHT_FILES)}); download them "
-        "from the Geneformer release or use the random-init control (random_init=True)."
+        "from the Geneformer release, or use the random-init control (--model "
+        "geneformer-random=DIR; random_init=True in Python)."
     )
 
 
@@ -353,8 +354,9 @@ def load_geneformer(
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
+        state = "is a file, not a folder" if model_dir.exists() else "does not exist"
         raise CheckpointError(
-            f"Geneformer model directory {model_dir} does not exist; pass the downloaded "
+            f"Geneformer model directory {model_dir} {state}; pass the downloaded "
             "Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."
         )
     config, raw_config = read_config(model_dir)
