@@ -306,11 +306,20 @@ def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys):
     lo, hi = logreg["held_out"]["ci95"]
     assert lo <= logreg["held_out"]["macro_f1"] <= hi
     assert logreg["random_split"]["ci95"][0] <= logreg["random_split"]["macro_f1"]
+    single = (  # one test set: the percentile interval, not the K-fold t interval
+        "one test set: 2.5% and 97.5% percentiles of a class-stratified bootstrap of its cells "
+        "(cell sampling only; retraining variation is not covered)"
+    )
+    assert metrics["run"]["interval_method"] == block["interval_method"] == single
+    assert metrics["methods"]["pca+logreg"]["summary"]["macro_f1"]["df"] is None
     for report in ("report.md", "results.md"):
         text = (run_dir / report).read_text()
         assert "## Random split vs held-out group" in text
         assert "trained on ['ctrl'], tested on ['stim']" in text
         assert f"| {logreg['drop']:.3f} |" in text
+        assert f"95% intervals: {single}. " in text  # the headline table's note
+        assert f"Held out: 95% intervals: {single}; " in text
+        assert "only 1 held-out group" not in text
     code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
     assert code == 0 and "every statistic matches" in out
 

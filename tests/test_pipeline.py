@@ -65,7 +65,7 @@ def test_metrics_schema(tmp_path, tiny_adata, caplog):
         tiny_adata, out=tmp_path, name="s", n_splits=2, progress=False, figures=False
     )
     doc = json.loads((result.run_dir / "metrics.json").read_text())
-    assert doc["schema_version"] == "2.2"
+    assert doc["schema_version"] == "2.3"
     assert doc["run"]["seeds"] == [42, 43]  # two folds of stratified cross-validation
     assert doc["run"]["design"]["name"] == "cv" and doc["run"]["design"]["n_folds"] == 2
     entry = doc["methods"]["pca+logreg"]

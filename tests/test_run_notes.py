@@ -43,6 +43,12 @@ def test_few_folds_warn_on_stderr_in_metrics_and_beside_the_design(two_folds):
     result, logged = two_folds
     assert result.metrics["run"]["warnings"] == [FEW_FOLDS]
     assert logged == [f"warning: {FEW_FOLDS}"]
+    # as the warning says: every interval uses t with K − 1 = 1 df, whichever variance won
+    for name, entry in result.metrics["methods"].items():
+        dfs = {m: s["df"] for m, s in entry["summary"].items() if "ci95" in s}
+        assert dfs == dict.fromkeys(["accuracy", "macro_f1", "balanced_accuracy"], 1.0) | (
+            {"macro_f1_excl_small": 1.0} if "macro_f1_excl_small" in dfs else {}
+        ), name
     for name in ("results.md", "report.md"):
         text = (result.run_dir / name).read_text()
         design = text.index("2-fold stratified cross-validation")

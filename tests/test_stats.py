@@ -5,10 +5,12 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from scfmbench.evaluation.bootstrap import draw_counts, resample_scores, stratified_samples
 from scfmbench.evaluation.stats import (
+    INTERVAL_METHODS,
     Design,
     bootstrap_p,
     design_estimate,
     holm,
+    interval_method,
     mcnemar_exact,
     paired_comparison,
 )
@@ -142,6 +144,41 @@ def test_cv_interval_formula_by_hand():
     assert estimate.df == 4
     repeated = design_estimate(values, replicates, Design("repeated-cv", 5, 0.25))
     assert repeated.se == pytest.approx(np.sqrt((1 / 5 + 0.25) * between))
+
+
+@pytest.mark.parametrize("name", ["cv", "holdout"])
+def test_k_fold_interval_keeps_t_when_the_bootstrap_variance_is_larger(name):
+    """The within-fold bootstrap floor enlarges the variance but adds no degrees of freedom:
+    3 fold scores that happen to agree still get t with 2 df, never the normal quantile."""
+    from scipy.stats import t
+
+    values = np.array([0.800, 0.801, 0.799])  # agree far more than cell sampling allows
+    replicates = np.random.default_rng(0).normal(values[:, None], 0.02, (3, 400))
+    within = float(np.mean(replicates.var(axis=1, ddof=1)))
+    assert within > values.var(ddof=1)
+    estimate = design_estimate(values, replicates, Design(name, n_folds=3))
+    se = np.sqrt(within / 3)
+    half = t.ppf(0.975, 2) * se  # 4.30 · se (the normal quantile gave 1.96 · se)
+    assert estimate.df == 2
+    assert estimate.se == pytest.approx(se)
+    assert estimate.ci95 == pytest.approx((0.8 - half, 0.8 + half))
+    agreeing = design_estimate(np.array([0.75, 0.8, 0.85]), replicates, Design(name, n_folds=3))
+    assert agreeing.df == 2  # the between-fold variance wins: the same quantile
+
+
+def test_interval_method_names_the_interval_computed():
+    assert interval_method(Design("cv", n_folds=5)) == INTERVAL_METHODS["cv"]
+    assert interval_method(Design("holdout", n_folds=2)) == INTERVAL_METHODS["holdout"]
+    assert interval_method(Design("repeated-cv", n_folds=5)) == INTERVAL_METHODS["repeated-cv"]
+    directed = Design("holdout", n_folds=1)  # one test set: the percentile interval
+    assert interval_method(directed) == (
+        "one test set: 2.5% and 97.5% percentiles of a class-stratified bootstrap of its cells "
+        "(cell sampling only; retraining variation is not covered)"
+    )
+    replicates = np.random.default_rng(1).normal(0.8, 0.02, (1, 400))
+    estimate = design_estimate(np.array([0.8]), replicates, directed)
+    assert estimate.df is None
+    assert estimate.ci95 == pytest.approx(tuple(np.quantile(replicates[0], [0.025, 0.975])))
 
 
 def simulate_folds(rng, *, n_rep, n_cells, n_folds, accuracy, spread, n_methods=1):

@@ -37,9 +37,10 @@ __all__ = [
     "write_metrics",
 ]
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 """Schema version of every ``metrics.json`` written (runs and transfers); 2.2 added
-``skipped``."""
+``skipped``; 2.3 keeps the fields but gives every cv and holdout interval t with K − 1 df
+and names a one-test-set holdout's percentile interval in ``run.interval_method``."""
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 
@@ -170,7 +171,7 @@ class MetricsDocument:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> MetricsDocument:
-        """Read a parsed ``metrics.json`` (schema 1.0, 2.0, 2.1 or 2.2).
+        """Read a parsed ``metrics.json`` (schema 1.0, 2.0, 2.1, 2.2 or 2.3).
 
         Raises
         ------

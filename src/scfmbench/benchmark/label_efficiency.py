@@ -41,11 +41,11 @@ from scfmbench.benchmark.predict import (
 from scfmbench.data.splits import Split, SplitSet
 from scfmbench.evaluation.representations import SplitFeatures
 from scfmbench.evaluation.stats import (
-    INTERVAL_METHODS,
     N_BOOTSTRAP,
     Design,
     _codes,
     design_estimate,
+    interval_method,
 )
 from scfmbench.hashing import hash_json
 from scfmbench.stages import StageStore
@@ -291,7 +291,7 @@ def label_efficiency(
                 np.mean([len(split.train) for split in split_set.splits]) / len(classes)
             ),
             "interval_method": (
-                f"{INTERVAL_METHODS[design.name]}; each fold's test macro F1 is the mean over "
+                f"{interval_method(design)}; each fold's test macro F1 is the mean over "
                 f"the {len(draws)} draws of labelled cells, its bootstrap shared by the draws"
             ),
             "validation": "each fold's validation cells (all labelled) tune every probe, as in "

@@ -19,10 +19,10 @@ from scipy import stats as scipy_stats
 from scfmbench._atomic import write_with
 from scfmbench.evaluation.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.evaluation.stats import (
-    INTERVAL_METHODS,
     MIN_TEST_CELLS,
     Design,
     holm,
+    interval_method,
     method_intervals,
     paired_comparison,
 )
@@ -176,7 +176,7 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     small = small_classes(table, classes)
     run["small_classes"] = small
     run["min_test_cells"] = MIN_TEST_CELLS
-    run["interval_method"] = INTERVAL_METHODS[design.name]
+    run["interval_method"] = interval_method(design)
     found = design_warnings(run["design"])
     if found:
         run["warnings"] = found

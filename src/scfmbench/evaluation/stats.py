@@ -6,12 +6,14 @@ The formulas and their references are in ``docs/statistics.md``. In short, for a
 - ``cv`` (K disjoint folds, one repeat): the mean over folds with variance
   ``max(s², v̄)/J``, where ``v̄`` is the mean within-fold variance of a class-stratified
   bootstrap over test cells (cell sampling) and ``s²`` the variance between folds (cell
-  sampling plus retraining); Student t with J − 1 df when ``s² > v̄``, else normal.
+  sampling plus retraining); Student t with J − 1 df whichever term is larger (``v̄`` only
+  enlarges the variance of the J fold scores; it adds no degrees of freedom).
 - ``repeated-cv`` (R > 1 repeats of K folds): the corrected resampled variance of Nadeau &
   Bengio (2003), ``(1/J + n_test/n_train)·s²`` with J − 1 degrees of freedom (Bouckaert &
   Frank 2004), never below the cell-sampling variance of one repeat.
 - ``holdout`` (one test set per held-out group, disjoint like CV folds): the ``cv`` formula
-  with K = the number of groups; macro F1 averages the classes present in each test set.
+  with K = the number of groups; macro F1 averages the classes present in each test set. A
+  directed shift has one test set: the percentile interval of its bootstrap, as ``study``.
 - ``study`` (overlapping random splits): a percentile bootstrap of the mean over splits,
   each split's cells resampled within class; it holds within those splits only.
 - ``transfer`` (J training seeds, all scored on the same target cells): the target cells are
@@ -53,6 +55,8 @@ INTERVAL_METHODS = {
     "seed-to-seed variance (Welch–Satterthwaite t)",
     "holdout": "held-out groups (disjoint test sets, one per group): max(between-group "
     "variance, class-stratified bootstrap variance within groups) / K, t with K−1 df",
+    "single": "one test set: 2.5% and 97.5% percentiles of a class-stratified bootstrap of "
+    "its cells (cell sampling only; retraining variation is not covered)",
     "study": "within-split only: class-stratified bootstrap of the mean over the study's "
     "overlapping random splits (ignores retraining and overlap)",
 }
@@ -91,6 +95,18 @@ class Design:
         if split_set.design == "holdout":
             return cls("holdout", n_folds=len(split_set.splits), test_train_ratio=ratio)
         return cls("study", n_folds=len(split_set.splits), test_train_ratio=ratio)
+
+
+def interval_method(design: Design) -> str:
+    """Say in words how the 95% intervals of ``design`` are computed.
+
+    ``INTERVAL_METHODS[design.name]``, except that a ``cv`` or ``holdout`` design with one
+    test set (a directed held-out shift) gets the percentile interval
+    (``INTERVAL_METHODS["single"]``), as :func:`design_estimate` computes it.
+    """
+    if design.name in DISJOINT_DESIGNS and design.n_folds == 1:
+        return INTERVAL_METHODS["single"]
+    return INTERVAL_METHODS[design.name]
 
 
 @dataclass(frozen=True)
@@ -182,16 +198,13 @@ def design_estimate(
     else:
         if design.name in DISJOINT_DESIGNS:
             var = max(between, within) / n
-            df = float(n - 1) if between > within else np.inf
         else:  # repeated-cv: Nadeau & Bengio's corrected resampled variance
             var = max((1 / n + design.test_train_ratio) * between, within / design.n_folds)
-            df = float(n - 1)
+        # the bootstrap floor only enlarges the variance: the mean still rests on n test sets
+        df = float(n - 1)
         se = float(np.sqrt(var))
-        quantile = (
-            scipy_stats.norm.ppf(1 - alpha) if np.isinf(df) else scipy_stats.t.ppf(1 - alpha, df)
-        )
+        quantile = scipy_stats.t.ppf(1 - alpha, df)
         lo, hi = mean - quantile * se, mean + quantile * se
-        df = float(df)
     if bounds is not None:
         lo, hi = max(bounds[0], lo), min(bounds[1], hi)
     return Estimate(mean=mean, ci95=(float(lo), float(hi)), se=se, df=df, replicates=boot_mean)

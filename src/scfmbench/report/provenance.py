@@ -40,10 +40,17 @@ def design_text(run: dict[str, Any]) -> str:
 
 
 def _walk_overlap(node: Any, label: str, found: dict[str, dict]) -> None:
-    """Collect gene-overlap records (dicts with ``n_matched``) anywhere in the diagnostics."""
+    """Collect gene-overlap records (dicts with ``n_matched``) anywhere in the diagnostics.
+
+    Each record is keyed by the name it sits under: the model id of ``diagnostics["models"]``
+    (``geneformer-random``, or ``geneformer (pbmc3k)`` in a transfer), which is the row of the
+    models table. The record's own ``model`` field names the tokenizer's family
+    (``geneformer`` for the model and its random-init control alike), so it is used only for a
+    record that sits under no name.
+    """
     if isinstance(node, dict):
         if "n_matched" in node:
-            found.setdefault(node.get("model") or label, node)
+            found.setdefault(label or node.get("model") or "", node)
             return
         for key, value in node.items():
             _walk_overlap(value, str(key) if label in ("", "models") else label, found)

@@ -280,7 +280,8 @@ def caveat_line(metrics: dict[str, Any]) -> str | None:
     """Say what the design lets the intervals and p-values claim, in one line.
 
     The study design's intervals hold within its splits only; a held-out-group design tests
-    under domain shift; few test sets give wide intervals and coarse p-values. None when
+    under domain shift (a directed shift, with one test set, covers cell sampling only); few
+    test sets give wide intervals and coarse p-values. None when
     there is nothing to add.
     """
     run = metrics["run"]
@@ -300,8 +301,17 @@ def caveat_line(metrics: dict[str, Any]) -> str | None:
     if design == "holdout":
         key = (metrics.get("holdout") or {}).get("key")
         where = f" of obs[{key!r}]" if key else ""
-        parts.append(f"each test set is a held-out group{where} (domain shift, not random cells)")
-    if 0 < n_sets < FEW_TEST_SETS:
+        if n_sets == 1:  # a directed shift: the percentile interval of one test set
+            parts.append(
+                f"one test set, the test groups{where} (domain shift, not random cells): "
+                "intervals and p-values cover the cell sampling of one training run only "
+                "(retraining variation is not covered)"
+            )
+        else:
+            parts.append(
+                f"each test set is a held-out group{where} (domain shift, not random cells)"
+            )
+    if 0 < n_sets < FEW_TEST_SETS and not (design == "holdout" and n_sets == 1):
         noun = {"cv": "test fold", "repeated-cv": "test fold", "holdout": "held-out group"}
         parts.append(
             f"only {n_sets} {noun.get(design, 'test split')}{'s' if n_sets > 1 else ''}: "
