@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -265,10 +266,14 @@ def test_control_bf16_checkpointing_class_weights(pbmc_small, tmp_path):
     assert section["tiny-random"]["splits"]["42"]["epochs"] == result.epochs
 
 
-def test_early_stopping(pbmc_small, tmp_path):
+def test_early_stopping(pbmc_small, tmp_path, caplog):
     validated, genes, split = pbmc_small
     config = FinetuneConfig(**{**FAST, "learning_rate": 1e-9, "patience": 1})
-    result = finetune(validated, TinyModel(genes), split, config=config, out_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="scfmbench.finetune.checkpoint"):
+        result = finetune(validated, TinyModel(genes), split, config=config, out_dir=tmp_path)
+    saved = [r.getMessage() for r in caplog.records if "best so far" in r.getMessage()]
+    # the log names the final folder, not the staging one it is written into first
+    assert saved[0] == f"tiny: epoch 1 is the best so far; saved to {tmp_path / 'best'}"
     # nothing is learned, so epoch 2 is no better than epoch 1 and training stops there
     assert [e["epoch"] for e in result.epochs] == [1, 2]
     assert result.stopped_early

@@ -245,6 +245,12 @@ def save_best(
         os.replace(best_dir, old)
     os.replace(staging, best_dir)
     shutil.rmtree(old, ignore_errors=True)
+    logger.info(
+        "%s: epoch %s is the best so far; saved to %s",
+        model.model_id,
+        record.get("epoch"),
+        best_dir,
+    )
 
 
 def load_best_weights(best_dir: Path, module: Classifier) -> None:

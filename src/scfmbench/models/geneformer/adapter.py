@@ -246,7 +246,7 @@ class GeneformerModel(FoundationModel):
         self.network.save_pretrained(directory, safe_serialization=True)
         for source in self.tokenizer.dicts.files.values():
             shutil.copyfile(source, directory / Path(source).name)
-        logger.info("geneformer: saved to %s", directory)
+        logger.debug("geneformer: saved to %s", directory)
 
     def settings(self) -> dict[str, Any]:
         """Return the cache-key settings plus the version and input size."""

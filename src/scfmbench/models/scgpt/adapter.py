@@ -219,7 +219,7 @@ class ScGPTModel(FoundationModel):
             {**self.args, "max_seq_len": self.max_seq_len, "n_bins": self.n_bins},
         )
         write_json(directory / VOCAB_FILE, self.vocab)
-        logger.info("scgpt: saved %d tensors to %s", len(state), directory)
+        logger.debug("scgpt: saved %d tensors to %s", len(state), directory)
 
     def settings(self) -> dict[str, Any]:
         """Return the cache-key settings plus input length, bins and L2 normalization."""
