@@ -313,3 +313,14 @@ def test_half_precision_on_the_cpu_is_logged_once(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "warning: precision bfloat16 applies on a CUDA GPU only; embedding in float32 on cpu"
     ]
+
+
+def test_group_options_are_checked_before_the_data(tmp_path, not_h5ad, capsys):
+    args = ["run", "--data", str(not_h5ad), "--out", str(tmp_path / "runs")]
+    code, _, err = run_cli_in_process([*args, "--train-groups", "ctrl"], capsys)
+    assert code == 2 and "broken" not in err, err
+    assert err.strip().splitlines() == [
+        "error: --train-groups/--test-groups name values of an obs column; add --holdout-key "
+        "COL, e.g. --holdout-key condition --train-groups ctrl --test-groups stim."
+    ]
+    assert not (tmp_path / "runs").exists()

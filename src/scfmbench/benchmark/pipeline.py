@@ -27,7 +27,11 @@ from scfmbench.benchmark.embedding import (
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
-from scfmbench.benchmark.holdout import holdout_splits, random_split_block
+from scfmbench.benchmark.holdout import (
+    check_holdout_options,
+    holdout_splits,
+    random_split_block,
+)
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
 from scfmbench.benchmark.output import (
@@ -272,19 +276,20 @@ def run(
 def check_settings(config: RunConfig, models: list[str]) -> None:
     """Refuse settings a run cannot use before the data are read.
 
-    Checks the split design and fractions, every baseline's representation and probe, and
-    the models named (``NAME`` or ``NAME=DIR``: an unknown model or a missing folder).
+    Checks the split design, fractions and held-out group options, the device, every
+    baseline's representation and probe, and the models named (``NAME`` or ``NAME=DIR``).
 
     Raises
     ------
     SplitError
         A design, fold count or fractions the splits cannot use.
     ConfigError
-        An unknown representation, probe, model or device, a model folder that does not
-        exist, or (with models) a GPU this machine does not have.
+        Group options that do not fit together, an unknown representation, probe, model or
+        device, a missing model folder, or (with models) a GPU the machine does not have.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
+    check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
     check_device(config.device)  # the form; a GPU the machine lacks only matters with models
     baseline_methods(config)
     if models:
