@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import anndata as ad
 import joblib
@@ -216,6 +218,61 @@ def test_ctrl_c_with_workers_keeps_finished_fits_and_resumes(tmp_path, pbmc_subs
     assert set(metrics["methods"]) == {
         "scvi+logreg", "scvi+xgboost", "scvi+knn", "pca+logreg", "majority",
     }  # fmt: skip
+
+
+def test_ctrl_c_while_the_run_works_beside_the_workers_keeps_their_fits(tmp_path, pbmc_subset):
+    """Fits the workers finish while the run does other work (``meanwhile``: embedding
+    scores, layers) are saved as they finish, so Ctrl-C there keeps them; joblib's warning
+    that they were "not used" is not shown, and a rerun reuses them as they are."""
+    config = RunConfig.build(
+        {"out": tmp_path, "baselines": ["pca+logreg", "majority"], "n_jobs": 2}
+    )
+    labels = pbmc_subset.obs["cell_type"].astype("category")
+    inputs = ProbeInputs(
+        config, InMemoryCells.from_adata(pbmc_subset), {}, {}, labels, "data", "counts"
+    )
+    split_set = make_splits(labels, n_splits=2, design="cv")
+    methods = baseline_methods(config, "counts")
+    expected = sorted(
+        f"predict_{name}_seed{split.seed}.json"
+        for name in ("pca__logreg", "majority")
+        for split in split_set.splits
+    )
+    stages_dir = tmp_path / "run" / "stages"
+
+    def saved() -> list[str]:
+        return sorted(p.name for p in stages_dir.glob("*.json")) if stages_dir.exists() else []
+
+    def interrupted_once_every_fit_is_done() -> None:
+        deadline = time.monotonic() + 60
+        while saved() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            predict_all(
+                inputs,
+                split_set,
+                methods,
+                StageStore(tmp_path / "run"),
+                False,
+                meanwhile=interrupted_once_every_fit_is_done,
+            )
+        gc.collect()
+    assert saved() == expected
+    assert [str(w.message) for w in caught if "tasks" in str(w.message)] == []
+
+    rerun = StageStore(tmp_path / "run")
+    resumed = predict_all(inputs, split_set, methods, rerun, False)
+    assert not [name for name in rerun.timings if name.startswith("probe:")]  # nothing fitted
+    alone = predict_all(
+        inputs, split_set, methods, StageStore(tmp_path / "alone"), False
+    )  # uninterrupted, in one process
+    assert list(resumed) == list(alone)
+    for key, prediction in alone.items():
+        assert resumed[key].to_payload() == prediction.to_payload(), key
 
 
 def test_group_bytes_bounds_the_widest_representation():

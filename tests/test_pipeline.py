@@ -53,11 +53,74 @@ def test_rerun_with_fewer_methods_keeps_only_its_own_figures(tmp_path, tiny_adat
     options = {"out": tmp_path, "name": "f", "n_splits": 2, "progress": False, "n_jobs": 1}
     first = scfmbench.run(tiny_adata, baselines=["pca+logreg", "hvg+logreg"], **options)
     figures = first.run_dir / "figures"
-    drawn = {p.name for p in figures.glob("*.png")}
-    assert {"confusion_hvg__logreg.png", "confusion_pca__logreg.png", "umap_pca.png"} <= drawn
+    assert sorted(p.name for p in figures.glob("*.png")) == [
+        "confusion_hvg__logreg.png",
+        "confusion_pca__logreg.png",
+        "forest_macro_f1.png",
+        "umap_pca.png",
+    ]
     second = scfmbench.run(tiny_adata, baselines=["pca+logreg"], **options)
-    assert {p.name for p in figures.glob("*.png")} == drawn - {"confusion_hvg__logreg.png"}
+    # one method: nothing to compare, so no forest plot either
+    assert sorted(p.name for p in figures.glob("*.png")) == [
+        "confusion_pca__logreg.png",
+        "umap_pca.png",
+    ]
     assert list(second.metrics["methods"]) == ["pca+logreg"]
+
+
+def test_rerun_without_a_model_or_sweep_keeps_only_its_own_figures(tmp_path, pbmc3k, shared_dir):
+    """Every figure the rerun does not draw goes (a model's layer curve, the label-efficiency
+    curves), while the figures' stage records stay for reuse; a run without figures keeps
+    none of an earlier run's."""
+    from tests._geneformer_factory import write_checkpoint
+
+    folder, _ = write_checkpoint(tmp_path / "gf", shared_dir, version="V2")
+    options = {
+        "out": tmp_path / "runs",
+        "name": "f",
+        "n_splits": 2,
+        "baselines": ["pca+logreg"],
+        "probes": ["logreg"],
+        "min_cells_per_class": 10,
+        "progress": False,
+        "n_jobs": 1,
+    }
+    data = pbmc3k[:300].copy()
+    first = scfmbench.run(
+        data,
+        models=[f"geneformer-random={folder}"],
+        train_sizes=[5, "all"],
+        train_size_seeds=1,
+        **options,
+    )
+    figures = first.run_dir / "figures"
+    assert sorted(p.name for p in figures.glob("*")) == [
+        "confusion_geneformer-random__logreg.png",
+        "confusion_pca__logreg.png",
+        "forest_macro_f1.png",
+        "label_efficiency.png",
+        "layers_geneformer-random.png",
+        "umap_geneformer-random.png",
+        "umap_pca.png",
+    ]
+    records = sorted(p.name for p in (first.run_dir / "stages").glob("figure_*.json"))
+    assert records == [
+        "figure_confusion_geneformer-random__logreg.json",
+        "figure_confusion_pca__logreg.json",
+        "figure_forest_macro_f1.json",
+    ]
+
+    scfmbench.run(data, **options)
+    assert sorted(p.name for p in figures.glob("*")) == [
+        "confusion_pca__logreg.png",
+        "umap_pca.png",
+    ]
+    assert sorted(p.name for p in (first.run_dir / "stages").glob("figure_*.json")) == records
+    report = scfmbench.write_report(first.run_dir).read_text()
+    assert "layers_" not in report and "label_efficiency.png" not in report
+
+    scfmbench.run(data, figures=False, **options)
+    assert sorted(p.name for p in figures.glob("*")) == []
 
 
 def test_metrics_schema(tmp_path, tiny_adata, caplog):

@@ -26,7 +26,8 @@ class StageStore:
     """JSON records under ``<run>/stages/``: ``{"key": inputs hash, "payload": …}``."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.root = Path(run_dir) / "stages"
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "stages"
         self.timings: dict[str, float] = {}
         self.details: dict[str, dict[str, float]] = {}
         self.worker_cpu_seconds = 0.0

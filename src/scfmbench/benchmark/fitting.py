@@ -13,8 +13,10 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import joblib
@@ -162,10 +164,13 @@ def _fit_group(
     group: FitGroup,
     classes: list[str],
     keep_width: float,
+    run_dir: Path,
     stages: StageStore | None = None,
 ) -> GroupResult:
     """Build the group's representation once and fit / predict each of its methods.
 
+    Each prediction is saved to ``run_dir``'s stages as soon as it is made, here as in a
+    worker, so that a run interrupted while it does other work keeps every finished fit.
     Times go to ``stages`` (this process), or, in a worker, back with the result. BLAS and
     OpenMP run on one thread, here as in a worker, so that the sums inside (e.g. of
     scikit-learn's logistic loss) are added in the same order and the results do not
@@ -173,7 +178,7 @@ def _fit_group(
     ``keep_width`` columns comes back with the predictions (0: none).
     """
     with threadpool_limits(limits=1):
-        return _fit_group_on_one_thread(inputs, group, classes, keep_width, stages)
+        return _fit_group_on_one_thread(inputs, group, classes, keep_width, run_dir, stages)
 
 
 def _fit_group_on_one_thread(
@@ -181,33 +186,34 @@ def _fit_group_on_one_thread(
     group: FitGroup,
     classes: list[str],
     keep_width: float,
+    run_dir: Path,
     stages: StageStore | None,
 ) -> GroupResult:
-    timer = StageStore(inputs.config.out) if stages is None else stages  # only its clocks
+    store = StageStore(run_dir) if stages is None else stages
     code_of = {c: i for i, c in enumerate(classes)}
     first = group.methods[0]
-    with timer.timed(f"features:{first.representation}"):
+    with store.timed(f"features:{first.representation}"):
         feats = inputs.features(first, group.split)
     predictions = []
-    for method in group.methods:
-        with timer.timed(f"probe:{method.name}"):
-            predictions.append(
-                fit_and_predict_features(
-                    method,
-                    feats,
-                    inputs.labels,
-                    group.split,
-                    code_of,
-                    classes,
-                    grid=probe_grid(method.probe, inputs.config),
-                )
+    for method, key in zip(group.methods, group.keys, strict=True):
+        with store.timed(f"probe:{method.name}"):
+            prediction = fit_and_predict_features(
+                method,
+                feats,
+                inputs.labels,
+                group.split,
+                code_of,
+                classes,
+                grid=probe_grid(method.probe, inputs.config),
             )
+        store.save(prediction_stage(method, group.split), key, prediction.to_payload())
+        predictions.append(prediction)
     kept = feats if first.model is None and feats.train.shape[1] <= keep_width else None
     if stages is not None:  # timed on the run's own store
         return GroupResult(group, predictions, {}, kept)
     timings = {
-        name: (seconds, timer.details[name]["cpu_seconds"])
-        for name, seconds in timer.timings.items()
+        name: (seconds, store.details[name]["cpu_seconds"])
+        for name, seconds in store.timings.items()
     }
     return GroupResult(group, predictions, timings, kept, peak_rss_mb())
 
@@ -242,6 +248,12 @@ def _groups(
     return sorted(pending.values(), key=lambda g: g.rank)
 
 
+UNUSED_RESULTS_WARNING = r"\d+ tasks (have been successfully executed|which were still being)"
+"""joblib's warning when its generator of results is closed early (on Ctrl-C): the fits it
+calls unused are saved by the workers, and a rerun reuses them."""
+
+
+@contextmanager
 def _results(
     inputs: ProbeInputs,
     groups: list[FitGroup],
@@ -249,14 +261,16 @@ def _results(
     keep_width: float,
     workers: int,
     stages: StageStore,
-) -> Iterator[GroupResult]:
-    """Return the groups' results, each as it is done.
+) -> Iterator[Iterator[GroupResult]]:
+    """Yield an iterator over the groups' results, each as it is done.
 
     With ``workers`` > 1 the worker processes start on the groups now and go on while this
     process does other work; in this process each group is fitted as the iterator is read.
+    On leaving the block early (Ctrl-C) the workers are stopped.
     """
     if workers == 1:
-        return (_fit_group(inputs, group, classes, keep_width, stages) for group in groups)
+        yield (_fit_group(inputs, g, classes, keep_width, stages.run_dir, stages) for g in groups)
+        return
     if isinstance(inputs.cells, BackedCells):  # no progress bars from the workers
         inputs = dataclasses.replace(
             inputs, cells=dataclasses.replace(inputs.cells, progress=False)
@@ -264,8 +278,16 @@ def _results(
     # idle workers leave after a second, so that their exit overlaps the run's remaining work
     with joblib.parallel_config(backend="loky", idle_worker_timeout=IDLE_WORKER_TIMEOUT_S):
         parallel = joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
-        done = parallel(joblib.delayed(_fit_group)(inputs, g, classes, keep_width) for g in groups)
-    return (cast(GroupResult, result) for result in done)
+        done = parallel(
+            joblib.delayed(_fit_group)(inputs, g, classes, keep_width, stages.run_dir)
+            for g in groups
+        )
+    try:
+        yield (cast(GroupResult, result) for result in done)
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=UNUSED_RESULTS_WARNING)
+            cast(Generator, done).close()  # a no-op once every result was read
 
 
 def predict_all(
@@ -281,8 +303,9 @@ def predict_all(
 
     A baseline representation is built once per split for every method that uses it
     (pca+logreg and pca+xgboost share one PCA). With ``inputs.config.n_jobs`` other than 1
-    the groups run in that many worker processes, each result saved as soon as it is done
-    (an interrupted run keeps them); the predictions are the same for every ``n_jobs``.
+    the groups run in that many worker processes; the predictions are the same for every
+    ``n_jobs``. Each prediction is saved as soon as it is made, where it is made (an
+    interrupted run keeps them, and a rerun reuses them).
     The ``features:``/``probe:`` timings then hold the workers' seconds, summed, and stage
     ``probes`` the wall time from the workers' start to the last fit (``meanwhile``
     included).
@@ -305,7 +328,7 @@ def predict_all(
     meanwhile : callable, optional
         Other work of the run, independent of the fits, done in this process while the
         workers fit (before the fits when they run here). Fits the workers finish in the
-        meantime are saved when it returns.
+        meantime are saved as they finish, so Ctrl-C during it keeps them.
 
     Returns
     -------
@@ -321,27 +344,26 @@ def predict_all(
     keep_width: float = 0.0  # none kept
     if keep_features is not None:
         keep_width = math.inf if keep_features.max_width is None else keep_features.max_width
-    results = _results(inputs, groups, classes, keep_width, workers, stages)
-    if meanwhile is not None:
-        before = time.process_time()
-        meanwhile()
-        cpu += time.process_time() - before  # not the fits' time: its own stages time it
     workers_peak = 0.0
-    with tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress) as bar:
-        for result in results:
-            group = result.group
-            workers_peak = max(workers_peak, result.peak_rss_mb)
-            for method, key, prediction in zip(
-                group.methods, group.keys, result.predictions, strict=True
-            ):
-                stages.save(prediction_stage(method, group.split), key, prediction.to_payload())
-                done[(method.name, group.split.seed)] = prediction
-            for name, (seconds, cpu_seconds) in result.timings.items():
-                stages.add(name, seconds, cpu_seconds)
-            if keep_features is not None and result.features is not None:
-                keep_features[(group.methods[0].representation, group.split.seed)] = result.features
-            bar.update(len(group.methods))
-            bar.set_postfix_str(f"{group.methods[-1].name} seed {group.split.seed}")
+    with _results(inputs, groups, classes, keep_width, workers, stages) as results:
+        if meanwhile is not None:
+            before = time.process_time()
+            meanwhile()
+            cpu += time.process_time() - before  # not the fits' time: its own stages time it
+        with tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress) as bar:
+            for result in results:  # each prediction is saved already, where it was made
+                group = result.group
+                workers_peak = max(workers_peak, result.peak_rss_mb)
+                for method, prediction in zip(group.methods, result.predictions, strict=True):
+                    done[(method.name, group.split.seed)] = prediction
+                for name, (seconds, cpu_seconds) in result.timings.items():
+                    stages.add(name, seconds, cpu_seconds)
+                if keep_features is not None and result.features is not None:
+                    keep_features[(group.methods[0].representation, group.split.seed)] = (
+                        result.features
+                    )
+                bar.update(len(group.methods))
+                bar.set_postfix_str(f"{group.methods[-1].name} seed {group.split.seed}")
     if workers > 1:
         elapsed = time.perf_counter() - started
         stages.add("probes", elapsed, time.process_time() - cpu, worker=False)

@@ -484,6 +484,10 @@ def _execute(
             from scfmbench.report.write import write_figures
 
             write_figures(run_dir, metrics, stages=stages)
+    else:  # an earlier run's figures in the folder are not this run's
+        from scfmbench.report.write import remove_stale_figures
+
+        remove_stale_figures(run_dir, None)
     stages.timings["total"] = time.perf_counter() - started
     cpu_seconds = time.process_time() - started_cpu + stages.worker_cpu_seconds
     stages.note("total", cpu_seconds=round(cpu_seconds, 3))

@@ -37,6 +37,7 @@ __all__ = [
     "build_sections",
     "load_run",
     "markdown_table",
+    "remove_stale_figures",
     "results_table",
     "write_figures",
     "write_report",
@@ -187,7 +188,8 @@ def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore)
 
     The forest plot shows Δ macro F1 vs the best baseline; UMAPs come from the
     embedding-scores stage instead. A figure whose data did not change since it was drawn
-    (recorded in ``stages``) is kept as is.
+    (recorded in ``stages``) is kept as is; one the run's report does not show (drawn by an
+    earlier run in the folder) is removed (:func:`remove_stale_figures`).
 
     Parameters
     ----------
@@ -216,19 +218,38 @@ def write_figures(run_dir: Path, metrics: dict[str, Any], *, stages: StageStore)
             title=f"{name} — test split seed {first_seed}",
         )
         stages.save(f"figure_{path.stem}", key, str(path.name))
-    _remove_stale_figures(figures, metrics)
+    remove_stale_figures(Path(run_dir), metrics)
 
 
-def _remove_stale_figures(figures: Path, metrics: dict[str, Any]) -> None:
-    """Remove the confusion matrices and UMAPs of methods and views this run does not have.
+def remove_stale_figures(run_dir: Path, metrics: dict[str, Any] | None) -> list[str]:
+    """Remove every figure under ``run_dir / "figures"`` that the run's report does not show.
 
-    They were drawn by an earlier run in the same folder with other methods (e.g. before
-    ``--no-scvi``); the report would not show them, but the folder would still hold them.
+    They were drawn by an earlier run in the same folder (other methods or models, before
+    ``--no-scvi``, a label-efficiency sweep or layer-wise probes this run left out); the
+    report would not show them, but the folder would still hold them. The figures' stage
+    records are kept: a rerun that draws one again with the same data reuses it.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder.
+    metrics : dict or None
+        The run's ``metrics.json``: the figures :func:`build_sections` shows from
+        ``figures/`` are kept. None, for a run that draws no figures: none are kept.
+
+    Returns
+    -------
+    list of str
+        The names of the figures removed, sorted.
     """
-    kept = {f"confusion_{safe_name(name)}.png" for name in metrics["methods"]}
-    for view in (metrics.get("embeddings") or {}).values():
-        kept |= {Path(view[k]).name for k in ("umap_png", "umap_batch_png") if view.get(k)}
-    for pattern in ("confusion_*.png", "umap_*.png"):
-        for path in figures.glob(pattern):
-            if path.name not in kept:
-                path.unlink()
+    figures = Path(run_dir) / "figures"
+    shown: set[str] = set()
+    if metrics is not None:
+        sections = build_sections(metrics, run_dir=Path(run_dir))
+        shown = {figure.rel for section in sections for figure in section.figures}
+    removed = sorted(p.name for p in figures.glob("*.png") if f"figures/{p.name}" not in shown)
+    for name in removed:
+        (figures / name).unlink()
+    if removed:
+        logger.info("removed %d figure(s) this run does not draw: %s", len(removed), removed)
+    return removed
