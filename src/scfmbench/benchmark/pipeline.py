@@ -27,11 +27,7 @@ from scfmbench.benchmark.embedding import (
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
-from scfmbench.benchmark.holdout import (
-    check_holdout_options,
-    holdout_splits,
-    random_split_block,
-)
+from scfmbench.benchmark.holdout import check_holdout_options, holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
 from scfmbench.benchmark.output import (
