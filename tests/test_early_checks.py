@@ -287,6 +287,7 @@ def test_a_failed_rerun_leaves_the_finished_run_as_it_was(make_scgpt_dir, tmp_pa
     assert code == 0, err
     run_dir = tmp_path / "runs" / "r"
     saved = (run_dir / "config.yaml").read_text()
+    assert yaml.safe_load(saved)["label_key"] == "cell_type"  # the key detected, not null
     metrics = (run_dir / "metrics.json").read_text()
     model = ["--model", f"scgpt-random={make_scgpt_dir(weights=False)}", "--gene-column", "nope"]
     model += ["--allow-feature-selected"]

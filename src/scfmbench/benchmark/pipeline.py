@@ -371,7 +371,8 @@ def _execute(
 ) -> RunResult:
     started, started_cpu = time.perf_counter(), time.process_time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", config.to_yaml())
+    saved = config.model_copy(update={"label_key": validated.diagnostics.label_key})
+    write_text(run_dir / "config.yaml", saved.to_yaml())  # with the label key it detected
     stages = StageStore(run_dir)
     labels = validated.labels
     cells = run_cells(validated)
