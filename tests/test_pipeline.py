@@ -7,6 +7,7 @@ import pytest
 
 import scfmbench
 from scfmbench import ConfigError, RunConfig
+from scfmbench.data.splits import load_splits
 
 
 def strip_timings(path):
@@ -141,6 +142,14 @@ def test_metrics_schema(tmp_path, tiny_adata, caplog):
     assert {"balanced_accuracy", "macro_f1_excl_small"} <= set(entry["summary"])
     # every C from 1e-4 up separates the tiny data: the first (an edge of the grid) is kept
     assert split["params"] == {"C": 1e-4} and split["on_grid_edge"] is True
+    # what the features were built from: 40 genes (fewer than n_hvg), and PCs capped by the
+    # training cells (n_train − 1 < 50 asked)
+    n_train = len(
+        load_splits(result.run_dir / "splits", tiny_adata.obs["cell_type"]).splits[0].train
+    )
+    assert split["features"] == {"n_genes": 40, "n_pcs": min(50, n_train - 1, 40)}
+    assert doc["methods"]["hvg+logreg"]["splits"]["42"]["features"] == {"n_genes": 40}
+    assert doc["methods"]["majority"]["splits"]["42"]["features"] == {}
     assert (
         "pca+logreg: the probe's best validation setting is on the edge of its grid in 2 of 2 "
         "splits (C=0.0001 in 2); a wider grid might score better."

@@ -117,6 +117,7 @@ def build_metrics(
                 "val_macro_f1": prediction.val_macro_f1,
                 "on_grid_edge": prediction.on_grid_edge,
                 "n_unassigned": prediction.n_unassigned,
+                "features": prediction.features,  # e.g. n_pcs used; scVI's epochs, transductive
             }
         doc["methods"][method.name] = {
             "kind": method.kind,
