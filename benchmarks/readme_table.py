@@ -467,6 +467,23 @@ RELEASED = {
 }
 
 
+GPU_MODEL_FIGURES = (
+    (
+        "flop_fraction_bf16",
+        "flop_fraction_gpu",
+        "bf16 forward FLOP rate / the card's bf16 `torch.mm` rate",
+        "{:.2f}",
+    ),
+    (
+        "bf16_cosine_min",
+        "bf16_cosine_min",
+        "bf16 vs fp32 embeddings, smallest per-cell cosine",
+        "{:.5f}",
+    ),
+)
+"""Per model: the figure's key, its target's key, what it is, its format (higher is better)."""
+
+
 def gpu_rows(docs: Docs) -> list[Row]:
     """``gpu_check.sh`` on a CUDA card (``gpu_check_<card>.json``, the CPU form left out): per
     model the bf16 FLOP fraction of the card's bf16 ``torch.mm`` rate and the smallest bf16 vs
@@ -479,30 +496,18 @@ def gpu_rows(docs: Docs) -> list[Row]:
         cells = f"{doc['n_cells']:,} PBMC3k cells" if _number(doc.get("n_cells")) else "PBMC3k"
         for model, entry in doc.get("models", {}).items():
             shape = f"{RELEASED.get(model, model)} shape, random weights, {cells}"
-            fraction, cosine = entry.get("flop_fraction_bf16"), entry.get("bf16_cosine_min")
-            goal = targets.get("flop_fraction_gpu")
-            if _number(fraction) and _number(goal):
-                met = "met" if fraction >= goal else "not met"
-                rows.append(
-                    Row(
-                        f"{card}: bf16 forward FLOP rate / the card's bf16 `torch.mm` rate "
-                        f"({shape})",
-                        f"{fraction:.2f}",
-                        f"≥ {goal:g}: {met}",
-                        (name,),
+            for key, goal_key, what, fmt in GPU_MODEL_FIGURES:
+                figure, goal = entry.get(key), targets.get(goal_key)
+                if _number(figure) and _number(goal):
+                    met = "met" if figure >= goal else "not met"
+                    rows.append(
+                        Row(
+                            f"{card}: {what} ({shape})",
+                            fmt.format(figure),
+                            f"≥ {goal:g}: {met}",
+                            (name,),
+                        )
                     )
-                )
-            goal = targets.get("bf16_cosine_min")
-            if _number(cosine) and _number(goal):
-                met = "met" if cosine >= goal else "not met"
-                rows.append(
-                    Row(
-                        f"{card}: bf16 vs fp32 embeddings, smallest per-cell cosine ({shape})",
-                        f"{cosine:.5f}",
-                        f"≥ {goal:g}: {met}",
-                        (name,),
-                    )
-                )
         finetune = doc.get("finetune", {})
         found = _finetune_ratio(finetune)
         if found:
