@@ -279,8 +279,8 @@ def finetune_vs_trainer(tmp: Path, *, cuda: bool) -> dict:
     else:
         command += ["--steps", "2", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"error": done.stderr[-2000:]}
+    if done.returncode != 0:  # recorded by guarded(), as for the other parts
+        raise RuntimeError(f"exit status {done.returncode}: {done.stderr[-2000:]}")
     return json.loads(out.read_text())
 
 
