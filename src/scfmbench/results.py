@@ -39,8 +39,8 @@ __all__ = [
 
 SCHEMA_VERSION = "2.3"
 """Schema version of every ``metrics.json`` written (runs and transfers); 2.2 added
-``skipped``; 2.3 keeps the fields but gives every cv and holdout interval t with K − 1 df
-and names a one-test-set holdout's percentile interval in ``run.interval_method``."""
+``skipped``; 2.3 adds each split's ``features``, gives every cv and holdout interval t with
+K − 1 df and names a one-test-set holdout's percentile interval in ``run.interval_method``."""
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 
