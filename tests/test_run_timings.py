@@ -172,6 +172,32 @@ def test_umap_of_more_than_8192_cells():
     assert coords.shape == (8200, 2) and np.isfinite(coords).all()
 
 
+@pytest.mark.parametrize(("n_blobs", "expected"), [(1, "spectral"), (3, "spectral"), (40, "pca")])
+def test_umap_starts_from_pca_when_the_graph_falls_apart(n_blobs, expected):
+    """Far-apart blobs of 30 cells are as many components of UMAP's graph: up to 4 keep
+    scanpy's spectral start, 40 start from the principal components (and still lay out)."""
+    import anndata
+    import scanpy as sc
+
+    from scfmbench.report.figures import umap_coordinates, umap_start
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(n_blobs, 5)) * 1000
+    points = (np.repeat(centres, 30, axis=0) + rng.normal(size=(30 * n_blobs, 5))).astype(
+        np.float32
+    )
+    holder = anndata.AnnData(np.zeros((len(points), 1), dtype=np.float32))
+    holder.obsm["X_rep"] = points
+    sc.pp.neighbors(holder, use_rep="X_rep", transformer="sklearn", random_state=0)
+    assert umap_start(holder.obsp["connectivities"], len(points)) == expected
+    coords = umap_coordinates(points, seed=0)
+    assert coords.shape == (len(points), 2) and np.isfinite(coords).all()
+    if n_blobs == 40:  # umap-learn's PCA start: the layout keeps the blobs apart
+        blob = np.repeat(np.arange(n_blobs), 30)
+        spread = max(np.ptp(coords[blob == b], axis=0).max() for b in range(n_blobs))
+        assert spread < np.ptp(coords, axis=0).max() / 4
+
+
 def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata):
     """torch and transformers take seconds to import: the CLI and a run without a model (and
     without scVI, which trains with torch) never load them."""
