@@ -214,3 +214,32 @@ def test_early_stopping_prints_nothing(tiny_adata, capfd, caplog):
     assert features.info["epochs"] < 200  # early stopping ended the fit
     assert capfd.readouterr().out == ""
     assert any("Signaling Trainer to stop" in r.getMessage() for r in caplog.records)
+
+
+def test_quiet_training_plan_trains_the_same_weights(tiny_adata, monkeypatch):
+    """Without the per-step training logs the fit, its early stop and the latent space are
+    those of scvi-tools' own plan, bit for bit; the validation ELBO is still logged."""
+    import scvi.train
+
+    import scfmbench.evaluation.scvi as module
+
+    logged = []
+    log = scvi.train.TrainingPlan.log
+
+    def counting(self, name, *args, **kwargs):
+        logged.append(name)
+        return log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(scvi.train.TrainingPlan, "log", counting)
+    cells = InMemoryCells.from_adata(tiny_adata)
+    split = stratified_split(tiny_adata.obs["cell_type"], seed=0, fractions=(0.6, 0.2, 0.2))
+    options = ScviOptions(**{**FAST, "max_epochs": 40}, patience=2)
+    quiet = module.scvi_features(cells, split, kind="counts", seed=3, scvi=options)
+    quiet_logged, logged[:] = list(logged), []
+    monkeypatch.setattr(module, "_quiet_plan_class", lambda: scvi.train.TrainingPlan)
+    stock = module.scvi_features(cells, split, kind="counts", seed=3, scvi=options)
+    for a, b in ((quiet.train, stock.train), (quiet.val, stock.val), (quiet.test, stock.test)):
+        np.testing.assert_array_equal(a, b)
+    assert quiet.info == stock.info and quiet.info["epochs"] < 40  # stopped early, alike
+    assert "train_loss" in logged and "train_loss" not in quiet_logged
+    assert "elbo_validation" in quiet_logged
