@@ -264,9 +264,12 @@ def test_ctrl_c_while_the_run_works_beside_the_workers_keeps_their_fits(tmp_path
     assert saved() == expected
     assert [str(w.message) for w in caught if "tasks" in str(w.message)] == []
 
+    # a worker stopped mid-write leaves its hidden temporary file: the rerun removes it
+    (stages_dir / f".{expected[0]}.k3x9q_1z.tmp").write_text('{"key": "half')
     rerun = StageStore(tmp_path / "run")
     resumed = predict_all(inputs, split_set, methods, rerun, False)
     assert not [name for name in rerun.timings if name.startswith("probe:")]  # nothing fitted
+    assert sorted(p.name for p in stages_dir.iterdir()) == expected
     alone = predict_all(
         inputs, split_set, methods, StageStore(tmp_path / "alone"), False
     )  # uninterrupted, in one process

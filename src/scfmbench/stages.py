@@ -51,6 +51,20 @@ class StageStore:
         """Store ``payload`` of stage ``name`` as made from inputs ``key`` (atomically)."""
         write_json(self._path(name), {"key": key, "payload": payload})
 
+    def remove_unfinished(self) -> list[str]:
+        """Remove the temporary files of writes that never finished, and return their names.
+
+        A record is written to a hidden ``.<name>.json.*.tmp`` beside it and renamed into
+        place; a worker process stopped in between (joblib ends its workers on Ctrl-C) leaves
+        the temporary file behind. Call it before this store's workers start.
+        """
+        if not self.root.is_dir():
+            return []
+        leftovers = sorted(self.root.glob(".*.tmp"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return [path.name for path in leftovers]
+
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         """Add the block's wall seconds to stage ``name``.

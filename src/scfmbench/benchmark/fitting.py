@@ -336,6 +336,7 @@ def predict_all(
         ``{(method name, split seed): Prediction}``, splits in order, methods in order.
     """
     classes = list(inputs.labels.cat.categories)
+    stages.remove_unfinished()  # of workers an earlier, interrupted run stopped mid-write
     done: Predictions = {}
     groups = _groups(inputs, split_set, methods, stages, done)
     n_fits = sum(len(group.methods) for group in groups)
