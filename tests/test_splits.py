@@ -50,6 +50,22 @@ def test_saved_and_reused(tmp_path):
     assert [list(s.test) for s in again.splits] == [list(s.test) for s in made.splits]
 
 
+def test_fewer_folds_remove_the_earlier_folds_files(tmp_path):
+    labels = labels_of({"A": 30, "B": 30})
+    options = {"seed": 42, "fractions": (0.8, 0.1, 0.1), "design": "cv"}
+    load_or_make_splits(tmp_path, labels, n_splits=5, **options)
+    assert len(list(tmp_path.glob("split_seed*.tsv"))) == 5
+    fewer, reused = load_or_make_splits(tmp_path, labels, n_splits=3, **options)
+    assert not reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "split_seed42.tsv",
+        "split_seed43.tsv",
+        "split_seed44.tsv",
+        "splits.json",
+    ]
+    assert load_splits(tmp_path, labels).seeds == fewer.seeds == [42, 43, 44]
+
+
 def test_saved_splits_refuse_other_data(tmp_path):
     labels = labels_of({"A": 30, "B": 30})
     load_or_make_splits(tmp_path, labels, n_splits=1, seed=42, fractions=(0.8, 0.1, 0.1))

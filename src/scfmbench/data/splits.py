@@ -323,7 +323,8 @@ def save_splits(
     """Write ``split_seed<S>.tsv`` (cell, label, set) per split and ``splits.json``.
 
     ``extra`` holds more JSON entries for ``splits.json``, e.g. the ``holdout`` settings; a
-    cell in no set has an empty ``set``.
+    cell in no set has an empty ``set``. Split files of an earlier design in ``directory``
+    that ``split_set`` does not have are removed.
     """
     directory = Path(directory)
     files = {}
@@ -345,6 +346,10 @@ def save_splits(
     }
     index["content_hash"] = hash_json(index)
     write_json(directory / "splits.json", index)
+    kept = {entry["file"] for entry in files.values()}
+    for stale in directory.glob("split_seed*.tsv"):  # an earlier design's folds, not listed
+        if stale.name not in kept:
+            stale.unlink()
 
 
 def load_splits(directory: Path, labels: pd.Series) -> SplitSet:
