@@ -345,7 +345,10 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_n_jobs(cls, value: int) -> int:
         if value == 0:
-            raise ValueError("n_jobs must be a number of processes (1, 2, …) or -1 for every core.")
+            raise ValueError(
+                "n_jobs must be a number of processes (1, 2, …) or, as in scikit-learn, -1 for "
+                "every core, -2 for all but one, …"
+            )
         return value
 
     @field_validator("baselines")

@@ -19,7 +19,7 @@ Which models refuse it follows from how each tokenizer uses the gene set:
   genes; a subset still lowers its total-count tokens, so its scores carry a warning.
 
 Both Geneformer and scGPT were pretrained on whole transcriptomes: about 12,000 of PBMC3k's
-13,714 genes match their vocabularies (Geneformer 11,965, scGPT 12,300), against 2,000 in
+13,714 genes match their vocabularies (Geneformer V1 12,184, scGPT 12,300), against 2,000 in
 the study's highly-variable-gene set-up.
 """
 
