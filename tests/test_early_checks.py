@@ -325,3 +325,49 @@ def test_group_options_are_checked_before_the_data(tmp_path, not_h5ad, capsys):
         "COL, e.g. --holdout-key condition --train-groups ctrl --test-groups stim."
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_a_model_refuses_leave_every_folder_as_it_was(tmp_path, shared_dir, capsys):
+    """Log-normalized values, which Geneformer refuses, are refused before anything is
+    written: a rerun in a finished run's folder keeps its splits, and `finetune` leaves no
+    folder. `finetune` takes the --allow-normalized its message names."""
+    import scanpy as sc
+
+    from tests._geneformer_factory import write_checkpoint
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    adata = labelled_adata()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    data = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(data)
+    model = f"geneformer={write_checkpoint(tmp_path / 'gf', shared_dir)[0]}"
+    common = ["--out", str(tmp_path / "runs"), "-q"]
+    run = ["run", "--data", str(data), "--name", "r", "--n-splits", "2", *common]
+    code, _, err = run_cli_in_process(run, capsys)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "r"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with_model = ["--model", model, "--allow-feature-selected"]  # the tiny data have 40 genes
+    rerun = ["run", "--data", str(data), "--name", "r", *with_model, *common]  # 5 folds
+    code, _, err = run_cli_in_process(rerun, capsys)
+    message = "error: geneformer needs raw integer counts but adata.X holds log-normalized"
+    assert code == 2 and err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1
+    assert "or set --allow-normalized to proceed anyway." in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    finetune = ["finetune", str(data), "--model", model, "--name", "f", *common]
+    code, _, err = run_cli_in_process(finetune, capsys)
+    assert code == 2 and err.startswith(message), err
+    assert not (tmp_path / "runs" / "f").exists()
+    code, _, err = run_cli_in_process([*finetune, "--allow-normalized", "--epochs", "x"], capsys)
+    assert code == 2 and "--allow-normalized" not in err and "--epochs" in err, err
+
+    label_map = tmp_path / "same.yaml"
+    label_map.write_text(yaml.safe_dump({c: c for c in adata.obs["cell_type"].unique()}))
+    transfer = ["transfer", "--train", str(data), "--test", str(data), "--labels", str(label_map)]
+    transfer += [*with_model, "--name", "t", *common]
+    code, _, err = run_cli_in_process(transfer, capsys)
+    assert code == 2 and err.startswith(message), err
+    assert not (tmp_path / "runs" / "t").exists()

@@ -176,13 +176,26 @@ def test_baseline_only_run_is_unaffected(hvg_file, quick_yaml, tmp_path, capsys,
     assert not any("warnings" in entry for entry in metrics["methods"].values())
 
 
-def test_validate_lists_the_refusal(hvg_file, capsys):
+def test_validate_stops_with_the_refusal(hvg_file, tmp_path, capsys):
+    """`validate --model` stops where `run` would (exit 2, run's line), for a feature-selected
+    matrix and for log-normalized values; without a model it lists the problem."""
+    import scanpy as sc
+
     code, out, err = run_cli_in_process(
         ["validate", str(hvg_file), "--model", "geneformer"], capsys
     )
-    assert code == 0, err
-    problems = out.split("problems: ", 1)[1].splitlines()
-    assert f"  - {REFUSAL.removeprefix('error: ')}" in problems
+    assert code == 2 and err.strip().splitlines() == [REFUSAL], err
+    lognorm = ad.read_h5ad(hvg_file)
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    lognorm.write_h5ad(tmp_path / "lognorm.h5ad")
+    args = ["validate", str(tmp_path / "lognorm.h5ad"), "--allow-feature-selected", "--model"]
+    code, _, err = run_cli_in_process([*args, "geneformer"], capsys)
+    assert code == 2 and err.startswith(
+        "error: geneformer needs raw integer counts but adata.X holds log-normalized values"
+    ), err
+    code, out, err = run_cli_in_process([*args, "scgpt"], capsys)  # scGPT reads them
+    assert code == 0 and "no raw integer counts found; using lognorm values" in out, err
     code, out, _ = run_cli_in_process(
         ["validate", str(hvg_file), "--model", "scgpt", "--allow-feature-selected", "--json"],
         capsys,
@@ -247,8 +260,8 @@ def test_full_counts_in_raw_are_not_feature_selected():
 
 def test_yaml_field_allows_with_a_warning(tmp_path):
     from scfmbench.benchmark.document import score_warnings
+    from scfmbench.benchmark.embedding import check_run_feature_selection
     from scfmbench.benchmark.methods import Method
-    from scfmbench.benchmark.pipeline import check_run_feature_selection
     from scfmbench.config import RunConfig
     from scfmbench.data.validate import validate
 

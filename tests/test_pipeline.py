@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -253,14 +254,73 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
     assert "  Platelet: 14" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "settings", "refused"),
+    [
+        ("geneformer", "counts", {}, False),
+        ("geneformer", "corrected", {}, False),
+        ("geneformer", "lognorm", {}, True),
+        ("geneformer", "normalized", {"allow_normalized": True}, False),
+        ("scfoundation", "lognorm", {}, True),
+        ("scfoundation", "lognorm", {"allow_normalized": True}, False),
+        ("scfoundation", "lognorm", {"pre_normalized": "T"}, False),
+        ("scfoundation", "lognorm", {"pre_normalized": "F", "allow_normalized": True}, True),
+        ("scfoundation", "counts", {"pre_normalized": "F"}, False),
+        ("scgpt", "lognorm", {}, False),
+        ("scgpt", "normalized", {}, False),
+    ],
+)
+def test_each_model_refuses_a_matrix_kind_as_its_tokenizer_does(name, kind, settings, refused):
+    """The loader's check, made before any checkpoint is read, against the tokenizer's own
+    refusal of a matrix of that kind (the oracle: tokenize a tiny matrix of it)."""
+    from scfmbench.data.matrix import classify_matrix, require_counts
+    from scfmbench.errors import CountsRequiredError
+    from scfmbench.models import MODELS, LoadContext
+    from scfmbench.models.scfoundation.tokenizer import resolve_mode
+
+    counts = np.array([[30.0, 0.0, 10.0], [0.0, 20.0, 90.0]])
+    matrix = {
+        "counts": counts,
+        "corrected": counts * 1.5 + 0.25 * (counts > 0),
+        "normalized": counts / counts.sum(1, keepdims=True) * 1e4,
+        "lognorm": np.log1p(counts / counts.sum(1, keepdims=True) * 1e4),
+    }[kind]
+    assert classify_matrix(matrix) == kind
+    allow = settings.get("allow_normalized", False)
+    context = LoadContext(allow_normalized=allow)
+    options = {k: v for k, v in settings.items() if k != "allow_normalized"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # what the tokenizer does with the matrix itself
+            if name == "geneformer":
+                require_counts(matrix, model=name, allow_normalized=allow)
+            elif name == "scfoundation":
+                resolve_mode(
+                    classify_matrix(matrix),
+                    options.get("pre_normalized"),
+                    allow_normalized=allow,
+                    where="X",
+                )
+            tokenizer_refuses = False
+        except CountsRequiredError:
+            tokenizer_refuses = True
+        assert tokenizer_refuses is refused
+        loader = MODELS.get(name)
+        if refused:
+            with pytest.raises(CountsRequiredError, match=r"needs raw integer counts but adata\.X"):
+                loader.check_matrix_kind(kind, context, options, where="adata.X")
+        else:
+            loader.check_matrix_kind(kind, context, options, where="adata.X")
+
+
 def test_model_options_are_checked_against_the_loader():
-    from scfmbench.benchmark.pipeline import _loader_options
+    from scfmbench.benchmark.embedding import load_context
     from scfmbench.models import MODELS, LoadContext
 
     config = RunConfig.build(
         {"gene_column": "gene_ids", "model_options": {"scgpt": {"max_seq_len": 5}}}
     )
-    context = _loader_options(config)
+    context = load_context(config)
     assert context == LoadContext(seed=42, gene_column="gene_ids", allow_normalized=False)
     loader = MODELS.get("scgpt")
     scoped, options = loader.split_options(config.model_options["scgpt"], context)

@@ -152,9 +152,10 @@ def validate(
     """Check a dataset: counts, identifiers, classes and problems found (writes nothing).
 
     Stops with the same one-line error as `run` for anything `run` would refuse with the same
-    settings (e.g. a class too small to stratify). What a named model (--model, or `models` of
-    --config) would refuse about the data, such as a feature-selected count matrix, is listed
-    under problems.
+    settings (e.g. a class too small to stratify), including what a named model (--model, or
+    `models` of --config) refuses about the data, such as a feature-selected count matrix or
+    log-normalized values. Without a model, which models would refuse the data is listed under
+    problems.
     """
     _setup_logging(quiet=True)
     settings = opt.given(
@@ -326,6 +327,7 @@ def finetune(
     lora: opt.Lora = None,
     freeze_layers: opt.FreezeLayers = None,
     option: opt.FinetuneSettings = None,
+    allow_normalized: opt.AllowNormalized = None,
     resume: opt.Resume = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -349,7 +351,9 @@ def finetune(
         data,
         models=model,
         config_file=config,
-        run_overrides=opt.given(label_key=label_key, out=out, name=name, seed=seed),
+        run_overrides=opt.given(
+            label_key=label_key, out=out, name=name, seed=seed, allow_normalized=allow_normalized
+        ),
         finetune_overrides=opt.given(**chosen),
         resume=resume,
         progress=not quiet,

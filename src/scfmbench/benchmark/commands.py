@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
+from scfmbench.benchmark.embedding import check_models_read, check_run_feature_selection
 from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
@@ -60,14 +61,15 @@ def check_dataset(
     Returns
     -------
     DataDiagnostics
-        What validation found; ``warnings`` also lists what the named models would refuse
-        about a feature-selected count matrix.
+        What validation found; without named models, ``warnings`` also says which models
+        would refuse a feature-selected count matrix.
 
     Raises
     ------
     ScfmbenchError
         Whatever ``run`` would refuse with the same settings (an unknown model, method or
-        column, a class too small to stratify, unreadable data), with its one-line message.
+        column, a class too small to stratify, unreadable data, a feature-selected or
+        non-count matrix a named model refuses), with its one-line message.
     """
     from scfmbench.evaluation.embedding_quality import detect_batch_key
 
@@ -83,6 +85,9 @@ def check_dataset(
     )
     diag = checked.diagnostics
     baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
+    if named:  # what run refuses the named models: a feature-selected or non-count matrix
+        check_run_feature_selection(resolved.model_copy(update={"models": named}), diag)
+        check_models_read(resolved, named, diag)
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
     if problem is not None:
         diag.warnings.append(problem)
@@ -334,6 +339,7 @@ def finetune_dataset(
         min_cells_per_class=run_config.min_cells_per_class,
         merge_similar_labels=run_config.merge_similar_labels,
     )
+    check_models_read(run_config, models, validated.diagnostics)  # before the splits are written
     run_dir = run_directory(run_config)
     split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
     results = [

@@ -6,7 +6,9 @@ scores and UMAPs of each embedding and of the HVG-PCA view.
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,24 @@ from scfmbench.benchmark.rundata import RunData
 from scfmbench.config import RunConfig
 from scfmbench.data.backed import BackedData
 from scfmbench.data.cells import CellRows
+from scfmbench.data.feature_selection import check_feature_selection, matrix_facts, model_name
 from scfmbench.data.splits import Split
+from scfmbench.data.validate import DataDiagnostics
 from scfmbench.evaluation.representations import embedding_features, pca_all_cells
 from scfmbench.hashing import hash_json
 from scfmbench.stages import StageStore
 
-__all__ = ["ModelEmbedding", "embed_cells", "embedding_scores", "layerwise_probing"]
+__all__ = [
+    "ModelEmbedding",
+    "check_models_read",
+    "check_run_feature_selection",
+    "load_context",
+    "embed_cells",
+    "embedding_scores",
+    "layerwise_probing",
+]
+
+logger = logging.getLogger(__name__)
 
 MAX_SCORED_CELLS = 20_000
 """The zero-shot embedding scores and UMAPs use at most this many cells (a seeded sample)."""
@@ -46,6 +60,75 @@ class ModelEmbedding:
 
     matrix: np.ndarray
     info: dict[str, Any]
+
+
+def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics) -> str | None:
+    """Refuse the run's models on a feature-selected count matrix.
+
+    See :func:`scfmbench.data.feature_selection.check_feature_selection`; with
+    ``config.allow_feature_selected`` log and return the warning instead.
+
+    Raises
+    ------
+    DataError
+        geneformer or scgpt (or their controls) would see fewer than 5,000 genes, or only
+        genes flagged highly variable, and ``allow_feature_selected`` is not set.
+    """
+    allowed = check_feature_selection(
+        config.models, allow=config.allow_feature_selected, **matrix_facts(diagnostics)
+    )
+    if allowed is not None:
+        logger.warning("warning: %s", allowed)
+    return allowed
+
+
+def load_context(config: RunConfig):
+    """Return the settings every model loader takes: seed, gene column, allow_normalized.
+
+    Returns
+    -------
+    scfmbench.models.LoadContext
+    """
+    from scfmbench.models import LoadContext
+
+    return LoadContext(
+        seed=config.seed, gene_column=config.gene_column, allow_normalized=config.allow_normalized
+    )
+
+
+def check_models_read(config: RunConfig, models: list[str], diagnostics: DataDiagnostics) -> None:
+    """Refuse, before anything is loaded or written, a matrix a model's tokenizer would refuse.
+
+    Each model checks the kind of the run's expression matrix (``diagnostics.matrix_kind``)
+    with its options (``config.model_options``) and ``config.allow_normalized``, e.g.
+    Geneformer refuses log-normalized values unless ``allow_normalized``. The tokenizer gives
+    its warnings later, once.
+
+    Parameters
+    ----------
+    config : RunConfig
+    models : list of str
+        ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the models.
+    diagnostics : DataDiagnostics
+        What validation found about the data.
+
+    Raises
+    ------
+    CountsRequiredError
+        A model needs raw counts (or other values) that the data do not hold.
+    """
+    if not models:
+        return  # a baseline-only run never loads torch or transformers
+    from scfmbench.models import MODELS
+
+    context = load_context(config)
+    where = f"adata.{diagnostics.matrix_source}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in dict.fromkeys(model_name(spec) for spec in models):
+            loader = MODELS.get(name)
+            options = config.model_options.get(name)
+            loader.check_matrix_kind(diagnostics.matrix_kind, context, options, where=where)
 
 
 def embed_cells(

@@ -21,9 +21,12 @@ from scfmbench._atomic import write_text
 from scfmbench.benchmark.document import build_metrics
 from scfmbench.benchmark.embedding import (
     ModelEmbedding,
+    check_models_read,
+    check_run_feature_selection,
     embed_cells,
     embedding_scores,
     layerwise_probing,
+    load_context,
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
@@ -62,7 +65,7 @@ from scfmbench.results import write_metrics
 from scfmbench.stages import StageStore, deferred_interrupt
 
 if TYPE_CHECKING:
-    from scfmbench.models import FoundationModel, LoadContext
+    from scfmbench.models import FoundationModel
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def load_models(config: RunConfig) -> list[FoundationModel]:
     ----------
     config
         The run: ``models`` (each ``NAME[-random]=DIR``), ``model_options``,
-        ``random_controls`` and the run-wide settings of :func:`_loader_options`.
+        ``random_controls`` and the run-wide settings of :func:`load_context`.
 
     Returns
     -------
@@ -132,7 +135,7 @@ def load_models(config: RunConfig) -> list[FoundationModel]:
         return []  # a baseline-only run never loads torch or transformers
     from scfmbench.models import load_model
 
-    context = _loader_options(config)
+    context = load_context(config)
     models = []
     for spec in config.model_specs:
         options = config.model_options.get(spec.name)
@@ -141,17 +144,6 @@ def load_models(config: RunConfig) -> list[FoundationModel]:
         if spec.random_only or config.random_controls:
             models.append(load_model(spec, context, options, random_init=True))
     return models
-
-
-def _loader_options(config: RunConfig) -> LoadContext:
-    """Return the settings every model loader takes: seed, gene column, allow_normalized."""
-    from scfmbench.models import LoadContext
-
-    return LoadContext(
-        seed=config.seed,
-        gene_column=config.gene_column,
-        allow_normalized=config.allow_normalized,
-    )
 
 
 def resolve_run(
@@ -305,6 +297,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
 
     detect_batch_key(validated.obs, config.batch_key)  # a misspelt batch_key fails here
     check_run_feature_selection(config, validated.diagnostics)
+    check_models_read(config, list(config.models), validated.diagnostics)
     methods = baseline_methods(config, validated.diagnostics.matrix_kind)
     models = load_models(config)
     methods += model_methods(models, config)
@@ -336,28 +329,6 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
         if created and not holds_finished_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics) -> str | None:
-    """Refuse the run's models on a feature-selected count matrix.
-
-    See :func:`scfmbench.data.feature_selection.check_feature_selection`; with
-    ``config.allow_feature_selected`` log and return the warning instead.
-
-    Raises
-    ------
-    DataError
-        geneformer or scgpt (or their controls) would see fewer than 5,000 genes, or only
-        genes flagged highly variable, and ``allow_feature_selected`` is not set.
-    """
-    from scfmbench.data.feature_selection import check_feature_selection, matrix_facts
-
-    allowed = check_feature_selection(
-        config.models, allow=config.allow_feature_selected, **matrix_facts(diagnostics)
-    )
-    if allowed is not None:
-        logger.warning("warning: %s", allowed)
-    return allowed
 
 
 def _execute(

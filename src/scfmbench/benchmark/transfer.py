@@ -19,6 +19,7 @@ from anndata import AnnData
 
 from scfmbench._atomic import write_text
 from scfmbench.benchmark.document import MatrixFacts, score_warnings
+from scfmbench.benchmark.embedding import check_models_read
 from scfmbench.benchmark.fitting import predict_all
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
 from scfmbench.benchmark.output import check_writable
@@ -168,6 +169,8 @@ def transfer(
             ) from None
         datasets.append((name, checked))
     check_transfer_feature_selection(datasets, cfg)
+    for _, checked in datasets:  # values a model refuses, before any model loads
+        check_models_read(cfg, list(cfg.models), checked.diagnostics)
     map_name = None if isinstance(label_map, dict) else str(label_map)
     for name, checked in datasets:  # before any model loads: a map that misses labels
         harmonize(checked.labels, mapping, dataset=name, map_name=map_name)

@@ -167,7 +167,20 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
         For depth-normalized, log-scale or scaled values, unless ``allow_normalized`` (then a
         warning is issued and scaled data still fails).
     """
-    kind = classify_matrix(matrix)
+    return check_counts_kind(
+        classify_matrix(matrix), model=model, allow_normalized=allow_normalized, where=where
+    )
+
+
+def check_counts_kind(kind: str, *, model: str, allow_normalized: bool, where: str) -> str:
+    """Apply :func:`require_counts` to a matrix already classified as ``kind``; return it.
+
+    Raises
+    ------
+    CountsRequiredError
+        For ``normalized``, ``lognorm`` or ``scaled``, unless ``allow_normalized`` (then a
+        warning is issued and ``scaled`` still fails).
+    """
     if kind == "counts":
         return kind
     if kind == "corrected":

@@ -87,6 +87,17 @@ class Build(Protocol[_OptionsIn, ModelT]):
         ...
 
 
+class CheckKind(Protocol[_OptionsIn]):
+    """A model's refusal of a kind of expression matrix, made before any checkpoint is read.
+
+    It raises what the model's tokenizer would raise on a matrix of that kind.
+    """
+
+    def __call__(self, kind: str, *, context: LoadContext, options: _OptionsIn, where: str) -> None:
+        """Raise the tokenizer's error for a matrix of ``kind`` (nothing when it reads it)."""
+        ...
+
+
 class ModelLoader(Generic[OptionsT, ModelT]):
     """A registered model: its name, its declared options and the function that builds it.
 
@@ -98,6 +109,10 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         The model's options: a :class:`ModelOptions` subclass.
     build
         Called as ``build(path, context=..., options=..., random_init=...)``.
+    check_kind
+        Called as ``check_kind(kind, context=..., options=..., where=...)`` by
+        :meth:`check_matrix_kind`; None (default): the model reads every kind validation lets
+        through.
 
     Examples
     --------
@@ -105,10 +120,17 @@ class ModelLoader(Generic[OptionsT, ModelT]):
     ``load_scgpt(folder, random_init=True, seed=3, max_seq_len=600)``.
     """
 
-    def __init__(self, name: str, options: type[OptionsT], build: Build[OptionsT, ModelT]) -> None:
+    def __init__(
+        self,
+        name: str,
+        options: type[OptionsT],
+        build: Build[OptionsT, ModelT],
+        check_kind: CheckKind[OptionsT] | None = None,
+    ) -> None:
         self.name = name
         self.options = options
         self.build = build
+        self.check_kind = check_kind
         self.__doc__ = build.__doc__
         self.__wrapped__ = build
 
@@ -200,6 +222,38 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         context, declared = self.split_options(options, context)
         return self.build(Path(path), context=context, options=declared, random_init=random_init)
 
+    def check_matrix_kind(
+        self,
+        kind: str,
+        context: LoadContext | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        where: str,
+    ) -> None:
+        """Refuse a matrix of ``kind`` as the model's tokenizer would, without loading it.
+
+        Parameters
+        ----------
+        kind
+            The matrix kind (``scfmbench.data.matrix.classify_matrix``): ``counts``,
+            ``corrected``, ``normalized``, ``lognorm`` or ``scaled``.
+        context, options
+            As for :meth:`load`: ``allow_normalized`` and the model's options decide.
+        where
+            What holds the matrix, for the message (e.g. ``"adata.X"``).
+
+        Raises
+        ------
+        CountsRequiredError
+            The model needs raw counts (or other values) that the matrix does not hold.
+        ConfigError
+            An unknown option or an invalid value.
+        """
+        if self.check_kind is None:
+            return
+        context, declared = self.split_options(options, context)
+        self.check_kind(kind, context=context, options=declared, where=where)
+
     def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:
         """Load with keywords: :class:`LoadContext` fields and the model's declared options.
 
@@ -213,7 +267,7 @@ MODELS: Registry[ModelLoader[Any, FoundationModel]] = Registry("model")
 
 
 def register_model(
-    name: str, options: type[OptionsT]
+    name: str, options: type[OptionsT], *, check_kind: CheckKind[OptionsT] | None = None
 ) -> Callable[[Build[OptionsT, ModelT]], ModelLoader[OptionsT, ModelT]]:
     """Register ``build`` in :data:`MODELS` with its declared ``options`` (a decorator).
 
@@ -223,6 +277,8 @@ def register_model(
         The model's name on the command line (``NAME=DIR``).
     options
         The :class:`ModelOptions` subclass of the options the model takes.
+    check_kind
+        The model's refusal of a matrix kind (see :class:`ModelLoader`), if it has one.
 
     Returns
     -------
@@ -231,7 +287,7 @@ def register_model(
     """
 
     def decorator(build: Build[OptionsT, ModelT]) -> ModelLoader[OptionsT, ModelT]:
-        loader = ModelLoader(name, options, build)
+        loader = ModelLoader(name, options, build, check_kind)
         MODELS.register(name)(loader)
         return loader
 

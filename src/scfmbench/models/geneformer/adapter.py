@@ -23,6 +23,7 @@ from pydantic import field_validator
 from safetensors import SafetensorError
 from transformers import BertConfig, BertModel
 
+from scfmbench.data.matrix import check_counts_kind
 from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
@@ -317,7 +318,15 @@ class GeneformerOptions(ModelOptions):
         return None if value is None else check_version(value)
 
 
-@register_model("geneformer", GeneformerOptions)
+def _check_kind(kind: str, *, context: LoadContext, options: GeneformerOptions, where: str) -> None:
+    """Refuse non-count values unless ``allow_normalized``, as the tokenizer does."""
+    del options
+    check_counts_kind(
+        kind, model="geneformer", allow_normalized=context.allow_normalized, where=where
+    )
+
+
+@register_model("geneformer", GeneformerOptions, check_kind=_check_kind)
 def load_geneformer(
     path: Path, *, context: LoadContext, options: GeneformerOptions, random_init: bool
 ) -> GeneformerModel:

@@ -40,6 +40,7 @@ from scfmbench.models.scfoundation.tokenizer import (
     GENE_INDEX_FILE,
     ScFoundationOptions,
     read_gene_index,
+    resolve_mode,
     tokenize_scfoundation,
 )
 
@@ -256,7 +257,16 @@ def _find_file(path: Path, name: str) -> Path | None:
     return None
 
 
-@register_model("scfoundation", ScFoundationOptions)
+def _check_kind(
+    kind: str, *, context: LoadContext, options: ScFoundationOptions, where: str
+) -> None:
+    """Refuse values that ``pre_normalized`` does not fit, as the tokenizer does."""
+    resolve_mode(
+        kind, options.pre_normalized, allow_normalized=context.allow_normalized, where=where
+    )
+
+
+@register_model("scfoundation", ScFoundationOptions, check_kind=_check_kind)
 def load_scfoundation(
     path: Path, *, context: LoadContext, options: ScFoundationOptions, random_init: bool
 ) -> ScFoundationModel:

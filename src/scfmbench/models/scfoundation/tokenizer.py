@@ -158,7 +158,7 @@ def read_gene_index(path: Path) -> dict[str, int]:
     return dict(zip(table["gene_name"], index.astype(int), strict=True))
 
 
-def _resolve_mode(
+def resolve_mode(
     kind: str, mode: PreNormalized | None, *, allow_normalized: bool, where: str
 ) -> PreNormalized:
     """Choose the pre_normalized mode for a matrix of ``kind``; refuse scaled or mismatched data."""
@@ -283,7 +283,7 @@ def tokenize_scfoundation(
     n_genes = len(gene_index)
     matrix = to_csr(adata.X, np.float64)
     check_finite(matrix, where="adata.X")
-    mode = _resolve_mode(
+    mode = resolve_mode(
         classify_matrix(matrix),
         options.pre_normalized,
         allow_normalized=allow_normalized,
