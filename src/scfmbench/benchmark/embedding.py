@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,14 +29,17 @@ from scfmbench.evaluation.representations import embedding_features, pca_all_cel
 from scfmbench.hashing import hash_json
 from scfmbench.stages import StageStore
 
+if TYPE_CHECKING:  # torch and transformers load with the models, only when a model is named
+    from scfmbench.models import LoadContext
+
 __all__ = [
     "ModelEmbedding",
     "check_models_read",
     "check_run_feature_selection",
-    "load_context",
     "embed_cells",
     "embedding_scores",
     "layerwise_probing",
+    "load_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,13 +85,8 @@ def check_run_feature_selection(config: RunConfig, diagnostics: DataDiagnostics)
     return allowed
 
 
-def load_context(config: RunConfig):
-    """Return the settings every model loader takes: seed, gene column, allow_normalized.
-
-    Returns
-    -------
-    scfmbench.models.LoadContext
-    """
+def load_context(config: RunConfig) -> LoadContext:
+    """Return the settings every model loader takes: seed, gene column, allow_normalized."""
     from scfmbench.models import LoadContext
 
     return LoadContext(
