@@ -196,6 +196,8 @@ def test_validate_stops_with_the_refusal(hvg_file, tmp_path, capsys):
     ), err
     code, out, err = run_cli_in_process([*args, "scgpt"], capsys)  # scGPT reads them
     assert code == 0 and "no raw integer counts found; using lognorm values" in out, err
+    code, out, err = run_cli_in_process([*args, "geneformer", "--allow-normalized"], capsys)
+    assert code == 0 and "no raw integer counts found; using lognorm values" in out, err
     code, out, _ = run_cli_in_process(
         ["validate", str(hvg_file), "--model", "scgpt", "--allow-feature-selected", "--json"],
         capsys,

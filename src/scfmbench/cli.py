@@ -147,6 +147,7 @@ def validate(
     as_json: opt.AsJson = False,
     backed: opt.Backed = None,
     model: opt.ModelsMeantFor = None,
+    allow_normalized: opt.AllowNormalized = None,
     allow_feature_selected: opt.AllowFeatureSelected = None,
 ) -> None:
     """Check a dataset: counts, identifiers, classes and problems found (writes nothing).
@@ -163,6 +164,7 @@ def validate(
         min_cells_per_class=min_cells_per_class,
         merge_similar_labels=merge_similar_labels,
         backed=backed,
+        allow_normalized=allow_normalized,
         allow_feature_selected=allow_feature_selected,
     )
     diag = check_dataset(data, _load_config(config), models=model, **settings)
