@@ -185,6 +185,17 @@ def test_validate_stops_with_the_refusal(hvg_file, tmp_path, capsys):
         ["validate", str(hvg_file), "--model", "geneformer"], capsys
     )
     assert code == 2 and err.strip().splitlines() == [REFUSAL], err
+    code, out, err = run_cli_in_process(
+        ["validate", str(hvg_file), "--model", "scfoundation"], capsys
+    )  # not refused: listed
+    assert (
+        code == 0
+        and (
+            "  - the count matrix (adata.X) has only 2000 genes (fewer than 5,000), a "
+            "feature-selected subset; scfoundation sees far fewer genes than in pretraining"
+        )
+        in out.splitlines()
+    ), err
     lognorm = ad.read_h5ad(hvg_file)
     sc.pp.normalize_total(lognorm, target_sum=1e4)
     sc.pp.log1p(lognorm)

@@ -378,6 +378,20 @@ def test_score_warnings_travel_with_model_methods():
     # corrected counts are used as counts without the flag: no --allow-normalized warning
     corrected = SimpleNamespace(matrix_kind="corrected", n_genes=20000, all_highly_variable=False)
     assert score_warnings(frozen, config, corrected, info) == []
+    # allow_normalized given for one model only (model_options) warns for that model's rows
+    lognorm = SimpleNamespace(matrix_kind="lognorm", n_genes=20000, all_highly_variable=False)
+    one = RunConfig.build({"model_options": {"geneformer": {"allow_normalized": True}}})
+    control = Method(
+        "geneformer-random+logreg", "geneformer-random", "logreg", "control", "geneformer-random"
+    )
+    assert score_warnings(control, one, lognorm, info) == [
+        "ran on lognorm input, not raw counts (--allow-normalized)"
+    ]
+    off = RunConfig.build({"allow_normalized": True, "model_options": {"scgpt": {"seed": 3}}})
+    scgpt = Method("scgpt+logreg", "scgpt", "logreg", "frozen", "scgpt")
+    assert score_warnings(scgpt, off, lognorm, {}) == [
+        "ran on lognorm input, not raw counts (--allow-normalized)"
+    ]
 
 
 def test_logreg_grid_follows_design_and_config():

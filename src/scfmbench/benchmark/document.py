@@ -164,7 +164,7 @@ def score_warnings(
     method : Method
         The method (a baseline gets no warnings).
     config : RunConfig
-        ``allow_normalized`` is read.
+        ``allow_normalized`` is read, and the model's own in ``model_options``.
     diagnostics : DataDiagnostics or MatrixFacts
         ``matrix_kind``, ``n_genes`` and ``all_highly_variable`` of the data.
     model_info : dict
@@ -175,13 +175,15 @@ def score_warnings(
     list of str
         The warnings (empty for baselines).
     """
-    from scfmbench.data.feature_selection import feature_selection_warning
+    from scfmbench.data.feature_selection import feature_selection_warning, model_name
 
     if method.model is None:
         return []
     info = model_info.get(method.model, {})
     found = []
-    if config.allow_normalized and diagnostics.matrix_kind in ("normalized", "lognorm"):
+    options = config.model_options.get(model_name(method.model)) or {}
+    allowed = options.get("allow_normalized", config.allow_normalized)  # per model, or the run's
+    if allowed and diagnostics.matrix_kind in ("normalized", "lognorm"):
         found.append(f"ran on {diagnostics.matrix_kind} input, not raw counts (--allow-normalized)")
     selected = feature_selection_warning(
         method.model, diagnostics.n_genes, diagnostics.all_highly_variable

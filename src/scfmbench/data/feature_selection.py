@@ -202,10 +202,11 @@ def validate_problem(
         return str(exc)
     if allowed is not None:
         return allowed
-    names = ", ".join(dict.fromkeys(model_name(m) for m in models))
+    named = list(dict.fromkeys(model_name(m) for m in models))
+    verb = "sees" if len(named) == 1 else "see"
     return (
-        f"{where} has {found}, a feature-selected subset; {names} see far fewer genes than "
-        "in pretraining"
+        f"{where} has {found}, a feature-selected subset; {', '.join(named)} {verb} far fewer "
+        "genes than in pretraining"
     )
 
 
