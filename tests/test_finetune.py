@@ -390,3 +390,33 @@ def test_best_epoch_ties_on_validation_f1_go_to_the_lower_validation_loss():
     assert loop.best_epoch == 3 and loop.bad_epochs == 2  # F1 last rose at epoch 2
     restored = LoopState.from_dict({k: v for k, v in loop.to_dict().items() if k != "best_loss"})
     assert restored.best_epoch == 3  # checkpoints written before the tie-break still load
+
+
+def test_finetune_in_a_run_folder_uses_the_runs_splits(pbmc3k_path, tmp_path, monkeypatch):
+    """In a finished run's folder `finetune` fine-tunes on the run's splits (2 folds here), not
+    on splits of its own defaults (5), and leaves the saved splits as they were."""
+    from typer.testing import CliRunner
+
+    from scfmbench.cli import app
+    from scfmbench.models import MODELS
+
+    adata, genes = pbmc_subset(pbmc3k_path, n_cells=120)
+    data = tmp_path / "small.h5ad"
+    adata.write_h5ad(data)
+    TinyModel(genes).save_pretrained(tmp_path / "tiny")
+    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)  # removed again after the test
+    config = tmp_path / "run.yaml"
+    config.write_text("min_cells_per_class: 5\nfinetune:\n  device: cpu\n")
+    common = ["--config", str(config), "--out", str(tmp_path / "runs"), "-q"]
+    done = CliRunner().invoke(
+        app, ["run", "--data", str(data), "--n-splits", "2", "--no-scvi", *common]
+    )
+    assert done.exit_code == 0, done.output
+    splits = tmp_path / "runs" / "small" / "splits"
+    before = {p.name: p.read_bytes() for p in splits.iterdir()}
+    args = ["finetune", str(data), "--model", f"tiny={tmp_path / 'tiny'}", *common]
+    done = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert done.exit_code == 0, done.output
+    seeds = [line.split("|")[3].strip() for line in done.output.splitlines() if "| tiny |" in line]
+    assert seeds == ["42", "43"]
+    assert {p.name: p.read_bytes() for p in splits.iterdir()} == before

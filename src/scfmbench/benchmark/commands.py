@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_sect
 from scfmbench.data.backed import BackedData
 from scfmbench.data.feature_selection import matrix_facts, validate_problem
 from scfmbench.data.io import load_dataset
-from scfmbench.data.splits import check_stratifiable
+from scfmbench.data.splits import check_stratifiable, load_splits
 from scfmbench.data.validate import DataDiagnostics, validate
 from scfmbench.embed.options import EMBED_DEFAULTS
 from scfmbench.errors import ConfigError
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from scfmbench.finetune.train import FinetuneResult
 
 __all__ = ["check_dataset", "embed_dataset", "finetune_dataset"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_dataset(
@@ -291,8 +294,9 @@ def finetune_dataset(
 ) -> tuple[Path, list[FinetuneResult]]:
     """Fine-tune models on a dataset: the API behind ``scfmbench finetune``.
 
-    Validates the data, reuses or makes the run's splits, then fine-tunes every model on
-    every split.
+    Validates the data, reuses the splits saved in the run folder (those of a finished
+    ``run``, whatever the split settings given now) or makes and saves them, then fine-tunes
+    every model on every split.
 
     Parameters
     ----------
@@ -341,7 +345,12 @@ def finetune_dataset(
     )
     check_models_read(run_config, models, validated.diagnostics)  # before the splits are written
     run_dir = run_directory(run_config)
-    split_set = run_splits(run_dir, validated, run_config)  # held-out folds with holdout_key
+    saved = run_dir / "splits"
+    if (saved / "splits.json").is_file():  # a run's folder: fine-tune on the run's own splits
+        split_set = load_splits(saved, validated.labels)
+        logger.info("fine-tuning on the %d splits saved in %s", len(split_set.splits), saved)
+    else:
+        split_set = run_splits(run_dir, validated, run_config)  # held-out folds: holdout_key
     results = [
         finetune_in_run(
             validated.model_input,  # the file's own gene names
