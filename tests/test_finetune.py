@@ -355,18 +355,27 @@ def test_config_yaml_section(tmp_path):
     assert (config.epochs, config.lora, config.learning_rate) == (2, True, 1e-4)
 
 
-def test_cli_finetune(pbmc3k_path, tmp_path, monkeypatch):
-    """``scfmbench finetune DATA --model tiny=DIR`` trains and writes into the run directory."""
-    from typer.testing import CliRunner
-
-    from scfmbench.cli import app
+@pytest.fixture
+def small_file(pbmc3k_path, tmp_path, monkeypatch) -> Path:
+    """120 PBMC3k cells in ``small.h5ad``, and a tiny model in ``tiny/`` registered as
+    ``tiny`` (removed again after the test)."""
     from scfmbench.models import MODELS
 
     adata, genes = pbmc_subset(pbmc3k_path, n_cells=120)
     data = tmp_path / "small.h5ad"
     adata.write_h5ad(data)
     TinyModel(genes).save_pretrained(tmp_path / "tiny")
-    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)  # removed again after the test
+    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)
+    return data
+
+
+def test_cli_finetune(small_file, tmp_path):
+    """``scfmbench finetune DATA --model tiny=DIR`` trains and writes into the run directory."""
+    from typer.testing import CliRunner
+
+    from scfmbench.cli import app
+
+    data = small_file
     config = tmp_path / "run.yaml"
     config.write_text("min_cells_per_class: 5\nfinetune:\n  device: cpu\n  learning_rate: 0.01\n")
     args = ["finetune", str(data), "--model", f"tiny={tmp_path / 'tiny'}", "--config", str(config)]
@@ -392,19 +401,14 @@ def test_best_epoch_ties_on_validation_f1_go_to_the_lower_validation_loss():
     assert restored.best_epoch == 3  # checkpoints written before the tie-break still load
 
 
-def test_finetune_in_a_run_folder_uses_the_runs_splits(pbmc3k_path, tmp_path, monkeypatch):
+def test_finetune_in_a_run_folder_uses_the_runs_splits(small_file, tmp_path):
     """In a finished run's folder `finetune` fine-tunes on the run's splits (2 folds here), not
     on splits of its own defaults (5), and leaves the saved splits as they were."""
     from typer.testing import CliRunner
 
     from scfmbench.cli import app
-    from scfmbench.models import MODELS
 
-    adata, genes = pbmc_subset(pbmc3k_path, n_cells=120)
-    data = tmp_path / "small.h5ad"
-    adata.write_h5ad(data)
-    TinyModel(genes).save_pretrained(tmp_path / "tiny")
-    monkeypatch.setitem(MODELS._entries, "tiny", load_tiny)  # removed again after the test
+    data = small_file
     config = tmp_path / "run.yaml"
     config.write_text("min_cells_per_class: 5\nfinetune:\n  device: cpu\n")
     common = ["--config", str(config), "--out", str(tmp_path / "runs"), "-q"]
