@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
-from scfmbench.benchmark.embedding import check_models_read, check_run_feature_selection
+from scfmbench.benchmark.embedding import check_models_read
 from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
@@ -88,10 +88,9 @@ def check_dataset(
     )
     diag = checked.diagnostics
     baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
-    if named:  # what run refuses the named models: a feature-selected or non-count matrix
-        check_run_feature_selection(resolved.model_copy(update={"models": named}), diag)
-        check_models_read(resolved, named, diag)
+    # raises run's refusal of the named models on a feature-selected matrix
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
+    check_models_read(resolved, named, diag)  # and on values they do not read
     if problem is not None:
         diag.warnings.append(problem)
     return diag

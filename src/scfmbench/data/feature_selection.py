@@ -181,9 +181,15 @@ def validate_problem(
 ) -> str | None:
     """Return the line ``scfmbench validate`` lists under problems for a feature-selected matrix.
 
-    It is the refusal ``run`` would give the named ``models``, the warning they would run
-    with under ``allow``, or, with no model named, which models refuse it; None when the
-    matrix is not feature-selected.
+    It is the warning the named ``models`` would run with under ``allow`` (or that they see
+    far fewer genes), or, with no model named, which models refuse it; None when the matrix is
+    not feature-selected.
+
+    Raises
+    ------
+    DataError
+        The refusal ``run`` would give the named ``models`` (see
+        :func:`check_feature_selection`).
     """
     found = feature_selection(n_genes, all_hvg)
     if found is None:
@@ -194,12 +200,9 @@ def validate_problem(
             f"{' and '.join(RANK_BASED_MODELS)} refuse it unless {FLAG} is given (name a "
             "model with --model to check it)"
         )
-    try:
-        allowed = check_feature_selection(
-            models, n_genes=n_genes, all_hvg=all_hvg, allow=allow, where=where
-        )
-    except DataError as exc:
-        return str(exc)
+    allowed = check_feature_selection(
+        models, n_genes=n_genes, all_hvg=all_hvg, allow=allow, where=where
+    )
     if allowed is not None:
         return allowed
     named = list(dict.fromkeys(model_name(m) for m in models))
