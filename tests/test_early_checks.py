@@ -369,5 +369,86 @@ def test_data_a_model_refuses_leave_every_folder_as_it_was(tmp_path, shared_dir,
     transfer = ["transfer", "--train", str(data), "--test", str(data), "--labels", str(label_map)]
     transfer += [*with_model, "--name", "t", *common]
     code, _, err = run_cli_in_process(transfer, capsys)
-    assert code == 2 and err.startswith(message), err
+    side = "error: train data lognorm: geneformer needs raw integer counts but adata.X holds"
+    assert code == 2 and err.startswith(side), err  # the side at fault is named
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_embed_refuses_values_before_loading_the_model(tmp_path, capsys):
+    """In memory and streamed, `embed` refuses values the model's tokenizer would refuse
+    before it reads the checkpoint: the folder given is empty, and loading it would fail."""
+    import scanpy as sc
+
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    adata = labelled_adata()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    data = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(data)
+    (tmp_path / "empty").mkdir()
+    npy = tmp_path / "e.npy"
+    model = f"geneformer={tmp_path / 'empty'}"
+    embed = ["embed", str(data), "--model", model, "--out", str(npy), "--allow-feature-selected"]
+    for backed in ("--no-backed", "--backed"):
+        code, _, err = run_cli_in_process([*embed, backed, "-q"], capsys)
+        assert code == 2 and not npy.exists(), err
+        assert err.strip().splitlines() == [
+            "error: geneformer needs raw integer counts but adata.X holds log-normalized values "
+            "(log-scale: non-integer, max ≤ 50); pass the raw counts (X, layers['counts'] or "
+            ".raw) or set --allow-normalized to proceed anyway."
+        ]
+
+
+def test_scfoundation_modes_are_checked_against_the_data(tmp_path, capsys):
+    """scFoundation's pre_normalized 'A' reads obs['total_counts'] and 'T'/'A' read log1p
+    values: `validate`, `run` and `embed` refuse data that do not fit before any checkpoint
+    is read (the folder given is empty), and `run` writes nothing."""
+    import scanpy as sc
+
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    counts = labelled_adata()
+    counts_file = tmp_path / "counts.h5ad"
+    counts.write_h5ad(counts_file)
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    lognorm = tmp_path / "lognorm.h5ad"
+    counts.write_h5ad(lognorm)
+    (tmp_path / "empty").mkdir()
+    model = f"scfoundation={tmp_path / 'empty'}"
+    config = tmp_path / "mode_a.yaml"
+    config.write_text(yaml.safe_dump({"model_options": {"scfoundation": {"pre_normalized": "A"}}}))
+    missing = [
+        "error: pre_normalized='A' reads total counts from adata.obs['total_counts'], which is "
+        "missing (obs columns ['cell_type']); set total_counts_key or use pre_normalized='T'."
+    ]
+    runs = tmp_path / "runs"
+    npy = ["--out", str(tmp_path / "e.npy"), "-q"]
+    commands = [
+        ["validate", str(lognorm), "--config", str(config), "--model", "scfoundation"],
+        [
+            "run",
+            "--data",
+            str(lognorm),
+            "--config",
+            str(config),
+            "--model",
+            model,
+            "--out",
+            str(runs),
+            "-q",
+        ],
+        ["embed", str(lognorm), "--model", model, "--option", "pre_normalized=A", *npy],
+    ]
+    for command in commands:
+        code, _, err = run_cli_in_process(command, capsys)
+        assert code == 2 and err.strip().splitlines() == missing, (command, err)
+    assert not runs.exists() and not (tmp_path / "e.npy").exists()
+    code, _, err = run_cli_in_process(
+        ["embed", str(counts_file), "--model", model, "--option", "pre_normalized=T", *npy], capsys
+    )
+    assert code == 2 and err.strip().splitlines() == [
+        "error: scfoundation with pre_normalized='T' reads normalize_total + log1p values but "
+        "adata.X holds raw integer counts; set pre_normalized='F' (or leave it unset)."
+    ], err

@@ -264,8 +264,11 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
         ("scfoundation", "lognorm", {}, True),
         ("scfoundation", "lognorm", {"allow_normalized": True}, False),
         ("scfoundation", "lognorm", {"pre_normalized": "T"}, False),
+        ("scfoundation", "lognorm", {"pre_normalized": "A"}, False),
         ("scfoundation", "lognorm", {"pre_normalized": "F", "allow_normalized": True}, True),
         ("scfoundation", "counts", {"pre_normalized": "F"}, False),
+        ("scfoundation", "counts", {"pre_normalized": "T"}, True),
+        ("scfoundation", "counts", {"pre_normalized": "A"}, True),
         ("scgpt", "lognorm", {}, False),
         ("scgpt", "normalized", {}, False),
     ],
@@ -291,26 +294,30 @@ def test_each_model_refuses_a_matrix_kind_as_its_tokenizer_does(name, kind, sett
     options = {k: v for k, v in settings.items() if k != "allow_normalized"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        refusal = None
         try:  # what the tokenizer does with the matrix itself
             if name == "geneformer":
-                require_counts(matrix, model=name, allow_normalized=allow)
+                require_counts(matrix, model=name, allow_normalized=allow, where="adata.X")
             elif name == "scfoundation":
                 resolve_mode(
                     classify_matrix(matrix),
                     options.get("pre_normalized"),
                     allow_normalized=allow,
-                    where="X",
+                    where="adata.X",
                 )
-            tokenizer_refuses = False
-        except CountsRequiredError:
-            tokenizer_refuses = True
-        assert tokenizer_refuses is refused
+        except CountsRequiredError as exc:
+            refusal = str(exc)
+        assert (refusal is not None) is refused
         loader = MODELS.get(name)
+        columns = ["total_counts"]  # scFoundation's mode A reads it
         if refused:
-            with pytest.raises(CountsRequiredError, match=r"needs raw integer counts but adata\.X"):
-                loader.check_matrix_kind(kind, context, options, where="adata.X")
+            with pytest.raises(CountsRequiredError) as caught:
+                loader.check_matrix_kind(
+                    kind, context, options, where="adata.X", obs_columns=columns
+                )
+            assert str(caught.value) == refusal
         else:
-            loader.check_matrix_kind(kind, context, options, where="adata.X")
+            loader.check_matrix_kind(kind, context, options, where="adata.X", obs_columns=columns)
 
 
 def test_model_options_are_checked_against_the_loader():

@@ -122,19 +122,20 @@ def test_random_control_without_checkpoint_uses_released_architecture(tmp_path):
 def test_gene_alignment_fills_missing_genes_with_zero():
     index = {"A": 0, "B": 1, "C": 2, "D": 3}
     # data genes: C, X (not in index), A, C again (summed); B and D are missing → zero
-    adata = counts_adata([[1, 5, 2, 3], [0, 7, 0, 0], [4, 0, 0, 0]], ["C", "X", "A", "C"])
-    options = ScFoundationOptions(pre_normalized="T")  # values as is: easy to read
+    values = [[0.5, 2.5, 1.0, 1.5], [0, 3.5, 0, 0], [2.5, 0, 0, 0]]
+    adata = counts_adata(values, ["C", "X", "A", "C"])
+    options = ScFoundationOptions(pre_normalized="T")  # log1p values, used as is: easy to read
     with pytest.warns(UserWarning, match="dropped 1 cells"):
         tokens = tokenize_scfoundation(adata, gene_index=index, options=options)
     assert list(tokens.obs_names) == ["c0", "c2"] and list(tokens.dropped) == ["c1"]
     ids, values = tokens.cell(0)
     assert ids.tolist() == [0, 2, 4, 5]  # A, C, then T, S; B and D are zero → not tokens
-    assert values[:2].tolist() == [2.0, 4.0]  # A = 2, C = 1 + 3
+    assert values[:2].tolist() == [1.0, 2.0]  # A = 1, C = 0.5 + 1.5
     ids, values = tokens.cell(1)
-    assert ids.tolist() == [2, 4, 5] and values[0] == 4.0
+    assert ids.tolist() == [2, 4, 5] and values[0] == 2.5
     match = tokens.gene_match
     assert (match.n_matched, match.n_total) == (3, 4)
-    assert match.fraction_counts == pytest.approx(10 / 22)
+    assert match.fraction_counts == pytest.approx(5.5 / 11.5)  # C, A, C of all of X
 
 
 def test_count_tokens_hand_computed():

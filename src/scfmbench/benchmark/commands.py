@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
-from scfmbench.benchmark.embedding import check_models_read
+from scfmbench.benchmark.embedding import check_models_read, check_values_read
 from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
@@ -90,7 +90,7 @@ def check_dataset(
     baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
     # raises run's refusal of the named models on a feature-selected matrix
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
-    check_models_read(resolved, named, diag)  # and on values they do not read
+    check_models_read(resolved, named, checked)  # and on values they do not read
     if problem is not None:
         diag.warnings.append(problem)
     return diag
@@ -172,7 +172,7 @@ def embed_dataset(
         not ``.npy`` / ``.h5ad`` or not writable, or streaming without ``out``.
     DataError
         Feature-selected counts for geneformer or scgpt without ``allow_feature_selected``,
-        or data the model refuses.
+        or data the model refuses (checked before the model is loaded).
     """
     from scfmbench.data.matrix import expression_view
     from scfmbench.data.validate import check_unique_cells
@@ -219,6 +219,13 @@ def embed_dataset(
         reader.close()
         genes = reader.var  # read whole from the file: a DataFrame
         _check_feature_selection(model, reader.source, genes, allow_feature_selected)  # pyright: ignore[reportArgumentType]
+        check_values_read(
+            settings,
+            [model],
+            kind=reader.kind,
+            source=reader.source,
+            obs_columns=list(reader.obs.columns),
+        )
         (foundation,) = load_models(settings)
         streamed = embed_h5ad(data, foundation, out=out, **options)
         return streamed.key, streamed.n_embedded
@@ -229,6 +236,9 @@ def embed_dataset(
     counts = expression_view(adata)
     source = counts.uns["scfmbench"]["matrix_source"]
     allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
+    kind = counts.uns["scfmbench"]["matrix_kind"]
+    obs_columns = list(adata.obs.columns)
+    check_values_read(settings, [model], kind=kind, source=source, obs_columns=obs_columns)
     (foundation,) = load_models(settings)
     result = embed(counts, foundation, **options)
     key = foundation.obsm_key
@@ -342,7 +352,7 @@ def finetune_dataset(
         min_cells_per_class=run_config.min_cells_per_class,
         merge_similar_labels=run_config.merge_similar_labels,
     )
-    check_models_read(run_config, models, validated.diagnostics)  # before the splits are written
+    check_models_read(run_config, models, validated)  # before the splits are written
     run_dir = run_directory(run_config)
     saved = run_dir / "splits"
     if (saved / "splits.json").is_file():  # a run's folder: fine-tune on the run's own splits

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torch and transformers load with the models, only when a mo
 __all__ = [
     "ModelEmbedding",
     "check_models_read",
+    "check_values_read",
     "check_run_feature_selection",
     "embed_cells",
     "embedding_scores",
@@ -94,39 +95,62 @@ def load_context(config: RunConfig) -> LoadContext:
     )
 
 
-def check_models_read(config: RunConfig, models: list[str], diagnostics: DataDiagnostics) -> None:
-    """Refuse, before anything is loaded or written, a matrix a model's tokenizer would refuse.
+def check_models_read(config: RunConfig, models: list[str], data: RunData) -> None:
+    """Refuse, before anything is loaded or written, data a model's tokenizer would refuse.
 
     Each model checks the kind of the run's expression matrix (``diagnostics.matrix_kind``)
-    with its options (``config.model_options``) and ``config.allow_normalized``, e.g.
-    Geneformer refuses log-normalized values unless ``allow_normalized``. The tokenizer gives
-    its warnings later, once.
+    and the ``obs`` columns it reads, with its options (``config.model_options``) and
+    ``config.allow_normalized``; e.g. Geneformer refuses log-normalized values unless
+    ``allow_normalized``. The tokenizer gives its warnings later, once.
 
     Parameters
     ----------
     config : RunConfig
     models : list of str
         ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the models.
-    diagnostics : DataDiagnostics
-        What validation found about the data.
+    data : ValidatedData or BackedData
+        The validated data: its ``diagnostics`` and ``obs``.
 
     Raises
     ------
     CountsRequiredError
         A model needs raw counts (or other values) that the data do not hold.
+    DataError
+        A model reads an ``obs`` column the data lack (scFoundation's totals for
+        ``pre_normalized="A"``).
+    """
+    diagnostics = data.diagnostics
+    check_values_read(
+        config,
+        models,
+        kind=diagnostics.matrix_kind,
+        source=diagnostics.matrix_source,
+        obs_columns=list(data.obs.columns),
+    )
+
+
+def check_values_read(
+    config: RunConfig, models: list[str], *, kind: str, source: str, obs_columns: list[str]
+) -> None:
+    """:func:`check_models_read` on a matrix of ``kind`` in ``adata.<source>``.
+
+    For callers without validated data (``embed``, which reads the matrix as it is given).
     """
     if not models:
         return  # a baseline-only run never loads torch or transformers
     from scfmbench.models import MODELS
 
     context = load_context(config)
-    where = f"adata.{diagnostics.matrix_source}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in dict.fromkeys(model_name(spec) for spec in models):
-            loader = MODELS.get(name)
-            options = config.model_options.get(name)
-            loader.check_matrix_kind(diagnostics.matrix_kind, context, options, where=where)
+            MODELS.get(name).check_matrix_kind(
+                kind,
+                context,
+                config.model_options.get(name),
+                where=f"adata.{source}",
+                obs_columns=obs_columns,
+            )
 
 
 def embed_cells(

@@ -297,7 +297,7 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
 
     detect_batch_key(validated.obs, config.batch_key)  # a misspelt batch_key fails here
     check_run_feature_selection(config, validated.diagnostics)
-    check_models_read(config, list(config.models), validated.diagnostics)
+    check_models_read(config, list(config.models), validated)
     methods = baseline_methods(config, validated.diagnostics.matrix_kind)
     models = load_models(config)
     methods += model_methods(models, config)

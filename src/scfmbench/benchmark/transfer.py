@@ -39,7 +39,7 @@ from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import Split, SplitSet, labels_hash
 from scfmbench.data.validate import ValidatedData, validate
-from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.errors import ConfigError, ScfmbenchError, SchemaError
 from scfmbench.evaluation.run_stats import (
     PREDICTIONS_FILE,
     method_statistics,
@@ -146,6 +146,8 @@ def transfer(
         Bad settings or label map, or an unwritable output folder.
     SchemaError
         A side without its label column, labels the map lacks, or no shared labels or genes.
+    CountsRequiredError, DataError
+        Values or an ``obs`` column a model refuses, on the side the message names.
     """
     values = config.model_dump() if config is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -169,8 +171,11 @@ def transfer(
             ) from None
         datasets.append((name, checked))
     check_transfer_feature_selection(datasets, cfg)
-    for _, checked in datasets:  # values a model refuses, before any model loads
-        check_models_read(cfg, list(cfg.models), checked.diagnostics)
+    for role, (name, checked) in zip(("train", "test"), datasets, strict=True):
+        try:  # values a model refuses, before any model loads
+            check_models_read(cfg, list(cfg.models), checked)
+        except ScfmbenchError as exc:
+            raise type(exc)(f"{role} data {name}: {exc}") from None
     map_name = None if isinstance(label_map, dict) else str(label_map)
     for name, checked in datasets:  # before any model loads: a map that misses labels
         harmonize(checked.labels, mapping, dataset=name, map_name=map_name)

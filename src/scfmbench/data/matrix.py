@@ -137,7 +137,9 @@ def classify_matrix(matrix) -> str:
     return "corrected"
 
 
-def require_counts(matrix, *, model: str, allow_normalized: bool = False, where: str = "X") -> str:
+def require_counts(
+    matrix, *, model: str, allow_normalized: bool = False, where: str = "adata.X"
+) -> str:
     """Check that a count-based model gets raw counts; return the detected matrix kind.
 
     Count-like non-integer values (``"corrected"``: ambient-corrected or EM counts) are used
@@ -154,7 +156,7 @@ def require_counts(matrix, *, model: str, allow_normalized: bool = False, where:
         Use depth-normalized or log-scale values with a warning instead of failing
         (default False).
     where
-        What the matrix is, for messages (default ``"X"``).
+        What the matrix is, for messages (default ``"adata.X"``).
 
     Returns
     -------

@@ -9,7 +9,7 @@ sees a keyword it did not declare; run-wide settings reach it through one :class
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -93,8 +93,19 @@ class CheckKind(Protocol[_OptionsIn]):
     It raises what the model's tokenizer would raise on a matrix of that kind.
     """
 
-    def __call__(self, kind: str, *, context: LoadContext, options: _OptionsIn, where: str) -> None:
-        """Raise the tokenizer's error for a matrix of ``kind`` (nothing when it reads it)."""
+    def __call__(
+        self,
+        kind: str,
+        *,
+        context: LoadContext,
+        options: _OptionsIn,
+        where: str,
+        obs_columns: Collection[str],
+    ) -> None:
+        """Raise the tokenizer's error for a matrix of ``kind`` (nothing when it reads it).
+
+        ``obs_columns`` are the data's ``obs`` columns, for a model that reads one of them.
+        """
         ...
 
 
@@ -229,6 +240,7 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         options: Mapping[str, Any] | None = None,
         *,
         where: str,
+        obs_columns: Collection[str] = (),
     ) -> None:
         """Refuse a matrix of ``kind`` as the model's tokenizer would, without loading it.
 
@@ -241,18 +253,25 @@ class ModelLoader(Generic[OptionsT, ModelT]):
             As for :meth:`load`: ``allow_normalized`` and the model's options decide.
         where
             What holds the matrix, for the message (e.g. ``"adata.X"``).
+        obs_columns
+            The data's ``obs`` columns (default: none), e.g. scFoundation's total counts for
+            ``pre_normalized="A"``.
 
         Raises
         ------
         CountsRequiredError
             The model needs raw counts (or other values) that the matrix does not hold.
+        DataError
+            A column the model reads from ``obs`` is missing.
         ConfigError
             An unknown option or an invalid value.
         """
         if self.check_kind is None:
             return
         context, declared = self.split_options(options, context)
-        self.check_kind(kind, context=context, options=declared, where=where)
+        self.check_kind(
+            kind, context=context, options=declared, where=where, obs_columns=obs_columns
+        )
 
     def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:
         """Load with keywords: :class:`LoadContext` fields and the model's declared options.

@@ -13,7 +13,7 @@ import logging
 import pickle
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,9 +318,16 @@ class GeneformerOptions(ModelOptions):
         return None if value is None else check_version(value)
 
 
-def _check_kind(kind: str, *, context: LoadContext, options: GeneformerOptions, where: str) -> None:
+def _check_kind(
+    kind: str,
+    *,
+    context: LoadContext,
+    options: GeneformerOptions,
+    where: str,
+    obs_columns: Collection[str],
+) -> None:
     """Refuse non-count values unless ``allow_normalized``, as the tokenizer does."""
-    del options
+    del options, obs_columns
     check_counts_kind(
         kind, model="geneformer", allow_normalized=context.allow_normalized, where=where
     )

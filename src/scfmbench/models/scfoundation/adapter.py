@@ -11,7 +11,7 @@ max over all tokens (script ``--pool_type max``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from scfmbench.models.scfoundation.network import (
 from scfmbench.models.scfoundation.tokenizer import (
     GENE_INDEX_FILE,
     ScFoundationOptions,
+    check_totals_column,
     read_gene_index,
     resolve_mode,
     tokenize_scfoundation,
@@ -258,12 +259,18 @@ def _find_file(path: Path, name: str) -> Path | None:
 
 
 def _check_kind(
-    kind: str, *, context: LoadContext, options: ScFoundationOptions, where: str
+    kind: str,
+    *,
+    context: LoadContext,
+    options: ScFoundationOptions,
+    where: str,
+    obs_columns: Collection[str],
 ) -> None:
-    """Refuse values that ``pre_normalized`` does not fit, as the tokenizer does."""
-    resolve_mode(
+    """Refuse values that ``pre_normalized`` does not fit, and mode A without its totals."""
+    mode = resolve_mode(
         kind, options.pre_normalized, allow_normalized=context.allow_normalized, where=where
     )
+    check_totals_column(mode, obs_columns, options.total_counts_key)
 
 
 @register_model("scfoundation", ScFoundationOptions, check_kind=_check_kind)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -190,7 +191,28 @@ def resolve_mode(
             f"scfoundation with pre_normalized='F' needs raw integer counts but {where} holds "
             f"{kind} values; pass the raw counts or set pre_normalized='T'."
         )
+    if mode in ("T", "A") and kind == "counts":  # log1p would be skipped on raw counts
+        raise CountsRequiredError(
+            f"scfoundation with pre_normalized={mode!r} reads normalize_total + log1p values but "
+            f"{where} holds raw integer counts; set pre_normalized='F' (or leave it unset)."
+        )
     return mode
+
+
+def check_totals_column(mode: PreNormalized, obs_columns: Collection[str], key: str) -> None:
+    """Refuse ``pre_normalized='A'`` when ``obs`` lacks the column of total counts ``key``.
+
+    Raises
+    ------
+    DataError
+        ``mode`` is ``"A"`` and ``key`` is not in ``obs_columns``.
+    """
+    if mode == "A" and key not in obs_columns:
+        raise DataError(
+            f"pre_normalized='A' reads total counts from adata.obs[{key!r}], which is missing "
+            f"(obs columns {list(obs_columns)[:8]}); set total_counts_key or use "
+            "pre_normalized='T'."
+        )
 
 
 def _gene_keys(adata: AnnData, gene_column: str | None) -> GeneIdentifiers:
@@ -308,13 +330,7 @@ def tokenize_scfoundation(
     )
     aligned = align_to_index(matrix, match.positions, n_genes=n_genes)
     if mode == "A":
-        if options.total_counts_key not in adata.obs.columns:
-            raise DataError(
-                "pre_normalized='A' reads total counts from "
-                f"adata.obs[{options.total_counts_key!r}], which is missing (obs columns "
-                f"{list(adata.obs.columns)[:8]}); set total_counts_key or use "
-                "pre_normalized='T'."
-            )
+        check_totals_column(mode, adata.obs.columns, options.total_counts_key)
         totals = np.asarray(adata.obs[options.total_counts_key], dtype=np.float64)
     else:
         totals = np.asarray(aligned.sum(axis=1)).ravel()
