@@ -424,3 +424,39 @@ def test_finetune_in_a_run_folder_uses_the_runs_splits(small_file, tmp_path):
     seeds = [line.split("|")[3].strip() for line in done.output.splitlines() if "| tiny |" in line]
     assert seeds == ["42", "43"]
     assert {p.name: p.read_bytes() for p in splits.iterdir()} == before
+
+
+def test_finetune_records_what_the_tokenizer_warned(
+    pbmc3k_path, shared_dir, tmp_path, capsys, caplog
+):
+    """A standalone `finetune --allow-normalized` keeps the tokenizer's warning with the
+    scores it gave, in each split's result.json, as `run` marks its rows. The command prints
+    it once, though each split's cells are tokenized."""
+    import scanpy as sc
+
+    from tests._geneformer_factory import write_checkpoint
+    from tests.conftest import run_cli_in_process
+
+    adata, genes = pbmc_subset(pbmc3k_path, n_cells=120, n_genes=500)
+    adata = adata[:, genes].copy()  # short cells: a fast test
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    data = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(data)
+    model = f"geneformer={write_checkpoint(tmp_path / 'gf', shared_dir)[0]}"
+    config = tmp_path / "run.yaml"
+    two_splits = "min_cells_per_class: 5\ndesign: study\nn_splits: 2\n"
+    config.write_text(two_splits + "finetune:\n  device: cpu\n")
+    args = ["finetune", str(data), "--model", model, "--config", str(config), "--epochs", "1"]
+    args += ["--out", str(tmp_path / "runs"), "--allow-normalized", "-q"]
+    code, _, err = run_cli_in_process(args, capsys)
+    assert code == 0, err
+    warning = (
+        "geneformer expects raw counts but adata.X holds log-normalized values (log-scale: "
+        "non-integer, max ≤ 50); proceeding because allow_normalized is set — results are not "
+        "comparable to the published model."
+    )
+    for seed in (42, 43):
+        result = tmp_path / "runs/lognorm/finetune/geneformer" / f"seed{seed}" / "result.json"
+        assert json.loads(result.read_text())["warnings"] == [warning]
+    assert caplog.messages.count(f"warning: {warning}") == 1

@@ -48,12 +48,20 @@ def _setup_logging(quiet: bool) -> None:
         stream=sys.stderr,
     )
     warnings.showwarning = _log_warning
+    _warned.clear()
     for noisy in ("numba", "matplotlib", "h5py", "urllib3", "fsspec", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_warned: set[str] = set()
+"""The warnings this command has printed: a model's tokenizer warns at every tokenization."""
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    logging.getLogger("scfmbench").warning("warning: %s", message)
+    text = str(message)
+    if text not in _warned:  # each distinct warning once per command
+        _warned.add(text)
+        logging.getLogger("scfmbench").warning("warning: %s", text)
 
 
 def _load_config(config: Path | None) -> RunConfig | None:

@@ -61,6 +61,9 @@ class FinetuneResult:
         Micro-steps (global batches) run by this call.
     figures : dict of str to str
         Figure name → path (``learning_curve``).
+    warnings : list of str
+        What the tokenizer warned about the input, e.g. normalized values used because
+        ``allow_normalized`` is set (the scores are then not those of the published model).
     model : FoundationModel or None
         The fine-tuned copy (best epoch; embeds through ``embed``), in memory.
     head : torch.nn.Module or None
@@ -88,6 +91,7 @@ class FinetuneResult:
     train_s: float = 0.0
     train_steps: int = 0
     figures: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     model: FoundationModel | None = field(default=None, repr=False)
     head: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -133,6 +137,7 @@ class FinetuneResult:
             "n_processes": self.n_processes,
             "train_s": round(self.train_s, 3),
             "train_steps": self.train_steps,
+            "warnings": self.warnings,
         }
 
     def prediction_payload(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class Setup:
         AdamW and its linear warm-up schedule.
     fingerprint : dict
         What a checkpoint of this training must match.
+    input_warnings : list of str
+        The warnings the tokenizer gave on the split's cells (e.g. normalized values used
+        because ``allow_normalized`` is set), each once.
     """
 
     config: FinetuneConfig
@@ -88,6 +92,7 @@ class Setup:
     optimizer: Any
     scheduler: Any
     fingerprint: dict[str, Any]
+    input_warnings: list[str] = field(default_factory=list)
 
 
 def set_up(
@@ -136,7 +141,12 @@ def set_up(
     model = cpu_copy(original, original.network)  # the caller's model stays untouched
     adata, labels = _data_and_labels(data, labels, label_key)
     classes = [str(c) for c in labels.cat.categories]
-    tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
+    with warnings.catch_warnings(record=True) as caught:  # recorded, then given as usual
+        warnings.simplefilter("always")
+        tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    input_warnings = list(dict.fromkeys(str(warning.message) for warning in caught))
     sets = {
         name: cell_set(tokens, labels, getattr(split, name), classes, name)
         for name in ("train", "val", "test")
@@ -178,6 +188,7 @@ def set_up(
         optimizer=optimizer,
         scheduler=scheduler,
         fingerprint=fingerprint(config, model, sets, classes, layer, pooling),
+        input_warnings=input_warnings,
     )
 
 

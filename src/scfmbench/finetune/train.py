@@ -254,6 +254,7 @@ def _score(
         n_processes=accelerator.num_processes,
         train_s=trained.train_s,
         train_steps=trained.train_steps,
+        warnings=setup.input_warnings,
         model=model,
         head=module.head,
     )
