@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pyright --pythonpath $(PY)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15  # two pytest-xdist workers
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

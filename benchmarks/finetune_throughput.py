@@ -205,13 +205,19 @@ def run_trainer(args: argparse.Namespace) -> dict:
     return {"steps": int(output.global_step), "seconds": clock.seconds}
 
 
-def worker(args: argparse.Namespace) -> None:
+def run_side(args: argparse.Namespace, side: str) -> dict:
+    """Train ``side`` in this process; its steps, seconds and this process's peak memory."""
     torch.set_num_threads(args.threads)
-    measured = run_engine(args) if args.worker == "engine" else run_trainer(args)
+    side_args = argparse.Namespace(**{**vars(args), "worker": side})
+    measured = run_engine(side_args) if side == "engine" else run_trainer(side_args)
     measured["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available() and args.device != "cpu":
         measured["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print("RESULT " + json.dumps(measured))
+    return measured
+
+
+def worker(args: argparse.Namespace) -> None:
+    print("RESULT " + json.dumps(run_side(args, args.worker)))
 
 
 def child(args: argparse.Namespace, side: str) -> dict:
@@ -256,6 +262,12 @@ def main() -> None:
         "--sides", nargs="+", choices=SIDES, default=list(SIDES), help="Sides to run."
     )
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="Run the sides in this process, one after the other (a CI-sized check: each "
+        "side's peak RSS then includes the sides before it).",
+    )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.data.exists():
@@ -266,7 +278,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
     for _ in range(args.repeats):  # alternate, so a change in machine load hits every side
         for side in args.sides:
-            runs[side].append(child(args, side))
+            runs[side].append(run_side(args, side) if args.in_process else child(args, side))
     if args.sides == ["engine"]:  # memory only: e.g. the study's settings with or without budget
         found = runs["engine"]
         result = {
@@ -312,6 +324,7 @@ def main() -> None:
             for side, found in runs.items()
         },
         "repeats": args.repeats,
+        "sides_in_one_process": args.in_process,  # then peak RSS is not each side's own
         "steps": engine["steps"],
         "steps_trainer": trainer["steps"],
         "batch_size": args.batch_size,

@@ -278,6 +278,7 @@ def finetune_vs_trainer(tmp: Path, *, cuda: bool) -> dict:
         command += ["--length-scale", "1"]
     else:
         command += ["--steps", "2", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
+        command += ["--in-process"]  # two process start-ups fewer: 20 s of a CI-sized check
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:  # recorded by guarded(), as for the other parts
         raise RuntimeError(f"exit status {done.returncode}: {done.stderr[-2000:]}")

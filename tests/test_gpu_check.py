@@ -39,5 +39,5 @@ def test_gpu_check_cpu_form(tmp_path):
     finetune = result["finetune"]
     assert finetune["steps"] == finetune["steps_trainer"] == 2, finetune
     assert set(finetune["steps_per_s"]) == {"engine", "trainer", "trainer_grouped"}
-    assert finetune["device"].startswith("cpu")
+    assert finetune["device"].startswith("cpu") and finetune["sides_in_one_process"] is True
     assert result["torchrun_embed"]["shape"] == [2, 768], result["torchrun_embed"]
