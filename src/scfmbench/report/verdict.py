@@ -159,6 +159,8 @@ def _line(
     numbers = f"Δ macro F1 {_signed(diff)}"
     if ci is not None:
         numbers += f", 95% CI {_plain(ci[0])} to {_plain(ci[1])}"
+        if not significant and (ci[0] > 0 or ci[1] < 0):  # the interval is not Holm-corrected
+            numbers += " before correcting for the run's other tests"
     numbers += f", {_p_text(p)}"
     sentence = f"{subject}: {claim} ({numbers})."
     return VerdictLine(method, against, kind, outcome, diff, ci, p, sentence)
