@@ -251,6 +251,18 @@ def test_study_design_does_not_pool_overlapping_mcnemar_counts():
     assert disjoint.mcnemar_p is not None
 
 
+def test_difference_interval_stays_within_its_possible_range():
+    """A difference of two macro F1 scores lies in [-1, 1]; with 2 folds (t with 1 df) the
+    unclipped interval of a large difference that varies between folds would pass 1."""
+    truth, perfect = make_predictions(seed=1, accuracy=1.0)
+    _, poor = make_predictions(seed=2, accuracy=0.6)
+    _, chance = make_predictions(seed=3, accuracy=0.0)
+    splits = [("42", truth, perfect, poor), ("43", truth, perfect, chance)]
+    result = paired_comparison(splits, classes=["A", "B", "C"], design=Design("cv", 2), seed=0)
+    lo, hi = result.f1_diff_ci95
+    assert -1.0 <= lo < result.f1_diff < hi == 1.0  # clipped, as the scores' own intervals
+
+
 def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
     import gzip
     import json

@@ -168,7 +168,8 @@ def design_estimate(
     level : float
         Interval level (default 0.95).
     bounds : (float, float) or None
-        Clip the interval to these bounds (scores: [0, 1]; differences: None).
+        Clip the interval to these bounds (scores: [0, 1]; differences of two scores:
+        [-1, 1]).
 
     Returns
     -------
@@ -337,7 +338,7 @@ def paired_comparison(
     for metric in ("macro_f1", "accuracy"):
         values = np.array([points[0][metric] - points[1][metric] for points, _ in scored])
         reps = np.stack([boots[0][metric] - boots[1][metric] for _, boots in scored])
-        estimates[metric] = design_estimate(values, reps, design, bounds=None)
+        estimates[metric] = design_estimate(values, reps, design, bounds=(-1.0, 1.0))
     f1 = estimates["macro_f1"]
     pooled = None
     if design.name in DISJOINT_DESIGNS or len(splits) == 1:
