@@ -357,7 +357,8 @@ def test_data_a_model_refuses_leave_every_folder_as_it_was(tmp_path, shared_dir,
     assert "or set --allow-normalized to proceed anyway." in err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
-    finetune = ["finetune", str(data), "--model", model, "--name", "f", *common]
+    finetune = ["finetune", str(data), "--model", model, "--name", "f", "--allow-feature-selected"]
+    finetune += common
     code, _, err = run_cli_in_process(finetune, capsys)
     assert code == 2 and err.startswith(message), err
     assert not (tmp_path / "runs" / "f").exists()
@@ -398,6 +399,13 @@ def test_embed_refuses_values_before_loading_the_model(tmp_path, capsys):
             "(log-scale: non-integer, max ≤ 50); pass the raw counts (X, layers['counts'] or "
             ".raw) or set --allow-normalized to proceed anyway."
         ]
+    adata[:0].copy().write_h5ad(tmp_path / "none.h5ad")  # no cells: refused, as by `run`
+    no_cells = ["embed", str(tmp_path / "none.h5ad"), *embed[2:]]
+    for backed in ("--no-backed", "--backed"):
+        code, _, err = run_cli_in_process([*no_cells, backed, "-q"], capsys)
+        (line,) = err.strip().splitlines()
+        assert code == 2 and not npy.exists(), err
+        assert line.endswith("none.h5ad has no cells; pass a file with at least one cell.")
 
 
 def test_scfoundation_modes_are_checked_against_the_data(tmp_path, capsys):
@@ -452,3 +460,73 @@ def test_scfoundation_modes_are_checked_against_the_data(tmp_path, capsys):
         "error: scfoundation with pre_normalized='T' reads normalize_total + log1p values but "
         "adata.X holds raw integer counts; set pre_normalized='F' (or leave it unset)."
     ], err
+
+
+def test_scfoundation_totals_and_depth_normalized_values_are_refused(tmp_path, capsys):
+    """Mode A's totals must be numbers, finite and positive for every cell, and values
+    normalized without log1p fit no mode but F (which wants counts): each is one line with
+    exit 2 before the checkpoint (an empty folder) is read, in memory and streamed, and `run`
+    writes nothing."""
+    import scanpy as sc
+
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    adata = labelled_adata()
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    normalized = tmp_path / "normalized.h5ad"
+    adata.write_h5ad(normalized)
+    sc.pp.log1p(adata)
+    adata.obs["total_counts"] = totals
+    adata.obs.loc["cell3", "total_counts"] = np.nan
+    lognorm = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(lognorm)
+    (tmp_path / "empty").mkdir()
+    embed = [
+        "embed",
+        "--model",
+        f"scfoundation={tmp_path / 'empty'}",
+        "--out",
+        str(tmp_path / "e.npy"),
+    ]
+    no_total = (
+        "error: pre_normalized='A' reads total counts from adata.obs['total_counts'], but 1 "
+        "cell(s) have no finite positive total (e.g. cell3: nan); fill in each cell's total raw "
+        "counts there."
+    )
+    text = (
+        "error: pre_normalized='A' reads total counts from adata.obs['cell_type'], which holds "
+        "category values, not numbers; set total_counts_key to the column of each cell's total "
+        "raw counts."
+    )
+    depth = (
+        "error: scfoundation reads raw counts or normalize_total + log1p values but adata.X "
+        "holds depth-normalized values without log1p; apply sc.pp.log1p to them, or pass the "
+        "raw counts with pre_normalized='F'."
+    )
+    cases = [
+        ([str(lognorm), "--option", "pre_normalized=A"], no_total),
+        (
+            [
+                str(lognorm),
+                "--option",
+                "pre_normalized=A",
+                "--option",
+                "total_counts_key=cell_type",
+            ],
+            text,
+        ),
+        ([str(normalized), "--option", "pre_normalized=T"], depth),
+        ([str(normalized), "--allow-normalized"], depth),
+    ]
+    for args, line in cases:
+        for backed in ("--no-backed", "--backed"):
+            code, _, err = run_cli_in_process([*embed, *args, backed, "-q"], capsys)
+            assert code == 2 and err.strip().splitlines() == [line], (args, backed, err)
+    config = tmp_path / "mode_a.yaml"
+    config.write_text(yaml.safe_dump({"model_options": {"scfoundation": {"pre_normalized": "A"}}}))
+    run = ["run", "--data", str(lognorm), "--config", str(config), "-q"]
+    run += ["--model", f"scfoundation={tmp_path / 'empty'}", "--out", str(tmp_path / "runs")]
+    code, _, err = run_cli_in_process(run, capsys)
+    assert code == 2 and err.strip().splitlines() == [no_total], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "e.npy").exists()

@@ -429,34 +429,54 @@ def test_finetune_in_a_run_folder_uses_the_runs_splits(small_file, tmp_path):
 def test_finetune_records_what_the_tokenizer_warned(
     pbmc3k_path, shared_dir, tmp_path, capsys, caplog
 ):
-    """A standalone `finetune --allow-normalized` keeps the tokenizer's warning with the
-    scores it gave, in each split's result.json, as `run` marks its rows. The command prints
-    it once, though each split's cells are tokenized."""
+    """A standalone `finetune` refuses a feature-selected matrix unless
+    --allow-feature-selected, as `run` does, and a checkpoint it cannot read before it writes
+    the splits. With both flags, each split's result.json keeps the warnings with the scores
+    they qualify, as `run` marks its rows; the command prints each once, though each split's
+    cells are tokenized."""
     import scanpy as sc
 
     from tests._geneformer_factory import write_checkpoint
     from tests.conftest import run_cli_in_process
 
     adata, genes = pbmc_subset(pbmc3k_path, n_cells=120, n_genes=500)
-    adata = adata[:, genes].copy()  # short cells: a fast test
+    adata = adata[:, genes].copy()  # 500 genes: short cells, a fast test
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     data = tmp_path / "lognorm.h5ad"
     adata.write_h5ad(data)
-    model = f"geneformer={write_checkpoint(tmp_path / 'gf', shared_dir)[0]}"
     config = tmp_path / "run.yaml"
     two_splits = "min_cells_per_class: 5\ndesign: study\nn_splits: 2\n"
     config.write_text(two_splits + "finetune:\n  device: cpu\n")
-    args = ["finetune", str(data), "--model", model, "--config", str(config), "--epochs", "1"]
-    args += ["--out", str(tmp_path / "runs"), "--allow-normalized", "-q"]
-    code, _, err = run_cli_in_process(args, capsys)
+    common = [str(data), "--config", str(config), "--epochs", "1", "--allow-normalized", "-q"]
+    common += ["--out", str(tmp_path / "runs")]
+    model = f"geneformer={write_checkpoint(tmp_path / 'gf', shared_dir)[0]}"
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    code, _, err = run_cli_in_process(["finetune", "--model", model, *common], capsys)
+    assert code == 2 and err.startswith(
+        "error: the count matrix (adata.X) has only 500 genes (fewer than 5,000)"
+    ), err
+    (tmp_path / "empty").mkdir()
+    empty = ["finetune", "--model", f"geneformer={tmp_path / 'empty'}", *common]
+    code, _, err = run_cli_in_process([*empty, "--allow-feature-selected"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()  # no splits written for a model that cannot load
+
+    caplog.clear()
+    allowed = ["finetune", "--model", model, *common, "--allow-feature-selected"]
+    code, _, err = run_cli_in_process(allowed, capsys)
     assert code == 0, err
-    warning = (
+    selected = (
+        "the count matrix (adata.X) has only 500 genes (fewer than 5,000), a feature-selected "
+        "subset; running geneformer on it anyway because --allow-feature-selected is set — "
+        "scores are not comparable to the published models"
+    )
+    normalized = (
         "geneformer expects raw counts but adata.X holds log-normalized values (log-scale: "
         "non-integer, max ≤ 50); proceeding because allow_normalized is set — results are not "
         "comparable to the published model."
     )
     for seed in (42, 43):
         result = tmp_path / "runs/lognorm/finetune/geneformer" / f"seed{seed}" / "result.json"
-        assert json.loads(result.read_text())["warnings"] == [warning]
-    assert caplog.messages.count(f"warning: {warning}") == 1
+        assert json.loads(result.read_text())["warnings"] == [selected, normalized]
+    assert caplog.messages.count(f"warning: {normalized}") == 1

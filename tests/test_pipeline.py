@@ -4,6 +4,7 @@ import sys
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import scfmbench
@@ -269,6 +270,8 @@ def test_cli_validate_report(pbmc3k_path, tmp_path):
         ("scfoundation", "counts", {"pre_normalized": "F"}, False),
         ("scfoundation", "counts", {"pre_normalized": "T"}, True),
         ("scfoundation", "counts", {"pre_normalized": "A"}, True),
+        ("scfoundation", "normalized", {"pre_normalized": "T"}, True),
+        ("scfoundation", "normalized", {"allow_normalized": True}, True),
         ("scgpt", "lognorm", {}, False),
         ("scgpt", "normalized", {}, False),
     ],
@@ -309,15 +312,13 @@ def test_each_model_refuses_a_matrix_kind_as_its_tokenizer_does(name, kind, sett
             refusal = str(exc)
         assert (refusal is not None) is refused
         loader = MODELS.get(name)
-        columns = ["total_counts"]  # scFoundation's mode A reads it
+        obs = pd.DataFrame({"total_counts": [40.0, 110.0]})  # scFoundation's mode A reads it
         if refused:
             with pytest.raises(CountsRequiredError) as caught:
-                loader.check_matrix_kind(
-                    kind, context, options, where="adata.X", obs_columns=columns
-                )
+                loader.check_matrix_kind(kind, context, options, where="adata.X", obs=obs)
             assert str(caught.value) == refusal
         else:
-            loader.check_matrix_kind(kind, context, options, where="adata.X", obs_columns=columns)
+            loader.check_matrix_kind(kind, context, options, where="adata.X", obs=obs)
 
 
 def test_model_options_are_checked_against_the_loader():

@@ -352,7 +352,8 @@ ModelLoaderOptions = Annotated[
 ModelsToFinetune = Annotated[
     list[str],
     typer.Option(
-        help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR (NAME-random=DIR: control)."
+        help="NAME=DIR, repeatable: geneformer=DIR, scgpt=DIR, scfoundation=DIR "
+        "(NAME-random=DIR: control)."
     ),
 ]
 Epochs = Annotated[int | None, typer.Option(help=field_help("epochs", config=FinetuneConfig))]

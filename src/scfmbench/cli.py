@@ -338,6 +338,7 @@ def finetune(
     freeze_layers: opt.FreezeLayers = None,
     option: opt.FinetuneSettings = None,
     allow_normalized: opt.AllowNormalized = None,
+    allow_feature_selected: opt.AllowFeatureSelected = None,
     resume: opt.Resume = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -362,7 +363,12 @@ def finetune(
         models=model,
         config_file=config,
         run_overrides=opt.given(
-            label_key=label_key, out=out, name=name, seed=seed, allow_normalized=allow_normalized
+            label_key=label_key,
+            out=out,
+            name=name,
+            seed=seed,
+            allow_normalized=allow_normalized,
+            allow_feature_selected=allow_feature_selected,
         ),
         finetune_overrides=opt.given(**chosen),
         resume=resume,

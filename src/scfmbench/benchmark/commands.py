@@ -12,7 +12,11 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
-from scfmbench.benchmark.embedding import check_models_read, check_values_read
+from scfmbench.benchmark.embedding import (
+    check_models_read,
+    check_run_feature_selection,
+    check_values_read,
+)
 from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
@@ -30,7 +34,7 @@ from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import check_stratifiable, load_splits
 from scfmbench.data.validate import DataDiagnostics, validate
 from scfmbench.embed.options import EMBED_DEFAULTS
-from scfmbench.errors import ConfigError
+from scfmbench.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from scfmbench.finetune.train import FinetuneResult
@@ -224,21 +228,21 @@ def embed_dataset(
             [model],
             kind=reader.kind,
             source=reader.source,
-            obs_columns=list(reader.obs.columns),
+            obs=reader.obs,
         )
         (foundation,) = load_models(settings)
         streamed = embed_h5ad(data, foundation, out=out, **options)
         return streamed.key, streamed.n_embedded
     adata = load_dataset(data)
-    check_unique_cells(
-        adata.obs_names, where="the data" if isinstance(data, AnnData) else Path(data).name
-    )
+    where = "the data" if isinstance(data, AnnData) else Path(data).name
+    if adata.n_obs == 0:  # as streamed (H5adCells) and as run refuses it
+        raise DataError(f"{where} has no cells; pass a file with at least one cell.")
+    check_unique_cells(adata.obs_names, where=where)
     counts = expression_view(adata)
     source = counts.uns["scfmbench"]["matrix_source"]
     allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
     kind = counts.uns["scfmbench"]["matrix_kind"]
-    obs_columns = list(adata.obs.columns)
-    check_values_read(settings, [model], kind=kind, source=source, obs_columns=obs_columns)
+    check_values_read(settings, [model], kind=kind, source=source, obs=adata.obs)  # pyright: ignore[reportArgumentType]
     (foundation,) = load_models(settings)
     result = embed(counts, foundation, **options)
     key = foundation.obsm_key
@@ -333,6 +337,9 @@ def finetune_dataset(
     ------
     ConfigError, SchemaError, SplitError
         Bad settings, labels or splits (found before any model is trained).
+    DataError, CountsRequiredError, CheckpointError
+        A feature-selected matrix without ``allow_feature_selected``, values a model refuses,
+        or a checkpoint that cannot be read (found before the splits are written).
     """
     from scfmbench.finetune.train import finetune_in_run
 
@@ -352,7 +359,9 @@ def finetune_dataset(
         min_cells_per_class=run_config.min_cells_per_class,
         merge_similar_labels=run_config.merge_similar_labels,
     )
-    check_models_read(run_config, models, validated)  # before the splits are written
+    allowed = check_run_feature_selection(run_config, validated.diagnostics)
+    check_models_read(run_config, models, validated)
+    networks = load_models(run_config)  # a checkpoint it cannot read: before splits are written
     run_dir = run_directory(run_config)
     saved = run_dir / "splits"
     if (saved / "splits.json").is_file():  # a run's folder: fine-tune on the run's own splits
@@ -370,8 +379,9 @@ def finetune_dataset(
             run_dir=run_dir,
             resume=resume,
             progress=progress,
+            data_warnings=[allowed] if allowed is not None else [],
         )
-        for model in load_models(run_config)
+        for model in networks
         for split in split_set.splits
     ]
     return run_dir, results

@@ -125,12 +125,12 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> No
         models,
         kind=diagnostics.matrix_kind,
         source=diagnostics.matrix_source,
-        obs_columns=list(data.obs.columns),
+        obs=data.obs,
     )
 
 
 def check_values_read(
-    config: RunConfig, models: list[str], *, kind: str, source: str, obs_columns: list[str]
+    config: RunConfig, models: list[str], *, kind: str, source: str, obs: pd.DataFrame
 ) -> None:
     """:func:`check_models_read` on a matrix of ``kind`` in ``adata.<source>``.
 
@@ -149,7 +149,7 @@ def check_values_read(
                 context,
                 config.model_options.get(name),
                 where=f"adata.{source}",
-                obs_columns=obs_columns,
+                obs=obs,
             )
 
 

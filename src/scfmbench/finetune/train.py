@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,7 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    data_warnings: Sequence[str] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` with a classification head on ``split`` and score it on test.
 
@@ -90,6 +91,9 @@ def finetune(
         Show a progress bar (main process only).
     on_epoch_end : callable or None, default None
         Called on every process with each epoch's record, after the checkpoint is written.
+    data_warnings : sequence of str, default ()
+        Warnings the caller gave about the data (e.g. a feature-selected matrix allowed);
+        ``result.warnings`` holds them before the tokenizer's.
 
     Returns
     -------
@@ -111,6 +115,7 @@ def finetune(
     config = config or FinetuneConfig.model_validate({})  # every option at its default
     out_dir = Path(out_dir)
     setup = set_up(data, model, split, config, labels=labels, label_key=label_key)
+    setup.input_warnings = list(dict.fromkeys([*data_warnings, *setup.input_warnings]))
     trainer, loop = prepare(setup, out_dir, resume=resume)
     trained = _train_epochs(
         setup, trainer, loop, out_dir, progress=progress, on_epoch_end=on_epoch_end
@@ -284,12 +289,14 @@ def finetune_in_run(
     run_dir: Path,
     resume: bool = True,
     progress: bool = True,
+    data_warnings: Sequence[str] = (),
 ) -> FinetuneResult:
     """Fine-tune inside a run directory (``run --finetune``): ``RUN/finetune/<model>/seed<S>``.
 
     Takes what ``pipeline.run`` holds: the validated AnnData (raw counts in ``X``), its
     labels, one of the run's splits and a loaded model. With ``resume`` a rerun continues
     from the last checkpoint, so a finished model is only re-scored on test.
+    ``data_warnings`` are recorded as in :func:`finetune`.
     """
     out_dir = Path(run_dir) / "finetune" / model.model_id / f"seed{split.seed}"
     return finetune(
@@ -301,6 +308,7 @@ def finetune_in_run(
         out_dir=out_dir,
         resume=resume,
         progress=progress,
+        data_warnings=data_warnings,
     )
 
 

@@ -9,11 +9,12 @@ sees a keyword it did not declare; run-wide settings reach it through one :class
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from scfmbench.defaults import DEFAULT_SEED
@@ -100,11 +101,11 @@ class CheckKind(Protocol[_OptionsIn]):
         context: LoadContext,
         options: _OptionsIn,
         where: str,
-        obs_columns: Collection[str],
+        obs: pd.DataFrame,
     ) -> None:
         """Raise the tokenizer's error for a matrix of ``kind`` (nothing when it reads it).
 
-        ``obs_columns`` are the data's ``obs`` columns, for a model that reads one of them.
+        ``obs`` is the cells' ``obs``, for a model that reads a column of it.
         """
         ...
 
@@ -240,7 +241,7 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         options: Mapping[str, Any] | None = None,
         *,
         where: str,
-        obs_columns: Collection[str] = (),
+        obs: pd.DataFrame | None = None,
     ) -> None:
         """Refuse a matrix of ``kind`` as the model's tokenizer would, without loading it.
 
@@ -253,16 +254,16 @@ class ModelLoader(Generic[OptionsT, ModelT]):
             As for :meth:`load`: ``allow_normalized`` and the model's options decide.
         where
             What holds the matrix, for the message (e.g. ``"adata.X"``).
-        obs_columns
-            The data's ``obs`` columns (default: none), e.g. scFoundation's total counts for
-            ``pre_normalized="A"``.
+        obs
+            The cells' ``obs`` (default: no columns), e.g. for scFoundation's total counts
+            with ``pre_normalized="A"``.
 
         Raises
         ------
         CountsRequiredError
             The model needs raw counts (or other values) that the matrix does not hold.
         DataError
-            A column the model reads from ``obs`` is missing.
+            A column the model reads from ``obs`` is missing or holds unusable values.
         ConfigError
             An unknown option or an invalid value.
         """
@@ -270,7 +271,11 @@ class ModelLoader(Generic[OptionsT, ModelT]):
             return
         context, declared = self.split_options(options, context)
         self.check_kind(
-            kind, context=context, options=declared, where=where, obs_columns=obs_columns
+            kind,
+            context=context,
+            options=declared,
+            where=where,
+            obs=obs if obs is not None else pd.DataFrame(),
         )
 
     def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:

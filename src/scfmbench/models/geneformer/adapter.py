@@ -13,10 +13,11 @@ import logging
 import pickle
 import shutil
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from anndata import AnnData
 from pydantic import field_validator
@@ -324,10 +325,10 @@ def _check_kind(
     context: LoadContext,
     options: GeneformerOptions,
     where: str,
-    obs_columns: Collection[str],
+    obs: pd.DataFrame,
 ) -> None:
     """Refuse non-count values unless ``allow_normalized``, as the tokenizer does."""
-    del options, obs_columns
+    del options, obs
     check_counts_kind(
         kind, model="geneformer", allow_normalized=context.allow_normalized, where=where
     )

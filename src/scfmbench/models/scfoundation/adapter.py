@@ -11,7 +11,7 @@ max over all tokens (script ``--pool_type max``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,13 +264,13 @@ def _check_kind(
     context: LoadContext,
     options: ScFoundationOptions,
     where: str,
-    obs_columns: Collection[str],
+    obs: pd.DataFrame,
 ) -> None:
     """Refuse values that ``pre_normalized`` does not fit, and mode A without its totals."""
     mode = resolve_mode(
         kind, options.pre_normalized, allow_normalized=context.allow_normalized, where=where
     )
-    check_totals_column(mode, obs_columns, options.total_counts_key)
+    check_totals_column(mode, obs, options.total_counts_key)
 
 
 @register_model("scfoundation", ScFoundationOptions, check_kind=_check_kind)

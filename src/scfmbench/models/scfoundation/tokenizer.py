@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -171,6 +170,12 @@ def resolve_mode(
     if kind == "corrected" and mode in (None, "F"):
         warnings.warn(corrected_counts_warning("scfoundation", where), stacklevel=3)
         return "F"
+    if kind == "normalized" and mode != "F":  # no pre_normalized mode reads them as they are
+        raise CountsRequiredError(
+            f"scfoundation reads raw counts or normalize_total + log1p values but {where} holds "
+            "depth-normalized values without log1p; apply sc.pp.log1p to them, or pass the raw "
+            "counts with pre_normalized='F'."
+        )
     if mode is None:
         if kind == "counts":
             return "F"
@@ -199,19 +204,46 @@ def resolve_mode(
     return mode
 
 
-def check_totals_column(mode: PreNormalized, obs_columns: Collection[str], key: str) -> None:
-    """Refuse ``pre_normalized='A'`` when ``obs`` lacks the column of total counts ``key``.
+def check_totals_column(mode: PreNormalized, obs: pd.DataFrame, key: str) -> None:
+    """Refuse ``pre_normalized='A'`` unless ``obs[key]`` holds every cell's total counts.
+
+    Parameters
+    ----------
+    mode : {"F", "T", "A"}
+        The resolved mode; only ``"A"`` reads ``obs``.
+    obs : pandas.DataFrame
+        The cells' ``obs``.
+    key : str
+        The column of total counts (``ScFoundationOptions.total_counts_key``).
 
     Raises
     ------
     DataError
-        ``mode`` is ``"A"`` and ``key`` is not in ``obs_columns``.
+        ``mode`` is ``"A"`` and the column is missing, not numeric, or holds a value that is
+        not a finite positive number.
     """
-    if mode == "A" and key not in obs_columns:
+    if mode != "A":
+        return
+    if key not in obs.columns:
         raise DataError(
             f"pre_normalized='A' reads total counts from adata.obs[{key!r}], which is missing "
-            f"(obs columns {list(obs_columns)[:8]}); set total_counts_key or use "
+            f"(obs columns {list(obs.columns)[:8]}); set total_counts_key or use "
             "pre_normalized='T'."
+        )
+    column = obs[key]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise DataError(
+            f"pre_normalized='A' reads total counts from adata.obs[{key!r}], which holds "
+            f"{column.dtype} values, not numbers; set total_counts_key to the column of each "
+            "cell's total raw counts."
+        )
+    totals = np.asarray(column, dtype=np.float64)
+    bad = np.flatnonzero(~(np.isfinite(totals) & (totals > 0)))
+    if len(bad):
+        raise DataError(
+            f"pre_normalized='A' reads total counts from adata.obs[{key!r}], but {len(bad)} "
+            f"cell(s) have no finite positive total (e.g. {obs.index[bad[0]]}: "
+            f"{totals[bad[0]]:g}); fill in each cell's total raw counts there."
         )
 
 
@@ -330,7 +362,7 @@ def tokenize_scfoundation(
     )
     aligned = align_to_index(matrix, match.positions, n_genes=n_genes)
     if mode == "A":
-        check_totals_column(mode, adata.obs.columns, options.total_counts_key)
+        check_totals_column(mode, cast(pd.DataFrame, adata.obs), options.total_counts_key)
         totals = np.asarray(adata.obs[options.total_counts_key], dtype=np.float64)
     else:
         totals = np.asarray(aligned.sum(axis=1)).ravel()
