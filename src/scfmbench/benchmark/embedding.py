@@ -116,8 +116,8 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> No
     CountsRequiredError
         A model needs raw counts (or other values) that the data do not hold.
     DataError
-        A model reads an ``obs`` column the data lack (scFoundation's totals for
-        ``pre_normalized="A"``).
+        A model reads an ``obs`` column the data lack or whose values it cannot use
+        (scFoundation's totals for ``pre_normalized="A"``).
     """
     diagnostics = data.diagnostics
     check_values_read(
