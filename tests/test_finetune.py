@@ -426,6 +426,28 @@ def test_finetune_in_a_run_folder_uses_the_runs_splits(small_file, tmp_path):
     assert {p.name: p.read_bytes() for p in splits.iterdir()} == before
 
 
+def test_result_warnings_are_the_tokenizers_not_library_deprecations(pbmc_small, tmp_path):
+    """A deprecation raised while tokenizing is given as usual but is not a warning about the
+    data, so result.json does not keep it; a warning about the data is kept once."""
+    import warnings
+
+    validated, genes, split = pbmc_small
+
+    class Warns(TinyModel):
+        def tokenize(self, adata, *, seed=0):
+            warnings.warn("some API will change", FutureWarning, stacklevel=2)
+            warnings.warn("3 cells have no genes in the vocabulary", UserWarning, stacklevel=2)
+            return super().tokenize(adata, seed=seed)
+
+    config = FinetuneConfig(**{**FAST, "epochs": 1})
+    with pytest.warns(FutureWarning, match="some API"):
+        result = finetune(
+            validated, Warns(genes), split, config=config, out_dir=tmp_path, progress=False
+        )
+    assert result.warnings == ["3 cells have no genes in the vocabulary"]
+    assert json.loads((tmp_path / "result.json").read_text())["warnings"] == result.warnings
+
+
 def test_finetune_records_what_the_tokenizer_warned(
     pbmc3k_path, shared_dir, tmp_path, capsys, caplog
 ):

@@ -74,7 +74,8 @@ class Setup:
         What a checkpoint of this training must match.
     input_warnings : list of str
         The warnings the tokenizer gave on the split's cells (e.g. normalized values used
-        because ``allow_normalized`` is set), each once.
+        because ``allow_normalized`` is set), each once; libraries' deprecation and future
+        warnings are given but not kept.
     """
 
     config: FinetuneConfig
@@ -146,7 +147,10 @@ def set_up(
         tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    input_warnings = list(dict.fromkeys(str(warning.message) for warning in caught))
+    library_churn = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+    input_warnings = list(
+        dict.fromkeys(str(w.message) for w in caught if not issubclass(w.category, library_churn))
+    )
     sets = {
         name: cell_set(tokens, labels, getattr(split, name), classes, name)
         for name in ("train", "val", "test")
