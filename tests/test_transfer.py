@@ -191,3 +191,17 @@ def test_labels_missing_from_the_default_map_name_it(tiny_adata, tmp_path):
         "'type_2']; add them to a map given with --labels (map to null to drop those cells)."
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_file_is_named_with_its_side(tiny_adata, tmp_path, capsys):
+    from tests.conftest import run_cli_in_process
+
+    data = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(data)
+    args = ["transfer", "--out", str(tmp_path / "runs"), "-q"]
+    code, _, err = run_cli_in_process([*args, "--train", str(data), "--test", "nope.h5ad"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: test data: data file 'nope.h5ad' does not exist; pass an .h5ad path or a "
+        "built-in name (pbmc68k_reduced)."
+    ], err
+    assert not (tmp_path / "runs").exists()

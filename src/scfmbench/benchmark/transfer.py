@@ -156,7 +156,10 @@ def transfer(
     datasets = []
     for role, source, key in (("train", train, label_key_train), ("test", test, label_key_test)):
         name = role if isinstance(source, AnnData) else Path(str(source)).stem
-        adata = load_dataset(source)
+        try:
+            adata = load_dataset(source)
+        except ScfmbenchError as exc:  # a missing or unreadable file: say which side
+            raise type(exc)(f"{role} data: {exc}") from None
         try:
             checked = validate(
                 adata,
