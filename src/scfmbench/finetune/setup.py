@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,9 @@ class Setup:
     fingerprint : dict
         What a checkpoint of this training must match.
     input_warnings : list of str
-        The warnings the tokenizer gave on the split's cells (e.g. normalized values used
-        because ``allow_normalized`` is set), each once; libraries' deprecation and future
-        warnings are given but not kept.
+        The caller's warnings about the data, then those the tokenizer gave on the split's
+        cells (e.g. normalized values used because ``allow_normalized`` is set), each once;
+        libraries' deprecation and future warnings are given but not kept.
     """
 
     config: FinetuneConfig
@@ -104,6 +105,7 @@ def set_up(
     *,
     labels: pd.Series | None,
     label_key: str | None,
+    data_warnings: Sequence[str] = (),
 ) -> Setup:
     """Copy the model, tokenize the split, build head, trainable parameters and optimizer.
 
@@ -124,6 +126,9 @@ def set_up(
         Labels of an already validated AnnData.
     label_key : str or None
         ``obs`` column of the labels when ``data`` is validated here.
+    data_warnings : sequence of str
+        The caller's warnings about the data (default none), kept first in
+        ``input_warnings``.
 
     Returns
     -------
@@ -148,9 +153,8 @@ def set_up(
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     library_churn = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-    input_warnings = list(
-        dict.fromkeys(str(w.message) for w in caught if not issubclass(w.category, library_churn))
-    )
+    about_data = [str(w.message) for w in caught if not issubclass(w.category, library_churn)]
+    input_warnings = list(dict.fromkeys([*data_warnings, *about_data]))
     sets = {
         name: cell_set(tokens, labels, getattr(split, name), classes, name)
         for name in ("train", "val", "test")

@@ -114,8 +114,9 @@ def finetune(
     started = time.perf_counter()
     config = config or FinetuneConfig.model_validate({})  # every option at its default
     out_dir = Path(out_dir)
-    setup = set_up(data, model, split, config, labels=labels, label_key=label_key)
-    setup.input_warnings = list(dict.fromkeys([*data_warnings, *setup.input_warnings]))
+    setup = set_up(
+        data, model, split, config, labels=labels, label_key=label_key, data_warnings=data_warnings
+    )
     trainer, loop = prepare(setup, out_dir, resume=resume)
     trained = _train_epochs(
         setup, trainer, loop, out_dir, progress=progress, on_epoch_end=on_epoch_end
