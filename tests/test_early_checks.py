@@ -253,6 +253,23 @@ def test_embed_refuses_an_output_that_is_not_npy_or_h5ad(tmp_path, not_h5ad, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--precision", "float8"], "error: unknown precision 'float8'; choose float32, bfloat16"),
+        (["--chunk-size", "0"], "error: chunk_size must be ≥ 1, got 0; e.g. --chunk-size 2048."),
+    ],
+)
+@pytest.mark.parametrize("backed", ["--backed", "--no-backed"])
+def test_embed_settings_fail_before_the_data(option, message, backed, tmp_path, not_h5ad, capsys):
+    out = tmp_path / "e.npy"
+    args = ["embed", str(not_h5ad), "--model", f"scgpt-random={tmp_path}", "--out", str(out)]
+    code, _, err = run_cli_in_process([*args, backed, *option], capsys)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith(message) and "broken" not in line, err
+    assert not out.exists()
+
+
 def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, not_h5ad, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("seed: 3\nn_splits: [3\n")

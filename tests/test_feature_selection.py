@@ -112,22 +112,34 @@ def test_embed_refuses_before_loading_the_model(hvg_file, tmp_path, capsys):
 
 
 def test_allowed_embed_keeps_the_warning(hvg_file, gf_dir, tmp_path, capsys, caplog):
-    out = tmp_path / "e.h5ad"
-    code, _, err = run_cli_in_process(
-        ["embed", str(hvg_file), "--model", f"geneformer={gf_dir}", "--out", str(out)]
-        + ["--device", "cpu", "--allow-feature-selected", "-q"],
-        capsys,
-    )
-    assert code == 0, err
+    """In memory and streamed, the .h5ad records the warning and the same info."""
     warning = (
         "the count matrix (adata.X) has only 2000 genes (fewer than 5,000), a feature-selected "
         "subset; running geneformer on it anyway because --allow-feature-selected is set — "
         "scores are not comparable to the published models"
     )
-    assert warning in caplog.text
-    embedded = ad.read_h5ad(out)
-    assert list(embedded.uns["X_geneformer_info"]["warnings"]) == [warning]
-    assert embedded.obsm["X_geneformer"].shape[0] == embedded.n_obs
+    infos = {}
+    for backed in ("--no-backed", "--backed"):
+        out = tmp_path / f"e{backed}.h5ad"
+        caplog.clear()
+        code, _, err = run_cli_in_process(
+            ["embed", str(hvg_file), "--model", f"geneformer={gf_dir}", "--out", str(out)]
+            + ["--device", "cpu", "--allow-feature-selected", backed, "-q"],
+            capsys,
+        )
+        assert code == 0, err
+        assert warning in caplog.text
+        embedded = ad.read_h5ad(out)
+        info = embedded.uns["X_geneformer_info"]
+        assert list(info["warnings"]) == [warning]
+        assert embedded.obsm["X_geneformer"].shape[0] == embedded.n_obs
+        assert info["tokenizer"]["tokenizer"] == "geneformer"
+        assert info["tokenizer"]["gene_column"] == "gene_ids"
+        assert info["genes"]["n_genes"] == 2000
+        infos[backed] = info
+    streamed = dict(infos["--backed"])
+    assert streamed.pop("chunk_size") == 2048
+    assert repr(streamed) == repr(dict(infos["--no-backed"]))
 
 
 def test_allowed_run_carries_the_warning(hvg_file, gf_dir, quick_yaml, tmp_path, capsys, caplog):
@@ -205,10 +217,23 @@ def test_validate_stops_with_the_refusal(hvg_file, tmp_path, capsys):
     assert code == 2 and err.startswith(
         "error: geneformer needs raw integer counts but adata.X holds log-normalized values"
     ), err
+    facts = "  - no raw integer counts found; using lognorm values from adata.X"
+    hint = (
+        "  - count-based models refuse lognorm values unless --allow-normalized is given (name "
+        "a model with --model to check it)"
+    )
     code, out, err = run_cli_in_process([*args, "scgpt"], capsys)  # scGPT reads them
-    assert code == 0 and "no raw integer counts found; using lognorm values" in out, err
+    assert code == 0 and facts in out.splitlines() and "--allow-normalized" not in out, err
     code, out, err = run_cli_in_process([*args, "geneformer", "--allow-normalized"], capsys)
-    assert code == 0 and "no raw integer counts found; using lognorm values" in out, err
+    problems = out.splitlines()
+    assert code == 0 and facts in problems and hint not in problems, err
+    assert (
+        "  - geneformer expects raw counts but adata.X holds log-normalized values (log-scale: "
+        "non-integer, max ≤ 50); proceeding because allow_normalized is set — results are not "
+        "comparable to the published model."
+    ) in problems  # what the named model would run with, as for a feature-selected matrix
+    code, out, err = run_cli_in_process(args[:-1], capsys)  # no model named
+    assert code == 0 and facts in out.splitlines() and hint in out.splitlines(), err
     code, out, _ = run_cli_in_process(
         ["validate", str(hvg_file), "--model", "scgpt", "--allow-feature-selected", "--json"],
         capsys,

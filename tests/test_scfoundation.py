@@ -376,3 +376,47 @@ def test_bad_options(tiny_dir):
         load_scfoundation(tiny_dir, pre_normalized="yes")
     with pytest.raises(ConfigError, match="version 'big'"):
         load_scfoundation(tiny_dir, version="big")
+
+
+def test_embed_files_record_the_mode_and_the_warnings(tiny_dir, tmp_path, capsys, caplog):
+    """`embed` writes the tokenizer's settings (scFoundation's pre_normalized mode) and the
+    warnings about the data into uns['X_scfoundation_info'], the same in memory and streamed."""
+    import scanpy as sc
+
+    from tests.conftest import run_cli_in_process
+
+    rng = np.random.default_rng(1)
+    lognorm = counts_adata(rng.poisson(3.0, size=(20, len(GENES))) + 1, GENES)
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    data = tmp_path / "lognorm.h5ad"
+    lognorm.write_h5ad(data)
+    model = ["--model", f"scfoundation={tiny_dir}", "--device", "cpu", "-q"]
+    resolved = (
+        "scfoundation: adata.X holds lognorm values; using them as normalize_total + log1p "
+        "input (pre_normalized='T')."
+    )
+    cases = [(["--option", "pre_normalized=T"], None), (["--allow-normalized"], resolved)]
+    mode = "T"
+    for flags, warned in cases:
+        infos = []
+        for backed in (["--no-backed"], ["--backed", "--chunk-size", "8"]):  # 3 chunks
+            out = tmp_path / f"{len(flags)}{backed[0]}.h5ad"
+            caplog.clear()
+            code, _, err = run_cli_in_process(
+                ["embed", str(data), *model, "--out", str(out), *backed, *flags], capsys
+            )
+            assert code == 0, err
+            info = dict(ad.read_h5ad(out).uns["X_scfoundation_info"])
+            assert info["tokenizer"]["pre_normalized"] == mode
+            assert info["tokenizer"]["allow_normalized"] == (warned is not None)
+            assert info["tokenizer"]["total_counts_key"] == "total_counts"
+            if warned is None:
+                assert "warnings" not in info
+            else:
+                assert list(info["warnings"]) == [warned]
+                assert caplog.text.count(warned) == 1  # once, not once per chunk
+            infos.append(info)
+        memory, streamed = infos
+        assert streamed.pop("chunk_size") == 8
+        assert repr(streamed) == repr(memory)

@@ -33,7 +33,7 @@ from scfmbench.data.feature_selection import matrix_facts, validate_problem
 from scfmbench.data.io import load_dataset
 from scfmbench.data.splits import check_stratifiable, load_splits
 from scfmbench.data.validate import DataDiagnostics, validate
-from scfmbench.embed.options import EMBED_DEFAULTS
+from scfmbench.embed.options import EMBED_DEFAULTS, EmbedOptions
 from scfmbench.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -94,9 +94,16 @@ def check_dataset(
     baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
     # raises run's refusal of the named models on a feature-selected matrix
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
-    check_models_read(resolved, named, checked)  # and on values they do not read
+    # and on values they do not read; else what they would run with (allow_normalized)
+    about_values = check_models_read(resolved, named, checked)
     if problem is not None:
         diag.warnings.append(problem)
+    if not named and diag.matrix_kind not in ("counts", "corrected"):
+        about_values = [
+            f"count-based models refuse {diag.matrix_kind} values unless --allow-normalized "
+            "is given (name a model with --model to check it)"
+        ]
+    diag.warnings.extend(about_values)
     return diag
 
 
@@ -196,14 +203,8 @@ def embed_dataset(
         }
     )
     from scfmbench.embed.distributed import resolve_device
-    from scfmbench.embed.output import check_output_file
+    from scfmbench.embed.output import check_output_file, embedding_info
 
-    resolve_device(device)  # a device this machine does not have, before the data are read
-    if out is not None:
-        check_writable(check_output_file(out))
-    stream = should_stream(data, backed=backed)
-    if stream and out is None:
-        raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
     options: dict[str, Any] = {
         "seed": seed,
         "layer": layer,
@@ -215,6 +216,13 @@ def embed_dataset(
         "progress": progress,
         "chunk_size": chunk_size,
     }
+    EmbedOptions.pick(options)  # a bad precision or chunk size fails before the data are read
+    resolve_device(device)  # a device this machine does not have, before the data are read
+    if out is not None:
+        check_writable(check_output_file(out))
+    stream = should_stream(data, backed=backed)
+    if stream and out is None:
+        raise ConfigError("streaming (backed) embedding writes to a file; pass --out X.npy/.h5ad.")
     if stream and out is not None and not isinstance(data, AnnData):  # never an AnnData
         from scfmbench.data.backed import H5adCells
 
@@ -222,7 +230,8 @@ def embed_dataset(
         reader = H5adCells(Path(data), chunk_size=chunk_size)
         reader.close()
         genes = reader.var  # read whole from the file: a DataFrame
-        _check_feature_selection(model, reader.source, genes, allow_feature_selected)  # pyright: ignore[reportArgumentType]
+        allowed = _check_feature_selection(model, reader.source, genes, allow_feature_selected)  # pyright: ignore[reportArgumentType]
+        about_data = [allowed] if allowed is not None else []
         check_values_read(
             settings,
             [model],
@@ -231,7 +240,7 @@ def embed_dataset(
             obs=reader.obs,
         )
         (foundation,) = load_models(settings)
-        streamed = embed_h5ad(data, foundation, out=out, **options)
+        streamed = embed_h5ad(data, foundation, out=out, data_warnings=about_data, **options)
         return streamed.key, streamed.n_embedded
     adata = load_dataset(data)
     where = "the data" if isinstance(data, AnnData) else Path(data).name
@@ -241,6 +250,7 @@ def embed_dataset(
     counts = expression_view(adata)
     source = counts.uns["scfmbench"]["matrix_source"]
     allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
+    about_data = [allowed] if allowed is not None else []
     kind = counts.uns["scfmbench"]["matrix_kind"]
     check_values_read(settings, [model], kind=kind, source=source, obs=adata.obs)  # pyright: ignore[reportArgumentType]
     (foundation,) = load_models(settings)
@@ -252,19 +262,16 @@ def embed_dataset(
             write_npy(out, np.asarray(counts.obsm[key]))
         else:
             adata.obsm[key] = counts.obsm[key]
-            adata.uns[f"{key}_info"] = {
-                "model": foundation.model_id,
-                "layer": result.layer,
-                "pooling": result.pooling,
-                "checkpoint_sha256": result.checkpoint_sha256,
-                "dropped_cells": list(map(str, result.dropped)),
-                **({"warnings": [allowed]} if allowed is not None else {}),
-                "genes": {
-                    k: v
-                    for k, v in (result.gene_match.to_dict() if result.gene_match else {}).items()
-                    if v is not None and v != []
-                },
-            }
+            adata.uns[f"{key}_info"] = embedding_info(
+                model_id=foundation.model_id,
+                layer=result.layer,
+                pooling=result.pooling,
+                checkpoint_sha256=result.checkpoint_sha256,
+                dropped=result.dropped,
+                tokenizer=result.tokenizer,
+                warnings=[*about_data, *result.warnings],
+                gene_match=result.gene_match,
+            )
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)
 

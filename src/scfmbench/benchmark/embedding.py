@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scfmbench._warnings import LIBRARY_CHURN
 from scfmbench.benchmark.methods import Method
 from scfmbench.benchmark.predict import fit_and_predict_features, probe_grid
 from scfmbench.benchmark.rundata import RunData
@@ -95,13 +96,14 @@ def load_context(config: RunConfig) -> LoadContext:
     )
 
 
-def check_models_read(config: RunConfig, models: list[str], data: RunData) -> None:
+def check_models_read(config: RunConfig, models: list[str], data: RunData) -> list[str]:
     """Refuse, before anything is loaded or written, data a model's tokenizer would refuse.
 
     Each model checks the kind of the run's expression matrix (``diagnostics.matrix_kind``)
     and the ``obs`` columns it reads, with its options (``config.model_options``) and
     ``config.allow_normalized``; e.g. Geneformer refuses log-normalized values unless
-    ``allow_normalized``. The tokenizer gives its warnings later, once.
+    ``allow_normalized``. The checks' warnings are returned, not given: the tokenizer gives
+    them later, once.
 
     Parameters
     ----------
@@ -110,6 +112,12 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> No
         ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the models.
     data : ValidatedData or BackedData
         The validated data: its ``diagnostics`` and ``obs``.
+
+    Returns
+    -------
+    list of str
+        The warnings about the values the models would run with (e.g. log-normalized values
+        let through by ``allow_normalized``), each once.
 
     Raises
     ------
@@ -120,7 +128,7 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> No
         (scFoundation's totals for ``pre_normalized="A"``).
     """
     diagnostics = data.diagnostics
-    check_values_read(
+    return check_values_read(
         config,
         models,
         kind=diagnostics.matrix_kind,
@@ -131,18 +139,18 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> No
 
 def check_values_read(
     config: RunConfig, models: list[str], *, kind: str, source: str, obs: pd.DataFrame
-) -> None:
+) -> list[str]:
     """:func:`check_models_read` on a matrix of ``kind`` in ``adata.<source>``.
 
     For callers without validated data (``embed``, which reads the matrix as it is given).
     """
     if not models:
-        return  # a baseline-only run never loads torch or transformers
+        return []  # a baseline-only run never loads torch or transformers
     from scfmbench.models import MODELS
 
     context = load_context(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for name in dict.fromkeys(model_name(spec) for spec in models):
             MODELS.get(name).check_matrix_kind(
                 kind,
@@ -151,6 +159,9 @@ def check_values_read(
                 where=f"adata.{source}",
                 obs=obs,
             )
+    return list(
+        dict.fromkeys(str(w.message) for w in caught if not issubclass(w.category, LIBRARY_CHURN))
+    )
 
 
 def embed_cells(

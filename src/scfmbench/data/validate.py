@@ -283,8 +283,7 @@ def record_matrix(
     elif kind != "counts":
         _warn(
             diag,
-            f"no raw integer counts found; using {kind} values from adata.{source} "
-            "(count-based models refuse them unless --allow-normalized is given)",
+            f"no raw integer counts found; using {kind} values from adata.{source}",
         )
     if not var_names.is_unique:
         n_dup = int(var_names.duplicated().sum())

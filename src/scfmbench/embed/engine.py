@@ -20,6 +20,7 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
+from scfmbench._warnings import recording_data_warnings
 from scfmbench.data.validate import check_unique_cells
 from scfmbench.embed.batching import (
     AUTO_BATCH_SIZE,
@@ -433,7 +434,9 @@ def embed(
     Embeddings
         The (n_kept, dim) float32 embeddings of the cells the tokenizer kept. Also writes
         ``adata.obsm[key_added or model.obsm_key]`` of shape (n_obs, dim); cells the
-        tokenizer dropped get NaN rows.
+        tokenizer dropped get NaN rows. Its ``tokenizer`` holds the tokenizer's settings and
+        its ``warnings`` those the tokenizer gave about the data (given as usual too; none
+        when ``tokens`` is passed).
 
     Raises
     ------
@@ -445,8 +448,10 @@ def embed(
     options = EmbedOptions.pick(locals())  # the settings among the arguments, checked
     layer, pooling = resolve_layer_pooling(model, layer=layer, pooling=pooling)
     check_unique_cells(adata.obs_names, where="the data")
+    about_data: list[str] = []
     if tokens is None:
-        tokens = model.tokenize(adata, seed=seed)
+        with recording_data_warnings() as about_data:
+            tokens = model.tokenize(adata, seed=seed)
     require_cells(tokens, model, n_obs=adata.n_obs)
     depth = layer % (model.n_layers + 1)
     options = options.replace(layer=depth, pooling=pooling)
@@ -500,4 +505,6 @@ def embed(
         dropped=tokens.dropped,
         from_cache=from_cache,
         gene_match=tokens.gene_match,
+        tokenizer=tokens.settings,
+        warnings=about_data,
     )

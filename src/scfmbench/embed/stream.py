@@ -11,7 +11,7 @@ killed run resumes. Under ``torchrun`` (``WORLD_SIZE > 1``) chunk ``i`` is embed
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path
+from scfmbench._warnings import recording_data_warnings
 from scfmbench.data.backed import H5adCells
 from scfmbench.data.genes import GeneMatch
 from scfmbench.embed.cache import EmbeddingCache, cache_key
 from scfmbench.embed.distributed import DistContext, distributed, exchange
 from scfmbench.embed.engine import embed_layers, resolve_layer_pooling
 from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions
-from scfmbench.embed.output import Output, check_output_file, remove_leftovers
+from scfmbench.embed.output import Output, check_output_file, embedding_info, remove_leftovers
 from scfmbench.errors import DataError, ScfmbenchError
 from scfmbench.models.base import FoundationModel
 
@@ -67,6 +68,11 @@ class StreamedEmbeddings:
         The vocabulary match of the first chunk's genes.
     world_size : int
         Processes that embedded.
+    tokenizer : dict
+        The tokenizer's settings (of the first chunk with tokens).
+    warnings : list of str
+        The caller's warnings about the data, then those the tokenizer gave (rank 0's
+        chunks), each once.
     """
 
     out: Path
@@ -82,6 +88,8 @@ class StreamedEmbeddings:
     dropped: pd.Index = field(default_factory=lambda: pd.Index([]))
     gene_match: GeneMatch | None = None
     world_size: int = 1
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:
         """Return the ``uns['<key>_info']`` entry (as the in-memory ``embed`` writes it).
@@ -89,16 +97,20 @@ class StreamedEmbeddings:
         Returns
         -------
         dict
-            model, layer, pooling, checkpoint_sha256, dropped_cells and chunk_size.
+            :func:`scfmbench.embed.output.embedding_info` of this embedding, with its
+            chunk size.
         """
-        return {
-            "model": self.model_id,
-            "layer": self.layer,
-            "pooling": self.pooling,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "dropped_cells": list(map(str, self.dropped)),
-            "chunk_size": self.chunk_size,
-        }
+        return embedding_info(
+            model_id=self.model_id,
+            layer=self.layer,
+            pooling=self.pooling,
+            checkpoint_sha256=self.checkpoint_sha256,
+            dropped=self.dropped,
+            tokenizer=self.tokenizer,
+            warnings=self.warnings,
+            gene_match=self.gene_match,
+            chunk_size=self.chunk_size,
+        )
 
 
 @contextmanager
@@ -127,11 +139,11 @@ def _embed_chunk(
     *,
     options: EmbedOptions,
     bar: tqdm | None,
-) -> tuple[np.ndarray | None, pd.Index, GeneMatch | None]:
+) -> tuple[np.ndarray | None, pd.Index, GeneMatch | None, dict[str, Any]]:
     """Embed the cells ``start:stop`` of the file.
 
     Returns their rows (NaN for cells without tokens; None when no cell has tokens), the
-    dropped cells and the gene match.
+    dropped cells, the gene match and the tokenizer's settings.
 
     Tokenizers that draw random numbers (scGPT) seed them per cell (``seed`` and the cell's
     name), so rows do not depend on the chunk grid, the rank or the other cells.
@@ -142,7 +154,7 @@ def _embed_chunk(
     if tokens.n_cells == 0:
         if bar is not None:
             bar.update(stop - start)
-        return None, tokens.dropped, tokens.gene_match
+        return None, tokens.dropped, tokens.gene_match, tokens.settings
     depth = (options.layer or 0) % (model.n_layers + 1)
 
     def key_of(layer: int) -> str:
@@ -171,7 +183,7 @@ def _embed_chunk(
                 cache.put(key_of(layer), rows, tokens.obs_names, {"chunk": [start, stop]})
     rows = np.full((stop - start, matrix.shape[1]), np.nan, dtype=np.float32)
     rows[chunk.obs_names.get_indexer(tokens.obs_names)] = matrix
-    return rows, tokens.dropped, tokens.gene_match
+    return rows, tokens.dropped, tokens.gene_match, tokens.settings
 
 
 def embed_h5ad(
@@ -191,6 +203,7 @@ def embed_h5ad(
     key_added: str | None = None,
     progress: bool = True,
     all_layers: bool = EMBED_DEFAULTS.all_layers,
+    data_warnings: Sequence[str] = (),
 ) -> StreamedEmbeddings:
     """Embed every cell of the ``.h5ad`` file ``path`` without loading it, chunk by chunk.
 
@@ -228,6 +241,9 @@ def embed_h5ad(
         With a ``cache_dir``, pool every layer in the same forward pass and cache each chunk
         of each layer, so a later call for another layer (same pooling) reads its chunks
         from the cache without running the model.
+    data_warnings : sequence of str, default ()
+        The caller's warnings about the data (e.g. a feature-selected matrix let through),
+        kept in ``uns['<key>_info']['warnings']`` before those the tokenizer gives.
 
     Returns
     -------
@@ -259,6 +275,7 @@ def embed_h5ad(
                 cache=cache,
                 progress=progress and ctx.is_main,
                 options=options.replace(layer=layer, pooling=pooling, device=device_name),
+                data_warnings=data_warnings,
             )
         finally:
             cells.close()
@@ -274,6 +291,7 @@ def _stream(
     cache: EmbeddingCache | None,
     progress: bool,
     options: EmbedOptions,
+    data_warnings: Sequence[str],
 ) -> StreamedEmbeddings:
     chunk_size = options.chunk_size
     starts = list(range(0, cells.n_obs, chunk_size))
@@ -291,7 +309,9 @@ def _stream(
     bar = tqdm(total=cells.n_obs, desc=f"embed {model.model_id}", unit="cell", disable=not progress)
     chunk_bar = bar if ctx.world_size == 1 else None  # else rank 0 counts the gathered chunks
     dropped: list[pd.Index] = []
-    gene_match, dim = None, 0
+    gene_match, dim, tokenizer = None, 0, {}
+    about_data: list[str] = list(data_warnings)
+    given: set[str] = set()  # each chunk's tokenizer repeats the first chunk's warnings
     if ctx.is_main:
         remove_leftovers(out)
     with atomic_path(out) if ctx.is_main else nullcontext() as tmp:
@@ -303,17 +323,20 @@ def _stream(
                     start = starts[first + ctx.rank]
                     stop = min(start + chunk_size, cells.n_obs)
                     try:
-                        rows, lost, match = _embed_chunk(
-                            cells, model, start, stop, cache, options=options, bar=chunk_bar
-                        )
-                        payload = (start, stop, rows, lost, match)
+                        with recording_data_warnings(given=given) as caught:
+                            rows, lost, match, settings = _embed_chunk(
+                                cells, model, start, stop, cache, options=options, bar=chunk_bar
+                            )
+                        about_data.extend(caught)
+                        payload = (start, stop, rows, lost, match, settings)
                     except ScfmbenchError as exc:
                         error = exc
                 for part in exchange(payload, error, ctx):
                     if part is None:
                         continue
-                    start, stop, rows, lost, match = part
+                    start, stop, rows, lost, match, settings = part
                     gene_match = gene_match or match
+                    tokenizer = tokenizer or settings
                     dim = dim if rows is None else rows.shape[1]
                     dropped.append(lost)
                     if output is not None:
@@ -340,6 +363,8 @@ def _stream(
                 dropped=pd.Index([name for d in dropped for name in d]),
                 gene_match=gene_match,
                 world_size=ctx.world_size,
+                tokenizer=tokenizer,
+                warnings=list(dict.fromkeys(about_data)),
             )
         except BaseException:
             if output is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from scfmbench._warnings import recording_data_warnings
 from scfmbench.config import FinetuneConfig
 from scfmbench.data.splits import Split
 from scfmbench.data.validate import ValidatedData, validate
@@ -147,13 +147,8 @@ def set_up(
     model = cpu_copy(original, original.network)  # the caller's model stays untouched
     adata, labels = _data_and_labels(data, labels, label_key)
     classes = [str(c) for c in labels.cat.categories]
-    with warnings.catch_warnings(record=True) as caught:  # recorded, then given as usual
-        warnings.simplefilter("always")
+    with recording_data_warnings() as about_data:
         tokens = model.tokenize(_split_cells(adata, split), seed=config.seed)
-    for warning in caught:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    library_churn = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-    about_data = [str(w.message) for w in caught if not issubclass(w.category, library_churn)]
     input_warnings = list(dict.fromkeys([*data_warnings, *about_data]))
     sets = {
         name: cell_set(tokens, labels, getattr(split, name), classes, name)

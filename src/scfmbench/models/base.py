@@ -161,6 +161,8 @@ class Embeddings:
     dropped: pd.Index = field(default_factory=lambda: pd.Index([]))
     from_cache: bool = False
     gene_match: GeneMatch | None = None
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # TokenizedCells.settings
+    warnings: list[str] = field(default_factory=list)  # the tokenizer's, about the data
 
 
 class FoundationModel(ABC):
