@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+import pandas as pd
+
 from scfmbench._warnings import recording_data_warnings
-from scfmbench.embed.output import embedding_info
+from scfmbench.embed.stream import embedding_info
+from scfmbench.models.base import Embeddings
 
 
 def _warn_twice() -> None:
@@ -40,9 +44,17 @@ def test_given_warnings_are_recorded_but_not_given_again():
 
 
 def test_embedding_info_leaves_out_what_h5ad_cannot_store():
-    basics = {"model_id": "scgpt", "layer": 12, "pooling": "cls", "checkpoint_sha256": "ab"}
-    info = embedding_info(**basics, dropped=["c3"], tokenizer={"n_bins": 51, "gene_column": None})
-    assert info == {
+    embedding = Embeddings(
+        matrix=np.zeros((2, 4), dtype=np.float32),
+        obs_names=pd.Index(["c1", "c2"]),
+        model_id="scgpt",
+        layer=12,
+        pooling="cls",
+        checkpoint_sha256="ab",
+        dropped=pd.Index(["c3"]),
+        tokenizer={"n_bins": 51, "gene_column": None},
+    )
+    assert embedding_info(embedding) == {
         "model": "scgpt",
         "layer": 12,
         "pooling": "cls",
@@ -51,5 +63,5 @@ def test_embedding_info_leaves_out_what_h5ad_cannot_store():
         "tokenizer": {"n_bins": 51},  # None cannot be written to .h5ad
         "genes": {},
     }  # no warnings, no chunk size
-    streamed = embedding_info(**basics, dropped=[], tokenizer={}, warnings=["w"], chunk_size=8)
+    streamed = embedding_info(embedding, warnings=["w"], chunk_size=8)
     assert streamed["warnings"] == ["w"] and streamed["chunk_size"] == 8

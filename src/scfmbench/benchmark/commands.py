@@ -203,7 +203,8 @@ def embed_dataset(
         }
     )
     from scfmbench.embed.distributed import resolve_device
-    from scfmbench.embed.output import check_output_file, embedding_info
+    from scfmbench.embed.output import check_output_file
+    from scfmbench.embed.stream import embedding_info
 
     options: dict[str, Any] = {
         "seed": seed,
@@ -263,14 +264,7 @@ def embed_dataset(
         else:
             adata.obsm[key] = counts.obsm[key]
             adata.uns[f"{key}_info"] = embedding_info(
-                model_id=foundation.model_id,
-                layer=result.layer,
-                pooling=result.pooling,
-                checkpoint_sha256=result.checkpoint_sha256,
-                dropped=result.dropped,
-                tokenizer=result.tokenizer,
-                warnings=[*about_data, *result.warnings],
-                gene_match=result.gene_match,
+                result, warnings=[*about_data, *result.warnings]
             )
             write_with(out, lambda tmp: adata.write_h5ad(tmp))
     return key, len(result.obs_names)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import h5py
 import numpy as np
 
 from scfmbench.data.backed import H5adCells
-from scfmbench.data.genes import GeneMatch
 from scfmbench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -38,61 +36,6 @@ def check_output_file(out: str | Path) -> Path:
     if out.suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(f"output {str(out)!r} must end in .npy or .h5ad; e.g. --out emb.npy.")
     return out
-
-
-def embedding_info(
-    *,
-    model_id: str,
-    layer: int,
-    pooling: str,
-    checkpoint_sha256: str,
-    dropped: Iterable[str],
-    tokenizer: Mapping[str, Any],
-    warnings: Sequence[str] = (),
-    gene_match: GeneMatch | None = None,
-    chunk_size: int | None = None,
-) -> dict[str, Any]:
-    """Return the ``uns['<key>_info']`` entry of an embedding written into an ``.h5ad``.
-
-    One builder for the in-memory and the streamed ``embed``, so both files record the same.
-
-    Parameters
-    ----------
-    model_id, layer, pooling, checkpoint_sha256
-        The model (e.g. ``geneformer-random``), the layer pooled, the pooling and the
-        checkpoint's SHA-256.
-    dropped : iterable of str
-        Cells without tokens (NaN rows).
-    tokenizer : mapping
-        The tokenizer's settings (``TokenizedCells.settings``: e.g. scFoundation's
-        ``pre_normalized`` mode, scGPT's bins and input length); None values are left out,
-        since ``.h5ad`` cannot store them.
-    warnings : sequence of str, default ()
-        Warnings about the data (feature-selected or normalized input let through); the
-        key is left out when there are none.
-    gene_match : GeneMatch or None, default None
-        The vocabulary match, stored as ``genes`` (empty and None fields left out).
-    chunk_size : int or None, default None
-        Cells per chunk of a streamed embedding (left out when None).
-
-    Returns
-    -------
-    dict
-        model, layer, pooling, checkpoint_sha256, dropped_cells, tokenizer, genes, and
-        warnings and chunk_size when given.
-    """
-    genes = gene_match.to_dict() if gene_match is not None else {}
-    return {
-        "model": model_id,
-        "layer": layer,
-        "pooling": pooling,
-        "checkpoint_sha256": checkpoint_sha256,
-        "dropped_cells": [str(cell) for cell in dropped],
-        "tokenizer": {k: v for k, v in tokenizer.items() if v is not None},
-        **({"warnings": list(warnings)} if warnings else {}),
-        "genes": {k: v for k, v in genes.items() if v is not None and v != []},
-        **({"chunk_size": chunk_size} if chunk_size is not None else {}),
-    }
 
 
 class _NpyRows:

@@ -29,9 +29,9 @@ from scfmbench.embed.cache import EmbeddingCache, cache_key
 from scfmbench.embed.distributed import DistContext, distributed, exchange
 from scfmbench.embed.engine import embed_layers, resolve_layer_pooling
 from scfmbench.embed.options import EMBED_DEFAULTS, BatchSize, EmbedOptions
-from scfmbench.embed.output import Output, check_output_file, embedding_info, remove_leftovers
+from scfmbench.embed.output import Output, check_output_file, remove_leftovers
 from scfmbench.errors import DataError, ScfmbenchError
-from scfmbench.models.base import FoundationModel
+from scfmbench.models.base import Embeddings, FoundationModel
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +97,54 @@ class StreamedEmbeddings:
         Returns
         -------
         dict
-            :func:`scfmbench.embed.output.embedding_info` of this embedding, with its
+            :func:`embedding_info` of this embedding, with its
             chunk size.
         """
-        return embedding_info(
-            model_id=self.model_id,
-            layer=self.layer,
-            pooling=self.pooling,
-            checkpoint_sha256=self.checkpoint_sha256,
-            dropped=self.dropped,
-            tokenizer=self.tokenizer,
-            warnings=self.warnings,
-            gene_match=self.gene_match,
-            chunk_size=self.chunk_size,
-        )
+        return embedding_info(self, warnings=self.warnings, chunk_size=self.chunk_size)
+
+
+def embedding_info(
+    embedding: Embeddings | StreamedEmbeddings,
+    *,
+    warnings: Sequence[str] = (),
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """Return the ``uns['<key>_info']`` entry of an embedding written into an ``.h5ad``.
+
+    One builder for the in-memory and the streamed ``embed``, so both files record the same.
+
+    Parameters
+    ----------
+    embedding : Embeddings or StreamedEmbeddings
+        Its model id, layer, pooling, checkpoint hash, dropped cells (NaN rows), tokenizer
+        settings (``TokenizedCells.settings``: e.g. scFoundation's ``pre_normalized`` mode,
+        scGPT's bins and input length) and gene match are recorded. None values are left
+        out, since ``.h5ad`` cannot store them.
+    warnings : sequence of str, default ()
+        Warnings about the data (feature-selected or normalized input let through); the
+        key is left out when there are none.
+    chunk_size : int or None, default None
+        Cells per chunk of a streamed embedding (left out when None).
+
+    Returns
+    -------
+    dict
+        model, layer, pooling, checkpoint_sha256, dropped_cells, tokenizer, genes, and
+        warnings and chunk_size when given.
+    """
+    match = embedding.gene_match
+    genes = match.to_dict() if match is not None else {}
+    return {
+        "model": embedding.model_id,
+        "layer": embedding.layer,
+        "pooling": embedding.pooling,
+        "checkpoint_sha256": embedding.checkpoint_sha256,
+        "dropped_cells": [str(cell) for cell in embedding.dropped],
+        "tokenizer": {k: v for k, v in embedding.tokenizer.items() if v is not None},
+        **({"warnings": list(warnings)} if warnings else {}),
+        "genes": {k: v for k, v in genes.items() if v is not None and v != []},
+        **({"chunk_size": chunk_size} if chunk_size is not None else {}),
+    }
 
 
 @contextmanager
@@ -385,4 +419,4 @@ def _stream(
     return result
 
 
-__all__ = ["StreamedEmbeddings", "embed_h5ad"]
+__all__ = ["StreamedEmbeddings", "embed_h5ad", "embedding_info"]
