@@ -349,6 +349,84 @@ def test_bad_holdout_options_exit_2_with_one_line(tmp_path, capsys, extra, messa
     assert not (tmp_path / "runs" / "donors").exists()
 
 
+DONOR_COLUMNS = "['cell_type', 'donor', 'batch']"
+VALIDATE_AS_RUN = {
+    "holdout key typo": (
+        "holdout_key: donr\n",
+        ["--holdout-key", "donr"],
+        f"error: --holdout-key 'donr' is not an obs column; choose from {DONOR_COLUMNS}. "
+        "Did you mean 'donor'?",
+    ),
+    "group value not in the column": (
+        "holdout_key: donor\ntrain_groups: [a]\ntest_groups: [C]\n",
+        ["--holdout-key", "donor", "--train-groups", "a", "--test-groups", "C"],
+        "error: --test-groups value 'C' is not in obs['donor'], which holds ['a', 'b', 'c'].",
+    ),
+    "reference typo": (
+        "reference: pca+logregg\n",
+        ["--reference", "pca+logregg"],
+        "error: reference method 'pca+logregg' is not in this run; choose from ['hvg+logreg', "
+        "'pca+logreg', 'pca+xgboost', 'majority', 'scvi+logreg', 'scvi+xgboost', 'scvi+knn']. "
+        "Did you mean 'pca+logreg'?",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_AS_RUN))
+def test_validate_stops_with_runs_line(tmp_path, capsys, case):
+    yaml_text, flags, message = VALIDATE_AS_RUN[case]
+    adata = donor_adata()
+    adata.obs["batch"] = "x"
+    path = tmp_path / "donors.h5ad"
+    adata.write_h5ad(path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    runs = tmp_path / "runs"
+    code, _, err = run_cli_in_process(
+        ["run", "--data", str(path), "--config", str(config), "--out", str(runs), "-q"], capsys
+    )
+    assert (code, err.strip()) == (2, message)
+    assert not runs.exists()
+    for args in (["--config", str(config)], flags):
+        for backed in ("--no-backed", "--backed"):
+            code, out, err = run_cli_in_process(["validate", str(path), *args, backed], capsys)
+            assert (code, out, err.strip()) == (2, "", message), args
+
+
+def test_validate_accepts_the_run_settings_run_accepts(tmp_path, capsys):
+    path = tmp_path / "donors.h5ad"
+    donor_adata().write_h5ad(path)
+    args = ["--holdout-key", "donor", "--train-groups", "a,b", "--test-groups", "c"]
+    code, out, err = run_cli_in_process(
+        ["validate", str(path), *args, "--reference", "majority"], capsys
+    )
+    assert code == 0, err
+    assert "label column: cell_type (3 classes)" in out
+
+
+def test_reference_may_name_a_model_method_before_it_is_loaded():
+    from scfmbench.benchmark.methods import baseline_methods, check_reference
+    from scfmbench.config import RunConfig
+
+    config = RunConfig(baselines=["majority"], probes=["logreg", "knn"])
+    baselines = baseline_methods(config)
+    assert check_reference(config, baselines, []) == "majority"
+    chosen = config.model_copy(update={"reference": "geneformer-random+knn"})
+    assert check_reference(chosen, baselines, ["geneformer"]) == "geneformer-random+knn"
+    no_controls = chosen.model_copy(update={"random_controls": False})
+    with pytest.raises(
+        ConfigError,
+        match=r"^reference method 'geneformer-random\+knn' is not in this run; choose from "
+        r"\['majority', 'geneformer\+logreg', 'geneformer\+knn'\]\. "
+        r"Did you mean 'geneformer\+knn'\?$",
+    ):
+        check_reference(no_controls, baselines, ["geneformer"])
+    only_control = no_controls.model_copy(update={"reference": "scgpt-random+logreg"})
+    assert check_reference(only_control, baselines, ["scgpt-random=/ckpt"]) == (
+        "scgpt-random+logreg"
+    )
+
+
 @pytest.mark.slow
 def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp_path, shared_dir):
     """A tiny Geneformer, its random-init control and both fine-tuned: all on the same folds."""

@@ -154,6 +154,12 @@ def validate(
     config: opt.ConfigFile = None,
     as_json: opt.AsJson = False,
     backed: opt.Backed = None,
+    design: opt.Design = None,
+    n_splits: opt.NSplits = None,
+    holdout_key: opt.HoldoutKey = None,
+    train_groups: opt.TrainGroups = None,
+    test_groups: opt.TestGroups = None,
+    reference: opt.Reference = None,
     model: opt.ModelsMeantFor = None,
     allow_normalized: opt.AllowNormalized = None,
     allow_feature_selected: opt.AllowFeatureSelected = None,
@@ -161,7 +167,8 @@ def validate(
     """Check a dataset: counts, identifiers, classes and problems found (writes nothing).
 
     Stops with the same one-line error as `run` for anything `run` would refuse with the same
-    settings (e.g. a class too small to stratify), including what a named model (--model, or
+    settings (e.g. a class too small to stratify, a --holdout-key or group value not in obs,
+    an unknown --reference), including what a named model (--model, or
     `models` of --config) refuses about the data, such as a feature-selected count matrix or
     log-normalized values. Without a model, which models would refuse the data is listed under
     problems.
@@ -172,6 +179,12 @@ def validate(
         min_cells_per_class=min_cells_per_class,
         merge_similar_labels=merge_similar_labels,
         backed=backed,
+        design=design,
+        n_splits=n_splits,
+        holdout_key=holdout_key,
+        train_groups=opt.comma_list(train_groups),
+        test_groups=opt.comma_list(test_groups),
+        reference=reference,
         allow_normalized=allow_normalized,
         allow_feature_selected=allow_feature_selected,
     )

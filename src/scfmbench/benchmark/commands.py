@@ -12,15 +12,14 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
+from scfmbench.benchmark.checks import check_run_data, check_settings
 from scfmbench.benchmark.embedding import (
     check_models_read,
     check_run_feature_selection,
     check_values_read,
 )
-from scfmbench.benchmark.methods import baseline_methods
 from scfmbench.benchmark.output import check_writable, run_directory
 from scfmbench.benchmark.pipeline import (
-    check_settings,
     load_models,
     open_run_data,
     resolve_config,
@@ -31,7 +30,7 @@ from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_sect
 from scfmbench.data.backed import BackedData
 from scfmbench.data.feature_selection import matrix_facts, validate_problem
 from scfmbench.data.io import load_dataset
-from scfmbench.data.splits import check_stratifiable, load_splits
+from scfmbench.data.splits import load_splits
 from scfmbench.data.validate import DataDiagnostics, validate
 from scfmbench.embed.options import EMBED_DEFAULTS, EmbedOptions
 from scfmbench.errors import ConfigError, DataError
@@ -74,24 +73,22 @@ def check_dataset(
     Raises
     ------
     ScfmbenchError
-        Whatever ``run`` would refuse with the same settings (an unknown model, method or
-        column, a class too small to stratify, unreadable data, a feature-selected or
-        non-count matrix a named model refuses), with its one-line message.
+        Whatever ``run`` would refuse with the same settings (an unknown model, method,
+        reference or column, a held-out column or group value the data lack, a class too
+        small to stratify, unreadable data, a feature-selected or non-count matrix a named
+        model refuses), with its one-line message: both call
+        :func:`~scfmbench.benchmark.checks.check_settings` and
+        :func:`~scfmbench.benchmark.checks.check_run_data`.
     """
-    from scfmbench.evaluation.embedding_quality import detect_batch_key
-
     resolved = resolve_config(data, config, settings)
     named = list(models or resolved.models)  # NAME or NAME=DIR
     check_settings(resolved, named)
     checked = open_run_data(data, resolved, progress=False)
     if isinstance(checked, BackedData):
         checked.close()
-    detect_batch_key(checked.obs, resolved.batch_key)  # a misspelt batch_key, as run refuses it
-    check_stratifiable(
-        checked.labels, n_folds=resolved.n_splits if resolved.design == "cv" else None
-    )
+    # the batch and held-out columns, groups, reference and classes, as run refuses them
+    check_run_data(resolved, checked, named)
     diag = checked.diagnostics
-    baseline_methods(resolved, diag.matrix_kind)  # an explicit scvi on data without counts
     # raises run's refusal of the named models on a feature-selected matrix
     problem = validate_problem(named, allow=resolved.allow_feature_selected, **matrix_facts(diag))
     # and on values they do not read; else what they would run with (allow_normalized)

@@ -331,11 +331,7 @@ def holdout_splits(directory: Path, data: RunData, config: RunConfig) -> tuple[S
     ConfigError, SchemaError, SplitError
         See :func:`check_holdout_options`, :func:`group_labels`, :func:`holdout_folds`.
     """
-    key = config.holdout_key
-    check_holdout_options(key, config.train_groups, config.test_groups)
-    if key is None:
-        raise ConfigError("held-out folds need --holdout-key COL (an obs column of groups).")
-    groups = group_labels(data.obs, data.labels, key)
+    groups = _run_groups(data, config)
     split_set, info, reused = load_or_make_holdout(
         directory,
         data.labels,
@@ -349,6 +345,43 @@ def holdout_splits(directory: Path, data: RunData, config: RunConfig) -> tuple[S
         for line in fold_lines(fold):
             logger.warning(line)
     return split_set, reused
+
+
+def _run_groups(data: RunData, config: RunConfig) -> pd.Series:
+    """Return the group of every run cell (:func:`group_labels` of ``config.holdout_key``)."""
+    key = config.holdout_key
+    check_holdout_options(key, config.train_groups, config.test_groups)
+    if key is None:
+        raise ConfigError("held-out folds need --holdout-key COL (an obs column of groups).")
+    return group_labels(data.obs, data.labels, key)
+
+
+def check_holdout_data(data: RunData, config: RunConfig) -> None:
+    """Refuse held-out settings the data do not fit, as :func:`holdout_splits` would.
+
+    Makes the folds without saving them, so a bad column, group value or fold stops the
+    run (and ``validate``) before anything is fitted or written.
+
+    Parameters
+    ----------
+    data : ValidatedData or BackedData
+        The run's cells (``labels`` and ``obs``).
+    config : RunConfig
+        ``holdout_key``, ``train_groups``, ``test_groups``, ``seed`` and ``fractions``.
+
+    Raises
+    ------
+    ConfigError, SchemaError, SplitError
+        See :func:`check_holdout_options`, :func:`group_labels`, :func:`holdout_folds`.
+    """
+    holdout_folds(
+        data.labels,
+        _run_groups(data, config),
+        seed=config.seed,
+        val_fraction=config.fractions[1],
+        train_groups=config.train_groups,
+        test_groups=config.test_groups,
+    )
 
 
 def random_split_block(

@@ -10,6 +10,7 @@ from scfmbench.config import DEFAULT_BASELINES, EMBEDDING_BASELINES, RunConfig
 from scfmbench.errors import ConfigError
 from scfmbench.evaluation.probes import PROBES
 from scfmbench.evaluation.representations import REPRESENTATIONS
+from scfmbench.registry import did_you_mean
 from scfmbench.results import MethodKind
 
 logger = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Method",
     "baseline_methods",
+    "check_reference",
     "expand_baselines",
     "model_methods",
     "skipped_baselines",
@@ -180,3 +182,48 @@ def model_methods(models: list[Any], config: RunConfig) -> list[Method]:
                 Method(f"{model.model_id}+{probe}", model.model_id, probe, kind, model.model_id)
             )
     return methods
+
+
+def check_reference(config: RunConfig, baselines: list[Method], models: list[str]) -> str:
+    """Return the run's reference method, refusing one the run will not have.
+
+    The candidates are the baselines, then ``<model_id>+<probe>`` for every model the run
+    loads from ``models`` (a model, then its random-init control ``NAME-random`` with
+    ``config.random_controls``), in the order :func:`model_methods` gives them once loaded.
+
+    Parameters
+    ----------
+    config : RunConfig
+        ``reference``, ``probes`` and ``random_controls`` are read.
+    baselines : list of Method
+        The run's baselines (:func:`baseline_methods`).
+    models : list of str
+        ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the run's models.
+
+    Returns
+    -------
+    str
+        ``config.reference``, or the first method when it is unset.
+
+    Raises
+    ------
+    ConfigError
+        ``config.reference`` is not one of the run's methods (with a did-you-mean).
+    """
+    model_ids = []
+    for spec in models:
+        name = spec.partition("=")[0].strip()
+        base = name.removesuffix("-random")
+        if name == base:
+            model_ids.append(base)
+        if name != base or config.random_controls:
+            model_ids.append(f"{base}-random")
+    names = [m.name for m in baselines]
+    names += [f"{model_id}+{probe}" for model_id in model_ids for probe in config.probes]
+    reference = config.reference or (names[0] if names else "")
+    if reference not in names:
+        raise ConfigError(
+            f"reference method {reference!r} is not in this run; choose from "
+            f"{names}.{did_you_mean(reference, names)}"
+        )
+    return reference

@@ -18,6 +18,7 @@ import sklearn
 from anndata import AnnData
 
 from scfmbench._atomic import write_text
+from scfmbench.benchmark.checks import check_run_data, check_settings
 from scfmbench.benchmark.document import build_metrics
 from scfmbench.benchmark.embedding import (
     ModelEmbedding,
@@ -30,9 +31,9 @@ from scfmbench.benchmark.embedding import (
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
-from scfmbench.benchmark.holdout import check_holdout_options, holdout_splits, random_split_block
+from scfmbench.benchmark.holdout import holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
-from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
+from scfmbench.benchmark.methods import Method, model_methods
 from scfmbench.benchmark.output import (
     check_same_data,
     check_writable,
@@ -48,19 +49,16 @@ from scfmbench.benchmark.rundata import (
     random_splits,
     run_cells,
 )
-from scfmbench.config import ModelSpec, RunConfig
+from scfmbench.config import RunConfig
 from scfmbench.data.backed import BackedData, validate_backed
-from scfmbench.data.feature_selection import model_name
 from scfmbench.data.io import BUILTIN_DATASETS, load_dataset
-from scfmbench.data.splits import SplitSet, check_design, check_fractions
+from scfmbench.data.splits import SplitSet
 from scfmbench.data.validate import DataDiagnostics, ValidatedData
 from scfmbench.data.validate import validate as validate_data
-from scfmbench.embed.options import check_device
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
 from scfmbench.hashing import hash_array
-from scfmbench.registry import did_you_mean
 from scfmbench.results import write_metrics
 from scfmbench.stages import StageStore, deferred_interrupt
 
@@ -261,52 +259,12 @@ def run(
             validated.close()
 
 
-def check_settings(config: RunConfig, models: list[str]) -> None:
-    """Refuse settings a run cannot use before the data are read.
-
-    Checks the split design, fractions and held-out group options, the device, every
-    baseline's representation and probe, and the models named (``NAME`` or ``NAME=DIR``).
-
-    Raises
-    ------
-    SplitError
-        A design, fold count or fractions the splits cannot use.
-    ConfigError
-        Group options that do not fit together, an unknown representation, probe, model or
-        device, a missing model folder, or (with models) a GPU the machine does not have.
-    """
-    check_design(config.design, config.n_splits, config.n_repeats)
-    check_fractions(config.fractions)
-    check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
-    check_device(config.device)  # the form; a GPU the machine lacks only matters with models
-    baseline_methods(config)
-    if models:
-        from scfmbench.embed.distributed import resolve_device
-        from scfmbench.models import MODELS  # torch and transformers: only when a model is named
-
-        resolve_device(config.device)  # a GPU this machine does not have
-    for spec in models:
-        if "=" in spec:
-            ModelSpec.parse(spec)
-        else:
-            MODELS.get(model_name(spec))
-
-
 def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
-    from scfmbench.evaluation.embedding_quality import detect_batch_key
-
-    detect_batch_key(validated.obs, config.batch_key)  # a misspelt batch_key fails here
     check_run_feature_selection(config, validated.diagnostics)
     check_models_read(config, list(config.models), validated)
-    methods = baseline_methods(config, validated.diagnostics.matrix_kind)
+    methods, reference = check_run_data(config, validated, list(config.models))
     models = load_models(config)
     methods += model_methods(models, config)
-    reference = config.reference or methods[0].name
-    if reference not in {m.name for m in methods}:
-        raise ConfigError(
-            f"reference method {reference!r} is not in this run; choose from "
-            f"{[m.name for m in methods]}.{did_you_mean(reference, [m.name for m in methods])}"
-        )
     run_dir = run_directory(config)
     check_writable(run_dir)
     check_same_data(run_dir, validated.labels)

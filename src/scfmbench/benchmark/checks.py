@@ -1,0 +1,104 @@
+"""What a run refuses before its first fit, shared by ``run`` and ``validate``.
+
+:func:`check_settings` refuses settings before the data are read; :func:`check_run_data`
+refuses settings that do not fit the data once they are read (a column, a group value, a
+reference method, a class too small to split), so ``scfmbench validate`` stops with the same
+line as ``scfmbench run`` for anything the run would refuse with the same settings.
+"""
+
+from __future__ import annotations
+
+from scfmbench.benchmark.holdout import check_holdout_data, check_holdout_options
+from scfmbench.benchmark.methods import Method, baseline_methods, check_reference
+from scfmbench.benchmark.rundata import RunData
+from scfmbench.config import ModelSpec, RunConfig
+from scfmbench.data.feature_selection import model_name
+from scfmbench.data.splits import check_design, check_fractions, check_stratifiable
+from scfmbench.embed.options import check_device
+
+__all__ = ["check_run_data", "check_settings"]
+
+
+def check_settings(config: RunConfig, models: list[str]) -> None:
+    """Refuse settings a run cannot use before the data are read.
+
+    Checks the split design, fractions and held-out group options, the device, every
+    baseline's representation and probe, and the models named (``NAME`` or ``NAME=DIR``).
+
+    Parameters
+    ----------
+    config : RunConfig
+        The resolved run settings.
+    models : list of str
+        ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the models the run is meant for.
+
+    Raises
+    ------
+    SplitError
+        A design, fold count or fractions the splits cannot use.
+    ConfigError
+        Group options that do not fit together, an unknown representation, probe, model or
+        device, a missing model folder, or (with models) a GPU the machine does not have.
+    """
+    check_design(config.design, config.n_splits, config.n_repeats)
+    check_fractions(config.fractions)
+    check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
+    check_device(config.device)  # the form; a GPU the machine lacks only matters with models
+    baseline_methods(config)
+    if models:
+        from scfmbench.embed.distributed import resolve_device
+        from scfmbench.models import MODELS  # torch and transformers: only when a model is named
+
+        resolve_device(config.device)  # a GPU this machine does not have
+    for spec in models:
+        if "=" in spec:
+            ModelSpec.parse(spec)
+        else:
+            MODELS.get(model_name(spec))
+
+
+def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple[list[Method], str]:
+    """Refuse settings that do not fit the validated data, before any model is loaded.
+
+    Checks the batch column, the baselines on the data's matrix kind, the reference method,
+    the held-out groups (column, values, one fold per group; see
+    :func:`~scfmbench.benchmark.holdout.check_holdout_data`) and that every class can be
+    split by the random-split design (which a held-out run scores too).
+
+    Parameters
+    ----------
+    config : RunConfig
+        The resolved run settings.
+    data : ValidatedData or BackedData
+        The validated data: ``obs``, ``labels`` and ``diagnostics``.
+    models : list of str
+        ``NAME``, ``NAME-random`` or ``NAME=DIR`` of the run's models (their methods are
+        candidates for ``reference``).
+
+    Returns
+    -------
+    (list of Method, str)
+        The baselines the run fits on these data and the reference method's name.
+
+    Raises
+    ------
+    SchemaError
+        A ``batch_key`` or ``holdout_key`` that is not an obs column, or a held-out column
+        with missing values or without groups (a measurement, or about one group per cell).
+    ConfigError
+        An explicit scvi baseline on data without counts, or a reference method the run
+        does not have.
+    SplitError
+        An unknown group value, one group only, or a class too small to split.
+    """
+    from scfmbench.evaluation.embedding_quality import detect_batch_key
+
+    detect_batch_key(data.obs, config.batch_key)  # a misspelt batch_key
+    baselines = baseline_methods(config, data.diagnostics.matrix_kind)
+    reference = check_reference(config, baselines, models)
+    if config.holdout_key is not None:
+        check_holdout_data(data, config)
+    check_stratifiable(
+        data.labels, n_folds=config.n_splits if config.design == "cv" else None
+    )  # the random-split design
+    return baselines, reference
