@@ -184,6 +184,85 @@ def test_holdout_options_and_columns_are_checked():
         group_labels(obs, labels, "donor_id")
 
 
+def test_a_measurement_per_cell_is_not_a_group_column():
+    labels, groups = cells_of(DONORS)
+    n = len(labels)
+    assert n == 235
+    obs = pd.DataFrame(
+        {
+            "percent_mt": np.linspace(0.5, 9.5, n),
+            "n_counts": np.arange(n) // 2,  # integers, two cells per value
+            "dose": np.repeat([0.0, 1.0, 2.0], [100, 100, n - 200]),  # integer-valued floats
+            "donor": groups.to_numpy(),
+        },
+        index=labels.index,
+    )
+    fix = "choose a donor, sample, condition or batch column as --holdout-key"
+    with pytest.raises(
+        SchemaError,
+        match=rf"^obs\['percent_mt'\] holds non-integer numbers \(e.g. 0.5\), a measurement "
+        rf"per cell, not groups; {fix} \(store group codes as strings\)\.$",
+    ):
+        group_labels(obs, labels, "percent_mt")
+    with pytest.raises(
+        SchemaError,
+        match=r"^obs\['n_counts'\] has 118 groups for 235 cells \(the median group holds 2 "
+        rf"cells, fewer than min_cells_per_class=10\): about one group per cell, one fold "
+        rf"each; {fix}\.$",
+    ):
+        group_labels(obs, labels, "n_counts")
+    assert group_labels(obs, labels, "n_counts", min_cells=2).nunique() == 118
+    assert sorted(group_labels(obs, labels, "dose").unique()) == ["0.0", "1.0", "2.0"]
+    assert group_labels(obs, labels, "donor").value_counts().to_dict() == {
+        "a": 92,
+        "c": 73,
+        "b": 70,
+    }
+
+
+@pytest.fixture
+def pbmc800(pbmc3k_path, tmp_path):
+    """800 PBMC3k cells drawn with a fixed seed; obs holds percent_mt and nCount_RNA."""
+    pbmc = ad.read_h5ad(pbmc3k_path)
+    rows = np.sort(np.random.default_rng(0).choice(pbmc.n_obs, 800, replace=False))
+    path = tmp_path / "pbmc800.h5ad"
+    pbmc[rows].copy().write_h5ad(path)
+    return path
+
+
+PER_CELL_FIX = "choose a donor, sample, condition or batch column as --holdout-key"
+PER_CELL_COLUMNS = {
+    "percent_mt": "error: obs['percent_mt'] holds non-integer numbers (e.g. 3.01778), a "
+    f"measurement per cell, not groups; {PER_CELL_FIX} (store group codes as strings).",
+    "nCount_RNA": "error: obs['nCount_RNA'] has 680 groups for 796 cells (the median group "
+    "holds 1 cell, fewer than min_cells_per_class=10): about one group per cell, one fold "
+    f"each; {PER_CELL_FIX}.",
+}
+
+
+@pytest.mark.parametrize("key", list(PER_CELL_COLUMNS))
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_per_cell_column_is_refused_before_any_fit(pbmc800, tmp_path, capsys, key, command):
+    runs = tmp_path / "runs"
+    args = {
+        "run": ["run", "--data", str(pbmc800), "--out", str(runs), "-q"],
+        "validate": ["validate", str(pbmc800)],
+    }[command]
+    code, out, err = run_cli_in_process([*args, "--holdout-key", key], capsys)
+    assert (code, out) == (2, "")
+    lines = [line for line in err.splitlines() if not line.startswith("scfmbench: warning")]
+    assert lines == [PER_CELL_COLUMNS[key]]
+    assert not runs.exists()
+
+
+def test_kang_donor_and_condition_columns_are_groups(kang_path, capsys):
+    for key in ("donor_id", "condition", "sample_id"):
+        code, out, err = run_cli_in_process(
+            ["validate", str(kang_path), "--holdout-key", key], capsys
+        )
+        assert code == 0, err
+
+
 def f1_by_hand(truth: list[str], pred: list[str], cls: str) -> float:
     tp = sum(t == cls and p == cls for t, p in zip(truth, pred, strict=True))
     fp = sum(t != cls and p == cls for t, p in zip(truth, pred, strict=True))

@@ -98,8 +98,23 @@ def check_holdout_options(
         )
 
 
-def group_labels(obs: pd.DataFrame, labels: pd.Series, key: str) -> pd.Series:
+GROUP_COLUMNS_FIX = "choose a donor, sample, condition or batch column as --holdout-key"
+
+
+def group_labels(
+    obs: pd.DataFrame,
+    labels: pd.Series,
+    key: str,
+    *,
+    min_cells: int = RunConfig.model_fields["min_cells_per_class"].default,
+) -> pd.Series:
     """Return the group (as a string) of every run cell, index = ``labels.index``.
+
+    A column of groups holds a few values shared by many cells. Two kinds of column are
+    refused as a measurement per cell rather than groups: a float column with a non-integer
+    value (e.g. ``percent_mt``), and a column whose median group has fewer than
+    ``min_cells`` cells (about one group per cell, e.g. a cell barcode or ``nCount_RNA``),
+    which would make one fold per cell.
 
     Parameters
     ----------
@@ -109,11 +124,21 @@ def group_labels(obs: pd.DataFrame, labels: pd.Series, key: str) -> pd.Series:
         The run's cell labels (n_cells).
     key : str
         The obs column holding the groups.
+    min_cells : int
+        Fewest cells the median group may hold (the run's ``min_cells_per_class``,
+        default 10).
+
+    Returns
+    -------
+    pandas.Series
+        The group of each cell (strings), named ``key``.
 
     Raises
     ------
     SchemaError
-        ``key`` is not a column of ``obs``, or some cells have no value in it.
+        ``key`` is not a column of ``obs``, some cells have no value in it, or it holds a
+        measurement rather than groups (non-integer numbers, or a median group smaller than
+        ``min_cells``).
     """
     if key not in obs.columns:
         columns = [str(c) for c in obs.columns]
@@ -128,7 +153,26 @@ def group_labels(obs: pd.DataFrame, labels: pd.Series, key: str) -> pd.Series:
             f"obs[{key!r}] has no value for {missing} cells; fill them in or choose another "
             "--holdout-key."
         )
-    return pd.Series(values.astype(str).to_numpy(), index=labels.index, name=key)
+    if pd.api.types.is_float_dtype(values.dtype):
+        numbers = values.to_numpy(dtype=float)
+        fractional = numbers[numbers != np.round(numbers)]
+        if len(fractional):
+            raise SchemaError(
+                f"obs[{key!r}] holds non-integer numbers (e.g. {fractional[0]:g}), a "
+                f"measurement per cell, not groups; {GROUP_COLUMNS_FIX} (store group codes "
+                "as strings)."
+            )
+    groups = pd.Series(values.astype(str).to_numpy(), index=labels.index, name=key)
+    sizes = groups.value_counts()
+    median = float(sizes.median())
+    if median < min_cells:
+        raise SchemaError(
+            f"obs[{key!r}] has {len(sizes)} groups for {len(groups)} cells (the median group "
+            f"holds {median:g} cell{'' if median == 1 else 's'}, fewer than "
+            f"min_cells_per_class={min_cells}): about one group per cell, one fold each; "
+            f"{GROUP_COLUMNS_FIX}."
+        )
+    return groups
 
 
 def _check_values(wanted: list[str], present: list[str], key: str, option: str) -> None:
@@ -353,7 +397,7 @@ def _run_groups(data: RunData, config: RunConfig) -> pd.Series:
     check_holdout_options(key, config.train_groups, config.test_groups)
     if key is None:
         raise ConfigError("held-out folds need --holdout-key COL (an obs column of groups).")
-    return group_labels(data.obs, data.labels, key)
+    return group_labels(data.obs, data.labels, key, min_cells=config.min_cells_per_class)
 
 
 def check_holdout_data(data: RunData, config: RunConfig) -> None:
