@@ -24,6 +24,9 @@ def runs(tmp_path_factory):
         for name, seed in (("t1", 42), ("t2", 7))
     }
     scfmbench.run(a, out=out, name="cv", n_splits=3, **FAST)
+    held = a.copy()
+    held.obs["donor"] = ["d1", "d2", "d3"] * (held.n_obs // 3)
+    scfmbench.run(held, out=out, name="held", n_splits=3, holdout_key="donor", **FAST)
     return out, docs
 
 
@@ -67,3 +70,45 @@ def test_compare_mixed_runs_says_what_is_not_comparable(runs, tmp_path, caplog):
     methods = text[text.index("## Methods across runs") : text.index(line)]
     assert "| method | cv accuracy | cv macro F1 |" in methods and "t1" not in methods
     assert "| t1 | " in text and "| transfer: train ↔ test | — | — | 3 | 42, 43 |" in text
+
+
+def _runs_table(text: str) -> dict[str, dict[str, str]]:
+    lines = text[text.index("## Runs") :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+def test_compare_shows_each_runs_design_and_labels_runs_by_folder(runs, tmp_path):
+    import shutil
+
+    out, _ = runs
+    copy = tmp_path / "cv_copy"
+    shutil.copytree(out / "cv", copy)  # run.name in its metrics.json is still "cv"
+    compare_runs([out / "cv", out / "held", out / "t1", copy], out=tmp_path / "cmp")
+    rows = _runs_table((tmp_path / "cmp" / "compare.md").read_text())
+    assert list(rows) == ["cv", "held", "t1", "cv_copy"]
+    # config.yaml of the held-out run and of the transfer says design: cv
+    assert [rows[r]["design"] for r in rows] == [
+        "cv", "holdout by donor (3 folds)", "transfer (2 training seeds)", "cv"
+    ]  # fmt: skip
+    assert [rows[r]["n_splits"] for r in rows] == ["3", "3", "2", "3"]
+
+
+def test_report_and_compare_given_a_file_say_so(runs, capsys):
+    from tests.conftest import run_cli_in_process
+
+    out, _ = runs
+    line = (
+        f"error: {out / 'cv' / 'metrics.json'} is a file, not a run folder; pass the folder "
+        "that `scfmbench run` or `scfmbench transfer` wrote (runs/<name>), not a file inside it"
+    )
+    for command in (["report"], ["compare"], ["stats"]):
+        code, _, err = run_cli_in_process([*command, str(out / "cv" / "metrics.json")], capsys)
+        assert (code, err.strip()) == (2, line), command

@@ -236,6 +236,22 @@ def write_metrics(run_dir: Path, doc: MetricsDocument | dict[str, Any]) -> Path:
     return path
 
 
+def _run_folder(run_dir: Path) -> Path:
+    """Return ``run_dir`` as a Path; raise RunDirError when it is a file or does not exist."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunDirError(
+            f"{run_dir} is a file, not a run folder; pass the folder that `scfmbench run` "
+            "or `scfmbench transfer` wrote (runs/<name>), not a file inside it"
+        )
+    if not run_dir.is_dir():
+        raise RunDirError(
+            f"run directory {run_dir} does not exist; pass a folder that "
+            "`scfmbench run` wrote (runs/<name>)"
+        )
+    return run_dir
+
+
 def read_metrics(run_dir: Path) -> MetricsDocument:
     """Read the ``metrics.json`` of a run (or transfer) folder.
 
@@ -254,15 +270,10 @@ def read_metrics(run_dir: Path) -> MetricsDocument:
     Raises
     ------
     RunDirError
-        The folder does not exist, has no ``metrics.json``, or it is not valid JSON or not a
-        valid document.
+        The path is a file or does not exist, the folder has no ``metrics.json``, or it is not
+        valid JSON or not a valid document.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(
-            f"run directory {run_dir} does not exist; pass a folder that "
-            "`scfmbench run` wrote (runs/<name>)"
-        )
+    run_dir = _run_folder(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no metrics.json; run `scfmbench run` first")
@@ -304,10 +315,10 @@ def recompute(run_dir: Path) -> dict[str, Any]:
     Raises
     ------
     RunDirError
-        ``metrics.json`` or ``predictions.tsv.gz`` is missing, the folder is a transfer's,
-        or the table lacks a method.
+        ``run_dir`` is a file or does not exist, ``metrics.json`` or ``predictions.tsv.gz``
+        is missing, the folder is a transfer's, or the table lacks a method.
     """
-    run_dir = Path(run_dir)
+    run_dir = _run_folder(run_dir)
     metrics_path, table_path = run_dir / METRICS_FILE, run_dir / PREDICTIONS_FILE
     for path in (metrics_path, table_path):
         if not path.exists():

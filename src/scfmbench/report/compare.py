@@ -40,13 +40,36 @@ CONFIG_KEYS = (
 )
 
 
-def _labels(run_dirs: list[Path], names: list[str]) -> list[str]:
-    """Run names, made unique with their parent folder (then an index) when they repeat."""
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Name each run's column by its folder (with its parent, then an index, when repeated).
+
+    The folder, not ``run.name`` in metrics.json, names a run: a folder copied or renamed
+    keeps its old ``run.name``, and two such copies would otherwise share a label.
+    """
+    names = [d.resolve().name for d in run_dirs]
     labels = [
-        f"{d.parent.name}/{n}" if names.count(n) > 1 else n
+        f"{d.resolve().parent.name}/{n}" if names.count(n) > 1 else n
         for d, n in zip(run_dirs, names, strict=True)
     ]
     return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def run_design(metrics: dict, config: dict) -> str:
+    """Describe in words the design a run's scores come from.
+
+    ``config.yaml`` holds the random-split design (``cv``, ``study``) even for a held-out
+    group run and a transfer, so the design is read from metrics.json: a held-out-group run
+    is ``holdout by KEY (N folds)``, a transfer ``transfer (K training seeds)``.
+    """
+    if is_transfer(metrics):
+        first = next(iter(metrics["transfer"]["directions"].values()), {})
+        seeds = first.get("training_seeds") or []
+        return f"transfer ({len(seeds)} training seeds)"
+    holdout = metrics.get("holdout")
+    if holdout:
+        return f"holdout by {holdout['key']} ({holdout['n_folds']} folds)"
+    design = metrics["run"].get("design") or {}
+    return str(design.get("name") or config.get("design") or DASH)
 
 
 def _listed(value: Any) -> str:
@@ -149,8 +172,8 @@ def _runs_section(runs: list) -> Section:
     """Each run's data and key configuration."""
     info = Table(
         "runs",
-        ["run", "folder", "data", "label key", "cells", "classes", "seeds", "reference"]
-        + list(CONFIG_KEYS),
+        ["run", "folder", "data", "label key", "cells", "classes", "seeds", "reference", "design"]
+        + list(CONFIG_KEYS[1:]),
         caption="Runs: data and key configuration",
     )
     for label, run_dir, metrics, config in runs:
@@ -171,7 +194,8 @@ def _runs_section(runs: list) -> Section:
                 num(len(classes or []), 0),
                 text(_listed(seeds)),
                 text(run.get("reference")),
-                *[text(_listed(config.get(k))) for k in CONFIG_KEYS],
+                text(run_design(metrics, config)),
+                *[text(_listed(config.get(k))) for k in CONFIG_KEYS[1:]],
             ]
         )
     return Section("runs", "Runs", tables=[info])
@@ -186,9 +210,7 @@ def compare_runs(run_dirs: Sequence[Path], *, out: Path | None = None) -> Path:
         raise RunDirError("no run directories given; pass one or more runs/<name> folders")
     dirs = [Path(d) for d in run_dirs]
     loaded = [(read_metrics(d).to_dict(), read_config(d)) for d in dirs]
-    labels = _labels(
-        dirs, [m["run"].get("name", d.name) for d, (m, _) in zip(dirs, loaded, strict=True)]
-    )
+    labels = _labels(dirs)
     runs = [(lab, d, m, c) for lab, d, (m, c) in zip(labels, dirs, loaded, strict=True)]
     sections = compare_tables(runs)
     out = Path(out) if out is not None else dirs[0].parent / "compare"
