@@ -367,6 +367,16 @@ class RunConfig(BaseModel):
     def _check_train_sizes(cls, value: Any) -> Any:
         return None if value is None else normalize_train_sizes(value)
 
+    @field_validator("train_groups", "test_groups", mode="before")
+    @classmethod
+    def _groups_as_list(cls, value: Any) -> Any:
+        """One group (``train_groups: ctrl``) is a list of one; numbers (donor 101) are text."""
+        if isinstance(value, str | int | float):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return [v if isinstance(v, str) else str(v) for v in value]
+        return value
+
     @field_validator("models")
     @classmethod
     def _check_models(cls, value: list[str]) -> list[str]:

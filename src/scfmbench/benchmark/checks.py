@@ -15,6 +15,7 @@ from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.feature_selection import model_name
 from scfmbench.data.splits import check_design, check_fractions, check_stratifiable
 from scfmbench.embed.options import check_device
+from scfmbench.errors import ConfigError
 
 __all__ = ["check_run_data", "check_settings"]
 
@@ -37,13 +38,21 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
     SplitError
         A design, fold count or fractions the splits cannot use.
     ConfigError
-        Group options that do not fit together, an unknown representation, probe, model or
-        device, a missing model folder, or (with models) a GPU the machine does not have.
+        Group options that do not fit together, ``train_size_seeds`` without
+        ``train_sizes``, an unknown representation, probe, model or device, a missing model
+        folder, or (with models) a GPU the machine does not have.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
     check_holdout_options(config.holdout_key, config.train_groups, config.test_groups)
     check_device(config.device)  # the form; a GPU the machine lacks only matters with models
+    seeds_default = RunConfig.model_fields["train_size_seeds"].default
+    if config.train_sizes is None and config.train_size_seeds != seeds_default:
+        raise ConfigError(
+            f"train_size_seeds is {config.train_size_seeds} but train_sizes is not set: the "
+            "draws are of labelled cells per class for the label-efficiency curve; add "
+            "--train-sizes (e.g. 1,5,10,all) or drop --train-size-seeds"
+        )
     baseline_methods(config)
     if models:
         from scfmbench.embed.distributed import resolve_device
