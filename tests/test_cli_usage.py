@@ -126,6 +126,8 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
 
     data = tmp_path / "tiny.h5ad"
     make_tiny_adata().write_h5ad(data)
+    other = tmp_path / "other.h5ad"
+    make_tiny_adata(seed=1).write_h5ad(other)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     typo = tmp_path / "typo.yaml"
@@ -147,12 +149,18 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
             ["run", "--data", str(data), "--config", str(typo), "--out", str(tmp_path / "o")],
             "error: unknown probe 'knnn'",
         ),
+        "label-efficiency draws without sizes": (
+            ["run", "--data", str(data), "--train-size-seeds", "5", "--out", str(tmp_path / "o")],
+            "error: train_size_seeds is 5 but train_sizes is not set: the draws are of labelled "
+            "cells per class for the label-efficiency curve; add --train-sizes (e.g. 1,5,10,all) "
+            "or drop --train-size-seeds",
+        ),
         "reference typo": (
             ["run", "--data", str(data), "--reference", "pca+logregg", "--out", str(tmp_path)],
             "Did you mean 'pca+logreg'?",
         ),
         "transfer label column": (
-            ["transfer", "--train", str(data), "--test", str(data), "--label-key-test", "ct"],
+            ["transfer", "--train", str(data), "--test", str(other), "--label-key-test", "ct"],
             "Pass --label-key-test with one of those.",
         ),
         "stats on a transfer run": (
@@ -167,7 +175,7 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], (case, err)
     assert not (tmp_path / "o").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "a_file", "tiny.h5ad", "transfer_run", "typo.yaml"
+        "a_file", "other.h5ad", "tiny.h5ad", "transfer_run", "typo.yaml"
     ]  # fmt: skip
 
 

@@ -343,6 +343,9 @@ def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
     again = run(adata, progress=False, **options)
     assert splits_file.stat().st_mtime_ns == before
     assert again.metrics["holdout"]["methods"] == block["methods"]
+    cv = run(adata, progress=False, **{**options, "holdout_key": None})  # same folder, cv
+    assert cv.metrics["run"]["design"]["name"] == "cv" and "holdout" not in cv.metrics
+    assert not (result.run_dir / "random_split").exists()  # the held-out run's, not this one's
 
 
 @pytest.fixture
@@ -555,3 +558,12 @@ def test_models_controls_and_finetuning_run_on_the_held_out_folds(kang_path, tmp
     random_dir = result.run_dir / "random_split" / "finetune" / "geneformer"
     assert sorted(p.name for p in random_dir.iterdir()) == ["seed42", "seed43"]
     assert (result.run_dir / "finetune" / "geneformer" / "seed42").is_dir()
+
+
+def test_group_lists_take_one_group_and_numbers_as_text(tmp_path):
+    from scfmbench.config import RunConfig
+
+    path = tmp_path / "shift.yaml"
+    path.write_text("holdout_key: donor\ntrain_groups: ctrl\ntest_groups: [101, 102.5]\n")
+    config = RunConfig.from_yaml(path)
+    assert config.train_groups == ["ctrl"] and config.test_groups == ["101", "102.5"]

@@ -1,7 +1,12 @@
+import hashlib
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
+import yaml
 
 from scfmbench import ConfigError, RunConfig, SchemaError, validate
 from scfmbench.benchmark.transfer import (
@@ -10,6 +15,7 @@ from scfmbench.benchmark.transfer import (
     transfer,
     transfer_baselines,
 )
+from tests.conftest import make_tiny_adata
 
 
 def test_unmapped_labels_are_listed():
@@ -205,3 +211,177 @@ def test_a_missing_file_is_named_with_its_side(tiny_adata, tmp_path, capsys):
         "built-in name (pbmc68k_reduced)."
     ], err
     assert not (tmp_path / "runs").exists()
+
+
+TINY = {"baselines": ["pca+logreg", "majority"], "n_pcs": 5, "figures": False}
+
+
+def tiny_pair(tmp_path):
+    """Two files named cells.h5ad in folders a/ and b/; b lacks type_2 and is noisier."""
+    paths = []
+    for folder, seed in (("a", 0), ("b", 1)):
+        adata = make_tiny_adata(seed=seed)
+        if folder == "b":
+            adata = adata[adata.obs["cell_type"] != "type_2"].copy()
+            noise = np.random.default_rng(seed).poisson(4.0, adata.shape).astype(np.float32)
+            adata.X = sp.csr_matrix(adata.X.toarray() + noise)  # pyright: ignore[reportAttributeAccessIssue]
+        (tmp_path / folder).mkdir()
+        adata.write_h5ad(tmp_path / folder / "cells.h5ad")
+        paths.append(tmp_path / folder / "cells.h5ad")
+    return paths
+
+
+def test_same_file_is_refused_and_same_names_get_their_folder(tmp_path, capsys):
+    from scfmbench.benchmark.transfer_data import dataset_names
+    from tests.conftest import run_cli_in_process
+
+    a, b = tiny_pair(tmp_path)
+    assert dataset_names(a, b) == ("a/cells", "b/cells")
+    assert dataset_names(a, tmp_path / "b" / "other.h5ad") == ("cells", "other")
+    (tmp_path / "c" / "a").mkdir(parents=True)
+    assert dataset_names(a, tmp_path / "c" / "a" / "cells.h5ad") == (
+        "cells (train)",
+        "cells (test)",
+    )
+    data = make_tiny_adata()
+    assert dataset_names(data, data.copy()) == ("train", "test")
+    with pytest.raises(ConfigError, match=r"^--train and --test are the same AnnData; "):
+        dataset_names(data, data)
+    runs = tmp_path / "runs"
+    for same in (str(a), str(tmp_path / "a" / ".." / "a" / "cells.h5ad")):
+        code, out, err = run_cli_in_process(
+            ["transfer", "--train", str(a), "--test", same, "--out", str(runs), "-q"], capsys
+        )
+        assert (code, out) == (2, "")
+        assert err.strip().splitlines() == [
+            f"error: --train and --test are both {str(a)!r}; a transfer scores one dataset on "
+            "another (score a dataset on its own held-out cells with scfmbench run)."
+        ]
+    assert not runs.exists()
+
+
+def test_transfer_macro_f1_averages_the_target_classes(tmp_path, capsys, caplog):
+    """A training class the target lacks is left out of macro F1 (as for a held-out group),
+    not averaged in as an F1 of 0; checked against sklearn on the saved predictions."""
+    from sklearn.metrics import f1_score
+
+    from tests.conftest import run_cli_in_process
+
+    a, b = tiny_pair(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("baselines: [pca+logreg, majority]\nn_pcs: 5\nfigures: false\n")
+    runs = tmp_path / "runs"
+    args = ["transfer", "--train", str(a), "--test", str(b), "--labels", str(tmp_path / "m.yaml")]
+    (tmp_path / "m.yaml").write_text("type_0: type_0\ntype_1: type_1\ntype_2: type_2\n")
+    code, out, err = run_cli_in_process(
+        [*args, "--config", str(config), "--out", str(runs), "--n-splits", "2", "--one-way", "-q"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "a/cells->b/cells: 1 training class(es) have no test cells" in caplog.text
+    run_dir = runs / "transfer_a_cells__b_cells"
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    results = doc["transfer"]["matrix"]["a/cells"]["b/cells"]
+    table = pd.read_csv(run_dir / "predictions.tsv.gz", sep="\t")
+    for method in ("pca+logreg", "majority"):
+        for seed in ("42", "43"):
+            rows = table[(table["method"] == method) & (table["split"].astype(str) == seed)]
+            present = sorted(set(rows["true"]))
+            assert present == ["type_0", "type_1"] and len(rows) == 40
+            oracle = f1_score(rows["true"], rows["pred"], labels=present, average="macro")
+            every = f1_score(
+                rows["true"],
+                rows["pred"],
+                labels=["type_0", "type_1", "type_2"],
+                average="macro",
+                zero_division=0,
+            )
+            assert results[method]["seeds"][seed]["macro_f1"] == pytest.approx(oracle)
+            assert oracle != pytest.approx(every)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["seeds"] == [42, 43]
+    assert {name: entry["sha256"] for name, entry in manifest["datasets"].items()} == {
+        "a/cells": hashlib.sha256(a.read_bytes()).hexdigest(),
+        "b/cells": hashlib.sha256(b.read_bytes()).hexdigest(),
+    }
+    saved = RunConfig.from_yaml(run_dir / "config.yaml")
+    assert (saved.n_splits, saved.baselines, saved.n_pcs) == (2, ["pca+logreg", "majority"], 5)
+
+
+def test_a_label_map_leaving_one_training_class_is_refused(tmp_path, capsys):
+    from tests.conftest import run_cli_in_process
+
+    a, b = tiny_pair(tmp_path)
+    (tmp_path / "m.yaml").write_text("type_0: shared\ntype_1: shared\ntype_2: null\n")
+    runs = tmp_path / "runs"
+    code, out, err = run_cli_in_process(
+        ["transfer", "--train", str(a), "--test", str(b), "--labels", str(tmp_path / "m.yaml")]
+        + ["--out", str(runs), "-q"],
+        capsys,
+    )
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        "error: a/cells keeps 1 class after the label map (['shared']); a classifier needs at "
+        "least two: fix the label map."
+    ]
+    assert not runs.exists()
+    with pytest.raises(ConfigError, match=r"^the label map maps 'B' to \['x'\], not a label; "):
+        transfer(a, b, label_map={"B": ["x"]}, out=runs, progress=False)  # pyright: ignore[reportArgumentType]
+    (tmp_path / "yes.yaml").write_text("type_0: yes\n")
+    with pytest.raises(ConfigError, match=r"maps 'type_0' to True, not a label; .* 'yes'"):
+        load_label_map(tmp_path / "yes.yaml")
+    assert load_label_map(tmp_path / "m.yaml") == {
+        "type_0": "shared",
+        "type_1": "shared",
+        "type_2": None,
+    }
+
+
+def test_settings_a_transfer_does_not_use_are_refused():
+    from scfmbench.benchmark.transfer_data import transfer_settings
+
+    base = RunConfig(data="pbmc.h5ad", holdout_key="donor", n_splits=3)
+    with pytest.raises(ConfigError) as raised:
+        transfer_settings(base, {"seed": 7})
+    assert str(raised.value) == (
+        "transfer does not use data, holdout_key; remove them from the config (a transfer "
+        "reads --train and --test, trains on n_splits stratified splits of the training data "
+        "and scores every cell of the test data)."
+    )
+    with pytest.raises(ConfigError, match=r"^transfer does not use train_sizes; remove it "):
+        transfer_settings(None, {"train_sizes": [5]})
+    cfg = transfer_settings(RunConfig(n_splits=3), {"seed": 7, "out": None})
+    assert (cfg.n_splits, cfg.seed) == (3, 7)
+    # a transfer's own saved config.yaml is read back as is
+    assert transfer_settings(RunConfig.build(yaml.safe_load(cfg.to_yaml())), {}) == cfg
+
+
+@pytest.mark.parametrize(
+    ("held", "kind", "message"),
+    [
+        ({"metrics.json": '{"run": {"kind": "transfer"}}'}, "run", "holds a transfer, not a run"),
+        ({"metrics.json": '{"run": {"name": "r"}}'}, "transfer", "holds a run, not a transfer"),
+        ({"splits/splits.json": "{}"}, "transfer", "holds a run, not a transfer"),
+        ({"directions/x_to_y/stages/a.json": "{}"}, "run", "holds a transfer, not a run"),
+        (
+            {"directions/x_to_y/stages/a.json": "{}"},
+            "transfer",
+            "holds a transfer of other datasets (directions ['x_to_y'])",
+        ),
+        ({"directions/a_to_b/stages/a.json": "{}"}, "transfer", None),
+        ({"config.yaml": "seed: 1\n"}, "transfer", None),
+    ],
+)
+def test_run_and_transfer_folders_are_not_mixed(tmp_path, held, kind, message):
+    from scfmbench.benchmark.output import check_folder_kind
+
+    for name, content in held.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    directions = ["a_to_b", "b_to_a"] if kind == "transfer" else None
+    if message is None:
+        check_folder_kind(tmp_path, kind, direction_dirs=directions)
+        return
+    with pytest.raises(ConfigError) as raised:
+        check_folder_kind(tmp_path, kind, direction_dirs=directions)
+    assert str(raised.value) == f"{tmp_path} {message}; give another --name, or remove the folder."

@@ -148,6 +148,12 @@ def model_options_with(
     return merged
 
 
+def without_scvi(config: RunConfig | None) -> list[str]:
+    """``baselines`` of ``config`` (or the default list) without the scVI ones (``--no-scvi``)."""
+    baselines = config.baselines if config is not None else field_default("baselines")
+    return [b for b in baselines if b.split("+", 1)[0] != "scvi"]
+
+
 def given(**values: Any) -> dict[str, Any]:
     """Keep the flags that were given: the overrides of the configuration.
 
@@ -337,6 +343,14 @@ LabelMap = Annotated[
 LabelKeyTrain = Annotated[str | None, typer.Option(help="obs label column of the training data.")]
 LabelKeyTest = Annotated[str | None, typer.Option(help="obs label column of the test data.")]
 OneWay = Annotated[bool, typer.Option("--one-way", help="Only train → test.")]
+TrainingSeeds = Annotated[
+    int | None,
+    typer.Option(
+        "--n-splits",
+        help="Stratified train/val splits of the training data (seeds SEED..SEED+K-1), each "
+        "model scored on every test cell; default 5.",
+    ),
+]
 TransferName = Annotated[
     str | None, typer.Option(help="Run name (default transfer_<train>__<test>).")
 ]

@@ -16,15 +16,15 @@ from pathlib import Path
 import typer
 
 from scfmbench import _cli_options as opt
-from scfmbench._cli_options import api_default, field_default
+from scfmbench._cli_options import api_default
 from scfmbench.benchmark.commands import check_dataset, embed_dataset, finetune_dataset
 from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
-from scfmbench.benchmark.transfer import transfer_markdown
 from scfmbench.config import RunConfig
 from scfmbench.embed.launch import env_rank
 from scfmbench.errors import ScfmbenchError
 from scfmbench.report.compare import compare_runs
+from scfmbench.report.transfer import transfer_markdown
 from scfmbench.report.write import markdown_table, results_table, write_report
 
 app = typer.Typer(
@@ -134,8 +134,7 @@ def run(
     if finetune and (base is None or base.finetune is None):
         overrides["finetune"] = {}
     if no_scvi:
-        baselines = base.baselines if base is not None else field_default("baselines")
-        overrides["baselines"] = [b for b in baselines if b.split("+", 1)[0] != "scvi"]
+        overrides["baselines"] = opt.without_scvi(base)
     if geneformer_dicts is not None:
         overrides["model_options"] = opt.model_options_with(
             base.model_options if base is not None else {}, [], geneformer_dicts
@@ -291,6 +290,8 @@ def transfer(
     out: opt.RunsFolder = None,
     name: opt.TransferName = None,
     seed: opt.Seed = None,
+    n_splits: opt.TrainingSeeds = None,
+    no_scvi: opt.NoScvi = False,
     allow_normalized: opt.AllowNormalized = None,
     allow_feature_selected: opt.AllowFeatureSelected = None,
     gene_column: opt.GeneColumn = None,
@@ -322,6 +323,8 @@ def transfer(
             out=out,
             name=name,
             seed=seed,
+            n_splits=n_splits,
+            baselines=opt.without_scvi(base) if no_scvi else None,
             allow_normalized=allow_normalized,
             allow_feature_selected=allow_feature_selected,
             gene_column=gene_column,

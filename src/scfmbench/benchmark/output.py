@@ -19,6 +19,7 @@ from scfmbench.report.write import write_report
 from scfmbench.results import read_config
 
 __all__ = [
+    "check_folder_kind",
     "check_same_data",
     "check_writable",
     "finish_run_directory",
@@ -120,6 +121,56 @@ def check_same_data(run_dir: Path, labels: pd.Series) -> None:
         f"{run_dir} holds a run of other cells or labels ({saved}); give another --name, or "
         "remove the folder"
     )
+
+
+def check_folder_kind(run_dir: Path, kind: str, *, direction_dirs: list[str] | None = None) -> None:
+    """Refuse to write a run into a transfer's folder, or a transfer into another folder.
+
+    A folder's kind is read from its ``metrics.json`` (``run.kind``) or, for an unfinished
+    one, from what it holds: ``directions/`` (a transfer's saved fits) or ``splits/`` (a
+    run's). A transfer also refuses the folder of a transfer between other datasets (its
+    ``directions/`` hold folders other than ``direction_dirs``): their fits would stay beside
+    the new ones.
+
+    Parameters
+    ----------
+    run_dir : pathlib.Path
+        The folder to write (need not exist).
+    kind : {"run", "transfer"}
+        What is about to be written.
+    direction_dirs : list of str, optional
+        A transfer's folders under ``directions/`` (one per direction).
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` holds the other kind of output, or a transfer of other datasets.
+    """
+    held = _folder_kind(run_dir)
+    fix = "give another --name, or remove the folder"
+    if held is not None and held != kind:
+        raise ConfigError(f"{run_dir} holds a {held}, not a {kind}; {fix}.")
+    saved = run_dir / "directions"
+    if kind == "transfer" and direction_dirs is not None and saved.is_dir():
+        other = sorted(p.name for p in saved.iterdir() if p.name not in direction_dirs)
+        if other:
+            raise ConfigError(
+                f"{run_dir} holds a transfer of other datasets (directions {other}); {fix}."
+            )
+
+
+def _folder_kind(run_dir: Path) -> str | None:
+    """``run`` or ``transfer`` for a folder holding one's output, else None."""
+    try:
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        return "transfer" if saved["run"].get("kind") == "transfer" else "run"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    if (run_dir / "directions").is_dir():
+        return "transfer"
+    if (run_dir / "splits").is_dir():
+        return "run"
+    return None
 
 
 def holds_finished_work(run_dir: Path) -> bool:

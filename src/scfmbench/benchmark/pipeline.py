@@ -31,10 +31,11 @@ from scfmbench.benchmark.embedding import (
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
-from scfmbench.benchmark.holdout import holdout_splits, random_split_block
+from scfmbench.benchmark.holdout import RANDOM_SPLIT_DIR, holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, model_methods
 from scfmbench.benchmark.output import (
+    check_folder_kind,
     check_same_data,
     check_writable,
     finish_run_directory,
@@ -263,11 +264,12 @@ def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> Run
     check_run_feature_selection(config, validated.diagnostics)
     check_models_read(config, list(config.models), validated)
     methods, reference = check_run_data(config, validated, list(config.models))
-    models = load_models(config)
-    methods += model_methods(models, config)
     run_dir = run_directory(config)
     check_writable(run_dir)
+    check_folder_kind(run_dir, "run")
     check_same_data(run_dir, validated.labels)
+    models = load_models(config)
+    methods += model_methods(models, config)
     created = not run_dir.exists()
     saved_config = run_dir / "config.yaml"
     previous_config = None if created or not saved_config.is_file() else saved_config.read_text()
@@ -402,6 +404,8 @@ def _execute(
                 run_dir=run_dir,
                 progress=progress,
             )
+    else:  # an earlier held-out run's random splits in the folder are not this run's
+        shutil.rmtree(run_dir / RANDOM_SPLIT_DIR, ignore_errors=True)
     if layers:
         metrics["layers"] = layers
     metrics["embeddings"] = scores  # before the figures: it names the UMAPs to keep

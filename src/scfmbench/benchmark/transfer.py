@@ -22,17 +22,21 @@ from scfmbench.benchmark.document import MatrixFacts, score_warnings
 from scfmbench.benchmark.embedding import check_models_read
 from scfmbench.benchmark.fitting import predict_all
 from scfmbench.benchmark.methods import Method, baseline_methods, model_methods
-from scfmbench.benchmark.output import check_writable
+from scfmbench.benchmark.output import check_folder_kind, check_writable
 from scfmbench.benchmark.pipeline import load_models
 from scfmbench.benchmark.predict import Prediction, ProbeInputs, payloads
 from scfmbench.benchmark.transfer_data import (
     BUILTIN_LABEL_MAPS,
     TransferData,
     check_transfer_feature_selection,
+    checked_label_map,
+    dataset_names,
     harmonize,
     load_label_map,
     prepare_transfer,
+    shared_labels,
     training_split,
+    transfer_settings,
 )
 from scfmbench.config import DEFAULT_BASELINES, RunConfig
 from scfmbench.data.cells import InMemoryCells
@@ -49,6 +53,8 @@ from scfmbench.evaluation.run_stats import (
 from scfmbench.evaluation.stats import Design
 from scfmbench.hashing import hash_array, hash_json
 from scfmbench.report.coverage import coverage_lines
+from scfmbench.report.manifest import write_manifest
+from scfmbench.report.transfer import transfer_markdown
 from scfmbench.results import document_header, write_metrics
 from scfmbench.stages import StageStore, safe_name
 
@@ -149,46 +155,28 @@ def transfer(
     CountsRequiredError, DataError
         Values or an ``obs`` column a model refuses, on the side the message names.
     """
-    values = config.model_dump() if config is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = RunConfig.build(values)
-    mapping = label_map if isinstance(label_map, dict) else load_label_map(label_map)
-    datasets = []
-    for role, source, key in (("train", train, label_key_train), ("test", test, label_key_test)):
-        name = role if isinstance(source, AnnData) else Path(str(source)).stem
-        try:
-            adata = load_dataset(source)
-        except ScfmbenchError as exc:  # a missing or unreadable file: say which side
-            raise type(exc)(f"{role} data: {exc}") from None
-        try:
-            checked = validate(
-                adata,
-                label_key=key,
-                min_cells_per_class=cfg.min_cells_per_class,
-                merge_similar_labels=cfg.merge_similar_labels,
-                name=name if isinstance(source, AnnData) else Path(str(source)).name,
-            )
-        except SchemaError as exc:  # name the transfer option that picks this side's labels
-            raise SchemaError(
-                f"{role} data {name}: " + str(exc).replace("--label-key", f"--label-key-{role}")
-            ) from None
-        datasets.append((name, checked))
-    check_transfer_feature_selection(datasets, cfg)
-    for role, (name, checked) in zip(("train", "test"), datasets, strict=True):
-        try:  # values a model refuses, before any model loads
-            check_models_read(cfg, list(cfg.models), checked)
-        except ScfmbenchError as exc:
-            raise type(exc)(f"{role} data {name}: {exc}") from None
+    cfg = transfer_settings(config, overrides)
+    mapping = (
+        checked_label_map(label_map) if isinstance(label_map, dict) else load_label_map(label_map)
+    )
+    directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
+    names = dataset_names(train, test)
+    run_dir = Path(cfg.out) / (cfg.name or safe_name(f"transfer_{names[0]}__{names[1]}"))
+    direction_dirs = [direction_folder(names[i], names[j]) for i, j in directions]
+    check_writable(run_dir)
+    check_folder_kind(run_dir, "transfer", direction_dirs=direction_dirs)
+    keys = (label_key_train or cfg.label_key, label_key_test or cfg.label_key)
+    datasets = _read_sides((train, test), names, keys, cfg)
     map_name = None if isinstance(label_map, dict) else str(label_map)
-    for name, checked in datasets:  # before any model loads: a map that misses labels
-        harmonize(checked.labels, mapping, dataset=name, map_name=map_name)
+    for i, j in directions:  # before any model loads: a map that misses labels or classes
+        (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
+        shared_labels(
+            data_a.labels, data_b.labels, mapping, names=(name_a, name_b), map_name=map_name
+        )
     kinds = {name: checked.diagnostics.matrix_kind for name, checked in datasets}
     methods, skipped = transfer_baselines(cfg, kinds)
     models = load_models(cfg)
     methods += model_methods(models, cfg)
-    run_dir = Path(cfg.out) / (cfg.name or f"transfer_{datasets[0][0]}__{datasets[1][0]}")
-    check_writable(run_dir)
-    directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
     matrix: dict[str, dict[str, dict]] = {}
     details = {}
     tables = []
@@ -221,7 +209,7 @@ def transfer(
             prepared.kind,
         )
         # each direction keeps its fits apart, so an interrupted transfer resumes
-        stages = StageStore(run_dir / DIRECTIONS_DIR / safe_name(f"{name_a}_to_{name_b}"))
+        stages = StageStore(run_dir / DIRECTIONS_DIR / direction_folder(name_a, name_b))
         split_set = SplitSet(tuple(splits), data_hash, cfg.fractions)
         predictions = predict_all(inputs, split_set, methods, stages, progress)
         results, comparisons, table = transfer_statistics(
@@ -262,13 +250,66 @@ def transfer(
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
     write_metrics(run_dir, doc)
     write_predictions(pd.concat(tables, ignore_index=True), run_dir / PREDICTIONS_FILE)
     write_text(run_dir / "transfer.md", transfer_markdown(doc))
+    write_manifest(
+        run_dir,
+        config=cfg,
+        data_path_or_none=None,
+        datasets={
+            name: None if isinstance(source, AnnData) else str(source)
+            for name, source in zip(names, (train, test), strict=True)
+        },
+        seeds=list(range(cfg.seed, cfg.seed + cfg.n_splits)),
+        checkpoints={m.model_id: m.checkpoint_sha256 for m in models},
+    )
     from scfmbench.report.write import write_report
 
     write_report(run_dir)
     return doc
+
+
+def direction_folder(train_name: str, test_name: str) -> str:
+    """Return the folder, under ``RUN/directions/``, of one direction's saved fits."""
+    return safe_name(f"{train_name}_to_{test_name}")
+
+
+def _read_sides(
+    sources: tuple[Any, Any], names: tuple[str, str], keys: tuple[Any, Any], cfg: RunConfig
+) -> list[tuple[str, ValidatedData]]:
+    """Read and validate both datasets; refuse what the run's models refuse about them.
+
+    Every error names its side (``train data …``, ``test data …``) and, for a label column,
+    the transfer option that picks it (``--label-key-train``/``--label-key-test``).
+    """
+    datasets = []
+    for role, source, name, key in zip(("train", "test"), sources, names, keys, strict=True):
+        try:
+            adata = load_dataset(source)
+        except ScfmbenchError as exc:  # a missing or unreadable file: say which side
+            raise type(exc)(f"{role} data: {exc}") from None
+        try:
+            checked = validate(
+                adata,
+                label_key=key,
+                min_cells_per_class=cfg.min_cells_per_class,
+                merge_similar_labels=cfg.merge_similar_labels,
+                name=name if isinstance(source, AnnData) else Path(str(source)).name,
+            )
+        except SchemaError as exc:  # name the transfer option that picks this side's labels
+            raise SchemaError(
+                f"{role} data {name}: " + str(exc).replace("--label-key", f"--label-key-{role}")
+            ) from None
+        datasets.append((name, checked))
+    check_transfer_feature_selection(datasets, cfg)
+    for role, (name, checked) in zip(("train", "test"), datasets, strict=True):
+        try:  # values a model refuses, before any model loads
+            check_models_read(cfg, list(cfg.models), checked)
+        except ScfmbenchError as exc:
+            raise type(exc)(f"{role} data {name}: {exc}") from None
+    return datasets
 
 
 def transfer_statistics(
@@ -405,71 +446,6 @@ def _embed_models(
     return records
 
 
-def transfer_markdown(doc: dict[str, Any]) -> str:
-    """Render ``transfer.md``: label coverage, then per direction its scores and tests.
-
-    Parameters
-    ----------
-    doc : dict
-        A transfer's ``metrics.json`` document.
-
-    Returns
-    -------
-    str
-        Markdown text.
-    """
-    lines = ["# scfmbench cross-dataset transfer", ""]
-    gaps = [
-        line
-        for direction, info in doc["transfer"]["directions"].items()
-        for line in coverage_lines(direction, info.get("coverage") or {})
-    ]
-    if gaps:
-        lines += ["## Label coverage", "", *[f"- {line}" for line in gaps], ""]
-    for train_name, row in doc["transfer"]["matrix"].items():
-        for test_name, results in row.items():
-            info = doc["transfer"]["directions"][f"{train_name}->{test_name}"]
-            warned = any(r.get("warnings") for r in results.values())
-            lines += [
-                f"## train {train_name} → test {test_name}",
-                "",
-                f"{info['n_shared_genes']} shared genes; {info['n_train_cells']} training "
-                f"cells; {info['n_test_cells']} test cells; classes {info['classes']}; "
-                f"test classes not in train (dropped): {info['dropped_test_classes'] or 'none'}",
-                "",
-                "| method | kind | accuracy | macro F1 | macro F1 95% CI |"
-                + (" warnings |" if warned else ""),
-                "| --- | --- | --- | --- | --- |" + (" --- |" if warned else ""),
-            ]
-            lines += [
-                f"| {m} | {r['kind']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                + _interval_text(r.get("summary", {}).get("macro_f1", {}).get("ci95"))
-                + " |"
-                + (f" {'; '.join(r.get('warnings') or []) or '—'} |" if warned else "")
-                for m, r in results.items()
-            ]
-            lines.append("")
-            comparisons = info.get("comparisons") or []
-            if comparisons:
-                lines += [
-                    "| method | vs | comparison | ΔF1 | ΔF1 95% CI | p (Holm) |",
-                    "| --- | --- | --- | --- | --- | --- |",
-                ]
-                lines += [
-                    f"| {c['method']} | {c['against']} | {c['kind']} | {c['f1_diff']:.3f} | "
-                    f"{_interval_text(c['f1_diff_ci95'])} | {c['p_holm']:.3g}"
-                    + (" *" if c["significant"] else "")
-                    + " |"
-                    for c in comparisons
-                ]
-                lines.append("")
-    return "\n".join(lines)
-
-
-def _interval_text(ci) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
-
-
 __all__ = [
     "BUILTIN_LABEL_MAPS",
     "TransferData",
@@ -477,5 +453,4 @@ __all__ = [
     "load_label_map",
     "prepare_transfer",
     "transfer",
-    "transfer_markdown",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,11 +33,33 @@ __all__ = [
     "BUILTIN_LABEL_MAPS",
     "TransferData",
     "check_transfer_feature_selection",
+    "checked_label_map",
+    "dataset_names",
     "harmonize",
     "load_label_map",
     "prepare_transfer",
+    "shared_labels",
     "training_split",
+    "transfer_settings",
 ]
+
+TRANSFER_UNUSED = (
+    "data",
+    "design",
+    "n_repeats",
+    "holdout_key",
+    "train_groups",
+    "test_groups",
+    "reference",
+    "finetune",
+    "layerwise",
+    "batch_key",
+    "backed",
+    "chunk_size",
+    "train_sizes",
+    "train_size_seeds",
+)
+"""Run settings a transfer has no use for: given, they are refused rather than ignored."""
 
 BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
     # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
@@ -81,7 +104,87 @@ def load_label_map(spec: str | Path) -> dict[str, str | None]:
         raise ConfigError(
             f"label map {str(path)!r} must be a mapping 'source label: shared label'."
         )
+    return checked_label_map(mapping, str(path))
+
+
+def checked_label_map(mapping: dict, where: str | None = None) -> dict[str, str | None]:
+    """Return ``mapping`` with string keys and string (or None) shared labels.
+
+    Parameters
+    ----------
+    mapping : dict
+        ``source label → shared label``; a shared label is a string, a number (read as its
+        text, e.g. a cluster id) or null.
+    where : str, optional
+        The map's file, named in the error.
+
+    Raises
+    ------
+    ConfigError
+        A shared label that is a list, a mapping or a YAML boolean (``yes``/``no``/``on``/``off``
+        read unquoted), with the source label it belongs to.
+    """
+    for key, value in mapping.items():
+        if isinstance(value, list | dict | set | tuple | bool):
+            source = "the label map" if where is None else f"label map {where!r}"
+            raise ConfigError(
+                f"{source} maps {str(key)!r} to {value!r}, not a label; write one shared label "
+                "per source label (quote it, e.g. 'yes', if YAML reads it as a boolean), or null "
+                "to drop its cells."
+            )
     return {str(k): (None if is_missing_label(v) else str(v)) for k, v in mapping.items()}
+
+
+def dataset_names(train: object, test: object) -> tuple[str, str]:
+    """Name the two sides of a transfer: the file name without suffix, or train/test.
+
+    Two files of the same name in different folders are named ``folder/name``; an AnnData
+    is named by its role.
+
+    Parameters
+    ----------
+    train, test : str, pathlib.Path or AnnData
+        The two datasets as given.
+
+    Returns
+    -------
+    (str, str)
+        The name of each side, distinct.
+
+    Raises
+    ------
+    ConfigError
+        Both sides are the same file, built-in dataset or AnnData object.
+    """
+    if train is test or (
+        not isinstance(train, AnnData)
+        and not isinstance(test, AnnData)
+        and (str(train) == str(test) or _same_file(Path(str(train)), Path(str(test))))
+    ):
+        shown = "the same AnnData" if isinstance(train, AnnData) else f"both {str(train)!r}"
+        raise ConfigError(
+            f"--train and --test are {shown}; a transfer scores one dataset on another "
+            "(score a dataset on its own held-out cells with scfmbench run)."
+        )
+    names = [
+        role if isinstance(source, AnnData) else Path(str(source)).stem
+        for role, source in (("train", train), ("test", test))
+    ]
+    if names[0] == names[1]:
+        folders = [Path(str(source)).resolve().parent.name for source in (train, test)]
+        names = (
+            [f"{folder}/{name}" for folder, name in zip(folders, names, strict=True)]
+            if folders[0] != folders[1]
+            else [f"{names[0]} (train)", f"{names[1]} (test)"]
+        )
+    return names[0], names[1]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def harmonize(
@@ -111,6 +214,56 @@ def harmonize(
         )
     shared = values.map({k: (None if is_missing_label(v) else v) for k, v in mapping.items()})
     return shared.loc[shared.notna()].astype(str)
+
+
+def shared_labels(
+    train: pd.Series,
+    test: pd.Series,
+    mapping: dict[str, str | None],
+    *,
+    names: tuple[str, str],
+    map_name: str | None = None,
+) -> tuple[pd.Series, pd.Series]:
+    """Harmonize the labels of one direction (train → test) and check a classifier can learn.
+
+    Parameters
+    ----------
+    train, test : pandas.Series
+        Each side's cell labels, indexed by cell.
+    mapping : dict
+        ``source label → shared label`` (None drops the cells).
+    names : (str, str)
+        The training and test datasets' names, used in errors.
+    map_name : str, optional
+        The built-in map or file, named in errors.
+
+    Returns
+    -------
+    (pandas.Series, pandas.Series)
+        The shared labels of each side's kept cells (see :func:`harmonize`).
+
+    Raises
+    ------
+    SchemaError
+        A label the map lacks, a training side left with fewer than two classes, or no
+        class the two sides share.
+    """
+    train_labels = harmonize(train, mapping, dataset=names[0], map_name=map_name)
+    test_labels = harmonize(test, mapping, dataset=names[1], map_name=map_name)
+    train_classes = set(train_labels)
+    if len(train_classes) < 2:
+        raise SchemaError(
+            f"{names[0]} keeps {len(train_classes)} class{'' if train_classes else 'es'} after "
+            "the label map "
+            f"({sorted(train_classes)}); a classifier needs at least two: fix the label map."
+        )
+    if not train_classes & set(test_labels):
+        raise SchemaError(
+            f"{names[1]} shares no labels with {names[0]} after harmonization "
+            f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
+            "fix the label map."
+        )
+    return train_labels, test_labels
 
 
 def dropped_by_map(labels: pd.Series, shared: pd.Series) -> dict[str, int]:
@@ -165,17 +318,15 @@ def prepare_transfer(
 
     Returns the TransferData plus the count matrices of both datasets (shared genes,
     prefixed cell names) for model embeddings.
+
+    Raises
+    ------
+    SchemaError
+        Labels the map lacks, fewer than two training classes or none shared
+        (:func:`shared_labels`), or no shared gene.
     """
-    train_labels = harmonize(train.labels, mapping, dataset=names[0])
-    test_labels = harmonize(test.labels, mapping, dataset=names[1])
+    train_labels, test_labels = shared_labels(train.labels, test.labels, mapping, names=names)
     train_classes = set(train_labels)
-    shared = train_classes & set(test_labels)
-    if not shared:
-        raise SchemaError(
-            f"{names[1]} shares no labels with {names[0]} after harmonization "
-            f"(train: {sorted(train_classes)}, test: {sorted(set(test_labels))}); "
-            "fix the label map."
-        )
     extra = test_labels.loc[~test_labels.isin(train_classes)]
     dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
     train_sizes = train_labels.value_counts()
@@ -269,3 +420,40 @@ def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
     n_train = len(prepared.labels) - len(prepared.split.test)
     inner = stratified_split(prepared.labels.iloc[:n_train], seed=seed, fractions=fractions)
     return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
+
+
+def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> RunConfig:
+    """Return a transfer's settings: ``config`` with the ``overrides`` that were given.
+
+    Parameters
+    ----------
+    config : RunConfig, optional
+        Settings from ``--config``.
+    overrides : dict
+        RunConfig fields; ``None`` values are not given.
+
+    Returns
+    -------
+    RunConfig
+        The resolved settings.
+
+    Raises
+    ------
+    ConfigError
+        A bad value, or a setting a transfer does not use (:data:`TRANSFER_UNUSED`, e.g.
+        ``data`` or ``holdout_key``) set to anything but its default.
+    """
+    values = config.model_dump() if config is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = RunConfig.build(values)
+    unused = [
+        key for key in TRANSFER_UNUSED if getattr(cfg, key) != RunConfig.model_fields[key].default
+    ]
+    if unused:
+        raise ConfigError(
+            f"transfer does not use {', '.join(unused)}; remove "
+            f"{'it' if len(unused) == 1 else 'them'} from the config (a transfer reads --train "
+            "and --test, trains on n_splits stratified splits of the training data and scores "
+            "every cell of the test data)."
+        )
+    return cfg

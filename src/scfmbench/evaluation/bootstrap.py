@@ -28,8 +28,8 @@ def resample_scores(
     Macro F1 averages the F1 of all ``k`` classes (a class never predicted and absent scores
     0), like ``sklearn.metrics.f1_score(labels=classes, average="macro", zero_division=0)``;
     with ``keep`` (a boolean mask over classes) it averages those classes only, and with
-    ``present_only`` (design ``holdout``) only the classes present in the truth. Balanced
-    accuracy is the mean recall over the classes present in the truth.
+    ``present_only`` (designs ``holdout`` and ``transfer``) only the classes present in the
+    truth. Balanced accuracy is the mean recall over the classes present in the truth.
 
     A resample's counts (true positives, support and predictions per class, correct cells)
     are its draw counts times per-cell indicators: one matrix product for all resamples.

@@ -122,8 +122,9 @@ def classification_metrics(
         also when it has no test cells. Balanced accuracy is the mean recall over the classes
         present in ``y_true``.
     present_only
-        Macro F1 averages only the classes present in ``y_true`` (design ``holdout``: a
-        held-out group need not hold every training class); default False.
+        Macro F1 averages only the classes present in ``y_true`` (designs ``holdout`` and
+        ``transfer``: a held-out group or a target dataset need not hold every training
+        class); default False.
 
     Returns
     -------

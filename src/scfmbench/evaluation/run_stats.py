@@ -187,7 +187,7 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
         per_split = entry.setdefault("splits", {})
         for split, (truth, pred) in sets[name].items():
             scores = classification_metrics(
-                truth, pred, classes=classes, present_only=design.name == "holdout"
+                truth, pred, classes=classes, present_only=design.present_only
             ).to_dict()
             kept = [scores["per_class"][c]["f1"] for c in classes if c not in small]
             scores["macro_f1_excl_small"] = float(np.mean(kept)) if kept else None

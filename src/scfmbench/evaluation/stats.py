@@ -85,6 +85,16 @@ class Design:
     n_folds: int = 1
     test_train_ratio: float = 0.125
 
+    @property
+    def present_only(self) -> bool:
+        """Whether macro F1 averages only the classes present in a test set.
+
+        True for ``holdout`` (a held-out group need not hold every training class) and
+        ``transfer`` (the target dataset need not either): a training class without test
+        cells is left out of the average instead of counting as an F1 of 0.
+        """
+        return self.name in ("holdout", "transfer")
+
     @classmethod
     def of(cls, split_set) -> Design:
         """Return the design of a :class:`scfmbench.data.splits.SplitSet`."""
@@ -242,7 +252,7 @@ def method_intervals(
         seed=seed,
         keep=keep,
         same_cells=design.name == "transfer",
-        present_only=design.name == "holdout",
+        present_only=design.present_only,
     )
     out = {}
     for metric in scored[0][0][0]:
@@ -332,7 +342,7 @@ def paired_comparison(
         n_boot=n_boot,
         seed=seed,
         same_cells=design.name == "transfer",
-        present_only=design.name == "holdout",
+        present_only=design.present_only,
     )
     estimates = {}
     for metric in ("macro_f1", "accuracy"):

@@ -161,6 +161,13 @@ def _split_hashes(run_dir: Path) -> dict[str, str]:
     return {p.name: hash_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _data_entry(path: str | Path | None) -> dict[str, str | None]:
+    """Return a data file's path and SHA-256 (None for a built-in name or in memory)."""
+    if path is None:
+        return {"path": None, "sha256": None}
+    return {"path": str(path), "sha256": hash_file(Path(path)) if Path(path).is_file() else None}
+
+
 def write_manifest(
     run_dir: Path,
     *,
@@ -168,6 +175,7 @@ def write_manifest(
     data_path_or_none: str | Path | None,
     seeds: list[int],
     checkpoints: Mapping[str, str],
+    datasets: Mapping[str, str | Path | None] | None = None,
 ) -> Path:
     """Write ``run_dir/manifest.json``: what produced the run and hashes of its inputs.
 
@@ -187,6 +195,9 @@ def write_manifest(
         The split seeds.
     checkpoints : mapping of str to str
         Model id → weights file, model folder, or an already computed SHA-256.
+    datasets : mapping of str to (str or Path or None), optional
+        A transfer's datasets by name, each hashed as ``data_path_or_none`` is, under
+        ``datasets``; absent for a run on one dataset.
 
     Returns
     -------
@@ -199,13 +210,6 @@ def write_manifest(
         When ``config`` is neither a ``RunConfig`` nor a mapping.
     """
     run_dir = Path(run_dir)
-    data: dict[str, Any] = {"path": None, "sha256": None}
-    if data_path_or_none is not None:
-        path = Path(data_path_or_none)
-        data = {
-            "path": str(data_path_or_none),
-            "sha256": hash_file(path) if path.is_file() else None,
-        }
     config_path = run_dir / "config.yaml"
     resolved = _config_dict(config)
     versions = package_versions()
@@ -218,7 +222,12 @@ def write_manifest(
         "packages": versions,
         "hardware": hardware(),
         "seeds": [int(s) for s in seeds],
-        "data": data,
+        "data": _data_entry(data_path_or_none),
+        **(
+            {"datasets": {name: _data_entry(path) for name, path in datasets.items()}}
+            if datasets is not None
+            else {}
+        ),
         "splits": _split_hashes(run_dir),
         "checkpoints": {name: _checkpoint_entry(str(v)) for name, v in checkpoints.items()},
         "config": {
