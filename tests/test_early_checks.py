@@ -384,7 +384,9 @@ def test_data_a_model_refuses_leave_every_folder_as_it_was(tmp_path, shared_dir,
 
     label_map = tmp_path / "same.yaml"
     label_map.write_text(yaml.safe_dump({c: c for c in adata.obs["cell_type"].unique()}))
-    transfer = ["transfer", "--train", str(data), "--test", str(data), "--labels", str(label_map)]
+    other = tmp_path / "lognorm_copy.h5ad"
+    other.write_bytes(data.read_bytes())
+    transfer = ["transfer", "--train", str(data), "--test", str(other), "--labels", str(label_map)]
     transfer += [*with_model, "--name", "t", *common]
     code, _, err = run_cli_in_process(transfer, capsys)
     side = "error: train data lognorm: geneformer needs raw integer counts but adata.X holds"

@@ -31,6 +31,7 @@ LAYERS = [
         "errors",
         "_version",
         "_atomic",
+        "_progress",
         "_warnings",
         "_lazy",
         "_compile_cache",

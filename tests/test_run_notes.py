@@ -140,3 +140,30 @@ def test_holdout_reports_the_validation_fraction_it_uses(tmp_path, tiny_adata):
     run = majority_run(tiny_adata, tmp_path, holdout_key="donor").metrics["run"]
     assert run["design"]["name"] == "holdout"
     assert run["val_fraction"] == 0.1 and "fractions" not in run
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_write_few_updates_into_a_log(monkeypatch, terminal):
+    import io
+    import time
+
+    from scfmbench._progress import LOG_INTERVAL_S, progress_bar
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    stream = Stderr()
+    monkeypatch.setattr("sys.stderr", stream)
+    for _ in progress_bar(range(60), progress=True, desc="fits", file=stream):
+        time.sleep(0.01)
+    updates = stream.getvalue().count("\r")
+    if terminal:  # 0.6 s at one redraw per 0.1 s
+        assert updates >= 4
+    else:  # the first and the last state only
+        assert LOG_INTERVAL_S == 30.0 and updates <= 3
+    assert "fits: 100%" in stream.getvalue()
+    stream.truncate(0)
+    for _ in progress_bar(range(3), progress=False, file=stream):
+        pass
+    assert stream.getvalue() == ""

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -337,20 +338,29 @@ def test_a_label_map_leaving_one_training_class_is_refused(tmp_path, capsys):
     }
 
 
-def test_settings_a_transfer_does_not_use_are_refused():
+def test_settings_a_transfer_does_not_make_are_refused_others_ignored(caplog):
     from scfmbench.benchmark.transfer_data import transfer_settings
 
-    base = RunConfig(data="pbmc.h5ad", holdout_key="donor", n_splits=3)
+    design = (
+        "(a transfer reads --train and --test, trains on n_splits stratified splits of the "
+        "training data and scores every cell of the test data)"
+    )
+    base = RunConfig(data="pbmc.h5ad", holdout_key="donor", reference="scvi+logreg", n_splits=3)
     with pytest.raises(ConfigError) as raised:
         transfer_settings(base, {"seed": 7})
     assert str(raised.value) == (
-        "transfer does not use data, holdout_key; remove them from the config (a transfer "
-        "reads --train and --test, trains on n_splits stratified splits of the training data "
-        "and scores every cell of the test data)."
+        "transfer does not make what holdout_key, reference ask for; remove them from the "
+        f"config {design}, or use scfmbench run."
     )
-    with pytest.raises(ConfigError, match=r"^transfer does not use train_sizes; remove it "):
+    with pytest.raises(ConfigError, match=r"^transfer does not make what train_sizes ask for"):
         transfer_settings(None, {"train_sizes": [5]})
-    cfg = transfer_settings(RunConfig(n_splits=3), {"seed": 7, "out": None})
+    # a config shared with `run`: what only a run uses is ignored, with one warning
+    shared = RunConfig(data="pbmc.h5ad", design="study", layerwise=False, n_splits=3)
+    with caplog.at_level(logging.WARNING, logger="scfmbench.benchmark.transfer_data"):
+        cfg = transfer_settings(shared, {"seed": 7, "out": None})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: transfer ignores data, design, layerwise of the config {design}"
+    ]
     assert (cfg.n_splits, cfg.seed) == (3, 7)
     # a transfer's own saved config.yaml is read back as is
     assert transfer_settings(RunConfig.build(yaml.safe_load(cfg.to_yaml())), {}) == cfg

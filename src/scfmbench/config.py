@@ -371,11 +371,8 @@ class RunConfig(BaseModel):
     @classmethod
     def _groups_as_list(cls, value: Any) -> Any:
         """One group (``train_groups: ctrl``) is a list of one; numbers (donor 101) are text."""
-        if isinstance(value, str | int | float):
-            value = [value]
-        if isinstance(value, list | tuple):
-            return [v if isinstance(v, str) else str(v) for v in value]
-        return value
+        values = [value] if isinstance(value, str | int | float) else value
+        return [str(v) for v in values] if isinstance(values, list | tuple) else value
 
     @field_validator("models")
     @classmethod
@@ -444,9 +441,7 @@ class RunConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and (
-            not value or value in (".", "..") or "/" in value or "\\" in value
-        ):
+        if value is not None and (value in ("", ".", "..") or {"/", "\\"} & set(value)):
             raise ValueError(
                 "a run name is one folder name (no '/', '\\' or '..'), so outputs stay inside --out"
             )
@@ -519,8 +514,5 @@ def describe_validation_error(
     if not loc:  # a check across keys (a model validator): its own message says it all
         return str(error["msg"]).removeprefix("Value error, ")
     found = f"{error['msg']} (got {error.get('input')!r})."
-    return (
-        f"invalid value for {key!r}: {found}"
-        if what == "config key"
-        else (f"invalid {what} {key!r}: {found}")
-    )
+    prefix = "invalid value for" if what == "config key" else f"invalid {what}"
+    return f"{prefix} {key!r}: {found}"

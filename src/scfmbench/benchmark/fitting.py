@@ -21,8 +21,8 @@ from typing import cast
 
 import joblib
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
+from scfmbench._progress import progress_bar
 from scfmbench.benchmark.methods import Method
 from scfmbench.benchmark.predict import (
     Prediction,
@@ -351,7 +351,7 @@ def predict_all(
             before = time.process_time()
             meanwhile()
             cpu += time.process_time() - before  # not the fits' time: its own stages time it
-        with tqdm(total=n_fits, desc="probes", unit="fit", disable=not progress) as bar:
+        with progress_bar(total=n_fits, desc="probes", unit="fit", progress=progress) as bar:
             for result in results:  # each prediction is saved already, where it was made
                 group = result.group
                 workers_peak = max(workers_peak, result.peak_rss_mb)

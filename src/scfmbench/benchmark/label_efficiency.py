@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from scfmbench._progress import progress_bar
 from scfmbench.benchmark.fitting import KeptFeatures
 from scfmbench.benchmark.methods import Method
 from scfmbench.benchmark.predict import (
@@ -217,11 +217,11 @@ def label_efficiency(
     fits: dict[tuple[str, int], dict[str, list[dict]]] = {}
     capped: dict[str, dict[str, int]] = {}
     n_train: dict[str, list[int]] = {str(s): [] for s in sizes}
-    bar = tqdm(
+    bar = progress_bar(
         total=len(swept) * len(split_set.splits),
         desc="label efficiency",
         unit="fit",
-        disable=not progress,
+        progress=progress,
     )
     for split in split_set.splits:
         train_labels = labels.loc[split.train]

@@ -43,23 +43,20 @@ __all__ = [
     "transfer_settings",
 ]
 
-TRANSFER_UNUSED = (
-    "data",
-    "design",
-    "n_repeats",
+TRANSFER_REFUSED = (
     "holdout_key",
     "train_groups",
     "test_groups",
     "reference",
     "finetune",
-    "layerwise",
-    "batch_key",
-    "backed",
-    "chunk_size",
     "train_sizes",
     "train_size_seeds",
 )
-"""Run settings a transfer has no use for: given, they are refused rather than ignored."""
+"""Run settings that ask for results a transfer does not make: refused, not ignored."""
+
+TRANSFER_IGNORED = ("data", "design", "n_repeats", "layerwise", "batch_key", "backed", "chunk_size")
+"""Run settings of a config shared with ``run`` that a transfer has no use for: ignored with
+one warning (a transfer reads --train and --test and splits the training data its own way)."""
 
 BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
     # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
@@ -440,20 +437,28 @@ def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> Ru
     Raises
     ------
     ConfigError
-        A bad value, or a setting a transfer does not use (:data:`TRANSFER_UNUSED`, e.g.
-        ``data`` or ``holdout_key``) set to anything but its default.
+        A bad value, or a setting that asks for what a transfer does not make
+        (:data:`TRANSFER_REFUSED`, e.g. ``holdout_key``) set to anything but its default.
+        Settings in :data:`TRANSFER_IGNORED` (e.g. ``design`` of a config shared with ``run``)
+        are logged as ignored.
     """
     values = config.model_dump() if config is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = RunConfig.build(values)
-    unused = [
-        key for key in TRANSFER_UNUSED if getattr(cfg, key) != RunConfig.model_fields[key].default
-    ]
-    if unused:
+    refused, ignored = (
+        [key for key in keys if getattr(cfg, key) != RunConfig.model_fields[key].default]
+        for keys in (TRANSFER_REFUSED, TRANSFER_IGNORED)
+    )
+    design = (
+        "(a transfer reads --train and --test, trains on n_splits stratified splits of the "
+        "training data and scores every cell of the test data)"
+    )
+    if refused:
         raise ConfigError(
-            f"transfer does not use {', '.join(unused)}; remove "
-            f"{'it' if len(unused) == 1 else 'them'} from the config (a transfer reads --train "
-            "and --test, trains on n_splits stratified splits of the training data and scores "
-            "every cell of the test data)."
+            f"transfer does not make what {', '.join(refused)} ask for; remove "
+            f"{'it' if len(refused) == 1 else 'them'} from the config {design}, or use "
+            "scfmbench run."
         )
+    if ignored:
+        logger.warning("warning: transfer ignores %s of the config %s", ", ".join(ignored), design)
     return cfg

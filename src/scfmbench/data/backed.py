@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from tqdm.auto import tqdm
 
+from scfmbench._progress import progress_bar
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import identifier_sources
 from scfmbench.data.io import check_h5ad_file, unreadable_h5ad
@@ -272,8 +272,8 @@ class BackedCells:
         chunk_of = ordered // self.chunk_size
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         groups = np.split(np.arange(len(ordered)), bounds)
-        for group in tqdm(
-            groups, desc="read cells", unit="chunk", leave=False, disable=not self.progress
+        for group in progress_bar(
+            groups, desc="read cells", unit="chunk", leave=False, progress=self.progress
         ):
             if len(group) == 0:
                 continue
@@ -378,7 +378,7 @@ def _validate(
     totals = np.zeros(reader.n_obs)
     digest = hashlib.sha256(f"{reader.source}{reader.n_obs}x{len(var_names)}".encode())
     starts = range(0, reader.n_obs, chunk_size)
-    bar = tqdm(starts, desc="validate", unit="chunk", disable=not progress)
+    bar = progress_bar(starts, desc="validate", unit="chunk", progress=progress)
     for start in bar:
         stop = min(start + chunk_size, reader.n_obs)
         matrix = cast(sp.csr_matrix, reader.chunk(start, stop).X)

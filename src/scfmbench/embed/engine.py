@@ -20,6 +20,7 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
+from scfmbench._progress import progress_bar
 from scfmbench._warnings import recording_data_warnings
 from scfmbench.data.validate import check_unique_cells
 from scfmbench.embed.batching import (
@@ -144,8 +145,8 @@ def embed_tokens(
     order = longest_first(lengths)
     own_bar = bar is None
     if bar is None:
-        bar = tqdm(
-            total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
+        bar = progress_bar(
+            total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", progress=progress
         )
     start = 0
     with autocast:
@@ -277,8 +278,8 @@ def _embed_in_chunks(
     chunk_size = options.chunk_size
     if cache is None or tokens.n_cells <= chunk_size:
         return embed_layers(model, tokens, options, layers, progress=progress)
-    bar = tqdm(
-        total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", disable=not progress
+    bar = progress_bar(
+        total=tokens.n_cells, desc=f"embed {model.model_id}", unit="cell", progress=progress
     )
     order = longest_first(tokens.lengths)  # the order embed_tokens batches in
     out: np.ndarray | None = None

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from scfmbench._atomic import atomic_path
+from scfmbench._progress import progress_bar
 from scfmbench._warnings import recording_data_warnings
 from scfmbench.data.backed import H5adCells
 from scfmbench.data.genes import GeneMatch
@@ -340,7 +341,9 @@ def _stream(
         chunk_size,
         ctx.world_size,
     )
-    bar = tqdm(total=cells.n_obs, desc=f"embed {model.model_id}", unit="cell", disable=not progress)
+    bar = progress_bar(
+        total=cells.n_obs, desc=f"embed {model.model_id}", unit="cell", progress=progress
+    )
     chunk_bar = bar if ctx.world_size == 1 else None  # else rank 0 counts the gathered chunks
     dropped: list[pd.Index] = []
     gene_match, dim, tokenizer = None, 0, {}

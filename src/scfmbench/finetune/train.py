@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from tqdm.auto import tqdm
 
 from scfmbench._atomic import write_json
+from scfmbench._progress import progress_bar
 from scfmbench.config import FinetuneConfig
 from scfmbench.data.splits import Split
 from scfmbench.data.validate import ValidatedData
@@ -159,12 +159,12 @@ def _train_epochs(
         accelerator.num_processes,
         accelerator.device,
     )
-    bar = tqdm(
+    bar = progress_bar(
         total=setup.batches_per_epoch * config.epochs,
         initial=setup.batches_per_epoch * loop.epoch,
         desc=f"finetune {model.model_id}",
         unit="step",
-        disable=not (progress and accelerator.is_local_main_process),
+        progress=progress and accelerator.is_local_main_process,
     )
     for epoch in range(loop.epoch + 1, config.epochs + 1):
         if loop.stopped:
