@@ -27,6 +27,8 @@ def runs(tmp_path_factory):
     held = a.copy()
     held.obs["donor"] = ["d1", "d2", "d3"] * (held.n_obs // 3)
     scfmbench.run(held, out=out, name="held", n_splits=3, holdout_key="donor", **FAST)
+    shift = {"holdout_key": "donor", "train_groups": ["d1", "d2"], "test_groups": ["d3"]}
+    scfmbench.run(held, out=out, name="shift", n_splits=3, **shift, **FAST)
     return out, docs
 
 
@@ -91,14 +93,19 @@ def test_compare_shows_each_runs_design_and_labels_runs_by_folder(runs, tmp_path
     out, _ = runs
     copy = tmp_path / "cv_copy"
     shutil.copytree(out / "cv", copy)  # run.name in its metrics.json is still "cv"
-    compare_runs([out / "cv", out / "held", out / "t1", copy], out=tmp_path / "cmp")
+    folders = [out / "cv", out / "held", out / "shift", out / "t1", copy]
+    compare_runs(folders, out=tmp_path / "cmp")
     rows = _runs_table((tmp_path / "cmp" / "compare.md").read_text())
-    assert list(rows) == ["cv", "held", "t1", "cv_copy"]
-    # config.yaml of the held-out run and of the transfer says design: cv
+    assert list(rows) == ["cv", "held", "shift", "t1", "cv_copy"]
+    # config.yaml of the held-out runs and of the transfer says design: cv
     assert [rows[r]["design"] for r in rows] == [
-        "cv", "holdout by donor (3 folds)", "transfer (2 training seeds)", "cv"
-    ]  # fmt: skip
-    assert [rows[r]["n_splits"] for r in rows] == ["3", "3", "2", "3"]
+        "cv",
+        "holdout by donor (3 folds)",
+        "holdout by donor: d1, d2 → d3",
+        "transfer (2 training seeds)",
+        "cv",
+    ]
+    assert [rows[r]["n_splits"] for r in rows] == ["3", "3", "3", "2", "3"]
 
 
 def test_report_and_compare_given_a_file_say_so(runs, capsys):

@@ -305,6 +305,7 @@ def test_transfer_macro_f1_averages_the_target_classes(tmp_path, capsys, caplog)
         "a/cells": hashlib.sha256(a.read_bytes()).hexdigest(),
         "b/cells": hashlib.sha256(b.read_bytes()).hexdigest(),
     }
+    assert "data" not in yaml.safe_load((run_dir / "config.yaml").read_text())
     saved = RunConfig.from_yaml(run_dir / "config.yaml")
     assert (saved.n_splits, saved.baselines, saved.n_pcs) == (2, ["pca+logreg", "majority"], 5)
 

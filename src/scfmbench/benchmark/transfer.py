@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from anndata import AnnData
 
 from scfmbench._atomic import write_text
@@ -250,13 +251,15 @@ def transfer(
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
-    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    # the two datasets are --train and --test (manifest.json hashes both): no `data` key
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "data"}
+    write_text(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     write_metrics(run_dir, doc)
     write_predictions(pd.concat(tables, ignore_index=True), run_dir / PREDICTIONS_FILE)
     write_text(run_dir / "transfer.md", transfer_markdown(doc))
     write_manifest(
         run_dir,
-        config=cfg,
+        config=settings,
         data_path_or_none=None,
         datasets={
             name: None if isinstance(source, AnnData) else str(source)

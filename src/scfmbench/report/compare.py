@@ -59,13 +59,17 @@ def run_design(metrics: dict, config: dict) -> str:
 
     ``config.yaml`` holds the random-split design (``cv``, ``study``) even for a held-out
     group run and a transfer, so the design is read from metrics.json: a held-out-group run
-    is ``holdout by KEY (N folds)``, a transfer ``transfer (K training seeds)``.
+    is ``holdout by KEY (N folds)`` (a directed shift ``holdout by KEY: A → B``), a transfer
+    ``transfer (K training seeds)``.
     """
     if is_transfer(metrics):
         first = next(iter(metrics["transfer"]["directions"].values()), {})
         seeds = first.get("training_seeds") or []
         return f"transfer ({len(seeds)} training seeds)"
     holdout = metrics.get("holdout")
+    if holdout and holdout.get("train_groups"):
+        train, test = (", ".join(holdout[k]) for k in ("train_groups", "test_groups"))
+        return f"holdout by {holdout['key']}: {train} → {test}"
     if holdout:
         return f"holdout by {holdout['key']} ({holdout['n_folds']} folds)"
     design = metrics["run"].get("design") or {}
