@@ -8,6 +8,7 @@ import pytest
 
 import scfmbench
 from scfmbench.benchmark.transfer import transfer
+from scfmbench.errors import RunDirError
 from scfmbench.report.compare import compare_runs
 from tests.conftest import make_tiny_adata
 
@@ -23,6 +24,8 @@ def runs(tmp_path_factory):
         name: transfer(a, b, label_map=IDENTITY, out=out, name=name, n_splits=2, seed=seed, **FAST)
         for name, seed in (("t1", 42), ("t2", 7))
     }
+    one_way = {"name": "one", "n_splits": 2, "both_directions": False}
+    transfer(a, b, label_map=IDENTITY, out=out, **one_way, **FAST)
     scfmbench.run(a, out=out, name="cv", n_splits=3, **FAST)
     held = a.copy()
     held.obs["donor"] = ["d1", "d2", "d3"] * (held.n_obs // 3)
@@ -106,6 +109,16 @@ def test_compare_shows_each_runs_design_and_labels_runs_by_folder(runs, tmp_path
         "cv",
     ]
     assert [rows[r]["n_splits"] for r in rows] == ["3", "3", "3", "2", "3"]
+    assert rows["t1"]["data"] == "transfer: train ↔ test"
+    compare_runs([out / "one"], out=tmp_path / "one")
+    assert _runs_table((tmp_path / "one" / "compare.md").read_text())["one"]["data"] == (
+        "transfer: train → test"
+    )
+    with pytest.raises(RunDirError, match=r"cv given twice; pass each run folder once$"):
+        compare_runs([out / "cv", out / ".." / out.name / "cv"], out=tmp_path / "twice")
+    with pytest.raises(RunDirError, match=r"holds runs, not a run: pass one or more of its run"):
+        compare_runs([out], out=tmp_path / "parent")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "parent").exists()
 
 
 def test_report_and_compare_given_a_file_say_so(runs, capsys):

@@ -428,11 +428,13 @@ def test_transfer_coverage_of_dropped_test_cells():
         "a->b",
         {
             "train_classes_without_test": {},
+            "train_dropped_by_map": {"NK": 155},
             "test_dropped_by_map": {"DC": 11, "Platelet": 3},
             "test_classes_not_in_train": {"NK": 29},
         },
     )
     assert lines == [
+        "a->b: dropped 155 training cells mapped to null by the label map ('NK' 155)",
         "a->b: dropped 14 test cells mapped to null by the label map ('DC' 11, 'Platelet' 3)",
         "a->b: dropped 29 test cells of classes the training data lacks ('NK' 29)",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import anndata as ad
@@ -333,7 +334,12 @@ def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
         assert row["drop"] == pytest.approx(row["random_split"]["macro_f1"] - held)
         assert set(row["held_out"]["per_group"]) == {"a", "b", "c"}
     assert block["random_split"]["seeds"] == [42, 43, 44]
-    assert (result.run_dir / "random_split" / "splits" / "splits.json").exists()
+    random_splits = result.run_dir / "random_split" / "splits"
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())["splits"]
+    assert {k: v for k, v in manifest.items() if k.startswith("random_split/")} == {
+        f"random_split/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in random_splits.iterdir()
+    } and "random_split/splits.json" in manifest
     assert check_statistics(result.run_dir)[1] == []
     markdown = (result.run_dir / "results.md").read_text()
     assert "## Random split vs held-out group" in markdown

@@ -32,6 +32,7 @@ LAYERS = [
         "_version",
         "_atomic",
         "_progress",
+        "_yaml",
         "_warnings",
         "_lazy",
         "_compile_cache",

@@ -258,7 +258,28 @@ def test_same_file_is_refused_and_same_names_get_their_folder(tmp_path, capsys):
             f"error: --train and --test are both {str(a)!r}; a transfer scores one dataset on "
             "another (score a dataset on its own held-out cells with scfmbench run)."
         ]
+    copy = tmp_path / "copy.h5ad"
+    copy.write_bytes(a.read_bytes())
+    code, out, err = run_cli_in_process(
+        ["transfer", "--train", str(a), "--test", str(copy), "--out", str(runs), "-q"], capsys
+    )
+    assert (code, err.strip()) == (
+        2,
+        f"error: --train {str(a)!r} and --test {str(copy)!r} hold the same bytes (a copy); a "
+        "transfer scores one dataset on another (score a dataset on its own held-out cells with "
+        "scfmbench run).",
+    )
     assert not runs.exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("B: B\n  bad: : :\n")
+    code, out, err = run_cli_in_process(
+        ["transfer", "--train", str(a), "--test", str(b), "--labels", str(broken), "-q"], capsys
+    )
+    assert (code, err.strip()) == (
+        2,
+        f"error: label map {str(broken)!r} is not valid YAML at line 2, column 6: mapping "
+        "values are not allowed here; fix that line.",
+    )
 
 
 def test_transfer_macro_f1_averages_the_target_classes(tmp_path, capsys, caplog):
@@ -305,9 +326,26 @@ def test_transfer_macro_f1_averages_the_target_classes(tmp_path, capsys, caplog)
         "a/cells": hashlib.sha256(a.read_bytes()).hexdigest(),
         "b/cells": hashlib.sha256(b.read_bytes()).hexdigest(),
     }
-    assert "data" not in yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert manifest["datasets"]["a/cells"]["path"] == str(a.resolve())
+    saved_yaml = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {"data", "design", "layerwise"}.isdisjoint(saved_yaml)
+    assert saved_yaml["label_key"] == "cell_type"  # detected on both sides
     saved = RunConfig.from_yaml(run_dir / "config.yaml")
     assert (saved.n_splits, saved.baselines, saved.n_pcs) == (2, ["pca+logreg", "majority"], 5)
+    assert "warning: only 2 training seeds: the retraining variance" in caplog.text
+    # a two-way transfer of the same files into the same folder keeps the direction run
+    code, _, err = run_cli_in_process(
+        [*args, "--config", str(config), "--out", str(runs), "--n-splits", "2", "-q"], capsys
+    )
+    assert code == 0, err
+    two_way = json.loads((run_dir / "metrics.json").read_text())["transfer"]["matrix"]
+    assert two_way["a/cells"]["b/cells"]["pca+logreg"]["seeds"] == results["pca+logreg"]["seeds"]
+    assert list(two_way) == ["a/cells", "b/cells"]
+    code, _, err = run_cli_in_process(  # and --one-way after it is no transfer of other data
+        [*args, "--config", str(config), "--out", str(runs), "--n-splits", "2", "--one-way"],
+        capsys,
+    )
+    assert code == 0, err
 
 
 def test_a_label_map_leaving_one_training_class_is_refused(tmp_path, capsys):

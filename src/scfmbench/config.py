@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from scfmbench._yaml import load_yaml_file
 from scfmbench.data.splits import normalize_train_sizes
 from scfmbench.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -470,15 +471,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise ConfigError(
-            f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix that line."
-        ) from None
+    loaded = load_yaml_file(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
     return loaded

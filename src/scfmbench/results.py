@@ -247,7 +247,14 @@ def _run_folder(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise RunDirError(
             f"run directory {run_dir} does not exist; pass a folder that "
-            "`scfmbench run` wrote (runs/<name>)"
+            "`scfmbench run` or `scfmbench transfer` wrote (runs/<name>)"
+        )
+    inside = sorted(p.parent.name for p in run_dir.glob(f"*/{METRICS_FILE}"))
+    if not (run_dir / METRICS_FILE).exists() and inside:
+        shown = ", ".join(str(run_dir / name) for name in inside[:5])
+        raise RunDirError(
+            f"{run_dir} holds runs, not a run: pass one or more of its run folders ({shown}"
+            f"{', …' if len(inside) > 5 else ''})"
         )
     return run_dir
 

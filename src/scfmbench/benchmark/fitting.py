@@ -363,8 +363,9 @@ def predict_all(
                     keep_features[(group.methods[0].representation, group.split.seed)] = (
                         result.features
                     )
+                last = f"{group.methods[-1].name} seed {group.split.seed}"
+                bar.set_postfix_str(last, refresh=False)  # drawn by update, at its interval
                 bar.update(len(group.methods))
-                bar.set_postfix_str(f"{group.methods[-1].name} seed {group.split.seed}")
     if workers > 1:
         elapsed = time.perf_counter() - started
         stages.add("probes", elapsed, time.process_time() - cpu, worker=False)

@@ -28,6 +28,7 @@ from scfmbench.benchmark.pipeline import load_models
 from scfmbench.benchmark.predict import Prediction, ProbeInputs, payloads
 from scfmbench.benchmark.transfer_data import (
     BUILTIN_LABEL_MAPS,
+    TRANSFER_IGNORED,
     TransferData,
     check_transfer_feature_selection,
     checked_label_map,
@@ -163,7 +164,8 @@ def transfer(
     directions = [(0, 1), (1, 0)] if both_directions else [(0, 1)]
     names = dataset_names(train, test)
     run_dir = Path(cfg.out) / (cfg.name or safe_name(f"transfer_{names[0]}__{names[1]}"))
-    direction_dirs = [direction_folder(names[i], names[j]) for i, j in directions]
+    # either direction of these two datasets may be saved (a two-way run, then --one-way)
+    direction_dirs = [direction_folder(names[i], names[j]) for i, j in ((0, 1), (1, 0))]
     check_writable(run_dir)
     check_folder_kind(run_dir, "transfer", direction_dirs=direction_dirs)
     keys = (label_key_train or cfg.label_key, label_key_test or cfg.label_key)
@@ -251,8 +253,11 @@ def transfer(
         "transfer": {"matrix": matrix, "directions": details},
         "timings": {"total": round(time.perf_counter() - started, 3)},
     }
-    # the two datasets are --train and --test (manifest.json hashes both): no `data` key
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "data"}
+    # the two datasets are --train and --test (manifest.json hashes both): no `data` key,
+    # nor the settings a transfer ignored; the label key when both sides used the same
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in TRANSFER_IGNORED}
+    used = {checked.diagnostics.label_key for _, checked in datasets}
+    settings["label_key"] = used.pop() if len(used) == 1 else None
     write_text(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     write_metrics(run_dir, doc)
     write_predictions(pd.concat(tables, ignore_index=True), run_dir / PREDICTIONS_FILE)

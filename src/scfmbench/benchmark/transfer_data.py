@@ -17,15 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import yaml
 from anndata import AnnData
 
+from scfmbench._yaml import load_yaml_file
 from scfmbench.config import RunConfig
 from scfmbench.data.labels import is_missing_label
 from scfmbench.data.matrix import lognormalize
 from scfmbench.data.splits import Split, stratified_split
 from scfmbench.data.validate import ValidatedData
 from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.hashing import hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def load_label_map(spec: str | Path) -> dict[str, str | None]:
             f"label map {str(spec)!r} is neither a file nor a built-in map "
             f"({', '.join(BUILTIN_LABEL_MAPS)}); pass a YAML file of 'source label: shared label'."
         )
-    mapping = yaml.safe_load(path.read_text())
+    mapping = load_yaml_file(path, "label map")
     if not isinstance(mapping, dict):
         raise ConfigError(
             f"label map {str(path)!r} must be a mapping 'source label: shared label'."
@@ -153,10 +154,15 @@ def dataset_names(train: object, test: object) -> tuple[str, str]:
     ConfigError
         Both sides are the same file, built-in dataset or AnnData object.
     """
+    files = not isinstance(train, AnnData) and not isinstance(test, AnnData)
+    if files and _same_bytes(Path(str(train)), Path(str(test))):
+        raise ConfigError(
+            f"--train {str(train)!r} and --test {str(test)!r} hold the same bytes (a copy); "
+            "a transfer scores one dataset on another (score a dataset on its own held-out "
+            "cells with scfmbench run)."
+        )
     if train is test or (
-        not isinstance(train, AnnData)
-        and not isinstance(test, AnnData)
-        and (str(train) == str(test) or _same_file(Path(str(train)), Path(str(test))))
+        files and (str(train) == str(test) or _same_file(Path(str(train)), Path(str(test))))
     ):
         shown = "the same AnnData" if isinstance(train, AnnData) else f"both {str(train)!r}"
         raise ConfigError(
@@ -175,6 +181,16 @@ def dataset_names(train: object, test: object) -> tuple[str, str]:
             else [f"{names[0]} (train)", f"{names[1]} (test)"]
         )
     return names[0], names[1]
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two different files (not directories) hold the same bytes: a copy."""
+    try:
+        if not (a.is_file() and b.is_file()) or a.samefile(b):
+            return False
+        return a.stat().st_size == b.stat().st_size and hash_file(a) == hash_file(b)
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -461,4 +477,13 @@ def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> Ru
         )
     if ignored:
         logger.warning("warning: transfer ignores %s of the config %s", ", ".join(ignored), design)
+    if cfg.n_splits < 5:
+        logger.warning(
+            "warning: %s: %s; use --n-splits 5 or more",
+            f"only {cfg.n_splits} training seed{'s' if cfg.n_splits > 1 else ''}",
+            "each 95% interval covers the sampling of target cells only, not retraining"
+            if cfg.n_splits == 1
+            else "the retraining variance in each 95% interval rests on that many scores "
+            "(Student t with few degrees of freedom), so intervals are wide",
+        )
     return cfg

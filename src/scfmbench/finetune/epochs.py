@@ -317,7 +317,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             if step % 10 == 0:  # .item() waits for the GPU; do it rarely
-                bar.set_postfix(epoch=epoch, loss=f"{weighted.item() / max(len(local), 1):.4f}")
+                bar.set_postfix(
+                    epoch=epoch, loss=f"{weighted.item() / max(len(local), 1):.4f}", refresh=False
+                )
         total = acc.reduce(loss_sum, reduction="sum")
         return float(total[0] / total[1])
 

@@ -185,7 +185,8 @@ def _runs_section(runs: list) -> Section:
         config = config or {}
         data, seeds, classes = run.get("data"), run.get("seeds"), run.get("classes")
         if is_transfer(metrics):
-            data = "transfer: " + " ↔ ".join(map(str, run.get("datasets") or []))
+            arrow = " ↔ " if len(metrics["transfer"]["directions"]) > 1 else " → "
+            data = "transfer: " + arrow.join(map(str, run.get("datasets") or []))
             first = next(iter(metrics["transfer"]["directions"].values()), {})
             seeds, classes = first.get("training_seeds", run.get("seed")), first.get("classes")
         info.rows.append(
@@ -213,6 +214,9 @@ def compare_runs(run_dirs: Sequence[Path], *, out: Path | None = None) -> Path:
     if not run_dirs:
         raise RunDirError("no run directories given; pass one or more runs/<name> folders")
     dirs = [Path(d) for d in run_dirs]
+    twice = sorted({str(d) for d in dirs if [e.resolve() for e in dirs].count(d.resolve()) > 1})
+    if twice:
+        raise RunDirError(f"{', '.join(twice)} given twice; pass each run folder once")
     loaded = [(read_metrics(d).to_dict(), read_config(d)) for d in dirs]
     labels = _labels(dirs)
     runs = [(lab, d, m, c) for lab, d, (m, c) in zip(labels, dirs, loaded, strict=True)]

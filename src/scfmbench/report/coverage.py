@@ -17,7 +17,7 @@ def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[
         How the lines name the direction, e.g. ``"pbmc3k->kang2018"``.
     coverage : dict of str to dict of str to int
         :attr:`scfmbench.benchmark.transfer.TransferData.coverage`: per kind of gap
-        (``train_classes_without_test``, ``test_dropped_by_map``,
+        (``train_classes_without_test``, ``train_dropped_by_map``, ``test_dropped_by_map``,
         ``test_classes_not_in_train``) the cells per class it concerns.
 
     Returns
@@ -38,12 +38,13 @@ def coverage_lines(direction: str, coverage: dict[str, dict[str, int]]) -> list[
             "to leave them out"
         )
     for key, what in (
-        ("test_dropped_by_map", "mapped to null by the label map"),
-        ("test_classes_not_in_train", "of classes the training data lacks"),
+        ("train_dropped_by_map", "training cells mapped to null by the label map"),
+        ("test_dropped_by_map", "test cells mapped to null by the label map"),
+        ("test_classes_not_in_train", "test cells of classes the training data lacks"),
     ):
         if coverage.get(key):
             lines.append(
-                f"{direction}: dropped {sum(coverage[key].values())} test cells {what} "
+                f"{direction}: dropped {sum(coverage[key].values())} {what} "
                 f"({listed(coverage[key])})"
             )
     return lines

@@ -155,17 +155,24 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
 
 
 def _split_hashes(run_dir: Path) -> dict[str, str]:
-    folder = run_dir / "splits"
-    if not folder.is_dir():
-        return {}
-    return {p.name: hash_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    """Return the SHA-256 of each split file, keyed by name.
+
+    ``splits/NAME`` is keyed NAME; a held-out run's random-split design
+    (``random_split/splits/NAME``) ``random_split/NAME``.
+    """
+    hashes = {}
+    for folder, prefix in (("splits", ""), ("random_split/splits", "random_split/")):
+        if (run_dir / folder).is_dir():
+            files = sorted(p for p in (run_dir / folder).iterdir() if p.is_file())
+            hashes.update({prefix + p.name: hash_file(p) for p in files})
+    return hashes
 
 
 def _data_entry(path: str | Path | None) -> dict[str, str | None]:
-    """Return a data file's path and SHA-256 (None for a built-in name or in memory)."""
-    if path is None:
-        return {"path": None, "sha256": None}
-    return {"path": str(path), "sha256": hash_file(Path(path)) if Path(path).is_file() else None}
+    """Return a data file's absolute path and SHA-256 (None for a built-in name or in memory)."""
+    if path is None or not Path(path).is_file():
+        return {"path": None if path is None else str(path), "sha256": None}
+    return {"path": str(Path(path).resolve()), "sha256": hash_file(Path(path))}
 
 
 def write_manifest(
@@ -185,7 +192,8 @@ def write_manifest(
     Parameters
     ----------
     run_dir : Path
-        The run folder (its ``splits/`` and ``config.yaml`` are hashed when present).
+        The run folder (its ``splits/``, ``random_split/splits/`` and ``config.yaml`` are
+        hashed when present).
     config : RunConfig or mapping
         The resolved configuration; its JSON hash is recorded beside the SHA-256 of
         ``config.yaml``.

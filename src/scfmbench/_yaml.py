@@ -1,0 +1,25 @@
+"""YAML files read by scfmbench (configs, label maps): one line for a file that is not YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scfmbench.errors import ConfigError
+
+__all__ = ["load_yaml_file"]
+
+
+def load_yaml_file(path: Path, what: str = "config file") -> Any:
+    """Parse a YAML file; ConfigError (naming ``what``, the line and column) when it is not YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(
+            f"{what} {str(path)!r} is not valid YAML{where}: {problem}; fix that line."
+        ) from None
