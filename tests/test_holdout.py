@@ -221,14 +221,18 @@ def test_a_measurement_per_cell_is_not_a_group_column():
     }
 
 
+def subsample(source, n_cells: int, path):
+    """Write ``n_cells`` cells of ``source`` drawn with a fixed seed (in file order) to ``path``."""
+    adata = ad.read_h5ad(source)
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_cells, replace=False))
+    adata[rows].copy().write_h5ad(path)
+    return path
+
+
 @pytest.fixture
 def pbmc800(pbmc3k_path, tmp_path):
     """800 PBMC3k cells drawn with a fixed seed; obs holds percent_mt and nCount_RNA."""
-    pbmc = ad.read_h5ad(pbmc3k_path)
-    rows = np.sort(np.random.default_rng(0).choice(pbmc.n_obs, 800, replace=False))
-    path = tmp_path / "pbmc800.h5ad"
-    pbmc[rows].copy().write_h5ad(path)
-    return path
+    return subsample(pbmc3k_path, 800, tmp_path / "pbmc800.h5ad")
 
 
 PER_CELL_FIX = "choose a donor, sample, condition or batch column as --holdout-key"
@@ -357,11 +361,7 @@ def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
 @pytest.fixture
 def kang_subsample(kang_path, tmp_path):
     """600 Kang 2018 cells drawn with a fixed seed (keeps the end-to-end run short)."""
-    kang = ad.read_h5ad(kang_path)
-    rows = np.sort(np.random.default_rng(0).choice(kang.n_obs, 600, replace=False))
-    path = tmp_path / "kang600.h5ad"
-    kang[rows].copy().write_h5ad(path)
-    return path
+    return subsample(kang_path, 600, tmp_path / "kang600.h5ad")
 
 
 def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys):
