@@ -394,13 +394,13 @@ def test_settings_a_transfer_does_not_make_are_refused_others_ignored(caplog):
     with pytest.raises(ConfigError, match=r"^transfer does not make what train_sizes ask for"):
         transfer_settings(None, {"train_sizes": [5]})
     # a config shared with `run`: what only a run uses is ignored, with one warning
-    shared = RunConfig(data="pbmc.h5ad", design="study", layerwise=False, n_splits=3)
+    shared = RunConfig(data="pbmc.h5ad", design="study", layerwise=False, n_splits=5)
     with caplog.at_level(logging.WARNING, logger="scfmbench.benchmark.transfer_data"):
         cfg = transfer_settings(shared, {"seed": 7, "out": None})
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: transfer ignores data, design, layerwise of the config {design}"
     ]
-    assert (cfg.n_splits, cfg.seed) == (3, 7)
+    assert (cfg.n_splits, cfg.seed) == (5, 7)
     # a transfer's own saved config.yaml is read back as is
     assert transfer_settings(RunConfig.build(yaml.safe_load(cfg.to_yaml())), {}) == cfg
 
