@@ -573,3 +573,34 @@ def test_group_lists_take_one_group_and_numbers_as_text(tmp_path):
     path.write_text("holdout_key: donor\ntrain_groups: ctrl\ntest_groups: [101, 102.5]\n")
     config = RunConfig.from_yaml(path)
     assert config.train_groups == ["ctrl"] and config.test_groups == ["101", "102.5"]
+
+
+def test_label_efficiency_of_held_out_groups_averages_present_classes(tmp_path):
+    # donors b and c hold no type_2 cell: the sweep's macro F1 averages the classes present
+    # in each held-out group, so its 'all' size is the headline score and interval
+    from scfmbench.benchmark.pipeline import run
+
+    result = run(
+        donor_adata(),
+        progress=False,
+        holdout_key="donor",
+        baselines=["pca+logreg", "majority"],
+        n_pcs=5,
+        n_hvg=40,
+        train_sizes=[3, "all"],
+        figures=False,
+        out=tmp_path,
+        name="donors",
+    )
+    block = result.metrics["label_efficiency"]
+    assert "two-stage bootstrap" in block["interval_method"]
+    for name in ("pca+logreg", "majority"):
+        headline = result.metrics["methods"][name]["summary"]["macro_f1"]
+        every = block["methods"][name]["sizes"]
+        assert every["all"]["mean"] == pytest.approx(headline["mean"], abs=1e-12)
+        assert every["all"]["ci95"] == pytest.approx(headline["ci95"], abs=1e-12)
+        folds = result.metrics["holdout"]["folds"]
+        per_group = result.metrics["holdout"]["methods"][name]["held_out"]["per_group"]
+        assert {folds[k]["group"]: v for k, v in every["all"]["per_split"].items()} == (
+            pytest.approx(per_group, abs=1e-12)
+        )

@@ -11,8 +11,14 @@ from sklearn.metrics import f1_score
 
 import scfmbench
 from scfmbench import ConfigError, RunConfig
-from scfmbench.benchmark.label_efficiency import ALL, nested_subsets
+from scfmbench.benchmark.label_efficiency import (
+    ALL,
+    nested_subsets,
+    resample_draws,
+    size_estimate,
+)
 from scfmbench.data.splits import load_splits, normalize_train_sizes
+from scfmbench.evaluation.stats import Design
 
 from .conftest import make_tiny_adata, run_cli_in_process
 
@@ -201,3 +207,75 @@ def test_cli_bad_train_sizes_exit_2_with_one_line(tmp_path, capsys, bad):
     assert len(lines) == 1 and lines[0].startswith("error: invalid value for 'train_sizes'")
     assert "whole number ≥ 1 or 'all'" in lines[0] and "--train-sizes 1,5,10,25,50,all" in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_resample_draws_is_the_plain_mean_when_draws_agree():
+    rng = np.random.default_rng(0)
+    row = rng.random(50)
+    assert resample_draws(np.stack([row, row, row]), rng) == pytest.approx(row, abs=1e-15)
+    assert np.array_equal(resample_draws(row[None, :], rng), row)
+
+
+def test_resample_draws_adds_the_spread_between_draws():
+    # three draws that differ by an offset, each with cell-sampling noise on B resamples
+    rng = np.random.default_rng(1)
+    n_boot, offsets = 40_000, np.array([0.0, 0.1, 0.3])
+    scores = offsets[:, None] + rng.normal(0, 0.02, size=(3, n_boot))
+    reps = resample_draws(scores, np.random.default_rng(2))
+    # oracle, law of total variance over the draw picks, one replicate at a time:
+    # Var = mean_b Var_pick(mean of 3 picked) + Var_b(mean of the 3 draws)
+    within = np.mean([np.var(scores[:, b]) / 3 for b in range(0, n_boot, 7)])
+    between = np.var(scores.mean(axis=0), ddof=1)
+    assert np.var(reps, ddof=1) == pytest.approx(within + between, rel=0.05)
+    # the cell-sampling-only replicates (mean over the draws) miss the draw spread
+    assert np.var(scores.mean(axis=0)) < 0.1 * np.var(reps)
+    assert reps.mean() == pytest.approx(offsets.mean(), abs=2e-3)
+
+
+def _draw_sets(n_draws_wrong: list[int], n_cells: int = 60):
+    """One test set of 3 classes; draw d mislabels the first n_draws_wrong[d] cells."""
+    truth = np.array(["a", "b", "c"] * (n_cells // 3))
+    preds = []
+    for wrong in n_draws_wrong:
+        pred = truth.copy()
+        pred[:wrong] = np.roll(truth[:wrong], 1)
+        preds.append(pred)
+    return truth, preds
+
+
+def test_size_estimate_interval_covers_the_spread_between_draws():
+    truth, agreeing = _draw_sets([6, 6, 6])
+    _, spread = _draw_sets([0, 6, 24])
+    single = Design("cv", n_folds=1)  # a directed shift: one test set, percentile interval
+    kwargs = dict(classes=["a", "b", "c"], design=single, seed=0)
+    same = size_estimate([(truth, agreeing)], ["0"], **kwargs)
+    apart = size_estimate([(truth, spread)], ["0"], **kwargs)
+    one = size_estimate([(truth, agreeing[:1])], ["0"], **kwargs)
+    # agreeing draws: exactly the one-draw interval
+    assert same["ci95"] == pytest.approx(one["ci95"], abs=1e-12)
+    expected = [f1_score(truth, p, average="macro") for p in spread]
+    assert apart["per_draw"]["0"] == pytest.approx(expected, abs=1e-12)
+    assert apart["mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+    lo, hi = apart["ci95"]
+    # the interval reaches past the draws' mean by more than cell sampling alone would
+    assert hi - lo > 2 * (same["ci95"][1] - same["ci95"][0])
+    assert lo < min(expected[1:]) and hi > np.mean(expected)
+
+
+def test_size_estimate_averages_present_classes_for_held_out_groups():
+    # group 1 holds no cell of class c: macro F1 averages a and b there, as the headline does
+    truth0, preds0 = _draw_sets([3, 3])
+    truth1 = np.array(["a", "b"] * 20)
+    pred1 = truth1.copy()
+    pred1[:4] = "c"
+    design = Design("holdout", n_folds=2)
+    out = size_estimate(
+        [(truth0, preds0), (truth1, [pred1, pred1])],
+        ["g0", "g1"],
+        classes=["a", "b", "c"],
+        design=design,
+        seed=0,
+    )
+    present = f1_score(truth1, pred1, labels=["a", "b"], average="macro")
+    assert out["per_draw"]["g1"] == pytest.approx([present, present], abs=1e-12)
+    assert present > f1_score(truth1, pred1, labels=["a", "b", "c"], average="macro")

@@ -13,8 +13,12 @@ cells, with the fold's own validation cells (which tune the probe) and test cell
   run, and only the probe sees the subset's labels. Embeddings are the run's (one pass per
   model). Fine-tuning is not swept (one fine-tuning per fold, size and draw is too costly).
 - Macro F1 per (method, size): each fold's test score averaged over the draws, with the run's
-  design interval (``scfmbench.evaluation.stats.design_estimate``) on those fold means and a paired
-  class-stratified bootstrap of the test cells shared by all draws of a fold.
+  design interval (``scfmbench.evaluation.stats.design_estimate``) on those fold means. Its
+  bootstrap is two-stage: a class-stratified resample of the fold's test cells (shared by the
+  draws and by every method) and a resample of the draws (:func:`resample_draws`), so the
+  interval covers the spread between draws also where the design's interval rests on the
+  bootstrap alone (one test set, or folds that agree). Macro F1 averages the classes present in
+  a held-out group's test cells, as the run's headline does.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ from scfmbench.stages import StageStore
 logger = logging.getLogger(__name__)
 
 ALL = "all"
+DRAW_STREAM = 1
+"""Second seed word of the generator that picks draws in :func:`resample_draws` (the first is
+the run's seed), so the picks never reuse the cell resamples' stream."""
 COMPACT_WIDTH = 256
 """Features of the run up to this many columns (PCA, scVI) are kept for the sweep; wider ones
 (HVG expression) are rebuilt per fold, which is cheap and keeps memory flat."""
@@ -292,7 +299,12 @@ def label_efficiency(
             ),
             "interval_method": (
                 f"{interval_method(design)}; each fold's test macro F1 is the mean over "
-                f"the {len(draws)} draws of labelled cells, its bootstrap shared by the draws"
+                f"the {len(draws)} draws of labelled cells, and its bootstrap replicates "
+                "resample the draws as well as the test cells (two-stage bootstrap), so the "
+                "spread between draws is covered"
+                if len(draws) > 1
+                else f"{interval_method(design)}; one draw of labelled cells per fold, so the "
+                "spread between draws is not measured"
             ),
             "validation": "each fold's validation cells (all labelled) tune every probe, as in "
             "the run; test cells are the run's",
@@ -361,11 +373,19 @@ def size_estimate(
         true, codes = _codes(truth, preds, classes)
         coded.append((true, codes))
     scored = score_sets(
-        coded, len(classes), n_boot=n_boot, seed=seed, same_cells=design.name == "transfer"
+        coded,
+        len(classes),
+        n_boot=n_boot,
+        seed=seed,
+        same_cells=design.name == "transfer",
+        present_only=design.present_only,
     )
     per_draw = [[p["macro_f1"] for p in points] for points, _ in scored]
     values = np.array([np.mean(v) for v in per_draw])
-    reps = np.stack([np.mean([b["macro_f1"] for b in boots], axis=0) for _, boots in scored])
+    rng = np.random.default_rng([seed, DRAW_STREAM])
+    reps = np.stack(
+        [resample_draws(np.stack([b["macro_f1"] for b in boots]), rng) for _, boots in scored]
+    )
     estimate = design_estimate(values, reps, design)
     return {
         "mean": estimate.mean,
@@ -375,6 +395,33 @@ def size_estimate(
         "per_split": dict(zip(names, map(float, values), strict=True)),
         "per_draw": dict(zip(names, per_draw, strict=True)),
     }
+
+
+def resample_draws(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Two-stage bootstrap replicates of the mean over draws of one test set.
+
+    Replicate ``b`` averages the cell resample ``b`` of ``D`` draws picked with replacement
+    among the ``D`` draws, so its variance holds the spread between draws (about
+    ``(D - 1) / D² · s²_draws``) on top of cell sampling (Davison & Hinkley 1997, §3.8).
+    With one draw, or draws that agree on every resample, it is the plain mean over draws.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Shape (D, B): each draw's score on each of the B shared cell resamples.
+    rng : numpy.random.Generator
+        Picks the draws, ``D`` per replicate (nothing is drawn when ``D == 1``).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (B,).
+    """
+    n_draws, n_boot = scores.shape
+    if n_draws == 1:
+        return scores[0].copy()
+    picked = rng.integers(0, n_draws, size=(n_boot, n_draws))
+    return scores[picked, np.arange(n_boot)[:, None]].mean(axis=1)
 
 
 def figure_positions(block: dict[str, Any]) -> tuple[list[float], list[str]]:
