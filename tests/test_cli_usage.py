@@ -151,9 +151,9 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
         ),
         "label-efficiency draws without sizes": (
             ["run", "--data", str(data), "--train-size-seeds", "5", "--out", str(tmp_path / "o")],
-            "error: train_size_seeds is 5 but train_sizes is not set: the draws are of labelled "
-            "cells per class for the label-efficiency curve; add --train-sizes (e.g. 1,5,10,all) "
-            "or drop --train-size-seeds",
+            "error: train_size_seeds (--train-size-seeds) is 5 but train_sizes (--train-sizes) is "
+            "not set: the draws are of labelled cells per class for the label-efficiency curve; "
+            "set train_sizes (e.g. --train-sizes 1,5,10,all) or drop train_size_seeds",
         ),
         "reference typo": (
             ["run", "--data", str(data), "--reference", "pca+logregg", "--out", str(tmp_path)],

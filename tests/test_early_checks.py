@@ -338,8 +338,23 @@ def test_group_options_are_checked_before_the_data(tmp_path, not_h5ad, capsys):
     code, _, err = run_cli_in_process([*args, "--train-groups", "ctrl"], capsys)
     assert code == 2 and "broken" not in err, err
     assert err.strip().splitlines() == [
-        "error: --train-groups/--test-groups name values of an obs column; add --holdout-key "
-        "COL, e.g. --holdout-key condition --train-groups ctrl --test-groups stim."
+        "error: train_groups (--train-groups) and test_groups (--test-groups) name values of "
+        "an obs column; set holdout_key (--holdout-key) too, e.g. --holdout-key condition "
+        "--train-groups ctrl --test-groups stim."
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_group_options_from_a_config_file_are_named_as_its_keys(tmp_path, not_h5ad, capsys):
+    config = tmp_path / "shift.yaml"
+    config.write_text("holdout_key: condition\ntrain_groups: [ctrl]\n")
+    args = ["run", "--data", str(not_h5ad), "--config", str(config)]
+    code, _, err = run_cli_in_process([*args, "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "error: train_groups (--train-groups) needs test_groups (--test-groups) too (a directed "
+        "shift trains on one set of groups and tests on another); give both, or neither for "
+        "one fold per group."
     ]
     assert not (tmp_path / "runs").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -157,7 +158,7 @@ def test_bad_groups_are_refused():
     labels, groups = cells_of(DONORS)
     with pytest.raises(
         SplitError,
-        match=r"--test-groups value 'cc' is not in obs\['donor'\], "
+        match=r"test_groups \(--test-groups\) value 'cc' is not in obs\['donor'\], "
         r"which holds \['a', 'b', 'c'\]",
     ):
         holdout_folds(labels, groups, train_groups=["a"], test_groups=["cc"])
@@ -170,9 +171,11 @@ def test_bad_groups_are_refused():
 
 
 def test_holdout_options_and_columns_are_checked():
-    with pytest.raises(ConfigError, match="add --holdout-key COL"):
+    with pytest.raises(ConfigError, match=r"set holdout_key \(--holdout-key\) too"):
         check_holdout_options(None, ["ctrl"], ["stim"])
-    with pytest.raises(ConfigError, match="--train-groups needs --test-groups"):
+    with pytest.raises(
+        ConfigError, match=r"train_groups \(--train-groups\) needs test_groups \(--test-groups\)"
+    ):
         check_holdout_options("condition", ["ctrl"], None)
     with pytest.raises(ConfigError, match=r"\['ctrl'\] are in both"):
         check_holdout_options("condition", ["ctrl"], ["ctrl", "stim"])
@@ -198,7 +201,7 @@ def test_a_measurement_per_cell_is_not_a_group_column():
         },
         index=labels.index,
     )
-    fix = "choose a donor, sample, condition or batch column as --holdout-key"
+    fix = re.escape(PER_CELL_FIX)
     with pytest.raises(
         SchemaError,
         match=rf"^obs\['percent_mt'\] holds non-integer numbers \(e.g. 0.5\), a measurement "
@@ -235,7 +238,7 @@ def pbmc800(pbmc3k_path, tmp_path):
     return subsample(pbmc3k_path, 800, tmp_path / "pbmc800.h5ad")
 
 
-PER_CELL_FIX = "choose a donor, sample, condition or batch column as --holdout-key"
+PER_CELL_FIX = "choose a donor, sample, condition or batch column as holdout_key (--holdout-key)"
 PER_CELL_COLUMNS = {
     "percent_mt": "error: obs['percent_mt'] holds non-integer numbers (e.g. 3.01778), a "
     f"measurement per cell, not groups; {PER_CELL_FIX} (store group codes as strings).",
@@ -415,12 +418,19 @@ def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--holdout-key", "donr"], "error: --holdout-key 'donr' is not an obs column"),
+        (
+            ["--holdout-key", "donr"],
+            "error: holdout_key (--holdout-key) 'donr' is not an obs column",
+        ),
         (
             ["--holdout-key", "donor", "--train-groups", "a", "--test-groups", "z"],
-            "error: --test-groups value 'z' is not in obs['donor'], which holds ['a', 'b', 'c'].",
+            "error: test_groups (--test-groups) value 'z' is not in obs['donor'], which "
+            "holds ['a', 'b', 'c'].",
         ),
-        (["--train-groups", "a", "--test-groups", "b"], "error: --train-groups/--test-groups"),
+        (
+            ["--train-groups", "a", "--test-groups", "b"],
+            "error: train_groups (--train-groups) and test_groups (--test-groups)",
+        ),
         (["--holdout-key", "batch"], "error: obs['batch'] holds one group only ('x')"),
     ],
 )
@@ -442,13 +452,15 @@ VALIDATE_AS_RUN = {
     "holdout key typo": (
         "holdout_key: donr\n",
         ["--holdout-key", "donr"],
-        f"error: --holdout-key 'donr' is not an obs column; choose from {DONOR_COLUMNS}. "
+        "error: holdout_key (--holdout-key) 'donr' is not an obs column; choose from "
+        f"{DONOR_COLUMNS}. "
         "Did you mean 'donor'?",
     ),
     "group value not in the column": (
         "holdout_key: donor\ntrain_groups: [a]\ntest_groups: [C]\n",
         ["--holdout-key", "donor", "--train-groups", "a", "--test-groups", "C"],
-        "error: --test-groups value 'C' is not in obs['donor'], which holds ['a', 'b', 'c'].",
+        "error: test_groups (--test-groups) value 'C' is not in obs['donor'], which holds "
+        "['a', 'b', 'c'].",
     ),
     "reference typo": (
         "reference: pca+logregg\n",

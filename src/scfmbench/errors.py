@@ -37,3 +37,11 @@ class CountsRequiredError(DataError):
 
 class RunDirError(ScfmbenchError):
     """A run directory is missing, or lacks (or has an unreadable) metrics.json."""
+
+
+def setting(key: str) -> str:
+    """Name a run setting both ways it can be given: ``train_groups (--train-groups)``.
+
+    Messages about settings use it, since a value may come from a config file or a flag.
+    """
+    return f"{key} (--{key.replace('_', '-')})"

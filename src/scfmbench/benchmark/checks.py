@@ -15,7 +15,7 @@ from scfmbench.config import ModelSpec, RunConfig
 from scfmbench.data.feature_selection import model_name
 from scfmbench.data.splits import check_design, check_fractions, check_stratifiable
 from scfmbench.embed.options import check_device
-from scfmbench.errors import ConfigError
+from scfmbench.errors import ConfigError, setting
 
 __all__ = ["check_run_data", "check_settings"]
 
@@ -49,9 +49,10 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
     seeds_default = RunConfig.model_fields["train_size_seeds"].default
     if config.train_sizes is None and config.train_size_seeds != seeds_default:
         raise ConfigError(
-            f"train_size_seeds is {config.train_size_seeds} but train_sizes is not set: the "
-            "draws are of labelled cells per class for the label-efficiency curve; add "
-            "--train-sizes (e.g. 1,5,10,all) or drop --train-size-seeds"
+            f"{setting('train_size_seeds')} is {config.train_size_seeds} but "
+            f"{setting('train_sizes')} is not set: the draws are of labelled cells per class "
+            "for the label-efficiency curve; set train_sizes (e.g. --train-sizes 1,5,10,all) "
+            "or drop train_size_seeds"
         )
     baseline_methods(config)
     if models:

@@ -45,7 +45,7 @@ from scfmbench.data.splits import (
     save_splits,
 )
 from scfmbench.data.validate import ValidatedData
-from scfmbench.errors import ConfigError, SchemaError, SplitError
+from scfmbench.errors import ConfigError, SchemaError, SplitError, setting
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
 from scfmbench.report.coverage import fold_lines
@@ -76,29 +76,28 @@ def check_holdout_options(
     if key is None:
         if train_groups or test_groups:
             raise ConfigError(
-                "--train-groups/--test-groups name values of an obs column; add --holdout-key "
-                "COL, e.g. --holdout-key condition --train-groups ctrl --test-groups stim."
+                f"{setting('train_groups')} and {setting('test_groups')} name values of an obs "
+                f"column; set {setting('holdout_key')} too, e.g. --holdout-key condition "
+                "--train-groups ctrl --test-groups stim."
             )
         return
     if bool(train_groups) != bool(test_groups):
         given, missing = (
-            ("--train-groups", "--test-groups")
-            if train_groups
-            else ("--test-groups", "--train-groups")
+            ("train_groups", "test_groups") if train_groups else ("test_groups", "train_groups")
         )
         raise ConfigError(
-            f"{given} needs {missing} too (a directed shift trains on one set of groups and "
-            "tests on another); give both, or neither for one fold per group."
+            f"{setting(given)} needs {setting(missing)} too (a directed shift trains on one set "
+            "of groups and tests on another); give both, or neither for one fold per group."
         )
     both = sorted(set(train_groups or []) & set(test_groups or []))
     if both:
         raise ConfigError(
-            f"group(s) {both} are in both --train-groups and --test-groups; a held-out group "
+            f"group(s) {both} are in both train_groups and test_groups; a held-out group "
             "must not be trained on — remove them from one list."
         )
 
 
-GROUP_COLUMNS_FIX = "choose a donor, sample, condition or batch column as --holdout-key"
+GROUP_COLUMNS_FIX = f"choose a donor, sample, condition or batch column as {setting('holdout_key')}"
 
 
 def group_labels(
@@ -143,7 +142,7 @@ def group_labels(
     if key not in obs.columns:
         columns = [str(c) for c in obs.columns]
         raise SchemaError(
-            f"--holdout-key {key!r} is not an obs column; choose from {columns}."
+            f"{setting('holdout_key')} {key!r} is not an obs column; choose from {columns}."
             + did_you_mean(key, columns)
         )
     values = obs[key]
@@ -151,7 +150,7 @@ def group_labels(
     if missing:
         raise SchemaError(
             f"obs[{key!r}] has no value for {missing} cells; fill them in or choose another "
-            "--holdout-key."
+            f"{setting('holdout_key')}."
         )
     if pd.api.types.is_float_dtype(values.dtype):
         numbers = values.to_numpy(dtype=float)
@@ -235,12 +234,12 @@ def holdout_folds(
         if len(present) < 2:
             raise SplitError(
                 f"obs[{key!r}] holds one group only ({present[0]!r}); held-out groups need ≥ 2 "
-                "— choose another --holdout-key."
+                f"— choose another {setting('holdout_key')}."
             )
         plan = [([g for g in present if g != held], [held]) for held in present]
     else:
-        _check_values(list(train_groups), present, key, "--train-groups")
-        _check_values(list(test_groups), present, key, "--test-groups")
+        _check_values(list(train_groups), present, key, setting("train_groups"))
+        _check_values(list(test_groups), present, key, setting("test_groups"))
         plan = [(list(train_groups), list(test_groups))]
     values = labels.astype(str).to_numpy()
     folds, info = [], {}
@@ -260,7 +259,8 @@ def holdout_folds(
         if not trained.any():
             raise SplitError(
                 f"held-out {key} {name!r} has no cell of a class its training groups hold "
-                f"({list(sizes.index)}); choose another --holdout-key or other groups."
+                f"({list(sizes.index)}); choose another {setting('holdout_key')} or other "
+                "groups."
             )
         dropped = pd.Series(values[target][~trained]).value_counts().sort_index()
         test_classes = set(values[target])
@@ -396,7 +396,7 @@ def _run_groups(data: RunData, config: RunConfig) -> pd.Series:
     key = config.holdout_key
     check_holdout_options(key, config.train_groups, config.test_groups)
     if key is None:
-        raise ConfigError("held-out folds need --holdout-key COL (an obs column of groups).")
+        raise ConfigError(f"held-out folds need {setting('holdout_key')}: an obs column of groups.")
     return group_labels(data.obs, data.labels, key, min_cells=config.min_cells_per_class)
 
 
