@@ -234,6 +234,14 @@ def test_validate_stops_with_the_refusal(hvg_file, tmp_path, capsys):
     ) in problems  # what the named model would run with, as for a feature-selected matrix
     code, out, err = run_cli_in_process(args[:-1], capsys)  # no model named
     assert code == 0 and facts in out.splitlines() and hint in out.splitlines(), err
+    code, out, err = run_cli_in_process([*args[:-1], "--allow-normalized"], capsys)
+    problems = out.splitlines()
+    assert code == 0 and facts in problems and hint not in problems, err
+    assert (
+        "  - count-based models run on lognorm values with a warning, since allow_normalized "
+        "is set; their scores are not comparable to the published models (name a model with "
+        "--model to check it)"
+    ) in problems
     code, out, _ = run_cli_in_process(
         ["validate", str(hvg_file), "--model", "scgpt", "--allow-feature-selected", "--json"],
         capsys,

@@ -198,20 +198,29 @@ def test_umap_starts_from_pca_when_the_graph_falls_apart(n_blobs, expected):
         assert spread < np.ptp(coords, axis=0).max() / 4
 
 
-def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata):
-    """torch and transformers take seconds to import: the CLI and a run without a model (and
-    without scVI, which trains with torch) never load them."""
+@pytest.mark.parametrize("command", ["run", "transfer"])
+def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata, command):
+    """torch and transformers take seconds to import: the CLI and a run or transfer without a
+    model (and without scVI, which trains with torch) never load them."""
     import subprocess
     import sys
 
     data = tmp_path / "tiny.h5ad"
     tiny_adata.write_h5ad(data)
+    args = ["run", "--data", str(data)]
+    if command == "transfer":  # the other side: the same cells in reverse order
+        other = tmp_path / "other.h5ad"
+        tiny_adata[::-1].copy().write_h5ad(other)
+        labels = tmp_path / "labels.yaml"
+        classes = tiny_adata.obs["cell_type"].unique()
+        labels.write_text("".join(f"{c}: {c}\n" for c in classes))
+        args = ["transfer", "--train", str(data), "--test", str(other), "--labels", str(labels)]
     code = (
         "import sys\n"
         "from scfmbench.cli import app\n"
         "heavy = ('torch', 'transformers')\n"
         "assert not [m for m in heavy if m in sys.modules], 'import'\n"
-        f"app(['run', '--data', {str(data)!r}, '--out', {str(tmp_path)!r}, '--no-scvi',\n"
+        f"app({args!r} + ['--out', {str(tmp_path)!r}, '--no-scvi',\n"
         "     '--n-splits', '2', '--quiet'], standalone_mode=False)\n"
         "print('loaded', [m for m in heavy if m in sys.modules])\n"
     )

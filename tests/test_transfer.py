@@ -164,7 +164,9 @@ def test_scvi_in_a_transfer_needs_counts_on_both_sides():
     assert skipped == {}
 
 
-def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, monkeypatch):
+def test_transfer_fits_in_workers_and_resumes(
+    pbmc3k_path, kang_path, tmp_path, monkeypatch, capsys
+):
     import scfmbench.benchmark.fitting as fitting
 
     pbmc = ad.read_h5ad(pbmc3k_path)[::4].copy()
@@ -185,9 +187,27 @@ def test_transfer_fits_in_workers_and_resumes(pbmc3k_path, kang_path, tmp_path, 
     def refit(*args, **kwargs):
         raise AssertionError("a saved fit was fitted again")
 
+    (direction,) = two["transfer"]["directions"]
+    stages = {
+        "read",
+        "load_models",
+        *(f"{direction} {stage}" for stage in ("prepare", "probes", "statistics")),
+        *(f"{direction} features:{name}" for name in ("hvg", "pca", "none")),
+        *(f"{direction} probe:{m}" for m in options["baselines"]),
+        "total",
+    }
+    assert set(two["timings"]) == stages
+    assert two["timings"]["total"]["cpu_seconds"] > two["timings"]["read"]["cpu_seconds"] > 0
+
     monkeypatch.setattr(fitting, "fit_and_predict_features", refit)
+    capsys.readouterr()
+    options["progress"] = True
     again = transfer(pbmc, kang, out=tmp_path, name="two", n_jobs=1, **options)
     assert again["transfer"]["matrix"] == two["transfer"]["matrix"]
+    # nothing fitted: the bar starts full at the saved fits, and no fit is timed
+    bars = [line for line in capsys.readouterr().err.split("\r") if "probes" in line]
+    assert bars and all("8/8" in bar and "8 saved" in bar for bar in bars), bars
+    assert not [stage for stage in again["timings"] if "probe" in stage]
 
 
 def test_labels_missing_from_the_default_map_name_it(tiny_adata, tmp_path):

@@ -95,6 +95,13 @@ class StageStore:
         if worker:
             self.worker_cpu_seconds += cpu_seconds
 
+    def absorb(self, other: StageStore, *, prefix: str) -> None:
+        """Add the timings of ``other`` (a part of this run) as stages ``<prefix><name>``."""
+        for name, seconds in other.timings.items():
+            self.timings[prefix + name] = self.timings.get(prefix + name, 0.0) + seconds
+            self.details[prefix + name] = dict(other.details.get(name, {}))
+        self.worker_cpu_seconds += other.worker_cpu_seconds
+
     def note(self, name: str, **info: float) -> None:
         """Attach numbers (e.g. ``n_cells``) to a timed stage for the report."""
         self.details.setdefault(name, {}).update(info)

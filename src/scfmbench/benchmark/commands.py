@@ -97,8 +97,12 @@ def check_dataset(
         diag.warnings.append(problem)
     if not named and diag.matrix_kind not in ("counts", "corrected"):
         about_values = [
-            f"count-based models refuse {diag.matrix_kind} values unless --allow-normalized "
-            "is given (name a model with --model to check it)"
+            f"count-based models run on {diag.matrix_kind} values with a warning, since "
+            "allow_normalized is set; their scores are not comparable to the published models "
+            "(name a model with --model to check it)"
+            if resolved.allow_normalized
+            else f"count-based models refuse {diag.matrix_kind} values unless "
+            "--allow-normalized is given (name a model with --model to check it)"
         ]
     diag.warnings.extend(about_values)
     return diag

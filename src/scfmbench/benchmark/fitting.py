@@ -351,7 +351,16 @@ def predict_all(
             before = time.process_time()
             meanwhile()
             cpu += time.process_time() - before  # not the fits' time: its own stages time it
-        with progress_bar(total=n_fits, desc="probes", unit="fit", progress=progress) as bar:
+        reused = len(done)  # saved by an earlier, interrupted run: the bar starts there
+        bar = progress_bar(
+            total=reused + n_fits,
+            initial=reused,
+            desc="probes",
+            unit="fit",
+            postfix=f"{reused} saved" if reused else None,
+            progress=progress,
+        )
+        with bar:
             for result in results:  # each prediction is saved already, where it was made
                 group = result.group
                 workers_peak = max(workers_peak, result.peak_rss_mb)

@@ -157,6 +157,7 @@ def transfer(
     CountsRequiredError, DataError
         Values or an ``obs`` column a model refuses, on the side the message names.
     """
+    started, started_cpu = time.perf_counter(), time.process_time()
     cfg = transfer_settings(config, overrides)
     mapping = (
         checked_label_map(label_map) if isinstance(label_map, dict) else load_label_map(label_map)
@@ -169,7 +170,9 @@ def transfer(
     check_writable(run_dir)
     check_folder_kind(run_dir, "transfer", direction_dirs=direction_dirs)
     keys = (label_key_train or cfg.label_key, label_key_test or cfg.label_key)
-    datasets = _read_sides((train, test), names, keys, cfg)
+    clock = StageStore(run_dir)  # the run's own stages; each direction keeps its fits apart
+    with clock.timed("read"):
+        datasets = _read_sides((train, test), names, keys, cfg)
     map_name = None if isinstance(label_map, dict) else str(label_map)
     for i, j in directions:  # before any model loads: a map that misses labels or classes
         (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
@@ -178,19 +181,28 @@ def transfer(
         )
     kinds = {name: checked.diagnostics.matrix_kind for name, checked in datasets}
     methods, skipped = transfer_baselines(cfg, kinds)
-    models = load_models(cfg)
+    with clock.timed("load_models"):
+        models = load_models(cfg)
     methods += model_methods(models, cfg)
     matrix: dict[str, dict[str, dict]] = {}
     details = {}
     tables = []
     model_genes: dict[str, dict] = {}
-    started = time.perf_counter()
     for i, j in directions:
         (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
-        prepared, counts_a, counts_b = prepare_transfer(
-            data_a, data_b, mapping, names=(name_a, name_b), seed=cfg.seed, fractions=cfg.fractions
-        )
-        embedded = _embed_models(models, prepared, counts_a, counts_b, cfg, progress)
+        direction = f"{name_a}->{name_b}"
+        # each direction keeps its fits apart, so an interrupted transfer resumes
+        stages = StageStore(run_dir / DIRECTIONS_DIR / direction_folder(name_a, name_b))
+        with stages.timed("prepare"):
+            prepared, counts_a, counts_b = prepare_transfer(
+                data_a,
+                data_b,
+                mapping,
+                names=(name_a, name_b),
+                seed=cfg.seed,
+                fractions=cfg.fractions,
+            )
+        embedded = _embed_models(models, prepared, counts_a, counts_b, cfg, progress, stages)
         for model_id, per_dataset in embedded.items():
             for dataset, info in zip((name_a, name_b), per_dataset, strict=True):
                 model_genes.setdefault(f"{model_id} ({dataset})", info)
@@ -211,19 +223,18 @@ def transfer(
             data_hash,
             prepared.kind,
         )
-        # each direction keeps its fits apart, so an interrupted transfer resumes
-        stages = StageStore(run_dir / DIRECTIONS_DIR / direction_folder(name_a, name_b))
         split_set = SplitSet(tuple(splits), data_hash, cfg.fractions)
         predictions = predict_all(inputs, split_set, methods, stages, progress)
-        results, comparisons, table = transfer_statistics(
-            methods, predictions, prepared.labels, splits, seed=cfg.seed
-        )
+        with stages.timed("statistics"):
+            results, comparisons, table = transfer_statistics(
+                methods, predictions, prepared.labels, splits, seed=cfg.seed
+            )
         add_score_warnings(
             results, methods, cfg, (datasets[i], datasets[j]), prepared.n_shared_genes, embedded
         )
-        tables.append(table.assign(direction=f"{name_a}->{name_b}"))
+        tables.append(table.assign(direction=direction))
         matrix.setdefault(name_a, {})[name_b] = results
-        details[f"{name_a}->{name_b}"] = {
+        details[direction] = {
             "n_shared_genes": prepared.n_shared_genes,
             "n_train_cells": int(len(prepared.split.train)),
             "n_test_cells": int(len(prepared.split.test)),
@@ -233,8 +244,12 @@ def transfer(
             "comparisons": comparisons,
             "coverage": prepared.coverage,
         }
-        for line in coverage_lines(f"{name_a}->{name_b}", prepared.coverage):
+        for line in coverage_lines(direction, prepared.coverage):
             logger.warning("warning: %s", line)
+        clock.absorb(stages, prefix=f"{direction} ")  # e.g. "pbmc3k->kang probe:pca+logreg"
+    clock.timings["total"] = time.perf_counter() - started
+    cpu_seconds = time.process_time() - started_cpu + clock.worker_cpu_seconds
+    clock.note("total", cpu_seconds=round(cpu_seconds, 3))
     doc = {
         **document_header(),
         "run": {
@@ -251,7 +266,7 @@ def transfer(
         "skipped": skipped,
         "methods": {},  # per-dataset runs hold the within-dataset methods
         "transfer": {"matrix": matrix, "directions": details},
-        "timings": {"total": round(time.perf_counter() - started, 3)},
+        "timings": clock.summary(),
     }
     # the two datasets are --train and --test (manifest.json hashes both): no `data` key,
     # nor the settings a transfer ignored; the label key when both sides used the same
@@ -419,28 +434,34 @@ def _embed_models(
     counts_b: AnnData,
     cfg: RunConfig,
     progress: bool,
+    stages: StageStore,
 ) -> dict[str, list[dict]]:
     """Embed both datasets (shared genes, raw counts) and place rows in the combined obsm.
+
+    Each model's time is stage ``embed:<model id>`` of ``stages``, with its cells.
 
     Returns
     -------
     dict
         Per model id, the embedding record of each dataset (layer, pooling, gene match).
     """
+    records: dict[str, list[dict]] = {}
+    if not models:  # a baseline-only transfer does not import torch
+        return records
     from scfmbench.embed import embed
 
-    records: dict[str, list[dict]] = {}
     for model in models:
         parts = []
         for counts in (counts_a, counts_b):
-            result = embed(
-                counts,
-                model,
-                batch_size=cfg.batch_size,
-                device=cfg.device,
-                seed=cfg.seed,
-                progress=progress,
-            )
+            with stages.timed(f"embed:{model.model_id}"):
+                result = embed(
+                    counts,
+                    model,
+                    batch_size=cfg.batch_size,
+                    device=cfg.device,
+                    seed=cfg.seed,
+                    progress=progress,
+                )
             parts.append(counts.obsm[model.obsm_key])
             records.setdefault(model.model_id, []).append(
                 {
@@ -451,6 +472,7 @@ def _embed_models(
                 }
             )
         prepared.combined.obsm[model.obsm_key] = np.vstack(parts)
+        stages.note(f"embed:{model.model_id}", n_cells=sum(len(part) for part in parts))
     return records
 
 
