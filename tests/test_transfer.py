@@ -129,19 +129,20 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
 def test_transfer_on_counts_gives_the_baselines_the_same_log_normalized_values(tiny_adata):
     """Counts on both sides: the combined matrix holds counts, and log-normalizing it per cell
     gives exactly the matrix built from each side's log-normalized values."""
-    from scfmbench.benchmark.transfer_data import prepare_transfer
+    from scfmbench.benchmark.transfer_data import prepare_transfer, shared_labels
     from scfmbench.data.matrix import lognormalize
 
     train = validate(tiny_adata, min_cells_per_class=1)
     test = validate(tiny_adata[::2].copy(), min_cells_per_class=1)
     mapping = {c: c for c in tiny_adata.obs["cell_type"].unique()}
+    shared = shared_labels(train.labels, test.labels, mapping, names=("a", "b"))
     counts, _, _ = prepare_transfer(
-        train, test, mapping, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
+        train, test, shared, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
     )
     assert counts.kind == "counts"
     test.diagnostics.matrix_kind = "corrected"  # count-like: log-normalized side by side
     lognorm, _, _ = prepare_transfer(
-        train, test, mapping, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
+        train, test, shared, names=("a", "b"), seed=0, fractions=(0.8, 0.1, 0.1)
     )
     assert lognorm.kind == "lognorm"
     by_cell = lognormalize(counts.combined.X, kind="counts")
@@ -269,7 +270,9 @@ def test_same_file_is_refused_and_same_names_get_their_folder(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^--train and --test are the same AnnData; "):
         dataset_names(data, data)
     runs = tmp_path / "runs"
-    for same in (str(a), str(tmp_path / "a" / ".." / "a" / "cells.h5ad")):
+    link = tmp_path / "link.h5ad"
+    link.symlink_to(a)
+    for same in (str(a), str(tmp_path / "a" / ".." / "a" / "cells.h5ad"), str(link)):
         code, out, err = run_cli_in_process(
             ["transfer", "--train", str(a), "--test", same, "--out", str(runs), "-q"], capsys
         )

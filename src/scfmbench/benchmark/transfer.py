@@ -174,11 +174,16 @@ def transfer(
     with clock.timed("read"):
         datasets = _read_sides((train, test), names, keys, cfg)
     map_name = None if isinstance(label_map, dict) else str(label_map)
-    for i, j in directions:  # before any model loads: a map that misses labels or classes
-        (name_a, data_a), (name_b, data_b) = datasets[i], datasets[j]
-        shared_labels(
-            data_a.labels, data_b.labels, mapping, names=(name_a, name_b), map_name=map_name
+    shared = {  # before any model loads: a map that misses labels or classes
+        (i, j): shared_labels(
+            datasets[i][1].labels,
+            datasets[j][1].labels,
+            mapping,
+            names=(datasets[i][0], datasets[j][0]),
+            map_name=map_name,
         )
+        for i, j in directions
+    }
     kinds = {name: checked.diagnostics.matrix_kind for name, checked in datasets}
     methods, skipped = transfer_baselines(cfg, kinds)
     with clock.timed("load_models"):
@@ -197,7 +202,7 @@ def transfer(
             prepared, counts_a, counts_b = prepare_transfer(
                 data_a,
                 data_b,
-                mapping,
+                shared[(i, j)],
                 names=(name_a, name_b),
                 seed=cfg.seed,
                 fractions=cfg.fractions,

@@ -155,15 +155,14 @@ def dataset_names(train: object, test: object) -> tuple[str, str]:
         Both sides are the same file, built-in dataset or AnnData object.
     """
     files = not isinstance(train, AnnData) and not isinstance(test, AnnData)
-    if files and _same_bytes(Path(str(train)), Path(str(test))):
+    same = _same_data(Path(str(train)), Path(str(test))) if files else None
+    if same == "copy":
         raise ConfigError(
             f"--train {str(train)!r} and --test {str(test)!r} hold the same bytes (a copy); "
             "a transfer scores one dataset on another (score a dataset on its own held-out "
             "cells with scfmbench run)."
         )
-    if train is test or (
-        files and (str(train) == str(test) or _same_file(Path(str(train)), Path(str(test))))
-    ):
+    if train is test or (files and (str(train) == str(test) or same == "file")):
         shown = "the same AnnData" if isinstance(train, AnnData) else f"both {str(train)!r}"
         raise ConfigError(
             f"--train and --test are {shown}; a transfer scores one dataset on another "
@@ -183,21 +182,21 @@ def dataset_names(train: object, test: object) -> tuple[str, str]:
     return names[0], names[1]
 
 
-def _same_bytes(a: Path, b: Path) -> bool:
-    """Whether two different files (not directories) hold the same bytes: a copy."""
-    try:
-        if not (a.is_file() and b.is_file()) or a.samefile(b):
-            return False
-        return a.stat().st_size == b.stat().st_size and hash_file(a) == hash_file(b)
-    except OSError:
-        return False
+def _same_data(a: Path, b: Path) -> str | None:
+    """``"file"``: one file under two paths; ``"copy"``: two files of the same bytes; else None.
 
-
-def _same_file(a: Path, b: Path) -> bool:
+    Paths that do not exist or cannot be read are neither (loading them says why).
+    """
     try:
-        return a.exists() and b.exists() and a.samefile(b)
+        if not (a.exists() and b.exists()):
+            return None
+        if a.samefile(b):
+            return "file"
+        if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+            return None
+        return "copy" if hash_file(a) == hash_file(b) else None
     except OSError:
-        return False
+        return None
 
 
 def harmonize(
@@ -316,29 +315,44 @@ def _restrict(v: ValidatedData, keep: pd.Index, genes: pd.Index, prefix: str) ->
 def prepare_transfer(
     train: ValidatedData,
     test: ValidatedData,
-    mapping: dict[str, str | None],
+    shared: tuple[pd.Series, pd.Series],
     *,
     names: tuple[str, str],
     seed: int,
     fractions: tuple[float, float, float],
 ) -> tuple[TransferData, AnnData, AnnData]:
-    """Harmonize labels, intersect genes and build the combined matrix and split.
+    """Intersect genes and build the combined matrix and split of harmonized labels.
 
     When both datasets are raw counts the combined matrix holds their counts (kind
     ``counts``); otherwise each is log-normalized as its kind requires (kind ``lognorm``).
     Either way the baselines see the same log-normalized values: the normalization is per
     cell.
 
-    Returns the TransferData plus the count matrices of both datasets (shared genes,
-    prefixed cell names) for model embeddings.
+    Parameters
+    ----------
+    train, test : ValidatedData
+        The training and test datasets.
+    shared : (pandas.Series, pandas.Series)
+        Each side's shared labels of its kept cells, from :func:`shared_labels`.
+    names : (str, str)
+        The datasets' names, used in errors.
+    seed : int
+        Seed of the training side's train/val split.
+    fractions : (float, float, float)
+        Train/val/test fractions of that split (the test part goes to training).
+
+    Returns
+    -------
+    (TransferData, AnnData, AnnData)
+        The combined data, plus the count matrices of both datasets (shared genes, prefixed
+        cell names) for model embeddings.
 
     Raises
     ------
     SchemaError
-        Labels the map lacks, fewer than two training classes or none shared
-        (:func:`shared_labels`), or no shared gene.
+        No shared gene.
     """
-    train_labels, test_labels = shared_labels(train.labels, test.labels, mapping, names=names)
+    train_labels, test_labels = shared
     train_classes = set(train_labels)
     extra = test_labels.loc[~test_labels.isin(train_classes)]
     dropped = {str(k): int(v) for k, v in extra.value_counts().items()}
