@@ -152,6 +152,27 @@ def test_bad_input_cli(case, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
 
 
+@pytest.mark.parametrize("command", ["run", "transfer", "finetune"])
+def test_an_empty_output_folder_is_refused(command, tmp_path, capsys, monkeypatch):
+    """``--out "$UNSET"`` would write into the current folder without a word."""
+    monkeypatch.chdir(tmp_path)
+    data = write(make_tiny_adata(), tmp_path / "data.h5ad")
+    args = {
+        "run": ["run", "--data", data],
+        "transfer": ["transfer", "--train", data, "--test", "other.h5ad"],
+        "finetune": ["finetune", data, "--model", f"geneformer-random={tmp_path}"],
+    }[command]
+    code, _, stderr = run_cli_in_process([*args, "--out", "", "-q"], capsys)
+    assert (code, stderr.strip().splitlines()) == (
+        2,
+        [
+            "error: invalid value for 'out': the folder is empty; give one, e.g. runs (or . for "
+            "this folder) (got '')."
+        ],
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["data.h5ad"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_dir(tmp_path):  # pragma: no cover - CI runs as root
     locked = tmp_path / "locked"

@@ -201,7 +201,7 @@ def test_logreg_c_must_be_positive_finite_values(values, shown):
     with pytest.raises(ConfigError) as caught:
         RunConfig.build({"logreg_c": values})
     assert str(caught.value).startswith(
-        "invalid value for 'logreg_c': Value error, logreg_c must list positive, finite C values "
+        "invalid value for 'logreg_c': logreg_c must list positive, finite C values "
         f"(e.g. [0.01, 0.1, 1]), got {shown}."
     )
     assert RunConfig.build({"logreg_c": [0.01, 1]}).logreg_c == [0.01, 1.0]
@@ -279,6 +279,32 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, not_h5ad, capsys
     (line,) = err.strip().splitlines()
     assert line.startswith(f"error: config file '{config}' is not valid YAML at line 3, column 1: ")
     assert line.endswith("; fix that line.")
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary"])
+def test_a_config_or_label_map_that_is_not_a_text_file_is_one_line(tmp_path, capsys, kind):
+    path = tmp_path / ("conf" if kind == "folder" else "cells.h5ad")
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)))  # an HDF5 signature
+    problem = (
+        "is a folder; pass a YAML file."
+        if kind == "folder"
+        else "is not a text file (not UTF-8: binary data such as an .h5ad?); pass a YAML file."
+    )
+    data, runs = tmp_path / "cells.h5ad", tmp_path / "runs"
+    for args, what in [
+        (["run", "--data", str(data), "--config", str(path), "--out", str(runs)], "config file"),
+        (["validate", str(data), "--config", str(path)], "config file"),
+        (
+            ["transfer", "--train", str(data), "--test", "x", "--labels", str(path)],
+            "label map",
+        ),
+    ]:
+        code, _, err = run_cli_in_process(args, capsys)
+        assert (code, err.strip().splitlines()) == (2, [f"error: {what} '{path}' {problem}"])
+    assert not runs.exists()
 
 
 def test_geneformer_messages_name_the_command_line_fix(tmp_path):

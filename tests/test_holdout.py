@@ -367,16 +367,21 @@ def kang_subsample(kang_path, tmp_path):
     return subsample(kang_path, 600, tmp_path / "kang600.h5ad")
 
 
-def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys):
+def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys, caplog):
     config = tmp_path / "config.yaml"
     config.write_text("baselines: [pca+logreg, majority]\nn_pcs: 20\nfigures: false\n")
     args = [
         "run", "--data", str(kang_subsample), "--config", str(config), "--no-scvi",
         "--holdout-key", "condition", "--train-groups", "ctrl", "--test-groups", "stim",
-        "--out", str(tmp_path), "--name", "kang", "-q",
+        "--out", str(tmp_path), "--name", "kang", "-q", "--n-splits", "2",
     ]  # fmt: skip
     code, out, err = run_cli_in_process(args, capsys)
     assert code == 0, err
+    # two folds are the random-split side's: the held-out headline is one test set
+    few = [line for line in caplog.messages if "only 2 folds" in line]
+    assert len(few) == 1 and few[0].startswith(
+        "warning: random-split comparison: only 2 folds: each 95% interval"
+    ), caplog.messages
     run_dir = tmp_path / "kang"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     condition = ad.read_h5ad(kang_subsample).obs["condition"].astype(str)

@@ -153,8 +153,8 @@ def test_metrics_schema(tmp_path, tiny_adata, caplog):
     assert doc["methods"]["hvg+logreg"]["splits"]["42"]["features"] == {"n_genes": 40}
     assert doc["methods"]["majority"]["splits"]["42"]["features"] == {}
     assert (
-        "pca+logreg: the probe's best validation setting is on the edge of its grid in 2 of 2 "
-        "splits (C=0.0001 in 2); a wider grid might score better."
+        "warning: pca+logreg: the probe's best validation setting is on the edge of its grid "
+        "in 2 of 2 splits (C=0.0001 in 2); a wider grid might score better."
     ) in caplog.text
     assert len(entry["summary"]["accuracy"]["values"]) == 2
     assert doc["methods"]["hvg+logreg"]["delta_vs_reference"]["accuracy"]["abs"] == 0.0

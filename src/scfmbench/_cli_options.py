@@ -202,7 +202,7 @@ ConfigFile = Annotated[
     typer.Option(help="Run YAML (RunConfig keys, and a finetune: section); flags override it."),
 ]
 LabelKey = Annotated[str | None, typer.Option(help=field_help("label_key"))]
-RunsFolder = Annotated[Path | None, typer.Option(help=field_help("out"))]
+RunsFolder = Annotated[str | None, typer.Option(help=field_help("out"))]  # "" refused
 RunName = Annotated[
     str | None, typer.Option(help=field_help("name", "Run name (default: the data file's stem)."))
 ]

@@ -448,6 +448,13 @@ class RunConfig(BaseModel):
             )
         return value
 
+    @field_validator("out", mode="before")
+    @classmethod
+    def _check_out(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # an unset shell variable
+            raise ValueError("the folder is empty; give one, e.g. runs (or . for this folder)")
+        return value
+
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> RunConfig:
         """Load a YAML file; ``overrides`` (e.g. CLI flags that were given) win."""
@@ -506,6 +513,6 @@ def describe_validation_error(
         )
     if not loc:  # a check across keys (a model validator): its own message says it all
         return str(error["msg"]).removeprefix("Value error, ")
-    found = f"{error['msg']} (got {error.get('input')!r})."
+    found = f"{str(error['msg']).removeprefix('Value error, ')} (got {error.get('input')!r})."
     prefix = "invalid value for" if what == "config key" else f"invalid {what}"
     return f"{prefix} {key!r}: {found}"

@@ -52,6 +52,8 @@ def build_metrics(
     predictions: Predictions,
     reference: str,
     model_info: dict[str, dict[str, Any]],
+    *,
+    context: str = "",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Build the metrics.json document and the per-cell predictions table it comes from.
 
@@ -71,6 +73,9 @@ def build_metrics(
         The method every gain is measured against.
     model_info : dict
         Model id → its embedding diagnostics.
+    context : str, default ""
+        Put before the warnings given about these splits, to tell them from the run's own
+        (``"random-split comparison: "`` beside held-out folds).
 
     Returns
     -------
@@ -129,8 +134,9 @@ def build_metrics(
         edges = [s for s, e in per_split.items() if e["on_grid_edge"]]
         if edges:
             logger.warning(
-                "%s: the probe's best validation setting is on the edge of its grid in %d of "
-                "%d splits (%s); a wider grid might score better.",
+                "warning: %s%s: the probe's best validation setting is on the edge of its "
+                "grid in %d of %d splits (%s); a wider grid might score better.",
+                context,
                 method.name,
                 len(edges),
                 len(per_split),
@@ -141,7 +147,7 @@ def build_metrics(
         if found:
             doc["methods"][method.name]["warnings"] = found
     table = predictions_table(payloads(predictions), labels, split_set, methods)
-    method_statistics(doc, table, seed=config.seed)
+    method_statistics(doc, table, seed=config.seed, context=context)
     return doc, table
 
 

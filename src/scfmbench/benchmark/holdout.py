@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 DESIGN = "holdout"
 RANDOM_SPLIT_DIR = "random_split"
+RANDOM_SPLIT_CONTEXT = "random-split comparison: "  # before warnings about that design
 """Folder of the run directory with the random-split design scored beside the held-out folds
 (its ``splits/`` and ``stages/``)."""
 MACRO_F1_NOTE = (
@@ -470,9 +471,8 @@ def random_split_block(
             scored,
             progress,
         )
-    random_doc, _ = build_metrics(
-        config, data, split_set, scored, predictions, reference, model_info
-    )
+    scoring = (config, data, split_set, scored, predictions, reference, model_info)
+    random_doc, _ = build_metrics(*scoring, context=RANDOM_SPLIT_CONTEXT)
     index = json.loads((run_dir / "splits" / "splits.json").read_text())
     folds = index["holdout"]["folds"]
     rows = {}

@@ -161,14 +161,17 @@ def _sets(table: pd.DataFrame, method: str) -> dict[str, tuple[np.ndarray, np.nd
     }
 
 
-def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) -> dict[str, Any]:
+def method_statistics(
+    doc: dict[str, Any], table: pd.DataFrame, *, seed: int, context: str = ""
+) -> dict[str, Any]:
     """Per-split scores, summaries with 95% intervals, and paired tests of every method.
 
     Fills (and returns) ``doc["methods"][name]`` ``splits`` scores, ``summary`` and
     ``significance`` (and ``constant_within_class``, when true), plus ``doc["comparisons"]``
     and ``doc["run"]`` fields ``best_baseline``, ``small_classes``, ``interval_method`` and
     (when there are any) ``warnings``. Per-split ``params``/``val_macro_f1`` already in
-    ``doc`` are kept.
+    ``doc`` are kept. ``context`` is put before the warnings it gives (e.g.
+    ``"random-split comparison: "``).
     """
     run = doc["run"]
     classes = run["classes"]
@@ -181,7 +184,7 @@ def method_statistics(doc: dict[str, Any], table: pd.DataFrame, *, seed: int) ->
     if found:
         run["warnings"] = found
         for line in found:
-            logger.warning("warning: %s", line)
+            logger.warning("warning: %s%s", context, line)
     sets = {name: _sets(table, name) for name in doc["methods"]}
     for name, entry in doc["methods"].items():
         per_split = entry.setdefault("splits", {})
