@@ -590,3 +590,174 @@ def test_scfoundation_totals_and_depth_normalized_values_are_refused(tmp_path, c
     code, _, err = run_cli_in_process(run, capsys)
     assert code == 2 and err.strip().splitlines() == [no_total], err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "e.npy").exists()
+
+
+@pytest.fixture
+def corrupt_models(tmp_path, shared_dir, make_scgpt_dir):
+    """Checkpoint folders whose settings files are real and whose weights are corrupt: an
+    error about the weights means they were read."""
+    from tests._geneformer_factory import write_checkpoint as write_geneformer
+    from tests._scfoundation_factory import write_checkpoint as write_scfoundation
+
+    geneformer = write_geneformer(tmp_path / "gf", shared_dir)[0]  # V1: no <cls> token
+    (geneformer / "model.safetensors").write_bytes(b"corrupt")
+    scgpt = make_scgpt_dir(weights=False)  # 2 layers
+    (scgpt / "best_model.pt").write_bytes(b"corrupt")
+    scfoundation = write_scfoundation(tmp_path / "sf", ["G0", "G1"]).parent
+    (scfoundation / "models.ckpt").write_bytes(b"corrupt")
+    return {"geneformer": geneformer, "scgpt": scgpt, "scfoundation": scfoundation}
+
+
+@pytest.fixture
+def counts_file(tmp_path):
+    """Labelled raw counts with a ``gene_ids`` var column."""
+    from tests.conftest import make_tiny_adata as labelled_adata
+
+    adata = labelled_adata()
+    adata.var["gene_ids"] = adata.var_names
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+NO_COLUMN = (
+    "error: adata.var has no column 'nope' (columns: ['gene_ids']); pass --gene-column with "
+    "one of those or 'var_names' for the index."
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "option", "message"),
+    [
+        ("scgpt", ["--gene-column", "nope"], NO_COLUMN),
+        ("geneformer", ["--option", "gene_column=nope"], NO_COLUMN),
+        (
+            "scgpt",
+            ["--precision", "float8"],
+            "error: unknown precision 'float8'; choose float32, bfloat16 or float16.",
+        ),
+        (
+            "geneformer",
+            ["--pooling", "cls"],
+            "error: pooling 'cls' is not available for geneformer; choose from ('mean',).",
+        ),
+        (
+            "scfoundation",
+            ["--pooling", "cls"],
+            "error: pooling 'cls' is not available for scfoundation; choose from ('all', 'max').",
+        ),
+        (
+            "scgpt",
+            ["--pooling", "max"],
+            "error: pooling 'max' is not available for scgpt; choose from ('cls', 'mean').",
+        ),
+        (
+            "scgpt",
+            ["--layer", "3"],
+            "error: layer 3 is out of range for scgpt (2 layers); choose 0..2 or a negative index.",
+        ),
+        (
+            "geneformer",
+            ["--layer", "-4"],
+            "error: layer -4 is out of range for geneformer (2 layers); choose 0..2 or a negative "
+            "index.",
+        ),
+    ],
+)
+@pytest.mark.parametrize("backed", ["--no-backed", "--backed"])
+def test_bad_embed_options_fail_before_the_weights_are_read(
+    model, option, message, backed, corrupt_models, counts_file, tmp_path, capsys
+):
+    out = tmp_path / "e.npy"
+    args = ["embed", str(counts_file), "--model", f"{model}={corrupt_models[model]}"]
+    args += ["--out", str(out), "--allow-feature-selected", backed, "-q"]
+    code, _, err = run_cli_in_process([*args, *option], capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines == [message], err
+    assert not out.exists()
+    if model != "scfoundation":  # its gene index holds none of the data's genes
+        code, _, err = run_cli_in_process(args, capsys)  # the same command reads the weights
+        weights = {"scgpt": "best_model.pt", "geneformer": "model.safetensors"}[model]
+        assert code == 2 and f"{weights} " in err and not out.exists(), err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"pooling": "cls"},
+            "error: pooling 'cls' is not available for geneformer; choose from ('mean',).",
+        ),
+        (
+            {"layer": 5},
+            "error: finetune layer 5 is out of range for geneformer (2 layers); choose 0..2 or a "
+            "negative index.",
+        ),
+        ({"freeze_layers": 3}, "error: freeze_layers=3 but geneformer has 2 layers; choose 0..2."),
+        (
+            {"device": "cuda"},
+            "error: finetune device 'cuda' is not supported; use auto or cpu (pick GPUs with "
+            "CUDA_VISIBLE_DEVICES or accelerate launch).",
+        ),
+        ({"gene_column": "nope"}, NO_COLUMN),
+    ],
+)
+def test_bad_finetune_settings_fail_before_the_weights_are_read(
+    setting, message, corrupt_models, counts_file, tmp_path, capsys
+):
+    """`finetune` and `run` (with a finetune section) refuse them before any weights are
+    read, and write no run folder; `validate` with the model named refuses them too."""
+    (key, value), runs = next(iter(setting.items())), tmp_path / "runs"
+    section = {} if key == "gene_column" else {"finetune": {key: value}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**section, **({} if section else setting)}))
+    model = ["--model", f"geneformer={corrupt_models['geneformer']}", "--allow-feature-selected"]
+    common = ["--config", str(config), *model, "--out", str(runs), "-q"]
+    commands = [
+        ["finetune", str(counts_file), *common],
+        ["run", "--data", str(counts_file), *common],
+        ["validate", str(counts_file), "--config", str(config), *model],
+    ]
+    if section:  # the same setting given on the command line
+        flag = ["--set", f"{key}={value}", "--out", str(runs), "-q"]
+        commands.append(["finetune", str(counts_file), *model, *flag])
+    for args in commands:
+        code, _, err = run_cli_in_process(args, capsys)
+        assert code == 2 and err.strip().splitlines() == [message], (args, err)
+        assert not runs.exists()
+
+
+def test_fp16_finetuning_on_the_cpu_fails_before_the_weights_are_read(
+    corrupt_models, counts_file, tmp_path, capsys
+):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is refused on a machine without a CUDA GPU only")
+    args = ["finetune", str(counts_file), "--model", f"geneformer={corrupt_models['geneformer']}"]
+    args += ["--set", "mixed_precision=fp16", "--out", str(tmp_path / "runs"), "-q"]
+    code, _, err = run_cli_in_process([*args, "--allow-feature-selected"], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "error: mixed_precision fp16 needs a GPU; use bf16 or no on CPU."
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_transfer_refuses_a_gene_column_before_the_weights_are_read(
+    corrupt_models, counts_file, tmp_path, capsys
+):
+    import anndata as ad
+
+    adata = ad.read_h5ad(counts_file)
+    other = tmp_path / "other.h5ad"
+    adata[::-1].copy().write_h5ad(other)
+    label_map = tmp_path / "same.yaml"
+    label_map.write_text(yaml.safe_dump({c: c for c in adata.obs["cell_type"].unique()}))
+    args = ["transfer", "--train", str(counts_file), "--test", str(other)]
+    args += ["--labels", str(label_map), "--model", f"scgpt={corrupt_models['scgpt']}"]
+    args += ["--gene-column", "nope", "--allow-feature-selected", "--out", str(tmp_path / "runs")]
+    code, _, err = run_cli_in_process([*args, "-q"], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines() == [NO_COLUMN.replace("error: ", "error: train data counts: ")]
+    assert not (tmp_path / "runs").exists()

@@ -17,14 +17,16 @@ from scfmbench.data.splits import check_design, check_fractions, check_stratifia
 from scfmbench.embed.options import check_device
 from scfmbench.errors import ConfigError, setting
 
-__all__ = ["check_run_data", "check_settings"]
+__all__ = ["check_model_layouts", "check_run_data", "check_settings"]
 
 
 def check_settings(config: RunConfig, models: list[str]) -> None:
     """Refuse settings a run cannot use before the data are read.
 
     Checks the split design, fractions and held-out group options, the device, every
-    baseline's representation and probe, and the models named (``NAME`` or ``NAME=DIR``).
+    baseline's representation and probe, the models named (``NAME`` or ``NAME=DIR``) and,
+    with a ``finetune`` section, what it asks of each ``NAME=DIR`` model
+    (:func:`check_model_layouts`).
 
     Parameters
     ----------
@@ -40,7 +42,8 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
     ConfigError
         Group options that do not fit together, ``train_size_seeds`` without
         ``train_sizes``, an unknown representation, probe, model or device, a missing model
-        folder, or (with models) a GPU the machine does not have.
+        folder, (with models) a GPU the machine does not have, or a fine-tuning layer,
+        pooling, frozen-layer count, device or precision a model or the machine lacks.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
@@ -65,6 +68,71 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
             ModelSpec.parse(spec)
         else:
             MODELS.get(model_name(spec))
+    check_model_layouts(config, models)
+
+
+def check_model_layouts(
+    config: RunConfig, models: list[str], *, layer: int | None = None, pooling: str | None = None
+) -> None:
+    """Refuse a layer, pooling or fine-tuning setting a model lacks, before its weights load.
+
+    Each ``NAME=DIR`` model reads the settings files of its checkpoint (not the weights; see
+    :meth:`~scfmbench.models.ModelLoader.check_embedding`) when something is asked of it:
+    ``layer`` and ``pooling`` (``scfmbench embed``), and the ``finetune`` section's layer,
+    pooling and ``freeze_layers``, whose device and precision are checked against the
+    machine too. The messages are those given once the model is loaded.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The resolved settings: ``model_options``, the load context and ``finetune``.
+    models : list of str
+        ``NAME``, ``NAME-random`` or ``NAME=DIR`` (a bare ``NAME`` names no checkpoint and
+        is skipped).
+    layer, pooling : optional
+        The embedding layer and pooling asked for (default: the models' own).
+
+    Raises
+    ------
+    ConfigError
+        A layer out of range, a pooling a model lacks, more frozen layers than a model has,
+        or a fine-tuning device or precision this machine cannot train with.
+    CheckpointError
+        A checkpoint's settings files are missing or unreadable.
+    """
+    specs = [ModelSpec.parse(spec) for spec in models if "=" in spec]
+    tune = config.finetune_settings()
+    if not specs or (layer is None and pooling is None and tune is None):
+        return
+    from scfmbench.benchmark.embedding import load_context
+    from scfmbench.models import MODELS
+
+    context = load_context(config)
+    checks = [{"layer": layer, "pooling": pooling}]
+    if tune is not None:
+        checks.append({"layer": tune.layer, "pooling": tune.pooling, "what": "finetune layer"})
+    for check in checks:  # the order the loaded model refuses them in
+        for spec in specs:
+            MODELS.get(spec.name).check_embedding(
+                spec.path,
+                context,
+                config.model_options.get(spec.name),
+                random_init=spec.random_only,
+                **check,
+            )
+    if tune is None:
+        return
+    from scfmbench.finetune.setup import check_finetune_device
+
+    check_finetune_device(tune)
+    for spec in specs:
+        MODELS.get(spec.name).check_embedding(
+            spec.path,
+            context,
+            config.model_options.get(spec.name),
+            freeze_layers=tune.freeze_layers,
+            random_init=spec.random_only,
+        )
 
 
 def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple[list[Method], str]:

@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
-from scfmbench.benchmark.checks import check_run_data, check_settings
+from scfmbench.benchmark.checks import check_model_layouts, check_run_data, check_settings
 from scfmbench.benchmark.embedding import (
     check_models_read,
     check_run_feature_selection,
@@ -23,7 +23,6 @@ from scfmbench.benchmark.pipeline import (
     load_models,
     open_run_data,
     resolve_config,
-    resolve_run,
     run_splits,
 )
 from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
@@ -180,11 +179,15 @@ def embed_dataset(
     Raises
     ------
     ConfigError
-        A bad model spec or option, a device this machine does not have, an ``out`` that is
-        not ``.npy`` / ``.h5ad`` or not writable, or streaming without ``out``.
+        A bad model spec or option, a device this machine does not have, a layer or pooling
+        the model lacks (checked before the data are read), an ``out`` that is not
+        ``.npy`` / ``.h5ad`` or not writable, or streaming without ``out``.
     DataError
         Feature-selected counts for geneformer or scgpt without ``allow_feature_selected``,
         or data the model refuses (checked before the model is loaded).
+    SchemaError
+        A gene column (``gene_column``, or the model's option) the data lack (checked
+        before the model is loaded).
     """
     from scfmbench.data.matrix import expression_view
     from scfmbench.data.validate import check_unique_cells
@@ -220,6 +223,8 @@ def embed_dataset(
     }
     EmbedOptions.pick(options)  # a bad precision or chunk size fails before the data are read
     resolve_device(device)  # a device this machine does not have, before the data are read
+    # a layer or pooling the model lacks, from its settings files, before its weights load
+    check_model_layouts(settings, [model], layer=layer, pooling=pooling)
     if out is not None:
         check_writable(check_output_file(out))
     stream = should_stream(data, backed=backed)
@@ -240,6 +245,7 @@ def embed_dataset(
             kind=reader.kind,
             source=reader.source,
             obs=reader.obs,
+            var=genes,  # pyright: ignore[reportArgumentType]
         )
         (foundation,) = load_models(settings)
         streamed = embed_h5ad(data, foundation, out=out, data_warnings=about_data, **options)
@@ -254,7 +260,7 @@ def embed_dataset(
     allowed = _check_feature_selection(model, source, counts.var, allow_feature_selected)  # pyright: ignore[reportArgumentType]  # anndata types var widely
     about_data = [allowed] if allowed is not None else []
     kind = counts.uns["scfmbench"]["matrix_kind"]
-    check_values_read(settings, [model], kind=kind, source=source, obs=adata.obs)  # pyright: ignore[reportArgumentType]
+    check_values_read(settings, [model], kind=kind, source=source, obs=adata.obs, var=counts.var)  # pyright: ignore[reportArgumentType]
     (foundation,) = load_models(settings)
     result = embed(counts, foundation, **options)
     key = foundation.obsm_key
@@ -338,7 +344,9 @@ def finetune_dataset(
     Raises
     ------
     ConfigError, SchemaError, SplitError
-        Bad settings, labels or splits (found before any model is trained).
+        Bad settings, labels or splits (found before any model is trained); a layer,
+        pooling, frozen-layer count, device or precision a model or the machine lacks, or a
+        gene column the data lack (found before any checkpoint's weights are read).
     DataError, CountsRequiredError, CheckpointError
         A feature-selected matrix without ``allow_feature_selected``, values a model refuses,
         or a checkpoint that cannot be read (found before the splits are written).
@@ -351,7 +359,9 @@ def finetune_dataset(
         **(finetune_overrides or {}),
     }
     overrides = {"models": list(models), "random_controls": False, **(run_overrides or {})}
-    run_config, adata = resolve_run(data, RunConfig.build(loaded), overrides)
+    run_config = resolve_config(data, RunConfig.build(loaded), overrides)
+    check_model_layouts(run_config, models)  # the section's layer, pooling, device, precision
+    adata = data if isinstance(data, AnnData) else load_dataset(run_config.data)
     config = run_config.finetune_settings()
     if config is None:  # not reached: the section is set above
         config = FinetuneConfig.model_validate({})

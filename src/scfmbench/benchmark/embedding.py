@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -99,8 +99,9 @@ def load_context(config: RunConfig) -> LoadContext:
 def check_models_read(config: RunConfig, models: list[str], data: RunData) -> list[str]:
     """Refuse, before anything is loaded or written, data a model's tokenizer would refuse.
 
-    Each model checks the kind of the run's expression matrix (``diagnostics.matrix_kind``)
-    and the ``obs`` columns it reads, with its options (``config.model_options``) and
+    Each model checks its gene column (``gene_column``) against the data's ``var``, the kind
+    of the run's expression matrix (``diagnostics.matrix_kind``) and the ``obs`` columns it
+    reads, with its options (``config.model_options``) and
     ``config.allow_normalized``; e.g. Geneformer refuses log-normalized values unless
     ``allow_normalized``. The checks' warnings are returned, not given: the tokenizer gives
     them later, once.
@@ -126,6 +127,8 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> li
     DataError
         A model reads an ``obs`` column the data lack or whose values it cannot use
         (scFoundation's totals for ``pre_normalized="A"``).
+    SchemaError
+        A model's ``gene_column`` that is not a ``var`` column (nor ``var_names``).
     """
     diagnostics = data.diagnostics
     return check_values_read(
@@ -134,31 +137,41 @@ def check_models_read(config: RunConfig, models: list[str], data: RunData) -> li
         kind=diagnostics.matrix_kind,
         source=diagnostics.matrix_source,
         obs=data.obs,
+        var=data.cells.reader.var
+        if isinstance(data, BackedData)
+        else cast(pd.DataFrame, data.adata.var),
     )
 
 
 def check_values_read(
-    config: RunConfig, models: list[str], *, kind: str, source: str, obs: pd.DataFrame
+    config: RunConfig,
+    models: list[str],
+    *,
+    kind: str,
+    source: str,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
 ) -> list[str]:
     """:func:`check_models_read` on a matrix of ``kind`` in ``adata.<source>``.
 
     For callers without validated data (``embed``, which reads the matrix as it is given).
+    ``var`` is that matrix's ``var``: a model's ``gene_column`` (``--gene-column``, or its
+    ``gene_column`` option) must be one of its columns or ``var_names``.
     """
     if not models:
         return []  # a baseline-only run never loads torch or transformers
+    from scfmbench.data.genes import check_gene_column
     from scfmbench.models import MODELS
 
     context = load_context(config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name in dict.fromkeys(model_name(spec) for spec in models):
-            MODELS.get(name).check_matrix_kind(
-                kind,
-                context,
-                config.model_options.get(name),
-                where=f"adata.{source}",
-                obs=obs,
-            )
+            loader, options = MODELS.get(name), config.model_options.get(name)
+            gene_column = loader.split_options(options, context)[0].gene_column
+            if gene_column is not None:  # the tokenizer's first step, as it words it
+                check_gene_column(var, gene_column)
+            loader.check_matrix_kind(kind, context, options, where=f"adata.{source}", obs=obs)
     return list(
         dict.fromkeys(str(w.message) for w in caught if not issubclass(w.category, LIBRARY_CHURN))
     )

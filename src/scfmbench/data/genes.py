@@ -92,6 +92,33 @@ def _keys_of(var: pd.DataFrame, column: str) -> pd.Index:
     return keys
 
 
+def check_gene_column(var: pd.DataFrame, gene_column: str) -> None:
+    """Refuse a ``gene_column`` that is neither ``"var_names"`` nor a column of ``var``.
+
+    Parameters
+    ----------
+    var
+        The ``var`` of the matrix a model reads.
+    gene_column
+        The column asked for (``--gene-column``).
+
+    Raises
+    ------
+    SchemaError
+        No such column (naming the columns there, with a did-you-mean).
+    """
+    from scfmbench.errors import SchemaError
+    from scfmbench.registry import did_you_mean
+
+    if gene_column != VAR_NAMES and gene_column not in var.columns:
+        columns = [str(c) for c in var.columns]
+        raise SchemaError(
+            f"adata.var has no column {gene_column!r} (columns: {columns[:10]}); pass "
+            f"--gene-column with one of those or 'var_names' for the index."
+            + did_you_mean(gene_column, [*columns, VAR_NAMES])
+        )
+
+
 def resolve_gene_identifiers(
     var: pd.DataFrame,
     *,
@@ -130,17 +157,9 @@ def resolve_gene_identifiers(
     SchemaError
         ``gene_column`` is neither ``"var_names"`` nor a column of ``var``.
     """
-    from scfmbench.errors import SchemaError
-    from scfmbench.registry import did_you_mean
-
     columns = [str(c) for c in var.columns]
     if gene_column is not None:
-        if gene_column != VAR_NAMES and gene_column not in var.columns:
-            raise SchemaError(
-                f"adata.var has no column {gene_column!r} (columns: {columns[:10]}); pass "
-                f"--gene-column with one of those or 'var_names' for the index."
-                + did_you_mean(gene_column, [*columns, VAR_NAMES])
-            )
+        check_gene_column(var, gene_column)
         keys = _keys_of(var, gene_column)
         return GeneIdentifiers(
             keys, gene_column, detect_identifier_type(keys), "--gene-column", (gene_column,)

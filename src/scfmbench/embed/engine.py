@@ -42,8 +42,9 @@ from scfmbench.embed.options import (
     check_precision,
     parse_batch_size,
 )
-from scfmbench.errors import ConfigError, DataError
+from scfmbench.errors import DataError
 from scfmbench.models.base import Embeddings, FoundationModel, TokenizedCells
+from scfmbench.models.loading import ModelLayout, check_layer_pooling
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +337,8 @@ def resolve_layer_pooling(
     """
     layer = model.default_layer if layer is None else layer
     pooling = pooling or model.default_pooling
-    if not -model.n_layers - 1 <= layer <= model.n_layers:
-        raise ConfigError(
-            f"{what} {layer} is out of range for {model.model_id} ({model.n_layers} layers); "
-            f"choose 0..{model.n_layers} or a negative index."
-        )
-    if pooling not in model.poolings:
-        raise ConfigError(
-            f"pooling {pooling!r} is not available for {model.name}; choose from {model.poolings}."
-        )
+    layout = ModelLayout(tuple(model.poolings), model.n_layers)
+    check_layer_pooling(model.name, model.model_id, layout, layer=layer, pooling=pooling, what=what)
     return layer, pooling
 
 

@@ -271,12 +271,24 @@ def _resolve_layer(model: FoundationModel, config: FinetuneConfig) -> tuple[int,
     return resolve_layer_pooling(model, layer=layer, pooling=config.pooling, what="finetune layer")
 
 
-def _accelerator(config: FinetuneConfig) -> Any:
-    """Make a fresh ``accelerate.Accelerator`` for ``config``'s device and precision."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+def check_finetune_device(config: FinetuneConfig) -> bool:
+    """Refuse a fine-tuning device or precision this machine cannot train with.
 
+    Parameters
+    ----------
+    config : FinetuneConfig
+        Reads ``device`` and ``mixed_precision``.
+
+    Returns
+    -------
+    bool
+        Whether training runs on the CPU (``device="cpu"``, or no CUDA GPU).
+
+    Raises
+    ------
+    ConfigError
+        A device other than ``auto`` or ``cpu``, or ``fp16`` on the CPU.
+    """
     if config.device not in ("auto", "cpu"):
         raise ConfigError(
             f"finetune device {config.device!r} is not supported; use auto or cpu "
@@ -285,6 +297,16 @@ def _accelerator(config: FinetuneConfig) -> Any:
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     if cpu and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
+    return cpu
+
+
+def _accelerator(config: FinetuneConfig) -> Any:
+    """Make a fresh ``accelerate.Accelerator`` for ``config``'s device and precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = check_finetune_device(config)
     # Accelerate keeps one global state per process; forget the previous call's precision
     # (the process group and device, if any, are kept) so calls may differ in it.
     AcceleratorState._reset_state()

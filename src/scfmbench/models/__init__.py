@@ -18,6 +18,7 @@ from scfmbench.models.base import (
 from scfmbench.models.loading import (
     MODELS,
     LoadContext,
+    ModelLayout,
     ModelLoader,
     ModelOptions,
     ModelSource,
@@ -30,6 +31,7 @@ __all__ = [
     "Embeddings",
     "FoundationModel",
     "LoadContext",
+    "ModelLayout",
     "ModelLoader",
     "ModelOptions",
     "ModelSource",

@@ -110,6 +110,71 @@ class CheckKind(Protocol[_OptionsIn]):
         ...
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a checkpoint offers to embed with, read without its weights.
+
+    Attributes
+    ----------
+    poolings : tuple of str
+        The poolings the model takes (``FoundationModel.poolings``).
+    n_layers : int or None
+        Its number of encoder layers; ``None`` when only the weights tell.
+    """
+
+    poolings: tuple[str, ...]
+    n_layers: int | None = None
+
+
+class Describe(Protocol[_OptionsIn]):
+    """A model's :class:`ModelLayout`, read from its checkpoint's settings files, not weights."""
+
+    def __call__(self, path: Path, *, context: LoadContext, options: _OptionsIn) -> ModelLayout:
+        """Return the layout of the checkpoint at ``path``."""
+        ...
+
+
+def check_layer_pooling(
+    model: str,
+    model_id: str,
+    layout: ModelLayout,
+    *,
+    layer: int | None,
+    pooling: str | None,
+    what: str = "layer",
+) -> None:
+    """Refuse a layer out of range or a pooling the model does not take.
+
+    Parameters
+    ----------
+    model
+        The model's name (``FoundationModel.name``), for the pooling message.
+    model_id
+        Its id (``-random`` for the control), for the layer message.
+    layout
+        Its poolings and number of layers (an unknown number: any layer passes).
+    layer, pooling
+        As asked for; ``None``: the model's default, which it always takes.
+    what
+        How the layer is named in the message (default ``"layer"``).
+
+    Raises
+    ------
+    ConfigError
+        A layer out of range, or a pooling the model lacks.
+    """
+    n_layers = layout.n_layers
+    if layer is not None and n_layers is not None and not -n_layers - 1 <= layer <= n_layers:
+        raise ConfigError(
+            f"{what} {layer} is out of range for {model_id} ({n_layers} layers); "
+            f"choose 0..{n_layers} or a negative index."
+        )
+    if pooling is not None and pooling not in layout.poolings:
+        raise ConfigError(
+            f"pooling {pooling!r} is not available for {model}; choose from {layout.poolings}."
+        )
+
+
 class ModelLoader(Generic[OptionsT, ModelT]):
     """A registered model: its name, its declared options and the function that builds it.
 
@@ -125,6 +190,9 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         Called as ``check_kind(kind, context=..., options=..., where=...)`` by
         :meth:`check_matrix_kind`; None (default): the model reads every kind validation lets
         through.
+    describe
+        Called as ``describe(path, context=..., options=...)`` by :meth:`check_embedding`;
+        None (default): no layer or pooling is checked before the model is loaded.
 
     Examples
     --------
@@ -138,11 +206,13 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         options: type[OptionsT],
         build: Build[OptionsT, ModelT],
         check_kind: CheckKind[OptionsT] | None = None,
+        describe: Describe[OptionsT] | None = None,
     ) -> None:
         self.name = name
         self.options = options
         self.build = build
         self.check_kind = check_kind
+        self.describe = describe
         self.__doc__ = build.__doc__
         self.__wrapped__ = build
 
@@ -278,6 +348,58 @@ class ModelLoader(Generic[OptionsT, ModelT]):
             obs=obs if obs is not None else pd.DataFrame(),
         )
 
+    def check_embedding(
+        self,
+        path: str | Path,
+        context: LoadContext | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        layer: int | None = None,
+        pooling: str | None = None,
+        freeze_layers: int = 0,
+        random_init: bool = False,
+        what: str = "layer",
+    ) -> None:
+        """Refuse a layer, pooling or frozen-layer count the model lacks, without its weights.
+
+        Reads the checkpoint's settings files only (``describe``), and only when something
+        is asked for; the messages are those given once the model is loaded.
+
+        Parameters
+        ----------
+        path
+            Checkpoint folder (or file), as for :meth:`load`.
+        context, options
+            As for :meth:`load`.
+        layer, pooling
+            The layer and pooling asked for; ``None``: the model's default.
+        freeze_layers
+            Encoder layers fine-tuning freezes (default 0).
+        random_init
+            Whether the random-init control is meant (its id names it in the message).
+        what
+            How the layer is named in the message (e.g. ``"finetune layer"``).
+
+        Raises
+        ------
+        ConfigError
+            A layer out of range, a pooling the model lacks, more frozen layers than it has,
+            or an unknown option.
+        CheckpointError
+            The settings files are missing or unreadable (as loading would find).
+        """
+        if self.describe is None or (layer is None and pooling is None and not freeze_layers):
+            return
+        context, declared = self.split_options(options, context)
+        layout = self.describe(Path(path), context=context, options=declared)
+        model_id = f"{self.name}-random" if random_init else self.name
+        check_layer_pooling(self.name, model_id, layout, layer=layer, pooling=pooling, what=what)
+        if layout.n_layers is not None and freeze_layers > layout.n_layers:
+            raise ConfigError(
+                f"freeze_layers={freeze_layers} but {model_id} has {layout.n_layers} layers; "
+                f"choose 0..{layout.n_layers}."
+            )
+
     def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:
         """Load with keywords: :class:`LoadContext` fields and the model's declared options.
 
@@ -291,7 +413,11 @@ MODELS: Registry[ModelLoader[Any, FoundationModel]] = Registry("model")
 
 
 def register_model(
-    name: str, options: type[OptionsT], *, check_kind: CheckKind[OptionsT] | None = None
+    name: str,
+    options: type[OptionsT],
+    *,
+    check_kind: CheckKind[OptionsT] | None = None,
+    describe: Describe[OptionsT] | None = None,
 ) -> Callable[[Build[OptionsT, ModelT]], ModelLoader[OptionsT, ModelT]]:
     """Register ``build`` in :data:`MODELS` with its declared ``options`` (a decorator).
 
@@ -303,6 +429,8 @@ def register_model(
         The :class:`ModelOptions` subclass of the options the model takes.
     check_kind
         The model's refusal of a matrix kind (see :class:`ModelLoader`), if it has one.
+    describe
+        The model's :class:`ModelLayout` read without its weights (see :class:`ModelLoader`).
 
     Returns
     -------
@@ -311,7 +439,7 @@ def register_model(
     """
 
     def decorator(build: Build[OptionsT, ModelT]) -> ModelLoader[OptionsT, ModelT]:
-        loader = ModelLoader(name, options, build, check_kind)
+        loader = ModelLoader(name, options, build, check_kind, describe)
         MODELS.register(name)(loader)
         return loader
 

@@ -41,7 +41,7 @@ from scfmbench.models.geneformer.dictionaries import (
     find_dictionaries,
 )
 from scfmbench.models.geneformer.tokenizer import GeneformerTokenizer, check_version
-from scfmbench.models.loading import LoadContext, ModelOptions, register_model
+from scfmbench.models.loading import LoadContext, ModelLayout, ModelOptions, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,11 @@ def random_backbone(config: BertConfig, *, seed: int) -> BertModel:
     return seeded_init(lambda: BertModel(config, add_pooling_layer=False), seed=seed)
 
 
+def poolings_of(tokenizer: GeneformerTokenizer) -> tuple[str, ...]:
+    """``("mean", "cls")`` for a tokenizer with a ``<cls>`` token (V2), else ``("mean",)``."""
+    return ("mean", "cls") if tokenizer.cls_id is not None else ("mean",)
+
+
 class GeneformerModel(FoundationModel):
     """Geneformer (V1 or V2): rank-value tokens into a BERT encoder, mean or ``<cls>`` pooling.
 
@@ -203,7 +208,7 @@ class GeneformerModel(FoundationModel):
         self.random_init = random_init
         self.pad_token_id = int(network.config.pad_token_id or 0)
         self.version = tokenizer.version
-        self.poolings = ("mean", "cls") if tokenizer.cls_id is not None else ("mean",)
+        self.poolings = poolings_of(tokenizer)
         self.default_pooling = "cls" if tokenizer.cls_id is not None else "mean"
         special = [tokenizer.cls_id, tokenizer.eos_id]
         self._special_ids = torch.tensor([t for t in special if t is not None], dtype=torch.long)
@@ -334,7 +339,43 @@ def _check_kind(
     )
 
 
-@register_model("geneformer", GeneformerOptions, check_kind=_check_kind)
+def _read_settings(
+    model_dir: Path, context: LoadContext, options: GeneformerOptions
+) -> tuple[BertConfig, dict[str, Any], GeneformerTokenizer]:
+    """Read config.json and the dictionaries (not the weights): config, raw config, tokenizer."""
+    if not model_dir.is_dir():
+        state = "is a file, not a folder" if model_dir.exists() else "does not exist"
+        raise CheckpointError(
+            f"Geneformer model directory {model_dir} {state}; pass the downloaded "
+            "Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."
+        )
+    config, raw_config = read_config(model_dir)
+    dicts = options.dicts
+    if not isinstance(dicts, GeneformerDictionaries):
+        dicts = find_dictionaries(model_dir, vocab_size=config.vocab_size, dicts_dir=dicts)
+    if config.vocab_size != len(dicts.token_dict):
+        raise CheckpointError(
+            f"{model_dir / 'config.json'} has vocab_size {config.vocab_size} but "
+            f"{dicts.files['token_dictionary']} has {len(dicts.token_dict)} tokens; pass the "
+            f"dictionaries of this model's corpus with {DICTS_FLAG} (V1: gc30M, V2: gc95M/gc104M)."
+        )
+    tokenizer = GeneformerTokenizer(
+        dicts,
+        version=options.version,
+        max_position_embeddings=config.max_position_embeddings,
+        gene_column=context.gene_column,
+        allow_normalized=context.allow_normalized,
+    )
+    return config, raw_config, tokenizer
+
+
+def _describe(path: Path, *, context: LoadContext, options: GeneformerOptions) -> ModelLayout:
+    """Poolings (``cls`` with V2's ``<cls>`` token only) and layers, without the weights."""
+    config, _, tokenizer = _read_settings(Path(path), context, options)
+    return ModelLayout(poolings_of(tokenizer), int(config.num_hidden_layers))
+
+
+@register_model("geneformer", GeneformerOptions, check_kind=_check_kind, describe=_describe)
 def load_geneformer(
     path: Path, *, context: LoadContext, options: GeneformerOptions, random_init: bool
 ) -> GeneformerModel:
@@ -370,29 +411,7 @@ def load_geneformer(
         match the token dictionary.
     """
     model_dir = Path(path)
-    if not model_dir.is_dir():
-        state = "is a file, not a folder" if model_dir.exists() else "does not exist"
-        raise CheckpointError(
-            f"Geneformer model directory {model_dir} {state}; pass the downloaded "
-            "Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."
-        )
-    config, raw_config = read_config(model_dir)
-    dicts = options.dicts
-    if not isinstance(dicts, GeneformerDictionaries):
-        dicts = find_dictionaries(model_dir, vocab_size=config.vocab_size, dicts_dir=dicts)
-    if config.vocab_size != len(dicts.token_dict):
-        raise CheckpointError(
-            f"{model_dir / 'config.json'} has vocab_size {config.vocab_size} but "
-            f"{dicts.files['token_dictionary']} has {len(dicts.token_dict)} tokens; pass the "
-            f"dictionaries of this model's corpus with {DICTS_FLAG} (V1: gc30M, V2: gc95M/gc104M)."
-        )
-    tokenizer = GeneformerTokenizer(
-        dicts,
-        version=options.version,
-        max_position_embeddings=config.max_position_embeddings,
-        gene_column=context.gene_column,
-        allow_normalized=context.allow_normalized,
-    )
+    config, raw_config, tokenizer = _read_settings(model_dir, context, options)
     seed = context.seed
     if random_init:
         network = random_backbone(config, seed=seed)

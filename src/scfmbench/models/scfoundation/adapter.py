@@ -24,7 +24,7 @@ from scfmbench.defaults import DEFAULT_SEED
 from scfmbench.errors import CheckpointError, ConfigError
 from scfmbench.hashing import hash_file, hash_json
 from scfmbench.models.base import FoundationModel, PaddedBatch, TokenizedCells, masked_mean
-from scfmbench.models.loading import LoadContext, register_model
+from scfmbench.models.loading import LoadContext, ModelLayout, register_model
 from scfmbench.models.scfoundation.network import (
     RELEASED_CONFIG,
     VERSION_KEYS,
@@ -273,7 +273,13 @@ def _check_kind(
     check_totals_column(mode, obs, options.total_counts_key)
 
 
-@register_model("scfoundation", ScFoundationOptions, check_kind=_check_kind)
+def _describe(path: Path, *, context: LoadContext, options: ScFoundationOptions) -> ModelLayout:
+    """Poolings only: the number of layers is stored with the weights, in ``models.ckpt``."""
+    del path, context, options
+    return ModelLayout(ScFoundationModel.poolings)
+
+
+@register_model("scfoundation", ScFoundationOptions, check_kind=_check_kind, describe=_describe)
 def load_scfoundation(
     path: Path, *, context: LoadContext, options: ScFoundationOptions, random_init: bool
 ) -> ScFoundationModel:

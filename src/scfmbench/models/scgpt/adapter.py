@@ -24,7 +24,7 @@ from scfmbench.models.base import (
     masked_mean,
     seeded_init,
 )
-from scfmbench.models.loading import LoadContext, ModelOptions, register_model
+from scfmbench.models.loading import LoadContext, ModelLayout, ModelOptions, register_model
 from scfmbench.models.scgpt.network import (
     ScGPTConfig,
     TransformerModel,
@@ -294,7 +294,16 @@ def _random_network(config: ScGPTConfig, *, seed: int) -> TransformerModel:
     return seeded_init(lambda: TransformerModel(config), seed=seed)
 
 
-@register_model("scgpt", ScGPTOptions)
+def _describe(path: Path, *, context: LoadContext, options: ScGPTOptions) -> ModelLayout:
+    """Poolings and layers (``nlayers`` of args.json), without the weights."""
+    del context, options
+    args = _read_json(_require(Path(path).expanduser(), ARGS_FILE), what="model arguments")
+    layers = args.get("nlayers")
+    n_layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+    return ModelLayout(ScGPTModel.poolings, n_layers)
+
+
+@register_model("scgpt", ScGPTOptions, describe=_describe)
 def load_scgpt(
     path: Path, *, context: LoadContext, options: ScGPTOptions, random_init: bool
 ) -> ScGPTModel:
