@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "load_models", "resolve_config", "resolve_run", "run", "run_splits"]
+__all__ = ["RunResult", "load_models", "resolve_config", "run", "run_splits"]
 
 SKLEARN_WORKING_MEMORY_MB = 256
 
@@ -143,14 +143,6 @@ def load_models(config: RunConfig) -> list[FoundationModel]:
         if spec.random_only or config.random_controls:
             models.append(load_model(spec, context, options, random_init=True))
     return models
-
-
-def resolve_run(
-    data: str | Path | AnnData | None, config: RunConfig | None, overrides: dict[str, Any]
-) -> tuple[RunConfig, AnnData]:
-    """Return the run configuration and the loaded dataset."""
-    resolved = resolve_config(data, config, overrides)
-    return resolved, data if isinstance(data, AnnData) else load_dataset(resolved.data)
 
 
 def resolve_config(
