@@ -50,9 +50,26 @@ def test_nan_and_inf(tiny_adata, bad, word):
 
 
 def test_negative_values_only(tiny_adata):
-    tiny_adata.X = sp.csr_matrix(tiny_adata.X.toarray() - 3.0)
-    with pytest.raises(DataError, match="negative values .*X: scaled.*provide raw counts"):
+    counts = tiny_adata.X.toarray()
+    scaled = counts - 3.0
+    tiny_adata.X = sp.csr_matrix(scaled)
+    n_negative, n_stored = int((scaled < 0).sum()), int((scaled != 0).sum())
+    with pytest.raises(DataError) as raised:
         quiet_validate(tiny_adata)
+    assert str(raised.value) == (
+        "no usable expression matrix: every candidate has negative values (X: "
+        f"{n_negative:,} negative of {n_stored:,} stored values (min -3): scaled); counts are "
+        "never negative: fix those entries, or provide raw counts in X, layers['counts'] or .raw."
+    )
+    broken = counts.copy()
+    broken[0, 0] = -1  # one bad entry among counts: not scaled data
+    tiny_adata.X = sp.csr_matrix(broken)
+    with pytest.raises(DataError) as raised:
+        quiet_validate(tiny_adata)
+    assert (
+        f"(X: 1 negative of {int((broken != 0).sum()):,} stored values (min -1), the others "
+        "integer counts)"
+    ) in str(raised.value)
 
 
 def test_no_cells_and_no_genes(tiny_adata):

@@ -301,11 +301,48 @@ def find_expression(adata: AnnData) -> tuple[str, object, pd.DataFrame, str]:
         for name, matrix, var, kind in kinds:
             if kind in preferred:
                 return name, matrix, var, kind
-    found = ", ".join(f"{n}: {k}" for n, _, _, k in kinds)
+    found = "; ".join(describe_negatives(name, matrix) for name, matrix, _, _ in kinds)
     raise DataError(
         f"no usable expression matrix: every candidate has negative values ({found}); "
-        "provide raw counts in X, layers['counts'] or .raw."
+        "counts are never negative: fix those entries, or provide raw counts in X, "
+        "layers['counts'] or .raw."
     )
+
+
+FEW_NEGATIVE = 0.01
+"""Largest share of negative stored values that reads as broken counts rather than scaling."""
+
+
+def describe_negatives(name: str, matrix) -> str:
+    """Say how many values of ``adata.<name>`` are negative, and what the others are.
+
+    Scaled data (``sc.pp.scale``) are negative in about half the entries; a few negative
+    entries (at most :data:`FEW_NEGATIVE` of them) among integers are broken counts.
+
+    Parameters
+    ----------
+    name : str
+        ``X``, ``layers['counts']`` or ``raw.X``.
+    matrix
+        Its cells × genes values, sparse or dense.
+
+    Returns
+    -------
+    str
+        E.g. ``"X: 1 negative of 2,000 stored values (min -1), the others integer counts"``
+        or ``"X: 5,120 negative of 10,000 stored values (min -2.1): scaled"``.
+    """
+    values = _nonzero_values(matrix)
+    negative = values < 0
+    n_negative = int(negative.sum())
+    text = (
+        f"{name}: {n_negative:,} negative of {values.size:,} stored values (min {values.min():.3g})"
+    )
+    rest = values[~negative]
+    few = n_negative <= FEW_NEGATIVE * values.size
+    if few and rest.size and np.all(np.abs(rest - np.round(rest)) < INTEGER_TOLERANCE):
+        return f"{text}, the others integer counts"
+    return f"{text}: scaled"
 
 
 def expression_view(adata: AnnData) -> AnnData:
