@@ -143,11 +143,11 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
         ),
         "probe typo, validate": (
             ["validate", str(data), "--config", str(typo)],
-            "error: unknown probe 'knnn'",
+            "error: probes: unknown probe 'knnn'",
         ),
         "probe typo, run without models": (
             ["run", "--data", str(data), "--config", str(typo), "--out", str(tmp_path / "o")],
-            "error: unknown probe 'knnn'",
+            "error: probes: unknown probe 'knnn'",
         ),
         "label-efficiency draws without sizes": (
             ["run", "--data", str(data), "--train-size-seeds", "5", "--out", str(tmp_path / "o")],
@@ -158,6 +158,21 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
         "reference typo": (
             ["run", "--data", str(data), "--reference", "pca+logregg", "--out", str(tmp_path)],
             "Did you mean 'pca+logreg'?",
+        ),
+        "reference left out by --no-scvi": (
+            [
+                "run",
+                "--data",
+                str(data),
+                "--reference",
+                "scvi+logreg",
+                "--no-scvi",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "error: reference method 'scvi+logreg' is not in this run: the scvi baseline is left "
+            "out of it (--no-scvi, or baselines without scvi); add it back, or choose from "
+            "['hvg+logreg', 'pca+logreg', 'pca+xgboost', 'majority'].",
         ),
         "transfer label column": (
             ["transfer", "--train", str(data), "--test", str(other), "--label-key-test", "ct"],
@@ -227,3 +242,17 @@ def test_run_name_holding_other_data_is_refused(tmp_path, pbmc3k_path, capsys):
     # the same command again resumes: every stage reused, nothing refused
     code, _, stderr = run_cli_in_process(["run", "--data", str(data), *common], capsys)
     assert code == 0, stderr
+
+
+def test_validate_reads_the_data_of_its_config(tmp_path, capsys):
+    """``validate --config run.yaml`` checks the data the run would read."""
+    from tests.conftest import make_tiny_adata, run_cli_in_process
+
+    data = tmp_path / "tiny.h5ad"
+    adata = make_tiny_adata()
+    adata.write_h5ad(data)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {data}\nmin_cells_per_class: 1\n")
+    code, out, err = run_cli_in_process(["validate", "--config", str(config)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"cells: {adata.n_obs} (of {adata.n_obs})"

@@ -467,5 +467,8 @@ def test_validate_refuses_the_config_run_refuses(clean_file, tmp_path, capsys):
     )
     run_line = one_error(code, run_err, "Did you mean 'logreg'")
     code, _, err = cli(["validate", clean_file, "--config", tmp_path / "bad.yaml"], capsys)
-    assert one_error(code, err, "unknown probe 'logregg'") == run_line
+    assert (
+        one_error(code, err, "baseline 'hvg+logregg' of baselines: unknown probe 'logregg'; ")
+        == run_line
+    )
     assert not out.exists()

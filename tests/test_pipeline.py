@@ -169,7 +169,11 @@ def test_unknown_config_key_did_you_mean(tmp_path):
 
 
 def test_unknown_probe_did_you_mean(tiny_adata, tmp_path):
-    with pytest.raises(ConfigError, match="unknown probe 'logreq'.*Did you mean 'logreg'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^baseline 'pca\+logreq' of baselines: unknown probe 'logreq'.*Did you mean "
+        "'logreg'",
+    ):
         scfmbench.run(tiny_adata, out=tmp_path, baselines=["pca+logreq"], progress=False)
     assert not (tmp_path / "run").exists()
 

@@ -120,6 +120,8 @@ def test_transfer_cli_both_directions(pbmc3k_path, kang_path, tmp_path):
     assert backward["hvg+logreg"]["accuracy"] > 0.85
     assert forward["hvg+logreg"]["n_test"] == 1556
     assert f"train {pbmc} → test {kang}" in done.stdout
+    assert done.stdout.splitlines()[-1] == f"run directory: {tmp_path / 'pk'}"
+    assert done.stderr.count("only 1 training seed") == 1  # given once, not again at the end
     # both datasets are counts: scVI is trained on the shared genes' counts of the training side
     assert doc["skipped"] == {}
     assert forward["scvi+logreg"]["n_test"] == 1556

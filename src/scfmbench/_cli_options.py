@@ -191,6 +191,14 @@ def comma_list(value: str | None) -> list[str] | None:
 DataArgument = Annotated[
     str, typer.Argument(help="An .h5ad file (raw counts for the models) or a built-in name.")
 ]
+DataToCheck = Annotated[
+    str | None,
+    typer.Argument(
+        help="An .h5ad file or a built-in name (default: `data` of --config, else "
+        + f"{field_default('data')}, as for run).",
+        show_default=False,
+    ),
+]
 RunDirArgument = Annotated[Path, typer.Argument(help="A run directory written by `scfmbench run`.")]
 
 Quiet = Annotated[

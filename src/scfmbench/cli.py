@@ -20,6 +20,7 @@ from scfmbench._cli_options import api_default
 from scfmbench.benchmark.commands import check_dataset, embed_dataset, finetune_dataset
 from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
+from scfmbench.benchmark.transfer_data import transfer_settings
 from scfmbench.config import RunConfig
 from scfmbench.embed.launch import env_rank
 from scfmbench.errors import ScfmbenchError
@@ -146,7 +147,7 @@ def run(
 
 @app.command()
 def validate(
-    data: opt.DataArgument,
+    data: opt.DataToCheck = None,
     label_key: opt.LabelKey = None,
     min_cells_per_class: opt.MinCellsPerClass = None,
     merge_similar_labels: opt.MergeSimilarLabels = None,
@@ -309,6 +310,22 @@ def transfer(
     model_options = opt.model_options_with(
         base.model_options if base is not None else {}, option or [], geneformer_dicts
     )
+    settings = opt.given(
+        models=model or None,
+        out=out,
+        name=name,
+        seed=seed,
+        n_splits=n_splits,
+        baselines=opt.without_scvi(base) if no_scvi else None,
+        allow_normalized=allow_normalized,
+        allow_feature_selected=allow_feature_selected,
+        gene_column=gene_column,
+        device=device,
+        batch_size=batch_size,
+        min_cells_per_class=min_cells_per_class,
+        n_jobs=n_jobs,
+        model_options=model_options or None,
+    )
     doc = run_transfer(
         train,
         test,
@@ -318,24 +335,11 @@ def transfer(
         both_directions=not one_way,
         config=base,
         progress=not quiet,
-        **opt.given(
-            models=model or None,
-            out=out,
-            name=name,
-            seed=seed,
-            n_splits=n_splits,
-            baselines=opt.without_scvi(base) if no_scvi else None,
-            allow_normalized=allow_normalized,
-            allow_feature_selected=allow_feature_selected,
-            gene_column=gene_column,
-            device=device,
-            batch_size=batch_size,
-            min_cells_per_class=min_cells_per_class,
-            n_jobs=n_jobs,
-            model_options=model_options or None,
-        ),
+        **settings,
     )
     typer.echo(transfer_markdown(doc))
+    resolved = transfer_settings(base, settings, warn=False)
+    typer.echo(f"\nrun directory: {resolved.out / doc['run']['name']}")
 
 
 @app.command()

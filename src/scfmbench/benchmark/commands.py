@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_dataset(
-    data: str | Path,
+    data: str | Path | None,
     config: RunConfig | None = None,
     *,
     models: list[str] | None = None,
@@ -53,8 +53,9 @@ def check_dataset(
 
     Parameters
     ----------
-    data : str or pathlib.Path
-        An ``.h5ad`` path or a built-in dataset name.
+    data : str, pathlib.Path or None
+        An ``.h5ad`` path or a built-in dataset name; None: ``config.data`` (the default
+        dataset without a configuration), as for a run.
     config : RunConfig, optional
         A loaded configuration (``--config``); ``settings`` win over it.
     models : list of str, optional

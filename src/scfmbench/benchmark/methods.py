@@ -76,15 +76,21 @@ def baseline_methods(config: RunConfig, matrix_kind: str | None = None) -> list[
         An unknown representation or probe, or scvi asked for on data without counts.
     """
     for probe in config.probes:  # used by models and scvi: refuse a typo with or without them
-        PROBES.get(probe)
+        try:
+            PROBES.get(probe)
+        except ConfigError as exc:
+            raise ConfigError(f"probes: {exc}") from None
     methods = []
     for item in expand_baselines(config, matrix_kind):
         if item == "majority":
             methods.append(Method("majority", "none", "majority", "baseline"))
             continue
         representation, probe = item.split("+", 1)
-        REPRESENTATIONS.get(representation)
-        PROBES.get(probe)
+        try:
+            REPRESENTATIONS.get(representation)
+            PROBES.get(probe)
+        except ConfigError as exc:  # name the baseline, as written in `baselines`
+            raise ConfigError(f"baseline {item!r} of baselines: {exc}") from None
         methods.append(Method(item, representation, probe, "baseline"))
     return methods
 
@@ -222,6 +228,13 @@ def check_reference(config: RunConfig, baselines: list[Method], models: list[str
     names += [f"{model_id}+{probe}" for model_id in model_ids for probe in config.probes]
     reference = config.reference or (names[0] if names else "")
     if reference not in names:
+        left_out = reference.partition("+")[0]
+        if left_out in EMBEDDING_BASELINES and left_out not in config.baselines:
+            raise ConfigError(
+                f"reference method {reference!r} is not in this run: the {left_out} baseline "
+                f"is left out of it (--no-{left_out}, or baselines without {left_out}); add it "
+                f"back, or choose from {names}."
+            )
         raise ConfigError(
             f"reference method {reference!r} is not in this run; choose from "
             f"{names}.{did_you_mean(reference, names)}"

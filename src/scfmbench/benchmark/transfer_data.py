@@ -449,7 +449,9 @@ def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
     return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
 
 
-def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> RunConfig:
+def transfer_settings(
+    config: RunConfig | None, overrides: dict[str, Any], *, warn: bool = True
+) -> RunConfig:
     """Return a transfer's settings: ``config`` with the ``overrides`` that were given.
 
     Parameters
@@ -458,6 +460,9 @@ def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> Ru
         Settings from ``--config``.
     overrides : dict
         RunConfig fields; ``None`` values are not given.
+    warn : bool, default True
+        Log the warnings about ignored settings and few training seeds (False: they were
+        given already, by the transfer these settings are read again for).
 
     Returns
     -------
@@ -489,9 +494,9 @@ def transfer_settings(config: RunConfig | None, overrides: dict[str, Any]) -> Ru
             f"{'it' if len(refused) == 1 else 'them'} from the config {design}, or use "
             "scfmbench run."
         )
-    if ignored:
+    if ignored and warn:
         logger.warning("warning: transfer ignores %s of the config %s", ", ".join(ignored), design)
-    if cfg.n_splits < 5:
+    if cfg.n_splits < 5 and warn:
         logger.warning(
             "warning: %s: %s; use --n-splits 5 or more",
             f"only {cfg.n_splits} training seed{'s' if cfg.n_splits > 1 else ''}",
