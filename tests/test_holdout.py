@@ -347,7 +347,7 @@ def test_run_scores_held_out_folds_and_the_random_split(tmp_path):
         f"random_split/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
         for p in random_splits.iterdir()
     } and "random_split/splits.json" in manifest
-    assert check_statistics(result.run_dir)[1] == []
+    assert check_statistics(result.run_dir).differences == []
     markdown = (result.run_dir / "results.md").read_text()
     assert "## Random split vs held-out group" in markdown
     assert "held out a: dropped 30 test cells of classes the training data lacks" in markdown
@@ -417,7 +417,8 @@ def test_directed_kang_shift_from_the_cli(kang_subsample, tmp_path, capsys, capl
         assert f"Held out: 95% intervals: {single}; " in text
         assert "only 1 held-out group" not in text
     code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
-    assert code == 0 and "every statistic matches" in out
+    sources = "predictions.tsv.gz, random_split/predictions.tsv.gz"
+    assert code == 0 and f"holdout from {sources}: every value matches metrics.json" in out
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,9 @@ from sklearn.metrics import f1_score
 
 import scfmbench
 from scfmbench import ConfigError, RunConfig
-from scfmbench.benchmark.label_efficiency import (
-    ALL,
-    nested_subsets,
-    resample_draws,
-    size_estimate,
-)
+from scfmbench.benchmark.label_efficiency import ALL, nested_subsets
 from scfmbench.data.splits import load_splits, normalize_train_sizes
+from scfmbench.evaluation.section_stats import resample_draws, size_estimate
 from scfmbench.evaluation.stats import Design
 
 from .conftest import make_tiny_adata, run_cli_in_process

@@ -290,15 +290,19 @@ def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
     assert proba.shape == (60, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
     classes = np.array([c.removeprefix("proba:") for c in table.columns if c.startswith("proba:")])
     assert (classes[proba.argmax(axis=1)] == logreg["pred"].to_numpy()).all()
-    recomputed, diff = check_statistics(run_dir)
-    assert diff == []
+    check = check_statistics(run_dir)
+    assert check.differences == []
     stored = json.loads((run_dir / "metrics.json").read_text())
-    assert recomputed["comparisons"] == stored["comparisons"]
+    assert check.recomputed["comparisons"] == stored["comparisons"]
     done = subprocess.run(
         [sys.executable, "-m", "scfmbench", "stats", str(run_dir)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "every statistic matches metrics.json" in done.stdout
+    assert done.stdout.splitlines()[-2:] == [
+        "recomputed run, methods, comparisons from predictions.tsv.gz: every value matches "
+        "metrics.json",
+        "not checked: embeddings (zero-shot scores of the embeddings, not of the predictions)",
+    ]
     # a changed prediction is caught
     table.loc[table.index[0], "pred"] = "type_2" if table.loc[0, "pred"] != "type_2" else "type_1"
     with gzip.open(run_dir / "predictions.tsv.gz", "wt") as fh:
@@ -306,7 +310,7 @@ def test_predictions_table_recomputes_every_statistic(tmp_path, tiny_adata):
     done = subprocess.run(
         [sys.executable, "-m", "scfmbench", "stats", str(run_dir)], capture_output=True, text=True
     )
-    assert done.returncode == 1 and "differ from metrics.json" in done.stdout
+    assert done.returncode == 1 and "differ (metrics.json vs recomputed):" in done.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "scfmbench", "stats", str(tmp_path / "nothing")],
         capture_output=True,
@@ -385,7 +389,7 @@ def test_repeated_cv_run_uses_the_corrected_variance(tmp_path, tiny_adata):
     assert comparison["mcnemar_p"] is None  # each cell is tested twice: counts not pooled
     assert set(comparison["mcnemar_p_per_split"]) == {"42", "43", "44", "45"}
     assert result.metrics["methods"]["majority"]["summary"]["macro_f1"]["df"] == 3
-    assert check_statistics(result.run_dir)[1] == []
+    assert check_statistics(result.run_dir).differences == []
 
 
 def test_draw_counts_are_kept_and_read_only(monkeypatch):
@@ -407,3 +411,135 @@ def test_draw_counts_are_kept_and_read_only(monkeypatch):
     ]
     again = draw_counts(true, n_boot=50, seed=3)
     assert again is not first and np.array_equal(again, first)  # recomputed, same draws
+
+
+def _edit_metrics(run_dir, edit):
+    import json
+
+    path = run_dir / "metrics.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_stats_checks_the_label_efficiency_section(tmp_path, tiny_adata, capsys):
+    import json
+
+    import scfmbench
+    from tests.conftest import run_cli_in_process
+
+    result = scfmbench.run(
+        tiny_adata,
+        out=tmp_path,
+        name="le",
+        n_splits=2,
+        baselines=["hvg+logreg", "majority"],
+        train_sizes=[1, 5, "all"],
+        progress=False,
+        figures=False,
+    )
+    run_dir = result.run_dir
+    sources = "predictions.tsv.gz, stages/label_efficiency_*.json"
+    counts = (
+        "not checked: label_efficiency.capped, label_efficiency.n_train_cells, "
+        "label_efficiency.all_cells_per_class (training-cell counts, not in the saved "
+        "predictions); embeddings (zero-shot scores of the embeddings, not of the predictions)"
+    )
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [
+        f"recomputed run, methods, comparisons, label_efficiency from {sources}: every value "
+        "matches metrics.json",
+        counts,
+    ]
+    stored = result.metrics["label_efficiency"]["methods"]["hvg+logreg"]["sizes"]["1"]["mean"]
+    assert stored != 0.999
+
+    def edit(doc):
+        doc["label_efficiency"]["methods"]["hvg+logreg"]["sizes"]["1"]["mean"] = 0.999
+
+    _edit_metrics(run_dir, edit)
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 1, err
+    assert out.splitlines()[-3:] == [
+        f"recomputed run, methods, comparisons, label_efficiency from {sources}: 1 value(s) "
+        "differ (metrics.json vs recomputed):",
+        f"  label_efficiency.methods.hvg+logreg.sizes.1.mean: 0.999 vs {json.dumps(stored)}",
+        counts,
+    ]
+    # without the saved per-draw predictions the section is named as not checked
+    stage = run_dir / "stages" / "label_efficiency_hvg__logreg_seed43.json"
+    stage.unlink()
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [
+        "recomputed run, methods, comparisons from predictions.tsv.gz: every value matches "
+        "metrics.json",
+        "not checked: label_efficiency (no stages/label_efficiency_hvg__logreg_seed43.json: "
+        "rerun the run to save it); embeddings (zero-shot scores of the embeddings, not of "
+        "the predictions)",
+    ]
+
+
+def test_stats_checks_the_holdout_section(tmp_path, capsys):
+    import json
+
+    from scfmbench.benchmark.pipeline import run
+    from tests.conftest import run_cli_in_process
+    from tests.test_holdout import donor_adata
+
+    result = run(
+        donor_adata(),
+        holdout_key="donor",
+        baselines=["pca+logreg", "majority"],
+        n_pcs=5,
+        n_hvg=40,
+        n_splits=2,
+        figures=False,
+        out=tmp_path,
+        name="donors",
+        progress=False,
+    )
+    run_dir = result.run_dir
+    head = (
+        "recomputed run, methods, comparisons, holdout from predictions.tsv.gz, "
+        "random_split/predictions.tsv.gz"
+    )
+    embeddings = (
+        "not checked: embeddings (zero-shot scores of the embeddings, not of the predictions)"
+    )
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [f"{head}: every value matches metrics.json", embeddings]
+    row = result.metrics["holdout"]["methods"]["pca+logreg"]
+    group_a = row["held_out"]["per_group"]["a"]
+
+    def edit(doc):
+        edited = doc["holdout"]["methods"]["pca+logreg"]
+        edited["random_split"]["macro_f1"] = 0.5
+        edited["drop"] = 0.5 - edited["held_out"]["macro_f1"]
+        edited["held_out"]["per_group"]["a"] = 0.25
+
+    _edit_metrics(run_dir, edit)
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 1, err
+    drop = 0.5 - row["held_out"]["macro_f1"]
+    assert out.splitlines()[-5:] == [
+        f"{head}: 3 value(s) differ (metrics.json vs recomputed):",
+        f"  holdout.methods.pca+logreg.drop: {json.dumps(drop)} vs {json.dumps(row['drop'])}",
+        f"  holdout.methods.pca+logreg.held_out.per_group.a: 0.25 vs {json.dumps(group_a)}",
+        "  holdout.methods.pca+logreg.random_split.macro_f1: 0.5 vs "
+        f"{json.dumps(row['random_split']['macro_f1'])}",
+        embeddings,
+    ]
+    # a run without the random split's saved document is named as not checked
+    (run_dir / "random_split" / "metrics.json").unlink()
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [
+        "recomputed run, methods, comparisons from predictions.tsv.gz: every value matches "
+        "metrics.json",
+        "not checked: holdout (no random_split/metrics.json and "
+        "random_split/predictions.tsv.gz: rerun the run to save them); embeddings (zero-shot "
+        "scores of the embeddings, not of the predictions)",
+    ]

@@ -418,25 +418,24 @@ def report(run_dir: opt.RunDirArgument, quiet: opt.Quiet = False) -> None:
 
 @app.command()
 def stats(run_dir: opt.RunDirArgument, quiet: opt.Quiet = False) -> None:
-    """Recompute RUN_DIR/metrics.json from RUN_DIR/predictions.tsv.gz and compare.
+    """Recompute RUN_DIR/metrics.json from the run's saved predictions and compare.
 
-    Every score, interval and test is recomputed from the per-cell predictions; exit 1 when
-    any differs from metrics.json.
+    Every per-split score, interval and paired test (run, methods, comparisons) is recomputed
+    from predictions.tsv.gz; a held-out run's holdout section also from random_split/, a
+    label-efficiency run's label_efficiency section from the saved per-draw predictions.
+    What is not recomputed (e.g. embeddings) is listed. Exit 1 when any value differs.
     """
-    from scfmbench.evaluation.run_stats import PREDICTIONS_FILE
+    from scfmbench.report.stats_check import check_lines
     from scfmbench.results import check_statistics
 
     _setup_logging(quiet)
-    recomputed, diff = check_statistics(run_dir)
-    typer.echo(markdown_table(results_table(recomputed)))
-    typer.echo(f"\nintervals: {recomputed['run']['interval_method']}")
-    if diff:
-        typer.echo(
-            f"recomputed from {PREDICTIONS_FILE}: {len(diff)} value(s) differ from metrics.json, "
-            f"e.g. {', '.join(diff[:5])}"
-        )
+    check = check_statistics(run_dir)
+    typer.echo(markdown_table(results_table(check.recomputed)))
+    typer.echo(f"\nintervals: {check.recomputed['run']['interval_method']}")
+    for line in check_lines(check):
+        typer.echo(line)
+    if check.differences:
         raise SystemExit(1)
-    typer.echo(f"recomputed from {PREDICTIONS_FILE}: every statistic matches metrics.json")
 
 
 @app.command()

@@ -21,6 +21,14 @@ from scfmbench._atomic import write_json
 from scfmbench._version import __version__
 from scfmbench.errors import RunDirError
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, method_statistics, read_predictions
+from scfmbench.evaluation.section_stats import (
+    COUNT_KEYS,
+    RANDOM_SPLIT_DIR,
+    holdout_section,
+    recompute_sweep,
+    unchecked_sections,
+)
+from scfmbench.stages import StageStore
 
 __all__ = [
     "METRICS_FILE",
@@ -28,9 +36,11 @@ __all__ = [
     "MethodEntry",
     "MethodKind",
     "MetricsDocument",
+    "StatisticsCheck",
     "check_statistics",
     "differences",
     "document_header",
+    "value_differences",
     "read_config",
     "read_metrics",
     "recompute",
@@ -351,8 +361,10 @@ def recompute(run_dir: Path) -> dict[str, Any]:
 STATISTICS_KEYS = ("methods", "comparisons")
 
 
-def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9) -> list[str]:
-    """Paths where two documents differ.
+def value_differences(
+    stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9
+) -> list[tuple[str, Any, Any]]:
+    """Where two documents differ, with the two values there.
 
     Parameters
     ----------
@@ -365,24 +377,24 @@ def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e
 
     Returns
     -------
-    list of str
-        E.g. ``methods.pca+logreg.summary.macro_f1.ci95[0]``.
+    list of (path, stored value, recomputed value)
+        E.g. ``("methods.pca+logreg.summary.macro_f1.ci95[0]", 0.81, 0.82)``; a key only one
+        side has gives :data:`ABSENT` on the other.
     """
     if isinstance(stored, dict) and isinstance(recomputed, dict):
         out = []
         for key in sorted(set(stored) | set(recomputed), key=str):
             where = f"{path}.{key}" if path else str(key)
-            if key not in stored or key not in recomputed:
-                out.append(where)
-            else:
-                out += differences(stored[key], recomputed[key], where, tol=tol)
+            out += value_differences(
+                stored.get(key, ABSENT), recomputed.get(key, ABSENT), where, tol=tol
+            )
         return out
     if isinstance(stored, list) and isinstance(recomputed, list):
         if len(stored) != len(recomputed):
-            return [path]
+            return [(path, stored, recomputed)]
         out = []
         for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
-            out += differences(a, b, f"{path}[{i}]", tol=tol)
+            out += value_differences(a, b, f"{path}[{i}]", tol=tol)
         return out
     numbers = (int, float)
     if (
@@ -393,12 +405,60 @@ def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e
     ):
         if np.isnan(stored) and np.isnan(recomputed):
             return []
-        return [] if abs(stored - recomputed) <= tol else [path]
-    return [] if stored == recomputed else [path]
+        return [] if abs(stored - recomputed) <= tol else [(path, stored, recomputed)]
+    return [] if stored == recomputed else [(path, stored, recomputed)]
 
 
-def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+ABSENT = "(absent)"
+
+
+def differences(stored: Any, recomputed: Any, path: str = "", *, tol: float = 1e-9) -> list[str]:
+    """Paths where two documents differ (of :func:`value_differences`), e.g. ``run.classes``."""
+    return [where for where, *_ in value_differences(stored, recomputed, path, tol=tol)]
+
+
+@dataclass(frozen=True)
+class StatisticsCheck:
+    """What ``scfmbench stats`` found.
+
+    Attributes
+    ----------
+    recomputed : dict
+        The recomputed document (``run``, ``methods``, ``comparisons``, and ``holdout`` and
+        ``label_efficiency`` when they were recomputed).
+    differences : list of (path, stored value, recomputed value)
+        Every value that differs (:func:`value_differences`).
+    sources : list of str
+        The saved files the statistics were recomputed from (relative to the run folder).
+    checked : list of str
+        The sections compared.
+    not_checked : list of str
+        Sections and keys present in ``metrics.json`` that were not compared, each with why.
+    """
+
+    recomputed: dict[str, Any]
+    differences: list[tuple[str, Any, Any]]
+    sources: list[str]
+    checked: list[str]
+    not_checked: list[str]
+
+    @property
+    def paths(self) -> list[str]:
+        """The paths of :attr:`differences`."""
+        return [where for where, *_ in self.differences]
+
+
+def check_statistics(run_dir: Path) -> StatisticsCheck:
     """Recompute a run's statistics and compare them with the stored ``metrics.json``.
+
+    ``run``, ``methods`` and ``comparisons`` are recomputed from ``predictions.tsv.gz``;
+    ``holdout`` from them and ``random_split/metrics.json`` and
+    ``random_split/predictions.tsv.gz`` (the random-split design) with
+    ``splits/splits.json``; ``label_efficiency`` (all but the training-cell counts
+    ``capped``, ``n_train_cells`` and ``all_cells_per_class``) from the per-draw predictions
+    in ``stages/label_efficiency_<method>_seed<key>.json``. A section whose files are
+    missing (a run of an earlier version) is listed as not checked, as are ``embeddings``,
+    ``layers`` and ``finetune``.
 
     Parameters
     ----------
@@ -407,20 +467,53 @@ def check_statistics(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
 
     Returns
     -------
-    (recomputed document, differing paths)
-        The paths under ``methods``, ``comparisons`` and ``run`` that differ (see
-        :func:`differences`); schema 2.0 runs lack the 2.1 annotations, which do not count.
+    StatisticsCheck
+        Schema 2.0 runs lack the 2.1 annotations, which do not count as differences.
 
     Raises
     ------
     RunDirError
         See :func:`recompute`.
     """
+    run_dir = Path(run_dir)
     recomputed = recompute(run_dir)  # checks that both files exist
     stored = read_metrics(run_dir).to_dict()
+    sources, checked = [PREDICTIONS_FILE], ["run", *STATISTICS_KEYS]
+    not_checked = []
+    if "holdout" in stored:
+        folder = run_dir / RANDOM_SPLIT_DIR
+        needed = [folder / METRICS_FILE, folder / PREDICTIONS_FILE]
+        if all(path.is_file() for path in needed):
+            index = json.loads((run_dir / "splits" / "splits.json").read_text())["holdout"]
+            random_doc = recompute(folder)
+            recomputed["holdout"] = holdout_section(recomputed, random_doc, index)
+            sources.append(f"{RANDOM_SPLIT_DIR}/{PREDICTIONS_FILE}")
+            checked.append("holdout")
+        else:
+            not_checked.append(
+                f"holdout (no {RANDOM_SPLIT_DIR}/{METRICS_FILE} and "
+                f"{RANDOM_SPLIT_DIR}/{PREDICTIONS_FILE}: rerun the run to save them)"
+            )
+    if "label_efficiency" in stored:
+        table = read_predictions(run_dir / PREDICTIONS_FILE)
+        block, missing = recompute_sweep(
+            stored["label_efficiency"], recomputed, table, StageStore(run_dir)
+        )
+        if block is None:
+            not_checked.append(
+                f"label_efficiency (no {missing[0]}{' …' if len(missing) > 1 else ''}: rerun "
+                "the run to save it)"
+            )
+        else:
+            recomputed["label_efficiency"] = block
+            sources.append("stages/label_efficiency_*.json")
+            checked.append("label_efficiency")
+            keys = ", ".join(f"label_efficiency.{k}" for k in COUNT_KEYS if k in block)
+            not_checked.append(f"{keys} (training-cell counts, not in the saved predictions)")
+    not_checked += unchecked_sections(stored)
     diff = []
-    for key in (*STATISTICS_KEYS, "run"):
-        diff += differences(stored.get(key), recomputed.get(key), key)
+    for key in checked:
+        diff += value_differences(stored.get(key), recomputed.get(key), key)
     if stored.get("schema_version", "2.0") == "2.0":  # schema 2.1 added these annotations
-        diff = [d for d in diff if d != "run.warnings" and not d.endswith(".constant_within_class")]
-    return recomputed, diff
+        diff = [d for d in diff if not d[0].endswith((".constant_within_class", "run.warnings"))]
+    return StatisticsCheck(recomputed, diff, sources, checked, not_checked)

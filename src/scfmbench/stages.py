@@ -47,6 +47,16 @@ class StageStore:
             return None
         return record.get("payload") if record.get("key") == key else None
 
+    def saved(self, name: str) -> Any | None:
+        """Return the stored payload of stage ``name`` whatever inputs made it (None: none)."""
+        path = self._path(name)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text()).get("payload")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return None
+
     def save(self, name: str, key: str, payload: Any) -> None:
         """Store ``payload`` of stage ``name`` as made from inputs ``key`` (atomically)."""
         write_json(self._path(name), {"key": key, "payload": payload})

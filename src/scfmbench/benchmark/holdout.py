@@ -46,22 +46,19 @@ from scfmbench.data.splits import (
 )
 from scfmbench.data.validate import ValidatedData
 from scfmbench.errors import ConfigError, SchemaError, SplitError, setting
+from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
+from scfmbench.evaluation.section_stats import RANDOM_SPLIT_DIR, holdout_section
 from scfmbench.hashing import hash_strings
 from scfmbench.registry import did_you_mean
 from scfmbench.report.coverage import fold_lines
+from scfmbench.results import write_metrics
 from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
 
 DESIGN = "holdout"
-RANDOM_SPLIT_DIR = "random_split"
-RANDOM_SPLIT_CONTEXT = "random-split comparison: "  # before warnings about that design
-"""Folder of the run directory with the random-split design scored beside the held-out folds
-(its ``splits/`` and ``stages/``)."""
-MACRO_F1_NOTE = (
-    "macro F1 of a held-out fold averages the classes present in its test cells; test cells "
-    "of classes the fold's training cells lack are dropped and listed per fold"
-)
+RANDOM_SPLIT_CONTEXT = "random-split comparison: "
+"""Put before the warnings about the random-split design scored beside the held-out folds."""
 
 
 def check_holdout_options(
@@ -445,7 +442,10 @@ def random_split_block(
 
     It holds the folds, and per method the random-split macro F1 (the run's ``design``,
     scored on the same embeddings under ``RUN/random_split/``), the held-out macro F1 (from
-    ``metrics["methods"]``) with their 95% intervals, and the drop.
+    ``metrics["methods"]``) with their 95% intervals, and the drop
+    (:func:`scfmbench.evaluation.section_stats.holdout_section`). The random-split design's
+    document and predictions are saved as ``RUN/random_split/metrics.json`` and
+    ``RUN/random_split/predictions.tsv.gz``.
 
     Fine-tuned methods are fine-tuned again on the random splits (``RUN/random_split/
     finetune/``); every other method reuses the run's embeddings and cells (``inputs``, a
@@ -472,43 +472,8 @@ def random_split_block(
             progress,
         )
     scoring = (config, data, split_set, scored, predictions, reference, model_info)
-    random_doc, _ = build_metrics(*scoring, context=RANDOM_SPLIT_CONTEXT)
+    random_doc, table = build_metrics(*scoring, context=RANDOM_SPLIT_CONTEXT)
+    write_metrics(folder, random_doc)  # what `scfmbench stats` rebuilds this section from
+    write_predictions(table, folder / PREDICTIONS_FILE)
     index = json.loads((run_dir / "splits" / "splits.json").read_text())
-    folds = index["holdout"]["folds"]
-    rows = {}
-    for name, entry in metrics["methods"].items():
-        held = entry["summary"]["macro_f1"]
-        random = random_doc["methods"].get(name, {}).get("summary", {}).get("macro_f1")
-        rows[name] = {
-            "kind": entry["kind"],
-            "random_split": None
-            if random is None
-            else {"macro_f1": random["mean"], "ci95": random.get("ci95")},
-            "held_out": {
-                "macro_f1": held["mean"],
-                "ci95": held.get("ci95"),
-                "per_group": {
-                    folds[seed]["group"]: split["macro_f1"]
-                    for seed, split in entry["splits"].items()
-                },
-            },
-            "drop": None if random is None else random["mean"] - held["mean"],
-        }
-    settings = index["holdout"]["settings"]
-    return {
-        "key": settings["key"],
-        "mode": "directed" if settings["train_groups"] else "leave-one-group-out",
-        "train_groups": settings["train_groups"],
-        "test_groups": settings["test_groups"],
-        "n_folds": len(folds),
-        "macro_f1": MACRO_F1_NOTE,
-        "interval_method": metrics["run"].get("interval_method"),
-        "folds": folds,
-        "random_split": {
-            "design": random_doc["run"]["design"],
-            "seeds": random_doc["run"]["seeds"],
-            "interval_method": random_doc["run"]["interval_method"],
-            "best_baseline": random_doc["run"]["best_baseline"],
-        },
-        "methods": rows,
-    }
+    return holdout_section(metrics, random_doc, index["holdout"])

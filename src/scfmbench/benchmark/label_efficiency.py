@@ -15,7 +15,8 @@ cells, with the fold's own validation cells (which tune the probe) and test cell
 - Macro F1 per (method, size): each fold's test score averaged over the draws, with the run's
   design interval (``scfmbench.evaluation.stats.design_estimate``) on those fold means. Its
   bootstrap is two-stage: a class-stratified resample of the fold's test cells (shared by the
-  draws and by every method) and a resample of the draws (:func:`resample_draws`), so the
+  draws and by every method) and a resample of the draws
+  (:func:`scfmbench.evaluation.section_stats.resample_draws`), so the
   interval covers the spread between draws also where the design's interval rests on the
   bootstrap alone (one test set, or folds that agree). Macro F1 averages the classes present in
   a held-out group's test cells, as the run's headline does.
@@ -44,22 +45,18 @@ from scfmbench.benchmark.predict import (
 )
 from scfmbench.data.splits import Split, SplitSet
 from scfmbench.evaluation.representations import SplitFeatures
-from scfmbench.evaluation.stats import (
-    N_BOOTSTRAP,
-    Design,
-    _codes,
-    design_estimate,
-    interval_method,
+from scfmbench.evaluation.section_stats import (
+    ALL,
+    sweep_interval_method,
+    sweep_methods,
+    sweep_stage,
 )
+from scfmbench.evaluation.stats import Design
 from scfmbench.hashing import hash_json
 from scfmbench.stages import StageStore
 
 logger = logging.getLogger(__name__)
 
-ALL = "all"
-DRAW_STREAM = 1
-"""Second seed word of the generator that picks draws in :func:`resample_draws` (the first is
-the run's seed), so the picks never reuse the cell resamples' stream."""
 COMPACT_WIDTH = 256
 """Features of the run up to this many columns (PCA, scVI) are kept for the sweep; wider ones
 (HVG expression) are rebuilt per fold, which is cheap and keeps memory flat."""
@@ -258,7 +255,7 @@ def label_efficiency(
         for method in swept:
             grid = probe_grid(method.probe, config)
             key = inputs.cache_key(method, split, sizes=numeric, draws=draws)
-            stage = f"label_efficiency_{method.name}_seed{split.seed}"
+            stage = sweep_stage(method.name, split.seed)
             payload = stages.load(stage, key)
             if payload is None:
                 with stages.timed(f"label_efficiency:{method.name}"):
@@ -297,131 +294,39 @@ def label_efficiency(
             "all_cells_per_class": float(
                 np.mean([len(split.train) for split in split_set.splits]) / len(classes)
             ),
-            "interval_method": (
-                f"{interval_method(design)}; each fold's test macro F1 is the mean over "
-                f"the {len(draws)} draws of labelled cells, and its bootstrap replicates "
-                "resample the draws as well as the test cells (two-stage bootstrap), so the "
-                "spread between draws is covered"
-                if len(draws) > 1
-                else f"{interval_method(design)}; one draw of labelled cells per fold, so the "
-                "spread between draws is not measured"
-            ),
+            "interval_method": sweep_interval_method(design, len(draws)),
             "validation": "each fold's validation cells (all labelled) tune every probe, as in "
             "the run; test cells are the run's",
             "representations": "HVG, PCA and scVI are fitted once per fold on all its training "
             "cells without labels; only the probe is refitted on the labelled subset",
             "methods": {},
         }
-        for method in swept:
-            per_size = {}
-            for size in sizes:
-                per_size[str(size)] = size_estimate(
-                    [
-                        (
-                            labels.loc[split.test].astype(str).to_numpy(),
-                            [r["pred"] for r in fits[(method.name, split.seed)][str(size)]],
-                        )
-                        for split in split_set.splits
-                    ],
-                    [str(split.seed) for split in split_set.splits],
-                    classes=classes,
-                    design=design,
-                    seed=config.seed,
-                )
-            block["methods"][method.name] = {"kind": method.kind, "sizes": per_size}
+        block["methods"] = sweep_methods(
+            {
+                method.name: [
+                    (
+                        labels.loc[split.test].astype(str).to_numpy(),
+                        {
+                            size: [r["pred"] for r in runs]
+                            for size, runs in fits[(method.name, split.seed)].items()
+                        },
+                    )
+                    for split in split_set.splits
+                ]
+                for method in swept
+            },
+            {method.name: method.kind for method in swept},
+            sizes,
+            [str(split.seed) for split in split_set.splits],
+            classes=classes,
+            design=design,
+            seed=config.seed,
+        )
     if config.figures and run_dir is not None:
         with stages.timed("label_efficiency:figure"):
             write_figure(block, run_dir / FIGURE, title=f"{config.name}: label efficiency")
         block["figure"] = FIGURE
     return block
-
-
-def size_estimate(
-    sets: list[tuple[np.ndarray, list]],
-    names: list[str],
-    *,
-    classes: list[str],
-    design: Design,
-    seed: int,
-    n_boot: int = N_BOOTSTRAP,
-) -> dict[str, Any]:
-    """Macro F1 of one method at one size over the design's test sets, with its interval.
-
-    Parameters
-    ----------
-    sets : list of (y_true (n_j,), [y_pred (n_j,) per draw])
-        Test labels of each fold and the predictions of every draw (strings).
-    names : list of str
-        Fold keys, in the order of ``sets``.
-    classes : list of str
-        The run's classes.
-    design : Design
-        The run's design (interval formula, see :func:`scfmbench.evaluation.stats.design_estimate`).
-    seed : int
-        Bootstrap seed (fold ``j`` uses ``seed + j``, as the run's own intervals do).
-
-    Returns
-    -------
-    dict
-        ``mean``, ``ci95`` [lo, hi], ``se``, ``df`` (None: bootstrap or normal),
-        ``per_split`` {fold: mean over draws}, ``per_draw`` {fold: [macro F1 per draw]}.
-    """
-    from scfmbench.evaluation.bootstrap import score_sets
-
-    coded = []
-    for truth, preds in sets:
-        true, codes = _codes(truth, preds, classes)
-        coded.append((true, codes))
-    scored = score_sets(
-        coded,
-        len(classes),
-        n_boot=n_boot,
-        seed=seed,
-        same_cells=design.name == "transfer",
-        present_only=design.present_only,
-    )
-    per_draw = [[p["macro_f1"] for p in points] for points, _ in scored]
-    values = np.array([np.mean(v) for v in per_draw])
-    rng = np.random.default_rng([seed, DRAW_STREAM])
-    reps = np.stack(
-        [resample_draws(np.stack([b["macro_f1"] for b in boots]), rng) for _, boots in scored]
-    )
-    estimate = design_estimate(values, reps, design)
-    return {
-        "mean": estimate.mean,
-        "ci95": list(estimate.ci95),
-        "se": estimate.se,
-        "df": None if estimate.df is None or np.isinf(estimate.df) else estimate.df,
-        "per_split": dict(zip(names, map(float, values), strict=True)),
-        "per_draw": dict(zip(names, per_draw, strict=True)),
-    }
-
-
-def resample_draws(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Two-stage bootstrap replicates of the mean over draws of one test set.
-
-    Replicate ``b`` averages the cell resample ``b`` of ``D`` draws picked with replacement
-    among the ``D`` draws, so its variance holds the spread between draws (about
-    ``(D - 1) / D² · s²_draws``) on top of cell sampling (Davison & Hinkley 1997, §3.8).
-    With one draw, or draws that agree on every resample, it is the plain mean over draws.
-
-    Parameters
-    ----------
-    scores : numpy.ndarray
-        Shape (D, B): each draw's score on each of the B shared cell resamples.
-    rng : numpy.random.Generator
-        Picks the draws, ``D`` per replicate (nothing is drawn when ``D == 1``).
-
-    Returns
-    -------
-    numpy.ndarray
-        Shape (B,).
-    """
-    n_draws, n_boot = scores.shape
-    if n_draws == 1:
-        return scores[0].copy()
-    picked = rng.integers(0, n_draws, size=(n_boot, n_draws))
-    return scores[picked, np.arange(n_boot)[:, None]].mean(axis=1)
 
 
 def figure_positions(block: dict[str, Any]) -> tuple[list[float], list[str]]:

@@ -31,7 +31,7 @@ from scfmbench.benchmark.embedding import (
 )
 from scfmbench.benchmark.finetuning import finetune_metrics, finetune_models
 from scfmbench.benchmark.fitting import predict_all
-from scfmbench.benchmark.holdout import RANDOM_SPLIT_DIR, holdout_splits, random_split_block
+from scfmbench.benchmark.holdout import holdout_splits, random_split_block
 from scfmbench.benchmark.label_efficiency import CompactFeatures, label_efficiency
 from scfmbench.benchmark.methods import Method, model_methods
 from scfmbench.benchmark.output import (
@@ -59,6 +59,7 @@ from scfmbench.data.validate import validate as validate_data
 from scfmbench.errors import ConfigError, ScfmbenchError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS
 from scfmbench.evaluation.run_stats import PREDICTIONS_FILE, write_predictions
+from scfmbench.evaluation.section_stats import RANDOM_SPLIT_DIR
 from scfmbench.hashing import hash_array
 from scfmbench.results import write_metrics
 from scfmbench.stages import StageStore, deferred_interrupt
