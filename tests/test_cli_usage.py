@@ -26,7 +26,6 @@ USAGE_ERRORS = {
         )
         for command in COMMANDS
     },
-    "validate-missing-data": (["validate"], "Error: Missing argument 'DATA'."),
     "embed-missing-data": (["embed"], "Error: Missing argument 'DATA'."),
     "finetune-missing-data": (["finetune"], "Error: Missing argument 'DATA'."),
     "transfer-missing-train": (["transfer"], "Error: Missing option '--train'."),

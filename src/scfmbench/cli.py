@@ -20,7 +20,7 @@ from scfmbench._cli_options import api_default
 from scfmbench.benchmark.commands import check_dataset, embed_dataset, finetune_dataset
 from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
-from scfmbench.benchmark.transfer_data import transfer_settings
+from scfmbench.benchmark.transfer_settings import transfer_settings
 from scfmbench.config import RunConfig
 from scfmbench.embed.launch import env_rank
 from scfmbench.errors import ScfmbenchError
@@ -338,7 +338,7 @@ def transfer(
         **settings,
     )
     typer.echo(transfer_markdown(doc))
-    resolved = transfer_settings(base, settings, warn=False)
+    resolved = transfer_settings(base, settings)
     typer.echo(f"\nrun directory: {resolved.out / doc['run']['name']}")
 
 

@@ -346,35 +346,35 @@ def predict_all(
     if keep_features is not None:
         keep_width = math.inf if keep_features.max_width is None else keep_features.max_width
     workers_peak = 0.0
-    with _results(inputs, groups, classes, keep_width, workers, stages) as results:
+    reused = len(done)  # saved by an earlier, interrupted run: the bar starts there
+    bar = progress_bar(
+        total=reused + n_fits,
+        initial=reused,
+        desc="probes",
+        unit="fit",
+        postfix=f"{reused} saved" if reused else None,
+        progress=progress,
+    )
+    # opened before the other work, so that its clock counts the fits the workers make then
+    with bar, _results(inputs, groups, classes, keep_width, workers, stages) as results:
         if meanwhile is not None:
+            saved = f"{reused} saved, " if reused else ""
+            bar.set_postfix_str(f"{saved}scoring the embeddings meanwhile")
             before = time.process_time()
             meanwhile()
             cpu += time.process_time() - before  # not the fits' time: its own stages time it
-        reused = len(done)  # saved by an earlier, interrupted run: the bar starts there
-        bar = progress_bar(
-            total=reused + n_fits,
-            initial=reused,
-            desc="probes",
-            unit="fit",
-            postfix=f"{reused} saved" if reused else None,
-            progress=progress,
-        )
-        with bar:
-            for result in results:  # each prediction is saved already, where it was made
-                group = result.group
-                workers_peak = max(workers_peak, result.peak_rss_mb)
-                for method, prediction in zip(group.methods, result.predictions, strict=True):
-                    done[(method.name, group.split.seed)] = prediction
-                for name, (seconds, cpu_seconds) in result.timings.items():
-                    stages.add(name, seconds, cpu_seconds)
-                if keep_features is not None and result.features is not None:
-                    keep_features[(group.methods[0].representation, group.split.seed)] = (
-                        result.features
-                    )
-                last = f"{group.methods[-1].name} seed {group.split.seed}"
-                bar.set_postfix_str(last, refresh=False)  # drawn by update, at its interval
-                bar.update(len(group.methods))
+        for result in results:  # each prediction is saved already, where it was made
+            group = result.group
+            workers_peak = max(workers_peak, result.peak_rss_mb)
+            for method, prediction in zip(group.methods, result.predictions, strict=True):
+                done[(method.name, group.split.seed)] = prediction
+            for name, (seconds, cpu_seconds) in result.timings.items():
+                stages.add(name, seconds, cpu_seconds)
+            if keep_features is not None and result.features is not None:
+                keep_features[(group.methods[0].representation, group.split.seed)] = result.features
+            last = f"{group.methods[-1].name} seed {group.split.seed}"
+            bar.set_postfix_str(last, refresh=False)  # drawn by update, at its interval
+            bar.update(len(group.methods))
     if workers > 1:
         elapsed = time.perf_counter() - started
         stages.add("probes", elapsed, time.process_time() - cpu, worker=False)

@@ -28,7 +28,6 @@ from scfmbench.benchmark.pipeline import load_models
 from scfmbench.benchmark.predict import Prediction, ProbeInputs, payloads
 from scfmbench.benchmark.transfer_data import (
     BUILTIN_LABEL_MAPS,
-    TRANSFER_IGNORED,
     TransferData,
     check_transfer_feature_selection,
     checked_label_map,
@@ -38,7 +37,11 @@ from scfmbench.benchmark.transfer_data import (
     prepare_transfer,
     shared_labels,
     training_split,
+)
+from scfmbench.benchmark.transfer_settings import (
+    TRANSFER_IGNORED,
     transfer_settings,
+    transfer_warnings,
 )
 from scfmbench.config import DEFAULT_BASELINES, RunConfig
 from scfmbench.data.cells import InMemoryCells
@@ -184,6 +187,8 @@ def transfer(
         )
         for i, j in directions
     }
+    for line in transfer_warnings(cfg):  # once the data and the label map are checked
+        logger.warning("warning: %s", line)
     kinds = {name: checked.diagnostics.matrix_kind for name, checked in datasets}
     methods, skipped = transfer_baselines(cfg, kinds)
     with clock.timed("load_models"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,23 +40,8 @@ __all__ = [
     "prepare_transfer",
     "shared_labels",
     "training_split",
-    "transfer_settings",
 ]
 
-TRANSFER_REFUSED = (
-    "holdout_key",
-    "train_groups",
-    "test_groups",
-    "reference",
-    "finetune",
-    "train_sizes",
-    "train_size_seeds",
-)
-"""Run settings that ask for results a transfer does not make: refused, not ignored."""
-
-TRANSFER_IGNORED = ("data", "design", "n_repeats", "layerwise", "batch_key", "backed", "chunk_size")
-"""Run settings of a config shared with ``run`` that a transfer has no use for: ignored with
-one warning (a transfer reads --train and --test and splits the training data its own way)."""
 
 BUILTIN_LABEL_MAPS: dict[str, dict[str, str | None]] = {
     # PBMC3k Seurat-tutorial labels ↔ Kang 2018 (muscat) cell types
@@ -447,62 +431,3 @@ def training_split(prepared: TransferData, *, seed: int, fractions) -> Split:
     n_train = len(prepared.labels) - len(prepared.split.test)
     inner = stratified_split(prepared.labels.iloc[:n_train], seed=seed, fractions=fractions)
     return Split(seed=seed, train=inner.train, val=inner.val, test=prepared.split.test)
-
-
-def transfer_settings(
-    config: RunConfig | None, overrides: dict[str, Any], *, warn: bool = True
-) -> RunConfig:
-    """Return a transfer's settings: ``config`` with the ``overrides`` that were given.
-
-    Parameters
-    ----------
-    config : RunConfig, optional
-        Settings from ``--config``.
-    overrides : dict
-        RunConfig fields; ``None`` values are not given.
-    warn : bool, default True
-        Log the warnings about ignored settings and few training seeds (False: they were
-        given already, by the transfer these settings are read again for).
-
-    Returns
-    -------
-    RunConfig
-        The resolved settings.
-
-    Raises
-    ------
-    ConfigError
-        A bad value, or a setting that asks for what a transfer does not make
-        (:data:`TRANSFER_REFUSED`, e.g. ``holdout_key``) set to anything but its default.
-        Settings in :data:`TRANSFER_IGNORED` (e.g. ``design`` of a config shared with ``run``)
-        are logged as ignored.
-    """
-    values = config.model_dump() if config is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = RunConfig.build(values)
-    refused, ignored = (
-        [key for key in keys if getattr(cfg, key) != RunConfig.model_fields[key].default]
-        for keys in (TRANSFER_REFUSED, TRANSFER_IGNORED)
-    )
-    design = (
-        "(a transfer reads --train and --test, trains on n_splits stratified splits of the "
-        "training data and scores every cell of the test data)"
-    )
-    if refused:
-        raise ConfigError(
-            f"transfer does not make what {', '.join(refused)} ask for; remove "
-            f"{'it' if len(refused) == 1 else 'them'} from the config {design}, or use "
-            "scfmbench run."
-        )
-    if ignored and warn:
-        logger.warning("warning: transfer ignores %s of the config %s", ", ".join(ignored), design)
-    if cfg.n_splits < 5 and warn:
-        logger.warning(
-            "warning: %s: %s; use --n-splits 5 or more",
-            f"only {cfg.n_splits} training seed{'s' if cfg.n_splits > 1 else ''}",
-            "each 95% interval covers the sampling of target cells only, not retraining"
-            if cfg.n_splits == 1
-            else "the retraining variance in each 95% interval rests on that many scores "
-            "(Student t with few degrees of freedom), so intervals are wide",
-        )
-    return cfg
