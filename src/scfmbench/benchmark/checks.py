@@ -8,6 +8,8 @@ line as ``scfmbench run`` for anything the run would refuse with the same settin
 
 from __future__ import annotations
 
+from typing import Any
+
 from scfmbench.benchmark.holdout import check_holdout_data, check_holdout_options
 from scfmbench.benchmark.methods import Method, baseline_methods, check_reference
 from scfmbench.benchmark.rundata import RunData
@@ -108,31 +110,25 @@ def check_model_layouts(
     from scfmbench.models import MODELS
 
     context = load_context(config)
-    checks = [{"layer": layer, "pooling": pooling}]
-    if tune is not None:
-        checks.append({"layer": tune.layer, "pooling": tune.pooling, "what": "finetune layer"})
-    for check in checks:  # the order the loaded model refuses them in
+
+    def check_each(**asked: Any) -> None:
         for spec in specs:
             MODELS.get(spec.name).check_embedding(
                 spec.path,
                 context,
                 config.model_options.get(spec.name),
                 random_init=spec.random_only,
-                **check,
+                **asked,
             )
+
+    check_each(layer=layer, pooling=pooling)  # in the order the loaded model refuses them
     if tune is None:
         return
+    check_each(layer=tune.layer, pooling=tune.pooling, what="finetune layer")
     from scfmbench.finetune.setup import check_finetune_device
 
     check_finetune_device(tune)
-    for spec in specs:
-        MODELS.get(spec.name).check_embedding(
-            spec.path,
-            context,
-            config.model_options.get(spec.name),
-            freeze_layers=tune.freeze_layers,
-            random_init=spec.random_only,
-        )
+    check_each(freeze_layers=tune.freeze_layers)
 
 
 def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple[list[Method], str]:
