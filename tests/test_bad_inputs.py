@@ -57,6 +57,11 @@ def truncated(path: Path) -> str:
 CASES = {
     "not_h5ad": (lambda p: (p.write_text("a,b\n1,2\n"), str(p))[1], [], "is not an .h5ad file"),
     "truncated": (truncated, [], "truncated or corrupt"),
+    "empty_file": (
+        lambda p: (p.write_bytes(b""), str(p))[1],
+        [],
+        "is empty (0 bytes): a write or copy that did not finish? Write it again",
+    ),
     "label_missing": (
         lambda p: write(make_tiny_adata(), p),
         ["--label-key", "celltype"],

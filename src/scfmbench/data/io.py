@@ -102,6 +102,11 @@ def data_format(path: Path) -> Literal["h5ad", "zarr"]:
         )
     with open(path, "rb") as fh:
         magic = fh.read(8)
+    if not magic:
+        raise DataError(
+            f"{name!r} is empty (0 bytes): a write or copy that did not finish? Write it again "
+            "with anndata's `adata.write_h5ad(path)`."
+        )
     if magic != b"\x89HDF\r\n\x1a\n":
         raise DataError(
             f"{name!r} is not an .h5ad file (no HDF5 signature); write it with "
