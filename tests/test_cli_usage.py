@@ -140,6 +140,10 @@ def test_bad_settings_stop_with_one_line(tmp_path, capsys):
             ["run", "--data", str(data), "--out", str(a_file), "--name", "r"],
             f"error: cannot write to '{a_file}/r': '{a_file}' is a file, not a folder",
         ),
+        "out under a file, checked before the data": (
+            ["run", "--data", str(typo), "--out", str(a_file), "--name", "r"],
+            f"error: cannot write to '{a_file}/r': '{a_file}' is a file, not a folder",
+        ),
         "probe typo, validate": (
             ["validate", str(data), "--config", str(typo)],
             "error: probes: unknown probe 'knnn'",

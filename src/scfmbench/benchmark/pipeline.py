@@ -245,21 +245,23 @@ def run(
     """
     config = resolve_config(data, config, overrides)
     check_settings(config, list(config.models))
+    run_dir = run_directory(config)  # an output folder it cannot use, before the data are read
+    check_writable(run_dir)
+    check_folder_kind(run_dir, "run")
     validated = open_run_data(data, config, progress)
     try:
-        return _run_validated(config, validated, progress)
+        return _run_validated(config, validated, run_dir, progress)
     finally:
         if isinstance(validated, BackedData):
             validated.close()
 
 
-def _run_validated(config: RunConfig, validated: RunData, progress: bool) -> RunResult:
+def _run_validated(
+    config: RunConfig, validated: RunData, run_dir: Path, progress: bool
+) -> RunResult:
     check_run_feature_selection(config, validated.diagnostics)
     check_models_read(config, list(config.models), validated)
     methods, reference = check_run_data(config, validated, list(config.models))
-    run_dir = run_directory(config)
-    check_writable(run_dir)
-    check_folder_kind(run_dir, "run")
     check_same_data(run_dir, validated.labels)
     models = load_models(config)
     methods += model_methods(models, config)
