@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from scfmbench._atomic import write_json
@@ -335,6 +336,11 @@ def recompute(run_dir: Path) -> dict[str, Any]:
         ``run_dir`` is a file or does not exist, ``metrics.json`` or ``predictions.tsv.gz``
         is missing, the folder is a transfer's, or the table lacks a method.
     """
+    return _recompute(run_dir)[0]
+
+
+def _recompute(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """:func:`recompute`, and the predictions table it read."""
     run_dir = _run_folder(run_dir)
     metrics_path, table_path = run_dir / METRICS_FILE, run_dir / PREDICTIONS_FILE
     for path in (metrics_path, table_path):
@@ -355,7 +361,7 @@ def recompute(run_dir: Path) -> dict[str, Any]:
     missing = sorted(set(doc["methods"]) - set(table["method"]))
     if missing:
         raise RunDirError(f"{table_path} has no predictions for {missing}; rerun the benchmark.")
-    return method_statistics(doc, table, seed=doc["run"]["stats_seed"])
+    return method_statistics(doc, table, seed=doc["run"]["stats_seed"]), table
 
 
 STATISTICS_KEYS = ("methods", "comparisons")
@@ -442,11 +448,6 @@ class StatisticsCheck:
     checked: list[str]
     not_checked: list[str]
 
-    @property
-    def paths(self) -> list[str]:
-        """The paths of :attr:`differences`."""
-        return [where for where, *_ in self.differences]
-
 
 def check_statistics(run_dir: Path) -> StatisticsCheck:
     """Recompute a run's statistics and compare them with the stored ``metrics.json``.
@@ -476,7 +477,7 @@ def check_statistics(run_dir: Path) -> StatisticsCheck:
         See :func:`recompute`.
     """
     run_dir = Path(run_dir)
-    recomputed = recompute(run_dir)  # checks that both files exist
+    recomputed, table = _recompute(run_dir)  # checks that both files exist
     stored = read_metrics(run_dir).to_dict()
     sources, checked = [PREDICTIONS_FILE], ["run", *STATISTICS_KEYS]
     not_checked = []
@@ -495,7 +496,6 @@ def check_statistics(run_dir: Path) -> StatisticsCheck:
                 f"{RANDOM_SPLIT_DIR}/{PREDICTIONS_FILE}: rerun the run to save them)"
             )
     if "label_efficiency" in stored:
-        table = read_predictions(run_dir / PREDICTIONS_FILE)
         block, missing = recompute_sweep(
             stored["label_efficiency"], recomputed, table, StageStore(run_dir)
         )

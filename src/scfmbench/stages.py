@@ -36,26 +36,25 @@ class StageStore:
     def _path(self, name: str) -> Path:
         return self.root / f"{safe_name(name)}.json"
 
-    def load(self, name: str, key: str) -> Any | None:
-        """Return the stored payload of stage ``name`` if it was made from inputs ``key``."""
+    def _record(self, name: str) -> dict[str, Any]:
+        """Return the stored record of stage ``name`` (empty: none, or unreadable)."""
         path = self._path(name)
         if not path.exists():
-            return None
+            return {}
         try:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError):
-            return None
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def load(self, name: str, key: str) -> Any | None:
+        """Return the stored payload of stage ``name`` if it was made from inputs ``key``."""
+        record = self._record(name)
         return record.get("payload") if record.get("key") == key else None
 
     def saved(self, name: str) -> Any | None:
         """Return the stored payload of stage ``name`` whatever inputs made it (None: none)."""
-        path = self._path(name)
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text()).get("payload")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            return None
+        return self._record(name).get("payload")
 
     def save(self, name: str, key: str, payload: Any) -> None:
         """Store ``payload`` of stage ``name`` as made from inputs ``key`` (atomically)."""

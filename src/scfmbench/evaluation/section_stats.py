@@ -16,6 +16,7 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
+from scfmbench.evaluation.run_stats import design_from_run
 from scfmbench.evaluation.stats import (
     N_BOOTSTRAP,
     Design,
@@ -179,11 +180,7 @@ def recompute_sweep(
             folds[method].append((fold["true"].to_numpy(dtype=str), preds))
     if missing:
         return None, missing
-    design = Design(
-        run["design"]["name"],
-        n_folds=run["design"]["n_folds"],
-        test_train_ratio=run["design"]["test_train_ratio"],
-    )
+    design = design_from_run(run)
     kinds = {name: entry["kind"] for name, entry in block["methods"].items()}
     methods = sweep_methods(
         folds,
