@@ -17,6 +17,7 @@ import torch
 from scfmbench.config import FinetuneConfig
 from scfmbench.errors import ConfigError
 from scfmbench.models.base import FoundationModel, PaddedBatch
+from scfmbench.models.loading import check_freeze_layers
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,7 @@ def apply_trainability(model: FoundationModel, config: FinetuneConfig) -> Any:
             module.requires_grad_(False)
     if config.freeze_layers:
         layers = _hook(model, "layer_modules", "freeze_layers")
-        if config.freeze_layers > len(layers):
-            raise ConfigError(
-                f"freeze_layers={config.freeze_layers} but {model.model_id} has {len(layers)} "
-                f"layers; choose 0..{len(layers)}."
-            )
+        check_freeze_layers(model.model_id, len(layers), config.freeze_layers)
         for module in layers[: config.freeze_layers]:
             module.requires_grad_(False)
     if not config.lora:

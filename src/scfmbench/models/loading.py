@@ -175,6 +175,21 @@ def check_layer_pooling(
         )
 
 
+def check_freeze_layers(model_id: str, n_layers: int, freeze_layers: int) -> None:
+    """Refuse freezing more encoder layers than the model has.
+
+    Raises
+    ------
+    ConfigError
+        ``freeze_layers`` above ``n_layers``.
+    """
+    if freeze_layers > n_layers:
+        raise ConfigError(
+            f"freeze_layers={freeze_layers} but {model_id} has {n_layers} layers; "
+            f"choose 0..{n_layers}."
+        )
+
+
 class ModelLoader(Generic[OptionsT, ModelT]):
     """A registered model: its name, its declared options and the function that builds it.
 
@@ -394,11 +409,8 @@ class ModelLoader(Generic[OptionsT, ModelT]):
         layout = self.describe(Path(path), context=context, options=declared)
         model_id = f"{self.name}-random" if random_init else self.name
         check_layer_pooling(self.name, model_id, layout, layer=layer, pooling=pooling, what=what)
-        if layout.n_layers is not None and freeze_layers > layout.n_layers:
-            raise ConfigError(
-                f"freeze_layers={freeze_layers} but {model_id} has {layout.n_layers} layers; "
-                f"choose 0..{layout.n_layers}."
-            )
+        if layout.n_layers is not None:
+            check_freeze_layers(model_id, layout.n_layers, freeze_layers)
 
     def __call__(self, path: str | Path, *, random_init: bool = False, **values: Any) -> ModelT:
         """Load with keywords: :class:`LoadContext` fields and the model's declared options.
