@@ -178,6 +178,37 @@ def test_an_empty_output_folder_is_refused(command, tmp_path, capsys, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["data.h5ad"]
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_config_data_path_that_does_not_exist_names_the_config(
+    command, tmp_path, capsys, monkeypatch
+):
+    """``data:`` is read from the current folder; the error says so and names the config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    write(make_tiny_adata(), tmp_path / "configs" / "data.h5ad")
+    config = Path("configs") / "run.yaml"
+    config.write_text("data: data.h5ad\nlabel_key: cell_type\n")
+    code, _, stderr = run_cli_in_process([command, "--config", str(config)], capsys)
+    assert (code, stderr.strip().splitlines()) == (
+        2,
+        [
+            "error: data file 'data.h5ad' (data: in 'configs/run.yaml') does not exist; relative "
+            "paths are read from the current folder: write data: 'configs/data.h5ad'."
+        ],
+    )
+    config.write_text("data: elsewhere.h5ad\n")
+    code, _, stderr = run_cli_in_process([command, "--config", str(config)], capsys)
+    assert code == 2 and stderr.strip() == (
+        "error: data file 'elsewhere.h5ad' (data: in 'configs/run.yaml') does not exist; check "
+        "the path (relative paths are read from the current folder)."
+    )
+    if command == "validate":  # the command line's data wins over the config's entry
+        code, out, stderr = run_cli_in_process(
+            [command, "configs/data.h5ad", "--config", str(config)], capsys
+        )
+        assert code == 0 and out.startswith("cells: "), stderr
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_dir(tmp_path):  # pragma: no cover - CI runs as root
     locked = tmp_path / "locked"

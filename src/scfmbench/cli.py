@@ -22,6 +22,7 @@ from scfmbench.benchmark.pipeline import run as run_benchmark
 from scfmbench.benchmark.transfer import transfer as run_transfer
 from scfmbench.benchmark.transfer_settings import transfer_settings
 from scfmbench.config import RunConfig
+from scfmbench.data.io import check_config_data
 from scfmbench.embed.launch import env_rank
 from scfmbench.errors import ScfmbenchError
 from scfmbench.report.compare import compare_runs
@@ -65,8 +66,14 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
         logging.getLogger("scfmbench").warning("warning: %s", text)
 
 
-def _load_config(config: Path | None) -> RunConfig | None:
-    return RunConfig.from_yaml(config) if config is not None else None
+def _load_config(config: Path | None, data: str | None = None) -> RunConfig | None:
+    """Read --config; its ``data:`` is checked here unless ``data`` (the command line's) wins."""
+    if config is None:
+        return None
+    loaded = RunConfig.from_yaml(config)
+    if data is None:
+        check_config_data(loaded.data, config)
+    return loaded
 
 
 @app.command()
@@ -131,7 +138,7 @@ def run(
         train_sizes=train_sizes,
         train_size_seeds=train_size_seeds,
     )
-    base = _load_config(config)
+    base = _load_config(config, data)
     if finetune and (base is None or base.finetune is None):
         overrides["finetune"] = {}
     if no_scvi:
@@ -188,7 +195,7 @@ def validate(
         allow_normalized=allow_normalized,
         allow_feature_selected=allow_feature_selected,
     )
-    diag = check_dataset(data, _load_config(config), models=model, **settings)
+    diag = check_dataset(data, _load_config(config, data), models=model, **settings)
     if as_json:
         typer.echo(json.dumps(diag.to_dict(), indent=2))
         return

@@ -133,6 +133,31 @@ def data_format(path: Path) -> Literal["h5ad", "zarr"]:
     return "h5ad"
 
 
+def check_config_data(data: str, config: Path) -> None:
+    """Refuse a ``data:`` entry of the config file ``config`` that names no file.
+
+    Relative paths are read from the current folder, as on the command line (so a run's saved
+    ``config.yaml`` means the same data wherever it is copied).
+
+    Raises
+    ------
+    DataError
+        ``data`` is neither a built-in name nor an existing path; the message names the config
+        and, when the file lies beside the config instead, the path to write.
+    """
+    path = Path(data)
+    if data in BUILTIN_DATASETS or path.exists():
+        return
+    beside = Path(config).parent / path
+    fix = (
+        f"relative paths are read from the current folder: write data: {str(beside)!r}"
+        if not path.is_absolute() and beside.exists()
+        else "check the path"
+        + ("" if path.is_absolute() else " (relative paths are read from the current folder)")
+    )
+    raise DataError(f"data file {data!r} (data: in {str(config)!r}) does not exist; {fix}.")
+
+
 def _foreign_hdf5_format(groups: dict) -> tuple[str, str] | None:
     """Return (description, scanpy reader) when HDF5 ``groups`` are a loom or 10x layout."""
     if {"matrix", "row_attrs", "col_attrs"} <= groups.keys():
