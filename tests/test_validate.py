@@ -216,6 +216,30 @@ def test_a_measurement_is_not_a_label_column():
     assert sorted(checked.labels.unique()) == ["0", "1", "2"]
 
 
+@pytest.mark.parametrize("as_text", [False, True])
+def test_classes_named_by_numbers_are_warned_about(as_text):
+    """Integer codes or scanpy's leiden strings: a warning that clusters make a circular task."""
+    from tests.conftest import make_tiny_adata
+
+    adata = make_tiny_adata(n_per_class=20)
+    codes = {"type_0": 10, "type_1": 2, "type_2": 0}
+    clusters = adata.obs["cell_type"].map(codes).astype(np.int64)
+    adata.obs["leiden"] = clusters.astype(str).astype("category") if as_text else clusters
+    with pytest.warns(UserWarning) as caught:
+        checked = validate(adata, label_key="leiden")
+    expected = (
+        "label column 'leiden' names its 3 classes by numbers (0, 2, 10): if they are clusters "
+        "computed from this data's expression, the scores measure agreement with that "
+        "clustering, which favours the PCA baseline it was built from; prefer annotated cell "
+        "types"
+    )
+    assert [str(w.message) for w in caught] == [expected]
+    assert checked.diagnostics.warnings == [expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named classes: no warning
+        validate(adata, label_key="cell_type")
+
+
 def test_one_class_left_names_its_size_and_a_fix_that_helps():
     from tests.conftest import make_tiny_adata
 

@@ -390,6 +390,8 @@ def filter_cells(
             "needs at least 2 — pick another --label-key"
             + (" or lower min_cells_per_class." if len(rare) else ".")
         )
+    if all(str(name).lstrip("-").isdigit() for name in classes.index):
+        _warn(diag, _numbered_classes(label_key, [str(name) for name in classes.index]))
     kept_labels = pd.Series(
         pd.Categorical(text[keep], categories=sorted(classes.index)),
         index=obs.index[keep],
@@ -415,6 +417,18 @@ def _check_not_a_measurement(labels: pd.Series, label_key: str, min_cells: int) 
             f"on fewer than {min_cells} cells: it looks like a measurement, not cell types; "
             "pick another --label-key."
         )
+
+
+def _numbered_classes(label_key: str, names: list[str]) -> str:
+    """Return the warning for classes named by numbers only (leiden/louvain write "0", "1")."""
+    shown = sorted(names, key=int)
+    listed = ", ".join(shown) if len(shown) <= 4 else f"{shown[0]}, {shown[1]}, …, {shown[-1]}"
+    return (
+        f"label column {label_key!r} names its {len(names)} classes by numbers ({listed}): if "
+        "they are clusters computed from this data's expression, the scores measure agreement "
+        "with that clustering, which favours the PCA baseline it was built from; prefer "
+        "annotated cell types"
+    )
 
 
 def _first(items, limit: int = 20) -> str:
