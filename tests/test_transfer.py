@@ -73,7 +73,14 @@ def test_pbmc3k_to_kang_subsets(pbmc3k_path, kang_path, tmp_path):
     assert 1000 < info["n_shared_genes"] < 1267
     assert forward["hvg+logreg"]["accuracy"] > 0.75
     assert forward["hvg+logreg"]["accuracy"] > forward["majority"]["accuracy"] + 0.4
-    assert (tmp_path / "t" / "transfer.md").exists()
+    # p-values as in the report's tables: three decimals, "<0.001" below, "*" when significant
+    shown = "<0.001" if test["p_holm"] < 0.001 else f"{test['p_holm']:.3f}"
+    lo, hi = test["f1_diff_ci95"]
+    row = (
+        f"| majority | hvg+logreg | {test['kind']} | {test['f1_diff']:.3f} | "
+        f"[{lo:.3f}, {hi:.3f}] | {shown} * |"
+    )
+    assert row in (tmp_path / "t" / "transfer.md").read_text().splitlines()
     report = (tmp_path / "t" / "report.md").read_text()
     assert "## Transfer across datasets" in report
     assert f"{info['n_shared_genes']} shared genes" in report

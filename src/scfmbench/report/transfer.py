@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from scfmbench.report.coverage import coverage_lines
+from scfmbench.report.tables import p_cell
 
 __all__ = ["transfer_markdown"]
 
@@ -61,9 +62,8 @@ def transfer_markdown(doc: dict[str, Any]) -> str:
                 ]
                 lines += [
                     f"| {c['method']} | {c['against']} | {c['kind']} | {c['f1_diff']:.3f} | "
-                    f"{_interval_text(c['f1_diff_ci95'])} | {c['p_holm']:.3g}"
-                    + (" *" if c["significant"] else "")
-                    + " |"
+                    f"{_interval_text(c['f1_diff_ci95'])} | "
+                    f"{p_cell(c['p_holm'], significant=c['significant']).text} |"
                     for c in comparisons
                 ]
                 lines.append("")
