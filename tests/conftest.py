@@ -15,6 +15,16 @@ import scipy.sparse as sp
 # monkeypatched function is only seen here, and tiny runs gain nothing from worker start-up
 os.environ.setdefault("LOKY_MAX_CPU_COUNT", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per pytest-xdist worker and per process it starts: with -n 2 on two cores,
+    # two BLAS/OpenMP threads each made the suite ~20% slower and crash tests ~2× slower.
+    # The variables reach torch and subprocesses; numpy's BLAS was loaded before this file.
+    from threadpoolctl import threadpool_limits
+
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+    threadpool_limits(limits=1, user_api="blas")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
