@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -67,6 +68,17 @@ def test_usage_error_prints_usage_and_exits_2(case, tmp_path):
 def test_help_exits_0():
     done = scfmbench("run", "--help")
     assert done.returncode == 0 and "--label-key" in done.stdout, done.stderr
+
+
+def test_examples_of_the_main_help_keep_one_line_each():
+    """In an 80-column terminal, each example and its comment stay on one line."""
+    done = scfmbench("--help", env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    lines = [line.strip() for line in done.stdout.split("Examples:")[1].splitlines()]
+    examples = [line for line in lines if line][:5]
+    assert examples[0] == "scfmbench run        # the built-in demo data, scanpy's pbmc68k_reduced"
+    assert all(line.startswith("scfmbench ") for line in examples), examples
+    assert max(map(len, done.stdout.splitlines())) <= 80
 
 
 def test_sigint_keeps_finished_stages_and_resumes(tmp_path, pbmc3k_path):

@@ -35,7 +35,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="How much does a single-cell foundation model add on your data?\n\n"
     "Examples:\n\n"
-    "  scfmbench run                                   # built-in pbmc68k_reduced demo\n\n"
+    "  scfmbench run        # the built-in demo data, scanpy's pbmc68k_reduced\n\n"
     "  scfmbench run --data pbmc3k.h5ad --label-key cell_type --n-splits 5\n\n"
     "  scfmbench run --data pbmc3k.h5ad --model geneformer=./Geneformer-V1-10M\n\n"
     "  scfmbench validate pbmc3k.h5ad\n\n"
