@@ -70,6 +70,24 @@ def test_help_exits_0():
     assert done.returncode == 0 and "--label-key" in done.stdout, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ("validate", "[DATA]"),
+        ("embed", "{DATA}"),
+        ("finetune", "{DATA}"),
+        ("report", "{RUN_DIR}"),
+        ("stats", "{RUN_DIR}"),
+        ("compare", "{RUN_DIRS}..."),
+    ],
+)
+def test_usage_lines_name_arguments_as_their_errors_do(command, usage, capsys):
+    """The usage line spells an argument as 'Missing argument' does ({} required, [] not)."""
+    code, out, _ = run_cli_in_process([command, "--help"], capsys)
+    first = out.splitlines()[0]  # "Usage: <how python was started> report [OPTIONS] {RUN_DIR}"
+    assert code == 0 and first.endswith(f" {command} [OPTIONS] {usage}"), first
+
+
 def test_examples_of_the_main_help_keep_one_line_each():
     """In an 80-column terminal, each example and its comment stay on one line."""
     done = scfmbench("--help", env={**os.environ, "COLUMNS": "80"})

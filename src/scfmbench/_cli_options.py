@@ -189,7 +189,10 @@ def comma_list(value: str | None) -> list[str] | None:
 
 
 DataArgument = Annotated[
-    str, typer.Argument(help="An .h5ad file (raw counts for the models) or a built-in name.")
+    str,
+    typer.Argument(
+        help="An .h5ad file (raw counts for the models) or a built-in name.", metavar="DATA"
+    ),
 ]
 DataToCheck = Annotated[
     str | None,
@@ -197,9 +200,12 @@ DataToCheck = Annotated[
         help="An .h5ad file or a built-in name (default: `data` of --config, else "
         + f"{field_default('data')}, as for run).",
         show_default=False,
+        metavar="DATA",
     ),
 ]
-RunDirArgument = Annotated[Path, typer.Argument(help="A run directory written by `scfmbench run`.")]
+RunDirArgument = Annotated[
+    Path, typer.Argument(help="A run directory written by `scfmbench run`.", metavar="RUN_DIR")
+]
 
 Quiet = Annotated[
     bool,
@@ -404,7 +410,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last c
 
 # ---- compare ------------------------------------------------------------------------------
 
-RunDirsArgument = Annotated[list[Path], typer.Argument(help="Run directories to compare.")]
+RunDirsArgument = Annotated[
+    list[Path], typer.Argument(help="Run directories to compare.", metavar="RUN_DIRS")
+]
 CompareFolder = Annotated[
     Path | None, typer.Option(help="Output folder (default: compare/ beside the first run).")
 ]
