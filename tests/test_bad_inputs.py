@@ -373,3 +373,87 @@ def test_bad_model_input_cli(case, command, model_dirs, pbmc3k_path, tmp_path, c
     assert len(errors) == 1 and message.lower() in errors[0].lower(), stderr
     assert "Traceback" not in stderr
     assert not out.exists() or not any(out.rglob("*.*")), list(out.rglob("*"))
+
+
+def no_labels():
+    adata = make_tiny_adata()
+    adata.obs["cell_type"] = np.nan
+    return adata
+
+
+def one_duplicated_cell():
+    adata = make_tiny_adata()
+    adata.obs_names = [*adata.obs_names[:-1], adata.obs_names[0]]
+    return adata
+
+
+# each: command line (DATA: the tiny file; CFG: the config file, written with the text given)
+ONE_LINE_CASES = {
+    "run-data-dot": (["run", "--data", "."], None, None, "'.' is a directory but not an AnnData "
+                     "zarr store (no .zgroup or zarr.json); pass the .h5ad file itself."),
+    "run-data-parent": (["run", "--data", ".."], None, None, "'..' is a directory but not an "
+                        "AnnData zarr store (no .zgroup or zarr.json); pass the .h5ad file "
+                        "itself."),
+    "run-data-empty": (["run", "--data", ""], None, None, "invalid value for 'data': the path is "
+                       "empty; give an .h5ad file or a built-in name (pbmc68k_reduced) (got '')."),
+    "validate-data-dot": (["validate", "."], None, None, "'.' is a directory but not an AnnData "
+                          "zarr store (no .zgroup or zarr.json); pass the .h5ad file itself."),
+    "config-key-twice": (["run", "--config", "CFG"], None, "data: a.h5ad\nseed: 1\ndata: b.h5ad\n",
+                         "config file 'CFG' sets 'data' twice (lines 1 and 3); keep one of "
+                         "them."),
+    "config-empty": (["run", "--config", "CFG"], None, "# nothing set\n", "config file 'CFG' is "
+                     "empty; write option: value lines in it (e.g. data: pbmc3k.h5ad) or leave "
+                     "out --config."),
+    "finetune-without-model": (["run", "--data", "DATA", "--finetune"], make_tiny_adata, None,
+                               "finetune (--finetune) fine-tunes the run's foundation models, "
+                               "but none is named; add one with --model NAME=DIR (models: in a "
+                               "config) or drop finetune"),
+    "every-label-missing": (["validate", "DATA"], no_labels, None, "every cell's 'cell_type' "
+                            "label is missing (NaN, empty or a placeholder such as 'unknown'); "
+                            "pick another --label-key."),
+    "every-class-too-small": (["run", "--data", "DATA", "--min-cells-per-class", "25"],
+                              make_tiny_adata, None, "every class of 'cell_type' has fewer than "
+                              "25 cells (the largest, type_0, has 20); lower min_cells_per_class "
+                              "(--min-cells-per-class) or pick another --label-key."),
+    "one-duplicated-cell": (["validate", "DATA"], one_duplicated_cell, None, "data.h5ad has 1 "
+                            "duplicated cell name (obs_names); make them unique "
+                            "(adata.obs_names_make_unique()) and write it again."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ONE_LINE_CASES))
+def test_bad_input_is_one_line_and_nothing_else(case, tmp_path, capsys, caplog, monkeypatch):
+    """The error is all of stderr: no library warning or dropped-cells warning before it."""
+    args, make, config, message = ONE_LINE_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    if make is not None:
+        write(make(), tmp_path / "data.h5ad")
+    if config is not None:
+        (tmp_path / "CFG").write_text(config)
+    args = [{"DATA": "data.h5ad"}.get(a, a) for a in args]
+    out = ["--out", "runs", "-q"] if args[0] == "run" else []
+    code, _, stderr = run_cli_in_process([*args, *out], capsys)
+    assert (code, stderr.splitlines()) == (2, [f"error: {message}"])
+    assert caplog.messages == []  # warnings are logged to stderr too
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sizes_beyond_the_data_are_said(tmp_path, capsys, caplog, monkeypatch):
+    """n_hvg and n_pcs larger than the data allow are capped with a warning each."""
+    monkeypatch.chdir(tmp_path)
+    write(make_tiny_adata(), tmp_path / "data.h5ad")  # 40 genes, 60 cells
+    (tmp_path / "big.yaml").write_text("n_hvg: 100000\nn_pcs: 5000\n")
+    code, out, stderr = run_cli_in_process(
+        ["validate", "data.h5ad", "--config", "big.yaml"], capsys
+    )
+    assert code == 0 and out.startswith("cells: 60"), stderr
+    assert caplog.messages == [
+        "warning: n_hvg is 100,000 but the data have 40 genes: the hvg and pca baselines use "
+        "all of them",
+        "warning: n_pcs is 5,000 but the PCA has at most 40 components (the genes it reads, "
+        "and fewer than each split's training cells): each split keeps all it has",
+    ]
+    caplog.clear()
+    (tmp_path / "fits.yaml").write_text("n_hvg: 40\nn_pcs: 39\n")
+    code, _, stderr = run_cli_in_process(["validate", "data.h5ad", "--config", "fits.yaml"], capsys)
+    assert code == 0 and caplog.messages == [], caplog.messages

@@ -9,20 +9,41 @@ import yaml
 
 from scfmbench.errors import ConfigError
 
-__all__ = ["load_yaml_file"]
+__all__ = ["load_yaml_file", "read_yaml"]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that sets one key twice (it keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[arg-type]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"sets {key!r} twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    """A key set twice in one mapping; its message says which and where."""
 
 
 def load_yaml_file(path: Path, what: str = "config file") -> Any:
     """Parse a YAML file; ConfigError (naming ``what``, the line and column) when it is not YAML.
 
-    A folder, a binary file (an ``.h5ad`` given by mistake) or an unreadable file is refused
-    with one line too.
+    A folder, a binary file (an ``.h5ad`` given by mistake), an unreadable file or a mapping
+    that sets one key twice (YAML would keep the last without a word) is refused with one
+    line too.
     """
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{what} {str(path)!r} is a folder; pass a YAML file.")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{what} {str(path)!r} {exc}; keep one of them.") from None
     except UnicodeDecodeError:
         raise ConfigError(
             f"{what} {str(path)!r} is not a text file (not UTF-8: binary data such as an "
@@ -39,3 +60,26 @@ def load_yaml_file(path: Path, what: str = "config file") -> Any:
         raise ConfigError(
             f"{what} {str(path)!r} is not valid YAML{where}: {problem}; fix that line."
         ) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Load a config file's mapping of option: value.
+
+    Raises
+    ------
+    ConfigError
+        A missing file, one :func:`load_yaml_file` refuses, an empty file (it would run the
+        built-in demo data without a word) or one that is not a mapping.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
+    loaded = load_yaml_file(path)
+    if loaded is None:
+        raise ConfigError(
+            f"config file {str(path)!r} is empty; write option: value lines in it (e.g. "
+            "data: pbmc3k.h5ad) or leave out --config."
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    return loaded

@@ -13,12 +13,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
 )
 
-from scfmbench._yaml import load_yaml_file
+from scfmbench._yaml import read_yaml
 from scfmbench.data.splits import normalize_train_sizes
 from scfmbench.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -448,11 +449,11 @@ class RunConfig(BaseModel):
             )
         return value
 
-    @field_validator("out", mode="before")
+    @field_validator("out", "data", mode="before")
     @classmethod
-    def _check_out(cls, value: Any) -> Any:
+    def _check_not_empty(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str) and not value.strip():  # an unset shell variable
-            raise ValueError("the folder is empty; give one, e.g. runs (or . for this folder)")
+            raise ValueError(EMPTY_PATH[info.field_name or "out"])
         return value
 
     @classmethod
@@ -473,16 +474,10 @@ class RunConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Load a YAML mapping; ConfigError for a missing file, bad YAML or a non-mapping."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist; check the path.")
-    loaded = load_yaml_file(path) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value.")
-    return loaded
-
+EMPTY_PATH = {
+    "out": "the folder is empty; give one, e.g. runs (or . for this folder)",
+    "data": "the path is empty; give an .h5ad file or a built-in name (pbmc68k_reduced)",
+}
 
 SECTIONS: dict[str, tuple[type[BaseModel], str]] = {
     "finetune": (FinetuneConfig, "finetune option"),

@@ -44,4 +44,9 @@ def setting(key: str) -> str:
 
     Messages about settings use it, since a value may come from a config file or a flag.
     """
-    return f"{key} (--{key.replace('_', '-')})"
+    flag = FLAGS.get(key, key.replace("_", "-"))
+    return f"{key} (--{flag})"
+
+
+FLAGS = {"models": "model"}
+"""Config keys whose command-line flag is spelt otherwise (``--model`` is given per model)."""

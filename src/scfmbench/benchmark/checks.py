@@ -8,6 +8,7 @@ line as ``scfmbench run`` for anything the run would refuse with the same settin
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from scfmbench.benchmark.holdout import check_holdout_data, check_holdout_options
@@ -43,9 +44,10 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
         A design, fold count or fractions the splits cannot use.
     ConfigError
         Group options that do not fit together, ``train_size_seeds`` without
-        ``train_sizes``, an unknown representation, probe, model or device, a missing model
-        folder, (with models) a GPU the machine does not have, or a fine-tuning layer,
-        pooling, frozen-layer count, device or precision a model or the machine lacks.
+        ``train_sizes``, ``finetune`` without a model, an unknown representation, probe,
+        model or device, a missing model folder, (with models) a GPU the machine does not
+        have, or a fine-tuning layer, pooling, frozen-layer count, device or precision a
+        model or the machine lacks.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
@@ -58,6 +60,11 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
             f"{setting('train_sizes')} is not set: the draws are of labelled cells per class "
             "for the label-efficiency curve; set train_sizes (e.g. --train-sizes 1,5,10,all) "
             "or drop train_size_seeds"
+        )
+    if config.finetune is not None and not models:
+        raise ConfigError(
+            f"{setting('finetune')} fine-tunes the run's foundation models, but none is named; "
+            "add one with --model NAME=DIR (models: in a config) or drop finetune"
         )
     baseline_methods(config)
     if models:
@@ -162,6 +169,11 @@ def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple
     ConfigError
         An explicit scvi baseline on data without counts, or a reference method the run
         does not have.
+
+    Warns
+    -----
+    UserWarning
+        ``n_hvg`` or ``n_pcs`` larger than the data allow (recorded in the diagnostics).
     SplitError
         An unknown group value, one group only, or a class too small to split.
     """
@@ -175,4 +187,28 @@ def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple
     check_stratifiable(
         data.labels, n_folds=config.n_splits if config.design == "cv" else None
     )  # the random-split design
+    for message in _capped_sizes(config, baselines, data.diagnostics.n_genes, len(data.labels)):
+        data.diagnostics.warnings.append(message)
+        warnings.warn(message, stacklevel=2)
     return baselines, reference
+
+
+def _capped_sizes(
+    config: RunConfig, baselines: list[Method], n_genes: int, n_cells: int
+) -> list[str]:
+    """Say when ``n_hvg`` or ``n_pcs`` asks for more than the data hold (each is capped)."""
+    used = {method.representation for method in baselines}
+    found = []
+    if used & {"hvg", "pca"} and config.n_hvg > n_genes:
+        found.append(
+            f"n_hvg is {config.n_hvg:,} but the data have {n_genes:,} genes: the "
+            "hvg and pca baselines use all of them"
+        )
+    most = min(config.n_hvg, n_genes, n_cells - 1)
+    if "pca" in used and config.n_pcs > most:
+        found.append(
+            f"n_pcs is {config.n_pcs:,} but the PCA has at most {most:,} "
+            "components (the genes it reads, and fewer than each split's training cells): "
+            "each split keeps all it has"
+        )
+    return found

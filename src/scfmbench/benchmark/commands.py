@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scfmbench._atomic import write_npy, write_with
+from scfmbench._yaml import read_yaml
 from scfmbench.benchmark.checks import check_model_layouts, check_run_data, check_settings
 from scfmbench.benchmark.embedding import (
     check_models_read,
@@ -25,7 +26,7 @@ from scfmbench.benchmark.pipeline import (
     resolve_config,
     run_splits,
 )
-from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section, read_yaml
+from scfmbench.config import FinetuneConfig, ModelSpec, RunConfig, finetune_section
 from scfmbench.data.backed import BackedData
 from scfmbench.data.feature_selection import matrix_facts, validate_problem
 from scfmbench.data.io import load_dataset

@@ -164,7 +164,9 @@ def resolve_config(
     ):
         resolved.label_key = BUILTIN_DATASETS[resolved.data]
     if resolved.name is None:
-        resolved.name = "run" if isinstance(data, AnnData) else Path(resolved.data).stem
+        stem = "" if isinstance(data, AnnData) else Path(resolved.data).stem
+        # `--data .` or `..` has no usable stem: the data check then names the problem
+        resolved.name = stem if stem not in ("", ".", "..") and "\\" not in stem else "run"
     return resolved
 
 

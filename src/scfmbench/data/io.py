@@ -6,6 +6,7 @@ the reader to convert them with.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,10 @@ from scfmbench.errors import DataError
 
 BUILTIN_DATASETS = {"pbmc68k_reduced": "bulk_labels"}
 """Built-in dataset names and their default label column."""
+
+DUPLICATE_NAMES_WARNING = r"(Observation|Variable) names are not unique"
+"""anndata's warnings on reading duplicated ``obs_names``/``var_names``, which validation
+refuses (cells) or makes unique with a warning of its own (genes)."""
 
 
 def load_dataset(source: str | Path | AnnData) -> AnnData:
@@ -48,7 +53,9 @@ def load_dataset(source: str | Path | AnnData) -> AnnData:
     path = Path(name)
     fmt = data_format(path)
     try:
-        return anndata.read_zarr(path) if fmt == "zarr" else anndata.read_h5ad(path)
+        with warnings.catch_warnings():  # validate() reports duplicated names in its own words
+            warnings.filterwarnings("ignore", DUPLICATE_NAMES_WARNING, UserWarning)
+            return anndata.read_zarr(path) if fmt == "zarr" else anndata.read_h5ad(path)
     except Exception as exc:  # h5py/zarr/anndata raise many types for damaged files
         raise unreadable_h5ad(name, exc) from None
 

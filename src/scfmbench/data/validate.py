@@ -19,6 +19,7 @@ from anndata import AnnData
 
 from scfmbench.data.feature_selection import all_highly_variable
 from scfmbench.data.genes import detect_identifier_type, identifier_sources
+from scfmbench.data.io import DUPLICATE_NAMES_WARNING
 from scfmbench.data.labels import (
     is_missing_label,
     most_common_spelling,
@@ -50,9 +51,10 @@ def check_unique_cells(obs_names: pd.Index, *, where: str) -> None:
         Naming the number of repeated names and the fix.
     """
     if not obs_names.is_unique:
+        n = int(obs_names.duplicated().sum())
         raise DataError(
-            f"{where} has {int(obs_names.duplicated().sum())} duplicated cell names "
-            "(obs_names); make them unique (adata.obs_names_make_unique()) and write it again."
+            f"{where} has {n} duplicated cell name{'s' if n != 1 else ''} (obs_names); make "
+            "them unique (adata.obs_names_make_unique()) and write it again."
         )
 
 
@@ -221,7 +223,9 @@ def validate(
     label_key = resolve_label_key(obs, label_key)
     diag.label_key = label_key
     source, matrix, var, kind = find_expression(adata)
-    data = AnnData(X=to_csr(matrix, np.float32), obs=obs.copy(), var=var.copy())
+    with warnings.catch_warnings():  # duplicated gene names: record_matrix says it below
+        warnings.filterwarnings("ignore", DUPLICATE_NAMES_WARNING, UserWarning)
+        data = AnnData(X=to_csr(matrix, np.float32), obs=obs.copy(), var=var.copy())
     original = data.var_names.copy()
     diag.gene_sources = identifier_sources(cast(pd.DataFrame, data.var))
     data.var_names = record_matrix(  # pyright: ignore[reportAttributeAccessIssue]
@@ -335,6 +339,11 @@ def filter_cells(
     _check_not_a_measurement(pd.Series(labels.to_numpy()[keep]), label_key, min_cells_per_class)
     values = labels.astype(object).to_numpy()
     missing = np.fromiter(map(is_missing_label, values), dtype=bool, count=len(values)) & keep
+    if keep.any() and missing[keep].all():
+        raise SchemaError(
+            f"every cell's {label_key!r} label is missing (NaN, empty or a placeholder such as "
+            "'unknown'); pick another --label-key."
+        )
     if missing.any():
         diag.dropped_cells_missing_label = int(missing.sum())
         spellings = pd.Series(
@@ -368,6 +377,12 @@ def filter_cells(
             )
     sizes = pd.Series(text[keep]).value_counts()
     rare = sizes.loc[sizes < min_cells_per_class]
+    if len(rare) and len(rare) == len(sizes):
+        raise SchemaError(
+            f"every class of {label_key!r} has fewer than {min_cells_per_class} cells (the "
+            f"largest, {sizes.index[0]}, has {int(sizes.iloc[0])}); lower min_cells_per_class "
+            "(--min-cells-per-class) or pick another --label-key."
+        )
     if len(rare):
         diag.dropped_classes = {str(k): int(v) for k, v in rare.items()}
         listed = _first(f"{k} ({v})" for k, v in rare.items())
