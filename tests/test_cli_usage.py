@@ -99,6 +99,18 @@ def test_examples_of_the_main_help_keep_one_line_each():
     assert max(map(len, done.stdout.splitlines())) <= 80
 
 
+def test_an_end_of_file_no_reader_caught_is_not_a_silent_exit(monkeypatch, capsys):
+    """click turns EOFError into an abort (exit 1, no message); the CLI has no prompt."""
+    import scfmbench.cli
+
+    def ended_early(*args, **kwargs):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(scfmbench.cli, "compare_runs", ended_early)
+    with pytest.raises(EOFError, match="Compressed file ended before"):
+        run_cli_in_process(["compare", "runs/a"], capsys)
+
+
 def test_sigint_keeps_finished_stages_and_resumes(tmp_path, pbmc3k_path):
     """Ctrl-C during the probes of a first run: exit 130, splits kept, a rerun finishes."""
     data = tmp_path / "subset.h5ad"

@@ -543,3 +543,55 @@ def test_stats_checks_the_holdout_section(tmp_path, capsys):
         "random_split/predictions.tsv.gz: rerun the run to save them); embeddings (zero-shot "
         "scores of the embeddings, not of the predictions)",
     ]
+
+
+def test_stats_names_a_damaged_predictions_table(tmp_path, tiny_adata, capsys):
+    import gzip
+
+    import scfmbench
+    from tests.conftest import run_cli_in_process
+
+    result = scfmbench.run(
+        tiny_adata,
+        out=tmp_path,
+        name="d",
+        n_splits=2,
+        baselines=["majority"],
+        progress=False,
+        figures=False,
+    )
+    run_dir = result.run_dir
+    path = run_dir / "predictions.tsv.gz"
+    good = path.read_bytes()
+    fix = "rerun the same `scfmbench run` command to rewrite it, or restore the file from a backup"
+    cases = {
+        # a cut gzip ends in EOFError, which click would turn into a silent exit 1
+        "truncated": (good[: len(good) // 2], "is truncated or corrupt (its gzip data end early)"),
+        "not gzip": (b"method\tsplit\n", "is truncated or corrupt (Not a gzipped file (b'me'))"),
+        "not a table": (
+            gzip.compress(b"a\tb\n1\n1\t2\t3\n"),
+            "is truncated or corrupt (Error tokenizing data. C error: Expected 2 fields in "
+            "line 3, saw 3)",
+        ),
+        "no header of a table": (
+            gzip.compress(b"garbage"),
+            "lacks the column(s) method, split, true, pred of a predictions table (it has "
+            "'garbage')",
+        ),
+        "columns missing": (
+            gzip.compress(b"method\tsplit\trepeat\tfold\tcell\n"),
+            "lacks the column(s) true, pred of a predictions table (it has 'method', 'split', "
+            "'repeat', 'fold' and 1 more)",
+        ),
+    }
+    before = sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p != path)
+    for case, (data, problem) in cases.items():
+        path.write_bytes(data)
+        code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+        assert (code, out, err) == (2, "", f"error: {path} {problem}; {fix}\n"), case
+        assert path.read_bytes() == data, case
+    assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p != path) == before
+    path.unlink()
+    path.mkdir()
+    code, out, err = run_cli_in_process(["stats", str(run_dir)], capsys)
+    assert (code, out, err) == (2, "", f"error: cannot read {path} (Is a directory); {fix}\n")

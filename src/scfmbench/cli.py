@@ -484,8 +484,9 @@ def main() -> None:
     ------
     SystemExit
         With the exit code: 0 success; 2 a ScfmbenchError (one line ``error: …``) or a usage
-        error (click's usage message: missing or unknown option, bad value); 130 interrupted
-        (Ctrl-C); 1 aborted.
+        error (click's usage message, e.g. an unknown option); 130 interrupted (Ctrl-C); 1 aborted.
+    EOFError
+        A file ended early in a reader that does not catch it (click makes it a silent abort).
     """
     try:
         code = app(standalone_mode=False)
@@ -504,6 +505,8 @@ def main() -> None:
         if isinstance(exc, _abort_types()):
             if isinstance(exc.__context__, KeyboardInterrupt):
                 raise _interrupted() from None
+            if isinstance(exc.__context__, EOFError):  # no prompts: a file ended early
+                raise exc.__context__ from None
             raise SystemExit(1) from None
         raise
     # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns as a value

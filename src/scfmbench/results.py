@@ -332,9 +332,10 @@ def recompute(run_dir: Path) -> dict[str, Any]:
 
     Raises
     ------
-    RunDirError
+    RunDirError, DataError
         ``run_dir`` is a file or does not exist, ``metrics.json`` or ``predictions.tsv.gz``
-        is missing, the folder is a transfer's, or the table lacks a method.
+        is missing, the folder is a transfer's, or the table lacks a method (RunDirError);
+        the table cannot be read, is truncated or corrupt, or lacks a column (DataError).
     """
     return _recompute(run_dir)[0]
 
@@ -473,7 +474,7 @@ def check_statistics(run_dir: Path) -> StatisticsCheck:
 
     Raises
     ------
-    RunDirError
+    RunDirError, DataError
         See :func:`recompute`.
     """
     run_dir = Path(run_dir)

@@ -8,7 +8,9 @@ of that table, the class list and the design, so ``scfmbench stats RUN_DIR`` rec
 
 from __future__ import annotations
 
+import gzip
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +19,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from scfmbench._atomic import write_with
+from scfmbench.errors import DataError
 from scfmbench.evaluation.metrics import HEADLINE_METRICS, classification_metrics, delta, summarize
 from scfmbench.evaluation.stats import (
     MIN_TEST_CELLS,
@@ -30,6 +33,8 @@ from scfmbench.evaluation.stats import (
 PREDICTIONS_FILE = "predictions.tsv.gz"
 ALPHA = 0.05
 PROBA_PREFIX = "proba:"
+NEEDED_COLUMNS = ("method", "split", "true", "pred")
+"""Columns of a predictions table that the statistics are computed from."""
 MIN_FOLDS = 5
 """With fewer folds (one repeat of K-fold CV) the intervals get a run-level warning."""
 
@@ -125,18 +130,58 @@ def write_predictions(table: pd.DataFrame, path: Path) -> None:
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
-    """Read a predictions table; labels and cell names stay strings (no NA parsing)."""
-    table = pd.read_csv(
-        path,
-        sep="\t",
-        compression="gzip",
-        dtype={"method": str, "split": str, "cell": str, "true": str, "pred": str},
-        keep_default_na=False,
-    )
+    """Read a predictions table; labels and cell names stay strings (no NA parsing).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A ``predictions.tsv.gz`` written by :func:`write_predictions`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per method, split and test cell; ``proba:<class>`` columns as floats.
+
+    Raises
+    ------
+    DataError
+        The file cannot be read, is truncated or corrupt (not gzip, or not a table), or lacks
+        a column of :data:`NEEDED_COLUMNS`.
+    """
+    fix = "rerun the same `scfmbench run` command to rewrite it, or restore the file from a backup"
+    try:
+        table = pd.read_csv(
+            path,
+            sep="\t",
+            compression="gzip",
+            dtype={"method": str, "split": str, "cell": str, "true": str, "pred": str},
+            keep_default_na=False,
+        )
+    # a cut gzip ends in EOFError, a damaged one in zlib.error or BadGzipFile (an OSError);
+    # bytes that are not UTF-8 text or not rows of one width are ValueErrors
+    except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path} is truncated or corrupt ({_reason(exc)}); {fix}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}); {fix}") from None
+    missing = [c for c in NEEDED_COLUMNS if c not in table.columns]
+    if missing:
+        found = ", ".join(repr(str(c)[:30]) for c in table.columns[:4])
+        more = f" and {len(table.columns) - 4} more" if len(table.columns) > 4 else ""
+        raise DataError(
+            f"{path} lacks the column(s) {', '.join(missing)} of a predictions table (it has "
+            f"{found}{more}); {fix}"
+        )
     for column in table.columns:
         if column.startswith(PROBA_PREFIX):
             table[column] = pd.to_numeric(table[column], errors="coerce")
     return table
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a file could not be parsed (the exception's text, whitespace folded)."""
+    if isinstance(exc, EOFError):
+        return "its gzip data end early"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def design_from_run(run: dict) -> Design:
