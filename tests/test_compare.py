@@ -132,3 +132,27 @@ def test_report_and_compare_given_a_file_say_so(runs, capsys):
     for command in (["report"], ["compare"], ["stats"]):
         code, _, err = run_cli_in_process([*command, str(out / "cv" / "metrics.json")], capsys)
         assert (code, err.strip()) == (2, line), command
+
+
+def test_compare_out_that_is_a_file_says_so_and_writes_nothing(runs, tmp_path, capsys):
+    from scfmbench.errors import ConfigError
+    from tests.conftest import run_cli_in_process
+
+    out, _ = runs
+    a_file, dotted = tmp_path / "a_file", tmp_path / "compare.v1"  # a dot: still the folder
+    a_file.write_text("kept\n")
+    dotted.write_text("kept\n")
+    cases = {a_file: a_file, a_file / "sub": a_file, dotted: dotted}
+    for target, file in cases.items():
+        line = (
+            f"error: cannot write to '{target}': '{file}' is a file, not a folder; choose "
+            "another output location with --out."
+        )
+        args = ["compare", str(out / "cv"), str(out / "held"), "--out", str(target)]
+        code, stdout, err = run_cli_in_process(args, capsys)
+        assert (code, stdout, err) == (2, "", f"{line}\n"), target
+        with pytest.raises(ConfigError, match=r"is a file, not a folder"):
+            compare_runs([out / "cv", out / "held"], out=target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "compare.v1"]
+    assert a_file.read_text() == dotted.read_text() == "kept\n"
+    assert not (out / "compare").exists()

@@ -1,4 +1,7 @@
-"""Atomic file writes: write a temporary file beside the target, then rename it into place."""
+"""Atomic file writes: write a temporary file beside the target, then rename it into place.
+
+And the check, before any work, that an output folder can be written.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scfmbench.errors import ConfigError
 
 
 @contextmanager
@@ -68,3 +73,44 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def check_writable(path: Path) -> None:
+    """Raise ConfigError when ``path``'s folder cannot be created or written.
+
+    The nearest existing ancestor must be a folder in which a file can be created (tried with
+    a temporary folder, removed at once): permission bits alone miss read-only file systems
+    and, for root, ``/proc``-like folders.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A folder, or a file (then its parent folder is checked).
+
+    Raises
+    ------
+    ConfigError
+        The nearest existing ancestor is a file, or no file can be created in it.
+    """
+    folder = path.parent if path.suffix else path
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"cannot write to {str(folder)!r}: {str(probe)!r} is a file, not a folder; choose "
+            "another output location with --out."
+        )
+    reason = "permission denied"
+    writable = os.access(probe, os.W_OK)
+    if writable:
+        try:
+            with tempfile.TemporaryDirectory(dir=probe, prefix=".scfmbench-check-"):
+                pass
+        except OSError as exc:
+            writable, reason = False, exc.strerror or type(exc).__name__
+    if not writable:
+        raise ConfigError(
+            f"cannot write to {str(folder)!r} ({reason}); choose another "
+            "output location with --out."
+        )

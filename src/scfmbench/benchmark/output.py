@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from scfmbench._atomic import check_writable  # re-exported; compare checks --out with it too
 from scfmbench.benchmark.rundata import IN_MEMORY
 from scfmbench.config import RunConfig
 from scfmbench.data.splits import labels_hash
@@ -26,47 +25,6 @@ __all__ = [
     "holds_finished_work",
     "run_directory",
 ]
-
-
-def check_writable(path: Path) -> None:
-    """Raise ConfigError when ``path``'s folder cannot be created or written.
-
-    The nearest existing ancestor must be a folder in which a file can be created (tried with
-    a temporary folder, removed at once): permission bits alone miss read-only file systems
-    and, for root, ``/proc``-like folders.
-
-    Parameters
-    ----------
-    path : pathlib.Path
-        A folder, or a file (then its parent folder is checked).
-
-    Raises
-    ------
-    ConfigError
-        The nearest existing ancestor is a file, or no file can be created in it.
-    """
-    folder = path.parent if path.suffix else path
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(
-            f"cannot write to {str(folder)!r}: {str(probe)!r} is a file, not a folder; choose "
-            "another output location with --out."
-        )
-    reason = "permission denied"
-    writable = os.access(probe, os.W_OK)
-    if writable:
-        try:
-            with tempfile.TemporaryDirectory(dir=probe, prefix=".scfmbench-check-"):
-                pass
-        except OSError as exc:
-            writable, reason = False, exc.strerror or type(exc).__name__
-    if not writable:
-        raise ConfigError(
-            f"cannot write to {str(folder)!r} ({reason}); choose another "
-            "output location with --out."
-        )
 
 
 def run_directory(config: RunConfig) -> Path:

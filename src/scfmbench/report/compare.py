@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scfmbench._atomic import write_text
+from scfmbench._atomic import check_writable, write_text
 from scfmbench.errors import RunDirError
 from scfmbench.report.tables import (
     DASH,
@@ -210,6 +210,14 @@ def compare_runs(run_dirs: Sequence[Path], *, out: Path | None = None) -> Path:
     """Write ``compare.md`` and a self-contained ``compare.html`` to ``out``; return the HTML.
 
     ``out`` defaults to ``compare/`` beside the first run directory.
+
+    Raises
+    ------
+    RunDirError
+        No run folder, one given twice, or one that is not a run
+        (:func:`~scfmbench.results.read_metrics`).
+    ConfigError
+        ``out`` (or a folder above it) is a file, or cannot be written; nothing is written.
     """
     if not run_dirs:
         raise RunDirError("no run directories given; pass one or more runs/<name> folders")
@@ -218,10 +226,11 @@ def compare_runs(run_dirs: Sequence[Path], *, out: Path | None = None) -> Path:
     if twice:
         raise RunDirError(f"{', '.join(twice)} given twice; pass each run folder once")
     loaded = [(read_metrics(d).to_dict(), read_config(d)) for d in dirs]
+    out = Path(out) if out is not None else dirs[0].parent / "compare"
+    check_writable(out / "compare.md")  # checks `out` itself, even with a dot in its name
     labels = _labels(dirs)
     runs = [(lab, d, m, c) for lab, d, (m, c) in zip(labels, dirs, loaded, strict=True)]
     sections = compare_tables(runs)
-    out = Path(out) if out is not None else dirs[0].parent / "compare"
     title = f"scfmbench comparison — {len(runs)} runs"
     write_text(out / "compare.md", render_markdown(title, sections))
     html = out / "compare.html"
