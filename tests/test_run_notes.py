@@ -92,6 +92,9 @@ def test_constant_predictor_gets_a_footnote_for_its_zero_width_interval(two_fold
             text
         )
         assert "leaves out their own sampling variation." in text
+        rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")]
+        assert "| majority †" in rows and "| pca+logreg" in rows  # the row the note is about
+        assert "| pca+logreg †" not in rows
 
 
 def test_cv_reports_the_validation_fraction_it_uses(two_folds, tmp_path, tiny_adata):

@@ -84,7 +84,10 @@ def headline_table(metrics: dict[str, Any]) -> Table:
     table = Table("headline", columns, caption=f"Test set; gains relative to {reference}")
     for name, entry in methods.items():
         summary, gains = entry["summary"], entry.get("delta_vs_reference", {})
-        row = [method_cell(name, entry), text(entry.get("kind"))]
+        first = method_cell(name, entry)
+        if entry.get("constant_within_class"):  # its interval is explained by the † note
+            first = Cell(f"{first.text} †", first.value, first.css)
+        row = [first, text(entry.get("kind"))]
         for m in PRIMARY:
             row.append(mean_sd(summary[m.key]))
             if has_ci[m.key]:
