@@ -158,7 +158,7 @@ def test_skipped_scvi_is_recorded_and_reported(tmp_path, pbmc3k_sess, caplog):
     result = scfmbench.run(
         data, label_key="cell_type", out=tmp_path, name="ln", progress=False, figures=False
     )
-    reason = "it needs raw counts (the data are lognorm)"
+    reason = "it needs raw counts (the data hold log-normalized values)"
     doc = json.loads((result.run_dir / "metrics.json").read_text())
     assert doc["skipped"] == {"scvi": reason}
     assert not any(name.startswith("scvi") for name in doc["methods"])

@@ -162,15 +162,28 @@ def test_scvi_in_a_transfer_needs_counts_on_both_sides():
     with pytest.raises(ConfigError) as raised:
         transfer_baselines(RunConfig(baselines=["pca+logreg", "scvi"]), kinds)
     assert str(raised.value) == (
-        "the scvi baseline cannot run in this transfer: it needs raw counts (atlas is "
-        "lognorm); remove scvi from `baselines`."
+        "the scvi baseline cannot run in this transfer: it needs raw counts (atlas holds "
+        "log-normalized values); remove scvi from `baselines`."
     )
     methods, skipped = transfer_baselines(RunConfig(), kinds)
     assert [m.name for m in methods] == ["hvg+logreg", "pca+logreg", "pca+xgboost", "majority"]
-    assert skipped == {"scvi": "it needs raw counts (atlas is lognorm)"}
+    assert skipped == {"scvi": "it needs raw counts (atlas holds log-normalized values)"}
     methods, skipped = transfer_baselines(RunConfig(), {"pbmc": "counts", "kang": "counts"})
     assert [m.name for m in methods][-3:] == ["scvi+logreg", "scvi+xgboost", "scvi+knn"]
     assert skipped == {}
+
+
+def test_skipped_scvi_names_the_dataset_and_what_it_holds(caplog):
+    """A dataset named like a kind (lognorm.h5ad) reads as a sentence, its values in words."""
+    _, skipped = transfer_baselines(RunConfig(), {"pbmc3k": "counts", "lognorm": "lognorm"})
+    reason = "it needs raw counts (lognorm holds log-normalized values)"
+    assert skipped == {"scvi": reason}
+    assert f"warning: scvi baseline skipped: {reason}" in caplog.messages
+    _, skipped = transfer_baselines(RunConfig(), {"a": "corrected", "b": "normalized"})
+    assert skipped == {
+        "scvi": "it needs raw counts (a holds count-like non-integer values, b holds "
+        "depth-normalized values)"
+    }
 
 
 def test_transfer_fits_in_workers_and_resumes(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scfmbench.config import DEFAULT_BASELINES, EMBEDDING_BASELINES, RunConfig
+from scfmbench.data.matrix import kind_in_words
 from scfmbench.errors import ConfigError
 from scfmbench.evaluation.probes import PROBES
 from scfmbench.evaluation.representations import REPRESENTATIONS
@@ -149,14 +150,15 @@ def skipped_baselines(config: RunConfig, matrix_kind: str | None) -> dict[str, s
     Returns
     -------
     dict
-        Baseline → reason, e.g. ``{"scvi": "it needs raw counts (the data are lognorm)"}``;
+        Baseline → reason, e.g.
+        ``{"scvi": "it needs raw counts (the data hold log-normalized values)"}``;
         empty when every baseline of ``config`` runs.
     """
     if "scvi" not in config.baselines or matrix_kind in ("counts", None):
         return {}
     if config.baselines != DEFAULT_BASELINES:
         return {}  # an explicit scvi on such data raises in expand_baselines
-    return {"scvi": f"it needs raw counts (the data are {matrix_kind})"}
+    return {"scvi": f"it needs raw counts (the data hold {kind_in_words(matrix_kind)})"}
 
 
 def model_methods(models: list[Any], config: RunConfig) -> list[Method]:

@@ -46,6 +46,7 @@ from scfmbench.benchmark.transfer_settings import (
 from scfmbench.config import DEFAULT_BASELINES, RunConfig
 from scfmbench.data.cells import InMemoryCells
 from scfmbench.data.io import load_dataset
+from scfmbench.data.matrix import kind_in_words
 from scfmbench.data.splits import Split, SplitSet, labels_hash
 from scfmbench.data.validate import ValidatedData, validate
 from scfmbench.errors import ConfigError, ScfmbenchError, SchemaError
@@ -95,7 +96,8 @@ def transfer_baselines(
         return baseline_methods(cfg, "counts"), {}
     if "scvi" not in cfg.baselines:
         return baseline_methods(cfg, "lognorm"), {}
-    reason = "it needs raw counts (" + ", ".join(f"{n} is {k}" for n, k in other.items()) + ")"
+    held = ", ".join(f"{name} holds {kind_in_words(kind)}" for name, kind in other.items())
+    reason = f"it needs raw counts ({held})"
     if cfg.baselines != DEFAULT_BASELINES:
         raise ConfigError(
             f"the scvi baseline cannot run in this transfer: {reason}; remove "

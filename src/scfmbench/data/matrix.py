@@ -39,6 +39,15 @@ KIND_NAMES = {
 """What each matrix kind means, as validate, metrics.json and the report word it."""
 
 
+def kind_in_words(kind: str) -> str:
+    """Say what a matrix of ``kind`` holds in a few words (``lognorm``: log-normalized values).
+
+    :data:`KIND_NAMES` without the explanation in parentheses; an unknown kind is returned
+    as is.
+    """
+    return KIND_NAMES.get(kind, kind).split(" (", 1)[0]
+
+
 def _nonzero_values(matrix) -> np.ndarray:
     """Return the stored values of a sparse matrix, or the nonzero values of a dense one."""
     if sp.issparse(matrix):
