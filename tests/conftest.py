@@ -48,9 +48,18 @@ def shared_dir() -> Path:
 
 
 def make_tiny_adata(
-    *, n_per_class: int = 20, n_genes: int = 40, n_classes: int = 3, seed: int = 0
+    *,
+    n_per_class: int = 20,
+    n_genes: int = 40,
+    n_classes: int = 3,
+    seed: int = 0,
+    cells: str = "cell",
 ) -> ad.AnnData:
-    """Integer counts with class-specific marker genes; Ensembl-like gene IDs."""
+    """Integer counts with class-specific marker genes; Ensembl-like gene IDs.
+
+    Cells are named ``<cells>0``, ``<cells>1``, …: the two sides of a transfer need other
+    names, or it refuses them as the same cells.
+    """
     rng = np.random.default_rng(seed)
     n_cells = n_per_class * n_classes
     labels = np.repeat([f"type_{k}" for k in range(n_classes)], n_per_class)
@@ -61,7 +70,7 @@ def make_tiny_adata(
     counts = rng.poisson(rates).astype(np.float32)
     counts[:, 0] += 1  # no empty cells
     obs = pd.DataFrame(
-        {"cell_type": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(n_cells)]
+        {"cell_type": pd.Categorical(labels)}, index=[f"{cells}{i}" for i in range(n_cells)]
     )
     var = pd.DataFrame(index=[f"ENSG{100000 + i:011d}" for i in range(n_genes)])
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)

@@ -19,7 +19,7 @@ FAST = {"baselines": ["majority", "pca+logreg"], "progress": False, "figures": F
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    a, b = make_tiny_adata(seed=0), make_tiny_adata(seed=1)
+    a, b = make_tiny_adata(seed=0), make_tiny_adata(seed=1, cells="other")
     docs = {
         name: transfer(a, b, label_map=IDENTITY, out=out, name=name, n_splits=2, seed=seed, **FAST)
         for name, seed in (("t1", 42), ("t2", 7))

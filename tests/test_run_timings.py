@@ -211,9 +211,11 @@ def test_command_line_and_baseline_run_do_not_load_torch(tmp_path, tiny_adata, c
     data = tmp_path / "tiny.h5ad"
     tiny_adata.write_h5ad(data)
     args = ["run", "--data", str(data)]
-    if command == "transfer":  # the other side: the same cells in reverse order
+    if command == "transfer":  # the other side: other cells of the same classes
+        from tests.conftest import make_tiny_adata
+
         other = tmp_path / "other.h5ad"
-        tiny_adata[::-1].copy().write_h5ad(other)
+        make_tiny_adata(seed=1, cells="other").write_h5ad(other)
         labels = tmp_path / "labels.yaml"
         classes = tiny_adata.obs["cell_type"].unique()
         labels.write_text("".join(f"{c}: {c}\n" for c in classes))

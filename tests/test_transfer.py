@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from scfmbench import ConfigError, RunConfig, SchemaError, validate
+from scfmbench import ConfigError, DataError, RunConfig, SchemaError, validate
 from scfmbench.benchmark.transfer import (
     harmonize,
     load_label_map,
@@ -35,7 +35,7 @@ def test_label_map_yaml(tmp_path):
 
 
 def test_no_shared_labels(tiny_adata):
-    other = tiny_adata.copy()
+    other = make_tiny_adata(cells="other")
     other.obs["cell_type"] = other.obs["cell_type"].astype(str).str.replace("type", "kind")
     mapping = {f"type_{k}": f"t{k}" for k in range(3)} | {f"kind_{k}": f"k{k}" for k in range(3)}
     with pytest.raises(SchemaError, match="shares no labels"):
@@ -234,7 +234,7 @@ def test_transfer_fits_in_workers_and_resumes(
 
 def test_labels_missing_from_the_default_map_name_it(tiny_adata, tmp_path):
     with pytest.raises(SchemaError) as raised:
-        transfer(tiny_adata, tiny_adata.copy(), out=tmp_path, progress=False)
+        transfer(tiny_adata, make_tiny_adata(cells="other"), out=tmp_path, progress=False)
     assert str(raised.value) == (
         "labels of train not in the label map 'pbmc3k_kang2018': ['type_0', 'type_1', "
         "'type_2']; add them to a map given with --labels (map to null to drop those cells)."
@@ -263,7 +263,7 @@ def tiny_pair(tmp_path):
     """Two files named cells.h5ad in folders a/ and b/; b lacks type_2 and is noisier."""
     paths = []
     for folder, seed in (("a", 0), ("b", 1)):
-        adata = make_tiny_adata(seed=seed)
+        adata = make_tiny_adata(seed=seed, cells=f"{folder}_cell")
         if folder == "b":
             adata = adata[adata.obs["cell_type"] != "type_2"].copy()
             noise = np.random.default_rng(seed).poisson(4.0, adata.shape).astype(np.float32)
@@ -489,3 +489,64 @@ def test_run_and_transfer_folders_are_not_mixed(tmp_path, held, kind, message):
     with pytest.raises(ConfigError) as raised:
         check_folder_kind(tmp_path, kind, direction_dirs=directions)
     assert str(raised.value) == f"{tmp_path} {message}; give another --name, or remove the folder."
+
+
+def test_the_same_cells_on_both_sides_are_refused(pbmc3k_sess, tmp_path, capsys):
+    """PBMC3k counts against the same cells log-normalized (shuffled: not a byte copy) or a
+    subset of them are refused before anything is written, from files and in memory."""
+    import scanpy as sc
+
+    from tests.conftest import run_cli_in_process
+
+    counts = pbmc3k_sess[::10].copy()  # 264 cells
+    lognorm = counts[::-1].copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    counts.write_h5ad(tmp_path / "pbmc3k.h5ad")
+    lognorm.write_h5ad(tmp_path / "lognorm.h5ad")
+    runs = tmp_path / "runs"
+    fix = (
+        "; a transfer needs two different datasets (score one dataset on its own held-out "
+        "cells with scfmbench run)."
+    )
+    args = ["transfer", "--train", str(tmp_path / "pbmc3k.h5ad"), "--out", str(runs), "-q"]
+    args += ["--min-cells-per-class", "1"]  # 264 cells: DC and Platelet are small
+    code, out, err = run_cli_in_process([*args, "--test", str(tmp_path / "lognorm.h5ad")], capsys)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        f"error: pbmc3k and lognorm share 264 of their 264 cells (the same obs_names){fix}"
+    ]
+    assert not runs.exists()
+    part = counts[:133].copy()  # a subset, one cell renamed: counted on the smaller side
+    part.obs_names = [*part.obs_names[:-1], "other-1"]
+    part.write_h5ad(tmp_path / "part.h5ad")
+    code, out, err = run_cli_in_process([*args, "--test", str(tmp_path / "part.h5ad")], capsys)
+    assert (code, err.strip()) == (
+        2,
+        f"error: pbmc3k and part share 132 of the 133 cells of part (the same obs_names){fix}",
+    )
+    assert not runs.exists()
+    with pytest.raises(DataError) as raised:  # in memory: the sides are named by their role
+        transfer(counts, lognorm, out=runs, min_cells_per_class=1, progress=False)
+    assert str(raised.value) == (
+        f"train and test share 264 of their 264 cells (the same obs_names){fix}"
+    )
+    assert not runs.exists()
+
+
+def test_a_chance_overlap_of_cell_names_passes(pbmc3k_sess, kang_path):
+    """10x barcodes collide by chance between unrelated datasets: PBMC3k and Kang 2018 share
+    one; a transfer is refused only above SHARED_CELLS_LIMIT of the smaller side's cells."""
+    from scfmbench.benchmark.transfer_data import SHARED_CELLS_LIMIT, check_distinct_cells
+
+    pbmc, kang = validate(pbmc3k_sess), validate(ad.read_h5ad(kang_path))
+    assert pbmc.adata.obs_names.isin(kang.adata.obs_names).sum() == 1
+    check_distinct_cells([("pbmc3k", pbmc), ("kang", kang)])
+    assert SHARED_CELLS_LIMIT == 0.5
+    a = validate(make_tiny_adata(), min_cells_per_class=1)  # 60 cells: cell0 .. cell59
+    other = make_tiny_adata(seed=1, cells="other")
+    other.obs_names = [f"cell{i}" if i < 30 else name for i, name in enumerate(other.obs_names)]
+    check_distinct_cells([("a", a), ("b", validate(other, min_cells_per_class=1))])  # half
+    other.obs_names = [f"cell{i}" if i < 31 else name for i, name in enumerate(other.obs_names)]
+    with pytest.raises(DataError, match=r"^a and b share 31 of their 60 cells "):
+        check_distinct_cells([("a", a), ("b", validate(other, min_cells_per_class=1))])

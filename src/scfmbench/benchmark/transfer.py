@@ -29,6 +29,7 @@ from scfmbench.benchmark.predict import Prediction, ProbeInputs, payloads
 from scfmbench.benchmark.transfer_data import (
     BUILTIN_LABEL_MAPS,
     TransferData,
+    check_distinct_cells,
     check_transfer_feature_selection,
     checked_label_map,
     dataset_names,
@@ -317,7 +318,8 @@ def _read_sides(
     """Read and validate both datasets; refuse what the run's models refuse about them.
 
     Every error names its side (``train data …``, ``test data …``) and, for a label column,
-    the transfer option that picks it (``--label-key-train``/``--label-key-test``).
+    the transfer option that picks it (``--label-key-train``/``--label-key-test``); then two
+    sides that hold mostly the same cells are refused (:func:`check_distinct_cells`).
     """
     datasets = []
     for role, source, name, key in zip(("train", "test"), sources, names, keys, strict=True):
@@ -344,6 +346,7 @@ def _read_sides(
             check_models_read(cfg, list(cfg.models), checked)
         except ScfmbenchError as exc:
             raise type(exc)(f"{role} data {name}: {exc}") from None
+    check_distinct_cells(datasets)  # the pair, once each side has passed its own checks
     return datasets
 
 

@@ -24,14 +24,16 @@ from scfmbench.data.labels import is_missing_label
 from scfmbench.data.matrix import lognormalize
 from scfmbench.data.splits import Split, stratified_split
 from scfmbench.data.validate import ValidatedData
-from scfmbench.errors import ConfigError, SchemaError
+from scfmbench.errors import ConfigError, DataError, SchemaError
 from scfmbench.hashing import hash_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_LABEL_MAPS",
+    "SHARED_CELLS_LIMIT",
     "TransferData",
+    "check_distinct_cells",
     "check_transfer_feature_selection",
     "checked_label_map",
     "dataset_names",
@@ -181,6 +183,47 @@ def _same_data(a: Path, b: Path) -> str | None:
         return "copy" if hash_file(a) == hash_file(b) else None
     except OSError:
         return None
+
+
+SHARED_CELLS_LIMIT = 0.5
+"""Largest fraction of the smaller dataset's cells whose names (obs_names) may also occur in
+the other dataset; above it a transfer is refused (:func:`check_distinct_cells`).
+
+Unrelated datasets share a few cell names by chance: 10x barcodes come from a whitelist of
+about 737,000, so two datasets of 3,000 cells share about 12 barcodes (PBMC3k and Kang 2018
+share 1), and such an overlap must pass. More than half of the cells under the same names is
+one dataset on both sides (e.g. its counts and its log-normalized values, or a subset of it):
+the model would be scored on the cells it was trained on."""
+
+
+def check_distinct_cells(datasets: list[tuple[str, ValidatedData]]) -> None:
+    """Refuse two datasets that hold mostly the same cells, by their names (obs_names).
+
+    Parameters
+    ----------
+    datasets : list of (str, ValidatedData)
+        The two sides of the transfer, each with its name.
+
+    Raises
+    ------
+    DataError
+        More than :data:`SHARED_CELLS_LIMIT` of the smaller side's cells are named on the
+        other side too; the message names both datasets and counts the shared cells.
+    """
+    (small, small_cells), (_, large_cells) = sorted(
+        ((name, data.adata.obs_names) for name, data in datasets), key=lambda side: len(side[1])
+    )
+    n_shared, n_small = int(small_cells.isin(large_cells).sum()), len(small_cells)
+    if n_shared <= SHARED_CELLS_LIMIT * n_small:
+        return
+    same_size = n_small == len(large_cells)
+    of = f"their {n_small} cells" if same_size else f"the {n_small} cells of {small}"
+    (name_a, _), (name_b, _) = datasets
+    raise DataError(
+        f"{name_a} and {name_b} share {n_shared} of {of} (the same obs_names); a "
+        "transfer needs two different datasets (score one dataset on its own held-out cells "
+        "with scfmbench run)."
+    )
 
 
 def harmonize(
