@@ -514,7 +514,8 @@ def test_the_same_cells_on_both_sides_are_refused(pbmc3k_sess, tmp_path, capsys)
     code, out, err = run_cli_in_process([*args, "--test", str(tmp_path / "lognorm.h5ad")], capsys)
     assert (code, out) == (2, "")
     assert err.strip().splitlines() == [
-        f"error: pbmc3k and lognorm share 264 of their 264 cells (the same obs_names){fix}"
+        f"error: pbmc3k and lognorm share 264 of their 264 cells (the same obs_names and expressed "
+        f"genes){fix}"
     ]
     assert not runs.exists()
     part = counts[:133].copy()  # a subset, one cell renamed: counted on the smaller side
@@ -523,13 +524,14 @@ def test_the_same_cells_on_both_sides_are_refused(pbmc3k_sess, tmp_path, capsys)
     code, out, err = run_cli_in_process([*args, "--test", str(tmp_path / "part.h5ad")], capsys)
     assert (code, err.strip()) == (
         2,
-        f"error: pbmc3k and part share 132 of the 133 cells of part (the same obs_names){fix}",
+        "error: pbmc3k and part share 132 of the 133 cells of part (the same obs_names and "
+        f"expressed genes){fix}",
     )
     assert not runs.exists()
     with pytest.raises(DataError) as raised:  # in memory: the sides are named by their role
         transfer(counts, lognorm, out=runs, min_cells_per_class=1, progress=False)
     assert str(raised.value) == (
-        f"train and test share 264 of their 264 cells (the same obs_names){fix}"
+        f"train and test share 264 of their 264 cells (the same obs_names and expressed genes){fix}"
     )
     assert not runs.exists()
 
@@ -548,5 +550,14 @@ def test_a_chance_overlap_of_cell_names_passes(pbmc3k_sess, kang_path):
     other.obs_names = [f"cell{i}" if i < 30 else name for i, name in enumerate(other.obs_names)]
     check_distinct_cells([("a", a), ("b", validate(other, min_cells_per_class=1))])  # half
     other.obs_names = [f"cell{i}" if i < 31 else name for i, name in enumerate(other.obs_names)]
+    check_distinct_cells([("a", a), ("b", validate(other, min_cells_per_class=1))])  # other cells
+    same = make_tiny_adata()  # a's own cells under 31 of their names
+    same.obs_names = [name if i < 31 else f"other{i}" for i, name in enumerate(same.obs_names)]
     with pytest.raises(DataError, match=r"^a and b share 31 of their 60 cells "):
-        check_distinct_cells([("a", a), ("b", validate(other, min_cells_per_class=1))])
+        check_distinct_cells([("a", a), ("b", validate(same, min_cells_per_class=1))])
+    # row numbers as names ("0", "1", …) are shared by unrelated files: their genes differ
+    numbered = [make_tiny_adata(seed=seed) for seed in (0, 1)]
+    for adata in numbered:
+        adata.obs_names = [str(i) for i in range(adata.n_obs)]
+    first, second = (validate(adata, min_cells_per_class=1) for adata in numbered)
+    check_distinct_cells([("first", first), ("second", second)])

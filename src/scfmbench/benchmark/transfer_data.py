@@ -197,7 +197,7 @@ the model would be scored on the cells it was trained on."""
 
 
 def check_distinct_cells(datasets: list[tuple[str, ValidatedData]]) -> None:
-    """Refuse two datasets that hold mostly the same cells, by their names (obs_names).
+    """Refuse two datasets that hold mostly the same cells (names and expressed genes).
 
     Parameters
     ----------
@@ -208,22 +208,48 @@ def check_distinct_cells(datasets: list[tuple[str, ValidatedData]]) -> None:
     ------
     DataError
         More than :data:`SHARED_CELLS_LIMIT` of the smaller side's cells are named on the
-        other side too; the message names both datasets and counts the shared cells.
+        other side too, and nine in ten of them (up to :data:`SAME_CELLS_CHECKED` compared)
+        express the same genes there; the message names both datasets and counts the
+        shared cells.
     """
     (small, small_cells), (_, large_cells) = sorted(
         ((name, data.adata.obs_names) for name, data in datasets), key=lambda side: len(side[1])
     )
     n_shared, n_small = int(small_cells.isin(large_cells).sum()), len(small_cells)
-    if n_shared <= SHARED_CELLS_LIMIT * n_small:
+    if n_shared <= SHARED_CELLS_LIMIT * n_small or not _same_expressed_genes(datasets):
         return
     same_size = n_small == len(large_cells)
     of = f"their {n_small} cells" if same_size else f"the {n_small} cells of {small}"
     (name_a, _), (name_b, _) = datasets
     raise DataError(
-        f"{name_a} and {name_b} share {n_shared} of {of} (the same obs_names); a "
-        "transfer needs two different datasets (score one dataset on its own held-out cells "
-        "with scfmbench run)."
+        f"{name_a} and {name_b} share {n_shared} of {of} (the same obs_names and expressed "
+        "genes); a transfer needs two different datasets (score one dataset on its own "
+        "held-out cells with scfmbench run)."
     )
+
+
+SAME_CELLS_CHECKED = 200
+"""Cells of the shared names whose expressed genes :func:`_same_expressed_genes` compares."""
+
+
+def _same_expressed_genes(datasets: list[tuple[str, ValidatedData]]) -> bool:
+    """Tell whether most shared cell names hold the same expressed genes on both sides.
+
+    Names alone are not enough: files whose obs_names are row numbers ("0", "1", …) share
+    them all. The same cells express the same genes whatever the normalization.
+    """
+    (_, a), (_, b) = datasets
+    names = a.adata.obs_names[a.adata.obs_names.isin(b.adata.obs_names)][:SAME_CELLS_CHECKED]
+    genes = a.adata.var_names.intersection(b.adata.var_names)
+    if len(genes) == 0:
+        return False
+    patterns = []
+    for data in (a, b):
+        rows = data.adata.obs_names.get_indexer(names)
+        cols = data.adata.var_names.get_indexer(genes)
+        patterns.append(sp.csr_matrix(data.adata.X[rows][:, cols]) != 0)
+    differing = np.asarray((patterns[0] != patterns[1]).sum(axis=1)).ravel()
+    return bool((differing == 0).mean() > 0.9)
 
 
 def harmonize(
