@@ -162,10 +162,13 @@ def test_backed_run_equals_in_memory_run(messy_pbmc, shared_dir, tmp_path, monke
 def test_backed_run_cli_errors_are_one_line(tmp_path, capsys):
     path = tmp_path / "tiny.h5ad"
     make_tiny_adata().write_h5ad(path)
+    config = tmp_path / "finetune.yaml"  # a finetune section (--finetune also needs a model)
+    config.write_text("finetune: {epochs: 1}\n")
     code, _, err = run_cli_in_process(
-        ["run", "--data", str(path), "--backed", "--finetune", "--out", str(tmp_path / "r")],
+        ["run", "--data", str(path), "--backed", "--config", str(config), "--out",
+         str(tmp_path / "r")],
         capsys,
-    )
+    )  # fmt: skip
     assert code == 2 and "not available on a streamed (backed) run" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()

@@ -405,9 +405,9 @@ ONE_LINE_CASES = {
                      "empty; write option: value lines in it (e.g. data: pbmc3k.h5ad) or leave "
                      "out --config."),
     "finetune-without-model": (["run", "--data", "DATA", "--finetune"], make_tiny_adata, None,
-                               "finetune (--finetune) fine-tunes the run's foundation models, "
-                               "but none is named; add one with --model NAME=DIR (models: in a "
-                               "config) or drop finetune"),
+                               "--finetune fine-tunes the run's foundation models, but none is "
+                               "named; add one with --model NAME=DIR (models: in a config) or "
+                               "drop --finetune"),
     "every-label-missing": (["validate", "DATA"], no_labels, None, "every cell's 'cell_type' "
                             "label is missing (NaN, empty or a placeholder such as 'unknown'); "
                             "pick another --label-key."),
@@ -439,7 +439,7 @@ def test_bad_input_is_one_line_and_nothing_else(case, tmp_path, capsys, caplog, 
 
 
 def test_sizes_beyond_the_data_are_said(tmp_path, capsys, caplog, monkeypatch):
-    """n_hvg and n_pcs larger than the data allow are capped with a warning each."""
+    """n_hvg and n_pcs set larger than the data allow are capped with a warning each."""
     monkeypatch.chdir(tmp_path)
     write(make_tiny_adata(), tmp_path / "data.h5ad")  # 40 genes, 60 cells
     (tmp_path / "big.yaml").write_text("n_hvg: 100000\nn_pcs: 5000\n")
@@ -454,6 +454,8 @@ def test_sizes_beyond_the_data_are_said(tmp_path, capsys, caplog, monkeypatch):
         "and fewer than each split's training cells): each split keeps all it has",
     ]
     caplog.clear()
+    code, _, stderr = run_cli_in_process(["validate", "data.h5ad"], capsys)
+    assert code == 0 and caplog.messages == [], caplog.messages  # defaults: capped quietly
     (tmp_path / "fits.yaml").write_text("n_hvg: 40\nn_pcs: 39\n")
     code, _, stderr = run_cli_in_process(["validate", "data.h5ad", "--config", "fits.yaml"], capsys)
     assert code == 0 and caplog.messages == [], caplog.messages

@@ -226,6 +226,11 @@ def label(name: str, entry: dict) -> str:
     return f"{name} (control)" if entry["kind"] == "control" else name
 
 
+def headline_label(name: str, entry: dict) -> str:
+    """The results table's name: † marks the zero-width interval its note explains."""
+    return label(name, entry) + (" †" if entry.get("constant_within_class") else "")
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -265,7 +270,9 @@ def test_markdown_report_matches_metrics(enriched_dir):
     sections = md_sections(text)
     assert list(sections) == SECTION_ORDER
     headline = md_tables(sections["Cell-type classification (test set)"])[0]
-    assert [r["method"] for r in headline] == [label(n, e) for n, e in metrics["methods"].items()]
+    assert [r["method"] for r in headline] == [
+        headline_label(n, e) for n, e in metrics["methods"].items()
+    ]
     for row, entry in zip(headline, metrics["methods"].values(), strict=True):
         summary = entry["summary"]
         assert row["kind"] == entry["kind"]
@@ -478,7 +485,7 @@ def test_html_report_in_browser(browser, enriched_dir):
     col = {h.split(" ⇅")[0].strip(): i for i, h in enumerate(headers)}
     assert len(rows) == len(metrics["methods"])
     for row, (name, entry) in zip(rows, metrics["methods"].items(), strict=True):
-        assert row[col["method"]] == [label(name, entry), name]
+        assert row[col["method"]] == [headline_label(name, entry), name]
         for metric, column in (("accuracy", "accuracy"), ("macro_f1", "macro F1")):
             summary = entry["summary"][metric]
             shown, value = row[col[column]]
@@ -488,7 +495,7 @@ def test_html_report_in_browser(browser, enriched_dir):
             assert row[col[f"{column} 95% CI"]][0] == f"[{lo:.3f}, {hi:.3f}]"
     control_rows = browser.find_elements(By.CSS_SELECTOR, "#headline tr.control")
     assert [r.find_element(By.TAG_NAME, "td").text for r in control_rows] == [
-        "random+logreg (control)"
+        headline_label("random+logreg", metrics["methods"]["random+logreg"])
     ]
 
     # sorting: click macro F1 → ascending, click again → descending

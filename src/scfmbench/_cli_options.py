@@ -154,6 +154,27 @@ def without_scvi(config: RunConfig | None) -> list[str]:
     return [b for b in baselines if b.split("+", 1)[0] != "scvi"]
 
 
+def also_finetune(flag: bool, models: list[str] | None, config: RunConfig | None) -> dict:
+    """Return the override ``run --finetune`` makes (``{}`` without the flag).
+
+    ``{"finetune": {}}`` (default settings) unless the config has a ``finetune`` section.
+
+    Raises
+    ------
+    ConfigError
+        The flag without a model (``--model`` or the config's ``models``) to fine-tune. A
+        config's section alone is not refused: one file may serve ``run`` and ``finetune``.
+    """
+    if not flag:
+        return {}
+    if not models and (config is None or not config.models):
+        raise ConfigError(
+            "--finetune fine-tunes the run's foundation models, but none is named; add one "
+            "with --model NAME=DIR (models: in a config) or drop --finetune"
+        )
+    return {"finetune": {}} if config is None or config.finetune is None else {}
+
+
 def given(**values: Any) -> dict[str, Any]:
     """Keep the flags that were given: the overrides of the configuration.
 

@@ -139,8 +139,7 @@ def run(
         train_size_seeds=train_size_seeds,
     )
     base = _load_config(config, data)
-    if finetune and (base is None or base.finetune is None):
-        overrides["finetune"] = {}
+    overrides.update(opt.also_finetune(finetune, model, base))
     if no_scvi:
         overrides["baselines"] = opt.without_scvi(base)
     if geneformer_dicts is not None:

@@ -44,10 +44,9 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
         A design, fold count or fractions the splits cannot use.
     ConfigError
         Group options that do not fit together, ``train_size_seeds`` without
-        ``train_sizes``, ``finetune`` without a model, an unknown representation, probe,
-        model or device, a missing model folder, (with models) a GPU the machine does not
-        have, or a fine-tuning layer, pooling, frozen-layer count, device or precision a
-        model or the machine lacks.
+        ``train_sizes``, an unknown representation, probe, model or device, a missing model
+        folder, (with models) a GPU the machine does not have, or a fine-tuning layer,
+        pooling, frozen-layer count, device or precision a model or the machine lacks.
     """
     check_design(config.design, config.n_splits, config.n_repeats)
     check_fractions(config.fractions)
@@ -60,11 +59,6 @@ def check_settings(config: RunConfig, models: list[str]) -> None:
             f"{setting('train_sizes')} is not set: the draws are of labelled cells per class "
             "for the label-efficiency curve; set train_sizes (e.g. --train-sizes 1,5,10,all) "
             "or drop train_size_seeds"
-        )
-    if config.finetune is not None and not models:
-        raise ConfigError(
-            f"{setting('finetune')} fine-tunes the run's foundation models, but none is named; "
-            "add one with --model NAME=DIR (models: in a config) or drop finetune"
         )
     baseline_methods(config)
     if models:
@@ -196,19 +190,26 @@ def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple
 def _capped_sizes(
     config: RunConfig, baselines: list[Method], n_genes: int, n_cells: int
 ) -> list[str]:
-    """Say when ``n_hvg`` or ``n_pcs`` asks for more than the data hold (each is capped)."""
+    """Say when a ``n_hvg`` or ``n_pcs`` that was set asks for more than the data hold.
+
+    Each is capped; the defaults are capped without a word (Kang 2018 has 1,267 genes).
+    """
     used = {method.representation for method in baselines}
     found = []
-    if used & {"hvg", "pca"} and config.n_hvg > n_genes:
+    if used & {"hvg", "pca"} and config.n_hvg > n_genes and _was_set(config, "n_hvg"):
         found.append(
             f"n_hvg is {config.n_hvg:,} but the data have {n_genes:,} genes: the "
             "hvg and pca baselines use all of them"
         )
     most = min(config.n_hvg, n_genes, n_cells - 1)
-    if "pca" in used and config.n_pcs > most:
+    if "pca" in used and config.n_pcs > most and _was_set(config, "n_pcs"):
         found.append(
             f"n_pcs is {config.n_pcs:,} but the PCA has at most {most:,} "
             "components (the genes it reads, and fewer than each split's training cells): "
             "each split keeps all it has"
         )
     return found
+
+
+def _was_set(config: RunConfig, key: str) -> bool:
+    return getattr(config, key) != RunConfig.model_fields[key].default
