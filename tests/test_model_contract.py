@@ -391,7 +391,11 @@ def test_lora_adapters_train_merge_and_save(name, model, tokens, cells, pretrain
                 p.add_(0.1)
     tuned.network.eval()
     adapted = embed_default(tuned, cells, tokens)
-    tuned.network = tuner.merge_and_unload()  # what fine-tuning saves as best/model
+    np.testing.assert_array_equal(embed_default(tuned, cells, tokens), adapted)  # as validation
+    # what fine-tuning saves as best/model: a CPU copy, merged, after validation's forwards
+    from scfmbench.finetune.model import cpu_copy
+
+    tuned.network = cpu_copy(tuner, tuner).merge_and_unload()
     tuned.save_pretrained(tmp_path / "merged")
     reloaded = MODELS.get(name)(tmp_path / "merged")
     merged = embed_default(reloaded, cells, tokens)

@@ -268,11 +268,16 @@ def cpu_copy(obj: Any, module: torch.nn.Module) -> Any:
     Any
         The copy.
     """
+    # kept alive until the copy is made: the memo is keyed by id(), and an id freed by a
+    # tensor made on access (peft's LoRA around nn.MultiheadAttention, after a forward) would
+    # be reused by another object, which the copy would then replace by the wrong clone
+    originals = [*module.parameters(), *module.buffers()]
     memo: dict[int, Any] = {}
-    for parameter in module.parameters():
-        memo[id(parameter)] = torch.nn.Parameter(
-            parameter.detach().cpu().clone(), requires_grad=parameter.requires_grad
-        )
-    for buffer in module.buffers():
-        memo[id(buffer)] = buffer.detach().cpu().clone()
-    return copy.deepcopy(obj, memo)
+    for tensor in originals:
+        clone = tensor.detach().cpu().clone()
+        if isinstance(tensor, torch.nn.Parameter):
+            clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = clone
+    copied = copy.deepcopy(obj, memo)
+    del originals
+    return copied
