@@ -361,6 +361,24 @@ def test_options_reach_tokenizer_and_cache(make_scgpt_dir, tiny_adata, tmp_path)
     np.testing.assert_array_equal(first.matrix, second.matrix)
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("max_seq_len", "max_seq_len must be ≥ 2 (<cls> + one gene), got 0."),
+        ("n_bins", "n_bins must be ≥ 3 for scGPT binning, got 0; use 51."),
+    ],
+)
+def test_an_option_of_zero_is_refused_not_replaced_by_the_default(
+    option, message, make_scgpt_dir, tiny_adata
+):
+    from scfmbench.errors import DataError
+
+    model = load_scgpt(make_scgpt_dir(), **{option: 0})
+    with pytest.raises(DataError) as raised:
+        model.tokenize(tiny_adata)
+    assert str(raised.value) == message
+
+
 def test_fine_tuning_hooks_and_save_round_trip(make_scgpt_dir, tiny_adata, tmp_path):
     model = load_scgpt(make_scgpt_dir())
     assert model.hidden_size == 16 and len(model.layer_modules()) == 2
