@@ -654,13 +654,14 @@ NO_COLUMN = (
         (
             "scgpt",
             ["--layer", "3"],
-            "error: layer 3 is out of range for scgpt (2 layers); choose 0..2 or a negative index.",
+            "error: layer 3 is out of range for scgpt (2 layers); choose 0..2, or -3..-1 from "
+            "the last.",
         ),
         (
             "geneformer",
             ["--layer", "-4"],
-            "error: layer -4 is out of range for geneformer (2 layers); choose 0..2 or a negative "
-            "index.",
+            "error: layer -4 is out of range for geneformer (2 layers); choose 0..2, or -3..-1 "
+            "from the last.",
         ),
     ],
 )
@@ -690,8 +691,8 @@ def test_bad_embed_options_fail_before_the_weights_are_read(
         ),
         (
             {"layer": 5},
-            "error: finetune layer 5 is out of range for geneformer (2 layers); choose 0..2 or a "
-            "negative index.",
+            "error: finetune layer 5 is out of range for geneformer (2 layers); choose 0..2, or "
+            "-3..-1 from the last.",
         ),
         ({"freeze_layers": 3}, "error: freeze_layers=3 but geneformer has 2 layers; choose 0..2."),
         (

@@ -167,7 +167,7 @@ def check_layer_pooling(
     if layer is not None and n_layers is not None and not -n_layers - 1 <= layer <= n_layers:
         raise ConfigError(
             f"{what} {layer} is out of range for {model_id} ({n_layers} layers); "
-            f"choose 0..{n_layers} or a negative index."
+            f"choose 0..{n_layers}, or -{n_layers + 1}..-1 from the last."
         )
     if pooling is not None and pooling not in layout.poolings:
         raise ConfigError(
