@@ -301,3 +301,20 @@ def test_validate_reads_the_data_of_its_config(tmp_path, capsys):
     code, out, err = run_cli_in_process(["validate", "--config", str(config)], capsys)
     assert code == 0, err
     assert out.splitlines()[0] == f"cells: {adata.n_obs} (of {adata.n_obs})"
+
+
+def test_ctrl_c_says_what_was_kept():
+    """embed keeps chunks only in a cache folder; saying a rerun resumes would be untrue."""
+    from scfmbench._cli_options import kept_on_interrupt
+
+    embed = ["embed", "d.h5ad", "--model", "geneformer=gf", "--out", "e.h5ad"]
+    assert kept_on_interrupt(embed) == (
+        "nothing was kept: embed keeps its finished chunks with --cache-dir DIR only"
+    )
+    for cached in (["--cache-dir", "cache"], ["--cache-dir=cache"]):
+        assert (
+            kept_on_interrupt([*embed, *cached]) == "finished stages are kept and a rerun resumes"
+        )
+    assert kept_on_interrupt(["run", "--data", "d.h5ad"]) == (
+        "finished stages are kept and a rerun resumes"
+    )

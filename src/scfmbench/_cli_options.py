@@ -175,6 +175,17 @@ def also_finetune(flag: bool, models: list[str] | None, config: RunConfig | None
     return {"finetune": {}} if config is None or config.finetune is None else {}
 
 
+def kept_on_interrupt(args: list[str]) -> str:
+    """Say what Ctrl-C kept, for the command line ``args`` (without the program name).
+
+    ``embed`` keeps its finished chunks only in a ``--cache-dir``; the other commands keep
+    their finished stages.
+    """
+    if args[:1] == ["embed"] and not any(a.startswith("--cache-dir") for a in args):
+        return "nothing was kept: embed keeps its finished chunks with --cache-dir DIR only"
+    return "finished stages are kept and a rerun resumes"
+
+
 def given(**values: Any) -> dict[str, Any]:
     """Keep the flags that were given: the overrides of the configuration.
 

@@ -472,7 +472,7 @@ def _abort_types() -> tuple[type[BaseException], ...]:
 
 
 def _interrupted() -> SystemExit:
-    typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
+    typer.echo(f"interrupted; {opt.kept_on_interrupt(sys.argv[1:])}", err=True)
     return SystemExit(130)
 
 
