@@ -352,7 +352,12 @@ ModelToEmbed = Annotated[
 ]
 EmbeddingsFile = Annotated[Path, typer.Option(help="Output .h5ad (copy of DATA + obsm) or .npy.")]
 Layer = Annotated[int | None, typer.Option(help="Layer (default: the model's reference layer).")]
-Pooling = Annotated[str | None, typer.Option(help="mean or cls (default: the model's).")]
+Pooling = Annotated[
+    str | None,
+    typer.Option(
+        help="mean or cls (Geneformer, scGPT), all or max (scFoundation); default: the model's."
+    ),
+]
 EmbedBatchSize = Annotated[
     str, typer.Option(help="Cells per batch, or auto (start at 256, halve on out-of-memory).")
 ]
