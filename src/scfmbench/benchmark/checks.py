@@ -163,13 +163,13 @@ def check_run_data(config: RunConfig, data: RunData, models: list[str]) -> tuple
     ConfigError
         An explicit scvi baseline on data without counts, or a reference method the run
         does not have.
+    SplitError
+        An unknown group value, one group only, or a class too small to split.
 
     Warns
     -----
     UserWarning
         ``n_hvg`` or ``n_pcs`` larger than the data allow (recorded in the diagnostics).
-    SplitError
-        An unknown group value, one group only, or a class too small to split.
     """
     from scfmbench.evaluation.embedding_quality import detect_batch_key
 

@@ -216,8 +216,9 @@ def check_distinct_cells(datasets: list[tuple[str, ValidatedData]]) -> None:
     (small, small_cells), (_, large_cells) = sorted(
         ((name, data.adata.obs_names) for name, data in datasets), key=lambda side: len(side[1])
     )
-    n_shared, n_small = int(small_cells.isin(large_cells).sum()), len(small_cells)
-    if n_shared <= SHARED_CELLS_LIMIT * n_small or not _same_expressed_genes(datasets):
+    shared = small_cells[small_cells.isin(large_cells)]
+    n_shared, n_small = len(shared), len(small_cells)
+    if n_shared <= SHARED_CELLS_LIMIT * n_small or not _same_expressed_genes(datasets, shared):
         return
     same_size = n_small == len(large_cells)
     of = f"their {n_small} cells" if same_size else f"the {n_small} cells of {small}"
@@ -233,14 +234,14 @@ SAME_CELLS_CHECKED = 200
 """Cells of the shared names whose expressed genes :func:`_same_expressed_genes` compares."""
 
 
-def _same_expressed_genes(datasets: list[tuple[str, ValidatedData]]) -> bool:
-    """Tell whether most shared cell names hold the same expressed genes on both sides.
+def _same_expressed_genes(datasets: list[tuple[str, ValidatedData]], shared: pd.Index) -> bool:
+    """Tell whether most ``shared`` cell names hold the same expressed genes on both sides.
 
     Names alone are not enough: files whose obs_names are row numbers ("0", "1", …) share
     them all. The same cells express the same genes whatever the normalization.
     """
     (_, a), (_, b) = datasets
-    names = a.adata.obs_names[a.adata.obs_names.isin(b.adata.obs_names)][:SAME_CELLS_CHECKED]
+    names = shared[:SAME_CELLS_CHECKED]
     genes = a.adata.var_names.intersection(b.adata.var_names)
     if len(genes) == 0:
         return False

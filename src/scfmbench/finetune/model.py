@@ -278,6 +278,4 @@ def cpu_copy(obj: Any, module: torch.nn.Module) -> Any:
         if isinstance(tensor, torch.nn.Parameter):
             clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = clone
-    copied = copy.deepcopy(obj, memo)
-    del originals
-    return copied
+    return copy.deepcopy(obj, memo)  # `originals` lives until this returns

@@ -100,9 +100,12 @@ class ScGPTModel(FoundationModel):
         self.checkpoint_sha256 = checkpoint_sha256
         self.random_init = random_init
         self.gene_column = gene_column
-        given = (options.max_seq_len, options.n_bins)  # 0 is a value (refused below), not unset
-        self.max_seq_len = int(args.get("max_seq_len", 1200) if given[0] is None else given[0])
-        self.n_bins = int(args.get("n_bins", 51) if given[1] is None else given[1])
+        # an option of 0 is a value (the tokenizer refuses it), not "unset"
+        max_seq_len, n_bins = options.max_seq_len, options.n_bins
+        self.max_seq_len = int(
+            args.get("max_seq_len", 1200) if max_seq_len is None else max_seq_len
+        )
+        self.n_bins = int(args.get("n_bins", 51) if n_bins is None else n_bins)
         self.normalize = options.normalize
         self.l2_normalize = options.l2_normalize
         pad_token = args.get("pad_token", "<pad>")
